@@ -1,0 +1,336 @@
+//! Wire types shared by the server and the Python module: the events a turn streams (API.md §4)
+//! and the plans they carry. Every event carries its per-session `seq`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::session::Usage;
+
+/// Why a stream ended (the `done` event's `stop_reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The model answered without tool calls.
+    Completed,
+    /// The turn paused until approvals are decided.
+    AwaitingApproval,
+    /// The turn paused until the client sends tool results.
+    AwaitingToolResult,
+    /// The turn was cancelled.
+    Cancelled,
+    /// The turn failed (an `error` event precedes `done`).
+    Error,
+    /// `MAX_TURN_ITERATIONS` model calls were made.
+    MaxIterations,
+}
+
+/// A tool failure as streamed in a `tool_result` event and told to the model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolError {
+    /// `INVALID_TOOL` (refused before running) or `TOOL_EXECUTION_FAILED` (failed while running).
+    pub code: String,
+    /// What went wrong, as the model reads it.
+    pub message: String,
+}
+
+/// A subtask of a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subtask {
+    /// Its id within the plan.
+    pub id: String,
+    /// What to do.
+    pub description: String,
+    /// The agent type that does it.
+    pub agent: String,
+    /// `pending`, `in_progress`, `completed`, `failed` or `skipped`.
+    #[serde(default = "Subtask::default_status")]
+    pub status: String,
+}
+
+impl Subtask {
+    fn default_status() -> String {
+        "pending".to_string()
+    }
+}
+
+/// A plan proposed by the orchestrator (API.md §5.5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    /// The plan id (also the `call_id` of its approval).
+    pub plan_id: String,
+    /// What the plan achieves.
+    pub goal: String,
+    /// The steps, in order.
+    pub subtasks: Vec<Subtask>,
+}
+
+/// The two shapes of an `assistant_message` event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AssistantMessage {
+    /// One streamed piece of text (`is_final: false`).
+    Token {
+        /// The piece.
+        token: String,
+    },
+    /// The complete text of the message (`is_final: true`).
+    Complete {
+        /// The whole text.
+        content: String,
+    },
+}
+
+/// What happened, without its seq: the body of an [`Event`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventPayload {
+    /// The session's agent changed.
+    AgentSwitched {
+        /// The agent before.
+        from_agent: String,
+        /// The agent after.
+        to_agent: String,
+        /// Why.
+        reason: String,
+    },
+    /// A token or the complete text of an assistant message.
+    AssistantMessage(AssistantMessage),
+    /// The model asked for a tool.
+    ToolCall {
+        /// Unique within the session.
+        call_id: String,
+        /// The tool.
+        tool_name: String,
+        /// Its arguments.
+        arguments: Value,
+        /// The turn pauses until a human decides.
+        requires_approval: bool,
+        /// Why approval is needed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// A tool executed by the runtime returned, or was refused, rejected or cancelled.
+    ToolResult {
+        /// The call answered.
+        call_id: String,
+        /// The tool.
+        tool_name: String,
+        /// The result on success.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        result: Option<Value>,
+        /// The failure otherwise.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<ToolError>,
+    },
+    /// A pending approval was decided: `approve`, `edit`, `reject` or `cancel`.
+    ApprovalResolved {
+        /// The approval.
+        call_id: String,
+        /// The verb received.
+        decision: String,
+    },
+    /// The orchestrator proposes a plan (a pending plan approval follows).
+    PlanProposed(Plan),
+    /// A plan's subtask started or ended.
+    PlanUpdated(Plan),
+    /// The turn failed; `done` follows.
+    Error {
+        /// A code of API.md §1.1.
+        code: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The last event of every stream.
+    Done {
+        /// Why the stream ended.
+        stop_reason: StopReason,
+        /// Tokens of every model call of the turn.
+        usage: Usage,
+    },
+}
+
+impl EventPayload {
+    /// `true` on the complete assistant message, on `error` and on `done` (API.md §9.7).
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            EventPayload::AssistantMessage(AssistantMessage::Complete { .. })
+                | EventPayload::Error { .. }
+                | EventPayload::Done { .. }
+        )
+    }
+
+    /// The wire `type` name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EventPayload::AgentSwitched { .. } => "agent_switched",
+            EventPayload::AssistantMessage(_) => "assistant_message",
+            EventPayload::ToolCall { .. } => "tool_call",
+            EventPayload::ToolResult { .. } => "tool_result",
+            EventPayload::ApprovalResolved { .. } => "approval_resolved",
+            EventPayload::PlanProposed(_) => "plan_proposed",
+            EventPayload::PlanUpdated(_) => "plan_updated",
+            EventPayload::Error { .. } => "error",
+            EventPayload::Done { .. } => "done",
+        }
+    }
+}
+
+/// A streamed event: its per-session sequence number and what happened.
+///
+/// Serializes flat, as the SSE `data` line: `{"type": ..., <fields>, "seq": 42, "is_final": false}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// Per-session, strictly increasing, gap-free; also the SSE `id`.
+    pub seq: u64,
+    /// What happened.
+    pub payload: EventPayload,
+}
+
+#[derive(Serialize)]
+struct EventWire<'a> {
+    #[serde(flatten)]
+    payload: &'a EventPayload,
+    seq: u64,
+    is_final: bool,
+}
+
+#[derive(Deserialize)]
+struct EventWireOwned {
+    #[serde(flatten)]
+    payload: EventPayload,
+    seq: u64,
+}
+
+impl Serialize for Event {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        EventWire {
+            payload: &self.payload,
+            seq: self.seq,
+            is_final: self.payload.is_final(),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Event {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let w = EventWireOwned::deserialize(d)?;
+        Ok(Event {
+            seq: w.seq,
+            payload: w.payload,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn round_trip(e: &Event) -> Event {
+        serde_json::from_value(serde_json::to_value(e).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn token_event_serializes_as_the_documented_line() {
+        let e = Event {
+            seq: 42,
+            payload: EventPayload::AssistantMessage(AssistantMessage::Token {
+                token: "Проектирую".into(),
+            }),
+        };
+        assert_eq!(
+            serde_json::to_value(&e).unwrap(),
+            json!({"type": "assistant_message", "token": "Проектирую", "is_final": false, "seq": 42})
+        );
+        assert_eq!(round_trip(&e), e);
+    }
+
+    #[test]
+    fn final_assistant_message_error_and_done_are_final() {
+        let complete = EventPayload::AssistantMessage(AssistantMessage::Complete { content: "hi".into() });
+        let done = EventPayload::Done {
+            stop_reason: StopReason::AwaitingApproval,
+            usage: Usage::default(),
+        };
+        assert_eq!(
+            serde_json::to_value(Event {
+                seq: 3,
+                payload: done.clone()
+            })
+            .unwrap(),
+            json!({"type": "done", "stop_reason": "awaiting_approval",
+                   "usage": {"prompt_tokens": 0, "completion_tokens": 0}, "seq": 3, "is_final": true})
+        );
+        for p in [
+            complete,
+            done,
+            EventPayload::Error {
+                code: "LLM_ERROR".into(),
+                message: "x".into(),
+            },
+        ] {
+            assert!(p.is_final(), "{p:?}");
+            let e = Event { seq: 1, payload: p };
+            assert_eq!(round_trip(&e), e);
+        }
+    }
+
+    #[test]
+    fn every_payload_round_trips() {
+        let plan = Plan {
+            plan_id: "plan_1".into(),
+            goal: "g".into(),
+            subtasks: vec![Subtask {
+                id: "1".into(),
+                description: "d".into(),
+                agent: "coder".into(),
+                status: "pending".into(),
+            }],
+        };
+        let payloads = vec![
+            EventPayload::AgentSwitched {
+                from_agent: "orchestrator".into(),
+                to_agent: "coder".into(),
+                reason: "r".into(),
+            },
+            EventPayload::ToolCall {
+                call_id: "c1".into(),
+                tool_name: "write_file".into(),
+                arguments: json!({"path": "a.md", "content": "x"}),
+                requires_approval: true,
+                reason: Some("File modification requires approval".into()),
+            },
+            EventPayload::ToolResult {
+                call_id: "c1".into(),
+                tool_name: "read_file".into(),
+                result: Some(json!("text")),
+                error: None,
+            },
+            EventPayload::ToolResult {
+                call_id: "c2".into(),
+                tool_name: "write_file".into(),
+                result: None,
+                error: Some(ToolError {
+                    code: "INVALID_TOOL".into(),
+                    message: "no".into(),
+                }),
+            },
+            EventPayload::ApprovalResolved {
+                call_id: "c1".into(),
+                decision: "approve".into(),
+            },
+            EventPayload::PlanProposed(plan.clone()),
+            EventPayload::PlanUpdated(plan),
+        ];
+        for p in payloads {
+            assert!(!p.is_final());
+            let e = Event { seq: 7, payload: p };
+            let v = serde_json::to_value(&e).unwrap();
+            assert_eq!(v["type"], e.payload.kind());
+            assert_eq!(v["is_final"], false);
+            assert_eq!(round_trip(&e), e);
+        }
+    }
+}

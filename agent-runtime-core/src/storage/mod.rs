@@ -1,0 +1,238 @@
+//! Durable storage: one object-safe trait, used as `Arc<dyn Storage>`, with an in-memory, a SQLite
+//! (default) and a Postgres backend. Every state change of a turn is one atomic [`Commit`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::approval::{Approval, ApprovalResolution};
+use crate::error::{Error, Result};
+use crate::protocol::{Event, EventPayload, Plan};
+use crate::session::{AgentSwitch, Message, NewMessage, NewSession, Session, SessionStatus, Usage};
+use crate::time::Timestamp;
+
+/// The schema version this build writes. A database stamped with a higher version is refused.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Which sessions to list and where to start.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SessionQuery {
+    /// Only this user's sessions.
+    pub user_id: Option<String>,
+    /// Only sessions in this status (used at start-up to find interrupted turns).
+    pub status: Option<SessionStatus>,
+    /// Page size, 1..=1000.
+    pub limit: usize,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// A page of sessions, newest activity first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionPage {
+    /// The sessions of this page.
+    pub sessions: Vec<Session>,
+    /// Opaque cursor for the next page, `None` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Changes to a session's own fields that ride along with a commit.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SessionUpdate {
+    /// New status.
+    pub status: Option<SessionStatus>,
+    /// New current agent.
+    pub current_agent: Option<String>,
+    /// `Some(None)` clears the turn state, `Some(Some(v))` sets it.
+    pub turn_state: Option<Option<Value>>,
+}
+
+/// One atomic write: everything in it is stored, with fresh gap-free seqs, or nothing is.
+///
+/// Messages get the session's next message seqs and events its next event seqs, in the order
+/// given. `last_activity` becomes `at`. If any part fails (the lease is not held by
+/// `lease_owner`, an approval resolution finds the approval not pending, the session is gone),
+/// nothing of the commit is stored.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Commit {
+    /// When these changes happened.
+    pub at: Option<Timestamp>,
+    /// If set, the commit only succeeds while this owner holds the session's lease (fencing).
+    pub lease_owner: Option<String>,
+    /// Messages to append.
+    pub messages: Vec<NewMessage>,
+    /// Events to append.
+    pub events: Vec<EventPayload>,
+    /// Approvals to insert or replace (by session and call id).
+    pub approvals: Vec<Approval>,
+    /// Decisions on pending approvals (compare-and-set: pending → decided, exactly once).
+    pub resolutions: Vec<ApprovalResolution>,
+    /// Agent switches to record (also sets `current_agent` to the last one's `to_agent`).
+    pub switches: Vec<AgentSwitch>,
+    /// Plans to insert or replace (by session and plan id).
+    pub plans: Vec<Plan>,
+    /// Tokens to add to the session's usage.
+    pub usage: Option<Usage>,
+    /// The client's `request_id` of the turn this commit starts, remembered with the seq of the
+    /// commit's first event.
+    pub request_id: Option<String>,
+    /// Changes to the session row.
+    pub session: SessionUpdate,
+}
+
+impl Commit {
+    /// An empty commit happening now.
+    pub fn now() -> Self {
+        Commit {
+            at: Some(Timestamp::now()),
+            ..Commit::default()
+        }
+    }
+}
+
+/// What a commit stored, with the seqs it was given.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Committed {
+    /// The stored messages.
+    pub messages: Vec<Message>,
+    /// The stored events.
+    pub events: Vec<Event>,
+    /// The session after the commit.
+    pub session: Session,
+}
+
+/// Persistence of sessions, messages, events, approvals, switches, plans and leases.
+///
+/// Every backend passes the conformance suite (`storage::conformance`, feature `test-utils`).
+/// Implementations never block the async executor.
+#[async_trait]
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// The backend's name as `/health` reports it: `memory`, `sqlite` or `postgres`.
+    fn backend(&self) -> &'static str;
+
+    /// Checks the store answers.
+    async fn ping(&self) -> Result<()>;
+
+    /// Creates a session: status idle, counters 0. `SessionExists` if the id is taken.
+    async fn create_session(&self, new: NewSession) -> Result<Session>;
+
+    /// One session. `SessionNotFound` if absent.
+    async fn get_session(&self, id: &str) -> Result<Session>;
+
+    /// Sessions by newest `last_activity` first (ties by id), filtered, one page at a time.
+    /// `InvalidRequest` for a cursor this backend did not issue.
+    async fn list_sessions(&self, query: SessionQuery) -> Result<SessionPage>;
+
+    /// Removes the session and everything that belongs to it. `SessionNotFound` if absent.
+    async fn delete_session(&self, id: &str) -> Result<()>;
+
+    /// Applies a [`Commit`] atomically. `SessionNotFound`, `SessionBusy` (lease not held),
+    /// `ApprovalNotFound` / `ApprovalAlreadyDecided` (a resolution failed), `Database`.
+    async fn commit(&self, session_id: &str, commit: Commit) -> Result<Committed>;
+
+    /// Messages with seq > `after`, oldest first, at most `limit`.
+    async fn messages_after(&self, session_id: &str, after: u64, limit: usize) -> Result<Vec<Message>>;
+
+    /// The newest `limit` messages, oldest first. Cost independent of the history's length.
+    async fn recent_messages(&self, session_id: &str, limit: usize) -> Result<Vec<Message>>;
+
+    /// Events with seq > `after`, oldest first, at most `limit`.
+    async fn events_after(&self, session_id: &str, after: u64, limit: usize) -> Result<Vec<Event>>;
+
+    /// The seq of the first event of the turn started with this `request_id`, if any.
+    async fn find_request(&self, session_id: &str, request_id: &str) -> Result<Option<u64>>;
+
+    /// One approval. `ApprovalNotFound` if absent.
+    async fn get_approval(&self, session_id: &str, call_id: &str) -> Result<Approval>;
+
+    /// Pending approvals of the session, oldest first.
+    async fn pending_approvals(&self, session_id: &str) -> Result<Vec<Approval>>;
+
+    /// Every switch of the session, oldest first.
+    async fn switch_history(&self, session_id: &str) -> Result<Vec<AgentSwitch>>;
+
+    /// One plan. `None` if absent.
+    async fn get_plan(&self, session_id: &str, plan_id: &str) -> Result<Option<Plan>>;
+
+    /// Takes the session's lease for `owner` for `ttl` if it is free, expired, or already
+    /// `owner`'s. `Ok(false)` if another owner holds it. `SessionNotFound` if absent.
+    async fn acquire_lease(&self, session_id: &str, owner: &str, ttl: Duration) -> Result<bool>;
+
+    /// Extends `owner`'s lease. `Ok(false)` if `owner` no longer holds it.
+    async fn renew_lease(&self, session_id: &str, owner: &str, ttl: Duration) -> Result<bool>;
+
+    /// Gives the lease up if `owner` holds it (otherwise does nothing).
+    async fn release_lease(&self, session_id: &str, owner: &str) -> Result<()>;
+}
+
+/// Opens the storage a `DATABASE_URL` names: `sqlite://PATH`, `sqlite::memory:`, `memory://`,
+/// `postgres://...` or `postgresql://...`. Migrations are applied on open.
+pub async fn open(url: &str) -> Result<Arc<dyn Storage>> {
+    if url == "memory://" || url == "memory:" {
+        return Err(Error::Internal(format!(
+            "{:?} not built yet",
+            memory::MemoryStorage::new()
+        )));
+    }
+    #[cfg(feature = "sqlite")]
+    if url.starts_with("sqlite:") {
+        return Err(Error::Internal(format!(
+            "{:?}",
+            sqlite::SqliteStorage::open_url(url).await?
+        )));
+    }
+    #[cfg(feature = "postgres")]
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Err(Error::Internal(format!(
+            "{:?}",
+            postgres::PostgresStorage::connect(url).await?
+        )));
+    }
+    Err(Error::InvalidRequest(format!(
+        "unsupported database url '{}': expected sqlite://PATH, sqlite::memory:, memory:// or postgres://...",
+        redact_url(url)
+    )))
+}
+
+/// The URL without its password, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}://{}:***{}",
+                    &url[..scheme_end],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(feature = "test-utils")]
+pub mod conformance;
+pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url("sqlite://a.db"), "sqlite://a.db");
+    }
+}

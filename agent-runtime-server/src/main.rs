@@ -1,0 +1,5 @@
+//! `agent-runtime-server`: the documented HTTP API over `agent-runtime-core`.
+
+fn main() {
+    println!("agent-runtime-server: not yet serving");
+}
