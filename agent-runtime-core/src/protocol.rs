@@ -24,6 +24,17 @@ pub enum StopReason {
     MaxIterations,
 }
 
+/// A tool as offered to the model: its name, what it does, and the JSON Schema of its arguments.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolSpec {
+    /// The tool's name (`read_file`, ...).
+    pub name: String,
+    /// What it does, for the model.
+    pub description: String,
+    /// JSON Schema of the arguments object.
+    pub parameters: Value,
+}
+
 /// A tool failure as streamed in a `tool_result` event and told to the model.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ToolError {
