@@ -16,6 +16,7 @@
 //! # }
 //! ```
 
+pub mod agent;
 pub mod approval;
 pub mod error;
 pub mod protocol;
