@@ -18,6 +18,7 @@
 
 pub mod agent;
 pub mod approval;
+pub mod context;
 pub mod error;
 pub mod protocol;
 pub mod session;

@@ -1,0 +1,312 @@
+//! The context window (API.md §5.6): which stored messages go to the model, counted with a real
+//! tokenizer, never splitting an assistant's tool calls from their results.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::session::{Message, Role};
+
+/// Counts tokens the way the model does. The default is `o200k_base`, embedded (no network).
+pub trait Tokenizer: Send + Sync + std::fmt::Debug {
+    /// The number of tokens of `text`.
+    fn count(&self, text: &str) -> usize;
+}
+
+/// The `o200k_base` tokenizer (GPT-4o family), loaded once per process.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct O200kTokenizer;
+
+impl Tokenizer for O200kTokenizer {
+    fn count(&self, text: &str) -> usize {
+        tiktoken_rs::o200k_base_singleton().encode_ordinary(text).len()
+    }
+}
+
+/// The default tokenizer as a shared handle.
+pub fn default_tokenizer() -> Arc<dyn Tokenizer> {
+    Arc::new(O200kTokenizer)
+}
+
+/// Tokens a chat format spends per message beyond its content (role, separators).
+const MESSAGE_OVERHEAD: usize = 4;
+
+/// The limits of what is sent to the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContextLimits {
+    /// At most this many stored messages (the system prompt not counted).
+    pub max_messages: usize,
+    /// At most this many tokens, the system prompt included.
+    pub max_tokens: usize,
+}
+
+impl Default for ContextLimits {
+    fn default() -> Self {
+        ContextLimits {
+            max_messages: 50,
+            max_tokens: 8000,
+        }
+    }
+}
+
+/// The messages chosen for one model call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Window {
+    /// The chosen messages, oldest first.
+    pub messages: Vec<Message>,
+    /// Tokens of the system prompt plus the chosen messages.
+    pub tokens: usize,
+    /// How many of the offered messages were left out.
+    pub dropped: usize,
+}
+
+/// Tokens one message costs in the window.
+pub fn message_tokens(tokenizer: &dyn Tokenizer, m: &Message) -> usize {
+    let calls: usize = m
+        .tool_calls
+        .iter()
+        .map(|c| tokenizer.count(&c.name) + tokenizer.count(&c.arguments.to_string()) + MESSAGE_OVERHEAD)
+        .sum();
+    tokenizer.count(&m.content) + calls + MESSAGE_OVERHEAD
+}
+
+/// Picks the newest messages of `recent` (oldest first, as storage returns the newest N) that fit
+/// both limits next to `system_prompt`.
+///
+/// Messages are taken in groups: an assistant message with tool calls together with the tool
+/// results that follow it, so the model never sees a call without its results or a result without
+/// its call. A leading group that starts with orphan tool results (its assistant message fell
+/// outside `recent`) is never included. `CONTEXT_TOO_LARGE` when even the newest group does not fit.
+pub fn build_window(
+    tokenizer: &dyn Tokenizer,
+    limits: ContextLimits,
+    system_prompt: &str,
+    recent: &[Message],
+) -> Result<Window> {
+    let system = tokenizer.count(system_prompt) + MESSAGE_OVERHEAD;
+    let groups = group_boundaries(recent);
+    let mut start = recent.len();
+    let mut tokens = system;
+    for (i, &(g_start, g_end)) in groups.iter().enumerate().rev() {
+        let group = &recent[g_start..g_end];
+        let newest = i + 1 == groups.len();
+        if group[0].role == Role::Tool {
+            // Orphan results: their call is older than what was loaded; never sent alone.
+            if newest {
+                return Err(Error::Internal(
+                    "the newest messages are tool results without their call".into(),
+                ));
+            }
+            break;
+        }
+        let cost: usize = group.iter().map(|m| message_tokens(tokenizer, m)).sum();
+        let count = recent.len() - g_start;
+        if tokens + cost > limits.max_tokens || count > limits.max_messages {
+            if newest {
+                return Err(Error::ContextTooLarge(format!(
+                    "the system prompt and the newest message need {} tokens and {} messages; the window allows {} tokens and {} messages",
+                    tokens + cost,
+                    group.len(),
+                    limits.max_tokens,
+                    limits.max_messages
+                )));
+            }
+            break;
+        }
+        tokens += cost;
+        start = g_start;
+    }
+    Ok(Window {
+        messages: recent[start..].to_vec(),
+        tokens,
+        dropped: start,
+    })
+}
+
+/// Splits `messages` into groups `[start, end)`: a tool-calling assistant message with the tool
+/// results after it, or a single other message. Tool results before any call form their own group.
+fn group_boundaries(messages: &[Message]) -> Vec<(usize, usize)> {
+    let mut groups: Vec<(usize, usize)> = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        let joins_previous = m.role == Role::Tool && i > 0 && {
+            let prev = &messages[i - 1];
+            prev.role == Role::Tool || (prev.role == Role::Assistant && !prev.tool_calls.is_empty())
+        };
+        match groups.last_mut() {
+            Some(last) if joins_previous => last.1 = i + 1,
+            _ => groups.push((i, i + 1)),
+        }
+    }
+    groups
+}
+
+/// Cuts a tool's output to `max_bytes` (on a character boundary) with a note of how much was cut.
+pub fn truncate_output(text: &str, max_bytes: usize) -> String {
+    if text.len() <= max_bytes {
+        return text.to_string();
+    }
+    let mut end = max_bytes;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}\n[output truncated: {} of {} bytes cut]",
+        &text[..end],
+        text.len() - end,
+        text.len()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::ToolCall;
+    use crate::time::Timestamp;
+
+    fn msg(seq: u64, role: Role, content: &str) -> Message {
+        Message {
+            seq,
+            role,
+            content: content.into(),
+            agent: None,
+            tool_calls: vec![],
+            tool_call_id: None,
+            created_at: Timestamp::from_millis(0),
+        }
+    }
+
+    fn call(seq: u64, ids: &[&str]) -> Message {
+        let mut m = msg(seq, Role::Assistant, "");
+        m.tool_calls = ids
+            .iter()
+            .map(|id| ToolCall {
+                id: id.to_string(),
+                name: "read_file".into(),
+                arguments: serde_json::json!({"path": "a"}),
+            })
+            .collect();
+        m
+    }
+
+    fn result(seq: u64, id: &str, content: &str) -> Message {
+        let mut m = msg(seq, Role::Tool, content);
+        m.tool_call_id = Some(id.into());
+        m
+    }
+
+    fn seqs(w: &Window) -> Vec<u64> {
+        w.messages.iter().map(|m| m.seq).collect()
+    }
+
+    #[test]
+    fn counts_with_o200k() {
+        assert_eq!(O200kTokenizer.count("hello world"), 2);
+        assert_eq!(O200kTokenizer.count(""), 0);
+    }
+
+    #[test]
+    fn keeps_the_newest_messages_within_the_message_limit() {
+        let history: Vec<Message> = (1..=10).map(|i| msg(i, Role::User, "hi")).collect();
+        let w = build_window(
+            &O200kTokenizer,
+            ContextLimits {
+                max_messages: 3,
+                max_tokens: 8000,
+            },
+            "sys",
+            &history,
+        )
+        .unwrap();
+        assert_eq!(seqs(&w), [8, 9, 10]);
+        assert_eq!(w.dropped, 7);
+    }
+
+    #[test]
+    fn never_splits_a_tool_call_from_its_results() {
+        let history = vec![
+            msg(1, Role::User, "read a and b"),
+            call(2, &["c1", "c2"]),
+            result(3, "c1", "aaa"),
+            result(4, "c2", "bbb"),
+            msg(5, Role::Assistant, "done"),
+        ];
+        // 3 messages would cut between the call and its first result: the whole group is left out.
+        let w = build_window(
+            &O200kTokenizer,
+            ContextLimits {
+                max_messages: 3,
+                max_tokens: 8000,
+            },
+            "",
+            &history,
+        )
+        .unwrap();
+        assert_eq!(seqs(&w), [5]);
+        let w = build_window(
+            &O200kTokenizer,
+            ContextLimits {
+                max_messages: 4,
+                max_tokens: 8000,
+            },
+            "",
+            &history,
+        )
+        .unwrap();
+        assert_eq!(seqs(&w), [2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn orphan_results_at_the_start_are_not_sent() {
+        let history = vec![
+            result(3, "c1", "aaa"),
+            result(4, "c2", "bbb"),
+            msg(5, Role::User, "next"),
+        ];
+        let w = build_window(&O200kTokenizer, ContextLimits::default(), "", &history).unwrap();
+        assert_eq!(seqs(&w), [5]);
+    }
+
+    #[test]
+    fn token_limit_counts_the_system_prompt() {
+        let long = "word ".repeat(100);
+        let history = vec![
+            msg(1, Role::User, &long),
+            msg(2, Role::User, &long),
+            msg(3, Role::User, "short"),
+        ];
+        let per = message_tokens(&O200kTokenizer, &history[0]);
+        let sys = O200kTokenizer.count("system") + MESSAGE_OVERHEAD;
+        let short = message_tokens(&O200kTokenizer, &history[2]);
+        let limits = ContextLimits {
+            max_messages: 50,
+            max_tokens: sys + short + per,
+        };
+        let w = build_window(&O200kTokenizer, limits, "system", &history).unwrap();
+        assert_eq!(seqs(&w), [2, 3]);
+        assert_eq!(w.tokens, sys + short + per);
+    }
+
+    #[test]
+    fn newest_message_too_large_is_context_too_large() {
+        let history = vec![msg(1, Role::User, &"word ".repeat(50))];
+        let err = build_window(
+            &O200kTokenizer,
+            ContextLimits {
+                max_messages: 50,
+                max_tokens: 20,
+            },
+            "sys",
+            &history,
+        )
+        .unwrap_err();
+        assert_eq!(err.code(), "CONTEXT_TOO_LARGE");
+    }
+
+    #[test]
+    fn truncation_notes_what_was_cut_on_a_char_boundary() {
+        assert_eq!(truncate_output("short", 10), "short");
+        assert_eq!(
+            truncate_output("ééé", 3),
+            "é\n[output truncated: 4 of 6 bytes cut]"
+        );
+    }
+}
