@@ -20,6 +20,7 @@ pub mod agent;
 pub mod approval;
 pub mod context;
 pub mod error;
+pub mod events;
 pub mod protocol;
 pub mod session;
 pub mod storage;

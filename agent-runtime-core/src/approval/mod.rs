@@ -3,6 +3,10 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub mod policy;
+
+pub use policy::{ApprovalPolicy, ApprovalRequirement, DangerousToolsPolicy, FnPolicy, ToolRequest};
+
 use crate::time::Timestamp;
 
 /// What is being approved.
