@@ -1,0 +1,313 @@
+//! Runtime settings (API.md §8) as plain data. Only [`RuntimeConfig::from_env`] reads the
+//! environment; [`RuntimeConfig::from_lookup`] parses any source (server flags, Python kwargs).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Where tools run (API.md §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolExecution {
+    /// The runtime executes tools inside the session's `project_path`.
+    Runtime,
+    /// The client executes tools and sends `tool_result`.
+    Client,
+}
+
+impl ToolExecution {
+    /// Parses `runtime` / `client`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "runtime" => Some(ToolExecution::Runtime),
+            "client" => Some(ToolExecution::Client),
+            _ => None,
+        }
+    }
+}
+
+/// The model endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlmSettings {
+    /// `LLM_PROXY_URL`: base URL of an OpenAI-compatible API.
+    pub proxy_url: String,
+    /// `LLM_MODEL`.
+    pub model: String,
+    /// `LLM_API_KEY`, sent as a bearer token.
+    pub api_key: Option<String>,
+}
+
+/// Every setting the core reads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RuntimeConfig {
+    /// `DATABASE_URL`.
+    pub database_url: String,
+    /// The model endpoint.
+    pub llm: LlmSettings,
+    /// `HITL_ENABLED`.
+    pub hitl_enabled: bool,
+    /// `HITL_DANGEROUS_TOOLS`.
+    pub hitl_dangerous_tools: Vec<String>,
+    /// `MAX_CONTEXT_TOKENS`.
+    pub max_context_tokens: usize,
+    /// `MAX_CONTEXT_MESSAGES`.
+    pub max_context_messages: usize,
+    /// `AGENT_RUNTIME__MULTI_AGENT_ENABLED`.
+    pub multi_agent_enabled: bool,
+    /// `AGENT_RUNTIME__DEFAULT_AGENT`.
+    pub default_agent: String,
+    /// `AGENT_RUNTIME__AUTO_AGENT_SWITCHING`.
+    pub auto_agent_switching: bool,
+    /// `AGENT_RUNTIME__MAX_AGENT_SWITCHES`: automatic switches allowed in one turn.
+    pub max_agent_switches: u32,
+    /// `TOOL_EXECUTION`: the default for sessions that do not say.
+    pub tool_execution: ToolExecution,
+    /// `WORKSPACE_ROOTS`: if non-empty, every `project_path` must be inside one of these.
+    pub workspace_roots: Vec<PathBuf>,
+    /// `COMMAND_TIMEOUT_SECS`.
+    pub command_timeout: Duration,
+    /// `MAX_TURN_ITERATIONS`: model calls per turn.
+    pub max_turn_iterations: u32,
+    /// `MAX_TOOL_OUTPUT_BYTES`.
+    pub max_tool_output_bytes: usize,
+    /// Sampling temperature sent to the model (`LLM_TEMPERATURE`), if any.
+    pub temperature: Option<f32>,
+    /// How long a turn's session lease lasts without renewal (`SESSION_LEASE_SECS`).
+    pub lease_ttl: Duration,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            database_url: "sqlite://agent-runtime.db".into(),
+            llm: LlmSettings {
+                proxy_url: "http://localhost:8002".into(),
+                model: "gpt-4o-mini".into(),
+                api_key: None,
+            },
+            hitl_enabled: true,
+            hitl_dangerous_tools: vec![
+                "write_file".into(),
+                "delete_file".into(),
+                "execute_command".into(),
+            ],
+            max_context_tokens: 8000,
+            max_context_messages: 50,
+            multi_agent_enabled: true,
+            default_agent: "orchestrator".into(),
+            auto_agent_switching: true,
+            max_agent_switches: 10,
+            tool_execution: ToolExecution::Runtime,
+            workspace_roots: vec![],
+            command_timeout: Duration::from_secs(120),
+            max_turn_iterations: 25,
+            max_tool_output_bytes: 32 * 1024,
+            temperature: None,
+            lease_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The variables [`RuntimeConfig::from_lookup`] reads, for front-ends that list or map them.
+pub const VARIABLES: &[&str] = &[
+    "DATABASE_URL",
+    "LLM_PROXY_URL",
+    "LLM_MODEL",
+    "LLM_API_KEY",
+    "LLM_TEMPERATURE",
+    "HITL_ENABLED",
+    "HITL_DANGEROUS_TOOLS",
+    "MAX_CONTEXT_TOKENS",
+    "MAX_CONTEXT_MESSAGES",
+    "AGENT_RUNTIME__MULTI_AGENT_ENABLED",
+    "AGENT_RUNTIME__DEFAULT_AGENT",
+    "AGENT_RUNTIME__AUTO_AGENT_SWITCHING",
+    "AGENT_RUNTIME__MAX_AGENT_SWITCHES",
+    "TOOL_EXECUTION",
+    "WORKSPACE_ROOTS",
+    "COMMAND_TIMEOUT_SECS",
+    "MAX_TURN_ITERATIONS",
+    "MAX_TOOL_OUTPUT_BYTES",
+    "SESSION_LEASE_SECS",
+];
+
+fn bad(var: &str, value: &str, expected: &str) -> Error {
+    Error::InvalidRequest(format!("{var}: invalid value '{value}' ({expected})"))
+}
+
+fn parse_bool(var: &str, v: &str) -> Result<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(bad(var, v, "expected true or false")),
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(var: &str, v: &str, min: T) -> Result<T>
+where
+    T: PartialOrd + std::fmt::Display + Copy,
+{
+    let n: T = v
+        .trim()
+        .parse()
+        .map_err(|_| bad(var, v, "expected a whole number"))?;
+    if n < min {
+        return Err(bad(var, v, &format!("must be at least {min}")));
+    }
+    Ok(n)
+}
+
+fn list(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+impl RuntimeConfig {
+    /// Reads the variables of API.md §8 from the process environment.
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the variables of API.md §8 from `lookup` (missing → default). A bad value is an
+    /// `INVALID_REQUEST` error whose message starts with the variable's name.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let mut c = RuntimeConfig::default();
+        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        if let Some(v) = get("DATABASE_URL") {
+            let known = ["sqlite:", "memory:", "postgres://", "postgresql://"];
+            if !known.iter().any(|p| v.starts_with(p)) {
+                return Err(bad(
+                    "DATABASE_URL",
+                    &crate::storage::redact_url(&v),
+                    "expected sqlite://PATH, sqlite::memory: or postgresql://...",
+                ));
+            }
+            c.database_url = v;
+        }
+        if let Some(v) = get("LLM_PROXY_URL") {
+            if !(v.starts_with("http://") || v.starts_with("https://")) {
+                return Err(bad("LLM_PROXY_URL", &v, "expected an http:// or https:// URL"));
+            }
+            c.llm.proxy_url = v;
+        }
+        if let Some(v) = get("LLM_MODEL") {
+            c.llm.model = v;
+        }
+        c.llm.api_key = get("LLM_API_KEY");
+        if let Some(v) = get("LLM_TEMPERATURE") {
+            let t: f32 = v
+                .trim()
+                .parse()
+                .map_err(|_| bad("LLM_TEMPERATURE", &v, "expected a number"))?;
+            if !(0.0..=2.0).contains(&t) {
+                return Err(bad("LLM_TEMPERATURE", &v, "must be between 0 and 2"));
+            }
+            c.temperature = Some(t);
+        }
+        if let Some(v) = get("HITL_ENABLED") {
+            c.hitl_enabled = parse_bool("HITL_ENABLED", &v)?;
+        }
+        if let Some(v) = lookup("HITL_DANGEROUS_TOOLS") {
+            c.hitl_dangerous_tools = list(&v);
+        }
+        if let Some(v) = get("MAX_CONTEXT_TOKENS") {
+            c.max_context_tokens = parse_num("MAX_CONTEXT_TOKENS", &v, 1)?;
+        }
+        if let Some(v) = get("MAX_CONTEXT_MESSAGES") {
+            c.max_context_messages = parse_num("MAX_CONTEXT_MESSAGES", &v, 1)?;
+        }
+        if let Some(v) = get("AGENT_RUNTIME__MULTI_AGENT_ENABLED") {
+            c.multi_agent_enabled = parse_bool("AGENT_RUNTIME__MULTI_AGENT_ENABLED", &v)?;
+        }
+        if let Some(v) = get("AGENT_RUNTIME__DEFAULT_AGENT") {
+            c.default_agent = v.trim().to_string();
+        }
+        if let Some(v) = get("AGENT_RUNTIME__AUTO_AGENT_SWITCHING") {
+            c.auto_agent_switching = parse_bool("AGENT_RUNTIME__AUTO_AGENT_SWITCHING", &v)?;
+        }
+        if let Some(v) = get("AGENT_RUNTIME__MAX_AGENT_SWITCHES") {
+            c.max_agent_switches = parse_num("AGENT_RUNTIME__MAX_AGENT_SWITCHES", &v, 0)?;
+        }
+        if let Some(v) = get("TOOL_EXECUTION") {
+            c.tool_execution = ToolExecution::parse(&v)
+                .ok_or_else(|| bad("TOOL_EXECUTION", &v, "expected runtime or client"))?;
+        }
+        if let Some(v) = get("WORKSPACE_ROOTS") {
+            c.workspace_roots = list(&v).into_iter().map(PathBuf::from).collect();
+            if let Some(rel) = c.workspace_roots.iter().find(|p| !p.is_absolute()) {
+                return Err(bad(
+                    "WORKSPACE_ROOTS",
+                    &rel.display().to_string(),
+                    "paths must be absolute",
+                ));
+            }
+        }
+        if let Some(v) = get("COMMAND_TIMEOUT_SECS") {
+            c.command_timeout = Duration::from_secs(parse_num("COMMAND_TIMEOUT_SECS", &v, 1)?);
+        }
+        if let Some(v) = get("MAX_TURN_ITERATIONS") {
+            c.max_turn_iterations = parse_num("MAX_TURN_ITERATIONS", &v, 1)?;
+        }
+        if let Some(v) = get("MAX_TOOL_OUTPUT_BYTES") {
+            c.max_tool_output_bytes = parse_num("MAX_TOOL_OUTPUT_BYTES", &v, 64)?;
+        }
+        if let Some(v) = get("SESSION_LEASE_SECS") {
+            c.lease_ttl = Duration::from_secs(parse_num("SESSION_LEASE_SECS", &v, 1)?);
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn from(pairs: &[(&str, &str)]) -> Result<RuntimeConfig> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        RuntimeConfig::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn nothing_set_gives_the_documented_defaults() {
+        assert_eq!(from(&[]).unwrap(), RuntimeConfig::default());
+    }
+
+    #[test]
+    fn values_are_parsed() {
+        let c = from(&[
+            ("HITL_DANGEROUS_TOOLS", "write_file, run_command"),
+            ("AGENT_RUNTIME__MAX_AGENT_SWITCHES", "3"),
+            ("TOOL_EXECUTION", "client"),
+            ("HITL_ENABLED", "false"),
+        ])
+        .unwrap();
+        assert_eq!(c.hitl_dangerous_tools, ["write_file", "run_command"]);
+        assert_eq!(c.max_agent_switches, 3);
+        assert_eq!(c.tool_execution, ToolExecution::Client);
+        assert!(!c.hitl_enabled);
+    }
+
+    #[test]
+    fn a_bad_value_names_its_variable() {
+        for (var, value) in [
+            ("MAX_CONTEXT_TOKENS", "lots"),
+            ("HITL_ENABLED", "perhaps"),
+            ("DATABASE_URL", "mysql://x"),
+            ("TOOL_EXECUTION", "cloud"),
+            ("MAX_TURN_ITERATIONS", "0"),
+        ] {
+            let err = from(&[(var, value)]).unwrap_err();
+            assert!(err.to_string().starts_with(&format!("{var}: ")), "{err}");
+        }
+    }
+}
