@@ -175,10 +175,7 @@ pub async fn open(url: &str) -> Result<Arc<dyn Storage>> {
     }
     #[cfg(feature = "sqlite")]
     if url.starts_with("sqlite:") {
-        return Err(Error::Internal(format!(
-            "{:?}",
-            sqlite::SqliteStorage::open_url(url).await?
-        )));
+        return Ok(Arc::new(sqlite::SqliteStorage::open_url(url).await?));
     }
     #[cfg(feature = "postgres")]
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
