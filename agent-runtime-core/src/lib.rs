@@ -18,6 +18,7 @@
 
 pub mod approval;
 pub mod error;
+pub mod llm;
 pub mod protocol;
 pub mod session;
 pub mod storage;
