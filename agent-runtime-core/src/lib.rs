@@ -22,6 +22,7 @@ pub mod config;
 pub mod context;
 pub mod error;
 pub mod events;
+pub mod llm;
 pub mod protocol;
 pub mod session;
 pub mod storage;

@@ -1,0 +1,543 @@
+//! The OpenAI-compatible backend: `POST {LLM_PROXY_URL}/v1/chat/completions` streamed over reqwest,
+//! with timeouts, retries before the first token, and a circuit breaker while the server is down.
+//!
+//! Retries (exponential backoff with jitter; `Retry-After` honoured) cover connect and transport
+//! errors, 429 and 5xx, and only happen before the first chunk reached the caller: once a token was
+//! streamed, a failure ends the stream with an error, never a silent restart.
+
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hasher};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use serde_json::Value;
+use tokio::time::Instant;
+
+use super::breaker::{Breaker, Permit};
+use super::wire::{ChunkDecoder, excerpt, request_body};
+use super::{Capabilities, ChatRequest, Chunk, ChunkStream, LlmBackend, secs};
+use crate::error::{Error, Result};
+
+/// The longest `Retry-After` waited for; a server asking for more fails the call instead of
+/// holding the user's turn.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+/// How long `health` waits for `GET /v1/models`.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Settings of an [`OpenAiBackend`]. Plain data; only [`OpenAiConfig::from_env`] reads the
+/// environment.
+#[derive(Clone, PartialEq)]
+pub struct OpenAiConfig {
+    /// Base URL of the server, with or without `/v1` and a trailing slash.
+    pub base_url: String,
+    /// Model name sent in every request.
+    pub model: String,
+    /// Sent as `Authorization: Bearer`.
+    pub api_key: Option<String>,
+    /// Limit for establishing the TCP connection.
+    pub connect_timeout: Duration,
+    /// Limit from sending the request to the first chunk of the answer (prompt processing included).
+    pub first_byte_timeout: Duration,
+    /// Limit for a gap between two pieces of a streaming answer.
+    pub idle_timeout: Duration,
+    /// Retries after the first attempt (only before the first chunk).
+    pub max_retries: u32,
+    /// Backoff before the first retry; doubles each time, with jitter.
+    pub backoff_base: Duration,
+    /// Cap on one backoff.
+    pub backoff_max: Duration,
+    /// Consecutive failed calls that open the circuit (0: never).
+    pub breaker_threshold: u32,
+    /// How long an open circuit fails fast before one trial call.
+    pub breaker_cooldown: Duration,
+    /// What the server supports (see [`Capabilities::llama_cpp_python`] for a weak one).
+    pub capabilities: Capabilities,
+}
+
+impl Default for OpenAiConfig {
+    fn default() -> Self {
+        OpenAiConfig {
+            base_url: "http://localhost:8002".to_string(),
+            model: "gpt-4o-mini".to_string(),
+            api_key: None,
+            connect_timeout: Duration::from_secs(5),
+            first_byte_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+            max_retries: 3,
+            backoff_base: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(8),
+            breaker_threshold: 5,
+            breaker_cooldown: Duration::from_secs(30),
+            capabilities: Capabilities::default(),
+        }
+    }
+}
+
+impl std::fmt::Debug for OpenAiConfig {
+    // By hand: the API key must never reach a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenAiConfig")
+            .field("base_url", &self.base_url)
+            .field("model", &self.model)
+            .field("api_key", &self.api_key.as_ref().map(|_| "***"))
+            .field("connect_timeout", &self.connect_timeout)
+            .field("first_byte_timeout", &self.first_byte_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_retries", &self.max_retries)
+            .field("backoff_base", &self.backoff_base)
+            .field("backoff_max", &self.backoff_max)
+            .field("breaker_threshold", &self.breaker_threshold)
+            .field("breaker_cooldown", &self.breaker_cooldown)
+            .field("capabilities", &self.capabilities)
+            .finish()
+    }
+}
+
+impl OpenAiConfig {
+    /// The defaults overridden by `LLM_PROXY_URL`, `LLM_MODEL` and `LLM_API_KEY` (API.md §8).
+    /// A URL that does not parse is an `InvalidRequest` naming the variable.
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Like [`OpenAiConfig::from_env`], reading variables through `var` (tests pass a map).
+    pub fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let set = |name: &str| var(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        let mut config = OpenAiConfig::default();
+        if let Some(url) = set("LLM_PROXY_URL") {
+            parse_base(&url).map_err(|e| Error::InvalidRequest(format!("LLM_PROXY_URL: {e}")))?;
+            config.base_url = url;
+        }
+        if let Some(model) = set("LLM_MODEL") {
+            config.model = model;
+        }
+        config.api_key = set("LLM_API_KEY");
+        Ok(config)
+    }
+}
+
+/// The base URL without a trailing slash or `/v1`.
+fn parse_base(url: &str) -> std::result::Result<String, String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("invalid URL '{url}': {e}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!("invalid URL '{url}': expected http:// or https://"));
+    }
+    let trimmed = url.trim_end_matches('/');
+    let base = trimmed.strip_suffix("/v1").unwrap_or(trimmed).trim_end_matches('/');
+    Ok(base.to_string())
+}
+
+/// A model behind an OpenAI-compatible chat-completions API.
+#[derive(Debug)]
+pub struct OpenAiBackend {
+    config: OpenAiConfig,
+    client: reqwest::Client,
+    chat_url: String,
+    models_url: String,
+    breaker: Breaker,
+    /// Set once the server ignored `stream_options.include_usage` (llama-cpp-python does).
+    usage_missing: Arc<AtomicBool>,
+}
+
+/// How one attempt failed.
+struct AttemptError {
+    error: Error,
+    /// Worth another attempt (connect/transport error, 429, 5xx).
+    retry: bool,
+    /// The server's `Retry-After`.
+    retry_after: Option<Duration>,
+    /// Counts against the circuit breaker: the backend looks down, not merely unhappy with us.
+    down: bool,
+}
+
+impl AttemptError {
+    fn down(error: Error, retry: bool) -> Self {
+        AttemptError {
+            error,
+            retry,
+            retry_after: None,
+            down: true,
+        }
+    }
+
+    fn answered(error: Error) -> Self {
+        AttemptError {
+            error,
+            retry: false,
+            retry_after: None,
+            down: false,
+        }
+    }
+}
+
+impl OpenAiBackend {
+    /// A backend for `config`. `InvalidRequest` for a base URL that does not parse.
+    pub fn new(config: OpenAiConfig) -> Result<Self> {
+        let base = parse_base(&config.base_url).map_err(Error::InvalidRequest)?;
+        let client = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .build()
+            .map_err(|e| Error::Llm(format!("cannot build the HTTP client: {}", describe(&e))))?;
+        Ok(OpenAiBackend {
+            chat_url: format!("{base}/v1/chat/completions"),
+            models_url: format!("{base}/v1/models"),
+            breaker: Breaker::new(config.breaker_threshold, config.breaker_cooldown),
+            usage_missing: Arc::new(AtomicBool::new(false)),
+            client,
+            config,
+        })
+    }
+
+    /// The settings in use.
+    pub fn config(&self) -> &OpenAiConfig {
+        &self.config
+    }
+
+    /// One request: answer headers and body up to the first chunk, within `first_byte_timeout`.
+    async fn attempt(&self, body: &Value, include_usage: bool) -> Result<Live, AttemptError> {
+        let deadline = Instant::now() + self.config.first_byte_timeout;
+        let first_byte = || {
+            Error::Llm(format!(
+                "model server sent nothing within {}",
+                secs(self.config.first_byte_timeout)
+            ))
+        };
+        let mut request = self.client.post(&self.chat_url).json(body);
+        if let Some(key) = &self.config.api_key {
+            request = request.bearer_auth(key);
+        }
+        let response = match tokio::time::timeout_at(deadline, request.send()).await {
+            Err(_) => return Err(AttemptError::down(first_byte(), false)),
+            Ok(Err(e)) => {
+                let what = if e.is_connect() { "cannot connect to" } else { "request to" };
+                return Err(AttemptError::down(
+                    Error::Llm(format!("{what} model server failed: {}", describe(&e))),
+                    true,
+                ));
+            }
+            Ok(Ok(response)) => response,
+        };
+        let status = response.status();
+        if !status.is_success() {
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let text = tokio::time::timeout_at(deadline, response.text())
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .unwrap_or_default();
+            let error = Error::Llm(format!(
+                "model server answered {status}: {}",
+                excerpt(text.trim(), 300)
+            ));
+            let code = status.as_u16();
+            let retry = code == 429 || status.is_server_error();
+            return Err(AttemptError {
+                error,
+                retry: retry && retry_after.is_none_or(|d| d <= MAX_RETRY_AFTER),
+                retry_after,
+                down: retry,
+            });
+        }
+        let mut live = Live {
+            body: Box::pin(response.bytes_stream()),
+            decoder: ChunkDecoder::new(),
+            pending: VecDeque::new(),
+            ended: false,
+            idle_timeout: self.config.idle_timeout,
+            include_usage,
+            saw_usage: false,
+            usage_missing: self.usage_missing.clone(),
+        };
+        while live.pending.is_empty() && !live.ended {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match live.read_more(left).await {
+                Ok(()) => {}
+                Err(ReadError::Timeout) => return Err(AttemptError::down(first_byte(), false)),
+                Err(ReadError::Transport(e)) => return Err(AttemptError::down(e, true)),
+                Err(ReadError::Protocol(e)) => return Err(AttemptError::answered(e)),
+            }
+        }
+        Ok(live)
+    }
+
+    /// The wait before retry number `attempt` (0-based): the server's `Retry-After` if it gave
+    /// one, else `backoff_base · 2^attempt` capped at `backoff_max`, jittered into its upper half
+    /// so that many clients do not retry in lockstep.
+    fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        if let Some(wait) = retry_after {
+            return wait;
+        }
+        let full = self
+            .config
+            .backoff_base
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.config.backoff_max);
+        full / 2 + (full / 2).mul_f64(random_fraction())
+    }
+}
+
+/// A number in [0, 1) from the std hasher's per-instance random keys (no RNG crate needed for jitter).
+fn random_fraction() -> f64 {
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(0x9e37_79b9_7f4a_7c15);
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// A reqwest error with its causes (its own text alone says little: "error sending request").
+fn describe(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[async_trait]
+impl LlmBackend for OpenAiBackend {
+    #[tracing::instrument(name = "llm.stream", skip_all, fields(model = %self.config.model, messages = request.messages.len()))]
+    async fn stream(&self, request: ChatRequest) -> Result<ChunkStream> {
+        let permit: Permit = self.breaker.acquire()?;
+        let include_usage = self.capabilities().usage_reporting;
+        let body = request_body(&self.config.model, &request, include_usage);
+        let mut attempt = 0;
+        loop {
+            match self.attempt(&body, include_usage).await {
+                Ok(live) => {
+                    permit.success();
+                    return Ok(live.into_stream());
+                }
+                Err(failed) if failed.retry && attempt < self.config.max_retries => {
+                    let wait = self.backoff(attempt, failed.retry_after);
+                    tracing::warn!(error = %failed.error, attempt, wait_ms = wait.as_millis() as u64, "model call failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                Err(failed) => {
+                    if failed.down {
+                        permit.failure();
+                    } else {
+                        permit.success();
+                    }
+                    let error = match failed.error {
+                        Error::Llm(m) if attempt > 0 => {
+                            Error::Llm(format!("{m} (after {} attempts)", attempt + 1))
+                        }
+                        other => other,
+                    };
+                    tracing::warn!(%error, "model call failed");
+                    return Err(error);
+                }
+            }
+        }
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut caps = self.config.capabilities;
+        if self.usage_missing.load(Ordering::Relaxed) {
+            caps.usage_reporting = false;
+        }
+        caps
+    }
+
+    fn model(&self) -> &str {
+        &self.config.model
+    }
+
+    #[tracing::instrument(name = "llm.health", skip_all)]
+    async fn health(&self) -> Result<()> {
+        let mut request = self.client.get(&self.models_url).timeout(HEALTH_TIMEOUT);
+        if let Some(key) = &self.config.api_key {
+            request = request.bearer_auth(key);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| Error::Llm(format!("model server unreachable: {}", describe(&e))))?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(Error::Llm(format!(
+                "model server answered {} to GET /v1/models",
+                response.status()
+            )))
+        }
+    }
+}
+
+type BodyStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+
+enum ReadError {
+    Timeout,
+    Transport(Error),
+    Protocol(Error),
+}
+
+/// An answer being streamed: the body, its decoder, and chunks decoded but not yet handed out.
+struct Live {
+    body: BodyStream,
+    decoder: ChunkDecoder,
+    pending: VecDeque<Chunk>,
+    ended: bool,
+    idle_timeout: Duration,
+    include_usage: bool,
+    saw_usage: bool,
+    usage_missing: Arc<AtomicBool>,
+}
+
+impl Live {
+    /// Reads one more piece of the body (waiting at most `limit`) and decodes it.
+    async fn read_more(&mut self, limit: Duration) -> Result<(), ReadError> {
+        let piece = tokio::time::timeout(limit, self.body.next()).await;
+        let decoded = match piece {
+            Err(_) => {
+                self.ended = true;
+                return Err(ReadError::Timeout);
+            }
+            Ok(Some(Ok(bytes))) => {
+                let chunks = self.decoder.push(&bytes);
+                if self.decoder.is_done() {
+                    self.ended = true;
+                }
+                chunks
+            }
+            Ok(Some(Err(e))) => {
+                self.ended = true;
+                return Err(ReadError::Transport(Error::Llm(format!(
+                    "model stream broke: {}",
+                    describe(&e)
+                ))));
+            }
+            Ok(None) => {
+                self.ended = true;
+                self.decoder.finish()
+            }
+        };
+        match decoded {
+            Ok(chunks) => {
+                self.pending.extend(chunks);
+                Ok(())
+            }
+            Err(e) => {
+                self.ended = true;
+                Err(ReadError::Protocol(e))
+            }
+        }
+    }
+
+    /// The next chunk for the caller; gaps longer than the idle timeout end the stream.
+    async fn next_chunk(&mut self) -> Option<Result<Chunk>> {
+        loop {
+            if let Some(chunk) = self.pending.pop_front() {
+                match &chunk {
+                    Chunk::Usage(_) => self.saw_usage = true,
+                    Chunk::Finish(_) if self.include_usage && !self.saw_usage => {
+                        // Asked for usage and got none: stop asking (the caller counts locally).
+                        self.usage_missing.store(true, Ordering::Relaxed);
+                    }
+                    _ => {}
+                }
+                return Some(Ok(chunk));
+            }
+            if self.ended {
+                return None;
+            }
+            match self.read_more(self.idle_timeout).await {
+                Ok(()) => {}
+                Err(ReadError::Timeout) => {
+                    return Some(Err(Error::Llm(format!(
+                        "model stream idle for {}",
+                        secs(self.idle_timeout)
+                    ))));
+                }
+                Err(ReadError::Transport(e) | ReadError::Protocol(e)) => return Some(Err(e)),
+            }
+        }
+    }
+
+    fn into_stream(self) -> ChunkStream {
+        Box::pin(futures::stream::unfold(self, |mut live| async move {
+            let item = live.next_chunk().await?;
+            Some((item, live))
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_urls_with_or_without_v1_and_slash_are_the_same() {
+        for url in [
+            "http://h:8002",
+            "http://h:8002/",
+            "http://h:8002/v1",
+            "http://h:8002/v1/",
+        ] {
+            assert_eq!(parse_base(url).unwrap(), "http://h:8002", "{url}");
+        }
+        assert_eq!(parse_base("http://h/proxy/v1").unwrap(), "http://h/proxy");
+        assert!(parse_base("localhost:8002").is_err());
+    }
+
+    #[test]
+    fn config_reads_the_llm_variables_and_names_a_bad_one() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        };
+        let config = OpenAiConfig::from_lookup(vars(&[
+            ("LLM_PROXY_URL", "http://proxy:9000/v1"),
+            ("LLM_MODEL", "smollm2"),
+            ("LLM_API_KEY", "sk-1"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            config,
+            OpenAiConfig {
+                base_url: "http://proxy:9000/v1".into(),
+                model: "smollm2".into(),
+                api_key: Some("sk-1".into()),
+                ..OpenAiConfig::default()
+            }
+        );
+        assert_eq!(
+            OpenAiConfig::from_lookup(vars(&[("LLM_API_KEY", "")])).unwrap(),
+            OpenAiConfig::default()
+        );
+        let err = OpenAiConfig::from_lookup(vars(&[("LLM_PROXY_URL", "nope")])).unwrap_err();
+        assert!(err.to_string().starts_with("LLM_PROXY_URL: invalid URL 'nope'"), "{err}");
+        assert!(!format!("{config:?}").contains("sk-1"));
+    }
+
+    #[test]
+    fn backoff_grows_is_capped_and_honours_retry_after() {
+        let backend = OpenAiBackend::new(OpenAiConfig {
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(300),
+            ..OpenAiConfig::default()
+        })
+        .unwrap();
+        for (attempt, full) in [(0, 100), (1, 200), (2, 300), (10, 300)] {
+            let wait = backend.backoff(attempt, None);
+            let full = Duration::from_millis(full);
+            assert!(wait >= full / 2 && wait <= full, "attempt {attempt}: {wait:?}");
+        }
+        assert_eq!(
+            backend.backoff(0, Some(Duration::from_secs(1))),
+            Duration::from_secs(1)
+        );
+    }
+}

@@ -1,0 +1,464 @@
+//! The OpenAI chat-completions wire: the JSON request body, and the decoding of a streamed answer
+//! (SSE bytes → [`Chunk`]s) tolerant of what real servers send; also the reverse, for test servers.
+//!
+//! Quirks handled: explicit `null` everywhere, a final chunk with empty `choices` and `usage` (plus
+//! extras like `timings`), id and name repeated in every tool-call chunk, the legacy
+//! `function_call` field (ignored when `tool_calls` is present), an empty body without `[DONE]`.
+
+use std::collections::VecDeque;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::sse::SseDecoder;
+use super::{ChatMessage, ChatRequest, ChatRole, Chunk, FinishReason, ToolChoice};
+use crate::error::{Error, Result};
+use crate::session::Usage;
+
+/// The JSON body of `POST /v1/chat/completions` for `request`, streamed.
+///
+/// Assistant messages with tool calls carry `content: ""`, never `null` (llama-cpp-python answers
+/// 500 to `null`; API.md §9.21). `tools` and `tool_choice` are sent only when tools are offered
+/// (OpenAI refuses a `tool_choice` without tools). `stream_options.include_usage` only when
+/// `include_usage`.
+pub fn request_body(model: &str, request: &ChatRequest, include_usage: bool) -> Value {
+    let mut body = json!({
+        "model": model,
+        "messages": request.messages.iter().map(message_json).collect::<Vec<_>>(),
+        "stream": true,
+    });
+    if !request.tools.is_empty() {
+        body["tools"] = request
+            .tools
+            .iter()
+            .map(|t| {
+                json!({"type": "function", "function": {
+                    "name": t.name, "description": t.description, "parameters": t.parameters,
+                }})
+            })
+            .collect();
+        body["tool_choice"] = match &request.tool_choice {
+            ToolChoice::Auto => json!("auto"),
+            ToolChoice::None => json!("none"),
+            ToolChoice::Required => json!("required"),
+            ToolChoice::Function(name) => json!({"type": "function", "function": {"name": name}}),
+        };
+    }
+    if let Some(t) = request.temperature {
+        // Through the decimal text so 0.2f32 goes out as 0.2, not 0.20000000298023224.
+        let t: f64 = t.to_string().parse().unwrap_or(f64::from(t));
+        body["temperature"] = json!(t);
+    }
+    if let Some(max) = request.max_tokens {
+        body["max_tokens"] = json!(max);
+    }
+    if include_usage {
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    body
+}
+
+fn message_json(m: &ChatMessage) -> Value {
+    let role = match m.role {
+        ChatRole::System => "system",
+        ChatRole::User => "user",
+        ChatRole::Assistant => "assistant",
+        ChatRole::Tool => "tool",
+    };
+    let mut v = json!({"role": role, "content": m.content});
+    if !m.tool_calls.is_empty() {
+        v["tool_calls"] = m
+            .tool_calls
+            .iter()
+            .map(|c| {
+                json!({"id": c.id, "type": "function",
+                       "function": {"name": c.name, "arguments": c.arguments}})
+            })
+            .collect();
+    }
+    if let Some(id) = &m.tool_call_id {
+        v["tool_call_id"] = json!(id);
+    }
+    v
+}
+
+#[derive(Deserialize)]
+struct WireChunk {
+    #[serde(default)]
+    choices: Option<Vec<WireChoice>>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct WireChoice {
+    #[serde(default)]
+    index: Option<usize>,
+    #[serde(default)]
+    delta: Option<WireDelta>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireDelta {
+    #[serde(default)]
+    content: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<WireToolCall>>,
+    #[serde(default)]
+    function_call: Option<WireFunction>,
+}
+
+#[derive(Deserialize)]
+struct WireToolCall {
+    #[serde(default)]
+    index: Option<usize>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    function: Option<WireFunction>,
+}
+
+#[derive(Deserialize)]
+struct WireFunction {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireUsage {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+}
+
+/// Decodes a streamed chat completion: body bytes in, [`Chunk`]s out.
+///
+/// The finish is held back until `[DONE]` or the end of the body (the usage chunk comes after the
+/// `finish_reason` on the wire) and is always the last chunk. A body that ends with neither
+/// `[DONE]` nor a `finish_reason` is an error: a cut answer must not pass for a short one.
+#[derive(Debug, Default)]
+pub struct ChunkDecoder {
+    sse: SseDecoder,
+    finish: Option<FinishReason>,
+    saw_tool_calls: bool,
+    done: bool,
+}
+
+impl ChunkDecoder {
+    /// A decoder at the start of a body.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `[DONE]` came: the answer is complete and the rest of the body can be ignored.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// Feeds a piece of the body; returns the chunks it completed.
+    pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<Chunk>> {
+        let mut out = VecDeque::new();
+        if self.done {
+            return Ok(Vec::new());
+        }
+        for data in self.sse.push(bytes) {
+            self.on_data(&data, &mut out)?;
+            if self.done {
+                break;
+            }
+        }
+        Ok(out.into())
+    }
+
+    /// The end of the body: the held-back finish, or an error when the answer was cut.
+    pub fn finish(&mut self) -> Result<Vec<Chunk>> {
+        let mut out = VecDeque::new();
+        if self.done {
+            return Ok(Vec::new());
+        }
+        for data in self.sse.finish() {
+            self.on_data(&data, &mut out)?;
+            if self.done {
+                return Ok(out.into());
+            }
+        }
+        match self.finish.take() {
+            Some(reason) => {
+                self.done = true;
+                out.push_back(Chunk::Finish(reason));
+                Ok(out.into())
+            }
+            None if self.sse.bytes_seen() == 0 => Err(Error::Llm(
+                "model server sent an empty stream (no [DONE] or finish_reason)".to_string(),
+            )),
+            None => Err(Error::Llm("stream ended without [DONE] or finish_reason".to_string())),
+        }
+    }
+
+    fn on_data(&mut self, data: &str, out: &mut VecDeque<Chunk>) -> Result<()> {
+        let data = data.trim();
+        if data.is_empty() {
+            return Ok(());
+        }
+        if data == "[DONE]" {
+            self.done = true;
+            let reason = self.finish.take().unwrap_or(FinishReason::Stop);
+            out.push_back(Chunk::Finish(self.normalize(reason)));
+            return Ok(());
+        }
+        let chunk: WireChunk = serde_json::from_str(data).map_err(|e| {
+            Error::Llm(format!("invalid JSON in stream: {e}: {}", excerpt(data, 200)))
+        })?;
+        if let Some(error) = chunk.error.filter(|e| !e.is_null()) {
+            let message = error
+                .get("message")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .unwrap_or_else(|| error.to_string());
+            return Err(Error::Llm(format!("model server error: {message}")));
+        }
+        // Only the first choice is ours (we never ask for n > 1).
+        let choice = chunk
+            .choices
+            .unwrap_or_default()
+            .into_iter()
+            .find(|c| c.index.unwrap_or(0) == 0);
+        if let Some(choice) = choice {
+            if let Some(delta) = choice.delta {
+                if let Some(text) = delta.content.filter(|t| !t.is_empty()) {
+                    out.push_back(Chunk::Text(text));
+                }
+                match delta.tool_calls {
+                    Some(calls) => {
+                        for (position, call) in calls.into_iter().enumerate() {
+                            let function = call.function.unwrap_or(WireFunction {
+                                name: None,
+                                arguments: None,
+                            });
+                            self.saw_tool_calls = true;
+                            out.push_back(Chunk::ToolCallDelta {
+                                index: call.index.unwrap_or(position),
+                                id: call.id,
+                                name: function.name,
+                                arguments: function.arguments.unwrap_or_default(),
+                            });
+                        }
+                    }
+                    // The legacy single-call field, only when the modern one is absent.
+                    None => {
+                        if let Some(f) = delta.function_call {
+                            self.saw_tool_calls = true;
+                            out.push_back(Chunk::ToolCallDelta {
+                                index: 0,
+                                id: None,
+                                name: f.name,
+                                arguments: f.arguments.unwrap_or_default(),
+                            });
+                        }
+                    }
+                }
+            }
+            if let Some(reason) = choice.finish_reason.filter(|r| !r.is_empty()) {
+                self.finish = Some(FinishReason::from_wire(&reason));
+            }
+        }
+        if let Some(u) = chunk.usage {
+            out.push_back(Chunk::Usage(Usage {
+                prompt_tokens: u.prompt_tokens.unwrap_or(0),
+                completion_tokens: u.completion_tokens.unwrap_or(0),
+            }));
+        }
+        Ok(())
+    }
+
+    /// Some servers say `stop` after streaming tool calls; the calls are what matters.
+    fn normalize(&self, reason: FinishReason) -> FinishReason {
+        if self.saw_tool_calls && reason == FinishReason::Stop {
+            FinishReason::ToolCalls
+        } else {
+            reason
+        }
+    }
+}
+
+/// Decodes a whole body at once (for tests and tools): every chunk, or the first error.
+pub fn decode_body(body: &[u8]) -> Result<Vec<Chunk>> {
+    let mut decoder = ChunkDecoder::new();
+    let mut chunks = decoder.push(body)?;
+    chunks.extend(decoder.finish()?);
+    Ok(chunks)
+}
+
+/// The first `max` characters of `text`, marked when cut.
+pub(crate) fn excerpt(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_string(),
+    }
+}
+
+/// Encodes chunks as an OpenAI SSE body, as a real server streams them (one `data:` event per chunk,
+/// usage in a final chunk with empty `choices`, then `[DONE]` when the chunks end with a finish).
+/// Test servers use it to serve arbitrary answers.
+pub fn encode_sse(model: &str, chunks: &[Chunk]) -> String {
+    let mut body = String::new();
+    let mut event = |v: Value| {
+        body.push_str("data: ");
+        body.push_str(&v.to_string());
+        body.push_str("\n\n");
+    };
+    let frame = |delta: Value, finish: Option<&str>| {
+        json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model,
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    };
+    event(frame(json!({"role": "assistant", "content": null}), None));
+    let mut finished = false;
+    for chunk in chunks {
+        match chunk {
+            Chunk::Text(t) => event(frame(json!({"content": t}), None)),
+            Chunk::ToolCallDelta {
+                index,
+                id,
+                name,
+                arguments,
+            } => {
+                let mut call = json!({"index": index, "function": {"arguments": arguments}});
+                if let Some(id) = id {
+                    call["id"] = json!(id);
+                    call["type"] = json!("function");
+                }
+                if let Some(name) = name {
+                    call["function"]["name"] = json!(name);
+                }
+                event(frame(json!({"tool_calls": [call]}), None));
+            }
+            Chunk::Usage(u) => event(json!({
+                "id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model,
+                "choices": [],
+                "usage": {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                          "total_tokens": u.prompt_tokens + u.completion_tokens},
+            })),
+            Chunk::Finish(reason) => {
+                let reason = match reason {
+                    FinishReason::Stop => "stop",
+                    FinishReason::ToolCalls => "tool_calls",
+                    FinishReason::Length => "length",
+                    FinishReason::ContentFilter => "content_filter",
+                    FinishReason::Other(other) => other.as_str(),
+                };
+                event(frame(json!({}), Some(reason)));
+                finished = true;
+            }
+        }
+    }
+    if finished {
+        body.push_str("data: [DONE]\n\n");
+    }
+    body
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_after_the_finish_comes_before_the_finish_chunk() {
+        let body = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":null}]}\n\n\
+                    data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n\
+                    data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1},\"timings\":{}}\n\n\
+                    data: [DONE]\n\n";
+        assert_eq!(
+            decode_body(body.as_bytes()).unwrap(),
+            vec![
+                Chunk::Text("Hi".into()),
+                Chunk::Usage(Usage {
+                    prompt_tokens: 3,
+                    completion_tokens: 1
+                }),
+                Chunk::Finish(FinishReason::Stop),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_finish_reason_without_done_is_a_complete_answer() {
+        let body = "data: {\"choices\":[{\"delta\":{\"content\":\"ok\"},\"finish_reason\":\"length\"}]}\n\n";
+        assert_eq!(
+            decode_body(body.as_bytes()).unwrap(),
+            vec![Chunk::Text("ok".into()), Chunk::Finish(FinishReason::Length)]
+        );
+    }
+
+    #[test]
+    fn a_cut_stream_an_empty_body_bad_json_and_error_events_are_llm_errors() {
+        let cut = "data: {\"choices\":[{\"delta\":{\"content\":\"The\"},\"finish_reason\":null}]}\n\n";
+        assert_eq!(
+            decode_body(cut.as_bytes()),
+            Err(Error::Llm("stream ended without [DONE] or finish_reason".into()))
+        );
+        assert_eq!(
+            decode_body(b""),
+            Err(Error::Llm(
+                "model server sent an empty stream (no [DONE] or finish_reason)".into()
+            ))
+        );
+        let bad = decode_body(b"data: {\"choices\": [\n\n");
+        assert!(
+            matches!(&bad, Err(Error::Llm(m)) if m.starts_with("invalid JSON in stream")),
+            "{bad:?}"
+        );
+        assert_eq!(
+            decode_body(b"data: {\"error\": {\"message\": \"context overflow\", \"code\": 400}}\n\n"),
+            Err(Error::Llm("model server error: context overflow".into()))
+        );
+    }
+
+    #[test]
+    fn legacy_function_call_is_used_only_without_tool_calls() {
+        let body = "data: {\"choices\":[{\"delta\":{\"function_call\":{\"name\":\"ls\",\"arguments\":\"{}\"}},\"finish_reason\":\"function_call\"}]}\n\ndata: [DONE]\n\n";
+        assert_eq!(
+            decode_body(body.as_bytes()).unwrap(),
+            vec![
+                Chunk::ToolCallDelta {
+                    index: 0,
+                    id: None,
+                    name: Some("ls".into()),
+                    arguments: "{}".into()
+                },
+                Chunk::Finish(FinishReason::ToolCalls),
+            ]
+        );
+    }
+
+    #[test]
+    fn encoded_chunks_decode_to_the_same_chunks() {
+        let chunks = vec![
+            Chunk::Text("Привет".into()),
+            Chunk::ToolCallDelta {
+                index: 0,
+                id: Some("call_0".into()),
+                name: Some("ls".into()),
+                arguments: "{\"pa".into(),
+            },
+            Chunk::ToolCallDelta {
+                index: 0,
+                id: None,
+                name: None,
+                arguments: "th\":\".\"}".into(),
+            },
+            Chunk::Usage(Usage {
+                prompt_tokens: 5,
+                completion_tokens: 2,
+            }),
+            Chunk::Finish(FinishReason::ToolCalls),
+        ];
+        assert_eq!(decode_body(encode_sse("m", &chunks).as_bytes()).unwrap(), chunks);
+    }
+}
