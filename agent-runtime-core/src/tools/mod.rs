@@ -266,7 +266,8 @@ impl ToolExecutor for RuntimeExecutor {
     }
 }
 
-/// The JSON Schema of `T` as sent to the model: an inline object schema without `$schema` or `title`.
+/// The JSON Schema of `T` as sent to the model: an inline object schema without `$schema`, `title` or
+/// the type's own doc comment (written for Rust readers; the tool's description speaks to the model).
 pub(crate) fn schema_of<T: JsonSchema>() -> Value {
     let generator = SchemaSettings::draft2020_12()
         .with(|s| {
@@ -278,6 +279,7 @@ pub(crate) fn schema_of<T: JsonSchema>() -> Value {
     let mut value = generator.into_root_schema_for::<T>().to_value();
     if let Value::Object(map) = &mut value {
         map.remove("title");
+        map.remove("description");
     }
     value
 }
