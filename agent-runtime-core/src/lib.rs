@@ -27,6 +27,7 @@ pub mod protocol;
 pub mod session;
 pub mod storage;
 pub mod time;
+pub mod tools;
 
 pub use error::{Error, Result};
 pub use protocol::{Event, EventPayload};
