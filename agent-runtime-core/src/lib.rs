@@ -23,6 +23,7 @@ pub mod context;
 pub mod error;
 pub mod events;
 pub mod llm;
+pub mod orchestrator;
 pub mod protocol;
 pub mod session;
 pub mod storage;

@@ -234,6 +234,60 @@ impl<'de> Deserialize<'de> for Event {
     }
 }
 
+/// A message a client sends into a session (the `message` of `POST /agent/message/stream`).
+/// Unknown fields are ignored (clients of the earlier runtime send extra ones).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMessage {
+    /// The user's message; runs a turn (after switching to `agent_type` if given).
+    UserMessage {
+        /// The text, non-empty.
+        content: String,
+        /// Switch to this agent first.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        agent_type: Option<String>,
+    },
+    /// An explicit switch; with `content`, runs a turn on the new agent.
+    SwitchAgent {
+        /// The agent to switch to.
+        agent_type: String,
+        /// A message for the new agent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        content: Option<String>,
+        /// Why (default "User requested agent switch").
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// The result of a tool the client executed.
+    ToolResult {
+        /// The call it answers.
+        call_id: String,
+        /// The result.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        result: Option<Value>,
+        /// Or the failure.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// A human decision on a pending approval.
+    HitlDecision(HitlDecision),
+}
+
+/// A decision on a pending approval (API.md §5.3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HitlDecision {
+    /// The approval's call id (or plan id).
+    pub call_id: String,
+    /// `approve`, `edit` or `reject`.
+    pub decision: String,
+    /// For `edit`: the arguments to run with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modified_arguments: Option<Value>,
+    /// The human's words to the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feedback: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,6 +340,36 @@ mod tests {
             let e = Event { seq: 1, payload: p };
             assert_eq!(round_trip(&e), e);
         }
+    }
+
+    #[test]
+    fn client_messages_parse_and_ignore_unknown_fields() {
+        let m: ClientMessage =
+            serde_json::from_value(json!({"type": "user_message", "content": "hi", "role": "user"})).unwrap();
+        assert_eq!(
+            m,
+            ClientMessage::UserMessage {
+                content: "hi".into(),
+                agent_type: None
+            }
+        );
+        let m: ClientMessage = serde_json::from_value(
+            json!({"type": "hitl_decision", "call_id": "c1", "decision": "reject", "feedback": "no"}),
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            ClientMessage::HitlDecision(HitlDecision {
+                call_id: "c1".into(),
+                decision: "reject".into(),
+                modified_arguments: None,
+                feedback: Some("no".into())
+            })
+        );
+        assert!(serde_json::from_value::<ClientMessage>(json!({"type": "dance"})).is_err());
+        assert!(
+            serde_json::from_value::<ClientMessage>(json!({"type": "user_message", "content": 5})).is_err()
+        );
     }
 
     #[test]

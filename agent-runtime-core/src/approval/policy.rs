@@ -40,13 +40,7 @@ pub trait ApprovalPolicy: Send + Sync + std::fmt::Debug {
     fn evaluate(&self, request: &ToolRequest<'_>) -> ApprovalRequirement;
 }
 
-/// The tool's canonical name: `run_command` is `execute_command`.
-pub fn canonical_tool_name(name: &str) -> &str {
-    match name {
-        "run_command" => "execute_command",
-        other => other,
-    }
-}
+pub use crate::tools::canonical_tool_name;
 
 /// The default policy: calls to the listed tools need approval while HITL is enabled.
 #[derive(Debug, Clone, PartialEq, Eq)]

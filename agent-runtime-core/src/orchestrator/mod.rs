@@ -1,0 +1,501 @@
+//! The Orchestrator: the facade embedders, the server and the Python module use. It owns
+//! sessions, picks agents, runs turns as tasks that outlive their clients, and streams their events.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tracing::{Instrument, info_span};
+
+use crate::agent::{AgentInfo, AgentRegistry};
+use crate::approval::{Approval, ApprovalPolicy, DangerousToolsPolicy};
+use crate::config::{RuntimeConfig, ToolExecution};
+use crate::context::{Tokenizer, default_tokenizer};
+use crate::error::{Error, Result};
+use crate::events::{BusEventKind, BusFilter, EventBus, Subscription};
+use crate::llm::LlmBackend;
+use crate::protocol::ClientMessage;
+use crate::session::{AgentSwitch, Message, NewSession, Session, Usage};
+use crate::storage::{SessionPage, SessionQuery, Storage};
+use crate::time::Timestamp;
+use crate::tools::ToolRegistry;
+
+pub mod routing;
+mod stream;
+mod turn;
+
+pub use stream::{EventStream, Follow};
+
+/// What creating a session takes (every field optional).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CreateSession {
+    /// The owner.
+    #[serde(default)]
+    pub user_id: Option<String>,
+    /// Free JSON object (`project_path`, `tool_execution`, ...).
+    #[serde(default)]
+    pub metadata: Option<Value>,
+    /// A client-chosen id (1–128 chars of `[A-Za-z0-9_.:-]`).
+    #[serde(default)]
+    pub session_id: Option<String>,
+}
+
+/// A message sent into a session, with its optional idempotency key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Submission {
+    /// Same id again in the same session replays the original turn instead of running another.
+    pub request_id: Option<String>,
+    /// The message.
+    pub message: ClientMessage,
+}
+
+impl Submission {
+    /// A submission without a request id.
+    pub fn new(message: ClientMessage) -> Self {
+        Submission {
+            request_id: None,
+            message,
+        }
+    }
+
+    /// A plain user message.
+    pub fn user(content: impl Into<String>) -> Self {
+        Submission::new(ClientMessage::UserMessage {
+            content: content.into(),
+            agent_type: None,
+        })
+    }
+}
+
+/// An agent as `GET /agents/{id}/current` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRef {
+    /// The agent type.
+    #[serde(rename = "type")]
+    pub agent_type: String,
+    /// Display name.
+    pub name: String,
+    /// Emoji.
+    pub emoji: String,
+    /// When the session switched to it (current agent only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switched_at: Option<Timestamp>,
+}
+
+/// The session's agent and how it got there (API.md §3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CurrentAgent {
+    /// The session.
+    pub session_id: String,
+    /// The agent now.
+    pub current_agent: AgentRef,
+    /// The agent before the last switch.
+    pub previous_agent: Option<AgentRef>,
+    /// Switches in the session.
+    pub switch_count: usize,
+    /// Every switch, oldest first.
+    pub switch_history: Vec<AgentSwitch>,
+}
+
+/// What `cancel` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CancelOutcome {
+    /// A running or paused turn was cancelled.
+    Cancelled,
+    /// Nothing was running.
+    Idle,
+}
+
+/// Builds an [`Orchestrator`].
+pub struct OrchestratorBuilder {
+    storage: Arc<dyn Storage>,
+    llm: Arc<dyn LlmBackend>,
+    config: RuntimeConfig,
+    agents: AgentRegistry,
+    tools: Option<Arc<ToolRegistry>>,
+    policy: Option<Arc<dyn ApprovalPolicy>>,
+    bus: Option<EventBus>,
+    tokenizer: Option<Arc<dyn Tokenizer>>,
+}
+
+impl OrchestratorBuilder {
+    /// Settings (default: [`RuntimeConfig::default`]).
+    pub fn config(mut self, config: RuntimeConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The agents (default: the product's five).
+    pub fn agents(mut self, agents: AgentRegistry) -> Self {
+        self.agents = agents;
+        self
+    }
+
+    /// The tools (default: the eight built-in tools).
+    pub fn tools(mut self, tools: Arc<ToolRegistry>) -> Self {
+        self.tools = Some(tools);
+        self
+    }
+
+    /// The approval policy (default: HITL settings of the config).
+    pub fn policy(mut self, policy: Arc<dyn ApprovalPolicy>) -> Self {
+        self.policy = Some(policy);
+        self
+    }
+
+    /// The event bus (default: a new one).
+    pub fn bus(mut self, bus: EventBus) -> Self {
+        self.bus = Some(bus);
+        self
+    }
+
+    /// The tokenizer of the context window (default: `o200k_base`).
+    pub fn tokenizer(mut self, tokenizer: Arc<dyn Tokenizer>) -> Self {
+        self.tokenizer = Some(tokenizer);
+        self
+    }
+
+    /// Checks the settings against the agents and builds the orchestrator.
+    pub fn build(self) -> Result<Orchestrator> {
+        let c = &self.config;
+        if !self.agents.contains(&c.default_agent) {
+            return Err(Error::InvalidRequest(format!(
+                "AGENT_RUNTIME__DEFAULT_AGENT: unknown agent '{}' (known: {})",
+                c.default_agent,
+                self.agents.types().join(", ")
+            )));
+        }
+        let policy = self.policy.unwrap_or_else(|| {
+            Arc::new(DangerousToolsPolicy::new(
+                c.hitl_enabled,
+                c.hitl_dangerous_tools.iter(),
+            ))
+        });
+        Ok(Orchestrator {
+            inner: Arc::new(Inner {
+                storage: self.storage,
+                llm: self.llm,
+                agents: self.agents,
+                tools: self.tools.unwrap_or_else(|| Arc::new(ToolRegistry::builtin())),
+                policy,
+                bus: self.bus.unwrap_or_default(),
+                tokenizer: self.tokenizer.unwrap_or_else(default_tokenizer),
+                owner: format!("runtime_{}", uuid::Uuid::new_v4().simple()),
+                hubs: Arc::new(stream::Hubs::default()),
+                config: self.config,
+            }),
+        })
+    }
+}
+
+pub(crate) struct Inner {
+    pub storage: Arc<dyn Storage>,
+    pub llm: Arc<dyn LlmBackend>,
+    pub agents: AgentRegistry,
+    pub tools: Arc<ToolRegistry>,
+    pub policy: Arc<dyn ApprovalPolicy>,
+    pub bus: EventBus,
+    pub tokenizer: Arc<dyn Tokenizer>,
+    pub config: RuntimeConfig,
+    /// This instance's lease owner id.
+    pub owner: String,
+    pub hubs: Arc<stream::Hubs>,
+}
+
+/// The runtime's facade: sessions, agents, turns and their event streams, approvals.
+///
+/// Cheap to clone; every clone is the same runtime.
+#[derive(Clone)]
+pub struct Orchestrator {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Orchestrator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Orchestrator")
+            .field("owner", &self.inner.owner)
+            .finish()
+    }
+}
+
+/// Checks a client-chosen session id: 1–128 chars of `[A-Za-z0-9_.:-]`.
+pub fn validate_session_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidRequest(
+            "session_id must be 1-128 characters of A-Z a-z 0-9 _ . : -".into(),
+        ))
+    }
+}
+
+impl Orchestrator {
+    /// Starts building an orchestrator over a store and a model backend.
+    pub fn builder(storage: Arc<dyn Storage>, llm: Arc<dyn LlmBackend>) -> OrchestratorBuilder {
+        OrchestratorBuilder {
+            storage,
+            llm,
+            config: RuntimeConfig::default(),
+            agents: AgentRegistry::defaults(),
+            tools: None,
+            policy: None,
+            bus: None,
+            tokenizer: None,
+        }
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.inner.config
+    }
+
+    /// The store.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.inner.storage
+    }
+
+    /// The model backend.
+    pub fn llm(&self) -> &Arc<dyn LlmBackend> {
+        &self.inner.llm
+    }
+
+    /// The agents.
+    pub fn agent_registry(&self) -> &AgentRegistry {
+        &self.inner.agents
+    }
+
+    /// The agents as `GET /agents` lists them.
+    pub fn agents(&self) -> Vec<AgentInfo> {
+        self.inner.agents.list().iter().map(|a| a.info()).collect()
+    }
+
+    /// Subscribes to the EventBus.
+    pub fn subscribe(&self, filter: BusFilter) -> Subscription {
+        self.inner.bus.subscribe(filter)
+    }
+
+    /// The EventBus.
+    pub fn bus(&self) -> &EventBus {
+        &self.inner.bus
+    }
+
+    /// Creates a session on the default agent. `INVALID_REQUEST` for a bad id, a metadata value
+    /// that is not an object, a `project_path` that is not an existing absolute directory (inside
+    /// `WORKSPACE_ROOTS` when set), or an unknown `tool_execution`; `SESSION_EXISTS` for a taken id.
+    #[tracing::instrument(skip_all)]
+    pub async fn create_session(&self, req: CreateSession) -> Result<Session> {
+        let id = match req.session_id {
+            Some(id) => {
+                validate_session_id(&id)?;
+                id
+            }
+            None => format!("session_{}", uuid::Uuid::new_v4()),
+        };
+        let metadata = match req.metadata {
+            None | Some(Value::Null) => json!({}),
+            Some(Value::Object(m)) => Value::Object(m),
+            Some(_) => return Err(Error::InvalidRequest("metadata must be a JSON object".into())),
+        };
+        if let Some(mode) = metadata.get("tool_execution") {
+            if mode.as_str().and_then(ToolExecution::parse).is_none() {
+                return Err(Error::InvalidRequest(
+                    "metadata.tool_execution must be \"runtime\" or \"client\"".into(),
+                ));
+            }
+        }
+        if let Some(p) = metadata.get("project_path") {
+            let p = p
+                .as_str()
+                .ok_or_else(|| Error::InvalidRequest("metadata.project_path must be a string".into()))?;
+            self.check_project_path(p)?;
+        }
+        let session = self
+            .inner
+            .storage
+            .create_session(NewSession {
+                id,
+                user_id: req.user_id,
+                metadata,
+                current_agent: self.inner.config.default_agent.clone(),
+                created_at: Timestamp::now(),
+            })
+            .await?;
+        self.inner.bus.publish(
+            BusEventKind::SessionCreated,
+            &session.id,
+            json!({"user_id": session.user_id}),
+        );
+        Ok(session)
+    }
+
+    fn check_project_path(&self, p: &str) -> Result<PathBuf> {
+        let path = Path::new(p);
+        if !path.is_absolute() {
+            return Err(Error::InvalidRequest(format!(
+                "project_path '{p}' must be an absolute path"
+            )));
+        }
+        let real = path.canonicalize().ok().filter(|r| r.is_dir()).ok_or_else(|| {
+            Error::InvalidRequest(format!("project_path '{p}' is not an existing directory"))
+        })?;
+        let roots = &self.inner.config.workspace_roots;
+        if !roots.is_empty()
+            && !roots
+                .iter()
+                .any(|r| r.canonicalize().is_ok_and(|r| real.starts_with(r)))
+        {
+            return Err(Error::InvalidRequest(format!(
+                "project_path '{p}' is outside WORKSPACE_ROOTS"
+            )));
+        }
+        Ok(real)
+    }
+
+    /// One session. `SESSION_NOT_FOUND` if absent.
+    pub async fn get_session(&self, id: &str) -> Result<Session> {
+        self.inner.storage.get_session(id).await
+    }
+
+    /// Sessions, newest activity first. `limit` must be 1–1000.
+    pub async fn list_sessions(&self, query: SessionQuery) -> Result<SessionPage> {
+        if !(1..=1000).contains(&query.limit) {
+            return Err(Error::InvalidRequest("limit must be between 1 and 1000".into()));
+        }
+        self.inner.storage.list_sessions(query).await
+    }
+
+    /// Deletes a session and everything of it, cancelling its running turn first.
+    #[tracing::instrument(skip(self))]
+    pub async fn delete_session(&self, id: &str) -> Result<()> {
+        self.inner.storage.get_session(id).await?;
+        if let Some(turn) = self.inner.hubs.running(id) {
+            stop_turn(&turn).await;
+        }
+        self.inner.storage.delete_session(id).await?;
+        self.inner
+            .bus
+            .publish(BusEventKind::SessionDeleted, id, json!({}));
+        Ok(())
+    }
+
+    /// Stored messages with seq > `after`, oldest first.
+    pub async fn messages(&self, session_id: &str, after: u64, limit: usize) -> Result<Vec<Message>> {
+        if !(1..=1000).contains(&limit) {
+            return Err(Error::InvalidRequest("limit must be between 1 and 1000".into()));
+        }
+        self.inner.storage.messages_after(session_id, after, limit).await
+    }
+
+    /// The session's agent, the one before, and every switch.
+    pub async fn current_agent(&self, session_id: &str) -> Result<CurrentAgent> {
+        let session = self.inner.storage.get_session(session_id).await?;
+        let history = self.inner.storage.switch_history(session_id).await?;
+        let agent_ref = |t: &str, at: Option<Timestamp>| {
+            let (name, emoji) = match self.inner.agents.get(t) {
+                Some(a) => (a.name.clone(), a.emoji.clone()),
+                None => (t.to_string(), String::new()),
+            };
+            AgentRef {
+                agent_type: t.to_string(),
+                name,
+                emoji,
+                switched_at: at,
+            }
+        };
+        let last = history.last();
+        Ok(CurrentAgent {
+            session_id: session.id.clone(),
+            current_agent: agent_ref(
+                &session.current_agent,
+                Some(last.map_or(session.created_at, |s| s.timestamp)),
+            ),
+            previous_agent: last.map(|s| agent_ref(&s.from_agent, None)),
+            switch_count: history.len(),
+            switch_history: history,
+        })
+    }
+
+    /// Pending approvals of the session, oldest first.
+    pub async fn pending_approvals(&self, session_id: &str) -> Result<Vec<Approval>> {
+        self.inner.storage.get_session(session_id).await?;
+        self.inner.storage.pending_approvals(session_id).await
+    }
+
+    /// Tokens used by every turn of the session.
+    pub async fn usage(&self, session_id: &str) -> Result<Usage> {
+        Ok(self.inner.storage.get_session(session_id).await?.usage)
+    }
+
+    /// Sends a message into a session and returns the stream of the turn's events.
+    ///
+    /// Errors detectable before the first event come back here (API.md §9.1): `SESSION_NOT_FOUND`,
+    /// `INVALID_REQUEST`, `SESSION_BUSY`, `CONTEXT_TOO_LARGE`, `APPROVAL_NOT_FOUND`,
+    /// `APPROVAL_ALREADY_DECIDED`, `INVALID_TOOL` (a bad edit), `TOOL_CALL_NOT_FOUND`. Later
+    /// failures are `error` events. The turn runs on its own task: dropping the stream never
+    /// cancels it.
+    pub async fn submit(&self, session_id: &str, submission: Submission) -> Result<EventStream> {
+        let span = info_span!("submit", session_id, kind = submission_kind(&submission.message));
+        turn::submit(self.inner.clone(), session_id, submission)
+            .instrument(span)
+            .await
+    }
+
+    /// The session's events with seq > `after`: replayed, then followed as `follow` says.
+    pub async fn events(&self, session_id: &str, after: u64, follow: Follow) -> Result<EventStream> {
+        self.inner.storage.get_session(session_id).await?;
+        Ok(EventStream::new(
+            self.inner.storage.clone(),
+            self.inner.hubs.clone(),
+            session_id,
+            after,
+            follow,
+        ))
+    }
+
+    /// Cancels the running or paused turn of the session.
+    pub async fn cancel(&self, session_id: &str) -> Result<CancelOutcome> {
+        turn::cancel(self.inner.clone(), session_id).await
+    }
+
+    /// Marks turns that were running when a previous process stopped as interrupted: their open
+    /// tool calls get an "interrupted" result and the sessions take new messages. Returns how many.
+    pub async fn recover_interrupted(&self) -> Result<usize> {
+        turn::recover_interrupted(self.inner.clone()).await
+    }
+
+    /// Stops every turn running in this process (graceful shutdown): each ends with `done`
+    /// (`cancelled`) and its session takes new messages.
+    pub async fn shutdown(&self, grace: Duration) {
+        let running = self.inner.hubs.all_running();
+        let waits = running.iter().map(|t| async move {
+            let _ = tokio::time::timeout(grace, stop_turn(t)).await;
+        });
+        futures::future::join_all(waits).await;
+    }
+}
+
+fn submission_kind(m: &ClientMessage) -> &'static str {
+    match m {
+        ClientMessage::UserMessage { .. } => "user_message",
+        ClientMessage::SwitchAgent { .. } => "switch_agent",
+        ClientMessage::ToolResult { .. } => "tool_result",
+        ClientMessage::HitlDecision(_) => "hitl_decision",
+    }
+}
+
+/// Cancels a turn running here and waits (bounded) until it has committed its end.
+async fn stop_turn(turn: &stream::RunningTurn) {
+    let finished = turn.finished.notified();
+    tokio::pin!(finished);
+    finished.as_mut().enable();
+    turn.cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), finished).await;
+}

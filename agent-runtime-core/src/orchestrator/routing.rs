@@ -1,0 +1,208 @@
+//! Routing (API.md §5.1): the orchestrator's forced `route` function call, the keyword classifier
+//! that decides when the model cannot, and the `switch_agent` hand-over tool.
+
+use serde_json::{Value, json};
+
+use crate::protocol::ToolSpec;
+
+/// The name of the forced routing function.
+pub const ROUTE_TOOL: &str = "route";
+/// The name of the runtime's hand-over tool.
+pub const SWITCH_TOOL: &str = "switch_agent";
+
+/// The routing function: an enum of the agents to choose from and a reason.
+pub fn route_spec(agents: &[String]) -> ToolSpec {
+    ToolSpec {
+        name: ROUTE_TOOL.into(),
+        description: "Choose the agent that should handle the user's request.".into(),
+        parameters: json!({
+            "type": "object",
+            "properties": {
+                "agent": {"type": "string", "enum": agents, "description": "The agent that handles the request"},
+                "reason": {"type": "string", "description": "Why this agent fits, in one sentence"}
+            },
+            "required": ["agent", "reason"],
+            "additionalProperties": false
+        }),
+    }
+}
+
+/// The hand-over tool offered to every agent while automatic switching is on.
+pub fn switch_spec(agents: &[String]) -> ToolSpec {
+    ToolSpec {
+        name: SWITCH_TOOL.into(),
+        description:
+            "Hand the conversation over to another agent that fits the task better; it continues this turn."
+                .into(),
+        parameters: json!({
+            "type": "object",
+            "properties": {
+                "agent_type": {"type": "string", "enum": agents, "description": "The agent to hand over to"},
+                "reason": {"type": "string", "description": "Why"}
+            },
+            "required": ["agent_type"],
+            "additionalProperties": false
+        }),
+    }
+}
+
+/// The system prompt of the routing call.
+pub fn route_prompt(agents: &[(String, String)]) -> String {
+    let mut s = String::from(
+        "You route a coding assistant's requests. Call the route function with the agent that should \
+         handle the user's request:\n",
+    );
+    for (t, d) in agents {
+        s.push_str(&format!("- {t}: {d}\n"));
+    }
+    s
+}
+
+/// Reads `{"agent": ..., "reason": ...}` from the route call's arguments; `None` if the agent is
+/// not one of `allowed`.
+pub fn parse_route(arguments: &str, allowed: &[String]) -> Option<(String, String)> {
+    let v: Value = serde_json::from_str(arguments).ok()?;
+    let agent = v.get("agent")?.as_str()?.trim().to_ascii_lowercase();
+    if !allowed.contains(&agent) {
+        return None;
+    }
+    let reason = v
+        .get("reason")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    Some((agent, reason))
+}
+
+const DEBUG_WORDS: &[&str] = &[
+    "ошибк",
+    "баг",
+    "отлад",
+    "исключени",
+    "падает",
+    "упал",
+    "не работает",
+    "сломал",
+    "причин",
+    "стектрейс",
+    "error",
+    "bug",
+    "debug",
+    "exception",
+    "traceback",
+    "stack trace",
+    "crash",
+    "fails",
+    "failing",
+    "broken",
+    "doesn't work",
+    "not working",
+];
+const ARCHITECT_WORDS: &[&str] = &[
+    "архитектур",
+    "спроектир",
+    "проектирова",
+    "дизайн систем",
+    "структур",
+    "диаграм",
+    "компонент",
+    "architecture",
+    "architect",
+    "design",
+    "diagram",
+    "structure",
+    "scalab",
+];
+const CODER_WORDS: &[&str] = &[
+    "создай",
+    "напиши",
+    "реализ",
+    "добав",
+    "исправь",
+    "измени",
+    "рефактор",
+    "удали",
+    "сделай",
+    "виджет",
+    "функци",
+    "класс",
+    "create",
+    "implement",
+    "write",
+    "add ",
+    "fix",
+    "refactor",
+    "change",
+    "update",
+    "delete",
+    "remove",
+    "build",
+    "code",
+];
+const ASK_WORDS: &[&str] = &[
+    "что такое",
+    "как ",
+    "почему",
+    "зачем",
+    "объясни",
+    "расскажи",
+    "what",
+    "how ",
+    "why",
+    "explain",
+    "?",
+];
+
+/// The keyword classifier (Russian and English) used when the routing call fails. Debugging
+/// words win over design words, design over coding, coding over questions; questions are the default.
+pub fn classify_by_keywords(text: &str) -> (&'static str, &'static str) {
+    let t = text.to_lowercase();
+    let hit = |words: &[&str]| words.iter().any(|w| t.contains(w));
+    if hit(DEBUG_WORDS) {
+        ("debug", "Keyword routing: the request is about an error")
+    } else if hit(ARCHITECT_WORDS) {
+        ("architect", "Keyword routing: the request is about design")
+    } else if hit(CODER_WORDS) {
+        ("coder", "Keyword routing: the request asks for code")
+    } else if hit(ASK_WORDS) {
+        ("ask", "Keyword routing: the request is a question")
+    } else {
+        (
+            "ask",
+            "Keyword routing: no specialist matched; answering as a question",
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keywords_route_the_documents_examples() {
+        assert_eq!(classify_by_keywords("Создай новый виджет профиля").0, "coder");
+        assert_eq!(
+            classify_by_keywords("Спроектируй архитектуру системы аутентификации").0,
+            "architect"
+        );
+        assert_eq!(classify_by_keywords("Найди причину ошибки").0, "debug");
+        assert_eq!(classify_by_keywords("Что такое замыкание?").0, "ask");
+        assert_eq!(classify_by_keywords("Implement a login form").0, "coder");
+        assert_eq!(
+            classify_by_keywords("Why does this crash with a traceback").0,
+            "debug"
+        );
+    }
+
+    #[test]
+    fn route_arguments_must_name_an_allowed_agent() {
+        let allowed: Vec<String> = ["coder", "ask"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(
+            parse_route(r#"{"agent": "Coder", "reason": "code"}"#, &allowed),
+            Some(("coder".into(), "code".into()))
+        );
+        assert_eq!(parse_route(r#"{"agent": "pirate"}"#, &allowed), None);
+        assert_eq!(parse_route("not json", &allowed), None);
+    }
+}

@@ -1,0 +1,272 @@
+//! Event delivery: each session's live fan-out (a broadcast "hub") and [`EventStream`], which
+//! replays persisted events and then follows live ones with no gap and no duplicate at the seam.
+
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::{Event, EventPayload};
+use crate::session::SessionStatus;
+use crate::storage::Storage;
+
+const HUB_CAPACITY: usize = 1024;
+const REPLAY_PAGE: usize = 512;
+
+/// A turn running in this process.
+#[derive(Debug, Clone)]
+pub(crate) struct RunningTurn {
+    pub cancel: CancellationToken,
+    pub finished: Arc<tokio::sync::Notify>,
+}
+
+#[derive(Debug)]
+struct Hub {
+    tx: broadcast::Sender<Event>,
+    running: Option<RunningTurn>,
+}
+
+/// Per-session live channels and running turns of this process.
+#[derive(Debug, Default)]
+pub(crate) struct Hubs {
+    map: Mutex<HashMap<String, Hub>>,
+}
+
+impl Hubs {
+    fn with<R>(&self, f: impl FnOnce(&mut HashMap<String, Hub>) -> R) -> R {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&mut map)
+    }
+
+    fn hub<'a>(map: &'a mut HashMap<String, Hub>, session_id: &str) -> &'a mut Hub {
+        map.entry(session_id.to_string()).or_insert_with(|| Hub {
+            tx: broadcast::channel(HUB_CAPACITY).0,
+            running: None,
+        })
+    }
+
+    /// Subscribes to the session's live events.
+    pub fn subscribe(&self, session_id: &str) -> broadcast::Receiver<Event> {
+        self.with(|m| Self::hub(m, session_id).tx.subscribe())
+    }
+
+    /// Sends committed events to live followers.
+    pub fn publish(&self, session_id: &str, events: &[Event]) {
+        self.with(|m| {
+            if let Some(hub) = m.get(session_id) {
+                for e in events {
+                    let _ = hub.tx.send(e.clone());
+                }
+            }
+        })
+    }
+
+    /// Marks a turn as running here; `None` if one already runs in this process.
+    pub fn start_turn(&self, session_id: &str) -> Option<RunningTurn> {
+        self.with(|m| {
+            let hub = Self::hub(m, session_id);
+            if hub.running.is_some() {
+                return None;
+            }
+            let turn = RunningTurn {
+                cancel: CancellationToken::new(),
+                finished: Arc::new(tokio::sync::Notify::new()),
+            };
+            hub.running = Some(turn.clone());
+            Some(turn)
+        })
+    }
+
+    /// Marks the session's turn as ended and wakes whoever waits for it.
+    pub fn finish_turn(&self, session_id: &str) {
+        self.with(|m| {
+            if let Some(hub) = m.get_mut(session_id) {
+                if let Some(t) = hub.running.take() {
+                    t.finished.notify_waiters();
+                }
+                if hub.tx.receiver_count() == 0 {
+                    m.remove(session_id);
+                }
+            }
+        })
+    }
+
+    /// The turn running here, if any.
+    pub fn running(&self, session_id: &str) -> Option<RunningTurn> {
+        self.with(|m| m.get(session_id).and_then(|h| h.running.clone()))
+    }
+
+    /// Every turn running here.
+    pub fn all_running(&self) -> Vec<RunningTurn> {
+        self.with(|m| m.values().filter_map(|h| h.running.clone()).collect())
+    }
+
+    fn release(&self, session_id: &str) {
+        self.with(|m| {
+            let idle = m
+                .get(session_id)
+                .is_some_and(|h| h.running.is_none() && h.tx.receiver_count() <= 1);
+            if idle {
+                m.remove(session_id);
+            }
+        })
+    }
+}
+
+/// When an [`EventStream`] ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Follow {
+    /// At the first `done` (a turn's stream).
+    UntilDone,
+    /// When caught up and no turn is running; else at the running turn's `done`.
+    UntilIdle,
+    /// Never: the client leaves when it wants.
+    Forever,
+}
+
+type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+/// A session's events in order: persisted ones first, then live ones.
+pub struct EventStream {
+    inner: Pin<Box<dyn Stream<Item = Event> + Send>>,
+}
+
+impl std::fmt::Debug for EventStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventStream")
+    }
+}
+
+impl Stream for EventStream {
+    type Item = Event;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
+struct Follower {
+    storage: Arc<dyn Storage>,
+    hubs: Arc<Hubs>,
+    session_id: String,
+    rx: broadcast::Receiver<Event>,
+    last: u64,
+    buffer: VecDeque<Event>,
+    follow: Follow,
+    catch_up: bool,
+    finished: bool,
+    poll: Duration,
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.hubs.release(&self.session_id);
+    }
+}
+
+impl Follower {
+    async fn running(&self) -> bool {
+        if self.hubs.running(&self.session_id).is_some() {
+            return true;
+        }
+        // Another process may run the turn (shared Postgres).
+        matches!(self.storage.get_session(&self.session_id).await, Ok(s) if s.status == SessionStatus::Running)
+    }
+
+    async fn next(&mut self) -> Option<Event> {
+        loop {
+            if let Some(e) = self.buffer.pop_front() {
+                if e.seq <= self.last {
+                    continue;
+                }
+                self.last = e.seq;
+                if self.follow != Follow::Forever && matches!(e.payload, EventPayload::Done { .. }) {
+                    self.finished = true;
+                }
+                return Some(e);
+            }
+            if self.finished {
+                return None;
+            }
+            if self.catch_up {
+                let page = self
+                    .storage
+                    .events_after(&self.session_id, self.last, REPLAY_PAGE)
+                    .await
+                    .ok()?;
+                if page.len() == REPLAY_PAGE {
+                    self.buffer.extend(page);
+                    continue;
+                }
+                self.catch_up = false;
+                if !page.is_empty() {
+                    self.buffer.extend(page);
+                    continue;
+                }
+                if self.follow == Follow::UntilIdle && !self.running().await {
+                    return None;
+                }
+            }
+            tokio::select! {
+                r = self.rx.recv() => match r {
+                    Ok(e) if e.seq == self.last + 1 => self.buffer.push_back(e),
+                    Ok(e) if e.seq <= self.last => {}
+                    // A gap, a lag or a closed hub: the store has everything.
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => self.catch_up = true,
+                    Err(broadcast::error::RecvError::Closed) => {
+                        self.catch_up = true;
+                        self.rx = self.hubs.subscribe(&self.session_id);
+                    }
+                },
+                _ = tokio::time::sleep(self.poll) => self.catch_up = true,
+            }
+        }
+    }
+}
+
+impl EventStream {
+    /// Events of `session_id` with seq > `after`, replayed then followed as `follow` says.
+    /// Subscribes before reading the store, so nothing committed meanwhile is missed.
+    pub(crate) fn new(
+        storage: Arc<dyn Storage>,
+        hubs: Arc<Hubs>,
+        session_id: &str,
+        after: u64,
+        follow: Follow,
+    ) -> EventStream {
+        let rx = hubs.subscribe(session_id);
+        let follower = Follower {
+            storage,
+            hubs,
+            session_id: session_id.to_string(),
+            rx,
+            last: after,
+            buffer: VecDeque::new(),
+            follow,
+            catch_up: true,
+            finished: false,
+            poll: Duration::from_millis(500),
+        };
+        let stream = futures::stream::unfold(follower, |mut f| {
+            let fut: BoxFuture<Option<(Event, Follower)>> = Box::pin(async move {
+                let e = f.next().await?;
+                Some((e, f))
+            });
+            fut
+        });
+        EventStream {
+            inner: Box::pin(stream),
+        }
+    }
+
+    /// A stream of the given events only (nothing to follow).
+    pub fn from_events(events: Vec<Event>) -> EventStream {
+        EventStream {
+            inner: Box::pin(futures::stream::iter(events)),
+        }
+    }
+}
