@@ -88,7 +88,8 @@ impl Permit {
         let mut state = self.breaker.lock();
         state.consecutive_failures = state.consecutive_failures.saturating_add(1);
         state.trial_in_flight = false;
-        if self.breaker.threshold > 0 && (self.trial || state.consecutive_failures >= self.breaker.threshold) {
+        if self.breaker.threshold > 0 && (self.trial || state.consecutive_failures >= self.breaker.threshold)
+        {
             state.open_until = Some(Instant::now() + self.breaker.cooldown);
         }
     }
@@ -112,7 +113,10 @@ mod tests {
         b.acquire().unwrap().failure();
         b.acquire().unwrap().failure();
         let err = b.acquire().unwrap_err();
-        assert!(err.to_string().starts_with("circuit open: backend failed 2 times, retry after"));
+        assert!(
+            err.to_string()
+                .starts_with("circuit open: backend failed 2 times, retry after")
+        );
         std::thread::sleep(Duration::from_millis(40));
         let trial = b.acquire().unwrap();
         assert!(b.acquire().is_err(), "only one trial while half-open");

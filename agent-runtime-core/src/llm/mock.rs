@@ -180,7 +180,10 @@ impl RecordedRequest {
     /// The first value of header `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
         let name = name.to_ascii_lowercase();
-        self.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -231,7 +234,10 @@ impl MockLlmServer {
 
     /// The JSON bodies of the chat-completions requests received, oldest first.
     pub fn requests(&self) -> Vec<Value> {
-        lock(&self.shared.requests).iter().map(|r| r.body.clone()).collect()
+        lock(&self.shared.requests)
+            .iter()
+            .map(|r| r.body.clone())
+            .collect()
     }
 
     /// The chat-completions requests received, with method, path and headers.
@@ -293,9 +299,11 @@ async fn serve(mut socket: TcpStream, shared: Arc<Shared>, stop: CancellationTok
             let body = r#"{"error":{"message":"mock: no canned response left"}}"#;
             write_status(&mut socket, 500, &[], body).await
         }
-        Some(MockResponse::Status { status, headers, body }) => {
-            write_status(&mut socket, status, &headers, &body).await
-        }
+        Some(MockResponse::Status {
+            status,
+            headers,
+            body,
+        }) => write_status(&mut socket, status, &headers, &body).await,
         Some(MockResponse::Reset) => Ok(()),
         Some(MockResponse::Hang) => {
             stop.cancelled().await;
@@ -321,7 +329,9 @@ async fn serve(mut socket: TcpStream, shared: Arc<Shared>, stop: CancellationTok
                 if i > 0 && !delay.is_zero() {
                     tokio::time::sleep(delay).await;
                 }
-                socket.write_all(format!("{:x}\r\n", piece.len()).as_bytes()).await?;
+                socket
+                    .write_all(format!("{:x}\r\n", piece.len()).as_bytes())
+                    .await?;
                 socket.write_all(piece).await?;
                 socket.write_all(b"\r\n").await?;
                 socket.flush().await?;

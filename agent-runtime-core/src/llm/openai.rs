@@ -128,7 +128,10 @@ fn parse_base(url: &str) -> std::result::Result<String, String> {
         return Err(format!("invalid URL '{url}': expected http:// or https://"));
     }
     let trimmed = url.trim_end_matches('/');
-    let base = trimmed.strip_suffix("/v1").unwrap_or(trimmed).trim_end_matches('/');
+    let base = trimmed
+        .strip_suffix("/v1")
+        .unwrap_or(trimmed)
+        .trim_end_matches('/');
     Ok(base.to_string())
 }
 
@@ -214,9 +217,13 @@ impl OpenAiBackend {
         let response = match tokio::time::timeout_at(deadline, request.send()).await {
             Err(_) => return Err(AttemptError::down(first_byte(), false)),
             Ok(Err(e)) => {
-                let what = if e.is_connect() { "cannot connect to" } else { "request to" };
+                let what = if e.is_connect() {
+                    "cannot connect to the model server"
+                } else {
+                    "request to the model server failed"
+                };
                 return Err(AttemptError::down(
-                    Error::Llm(format!("{what} model server failed: {}", describe(&e))),
+                    Error::Llm(format!("{what}: {}", describe(&e))),
                     true,
                 ));
             }
@@ -518,7 +525,10 @@ mod tests {
             OpenAiConfig::default()
         );
         let err = OpenAiConfig::from_lookup(vars(&[("LLM_PROXY_URL", "nope")])).unwrap_err();
-        assert!(err.to_string().starts_with("LLM_PROXY_URL: invalid URL 'nope'"), "{err}");
+        assert!(
+            err.to_string().starts_with("LLM_PROXY_URL: invalid URL 'nope'"),
+            "{err}"
+        );
         assert!(!format!("{config:?}").contains("sk-1"));
     }
 

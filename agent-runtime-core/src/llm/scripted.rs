@@ -282,13 +282,16 @@ impl LlmBackend for ScriptedBackend {
             items.push_back(Err(error));
         }
         let delay = script.delay_per_chunk;
-        Ok(Box::pin(futures::stream::unfold(items, move |mut items| async move {
-            let item = items.pop_front()?;
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-            Some((item, items))
-        })))
+        Ok(Box::pin(futures::stream::unfold(
+            items,
+            move |mut items| async move {
+                let item = items.pop_front()?;
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                Some((item, items))
+            },
+        )))
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -354,13 +357,17 @@ mod tests {
             backend.complete(request.clone()).await,
             Err(Error::Llm("script exhausted".into()))
         );
-        assert_eq!(backend.requests(), vec![request.clone(), request.clone(), request]);
+        assert_eq!(
+            backend.requests(),
+            vec![request.clone(), request.clone(), request]
+        );
     }
 
     #[tokio::test]
     async fn a_stream_cut_midway_yields_its_chunks_then_the_error() {
-        let backend =
-            ScriptedBackend::new(vec![Script::text("one two three").fail_after(2, Error::Llm("cut".into()))]);
+        let backend = ScriptedBackend::new(vec![
+            Script::text("one two three").fail_after(2, Error::Llm("cut".into())),
+        ]);
         let items: Vec<Result<Chunk>> = backend
             .stream(ChatRequest::default())
             .await
@@ -381,7 +388,10 @@ mod tests {
     async fn from_fn_answers_from_the_request() {
         let backend = ScriptedBackend::from_fn(|r| Script::text(format!("{} messages", r.messages.len())));
         let c = backend
-            .complete(ChatRequest::new(vec![ChatMessage::system("s"), ChatMessage::user("u")]))
+            .complete(ChatRequest::new(vec![
+                ChatMessage::system("s"),
+                ChatMessage::user("u"),
+            ]))
             .await
             .unwrap();
         assert_eq!(c.text, "2 messages");

@@ -117,7 +117,11 @@ mod tests {
     #[test]
     fn events_are_split_on_blank_lines_with_comments_and_fields_skipped() {
         let body = b": keep-alive\r\nevent: message\r\ndata: {\"a\":1}\r\n\r\nid: 7\ndata:{\"b\":2}\n\ndata: [DONE]\n\n";
-        let expected = vec!["{\"a\":1}".to_string(), "{\"b\":2}".to_string(), "[DONE]".to_string()];
+        let expected = vec![
+            "{\"a\":1}".to_string(),
+            "{\"b\":2}".to_string(),
+            "[DONE]".to_string(),
+        ];
         assert_eq!(decode_whole(body), expected);
         assert_eq!(decode_bytewise(body), expected);
     }

@@ -198,7 +198,9 @@ impl ChunkDecoder {
             None if self.sse.bytes_seen() == 0 => Err(Error::Llm(
                 "model server sent an empty stream (no [DONE] or finish_reason)".to_string(),
             )),
-            None => Err(Error::Llm("stream ended without [DONE] or finish_reason".to_string())),
+            None => Err(Error::Llm(
+                "stream ended without [DONE] or finish_reason".to_string(),
+            )),
         }
     }
 
@@ -213,9 +215,8 @@ impl ChunkDecoder {
             out.push_back(Chunk::Finish(self.normalize(reason)));
             return Ok(());
         }
-        let chunk: WireChunk = serde_json::from_str(data).map_err(|e| {
-            Error::Llm(format!("invalid JSON in stream: {e}: {}", excerpt(data, 200)))
-        })?;
+        let chunk: WireChunk = serde_json::from_str(data)
+            .map_err(|e| Error::Llm(format!("invalid JSON in stream: {e}: {}", excerpt(data, 200))))?;
         if let Some(error) = chunk.error.filter(|e| !e.is_null()) {
             let message = error
                 .get("message")
