@@ -381,6 +381,18 @@ mod llm {
     }
 
     #[tokio::test]
+    async fn a_finish_reason_followed_by_a_stall_is_a_complete_answer() {
+        let mock = MockLlmServer::start().await.unwrap();
+        let backend = OpenAiBackend::new(OpenAiConfig {
+            idle_timeout: Duration::from_millis(300),
+            ..config(mock.url())
+        })
+        .unwrap();
+        mock.push(MockResponse::sse(cut_before(TEXT_LCP, "[DONE]")).then_stall());
+        assert_eq!(backend.complete(ask()).await.unwrap(), paris());
+    }
+
+    #[tokio::test]
     async fn a_server_that_never_answers_fails_on_the_first_byte_timeout() {
         let mock = MockLlmServer::start().await.unwrap();
         let backend = OpenAiBackend::new(OpenAiConfig {

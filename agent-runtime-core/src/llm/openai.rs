@@ -463,6 +463,11 @@ impl Live {
             }
             match self.read_more(self.idle_timeout).await {
                 Ok(()) => {}
+                // The answer was complete, only `[DONE]` is missing: finish instead of failing.
+                Err(ReadError::Timeout) if self.decoder.has_finish() => match self.decoder.finish() {
+                    Ok(chunks) => self.pending.extend(chunks),
+                    Err(e) => return Some(Err(e)),
+                },
                 Err(ReadError::Timeout) => {
                     return Some(Err(Error::Llm(format!(
                         "model stream idle for {}",
