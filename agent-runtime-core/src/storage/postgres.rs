@@ -16,17 +16,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Executor, Postgres, QueryBuilder, Row, Transaction};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection, Executor, Postgres, QueryBuilder, Row, Transaction};
 use tracing::instrument;
 
 use super::{Commit, Committed, SCHEMA_VERSION, SessionPage, SessionQuery, Storage, redact_url};
 use crate::approval::{Approval, ApprovalResolution, ApprovalStatus, RequestType};
 use crate::error::{Error, Result};
 use crate::protocol::{Event, Plan};
-use crate::session::{
-    AgentSwitch, Message, NewSession, Role, Session, SessionStatus, ToolCall, Usage,
-};
+use crate::session::{AgentSwitch, Message, NewSession, Role, Session, SessionStatus, ToolCall, Usage};
 use crate::time::Timestamp;
 
 /// The migrations, in order: (version, SQL). The last version is [`SCHEMA_VERSION`].
@@ -94,17 +92,14 @@ impl PostgresStorage {
             )));
         }
         if options.max_connections == 0 {
-            return Err(Error::InvalidRequest(
-                "max_connections must be at least 1".into(),
-            ));
+            return Err(Error::InvalidRequest("max_connections must be at least 1".into()));
         }
         let schema = match &options.schema {
             Some(s) => Some(quote_ident(s)?),
             None => None,
         };
-        let connect_options = PgConnectOptions::from_str(url).map_err(|e| {
-            Error::Database(format!("invalid postgres url '{}': {e}", redact_url(url)))
-        })?;
+        let connect_options = PgConnectOptions::from_str(url)
+            .map_err(|e| Error::Database(format!("invalid postgres url '{}': {e}", redact_url(url))))?;
         let mut pool_options = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout);
@@ -119,15 +114,27 @@ impl PostgresStorage {
                 })
             });
         }
+        let cannot_connect = |e: &dyn std::fmt::Display| {
+            Error::Database(format!(
+                "cannot connect to postgres at '{}': {e}",
+                redact_url(url)
+            ))
+        };
+        // One direct connection first: the pool would only report "timed out" after
+        // `acquire_timeout`, where this says "connection refused" or "password authentication
+        // failed" at once.
+        let probe = tokio::time::timeout(
+            options.acquire_timeout,
+            PgConnection::connect_with(&connect_options),
+        )
+        .await
+        .map_err(|_| cannot_connect(&"timed out"))?
+        .map_err(|e| cannot_connect(&e))?;
+        let _ = probe.close().await;
         let pool = pool_options
             .connect_with(connect_options)
             .await
-            .map_err(|e| {
-                Error::Database(format!(
-                    "cannot connect to postgres at '{}': {e}",
-                    redact_url(url)
-                ))
-            })?;
+            .map_err(|e| cannot_connect(&e))?;
         migrate(&pool, schema.as_deref()).await?;
         Ok(PostgresStorage { pool })
     }
@@ -193,9 +200,7 @@ async fn migrate(pool: &PgPool, schema: Option<&str>) -> Result<()> {
 fn quote_ident(name: &str) -> Result<String> {
     let plain = !name.is_empty()
         && name.len() <= 63
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
         && !name.starts_with(|c: char| c.is_ascii_digit());
     if plain {
         Ok(format!("\"{name}\""))
@@ -254,9 +259,7 @@ fn session_from_row(row: &PgRow) -> Result<Session> {
             prompt_tokens: to_u64(get(row, "prompt_tokens")?, "prompt_tokens")?,
             completion_tokens: to_u64(get(row, "completion_tokens")?, "completion_tokens")?,
         },
-        turn_state: turn_state
-            .map(|s| from_json_text(&s, "turn_state"))
-            .transpose()?,
+        turn_state: turn_state.map(|s| from_json_text(&s, "turn_state")).transpose()?,
     })
 }
 
@@ -333,10 +336,7 @@ fn counts(role: Role) -> bool {
 /// The cursor that continues after `session`.
 fn encode_cursor(session: &Session) -> String {
     let hex: String = session.id.bytes().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{CURSOR_PREFIX}{}.{hex}",
-        session.last_activity.as_millis()
-    )
+    format!("{CURSOR_PREFIX}{}.{hex}", session.last_activity.as_millis())
 }
 
 /// (last_activity, id) from a cursor of [`encode_cursor`]; `InvalidRequest` for anything else.
@@ -702,9 +702,7 @@ impl Storage for PostgresStorage {
         .fetch_one(&self.pool)
         .await
         .map_err(|e| match &e {
-            sqlx::Error::Database(db) if db.is_unique_violation() => {
-                Error::SessionExists(new.id.clone())
-            }
+            sqlx::Error::Database(db) if db.is_unique_violation() => Error::SessionExists(new.id.clone()),
             _ => Error::database(e),
         })?;
         session_from_row(&row)
@@ -749,15 +747,8 @@ impl Storage for PostgresStorage {
         }
         q.push(" ORDER BY last_activity DESC, id DESC LIMIT ")
             .push_bind(query.limit as i64 + 1);
-        let rows = q
-            .build()
-            .fetch_all(&self.pool)
-            .await
-            .map_err(Error::database)?;
-        let mut sessions = rows
-            .iter()
-            .map(session_from_row)
-            .collect::<Result<Vec<_>>>()?;
+        let rows = q.build().fetch_all(&self.pool).await.map_err(Error::database)?;
+        let mut sessions = rows.iter().map(session_from_row).collect::<Result<Vec<_>>>()?;
         let next_cursor = if sessions.len() > query.limit {
             sessions.truncate(query.limit);
             sessions.last().map(encode_cursor)
@@ -852,14 +843,13 @@ impl Storage for PostgresStorage {
 
     #[instrument(skip(self))]
     async fn find_request(&self, session_id: &str, request_id: &str) -> Result<Option<u64>> {
-        let seq: Option<i64> = sqlx::query_scalar(
-            "SELECT event_seq FROM requests WHERE session_id = $1 AND request_id = $2",
-        )
-        .bind(session_id)
-        .bind(request_id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(Error::database)?;
+        let seq: Option<i64> =
+            sqlx::query_scalar("SELECT event_seq FROM requests WHERE session_id = $1 AND request_id = $2")
+                .bind(session_id)
+                .bind(request_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(Error::database)?;
         match seq {
             Some(s) => Ok(Some(to_u64(s, "request event seq")?)),
             None => {
@@ -1016,7 +1006,9 @@ mod tests {
             turn_state: None,
         };
         assert_eq!(decode_cursor(&encode_cursor(&s)).unwrap(), (-5, s.id.clone()));
-        for bad in ["", "pg1.", "pg1.x.00", "pg1.5.0", "pg1.5.zz", "sq1.5.00", "pg1.5.ff"] {
+        for bad in [
+            "", "pg1.", "pg1.x.00", "pg1.5.0", "pg1.5.zz", "sq1.5.00", "pg1.5.ff",
+        ] {
             assert!(
                 matches!(decode_cursor(bad), Err(Error::InvalidRequest(_))),
                 "{bad}"
