@@ -1,1 +1,1193 @@
-//! placeholder: being written
+//! The storage conformance suite: the same cases run against every [`Storage`] backend, so the
+//! memory, SQLite and Postgres stores behave alike (seqs, atomic commits, CAS, leases, cascades).
+//!
+//! Run it from an integration test with [`storage_conformance_suite!`](crate::storage_conformance_suite):
+//!
+//! ```ignore
+//! async fn open_pair() -> (Arc<dyn Storage>, Arc<dyn Storage>) { /* two handles, one fresh DB */ }
+//! agent_runtime_core::storage_conformance_suite!(open_pair);
+//! ```
+//!
+//! `open_pair` gives two handles on the same fresh database (the memory store: the same `Arc`
+//! twice). Each case is also a public `async fn(a, b)` here, so a failure names its case.
+
+// This module is test code shipped behind `test-utils`: a failed expectation must panic.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::approval::{Approval, ApprovalResolution, ApprovalStatus, RequestType};
+use crate::error::Error;
+use crate::protocol::{AssistantMessage, Event, EventPayload, Plan, StopReason, Subtask};
+use crate::session::{
+    AgentSwitch, Message, NewMessage, NewSession, Role, Session, SessionStatus, ToolCall, Usage,
+};
+use crate::storage::{Commit, SessionQuery, SessionUpdate, Storage};
+use crate::time::Timestamp;
+
+/// Expands to one `#[tokio::test]` per conformance case, each calling `$open_pair().await` for two
+/// handles `(Arc<dyn Storage>, Arc<dyn Storage>)` on the same fresh database.
+#[macro_export]
+macro_rules! storage_conformance_suite {
+    ($open_pair:path) => {
+        $crate::storage_conformance_suite!(@cases $open_pair;
+            session_round_trip,
+            taken_id_is_session_exists,
+            missing_session_is_not_found_everywhere,
+            list_pages_with_cursor_and_filters,
+            concurrent_commits_get_gap_free_contiguous_seqs,
+            reads_after_and_recent_respect_limits,
+            failed_commit_leaves_nothing_behind,
+            delete_leaves_nothing_behind,
+            unicode_and_one_mib_content_round_trip,
+            approvals_put_get_pending_and_replace,
+            racing_resolutions_have_exactly_one_winner,
+            switches_are_recorded_in_order,
+            plans_are_put_and_replaced,
+            usage_accumulates,
+            turn_state_and_status_updates,
+            find_request_remembers_first_event_seq,
+            lease_acquire_renew_release,
+            racing_lease_acquires_have_exactly_one_winner,
+            expired_lease_is_taken_over,
+            commit_is_fenced_by_lease_owner,
+            last_activity_moves_forward_on_commit,
+        );
+    };
+    (@cases $open_pair:path; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let (a, b) = $open_pair().await;
+                $crate::storage::conformance::$case(a, b).await;
+            }
+        )*
+    };
+}
+
+/// A fixed point in time, `ms` milliseconds after 2024-01-09T10:00:00Z.
+fn ts(ms: i64) -> Timestamp {
+    Timestamp::from_millis(1_704_794_400_000 + ms)
+}
+
+fn new_session(id: &str, user: Option<&str>, at: i64) -> NewSession {
+    NewSession {
+        id: id.into(),
+        user_id: user.map(str::to_string),
+        metadata: json!({"project_path": "/tmp/project", "n": at}),
+        current_agent: "orchestrator".into(),
+        created_at: ts(at),
+    }
+}
+
+/// The session `create_session(new)` must return.
+fn fresh(new: &NewSession) -> Session {
+    Session {
+        id: new.id.clone(),
+        user_id: new.user_id.clone(),
+        metadata: new.metadata.clone(),
+        created_at: new.created_at,
+        last_activity: new.created_at,
+        current_agent: new.current_agent.clone(),
+        status: SessionStatus::Idle,
+        message_count: 0,
+        last_message_seq: 0,
+        last_event_seq: 0,
+        usage: Usage::default(),
+        turn_state: None,
+    }
+}
+
+async fn create(s: &dyn Storage, id: &str) -> Session {
+    s.create_session(new_session(id, Some("user_1"), 0))
+        .await
+        .unwrap()
+}
+
+fn token(t: impl Into<String>) -> EventPayload {
+    EventPayload::AssistantMessage(AssistantMessage::Token { token: t.into() })
+}
+
+fn at(ms: i64) -> Commit {
+    Commit {
+        at: Some(ts(ms)),
+        ..Commit::default()
+    }
+}
+
+fn approval(session: &str, call: &str, created: i64) -> Approval {
+    Approval {
+        call_id: call.into(),
+        session_id: session.into(),
+        tool_name: "write_file".into(),
+        arguments: json!({"path": "a.md", "content": "x"}),
+        reason: "File modification requires approval".into(),
+        request_type: RequestType::Tool,
+        status: ApprovalStatus::Pending,
+        created_at: ts(created),
+        decided_at: None,
+        feedback: None,
+        modified_arguments: None,
+    }
+}
+
+fn resolution(call: &str, status: ApprovalStatus, feedback: &str, when: i64) -> ApprovalResolution {
+    ApprovalResolution {
+        call_id: call.into(),
+        status,
+        feedback: Some(feedback.into()),
+        modified_arguments: None,
+        decided_at: ts(when),
+    }
+}
+
+fn switch(from: &str, to: &str, when: i64) -> AgentSwitch {
+    AgentSwitch {
+        from_agent: from.into(),
+        to_agent: to.into(),
+        reason: format!("{from} hands over to {to}"),
+        timestamp: ts(when),
+    }
+}
+
+fn plan(id: &str, goal: &str) -> Plan {
+    Plan {
+        plan_id: id.into(),
+        goal: goal.into(),
+        subtasks: vec![Subtask {
+            id: "1".into(),
+            description: "write the widget".into(),
+            agent: "coder".into(),
+            status: "pending".into(),
+        }],
+    }
+}
+
+/// The message `m` as stored with `seq` at `when`.
+fn stored(m: &NewMessage, seq: u64, when: Timestamp) -> Message {
+    Message {
+        seq,
+        role: m.role,
+        content: m.content.clone(),
+        agent: m.agent.clone(),
+        tool_calls: m.tool_calls.clone(),
+        tool_call_id: m.tool_call_id.clone(),
+        created_at: when,
+    }
+}
+
+async fn all_messages(s: &dyn Storage, id: &str) -> Vec<Message> {
+    s.messages_after(id, 0, 100_000).await.unwrap()
+}
+
+async fn all_events(s: &dyn Storage, id: &str) -> Vec<Event> {
+    s.events_after(id, 0, 100_000).await.unwrap()
+}
+
+/// Create, get, list and delete give back exactly what was stored.
+pub async fn session_round_trip(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
+    assert!(["memory", "sqlite", "postgres"].contains(&a.backend()));
+    a.ping().await.unwrap();
+    b.ping().await.unwrap();
+    let new = NewSession {
+        id: "session_456".into(),
+        user_id: Some("user_123".into()),
+        metadata: json!({"project_path": "/path/to/project", "tool_execution": "client",
+                         "nested": {"list": [1, 2.5, null, true]}}),
+        current_agent: "orchestrator".into(),
+        created_at: ts(0),
+    };
+    let created = a.create_session(new.clone()).await.unwrap();
+    assert_eq!(created, fresh(&new));
+    assert_eq!(b.get_session("session_456").await.unwrap(), created);
+    let page = b
+        .list_sessions(SessionQuery {
+            limit: 10,
+            ..SessionQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.sessions, vec![created]);
+    assert_eq!(page.next_cursor, None);
+    b.delete_session("session_456").await.unwrap();
+    assert_eq!(
+        a.get_session("session_456").await,
+        Err(Error::SessionNotFound("session_456".into()))
+    );
+    assert_eq!(
+        a.delete_session("session_456").await,
+        Err(Error::SessionNotFound("session_456".into()))
+    );
+    let page = a
+        .list_sessions(SessionQuery {
+            limit: 10,
+            ..SessionQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.sessions, vec![]);
+}
+
+/// Creating a taken id is `SessionExists` and leaves the first session as it was.
+pub async fn taken_id_is_session_exists(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
+    let first = create(&*a, "taken").await;
+    let mut other = new_session("taken", Some("someone_else"), 99);
+    other.metadata = json!({"other": true});
+    assert_eq!(
+        b.create_session(other).await,
+        Err(Error::SessionExists("taken".into()))
+    );
+    assert_eq!(a.get_session("taken").await.unwrap(), first);
+}
+
+/// Every operation naming a session that does not exist is `SessionNotFound`.
+pub async fn missing_session_is_not_found_everywhere(a: Arc<dyn Storage>, _b: Arc<dyn Storage>) {
+    let nf = || Error::SessionNotFound("nope".into());
+    let ttl = Duration::from_secs(30);
+    assert_eq!(a.get_session("nope").await, Err(nf()));
+    assert_eq!(a.delete_session("nope").await, Err(nf()));
+    let mut c = Commit::now();
+    c.messages.push(NewMessage::user("hi", None));
+    c.events.push(token("hi"));
+    assert_eq!(a.commit("nope", c).await.map(|_| ()), Err(nf()));
+    assert_eq!(a.messages_after("nope", 0, 10).await, Err(nf()));
+    assert_eq!(a.recent_messages("nope", 10).await, Err(nf()));
+    assert_eq!(a.events_after("nope", 0, 10).await, Err(nf()));
+    assert_eq!(a.find_request("nope", "r").await, Err(nf()));
+    assert_eq!(a.get_approval("nope", "c").await, Err(nf()));
+    assert_eq!(a.pending_approvals("nope").await, Err(nf()));
+    assert_eq!(a.switch_history("nope").await, Err(nf()));
+    assert_eq!(a.get_plan("nope", "p").await, Err(nf()));
+    assert_eq!(a.acquire_lease("nope", "o", ttl).await, Err(nf()));
+    assert_eq!(a.renew_lease("nope", "o", ttl).await, Err(nf()));
+    assert_eq!(a.release_lease("nope", "o").await, Err(nf()));
+    // Nothing was created on the way.
+    assert_eq!(a.get_session("nope").await, Err(nf()));
+}
+
+/// Keyset pages in (last_activity desc, id desc) order, filters by user and status, and refuses
+/// foreign cursors and out-of-range limits.
+pub async fn list_pages_with_cursor_and_filters(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
+    // s2 and s3 share a last_activity: the id breaks the tie (s3 first).
+    let specs = [
+        ("s0", "u1", 0),
+        ("s1", "u2", 1),
+        ("s2", "u1", 2),
+        ("s3", "u2", 2),
+        ("s4", "u1", 4),
+        ("s5", "u2", 5),
+        ("s6", "u1", 6),
+    ];
+    let mut by_id = BTreeMap::new();
+    for (id, user, t) in specs {
+        let s = a.create_session(new_session(id, Some(user), t)).await.unwrap();
+        by_id.insert(id, s);
+    }
+    // s1 starts a turn; its activity time stays 1, so the order is unchanged.
+    let mut c = at(1);
+    c.session.status = Some(SessionStatus::Running);
+    let running = a.commit("s1", c).await.unwrap().session;
+    by_id.insert("s1", running);
+    let order = |ids: &[&str]| -> Vec<Session> { ids.iter().map(|i| by_id[i].clone()).collect() };
+
+    let collect_pages = |storage: Arc<dyn Storage>, query: SessionQuery| async move {
+        let mut pages = vec![];
+        let mut q = query;
+        loop {
+            let page = storage.list_sessions(q.clone()).await.unwrap();
+            let next = page.next_cursor.clone();
+            pages.push(page.sessions);
+            match next {
+                Some(c) => q.cursor = Some(c),
+                None => break,
+            }
+            assert!(pages.len() < 20, "pagination does not end");
+        }
+        pages
+    };
+
+    let pages = collect_pages(
+        b.clone(),
+        SessionQuery {
+            limit: 3,
+            ..SessionQuery::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        pages,
+        vec![
+            order(&["s6", "s5", "s4"]),
+            order(&["s3", "s2", "s1"]),
+            order(&["s0"])
+        ]
+    );
+    // A page that ends exactly at the last session has no next cursor.
+    let whole = b
+        .list_sessions(SessionQuery {
+            limit: 7,
+            ..SessionQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(whole.sessions, order(&["s6", "s5", "s4", "s3", "s2", "s1", "s0"]));
+    assert_eq!(whole.next_cursor, None);
+
+    let pages = collect_pages(
+        a.clone(),
+        SessionQuery {
+            user_id: Some("u2".into()),
+            limit: 2,
+            ..SessionQuery::default()
+        },
+    )
+    .await;
+    let flat: Vec<Session> = pages.into_iter().flatten().collect();
+    assert_eq!(flat, order(&["s5", "s3", "s1"]));
+
+    let running = a
+        .list_sessions(SessionQuery {
+            status: Some(SessionStatus::Running),
+            limit: 100,
+            ..SessionQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(running.sessions, order(&["s1"]));
+    let none = a
+        .list_sessions(SessionQuery {
+            user_id: Some("u1".into()),
+            status: Some(SessionStatus::Running),
+            limit: 100,
+            ..SessionQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(none.sessions, vec![]);
+    assert_eq!(none.next_cursor, None);
+
+    for bad in ["not-a-cursor", "", "c1.x.s1"] {
+        let r = a
+            .list_sessions(SessionQuery {
+                limit: 3,
+                cursor: Some(bad.into()),
+                ..SessionQuery::default()
+            })
+            .await;
+        assert!(matches!(r, Err(Error::InvalidRequest(_))), "{bad:?}: {r:?}");
+    }
+    for limit in [0, 1001] {
+        let r = a
+            .list_sessions(SessionQuery {
+                limit,
+                ..SessionQuery::default()
+            })
+            .await;
+        assert!(matches!(r, Err(Error::InvalidRequest(_))), "{limit}: {r:?}");
+    }
+}
+
+/// Four tasks (two per handle) commit at once; message and event seqs come out exactly 1..=N,
+/// each commit's message and events contiguous and each stored row the one its commit wrote.
+pub async fn concurrent_commits_get_gap_free_contiguous_seqs(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
+    const TASKS: u64 = 4;
+    const PER_TASK: u64 = 100;
+    create(&*a, "busy").await;
+    let mut handles = vec![];
+    for t in 0..TASKS {
+        let s = if t % 2 == 0 { a.clone() } else { b.clone() };
+        handles.push(tokio::spawn(async move {
+            let mut got = vec![];
+            for i in 0..PER_TASK {
+                let mut c = Commit::now();
+                c.messages.push(NewMessage::user(format!("{t}:{i}"), None));
+                c.events.push(token(format!("{t}:{i}:0")));
+                c.events.push(token(format!("{t}:{i}:1")));
+                let done = s.commit("busy", c).await.unwrap();
+                assert_eq!(done.messages.len(), 1);
+                assert_eq!(done.events.len(), 2);
+                got.push((
+                    format!("{t}:{i}"),
+                    done.messages[0].seq,
+                    done.events[0].seq,
+                    done.events[1].seq,
+                ));
+            }
+            got
+        }));
+    }
+    let mut content_at_seq = BTreeMap::new();
+    let mut token_at_seq = BTreeMap::new();
+    for h in handles {
+        let got = h.await.unwrap();
+        for w in got.windows(2) {
+            assert!(w[0].1 < w[1].1, "one task's message seqs go backwards: {w:?}");
+        }
+        for (label, m, e0, e1) in got {
+            assert_eq!(e1, e0 + 1, "events of commit {label} are not contiguous");
+            assert!(content_at_seq.insert(m, label.clone()).is_none(), "seq {m} twice");
+            assert!(token_at_seq.insert(e0, format!("{label}:0")).is_none());
+            assert!(token_at_seq.insert(e1, format!("{label}:1")).is_none());
+        }
+    }
+    let n = TASKS * PER_TASK;
+    assert_eq!(
+        content_at_seq.keys().copied().collect::<Vec<_>>(),
+        (1..=n).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        token_at_seq.keys().copied().collect::<Vec<_>>(),
+        (1..=2 * n).collect::<Vec<_>>()
+    );
+    let messages = all_messages(&*b, "busy").await;
+    assert_eq!(
+        messages
+            .iter()
+            .map(|m| (m.seq, m.content.clone()))
+            .collect::<Vec<_>>(),
+        content_at_seq.into_iter().collect::<Vec<_>>()
+    );
+    let events = all_events(&*a, "busy").await;
+    assert_eq!(
+        events,
+        token_at_seq
+            .into_iter()
+            .map(|(seq, t)| Event {
+                seq,
+                payload: token(t)
+            })
+            .collect::<Vec<_>>()
+    );
+    let s = a.get_session("busy").await.unwrap();
+    assert_eq!(
+        (s.message_count, s.last_message_seq, s.last_event_seq),
+        (n, n, 2 * n)
+    );
+}
+
+/// `messages_after`, `recent_messages` and `events_after` return the right window, oldest first;
+/// system messages are stored but not counted.
+pub async fn reads_after_and_recent_respect_limits(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
+    create(&*a, "hist").await;
+    let call = ToolCall {
+        id: "call_1".into(),
+        name: "read_file".into(),
+        arguments: json!({"path": "src/main.rs"}),
+    };
+    let news: Vec<NewMessage> = (0..10)
+        .map(|i| match i % 4 {
+            0 => NewMessage::user(format!("question {i}"), Some("orchestrator".into())),
+            1 => NewMessage::assistant(format!("answer {i}"), Some("coder".into()), vec![call.clone()]),
+            2 => NewMessage::tool("call_1", format!("result {i}"), Some("coder".into())),
+            _ => NewMessage {
+                role: Role::System,
+                content: format!("note {i}"),
+                agent: None,
+                tool_calls: vec![],
+                tool_call_id: None,
+            },
+        })
+        .collect();
+    let payloads: Vec<EventPayload> = (0..10).map(|i| token(format!("t{i}"))).collect();
+    // Two commits: 4 + 6 messages, 3 + 7 events.
+    let mut c1 = at(10);
+    c1.messages = news[..4].to_vec();
+    c1.events = payloads[..3].to_vec();
+    let done1 = a.commit("hist", c1).await.unwrap();
+    let mut c2 = at(20);
+    c2.messages = news[4..].to_vec();
+    c2.events = payloads[3..].to_vec();
+    let done2 = b.commit("hist", c2).await.unwrap();
+
+    let expected: Vec<Message> = news
+        .iter()
+        .enumerate()
+        .map(|(i, m)| stored(m, i as u64 + 1, if i < 4 { ts(10) } else { ts(20) }))
+        .collect();
+    let expected_events: Vec<Event> = payloads
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Event {
+            seq: i as u64 + 1,
+            payload: p.clone(),
+        })
+        .collect();
+    assert_eq!(done1.messages, expected[..4].to_vec());
+    assert_eq!(done2.messages, expected[4..].to_vec());
+    assert_eq!(done1.events, expected_events[..3].to_vec());
+    assert_eq!(done2.events, expected_events[3..].to_vec());
+
+    assert_eq!(a.messages_after("hist", 0, 100).await.unwrap(), expected);
+    assert_eq!(
+        b.messages_after("hist", 3, 4).await.unwrap(),
+        expected[3..7].to_vec()
+    );
+    assert_eq!(a.messages_after("hist", 10, 5).await.unwrap(), vec![]);
+    assert_eq!(a.messages_after("hist", 50, 5).await.unwrap(), vec![]);
+    assert_eq!(
+        a.recent_messages("hist", 3).await.unwrap(),
+        expected[7..].to_vec()
+    );
+    assert_eq!(a.recent_messages("hist", 100).await.unwrap(), expected);
+    assert_eq!(b.events_after("hist", 0, 100).await.unwrap(), expected_events);
+    assert_eq!(
+        a.events_after("hist", 2, 3).await.unwrap(),
+        expected_events[2..5].to_vec()
+    );
+    assert_eq!(a.events_after("hist", 10, 3).await.unwrap(), vec![]);
+
+    let s = a.get_session("hist").await.unwrap();
+    // Messages 3 and 7 (0-based) are system notes.
+    assert_eq!(
+        (s.message_count, s.last_message_seq, s.last_event_seq),
+        (8, 10, 10)
+    );
+    assert_eq!(s, done2.session);
+}
+
+/// A commit whose resolution fails (or whose lease is not held, or whose input is bad) stores
+/// none of its messages, events, approvals, switches, plans, usage, request id or session changes.
+pub async fn failed_commit_leaves_nothing_behind(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
+    create(&*a, "atomic").await;
+    let mut setup = at(5);
+    setup.approvals.push(approval("atomic", "decided", 1));
+    setup.messages.push(NewMessage::user("first", None));
+    setup.events.push(token("first"));
+    a.commit("atomic", setup).await.unwrap();
+    let mut decide = at(6);
+    decide
+        .resolutions
+        .push(resolution("decided", ApprovalStatus::Approved, "ok", 6));
+    a.commit("atomic", decide).await.unwrap();
+    let before = a.get_session("atomic").await.unwrap();
+    let decided = a.get_approval("atomic", "decided").await.unwrap();
+
+    let everything = |res: ApprovalResolution| {
+        let mut c = at(100);
+        c.messages = vec![
+            NewMessage::user("lost", None),
+            NewMessage::assistant("lost too", Some("coder".into()), vec![]),
+        ];
+        c.events = vec![token("lost"), token("lost too")];
+        c.approvals = vec![approval("atomic", "fresh", 100)];
+        c.resolutions = vec![res];
+        c.switches = vec![switch("orchestrator", "coder", 100)];
+        c.plans = vec![plan("plan_lost", "never")];
+        c.usage = Some(Usage {
+            prompt_tokens: 10,
+            completion_tokens: 20,
+        });
+        c.request_id = Some("req_lost".into());
+        c.session = SessionUpdate {
+            status: Some(SessionStatus::Running),
+            current_agent: Some("debug".into()),
+            turn_state: Some(Some(json!({"step": 1}))),
+        };
+        c
+    };
+    assert_eq!(
+        b.commit(
+            "atomic",
+            everything(resolution("decided", ApprovalStatus::Rejected, "no", 100))
+        )
+        .await
+        .map(|_| ()),
+        Err(Error::ApprovalAlreadyDecided("decided".into()))
+    );
+    assert_eq!(
+        a.commit(
+            "atomic",
+            everything(resolution("ghost", ApprovalStatus::Rejected, "no", 100))
+        )
+        .await
+        .map(|_| ()),
+        Err(Error::ApprovalNotFound("ghost".into()))
+    );
+    let mut fenced = everything(resolution("fresh", ApprovalStatus::Approved, "ok", 100));
+    fenced.lease_owner = Some("nobody".into());
+    assert_eq!(
+        b.commit("atomic", fenced).await.map(|_| ()),
+        Err(Error::SessionBusy("atomic".into()))
+    );
+    let pending_res = everything(resolution("fresh", ApprovalStatus::Pending, "?", 100));
+    assert!(matches!(
+        a.commit("atomic", pending_res).await,
+        Err(Error::InvalidRequest(_))
+    ));
+    let mut foreign = everything(resolution("fresh", ApprovalStatus::Approved, "ok", 100));
+    foreign.approvals = vec![approval("other_session", "fresh", 100)];
+    assert!(matches!(
+        a.commit("atomic", foreign).await,
+        Err(Error::InvalidRequest(_))
+    ));
+
+    for s in [&a, &b] {
+        assert_eq!(s.get_session("atomic").await.unwrap(), before);
+        assert_eq!(all_messages(&**s, "atomic").await.len(), 1);
+        assert_eq!(all_events(&**s, "atomic").await.len(), 1);
+        assert_eq!(
+            s.get_approval("atomic", "fresh").await,
+            Err(Error::ApprovalNotFound("fresh".into()))
+        );
+        assert_eq!(s.get_approval("atomic", "decided").await.unwrap(), decided);
+        assert_eq!(s.pending_approvals("atomic").await.unwrap(), vec![]);
+        assert_eq!(s.switch_history("atomic").await.unwrap(), vec![]);
+        assert_eq!(s.get_plan("atomic", "plan_lost").await.unwrap(), None);
+        assert_eq!(s.find_request("atomic", "req_lost").await.unwrap(), None);
+    }
+    // The seqs the failed commits would have used are handed out next, without a gap.
+    let mut next = at(200);
+    next.messages.push(NewMessage::user("second", None));
+    next.events.push(token("second"));
+    let done = b.commit("atomic", next).await.unwrap();
+    assert_eq!(done.messages[0].seq, 2);
+    assert_eq!(done.events[0].seq, 2);
+}
+
+/// Deleting a session removes all of it: the same id recreated starts empty, and other sessions
+/// keep theirs.
+pub async fn delete_leaves_nothing_behind(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
+    let fill = |id: &'static str| {
+        let mut c = at(10);
+        c.messages = vec![NewMessage::user("hello", None)];
+        c.events = vec![token("hello")];
+        c.approvals = vec![approval(id, "call_1", 10)];
+        c.switches = vec![switch("orchestrator", "coder", 10)];
+        c.plans = vec![plan("plan_1", "goal")];
+        c.usage = Some(Usage {
+            prompt_tokens: 3,
+            completion_tokens: 4,
+        });
+        c.request_id = Some("req_1".into());
+        c.session.turn_state = Some(Some(json!({"paused": true})));
+        c
+    };
+    create(&*a, "doomed").await;
+    create(&*a, "kept").await;
+    a.commit("doomed", fill("doomed")).await.unwrap();
+    let kept = a.commit("kept", fill("kept")).await.unwrap().session;
+    assert!(
+        a.acquire_lease("doomed", "owner_1", Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+
+    b.delete_session("doomed").await.unwrap();
+    let recreated = create(&*b, "doomed").await;
+    assert_eq!(recreated, fresh(&new_session("doomed", Some("user_1"), 0)));
+    for s in [&a, &b] {
+        assert_eq!(s.get_session("doomed").await.unwrap(), recreated);
+        assert_eq!(all_messages(&**s, "doomed").await, vec![]);
+        assert_eq!(s.recent_messages("doomed", 10).await.unwrap(), vec![]);
+        assert_eq!(all_events(&**s, "doomed").await, vec![]);
+        assert_eq!(
+            s.get_approval("doomed", "call_1").await,
+            Err(Error::ApprovalNotFound("call_1".into()))
+        );
+        assert_eq!(s.pending_approvals("doomed").await.unwrap(), vec![]);
+        assert_eq!(s.switch_history("doomed").await.unwrap(), vec![]);
+        assert_eq!(s.get_plan("doomed", "plan_1").await.unwrap(), None);
+        assert_eq!(s.find_request("doomed", "req_1").await.unwrap(), None);
+    }
+    // The old lease went with the session.
+    assert!(
+        b.acquire_lease("doomed", "owner_2", Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    // The other session is untouched.
+    assert_eq!(a.get_session("kept").await.unwrap(), kept);
+    assert_eq!(all_messages(&*b, "kept").await.len(), 1);
+    assert_eq!(b.pending_approvals("kept").await.unwrap().len(), 1);
+    assert_eq!(b.switch_history("kept").await.unwrap().len(), 1);
+    assert_eq!(
+        b.get_plan("kept", "plan_1").await.unwrap(),
+        Some(plan("plan_1", "goal"))
+    );
+    assert_eq!(b.find_request("kept", "req_1").await.unwrap(), Some(1));
+}
+
+/// Cyrillic, emoji and CJK text, and a 1 MiB message, come back byte for byte.
+pub async fn unicode_and_one_mib_content_round_trip(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
+    let mut new = new_session("юникод-🦀", Some("пользователь"), 0);
+    new.id = "unicode_session".into();
+    new.metadata = json!({"project_path": "/home/иван/проект", "emoji": "🚀✨", "漢字": "かな"});
+    let created = a.create_session(new.clone()).await.unwrap();
+    assert_eq!(created, fresh(&new));
+
+    let big: String = "ж🦀x\n".repeat(1024 * 1024 / 8);
+    assert_eq!(big.len(), 1024 * 1024);
+    let small = "Привет, мир! Создай виджет профиля 🚀🦀 — naïve 漢字 \u{1F600}\t\"quoted\"\\";
+    let call = ToolCall {
+        id: "вызов_1".into(),
+        name: "write_file".into(),
+        arguments: json!({"path": "файл.md", "content": small}),
+    };
+    let news = vec![
+        NewMessage::user(small, Some("оркестратор".into())),
+        NewMessage::assistant(big.clone(), Some("coder".into()), vec![call]),
+    ];
+    let payloads = vec![
+        token(small),
+        EventPayload::AssistantMessage(AssistantMessage::Complete { content: big.clone() }),
+    ];
+    let mut c = at(1);
+    c.messages = news.clone();
+    c.events = payloads.clone();
+    let mut ap = approval("unicode_session", "вызов_1", 1);
+    ap.arguments = json!({"content": small});
+    ap.reason = "Изменение файла требует одобрения".into();
+    c.approvals = vec![ap.clone()];
+    a.commit("unicode_session", c).await.unwrap();
+
+    assert_eq!(
+        b.get_session("unicode_session").await.unwrap().metadata,
+        new.metadata
+    );
+    assert_eq!(
+        all_messages(&*b, "unicode_session").await,
+        vec![stored(&news[0], 1, ts(1)), stored(&news[1], 2, ts(1))]
+    );
+    assert_eq!(
+        all_events(&*b, "unicode_session").await,
+        vec![
+            Event {
+                seq: 1,
+                payload: payloads[0].clone()
+            },
+            Event {
+                seq: 2,
+                payload: payloads[1].clone()
+            }
+        ]
+    );
+    assert_eq!(b.get_approval("unicode_session", "вызов_1").await.unwrap(), ap);
+    let user_sessions = b
+        .list_sessions(SessionQuery {
+            user_id: Some("пользователь".into()),
+            limit: 10,
+            ..SessionQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(user_sessions.sessions.len(), 1);
+}
+
+/// Approvals are stored and read back whole, listed pending oldest first, and replaced by call id.
+pub async fn approvals_put_get_pending_and_replace(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
+    create(&*a, "hitl").await;
+    let c2 = approval("hitl", "c2", 5);
+    let c1 = approval("hitl", "c1", 3);
+    let mut c3 = approval("hitl", "c3", 4);
+    c3.request_type = RequestType::Plan;
+    c3.tool_name = "propose_plan".into();
+    c3.arguments = serde_json::to_value(plan("c3", "goal")).unwrap();
+    let mut commit = at(10);
+    commit.approvals = vec![c2.clone(), c1.clone(), c3.clone()];
+    a.commit("hitl", commit).await.unwrap();
+    assert_eq!(b.get_approval("hitl", "c1").await.unwrap(), c1);
+    assert_eq!(b.get_approval("hitl", "c3").await.unwrap(), c3);
+    assert_eq!(
+        b.get_approval("hitl", "missing").await,
+        Err(Error::ApprovalNotFound("missing".into()))
+    );
+    assert_eq!(
+        b.pending_approvals("hitl").await.unwrap(),
+        vec![c1.clone(), c3.clone(), c2.clone()]
+    );
+
+    // Edit-decide c3, with modified arguments.
+    let modified = json!({"plan_id": "c3", "goal": "smaller goal", "subtasks": []});
+    let mut decide = at(11);
+    decide.resolutions.push(ApprovalResolution {
+        call_id: "c3".into(),
+        status: ApprovalStatus::Edited,
+        feedback: Some("smaller please".into()),
+        modified_arguments: Some(modified.clone()),
+        decided_at: ts(11),
+    });
+    let done = b.commit("hitl", decide).await.unwrap();
+    assert_eq!(done.session.last_activity, ts(11));
+    let mut c3_decided = c3.clone();
+    c3_decided.status = ApprovalStatus::Edited;
+    c3_decided.feedback = Some("smaller please".into());
+    c3_decided.modified_arguments = Some(modified);
+    c3_decided.decided_at = Some(ts(11));
+    assert_eq!(a.get_approval("hitl", "c3").await.unwrap(), c3_decided);
+    assert_eq!(
+        a.pending_approvals("hitl").await.unwrap(),
+        vec![c1.clone(), c2.clone()]
+    );
+
+    // Putting an approval with a taken call id replaces it.
+    let mut c1_new = c1.clone();
+    c1_new.arguments = json!({"path": "b.md", "content": "y"});
+    c1_new.reason = "changed".into();
+    let mut put = at(12);
+    put.approvals.push(c1_new.clone());
+    a.commit("hitl", put).await.unwrap();
+    assert_eq!(b.get_approval("hitl", "c1").await.unwrap(), c1_new);
+    assert_eq!(b.pending_approvals("hitl").await.unwrap(), vec![c1_new, c2]);
+}
+
+/// Eight tasks over both handles decide one approval at once: exactly one wins, the others get
+/// `ApprovalAlreadyDecided` and their commits (with an event each) leave no trace.
+pub async fn racing_resolutions_have_exactly_one_winner(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
+    create(&*a, "race").await;
+    let mut put = at(1);
+    put.approvals.push(approval("race", "c1", 1));
+    a.commit("race", put).await.unwrap();
+    let mut handles = vec![];
+    for t in 0..8 {
+        let s = if t % 2 == 0 { a.clone() } else { b.clone() };
+        handles.push(tokio::spawn(async move {
+            let status = if t % 3 == 0 {
+                ApprovalStatus::Rejected
+            } else {
+                ApprovalStatus::Approved
+            };
+            let mut c = at(10 + t);
+            c.resolutions
+                .push(resolution("c1", status, &format!("task {t}"), 10 + t));
+            c.events.push(EventPayload::ApprovalResolved {
+                call_id: "c1".into(),
+                decision: format!("task {t}"),
+            });
+            (t, status, s.commit("race", c).await)
+        }));
+    }
+    let mut winners = vec![];
+    for h in handles {
+        let (t, status, r) = h.await.unwrap();
+        match r {
+            Ok(_) => winners.push((t, status)),
+            Err(e) => assert_eq!(e, Error::ApprovalAlreadyDecided("c1".into())),
+        }
+    }
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    let (t, status) = winners[0];
+    let mut expected = approval("race", "c1", 1);
+    expected.status = status;
+    expected.feedback = Some(format!("task {t}"));
+    expected.decided_at = Some(ts(10 + t));
+    assert_eq!(b.get_approval("race", "c1").await.unwrap(), expected);
+    assert_eq!(
+        all_events(&*a, "race").await,
+        vec![Event {
+            seq: 1,
+            payload: EventPayload::ApprovalResolved {
+                call_id: "c1".into(),
+                decision: format!("task {t}")
+            }
+        }]
+    );
+    assert_eq!(a.pending_approvals("race").await.unwrap(), vec![]);
+}
+
+/// Switches are kept in order and the last one sets the current agent.
+pub async fn switches_are_recorded_in_order(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
+    create(&*a, "sw").await;
+    let s1 = switch("orchestrator", "coder", 1);
+    let s2 = switch("coder", "architect", 2);
+    let s3 = switch("architect", "architect", 3);
+    let mut c = at(2);
+    c.switches = vec![s1.clone(), s2.clone()];
+    let done = a.commit("sw", c).await.unwrap();
+    assert_eq!(done.session.current_agent, "architect");
+    let mut c = at(3);
+    c.switches = vec![s3.clone()];
+    b.commit("sw", c).await.unwrap();
+    assert_eq!(a.switch_history("sw").await.unwrap(), vec![s1, s2, s3]);
+    let mut expected = fresh(&new_session("sw", Some("user_1"), 0));
+    expected.current_agent = "architect".into();
+    expected.last_activity = ts(3);
+    assert_eq!(b.get_session("sw").await.unwrap(), expected);
+    // An explicit current agent without a switch record.
+    let mut c = at(4);
+    c.session.current_agent = Some("debug".into());
+    assert_eq!(a.commit("sw", c).await.unwrap().session.current_agent, "debug");
+    assert_eq!(b.switch_history("sw").await.unwrap().len(), 3);
+}
+
+/// Plans are stored by id and replaced by id.
+pub async fn plans_are_put_and_replaced(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
+    create(&*a, "plans").await;
+    let p1 = plan("plan_1", "build the widget");
+    let p2 = plan("plan_2", "другая цель");
+    let mut c = at(1);
+    c.plans = vec![p1.clone(), p2.clone()];
+    a.commit("plans", c).await.unwrap();
+    assert_eq!(b.get_plan("plans", "plan_1").await.unwrap(), Some(p1.clone()));
+    assert_eq!(b.get_plan("plans", "plan_2").await.unwrap(), Some(p2));
+    assert_eq!(b.get_plan("plans", "plan_3").await.unwrap(), None);
+    let mut p1_done = p1;
+    p1_done.subtasks[0].status = "completed".into();
+    let mut c = at(2);
+    c.plans = vec![p1_done.clone()];
+    b.commit("plans", c).await.unwrap();
+    assert_eq!(a.get_plan("plans", "plan_1").await.unwrap(), Some(p1_done));
+}
+
+/// Usage adds up over commits.
+pub async fn usage_accumulates(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
+    create(&*a, "tokens").await;
+    let mut c = at(1);
+    c.usage = Some(Usage {
+        prompt_tokens: 100,
+        completion_tokens: 20,
+    });
+    a.commit("tokens", c).await.unwrap();
+    let mut c = at(2);
+    c.usage = Some(Usage {
+        prompt_tokens: 7,
+        completion_tokens: 3,
+    });
+    c.events.push(EventPayload::Done {
+        stop_reason: StopReason::Completed,
+        usage: Usage {
+            prompt_tokens: 107,
+            completion_tokens: 23,
+        },
+    });
+    let done = b.commit("tokens", c).await.unwrap();
+    let total = Usage {
+        prompt_tokens: 107,
+        completion_tokens: 23,
+    };
+    assert_eq!(done.session.usage, total);
+    // A commit without usage changes nothing.
+    a.commit("tokens", at(3)).await.unwrap();
+    assert_eq!(a.get_session("tokens").await.unwrap().usage, total);
+}
+
+/// The turn state is set, kept when not mentioned, and cleared; the status follows each update.
+pub async fn turn_state_and_status_updates(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
+    create(&*a, "state").await;
+    let state = json!({"iteration": 3, "open_calls": ["c1", "c2"], "текст": "🦀"});
+    let mut c = at(1);
+    c.session.turn_state = Some(Some(state.clone()));
+    c.session.status = Some(SessionStatus::Running);
+    a.commit("state", c).await.unwrap();
+    let s = b.get_session("state").await.unwrap();
+    assert_eq!(
+        (s.turn_state.clone(), s.status),
+        (Some(state.clone()), SessionStatus::Running)
+    );
+
+    let mut c = at(2);
+    c.session.status = Some(SessionStatus::AwaitingApproval);
+    b.commit("state", c).await.unwrap();
+    let s = a.get_session("state").await.unwrap();
+    assert_eq!(
+        (s.turn_state.clone(), s.status),
+        (Some(state.clone()), SessionStatus::AwaitingApproval)
+    );
+
+    let mut c = at(3);
+    c.session.status = Some(SessionStatus::AwaitingToolResult);
+    a.commit("state", c).await.unwrap();
+    assert_eq!(
+        b.get_session("state").await.unwrap().status,
+        SessionStatus::AwaitingToolResult
+    );
+
+    let mut c = at(4);
+    c.session.turn_state = Some(None);
+    c.session.status = Some(SessionStatus::Idle);
+    a.commit("state", c).await.unwrap();
+    let mut expected = fresh(&new_session("state", Some("user_1"), 0));
+    expected.last_activity = ts(4);
+    assert_eq!(b.get_session("state").await.unwrap(), expected);
+}
+
+/// A request id maps to the seq of its commit's first event; reusing it keeps the first.
+pub async fn find_request_remembers_first_event_seq(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
+    create(&*a, "req").await;
+    let mut c = at(1);
+    c.events.push(token("earlier"));
+    a.commit("req", c).await.unwrap();
+    let mut c = at(2);
+    c.request_id = Some("req_abc".into());
+    c.events = vec![token("a"), token("b")];
+    b.commit("req", c).await.unwrap();
+    assert_eq!(a.find_request("req", "req_abc").await.unwrap(), Some(2));
+    assert_eq!(a.find_request("req", "req_other").await.unwrap(), None);
+    let mut c = at(3);
+    c.request_id = Some("req_abc".into());
+    c.events = vec![token("c")];
+    a.commit("req", c).await.unwrap();
+    assert_eq!(b.find_request("req", "req_abc").await.unwrap(), Some(2));
+    // Request ids are per session.
+    create(&*a, "req_2").await;
+    assert_eq!(a.find_request("req_2", "req_abc").await.unwrap(), None);
+}
+
+/// Acquire, re-acquire by the owner, refusal for others, renew and release.
+pub async fn lease_acquire_renew_release(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
+    let ttl = Duration::from_secs(60);
+    create(&*a, "lease").await;
+    assert!(!a.renew_lease("lease", "o1", ttl).await.unwrap());
+    assert!(a.acquire_lease("lease", "o1", ttl).await.unwrap());
+    assert!(b.acquire_lease("lease", "o1", ttl).await.unwrap());
+    assert!(!b.acquire_lease("lease", "o2", ttl).await.unwrap());
+    assert!(b.renew_lease("lease", "o1", ttl).await.unwrap());
+    assert!(!a.renew_lease("lease", "o2", ttl).await.unwrap());
+    // Releasing someone else's lease does nothing.
+    a.release_lease("lease", "o2").await.unwrap();
+    assert!(!a.acquire_lease("lease", "o2", ttl).await.unwrap());
+    b.release_lease("lease", "o1").await.unwrap();
+    assert!(!a.renew_lease("lease", "o1", ttl).await.unwrap());
+    assert!(a.acquire_lease("lease", "o2", ttl).await.unwrap());
+    assert!(!b.acquire_lease("lease", "o1", ttl).await.unwrap());
+    // Leases are per session.
+    create(&*a, "lease_2").await;
+    assert!(b.acquire_lease("lease_2", "o1", ttl).await.unwrap());
+}
+
+/// Eight tasks over both handles race for a free lease: exactly one gets it.
+pub async fn racing_lease_acquires_have_exactly_one_winner(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
+    create(&*a, "contended").await;
+    let mut handles = vec![];
+    for t in 0..8 {
+        let s = if t % 2 == 0 { a.clone() } else { b.clone() };
+        handles.push(tokio::spawn(async move {
+            let owner = format!("owner_{t}");
+            let won = s
+                .acquire_lease("contended", &owner, Duration::from_secs(60))
+                .await
+                .unwrap();
+            (owner, won)
+        }));
+    }
+    let mut winners = vec![];
+    for h in handles {
+        let (owner, won) = h.await.unwrap();
+        if won {
+            winners.push(owner);
+        }
+    }
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    let winner = &winners[0];
+    assert!(
+        a.renew_lease("contended", winner, Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    let losers: BTreeSet<String> = (0..8).map(|t| format!("owner_{t}")).collect();
+    for loser in losers.iter().filter(|o| *o != winner) {
+        assert!(
+            !b.renew_lease("contended", loser, Duration::from_secs(60))
+                .await
+                .unwrap()
+        );
+    }
+}
+
+/// An expired lease goes to the next owner; the old owner can neither renew nor commit under it.
+pub async fn expired_lease_is_taken_over(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
+    create(&*a, "expiring").await;
+    assert!(
+        a.acquire_lease("expiring", "o1", Duration::from_millis(150))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !b.acquire_lease("expiring", "o2", Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        b.acquire_lease("expiring", "o2", Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !a.renew_lease("expiring", "o1", Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    let mut c = Commit::now();
+    c.lease_owner = Some("o1".into());
+    c.events.push(token("stale"));
+    assert_eq!(
+        a.commit("expiring", c).await.map(|_| ()),
+        Err(Error::SessionBusy("expiring".into()))
+    );
+    let mut c = Commit::now();
+    c.lease_owner = Some("o2".into());
+    c.events.push(token("fresh"));
+    assert_eq!(a.commit("expiring", c).await.unwrap().events[0].seq, 1);
+}
+
+/// A commit naming a lease owner succeeds only while that owner holds the lease.
+pub async fn commit_is_fenced_by_lease_owner(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
+    create(&*a, "fenced").await;
+    let fenced = |owner: &str, text: &str| {
+        let mut c = Commit::now();
+        c.lease_owner = Some(owner.into());
+        c.messages.push(NewMessage::user(text, None));
+        c.events.push(token(text));
+        c
+    };
+    let busy = || Err(Error::SessionBusy("fenced".into()));
+    assert_eq!(
+        a.commit("fenced", fenced("o1", "no lease")).await.map(|_| ()),
+        busy()
+    );
+    assert!(
+        a.acquire_lease("fenced", "o1", Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    let done = b.commit("fenced", fenced("o1", "held")).await.unwrap();
+    assert_eq!((done.messages[0].seq, done.events[0].seq), (1, 1));
+    assert_eq!(
+        b.commit("fenced", fenced("o2", "not mine")).await.map(|_| ()),
+        busy()
+    );
+    // A commit without an owner is not fenced.
+    let mut free = Commit::now();
+    free.events.push(token("unfenced"));
+    assert_eq!(a.commit("fenced", free).await.unwrap().events[0].seq, 2);
+    a.release_lease("fenced", "o1").await.unwrap();
+    assert_eq!(
+        a.commit("fenced", fenced("o1", "released")).await.map(|_| ()),
+        busy()
+    );
+    let texts: Vec<String> = all_messages(&*b, "fenced")
+        .await
+        .into_iter()
+        .map(|m| m.content)
+        .collect();
+    assert_eq!(texts, vec!["held".to_string()]);
+    assert_eq!(all_events(&*b, "fenced").await.len(), 2);
+}
+
+/// A commit sets `last_activity` to its time (now when unset) and leaves `created_at` alone.
+pub async fn last_activity_moves_forward_on_commit(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
+    let created = create(&*a, "active").await;
+    let done = a.commit("active", at(1000)).await.unwrap();
+    let mut expected = created.clone();
+    expected.last_activity = ts(1000);
+    assert_eq!(done.session, expected);
+    assert_eq!(b.get_session("active").await.unwrap(), expected);
+    let before_now = Timestamp::now();
+    let done = b.commit("active", Commit::default()).await.unwrap();
+    assert!(done.session.last_activity >= before_now);
+    assert_eq!(done.session.created_at, created.created_at);
+    // The session moves to the front of the list.
+    create(&*a, "idle_newer").await;
+    let page = a
+        .list_sessions(SessionQuery {
+            limit: 1,
+            ..SessionQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.sessions[0].id, "active");
+}

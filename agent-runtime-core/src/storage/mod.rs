@@ -171,17 +171,11 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 /// `postgres://...` or `postgresql://...`. Migrations are applied on open.
 pub async fn open(url: &str) -> Result<Arc<dyn Storage>> {
     if url == "memory://" || url == "memory:" {
-        return Err(Error::Internal(format!(
-            "{:?} not built yet",
-            memory::MemoryStorage::new()
-        )));
+        return Ok(Arc::new(memory::MemoryStorage::new()));
     }
     #[cfg(feature = "sqlite")]
     if url.starts_with("sqlite:") {
-        return Err(Error::Internal(format!(
-            "{:?}",
-            sqlite::SqliteStorage::open_url(url).await?
-        )));
+        return Ok(Arc::new(sqlite::SqliteStorage::open_url(url).await?));
     }
     #[cfg(feature = "postgres")]
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -219,6 +213,7 @@ pub mod memory;
 pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+mod support;
 
 #[cfg(test)]
 mod tests {

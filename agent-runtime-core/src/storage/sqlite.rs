@@ -1,11 +1,969 @@
-//! SQLite storage (placeholder until the real backend lands).
+//! SQLite storage (the default backend) over rusqlite: one file in WAL mode, versioned migrations
+//! applied at open, every commit one `BEGIN IMMEDIATE` transaction.
+//!
+//! # Threads and connections
+//!
+//! rusqlite is blocking, so no call runs on the async executor: each operation is one closure
+//! handed to `tokio::task::spawn_blocking`. For a file there is one writer connection behind a std
+//! `Mutex` (SQLite allows one writer at a time anyway; serializing in-process writers on the mutex
+//! is cheaper than letting them spin on `SQLITE_BUSY`) and a small pool of read-only connections,
+//! so reads run beside a write under WAL. Other processes or other `SqliteStorage`s on the same
+//! file are serialized by SQLite's own lock, with a 5 s busy timeout. An in-memory database exists
+//! only inside its one connection, so there everything goes through the writer. A dedicated
+//! thread would also work; `spawn_blocking` needs no channel plumbing and lets reads run in
+//! parallel.
+//!
+//! # Commits
+//!
+//! A commit reads the session's seq counters, inserts its rows with the next seqs, bumps the
+//! counters and updates the session in one transaction; `BEGIN IMMEDIATE` takes the write lock
+//! first, so two writers never read the same counter. Resolutions are compare-and-set updates
+//! (`WHERE status = 'pending'`); a failed one returns early, which drops (rolls back) the
+//! transaction.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::types::Type;
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params, params_from_iter};
+use serde_json::Value;
+
+use super::support::{SessionCursor, check_commit, check_page_limit, counted_messages};
+use super::{Commit, Committed, SCHEMA_VERSION, SessionPage, SessionQuery, Storage};
+use crate::approval::{Approval, ApprovalStatus, RequestType};
 use crate::error::{Error, Result};
-/// SQLite storage.
-#[derive(Debug)]
-pub struct SqliteStorage;
+use crate::protocol::{Event, EventPayload, Plan};
+use crate::session::{AgentSwitch, Message, NewSession, Role, Session, SessionStatus, ToolCall, Usage};
+use crate::time::Timestamp;
+
+/// The migrations, in order: `(version, SQL)`. The last version is [`SCHEMA_VERSION`].
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/sqlite/0001_init.sql"))];
+
+/// How long a connection waits for another connection's write lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Idle read connections kept open; more are opened under load and closed after use.
+const MAX_IDLE_READERS: usize = 4;
+
+const SESSION_COLUMNS: &str = "id, user_id, metadata, created_at, last_activity, current_agent, status, \
+     message_count, last_message_seq, last_event_seq, prompt_tokens, completion_tokens, turn_state";
+const MESSAGE_COLUMNS: &str = "seq, role, content, agent, tool_calls, tool_call_id, created_at";
+const APPROVAL_COLUMNS: &str = "call_id, session_id, tool_name, arguments, reason, request_type, status, \
+     created_at, decided_at, feedback, modified_arguments";
+
+/// SQLite storage. Cloning is not needed: share it as `Arc<dyn Storage>`.
+pub struct SqliteStorage {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// `None` for an in-memory database.
+    path: Option<PathBuf>,
+    writer: Mutex<Connection>,
+    /// Idle read-only connections (files only).
+    readers: Mutex<Vec<Connection>>,
+}
+
+impl std::fmt::Debug for SqliteStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStorage")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn db(e: rusqlite::Error) -> Error {
+    Error::database(e)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic inside a transaction rolls it back as the `Transaction` drops, so the connection
+    // behind a poisoned lock is still usable.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Where a `sqlite:` URL points: `None` for an in-memory database.
+fn parse_url(url: &str) -> Result<Option<PathBuf>> {
+    let bad = |why: &str| {
+        Error::InvalidRequest(format!(
+            "invalid sqlite url '{url}': {why} (expected sqlite://PATH, sqlite:PATH or sqlite::memory:)"
+        ))
+    };
+    let rest = url
+        .strip_prefix("sqlite:")
+        .ok_or_else(|| bad("no sqlite: scheme"))?;
+    // Options such as `?mode=rwc` (sqlx style) are accepted and ignored: the file is always
+    // created if missing.
+    let rest = rest.split_once('?').map_or(rest, |(path, _)| path);
+    let path = rest.strip_prefix("//").unwrap_or(rest);
+    match path {
+        "" => Err(bad("empty path")),
+        ":memory:" => Ok(None),
+        p => Ok(Some(PathBuf::from(p))),
+    }
+}
+
+fn configure(conn: &Connection, file: bool) -> rusqlite::Result<()> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    if file {
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))?;
+    }
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(())
+}
+
+fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "query_only", "ON")?;
+    Ok(conn)
+}
+
+/// Applies pending migrations in one transaction; refuses a database newer than this build.
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db)?;
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_version (
+             version    INTEGER NOT NULL PRIMARY KEY,
+             applied_at INTEGER NOT NULL
+         )",
+    )
+    .map_err(db)?;
+    let current: i64 = tx
+        .query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| {
+            r.get(0)
+        })
+        .map_err(db)?;
+    if current > SCHEMA_VERSION {
+        return Err(Error::Database(format!(
+            "database schema version {current} is newer than this build supports ({SCHEMA_VERSION}); upgrade agent-runtime"
+        )));
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        tracing::info!(version, "applying sqlite migration");
+        tx.execute_batch(sql).map_err(db)?;
+        tx.execute(
+            "INSERT INTO schema_version (version, applied_at) VALUES (?1, ?2)",
+            params![version, Timestamp::now().as_millis()],
+        )
+        .map_err(db)?;
+    }
+    tx.commit().map_err(db)
+}
+
 impl SqliteStorage {
-    /// Opens `sqlite://PATH` or `sqlite::memory:`.
-    pub async fn open_url(_url: &str) -> Result<Self> {
-        Err(Error::Internal("sqlite storage not built yet".into()))
+    /// Opens `sqlite://PATH` (relative or absolute; `sqlite:///abs/path` too), `sqlite:PATH` or
+    /// `sqlite::memory:`, creating the file if missing and applying migrations.
+    #[tracing::instrument(level = "debug", skip_all)]
+    pub async fn open_url(url: &str) -> Result<Self> {
+        match parse_url(url)? {
+            Some(path) => Self::open(&path).await,
+            None => Self::open_in_memory().await,
+        }
+    }
+
+    /// Opens (or creates) the database file at `path` and applies migrations.
+    pub async fn open(path: &Path) -> Result<Self> {
+        let path = path.to_path_buf();
+        run_blocking(move || Self::open_blocking(Some(path))).await
+    }
+
+    /// A fresh private in-memory database (gone when dropped).
+    pub async fn open_in_memory() -> Result<Self> {
+        run_blocking(|| Self::open_blocking(None)).await
+    }
+
+    fn open_blocking(path: Option<PathBuf>) -> Result<Self> {
+        let mut conn = match &path {
+            Some(p) => Connection::open(p),
+            None => Connection::open_in_memory(),
+        }
+        .map_err(db)?;
+        configure(&conn, path.is_some()).map_err(db)?;
+        migrate(&mut conn)?;
+        Ok(SqliteStorage {
+            inner: Arc::new(Inner {
+                path,
+                writer: Mutex::new(conn),
+                readers: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// Runs `f` on the writer connection, off the executor.
+    async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        run_blocking(move || f(&mut lock(&inner.writer))).await
+    }
+
+    /// Runs `f` on a read connection (the writer for an in-memory database), off the executor.
+    async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        run_blocking(move || {
+            let Some(path) = &inner.path else {
+                return f(&lock(&inner.writer));
+            };
+            let idle = lock(&inner.readers).pop();
+            let conn = match idle {
+                Some(c) => c,
+                None => open_reader(path).map_err(db)?,
+            };
+            let out = f(&conn);
+            let mut readers = lock(&inner.readers);
+            if readers.len() < MAX_IDLE_READERS {
+                readers.push(conn);
+            }
+            out
+        })
+        .await
+    }
+}
+
+async fn run_blocking<T, F>(f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("sqlite task failed: {e}")))?
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| Error::Internal(format!("cannot encode JSON: {e}")))
+}
+
+fn json_col<T: serde::de::DeserializeOwned>(row: &Row<'_>, idx: usize) -> rusqlite::Result<T> {
+    let text: String = row.get(idx)?;
+    serde_json::from_str(&text)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, Type::Text, Box::new(e)))
+}
+
+fn opt_json_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<Value>> {
+    let text: Option<String> = row.get(idx)?;
+    text.map(|t| {
+        serde_json::from_str(&t)
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, Type::Text, Box::new(e)))
+    })
+    .transpose()
+}
+
+fn parsed<T>(idx: usize, text: String, parse: impl FnOnce(&str) -> Option<T>) -> rusqlite::Result<T> {
+    parse(&text).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            idx,
+            Type::Text,
+            format!("unexpected value '{text}'").into(),
+        )
+    })
+}
+
+/// Counters and seqs are `u64` in Rust and non-negative `INTEGER`s in SQLite.
+fn u64_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<u64> {
+    let v: i64 = row.get(idx)?;
+    u64::try_from(v).map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, Type::Integer, Box::new(e)))
+}
+
+fn ts_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<Timestamp> {
+    row.get::<_, i64>(idx).map(Timestamp::from_millis)
+}
+
+fn session_from_row(row: &Row<'_>) -> rusqlite::Result<Session> {
+    Ok(Session {
+        id: row.get(0)?,
+        user_id: row.get(1)?,
+        metadata: json_col(row, 2)?,
+        created_at: ts_col(row, 3)?,
+        last_activity: ts_col(row, 4)?,
+        current_agent: row.get(5)?,
+        status: parsed(6, row.get(6)?, SessionStatus::parse)?,
+        message_count: u64_col(row, 7)?,
+        last_message_seq: u64_col(row, 8)?,
+        last_event_seq: u64_col(row, 9)?,
+        usage: Usage {
+            prompt_tokens: u64_col(row, 10)?,
+            completion_tokens: u64_col(row, 11)?,
+        },
+        turn_state: opt_json_col(row, 12)?,
+    })
+}
+
+fn message_from_row(row: &Row<'_>) -> rusqlite::Result<Message> {
+    Ok(Message {
+        seq: u64_col(row, 0)?,
+        role: parsed(1, row.get(1)?, Role::parse)?,
+        content: row.get(2)?,
+        agent: row.get(3)?,
+        tool_calls: json_col::<Vec<ToolCall>>(row, 4)?,
+        tool_call_id: row.get(5)?,
+        created_at: ts_col(row, 6)?,
+    })
+}
+
+fn event_from_row(row: &Row<'_>) -> rusqlite::Result<Event> {
+    Ok(Event {
+        seq: u64_col(row, 0)?,
+        payload: json_col::<EventPayload>(row, 1)?,
+    })
+}
+
+fn request_type_str(t: RequestType) -> &'static str {
+    match t {
+        RequestType::Tool => "tool",
+        RequestType::Plan => "plan",
+    }
+}
+
+fn parse_request_type(s: &str) -> Option<RequestType> {
+    match s {
+        "tool" => Some(RequestType::Tool),
+        "plan" => Some(RequestType::Plan),
+        _ => None,
+    }
+}
+
+fn approval_from_row(row: &Row<'_>) -> rusqlite::Result<Approval> {
+    Ok(Approval {
+        call_id: row.get(0)?,
+        session_id: row.get(1)?,
+        tool_name: row.get(2)?,
+        arguments: json_col(row, 3)?,
+        reason: row.get(4)?,
+        request_type: parsed(5, row.get(5)?, parse_request_type)?,
+        status: parsed(6, row.get(6)?, ApprovalStatus::parse)?,
+        created_at: ts_col(row, 7)?,
+        decided_at: row.get::<_, Option<i64>>(8)?.map(Timestamp::from_millis),
+        feedback: row.get(9)?,
+        modified_arguments: opt_json_col(row, 10)?,
+    })
+}
+
+fn read_session(conn: &Connection, id: &str) -> Result<Session> {
+    conn.query_row(
+        &format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?1"),
+        [id],
+        session_from_row,
+    )
+    .optional()
+    .map_err(db)?
+    .ok_or_else(|| Error::SessionNotFound(id.to_string()))
+}
+
+/// `SessionNotFound` unless the session exists.
+fn ensure_session(conn: &Connection, id: &str) -> Result<()> {
+    let found = conn
+        .query_row("SELECT 1 FROM sessions WHERE id = ?1", [id], |_| Ok(()))
+        .optional()
+        .map_err(db)?;
+    found.ok_or_else(|| Error::SessionNotFound(id.to_string()))
+}
+
+fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+/// A seq, counter or token count as SQLite stores it (saturating; no real value comes near).
+fn sql_seq(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+fn commit_blocking(conn: &mut Connection, session_id: &str, commit: Commit) -> Result<Committed> {
+    let now = Timestamp::now();
+    let at = commit.at.unwrap_or(now);
+    let counted = counted_messages(&commit);
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db)?;
+    let head: Option<(u64, u64, Option<String>, Option<i64>)> = tx
+        .query_row(
+            "SELECT last_message_seq, last_event_seq, lease_owner, lease_expires_at
+             FROM sessions WHERE id = ?1",
+            [session_id],
+            |r| Ok((u64_col(r, 0)?, u64_col(r, 1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()
+        .map_err(db)?;
+    let Some((last_message_seq, last_event_seq, lease_owner, lease_expires_at)) = head else {
+        return Err(Error::SessionNotFound(session_id.to_string()));
+    };
+    if let Some(owner) = &commit.lease_owner {
+        let held = lease_owner.as_deref() == Some(owner.as_str())
+            && lease_expires_at.is_some_and(|e| e > now.as_millis());
+        if !held {
+            return Err(Error::SessionBusy(session_id.to_string()));
+        }
+    }
+
+    let mut messages = Vec::with_capacity(commit.messages.len());
+    {
+        let mut insert = tx
+            .prepare_cached(
+                "INSERT INTO messages (session_id, seq, role, content, agent, tool_calls, tool_call_id, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .map_err(db)?;
+        for (i, m) in commit.messages.iter().enumerate() {
+            let seq = last_message_seq + i as u64 + 1;
+            insert
+                .execute(params![
+                    session_id,
+                    sql_seq(seq),
+                    m.role.as_str(),
+                    m.content,
+                    m.agent,
+                    to_json(&m.tool_calls)?,
+                    m.tool_call_id,
+                    at.as_millis()
+                ])
+                .map_err(db)?;
+            messages.push(Message {
+                seq,
+                role: m.role,
+                content: m.content.clone(),
+                agent: m.agent.clone(),
+                tool_calls: m.tool_calls.clone(),
+                tool_call_id: m.tool_call_id.clone(),
+                created_at: at,
+            });
+        }
+    }
+
+    let first_event_seq = last_event_seq + 1;
+    let mut events = Vec::with_capacity(commit.events.len());
+    {
+        let mut insert = tx
+            .prepare_cached("INSERT INTO events (session_id, seq, payload) VALUES (?1, ?2, ?3)")
+            .map_err(db)?;
+        for (i, payload) in commit.events.into_iter().enumerate() {
+            let seq = first_event_seq + i as u64;
+            insert
+                .execute(params![session_id, sql_seq(seq), to_json(&payload)?])
+                .map_err(db)?;
+            events.push(Event { seq, payload });
+        }
+    }
+
+    for a in &commit.approvals {
+        tx.prepare_cached(
+            "INSERT INTO approvals (session_id, call_id, tool_name, arguments, reason, request_type, status,
+                                    created_at, decided_at, feedback, modified_arguments)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+             ON CONFLICT (session_id, call_id) DO UPDATE SET
+                 tool_name = excluded.tool_name, arguments = excluded.arguments,
+                 reason = excluded.reason, request_type = excluded.request_type,
+                 status = excluded.status, created_at = excluded.created_at,
+                 decided_at = excluded.decided_at, feedback = excluded.feedback,
+                 modified_arguments = excluded.modified_arguments",
+        )
+        .map_err(db)?
+        .execute(params![
+            session_id,
+            a.call_id,
+            a.tool_name,
+            to_json(&a.arguments)?,
+            a.reason,
+            request_type_str(a.request_type),
+            a.status.as_str(),
+            a.created_at.as_millis(),
+            a.decided_at.map(Timestamp::as_millis),
+            a.feedback,
+            a.modified_arguments.as_ref().map(to_json).transpose()?,
+        ])
+        .map_err(db)?;
+    }
+
+    for r in &commit.resolutions {
+        let changed = tx
+            .prepare_cached(
+                "UPDATE approvals SET status = ?3, feedback = ?4, modified_arguments = ?5, decided_at = ?6
+                 WHERE session_id = ?1 AND call_id = ?2 AND status = 'pending'",
+            )
+            .map_err(db)?
+            .execute(params![
+                session_id,
+                r.call_id,
+                r.status.as_str(),
+                r.feedback,
+                r.modified_arguments.as_ref().map(to_json).transpose()?,
+                r.decided_at.as_millis(),
+            ])
+            .map_err(db)?;
+        if changed == 0 {
+            let exists = tx
+                .query_row(
+                    "SELECT 1 FROM approvals WHERE session_id = ?1 AND call_id = ?2",
+                    params![session_id, r.call_id],
+                    |_| Ok(()),
+                )
+                .optional()
+                .map_err(db)?
+                .is_some();
+            // Returning drops `tx`, which rolls back everything above.
+            return Err(if exists {
+                Error::ApprovalAlreadyDecided(r.call_id.clone())
+            } else {
+                Error::ApprovalNotFound(r.call_id.clone())
+            });
+        }
+    }
+
+    for s in &commit.switches {
+        tx.prepare_cached(
+            "INSERT INTO agent_switches (session_id, from_agent, to_agent, reason, at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .map_err(db)?
+        .execute(params![
+            session_id,
+            s.from_agent,
+            s.to_agent,
+            s.reason,
+            s.timestamp.as_millis()
+        ])
+        .map_err(db)?;
+    }
+
+    for p in &commit.plans {
+        tx.prepare_cached(
+            "INSERT INTO plans (session_id, plan_id, body) VALUES (?1, ?2, ?3)
+             ON CONFLICT (session_id, plan_id) DO UPDATE SET body = excluded.body",
+        )
+        .map_err(db)?
+        .execute(params![session_id, p.plan_id, to_json(p)?])
+        .map_err(db)?;
+    }
+
+    if let Some(request_id) = &commit.request_id {
+        // A reused request id keeps the turn it first started.
+        tx.execute(
+            "INSERT INTO requests (session_id, request_id, first_event_seq, created_at)
+             VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+            params![session_id, request_id, sql_seq(first_event_seq), now.as_millis()],
+        )
+        .map_err(db)?;
+    }
+
+    let usage = commit.usage.unwrap_or_default();
+    let current_agent = commit
+        .session
+        .current_agent
+        .clone()
+        .or_else(|| commit.switches.last().map(|s| s.to_agent.clone()));
+    let (set_turn_state, turn_state) = match &commit.session.turn_state {
+        None => (false, None),
+        Some(None) => (true, None),
+        Some(Some(v)) => (true, Some(to_json(v)?)),
+    };
+    tx.prepare_cached(
+        "UPDATE sessions SET
+             last_message_seq = last_message_seq + ?2,
+             last_event_seq = last_event_seq + ?3,
+             message_count = message_count + ?4,
+             last_activity = ?5,
+             prompt_tokens = prompt_tokens + ?6,
+             completion_tokens = completion_tokens + ?7,
+             current_agent = COALESCE(?8, current_agent),
+             status = COALESCE(?9, status),
+             turn_state = CASE WHEN ?10 THEN ?11 ELSE turn_state END
+         WHERE id = ?1",
+    )
+    .map_err(db)?
+    .execute(params![
+        session_id,
+        sql_seq(messages.len() as u64),
+        sql_seq(events.len() as u64),
+        sql_seq(counted),
+        at.as_millis(),
+        sql_seq(usage.prompt_tokens),
+        sql_seq(usage.completion_tokens),
+        current_agent,
+        commit.session.status.map(SessionStatus::as_str),
+        set_turn_state,
+        turn_state,
+    ])
+    .map_err(db)?;
+    let session = read_session(&tx, session_id)?;
+    tx.commit().map_err(db)?;
+    Ok(Committed {
+        messages,
+        events,
+        session,
+    })
+}
+
+fn list_blocking(
+    conn: &Connection,
+    query: &SessionQuery,
+    cursor: Option<SessionCursor>,
+) -> Result<SessionPage> {
+    use rusqlite::types::Value as Sql;
+    let mut clauses: Vec<&str> = vec![];
+    let mut args: Vec<Sql> = vec![];
+    if let Some(user) = &query.user_id {
+        clauses.push("user_id = ?");
+        args.push(Sql::Text(user.clone()));
+    }
+    if let Some(status) = query.status {
+        clauses.push("status = ?");
+        args.push(Sql::Text(status.as_str().to_string()));
+    }
+    if let Some(c) = cursor {
+        clauses.push("(last_activity, id) < (?, ?)");
+        args.push(Sql::Integer(c.last_activity));
+        args.push(Sql::Text(c.id));
+    }
+    let filter = if clauses.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", clauses.join(" AND "))
+    };
+    // One row more than the page tells whether there is a next page.
+    args.push(Sql::Integer(sql_limit(query.limit).saturating_add(1)));
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT {SESSION_COLUMNS} FROM sessions {filter} ORDER BY last_activity DESC, id DESC LIMIT ?"
+        ))
+        .map_err(db)?;
+    let mut sessions = stmt
+        .query_map(params_from_iter(args), session_from_row)
+        .map_err(db)?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(db)?;
+    let more = sessions.len() > query.limit;
+    sessions.truncate(query.limit);
+    let next_cursor = match (more, sessions.last()) {
+        (true, Some(last)) => Some(SessionCursor::after(last.last_activity, &last.id).encode()),
+        _ => None,
+    };
+    Ok(SessionPage {
+        sessions,
+        next_cursor,
+    })
+}
+
+fn query_list<T>(
+    conn: &Connection,
+    sql: &str,
+    args: impl rusqlite::Params,
+    f: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Vec<T>> {
+    let mut stmt = conn.prepare_cached(sql).map_err(db)?;
+    let rows = stmt.query_map(args, f).map_err(db)?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
+}
+
+/// Runs a lease update; 0 rows changed means refused, or `SessionNotFound` if there is no session.
+fn lease_update(conn: &Connection, session_id: &str, sql: &str, args: impl rusqlite::Params) -> Result<bool> {
+    let changed = conn.execute(sql, args).map_err(db)?;
+    if changed == 0 {
+        ensure_session(conn, session_id)?;
+    }
+    Ok(changed > 0)
+}
+
+fn ttl_millis(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[async_trait]
+impl Storage for SqliteStorage {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.read(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(db))
+            .await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(session_id = %new.id))]
+    async fn create_session(&self, new: NewSession) -> Result<Session> {
+        self.write(move |c| {
+            let changed = c
+                .execute(
+                    "INSERT INTO sessions (id, user_id, metadata, created_at, last_activity, current_agent, status)
+                     VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6) ON CONFLICT (id) DO NOTHING",
+                    params![
+                        new.id,
+                        new.user_id,
+                        to_json(&new.metadata)?,
+                        new.created_at.as_millis(),
+                        new.current_agent,
+                        SessionStatus::Idle.as_str()
+                    ],
+                )
+                .map_err(db)?;
+            if changed == 0 {
+                return Err(Error::SessionExists(new.id));
+            }
+            read_session(c, &new.id)
+        })
+        .await
+    }
+
+    async fn get_session(&self, id: &str) -> Result<Session> {
+        let id = id.to_string();
+        self.read(move |c| read_session(c, &id)).await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn list_sessions(&self, query: SessionQuery) -> Result<SessionPage> {
+        check_page_limit(query.limit)?;
+        let cursor = query.cursor.as_deref().map(SessionCursor::decode).transpose()?;
+        self.read(move |c| list_blocking(c, &query, cursor)).await
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn delete_session(&self, id: &str) -> Result<()> {
+        let id = id.to_string();
+        self.write(move |c| {
+            // Child rows go with it: every table cascades on the session.
+            let changed = c
+                .execute("DELETE FROM sessions WHERE id = ?1", [&id])
+                .map_err(db)?;
+            if changed == 0 {
+                return Err(Error::SessionNotFound(id));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, commit), fields(
+        messages = commit.messages.len(), events = commit.events.len()))]
+    async fn commit(&self, session_id: &str, commit: Commit) -> Result<Committed> {
+        check_commit(session_id, &commit)?;
+        let id = session_id.to_string();
+        self.write(move |c| commit_blocking(c, &id, commit)).await
+    }
+
+    async fn messages_after(&self, session_id: &str, after: u64, limit: usize) -> Result<Vec<Message>> {
+        let id = session_id.to_string();
+        self.read(move |c| {
+            ensure_session(c, &id)?;
+            query_list(
+                c,
+                &format!(
+                    "SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+                ),
+                params![id, sql_seq(after), sql_limit(limit)],
+                message_from_row,
+            )
+        })
+        .await
+    }
+
+    async fn recent_messages(&self, session_id: &str, limit: usize) -> Result<Vec<Message>> {
+        let id = session_id.to_string();
+        self.read(move |c| {
+            ensure_session(c, &id)?;
+            // Walks the (session_id, seq) key backwards from the end: cost ~ limit, not history.
+            let mut newest_first = query_list(
+                c,
+                &format!(
+                    "SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = ?1 ORDER BY seq DESC LIMIT ?2"
+                ),
+                params![id, sql_limit(limit)],
+                message_from_row,
+            )?;
+            newest_first.reverse();
+            Ok(newest_first)
+        })
+        .await
+    }
+
+    async fn events_after(&self, session_id: &str, after: u64, limit: usize) -> Result<Vec<Event>> {
+        let id = session_id.to_string();
+        self.read(move |c| {
+            ensure_session(c, &id)?;
+            query_list(
+                c,
+                "SELECT seq, payload FROM events WHERE session_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                params![id, sql_seq(after), sql_limit(limit)],
+                event_from_row,
+            )
+        })
+        .await
+    }
+
+    async fn find_request(&self, session_id: &str, request_id: &str) -> Result<Option<u64>> {
+        let (id, request_id) = (session_id.to_string(), request_id.to_string());
+        self.read(move |c| {
+            ensure_session(c, &id)?;
+            c.query_row(
+                "SELECT first_event_seq FROM requests WHERE session_id = ?1 AND request_id = ?2",
+                params![id, request_id],
+                |r| u64_col(r, 0),
+            )
+            .optional()
+            .map_err(db)
+        })
+        .await
+    }
+
+    async fn get_approval(&self, session_id: &str, call_id: &str) -> Result<Approval> {
+        let (id, call_id) = (session_id.to_string(), call_id.to_string());
+        self.read(move |c| {
+            ensure_session(c, &id)?;
+            c.query_row(
+                &format!("SELECT {APPROVAL_COLUMNS} FROM approvals WHERE session_id = ?1 AND call_id = ?2"),
+                params![id, call_id],
+                approval_from_row,
+            )
+            .optional()
+            .map_err(db)?
+            .ok_or_else(|| Error::ApprovalNotFound(call_id.clone()))
+        })
+        .await
+    }
+
+    async fn pending_approvals(&self, session_id: &str) -> Result<Vec<Approval>> {
+        let id = session_id.to_string();
+        self.read(move |c| {
+            ensure_session(c, &id)?;
+            query_list(
+                c,
+                &format!(
+                    "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE session_id = ?1 AND status = 'pending'
+                     ORDER BY created_at, rowid"
+                ),
+                [&id],
+                approval_from_row,
+            )
+        })
+        .await
+    }
+
+    async fn switch_history(&self, session_id: &str) -> Result<Vec<AgentSwitch>> {
+        let id = session_id.to_string();
+        self.read(move |c| {
+            ensure_session(c, &id)?;
+            query_list(
+                c,
+                "SELECT from_agent, to_agent, reason, at FROM agent_switches WHERE session_id = ?1 ORDER BY id",
+                [&id],
+                |r| {
+                    Ok(AgentSwitch {
+                        from_agent: r.get(0)?,
+                        to_agent: r.get(1)?,
+                        reason: r.get(2)?,
+                        timestamp: ts_col(r, 3)?,
+                    })
+                },
+            )
+        })
+        .await
+    }
+
+    async fn get_plan(&self, session_id: &str, plan_id: &str) -> Result<Option<Plan>> {
+        let (id, plan_id) = (session_id.to_string(), plan_id.to_string());
+        self.read(move |c| {
+            ensure_session(c, &id)?;
+            c.query_row(
+                "SELECT body FROM plans WHERE session_id = ?1 AND plan_id = ?2",
+                params![id, plan_id],
+                |r| json_col::<Plan>(r, 0),
+            )
+            .optional()
+            .map_err(db)
+        })
+        .await
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn acquire_lease(&self, session_id: &str, owner: &str, ttl: Duration) -> Result<bool> {
+        let (id, owner) = (session_id.to_string(), owner.to_string());
+        self.write(move |c| {
+            let now = Timestamp::now().as_millis();
+            lease_update(
+                c,
+                &id,
+                "UPDATE sessions SET lease_owner = ?2, lease_expires_at = ?3
+                 WHERE id = ?1 AND (lease_owner IS NULL OR lease_owner = ?2 OR lease_expires_at <= ?4)",
+                params![id, owner, now.saturating_add(ttl_millis(ttl)), now],
+            )
+        })
+        .await
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn renew_lease(&self, session_id: &str, owner: &str, ttl: Duration) -> Result<bool> {
+        let (id, owner) = (session_id.to_string(), owner.to_string());
+        self.write(move |c| {
+            let now = Timestamp::now().as_millis();
+            lease_update(
+                c,
+                &id,
+                "UPDATE sessions SET lease_expires_at = ?3
+                 WHERE id = ?1 AND lease_owner = ?2 AND lease_expires_at > ?4",
+                params![id, owner, now.saturating_add(ttl_millis(ttl)), now],
+            )
+        })
+        .await
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn release_lease(&self, session_id: &str, owner: &str) -> Result<()> {
+        let (id, owner) = (session_id.to_string(), owner.to_string());
+        self.write(move |c| {
+            lease_update(
+                c,
+                &id,
+                "UPDATE sessions SET lease_owner = NULL, lease_expires_at = NULL WHERE id = ?1 AND lease_owner = ?2",
+                params![id, owner],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_files_or_memory() {
+        let cases = [
+            ("sqlite::memory:", None),
+            ("sqlite://:memory:", None),
+            ("sqlite://agent-runtime.db", Some("agent-runtime.db")),
+            ("sqlite://data/a.db", Some("data/a.db")),
+            ("sqlite:///abs/path/a.db", Some("/abs/path/a.db")),
+            ("sqlite:a.db", Some("a.db")),
+            ("sqlite:/abs/a.db", Some("/abs/a.db")),
+            ("sqlite://a.db?mode=rwc", Some("a.db")),
+        ];
+        for (url, want) in cases {
+            assert_eq!(parse_url(url).unwrap(), want.map(PathBuf::from), "{url}");
+        }
+    }
+
+    #[test]
+    fn empty_or_foreign_urls_are_invalid_requests() {
+        for url in ["sqlite://", "sqlite:", "postgres://x", "sqlite:?mode=rwc"] {
+            assert!(matches!(parse_url(url), Err(Error::InvalidRequest(_))), "{url}");
+        }
+    }
+
+    #[test]
+    fn migrations_end_at_the_schema_version() {
+        assert_eq!(MIGRATIONS.last().map(|(v, _)| *v), Some(SCHEMA_VERSION));
+        for (i, (v, _)) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(*v, i as i64 + 1);
+        }
     }
 }

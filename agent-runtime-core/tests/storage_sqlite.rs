@@ -1,0 +1,143 @@
+//! The storage conformance suite on SQLite (a file shared by two handles, and `:memory:`), plus
+//! the migration rules: a newer schema is refused, reopening an up-to-date database changes nothing.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use agent_runtime_core::Storage;
+use agent_runtime_core::session::NewSession;
+use agent_runtime_core::storage::sqlite::SqliteStorage;
+use agent_runtime_core::storage::{self, SCHEMA_VERSION};
+use agent_runtime_core::{Error, Timestamp};
+use serde_json::json;
+
+/// Two `SqliteStorage`s (two writers, two reader pools) on one fresh temp file. The directory is
+/// leaked so the file outlives the test's handles.
+async fn open_pair() -> (Arc<dyn Storage>, Arc<dyn Storage>) {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let path = dir.join("conformance.db");
+    let a = SqliteStorage::open(&path).await.unwrap();
+    let b = SqliteStorage::open(&path).await.unwrap();
+    (Arc::new(a), Arc::new(b))
+}
+
+mod file {
+    use super::*;
+    agent_runtime_core::storage_conformance_suite!(open_pair);
+}
+
+/// An in-memory database lives in one connection: both handles are the same store.
+async fn open_memory_pair() -> (Arc<dyn Storage>, Arc<dyn Storage>) {
+    let store: Arc<dyn Storage> = Arc::new(SqliteStorage::open_in_memory().await.unwrap());
+    (store.clone(), store)
+}
+
+mod in_memory {
+    use super::*;
+    agent_runtime_core::storage_conformance_suite!(open_memory_pair);
+}
+
+fn new_session(id: &str) -> NewSession {
+    NewSession {
+        id: id.into(),
+        user_id: Some("user_1".into()),
+        metadata: json!({"project_path": "/tmp/p"}),
+        current_agent: "orchestrator".into(),
+        created_at: Timestamp::from_millis(1_704_794_400_000),
+    }
+}
+
+/// Every row of the schema and version tables, as text, to compare a database before and after.
+fn snapshot(path: &Path) -> Vec<String> {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let mut out = vec![];
+    for sql in [
+        "SELECT type || ' ' || name || ' ' || COALESCE(sql, '') FROM sqlite_master ORDER BY name",
+        "SELECT version || ' ' || applied_at FROM schema_version ORDER BY version",
+        "SELECT id || ' ' || last_activity || ' ' || last_event_seq FROM sessions ORDER BY id",
+    ] {
+        let mut stmt = conn.prepare(sql).unwrap();
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).unwrap();
+        out.extend(rows.map(Result::unwrap));
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_newer_schema_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("newer.db");
+    drop(SqliteStorage::open(&path).await.unwrap());
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute(
+        "INSERT INTO schema_version (version, applied_at) VALUES (?1, 0)",
+        [SCHEMA_VERSION + 1],
+    )
+    .unwrap();
+    drop(conn);
+    let before = snapshot(&path);
+    let err = SqliteStorage::open(&path).await.unwrap_err();
+    assert_eq!(
+        err,
+        Error::Database(format!(
+            "database schema version {} is newer than this build supports ({}); upgrade agent-runtime",
+            SCHEMA_VERSION + 1,
+            SCHEMA_VERSION
+        ))
+    );
+    let url = format!("sqlite://{}", path.display());
+    assert_eq!(storage::open(&url).await.unwrap_err(), err);
+    assert_eq!(snapshot(&path), before);
+}
+
+#[tokio::test]
+async fn reopening_an_up_to_date_database_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("current.db");
+    let store = SqliteStorage::open(&path).await.unwrap();
+    let created = store.create_session(new_session("kept")).await.unwrap();
+    drop(store);
+    let before = snapshot(&path);
+    assert_eq!(
+        before
+            .iter()
+            .filter(|l| l.starts_with(&format!("{SCHEMA_VERSION} ")))
+            .count(),
+        1,
+        "{before:?}"
+    );
+    let store = SqliteStorage::open(&path).await.unwrap();
+    assert_eq!(store.get_session("kept").await.unwrap(), created);
+    drop(store);
+    assert_eq!(snapshot(&path), before);
+}
+
+#[tokio::test]
+async fn data_survives_closing_and_reopening_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("durable.db").display());
+    let store = storage::open(&url).await.unwrap();
+    assert_eq!(store.backend(), "sqlite");
+    let created = store.create_session(new_session("durable")).await.unwrap();
+    drop(store);
+    let store = storage::open(&url).await.unwrap();
+    assert_eq!(store.get_session("durable").await.unwrap(), created);
+}
+
+#[tokio::test]
+async fn sqlite_memory_url_opens_a_private_database() {
+    let a = storage::open("sqlite::memory:").await.unwrap();
+    let b = storage::open("sqlite::memory:").await.unwrap();
+    a.create_session(new_session("only_in_a")).await.unwrap();
+    assert_eq!(
+        b.get_session("only_in_a").await,
+        Err(Error::SessionNotFound("only_in_a".into()))
+    );
+}
+
+#[tokio::test]
+async fn an_unopenable_path_is_a_database_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/missing-dir/a.db", dir.path().display());
+    assert!(matches!(storage::open(&url).await, Err(Error::Database(_))));
+}
