@@ -150,6 +150,129 @@ async fn open_in(guard: &SchemaGuard) -> PostgresStorage {
     .expect("connect")
 }
 
+/// A Postgres store that keeps its test schema alive: the schema is dropped when the last handle
+/// on it goes (the conformance cases only get the `Arc<dyn Storage>` pair).
+#[derive(Debug)]
+struct Guarded {
+    store: PostgresStorage,
+    _guard: Arc<SchemaGuard>,
+}
+
+#[async_trait::async_trait]
+impl Storage for Guarded {
+    fn backend(&self) -> &'static str {
+        self.store.backend()
+    }
+    async fn ping(&self) -> agent_runtime_core::Result<()> {
+        self.store.ping().await
+    }
+    async fn create_session(&self, new: NewSession) -> agent_runtime_core::Result<Session> {
+        self.store.create_session(new).await
+    }
+    async fn get_session(&self, id: &str) -> agent_runtime_core::Result<Session> {
+        self.store.get_session(id).await
+    }
+    async fn list_sessions(&self, query: SessionQuery) -> agent_runtime_core::Result<storage::SessionPage> {
+        self.store.list_sessions(query).await
+    }
+    async fn delete_session(&self, id: &str) -> agent_runtime_core::Result<()> {
+        self.store.delete_session(id).await
+    }
+    async fn commit(
+        &self,
+        session_id: &str,
+        commit: Commit,
+    ) -> agent_runtime_core::Result<storage::Committed> {
+        self.store.commit(session_id, commit).await
+    }
+    async fn messages_after(
+        &self,
+        session_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> agent_runtime_core::Result<Vec<Message>> {
+        self.store.messages_after(session_id, after, limit).await
+    }
+    async fn recent_messages(
+        &self,
+        session_id: &str,
+        limit: usize,
+    ) -> agent_runtime_core::Result<Vec<Message>> {
+        self.store.recent_messages(session_id, limit).await
+    }
+    async fn events_after(
+        &self,
+        session_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> agent_runtime_core::Result<Vec<Event>> {
+        self.store.events_after(session_id, after, limit).await
+    }
+    async fn find_request(
+        &self,
+        session_id: &str,
+        request_id: &str,
+    ) -> agent_runtime_core::Result<Option<u64>> {
+        self.store.find_request(session_id, request_id).await
+    }
+    async fn get_approval(&self, session_id: &str, call_id: &str) -> agent_runtime_core::Result<Approval> {
+        self.store.get_approval(session_id, call_id).await
+    }
+    async fn pending_approvals(&self, session_id: &str) -> agent_runtime_core::Result<Vec<Approval>> {
+        self.store.pending_approvals(session_id).await
+    }
+    async fn switch_history(&self, session_id: &str) -> agent_runtime_core::Result<Vec<AgentSwitch>> {
+        self.store.switch_history(session_id).await
+    }
+    async fn get_plan(&self, session_id: &str, plan_id: &str) -> agent_runtime_core::Result<Option<Plan>> {
+        self.store.get_plan(session_id, plan_id).await
+    }
+    async fn acquire_lease(
+        &self,
+        session_id: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> agent_runtime_core::Result<bool> {
+        self.store.acquire_lease(session_id, owner, ttl).await
+    }
+    async fn renew_lease(
+        &self,
+        session_id: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> agent_runtime_core::Result<bool> {
+        self.store.renew_lease(session_id, owner, ttl).await
+    }
+    async fn release_lease(&self, session_id: &str, owner: &str) -> agent_runtime_core::Result<()> {
+        self.store.release_lease(session_id, owner).await
+    }
+}
+
+/// Two handles with separate pools (two "processes") on one fresh schema. The conformance cases
+/// cannot be skipped, so an unreachable Postgres fails them, with the same clear message.
+async fn open_pair() -> (Arc<dyn Storage>, Arc<dyn Storage>) {
+    let Some(guard) = fresh_schema().await else {
+        panic!(
+            "Postgres at {} is unreachable; the conformance cases need it",
+            storage::redact_url(&database_url())
+        );
+    };
+    let a = open_in(&guard).await;
+    let b = open_in(&guard).await;
+    (
+        Arc::new(Guarded {
+            store: a,
+            _guard: guard.clone(),
+        }),
+        Arc::new(Guarded {
+            store: b,
+            _guard: guard,
+        }),
+    )
+}
+
+agent_runtime_core::storage_conformance_suite!(open_pair);
+
 /// One store in a fresh schema (or skip).
 macro_rules! store_or_skip {
     () => {{

@@ -20,6 +20,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRo
 use sqlx::{Connection, Executor, Postgres, QueryBuilder, Row, Transaction};
 use tracing::instrument;
 
+use super::support::{SessionCursor, check_commit, check_page_limit, counted_messages};
 use super::{Commit, Committed, SCHEMA_VERSION, SessionPage, SessionQuery, Storage, redact_url};
 use crate::approval::{Approval, ApprovalResolution, ApprovalStatus, RequestType};
 use crate::error::{Error, Result};
@@ -32,9 +33,6 @@ const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/postgres
 
 /// Advisory lock key that serializes schema creation and migrations across processes.
 const MIGRATION_LOCK_KEY: i64 = 0x6167_656e_7472_7431; // "agentrt1"
-
-/// Prefix of the cursors this backend issues, so a foreign cursor is recognised as such.
-const CURSOR_PREFIX: &str = "pg1.";
 
 /// Columns of `sessions` that make a [`Session`], in the order [`session_from_row`] reads them.
 const SESSION_COLUMNS: &str = "id, user_id, metadata, created_at, last_activity, current_agent, \
@@ -328,35 +326,6 @@ fn request_type_str(t: RequestType) -> &'static str {
     }
 }
 
-/// `true` for user, assistant and tool messages: the ones `message_count` counts.
-fn counts(role: Role) -> bool {
-    matches!(role, Role::User | Role::Assistant | Role::Tool)
-}
-
-/// The cursor that continues after `session`.
-fn encode_cursor(session: &Session) -> String {
-    let hex: String = session.id.bytes().map(|b| format!("{b:02x}")).collect();
-    format!("{CURSOR_PREFIX}{}.{hex}", session.last_activity.as_millis())
-}
-
-/// (last_activity, id) from a cursor of [`encode_cursor`]; `InvalidRequest` for anything else.
-fn decode_cursor(cursor: &str) -> Result<(i64, String)> {
-    let invalid = || Error::InvalidRequest(format!("invalid cursor '{cursor}'"));
-    let rest = cursor.strip_prefix(CURSOR_PREFIX).ok_or_else(invalid)?;
-    let (activity, hex) = rest.split_once('.').ok_or_else(invalid)?;
-    let activity: i64 = activity.parse().map_err(|_| invalid())?;
-    if hex.len() % 2 != 0 || !hex.is_ascii() {
-        return Err(invalid());
-    }
-    let bytes = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
-        .collect::<std::result::Result<Vec<u8>, _>>()
-        .map_err(|_| invalid())?;
-    let id = String::from_utf8(bytes).map_err(|_| invalid())?;
-    Ok((activity, id))
-}
-
 /// The lease's time to live in milliseconds, capped at 100 years (beyond that Postgres's
 /// interval arithmetic overflows, and it is forever anyway).
 fn lease_ttl_millis(ttl: Duration) -> f64 {
@@ -408,12 +377,6 @@ impl PostgresStorage {
 
         // Approvals first, so a commit may insert an approval and resolve it.
         for a in &commit.approvals {
-            if a.session_id != session_id {
-                return Err(Error::InvalidRequest(format!(
-                    "approval '{}' belongs to session '{}', not '{session_id}'",
-                    a.call_id, a.session_id
-                )));
-            }
             sqlx::query(
                 "INSERT INTO approvals (session_id, call_id, tool_name, arguments, reason,
                      request_type, status, created_at, decided_at, feedback, modified_arguments)
@@ -446,12 +409,9 @@ impl PostgresStorage {
         }
 
         // Messages: seqs continue the session's counter, inserted in one statement.
+        let counted = to_i64(counted_messages(&commit), "message count")?;
         let mut messages = Vec::with_capacity(commit.messages.len());
-        let mut counted: i64 = 0;
         for (i, m) in commit.messages.into_iter().enumerate() {
-            if counts(m.role) {
-                counted += 1;
-            }
             let seq = last_message_seq + 1 + i as i64;
             messages.push(Message {
                 seq: to_u64(seq, "message seq")?,
@@ -634,12 +594,6 @@ impl PostgresStorage {
         session_id: &str,
         r: &ApprovalResolution,
     ) -> Result<()> {
-        if r.status == ApprovalStatus::Pending {
-            return Err(Error::InvalidRequest(format!(
-                "a decision on approval '{}' cannot be 'pending'",
-                r.call_id
-            )));
-        }
         let done = sqlx::query(
             "UPDATE approvals SET status = $3, feedback = $4, modified_arguments = $5,
                  decided_at = $6
@@ -723,13 +677,8 @@ impl Storage for PostgresStorage {
 
     #[instrument(skip(self))]
     async fn list_sessions(&self, query: SessionQuery) -> Result<SessionPage> {
-        if !(1..=1000).contains(&query.limit) {
-            return Err(Error::InvalidRequest(format!(
-                "limit must be between 1 and 1000, got {}",
-                query.limit
-            )));
-        }
-        let after = query.cursor.as_deref().map(decode_cursor).transpose()?;
+        check_page_limit(query.limit)?;
+        let after = query.cursor.as_deref().map(SessionCursor::decode).transpose()?;
         let mut q: QueryBuilder<Postgres> =
             QueryBuilder::new(format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE TRUE"));
         if let Some(user_id) = &query.user_id {
@@ -738,11 +687,11 @@ impl Storage for PostgresStorage {
         if let Some(status) = query.status {
             q.push(" AND status = ").push_bind(status.as_str());
         }
-        if let Some((activity, id)) = after {
+        if let Some(after) = after {
             q.push(" AND (last_activity, id) < (")
-                .push_bind(activity)
+                .push_bind(after.last_activity)
                 .push(", ")
-                .push_bind(id)
+                .push_bind(after.id)
                 .push(")");
         }
         q.push(" ORDER BY last_activity DESC, id DESC LIMIT ")
@@ -751,7 +700,9 @@ impl Storage for PostgresStorage {
         let mut sessions = rows.iter().map(session_from_row).collect::<Result<Vec<_>>>()?;
         let next_cursor = if sessions.len() > query.limit {
             sessions.truncate(query.limit);
-            sessions.last().map(encode_cursor)
+            sessions
+                .last()
+                .map(|s| SessionCursor::after(s.last_activity, &s.id).encode())
         } else {
             None
         };
@@ -781,6 +732,7 @@ impl Storage for PostgresStorage {
         events = commit.events.len(),
     ))]
     async fn commit(&self, session_id: &str, commit: Commit) -> Result<Committed> {
+        check_commit(session_id, &commit)?;
         let mut tx = self.pool.begin().await.map_err(Error::database)?;
         // On error `tx` is dropped un-committed: Postgres rolls the whole commit back.
         let committed = Self::commit_in(&mut tx, session_id, commit).await?;
@@ -868,9 +820,14 @@ impl Storage for PostgresStorage {
         .bind(call_id)
         .fetch_optional(&self.pool)
         .await
-        .map_err(Error::database)?
-        .ok_or_else(|| Error::ApprovalNotFound(call_id.to_string()))?;
-        approval_from_row(&row)
+        .map_err(Error::database)?;
+        match row {
+            Some(row) => approval_from_row(&row),
+            None => {
+                self.ensure_session(session_id).await?;
+                Err(Error::ApprovalNotFound(call_id.to_string()))
+            }
+        }
     }
 
     #[instrument(skip(self))]
@@ -923,6 +880,9 @@ impl Storage for PostgresStorage {
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(Error::database)?;
+        if plan.is_none() {
+            self.ensure_session(session_id).await?;
+        }
         plan.map(|p| from_json_text(&p, "plan")).transpose()
     }
 
@@ -966,12 +926,15 @@ impl Storage for PostgresStorage {
         .await
         .map_err(Error::database)?
         .rows_affected();
+        if renewed == 0 {
+            self.ensure_session(session_id).await?;
+        }
         Ok(renewed == 1)
     }
 
     #[instrument(skip(self))]
     async fn release_lease(&self, session_id: &str, owner: &str) -> Result<()> {
-        sqlx::query(
+        let released = sqlx::query(
             "UPDATE sessions SET lease_owner = NULL, lease_expires_at = NULL
              WHERE id = $1 AND lease_owner = $2",
         )
@@ -979,7 +942,11 @@ impl Storage for PostgresStorage {
         .bind(owner)
         .execute(&self.pool)
         .await
-        .map_err(Error::database)?;
+        .map_err(Error::database)?
+        .rows_affected();
+        if released == 0 {
+            self.ensure_session(session_id).await?;
+        }
         Ok(())
     }
 }
@@ -987,34 +954,6 @@ impl Storage for PostgresStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::Value;
-
-    #[test]
-    fn cursors_round_trip_and_foreign_ones_are_refused() {
-        let s = Session {
-            id: "sess.ion-ü".into(),
-            user_id: None,
-            metadata: Value::Null,
-            created_at: Timestamp::from_millis(1),
-            last_activity: Timestamp::from_millis(-5),
-            current_agent: "orchestrator".into(),
-            status: SessionStatus::Idle,
-            message_count: 0,
-            last_message_seq: 0,
-            last_event_seq: 0,
-            usage: Usage::default(),
-            turn_state: None,
-        };
-        assert_eq!(decode_cursor(&encode_cursor(&s)).unwrap(), (-5, s.id.clone()));
-        for bad in [
-            "", "pg1.", "pg1.x.00", "pg1.5.0", "pg1.5.zz", "sq1.5.00", "pg1.5.ff",
-        ] {
-            assert!(
-                matches!(decode_cursor(bad), Err(Error::InvalidRequest(_))),
-                "{bad}"
-            );
-        }
-    }
 
     #[test]
     fn only_plain_schema_names_are_accepted() {
