@@ -1088,3 +1088,66 @@ async fn connection_errors_never_show_the_password() {
         "INVALID_REQUEST"
     );
 }
+
+#[tokio::test]
+async fn nul_characters_in_text_and_json_round_trip() {
+    let (_guard, store) = store_or_skip!();
+    store.create_session(new_session("s1", None, 1)).await.unwrap();
+    let text = "binary\u{0}output\u{0}";
+    let approval = Approval {
+        reason: text.into(),
+        arguments: json!({"content": text}),
+        ..pending_approval("s1", "c1", 2)
+    };
+    let committed = store
+        .commit(
+            "s1",
+            Commit {
+                messages: vec![NewMessage::tool("c0", text, None)],
+                events: vec![token(text)],
+                approvals: vec![approval.clone()],
+                session: SessionUpdate {
+                    turn_state: Some(Some(json!({"partial": text}))),
+                    ..SessionUpdate::default()
+                },
+                ..at(2)
+            },
+        )
+        .await
+        .unwrap();
+    let decided = ApprovalResolution {
+        call_id: "c1".into(),
+        status: ApprovalStatus::Rejected,
+        feedback: Some(text.into()),
+        modified_arguments: None,
+        decided_at: Timestamp::from_millis(3),
+    };
+    store
+        .commit(
+            "s1",
+            Commit {
+                resolutions: vec![decided],
+                ..at(3)
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.messages_after("s1", 0, 10).await.unwrap(),
+        committed.messages
+    );
+    assert_eq!(store.events_after("s1", 0, 10).await.unwrap(), committed.events);
+    assert_eq!(
+        store.get_session("s1").await.unwrap().turn_state,
+        Some(json!({"partial": text}))
+    );
+    assert_eq!(
+        store.get_approval("s1", "c1").await.unwrap(),
+        Approval {
+            status: ApprovalStatus::Rejected,
+            feedback: Some(text.into()),
+            decided_at: Some(Timestamp::from_millis(3)),
+            ..approval
+        }
+    );
+}

@@ -2,6 +2,8 @@
 -- Times are BIGINT milliseconds since the Unix epoch (exact round trip of `Timestamp`), except the
 -- lease expiry, which is compared with the database's own clock. JSON values are stored as TEXT
 -- (serde_json output): the exact text comes back, and Postgres JSONB cannot hold "\u0000".
+-- Free text from tools and humans (message content, approval reason and feedback) is UTF-8 in
+-- BYTEA, because a Postgres TEXT value cannot contain a NUL character and a tool's output can.
 
 CREATE TABLE sessions (
     id                TEXT PRIMARY KEY,
@@ -31,7 +33,7 @@ CREATE TABLE messages (
     session_id   TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
     seq          BIGINT NOT NULL,
     role         TEXT NOT NULL,
-    content      TEXT NOT NULL,
+    content      BYTEA NOT NULL,
     agent        TEXT,
     tool_calls   TEXT,
     tool_call_id TEXT,
@@ -61,12 +63,12 @@ CREATE TABLE approvals (
     call_id            TEXT NOT NULL,
     tool_name          TEXT NOT NULL,
     arguments          TEXT NOT NULL,
-    reason             TEXT NOT NULL,
+    reason             BYTEA NOT NULL,
     request_type       TEXT NOT NULL,
     status             TEXT NOT NULL,
     created_at         BIGINT NOT NULL,
     decided_at         BIGINT,
-    feedback           TEXT,
+    feedback           BYTEA,
     modified_arguments TEXT,
     -- insertion order, to break ties between approvals created in the same millisecond
     ord                BIGINT GENERATED ALWAYS AS IDENTITY,

@@ -7,7 +7,9 @@
 //! the session's length.
 //!
 //! Times are stored as BIGINT milliseconds (the exact value of a [`Timestamp`]); JSON values as
-//! TEXT holding serde_json's output, which comes back byte for byte (JSONB would refuse `\u0000`).
+//! TEXT holding serde_json's output, which comes back byte for byte (JSONB would refuse `\u0000`);
+//! free text that tools or humans write (message content, approval reason and feedback) as UTF-8
+//! BYTEA, since a Postgres TEXT value cannot hold a NUL character and a tool's output may.
 //! Lease expiry is a `timestamptz` compared with `clock_timestamp()`, so processes with skewed
 //! clocks agree on who holds a lease.
 
@@ -237,6 +239,11 @@ where
     row.try_get(col).map_err(Error::database)
 }
 
+/// Free text stored as UTF-8 bytes (BYTEA holds NUL characters, TEXT cannot).
+fn text_from_bytes(bytes: Vec<u8>, what: &str) -> Result<String> {
+    String::from_utf8(bytes).map_err(|_| Error::Database(format!("stored {what} is not UTF-8")))
+}
+
 fn session_from_row(row: &PgRow) -> Result<Session> {
     let status: String = get(row, "status")?;
     let metadata: String = get(row, "metadata")?;
@@ -268,7 +275,7 @@ fn message_from_row(row: &PgRow) -> Result<Message> {
         seq: to_u64(get(row, "seq")?, "message seq")?,
         role: Role::parse(&role)
             .ok_or_else(|| Error::Database(format!("stored message role '{role}' is unknown")))?,
-        content: get(row, "content")?,
+        content: text_from_bytes(get(row, "content")?, "message content")?,
         agent: get(row, "agent")?,
         tool_calls: match tool_calls {
             Some(s) => from_json_text::<Vec<ToolCall>>(&s, "tool_calls")?,
@@ -298,7 +305,7 @@ fn approval_from_row(row: &PgRow) -> Result<Approval> {
         session_id: get(row, "session_id")?,
         tool_name: get(row, "tool_name")?,
         arguments: from_json_text(&arguments, "approval arguments")?,
-        reason: get(row, "reason")?,
+        reason: text_from_bytes(get(row, "reason")?, "approval reason")?,
         request_type: match request_type.as_str() {
             "tool" => RequestType::Tool,
             "plan" => RequestType::Plan,
@@ -312,7 +319,9 @@ fn approval_from_row(row: &PgRow) -> Result<Approval> {
             .ok_or_else(|| Error::Database(format!("stored approval status '{status}' is unknown")))?,
         created_at: Timestamp::from_millis(get(row, "created_at")?),
         decided_at: decided_at.map(Timestamp::from_millis),
-        feedback: get(row, "feedback")?,
+        feedback: get::<Option<Vec<u8>>>(row, "feedback")?
+            .map(|f| text_from_bytes(f, "approval feedback"))
+            .transpose()?,
         modified_arguments: modified
             .map(|s| from_json_text(&s, "modified_arguments"))
             .transpose()?,
@@ -392,12 +401,12 @@ impl PostgresStorage {
             .bind(&a.call_id)
             .bind(&a.tool_name)
             .bind(to_json_text(&a.arguments)?)
-            .bind(&a.reason)
+            .bind(a.reason.as_bytes())
             .bind(request_type_str(a.request_type))
             .bind(a.status.as_str())
             .bind(a.created_at.as_millis())
             .bind(a.decided_at.map(Timestamp::as_millis))
-            .bind(a.feedback.as_deref())
+            .bind(a.feedback.as_deref().map(str::as_bytes))
             .bind(a.modified_arguments.as_ref().map(to_json_text).transpose()?)
             .execute(&mut **tx)
             .await
@@ -433,7 +442,7 @@ impl PostgresStorage {
             for m in &messages {
                 seqs.push(to_i64(m.seq, "message seq")?);
                 roles.push(m.role.as_str().to_string());
-                contents.push(m.content.clone());
+                contents.push(m.content.as_bytes().to_vec());
                 agents.push(m.agent.clone());
                 tool_calls.push(if m.tool_calls.is_empty() {
                     None
@@ -446,7 +455,7 @@ impl PostgresStorage {
                 "INSERT INTO messages (session_id, seq, role, content, agent, tool_calls,
                      tool_call_id, created_at)
                  SELECT $1, t.seq, t.role, t.content, t.agent, t.tool_calls, t.tool_call_id, $8
-                 FROM UNNEST($2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[],
+                 FROM UNNEST($2::BIGINT[], $3::TEXT[], $4::BYTEA[], $5::TEXT[], $6::TEXT[],
                              $7::TEXT[]) AS t(seq, role, content, agent, tool_calls, tool_call_id)",
             )
             .bind(session_id)
@@ -602,7 +611,7 @@ impl PostgresStorage {
         .bind(session_id)
         .bind(&r.call_id)
         .bind(r.status.as_str())
-        .bind(r.feedback.as_deref())
+        .bind(r.feedback.as_deref().map(str::as_bytes))
         .bind(r.modified_arguments.as_ref().map(to_json_text).transpose()?)
         .bind(r.decided_at.as_millis())
         .execute(&mut **tx)
