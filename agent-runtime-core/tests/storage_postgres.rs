@@ -3,6 +3,8 @@
 //!
 //! Under `CI=true` an unreachable server fails the tests; otherwise they are skipped with a notice.
 #![cfg(feature = "postgres")]
+// Test helpers outside #[test] fns: a failed expectation must panic here too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
