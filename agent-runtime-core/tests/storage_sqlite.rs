@@ -1,6 +1,9 @@
 //! The storage conformance suite on SQLite (a file shared by two handles, and `:memory:`), plus
 //! the migration rules: a newer schema is refused, reopening an up-to-date database changes nothing.
 
+// Set-up helpers are not `#[test]` functions, so clippy's test allowance does not reach them.
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 use std::sync::Arc;
 

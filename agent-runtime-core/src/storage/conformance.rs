@@ -713,8 +713,7 @@ pub async fn delete_leaves_nothing_behind(a: Arc<dyn Storage>, b: Arc<dyn Storag
 
 /// Cyrillic, emoji and CJK text, and a 1 MiB message, come back byte for byte.
 pub async fn unicode_and_one_mib_content_round_trip(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
-    let mut new = new_session("юникод-🦀", Some("пользователь"), 0);
-    new.id = "unicode_session".into();
+    let mut new = new_session("unicode_session", Some("пользователь"), 0);
     new.metadata = json!({"project_path": "/home/иван/проект", "emoji": "🚀✨", "漢字": "かな"});
     let created = a.create_session(new.clone()).await.unwrap();
     assert_eq!(created, fresh(&new));

@@ -261,6 +261,7 @@ impl Storage for MemoryStorage {
         })
     }
 
+    #[tracing::instrument(level = "debug", skip(self))]
     async fn delete_session(&self, id: &str) -> Result<()> {
         self.lock()
             .remove(id)
@@ -268,6 +269,8 @@ impl Storage for MemoryStorage {
             .ok_or_else(|| Error::SessionNotFound(id.to_string()))
     }
 
+    #[tracing::instrument(level = "debug", skip(self, commit), fields(
+        messages = commit.messages.len(), events = commit.events.len()))]
     async fn commit(&self, session_id: &str, commit: Commit) -> Result<Committed> {
         check_commit(session_id, &commit)?;
         self.with_session(session_id, |d| apply_commit(d, session_id, commit))
