@@ -1072,3 +1072,154 @@ async fn recover_interrupted_closes_a_turn_left_running_by_a_crash() {
     // The session takes a new message.
     assert_eq!(stop(&h.say_to(&s, "ask", "again").await), StopReason::Completed);
 }
+
+#[tokio::test]
+async fn a_pending_approval_survives_a_restart_on_the_same_postgres_database() {
+    use agent_runtime_core::storage::pg_testing;
+    let Some(guard) = pg_testing::fresh_schema().await else {
+        return;
+    };
+    let project = tempfile::tempdir().unwrap();
+    let store = pg_testing::guarded(&guard).await;
+    let llm = Arc::new(ScriptedBackend::new(vec![Script::tool_call(
+        "write_file",
+        json!({"path": "pg.txt", "content": "from postgres"}),
+    )]));
+    let rt = Orchestrator::builder(store, llm).build().unwrap();
+    let s = rt
+        .create_session(CreateSession {
+            metadata: Some(json!({"project_path": project.path().to_str().unwrap()})),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .id;
+    let events = collect(
+        rt.submit(
+            &s,
+            Submission::new(ClientMessage::UserMessage {
+                content: "write".into(),
+                agent_type: Some("coder".into()),
+            }),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    let id = call_ids(&events)[0].clone();
+    drop(rt);
+
+    // A new runtime (a new pool: as after a process restart) over the same database.
+    let store = pg_testing::guarded(&guard).await;
+    let llm = Arc::new(ScriptedBackend::new(vec![Script::text("continued")]));
+    let rt = Orchestrator::builder(store, llm).build().unwrap();
+    assert_eq!(rt.pending_approvals(&s).await.unwrap().len(), 1);
+    let events = collect(
+        rt.submit(&s, Submission::new(hitl(&id, "approve")))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        payloads(&events)[payloads(&events).len() - 2],
+        complete("continued")
+    );
+    assert_eq!(
+        std::fs::read_to_string(project.path().join("pg.txt")).unwrap(),
+        "from postgres"
+    );
+    assert_history_valid(rt.storage(), &s).await;
+}
+
+#[tokio::test]
+async fn the_event_bus_tells_the_exact_story_of_a_turn_with_one_approval() {
+    use agent_runtime_core::events::{BusEventKind, BusFilter};
+    let h = harness(vec![
+        route("coder"),
+        Script::tool_call("write_file", json!({"path": "w.txt", "content": "w"})),
+        Script::text("done"),
+    ])
+    .await;
+    let mut sub = h.rt.subscribe(BusFilter::default());
+    let s = h.session().await;
+    let events = h.say(&s, "write w").await;
+    let id = call_ids(&events)[0].clone();
+    h.decide(&s, &id, "approve", None, None).await;
+    let mut kinds = vec![];
+    while let Some(Ok(e)) = sub.try_recv() {
+        assert_eq!(e.session_id, s);
+        kinds.push(e.kind);
+    }
+    use BusEventKind::*;
+    assert_eq!(
+        kinds,
+        vec![
+            SessionCreated,
+            TurnStarted,
+            AgentSwitched,
+            ApprovalRequested,
+            TurnCompleted,
+            ApprovalApproved,
+            TurnStarted,
+            ToolExecuted,
+            TurnCompleted
+        ]
+    );
+}
+
+#[tokio::test]
+async fn the_window_sent_to_the_model_is_the_newest_messages_of_a_100k_history() {
+    use agent_runtime_core::session::NewMessage;
+    use agent_runtime_core::storage::Commit;
+    let store: Arc<dyn Storage> = Arc::new(agent_runtime_core::storage::memory::MemoryStorage::new());
+    let llm = Arc::new(ScriptedBackend::new(vec![Script::text("still here")]));
+    let config = RuntimeConfig {
+        max_context_messages: 20,
+        ..RuntimeConfig::default()
+    };
+    let rt = Orchestrator::builder(store.clone(), llm.clone())
+        .config(config)
+        .build()
+        .unwrap();
+    let s = rt.create_session(CreateSession::default()).await.unwrap().id;
+    for chunk in 0..100 {
+        let messages = (0..1000)
+            .map(|i| {
+                let n = chunk * 1000 + i;
+                if n % 2 == 0 {
+                    NewMessage::user(format!("question {n}"), None)
+                } else {
+                    NewMessage::assistant(format!("answer {n}"), None, vec![])
+                }
+            })
+            .collect();
+        store
+            .commit(
+                &s,
+                Commit {
+                    messages,
+                    ..Commit::now()
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let events = collect(
+        rt.submit(
+            &s,
+            Submission::new(ClientMessage::UserMessage {
+                content: "and now?".into(),
+                agent_type: Some("ask".into()),
+            }),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(stop(&events), StopReason::Completed);
+    let sent = &llm.requests()[0].messages;
+    assert_eq!(sent.len(), 21, "the system prompt and the 20 newest messages");
+    assert_eq!(sent[1].content, "answer 99981");
+    assert_eq!(sent[20].content, "and now?");
+    assert_eq!(rt.get_session(&s).await.unwrap().message_count, 100_002);
+}
