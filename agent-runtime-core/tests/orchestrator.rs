@@ -1223,3 +1223,179 @@ async fn the_window_sent_to_the_model_is_the_newest_messages_of_a_100k_history()
     assert_eq!(sent[20].content, "and now?");
     assert_eq!(rt.get_session(&s).await.unwrap().message_count, 100_002);
 }
+
+fn plan_script() -> Script {
+    Script::tool_call(
+        "propose_plan",
+        json!({"goal": "Auth module", "subtasks": [
+            {"description": "Design the auth flow", "agent": "architect"},
+            {"description": "Implement it", "agent": "coder"}]}),
+    )
+}
+
+fn plan_events(events: &[Event]) -> Vec<(String, Vec<String>)> {
+    events
+        .iter()
+        .filter_map(|e| match &e.payload {
+            EventPayload::PlanProposed(p) => Some((
+                "proposed".to_string(),
+                p.subtasks.iter().map(|s| s.status.clone()).collect(),
+            )),
+            EventPayload::PlanUpdated(p) => Some((
+                "updated".to_string(),
+                p.subtasks.iter().map(|s| s.status.clone()).collect(),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_approved_plan_runs_its_subtasks_in_order_on_their_agents() {
+    let h = harness(vec![
+        route("plan"),
+        plan_script(),
+        Script::text("Design done"),
+        Script::text("Code done"),
+    ])
+    .await;
+    let s = h.session().await;
+    let events = h.say(&s, "Build a whole auth module").await;
+    assert_eq!(stop(&events), StopReason::AwaitingApproval);
+    assert_eq!(
+        plan_events(&events),
+        vec![("proposed".into(), vec!["pending".into(), "pending".into()])]
+    );
+    let pending = h.rt.pending_approvals(&s).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    let plan_id = pending[0].call_id.clone();
+    assert_eq!(
+        pending[0].request_type,
+        agent_runtime_core::approval::RequestType::Plan
+    );
+    assert_eq!(
+        h.llm.requests()[1].tool_choice,
+        ToolChoice::Function("propose_plan".into())
+    );
+
+    let events = h.decide(&s, &plan_id, "approve", None, None).await;
+    assert_eq!(stop(&events), StopReason::Completed);
+    let st = |a: &str, b: &str| vec![a.to_string(), b.to_string()];
+    assert_eq!(
+        plan_events(&events),
+        vec![
+            ("updated".into(), st("in_progress", "pending")),
+            ("updated".into(), st("completed", "pending")),
+            ("updated".into(), st("completed", "in_progress")),
+            ("updated".into(), st("completed", "completed")),
+        ]
+    );
+    let switches: Vec<EventPayload> = payloads(&events)
+        .into_iter()
+        .filter(|p| matches!(p, EventPayload::AgentSwitched { .. }))
+        .collect();
+    assert_eq!(
+        switches,
+        vec![
+            switched("orchestrator", "architect", "Plan step 1 of 2"),
+            switched("architect", "coder", "Plan step 2 of 2")
+        ]
+    );
+    let requests = h.llm.requests();
+    assert_eq!(
+        requests[2].messages[0].content,
+        h.rt.agent_registry().get("architect").unwrap().system_prompt
+    );
+    assert_eq!(
+        requests[2].messages.last().unwrap().content,
+        "Plan step 1 of 2 (goal: Auth module): Design the auth flow"
+    );
+    assert_eq!(
+        requests[3].messages[0].content,
+        h.rt.agent_registry().get("coder").unwrap().system_prompt
+    );
+    let stored = h.rt.storage().get_plan(&s, &plan_id).await.unwrap().unwrap();
+    assert!(stored.subtasks.iter().all(|t| t.status == "completed"));
+}
+
+#[tokio::test]
+async fn an_edited_plan_runs_as_edited_and_a_rejected_one_is_answered_without() {
+    let h = harness(vec![route("plan"), plan_script(), Script::text("Only the docs")]).await;
+    let s = h.session().await;
+    h.say(&s, "Build a whole auth module").await;
+    let plan_id = h.rt.pending_approvals(&s).await.unwrap()[0].call_id.clone();
+    let bad =
+        h.rt.submit(
+            &s,
+            Submission::new(ClientMessage::HitlDecision(HitlDecision {
+                call_id: plan_id.clone(),
+                decision: "edit".into(),
+                modified_arguments: Some(
+                    json!({"goal": "x", "subtasks": [{"description": "d", "agent": "pirate"}]}),
+                ),
+                feedback: None,
+            })),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), "INVALID_TOOL");
+    let events = h
+        .decide(&s, &plan_id, "edit", Some(json!({"goal": "Docs only", "subtasks": [{"description": "Write docs", "agent": "architect"}]})), None)
+        .await;
+    assert_eq!(plan_events(&events).len(), 2);
+    assert_eq!(stop(&events), StopReason::Completed);
+
+    let h = harness(vec![
+        route("plan"),
+        plan_script(),
+        Script::text("Here is a direct answer"),
+    ])
+    .await;
+    let s = h.session().await;
+    h.say(&s, "Build a whole auth module").await;
+    let plan_id = h.rt.pending_approvals(&s).await.unwrap()[0].call_id.clone();
+    let events = h.decide(&s, &plan_id, "reject", None, Some("too big")).await;
+    assert_eq!(plan_events(&events), vec![]);
+    assert_eq!(
+        payloads(&events)[payloads(&events).len() - 2],
+        complete("Here is a direct answer")
+    );
+    assert_eq!(
+        h.rt.current_agent(&s).await.unwrap().current_agent.agent_type,
+        "orchestrator"
+    );
+}
+
+#[tokio::test]
+async fn a_plan_awaiting_approval_resumes_after_a_restart_and_a_new_message_cancels_it() {
+    let h = harness(vec![route("plan"), plan_script()]).await;
+    let s = h.session().await;
+    h.say(&s, "Build a whole auth module").await;
+    let plan_id = h.rt.pending_approvals(&s).await.unwrap()[0].call_id.clone();
+    drop(h.rt);
+    let store = storage::open(&h.db_url).await.unwrap();
+    let rt = Orchestrator::builder(
+        store,
+        Arc::new(ScriptedBackend::new(vec![Script::text("d1"), Script::text("d2")])),
+    )
+    .build()
+    .unwrap();
+    let events = collect(
+        rt.submit(&s, Submission::new(hitl(&plan_id, "approve")))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(stop(&events), StopReason::Completed);
+    assert_eq!(plan_events(&events).len(), 4);
+
+    let h = harness(vec![route("plan"), plan_script(), Script::text("ok")]).await;
+    let s = h.session().await;
+    h.say(&s, "Build a whole auth module").await;
+    let plan_id = h.rt.pending_approvals(&s).await.unwrap()[0].call_id.clone();
+    h.say_to(&s, "ask", "forget it").await;
+    assert_eq!(
+        h.rt.storage().get_approval(&s, &plan_id).await.unwrap().status,
+        ApprovalStatus::Cancelled
+    );
+}

@@ -11,7 +11,10 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
 
-use super::routing::{self, ROUTE_TOOL, SWITCH_TOOL};
+use super::routing::{self, SWITCH_TOOL};
+
+#[path = "plan.rs"]
+mod plan;
 use super::stream::{EventStream, Follow};
 use super::{CancelOutcome, Inner, Submission};
 use crate::approval::{
@@ -62,6 +65,9 @@ struct TurnState {
     auto_switches: u32,
     usage: Usage,
     open_calls: Vec<OpenCall>,
+    /// The approved plan this turn carries out, if any.
+    #[serde(default)]
+    plan: Option<plan::PlanRun>,
 }
 
 impl TurnState {
@@ -202,8 +208,53 @@ impl Turn {
         Ok(())
     }
 
-    /// The orchestrator's routing call; the keyword classifier when it fails.
-    async fn route(&mut self, content: &str) -> Result<()> {
+    /// A forced function call (`tool_choice` names it): the arguments the model wrote, or `None`
+    /// when the call failed. Its tokens count toward the turn's usage.
+    async fn forced_call(
+        &mut self,
+        system: String,
+        user: &str,
+        spec: crate::protocol::ToolSpec,
+    ) -> Option<String> {
+        let name = spec.name.clone();
+        let req = ChatRequest {
+            messages: vec![
+                chat(ChatRole::System, system),
+                chat(ChatRole::User, user.to_string()),
+            ],
+            tools: vec![spec],
+            tool_choice: ToolChoice::Function(name.clone()),
+            temperature: Some(0.0),
+            max_tokens: Some(500),
+        };
+        let answered = tokio::select! {
+            r = self.rt.llm.complete(req.clone()) => r,
+            _ = self.cancel.cancelled() => return None,
+        };
+        match answered {
+            Ok(c) => {
+                self.state.usage += c
+                    .usage
+                    .unwrap_or_else(|| self.count_usage(&req, &c.text, &c.tool_calls));
+                // Weak models sometimes write the call as JSON text instead of a structured call.
+                Some(
+                    c.tool_calls
+                        .into_iter()
+                        .find(|t| t.name == name)
+                        .map(|t| t.arguments)
+                        .unwrap_or(c.text),
+                )
+            }
+            Err(e) => {
+                warn!(error = %e, function = %name, "forced function call failed");
+                None
+            }
+        }
+    }
+
+    /// The orchestrator's routing call (the keyword classifier when it fails). Returns a pause
+    /// when the orchestrator proposed a plan instead of routing once.
+    async fn route(&mut self, content: &str) -> Result<Option<StopReason>> {
         let candidates: Vec<String> = self
             .rt
             .agents
@@ -212,55 +263,51 @@ impl Turn {
             .filter(|t| *t != self.rt.config.default_agent)
             .collect();
         if candidates.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let described: Vec<(String, String)> = candidates
             .iter()
             .filter_map(|t| self.rt.agents.get(t).map(|a| (t.clone(), a.description.clone())))
             .collect();
-        let req = ChatRequest {
-            messages: vec![
-                chat(ChatRole::System, routing::route_prompt(&described)),
-                chat(ChatRole::User, content.to_string()),
-            ],
-            tools: vec![routing::route_spec(&candidates)],
-            tool_choice: ToolChoice::Function(ROUTE_TOOL.into()),
-            temperature: Some(0.0),
-            max_tokens: Some(200),
-        };
-        let routed = tokio::select! {
-            r = self.rt.llm.complete(req.clone()) => r,
-            _ = self.cancel.cancelled() => return Ok(()),
-        };
-        let decision = match routed {
-            Ok(c) => {
-                self.state.usage += c
-                    .usage
-                    .unwrap_or_else(|| self.count_usage(&req, &c.text, &c.tool_calls));
-                let args = c
-                    .tool_calls
-                    .first()
-                    .map(|t| t.arguments.clone())
-                    .unwrap_or(c.text);
-                routing::parse_route(&args, &candidates)
+        let plans = self.rt.config.plans_enabled;
+        let mut choices = candidates.clone();
+        if plans {
+            choices.push(routing::PLAN_CHOICE.to_string());
+        }
+        let args = self
+            .forced_call(
+                routing::route_prompt(&described, plans),
+                content,
+                routing::route_spec(&choices),
+            )
+            .await;
+        let decision = args.and_then(|a| routing::parse_route(&a, &choices));
+        if let Some((choice, _)) = &decision
+            && choice == routing::PLAN_CHOICE
+        {
+            if self.propose_plan(content, &candidates).await? {
+                return Ok(Some(StopReason::AwaitingApproval));
             }
-            Err(e) => {
-                warn!(error = %e, "routing call failed; using the keyword classifier");
-                None
-            }
-        };
+        }
         let (agent, reason) = match decision {
-            Some((a, r)) if r.is_empty() => (a, "Routed by the orchestrator".to_string()),
-            Some(d) => d,
-            None => {
+            Some((a, r)) if a != routing::PLAN_CHOICE => (
+                a,
+                if r.is_empty() {
+                    "Routed by the orchestrator".to_string()
+                } else {
+                    r
+                },
+            ),
+            _ => {
                 let (a, r) = routing::classify_by_keywords(content);
                 (a.to_string(), r.to_string())
             }
         };
         if !self.rt.agents.contains(&agent) {
-            return Ok(());
+            return Ok(None);
         }
-        self.switch_to(&agent, &reason, true).await
+        self.switch_to(&agent, &reason, true).await?;
+        Ok(None)
     }
 
     fn count_usage(&self, req: &ChatRequest, text: &str, calls: &[ChatToolCall]) -> Usage {
@@ -852,6 +899,7 @@ impl Turn {
                 ),
             };
             self.close_open_calls(why, code).await?;
+            self.abandon_plan(why).await?;
         }
         let mut events = Vec::new();
         if let Some(e) = &error {
@@ -905,10 +953,11 @@ impl Turn {
                 );
                 let routed = match route {
                     Some(content) => self.route(&content).await,
-                    None => Ok(()),
+                    None => Ok(None),
                 };
                 match routed {
-                    Ok(()) => self.run_loop().await,
+                    Ok(Some(pause)) => Ok(pause),
+                    Ok(None) => self.run_plan().await,
                     Err(e) => Err(e),
                 }
             }
@@ -1211,8 +1260,9 @@ async fn start(
                 SessionStatus::AwaitingApproval | SessionStatus::AwaitingToolResult
             );
             if paused {
-                turn.close_open_calls("cancelled: the user sent a new message", "CANCELLED")
-                    .await?;
+                let why = "cancelled: the user sent a new message";
+                turn.close_open_calls(why, "CANCELLED").await?;
+                turn.abandon_plan(why).await?;
             }
             turn.state = TurnState::fresh();
             check_fits(rt, &turn.session, agent_type.as_deref(), &content)?;
@@ -1265,8 +1315,9 @@ async fn start(
                 SessionStatus::AwaitingApproval | SessionStatus::AwaitingToolResult
             );
             if paused && content.is_some() {
-                turn.close_open_calls("cancelled: the user sent a new message", "CANCELLED")
-                    .await?;
+                let why = "cancelled: the user sent a new message";
+                turn.close_open_calls(why, "CANCELLED").await?;
+                turn.abandon_plan(why).await?;
             }
             if let Some(text) = &content {
                 check_fits(rt, &turn.session, Some(&agent_type), text)?;
@@ -1420,6 +1471,9 @@ async fn decide(turn: &mut Turn, d: HitlDecision, request_id: Option<String>) ->
     let approval = turn.rt.storage.get_approval(turn.id(), &d.call_id).await?;
     if approval.status != ApprovalStatus::Pending {
         return Err(Error::ApprovalAlreadyDecided(d.call_id));
+    }
+    if approval.request_type == RequestType::Plan {
+        return plan::decide_plan(turn, d, request_id).await;
     }
     let open = turn
         .state
