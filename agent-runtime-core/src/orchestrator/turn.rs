@@ -284,10 +284,9 @@ impl Turn {
         let decision = args.and_then(|a| routing::parse_route(&a, &choices));
         if let Some((choice, _)) = &decision
             && choice == routing::PLAN_CHOICE
+            && self.propose_plan(content, &candidates).await?
         {
-            if self.propose_plan(content, &candidates).await? {
-                return Ok(Some(StopReason::AwaitingApproval));
-            }
+            return Ok(Some(StopReason::AwaitingApproval));
         }
         let (agent, reason) = match decision {
             Some((a, r)) if a != routing::PLAN_CHOICE => (
