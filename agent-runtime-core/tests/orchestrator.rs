@@ -1399,3 +1399,137 @@ async fn a_plan_awaiting_approval_resumes_after_a_restart_and_a_new_message_canc
         ApprovalStatus::Cancelled
     );
 }
+
+#[tokio::test]
+async fn a_model_that_ignores_auto_tool_choice_is_led_by_forced_calls() {
+    use agent_runtime_core::llm::Capabilities;
+    let db = tempfile::tempdir().unwrap();
+    let store = storage::open(&format!("sqlite://{}", db.path().join("w.db").display()))
+        .await
+        .unwrap();
+    let llm = Arc::new(
+        ScriptedBackend::new(vec![
+            Script::tool_call("next_step", json!({"action": "read_file"})),
+            Script::tool_call("read_file", json!({"path": "notes.txt"})),
+            Script::tool_call("next_step", json!({"action": "answer"})),
+            Script::text("The notes say hello"),
+        ])
+        .with_capabilities(Capabilities::llama_cpp_python()),
+    );
+    let config = RuntimeConfig {
+        hitl_enabled: false,
+        ..RuntimeConfig::default()
+    };
+    let rt = Orchestrator::builder(store, llm.clone())
+        .config(config)
+        .build()
+        .unwrap();
+    let project = tempfile::tempdir().unwrap();
+    std::fs::write(project.path().join("notes.txt"), "hello\n").unwrap();
+    let s = rt
+        .create_session(CreateSession {
+            metadata: Some(json!({"project_path": project.path().to_str().unwrap()})),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .id;
+    let events = collect(
+        rt.submit(
+            &s,
+            Submission::new(ClientMessage::UserMessage {
+                content: "read notes".into(),
+                agent_type: Some("ask".into()),
+            }),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    let results = tool_results(&events);
+    assert_eq!(results.len(), 1);
+    assert!(
+        results[0].1.as_ref().unwrap().as_str().unwrap().contains("hello"),
+        "{results:?}"
+    );
+    let p = payloads(&events);
+    assert_eq!(p[p.len() - 2], complete("The notes say hello"));
+    let choices: Vec<ToolChoice> = llm.requests().iter().map(|r| r.tool_choice.clone()).collect();
+    assert_eq!(
+        choices,
+        vec![
+            ToolChoice::Function("next_step".into()),
+            ToolChoice::Function("read_file".into()),
+            ToolChoice::Function("next_step".into()),
+            ToolChoice::Auto,
+        ]
+    );
+    assert!(
+        llm.requests()[3].tools.is_empty(),
+        "the answer is streamed without tools"
+    );
+}
+
+#[tokio::test]
+async fn a_tool_call_written_as_json_text_is_recognised() {
+    let config = RuntimeConfig {
+        hitl_enabled: false,
+        ..RuntimeConfig::default()
+    };
+    let h = harness_with(
+        vec![
+            Script::text(r#"{"name": "list_files", "arguments": {"path": "."}}"#),
+            Script::text("Listed"),
+        ],
+        config,
+    )
+    .await;
+    let s = h.session().await;
+    let events = h.say_to(&s, "ask", "what is here").await;
+    let results = tool_results(&events);
+    assert_eq!(results.len(), 1, "{events:?}");
+    assert_eq!(results[0].0, "list_files");
+    assert_eq!(stop(&events), StopReason::Completed);
+    assert_history_valid(h.rt.storage(), &s).await;
+}
+
+#[tokio::test]
+async fn the_same_call_a_third_time_stops_the_turn_as_a_loop() {
+    let config = RuntimeConfig {
+        hitl_enabled: false,
+        ..RuntimeConfig::default()
+    };
+    let same = || Script::tool_call("list_files", json!({"path": "."}));
+    let h = harness_with(vec![same(), same(), same(), Script::text("never")], config).await;
+    let s = h.session().await;
+    let events = h.say_to(&s, "ask", "list").await;
+    let p = payloads(&events);
+    assert!(
+        matches!(&p[p.len() - 2], EventPayload::Error { code, message } if code == "INVALID_TOOL" && message.starts_with("loop detected")),
+        "{p:?}"
+    );
+    assert_eq!(tool_results(&events).len(), 3);
+    assert_eq!(h.llm.requests().len(), 3);
+    assert_history_valid(h.rt.storage(), &s).await;
+}
+
+#[tokio::test]
+async fn agents_handing_a_turn_back_and_forth_are_stopped() {
+    let to = |a: &str| Script::tool_call("switch_agent", json!({"agent_type": a}));
+    let h = harness(vec![
+        to("ask"),
+        to("coder"),
+        to("ask"),
+        to("coder"),
+        Script::text("never"),
+    ])
+    .await;
+    let s = h.session().await;
+    let events = h.say_to(&s, "coder", "who answers?").await;
+    let p = payloads(&events);
+    assert!(
+        matches!(&p[p.len() - 2], EventPayload::Error { code, message } if code == "AGENT_SWITCH_LIMIT" && message.starts_with("agent ping-pong")),
+        "{p:?}"
+    );
+    assert_history_valid(h.rt.storage(), &s).await;
+}

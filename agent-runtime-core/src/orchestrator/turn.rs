@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -13,6 +12,10 @@ use tracing::{Instrument, info_span, warn};
 
 use super::routing::{self, SWITCH_TOOL};
 
+#[path = "guard.rs"]
+mod guard;
+#[path = "model.rs"]
+mod model;
 #[path = "plan.rs"]
 mod plan;
 use super::stream::{EventStream, Follow};
@@ -25,7 +28,7 @@ use crate::config::ToolExecution;
 use crate::context::{ContextLimits, build_window, truncate_output};
 use crate::error::{Error, Result};
 use crate::events::BusEventKind;
-use crate::llm::{ChatMessage, ChatRequest, ChatRole, ChatToolCall, Chunk, ToolCallAssembler, ToolChoice};
+use crate::llm::{ChatMessage, ChatRequest, ChatRole, ChatToolCall, ToolChoice};
 use crate::protocol::{AssistantMessage, ClientMessage, EventPayload, HitlDecision, StopReason, ToolError};
 use crate::session::{AgentSwitch, Message, NewMessage, Role, Session, SessionStatus, ToolCall, Usage};
 use crate::storage::{Commit, Committed, SessionQuery, SessionUpdate};
@@ -68,6 +71,9 @@ struct TurnState {
     /// The approved plan this turn carries out, if any.
     #[serde(default)]
     plan: Option<plan::PlanRun>,
+    /// Loop and ping-pong detection.
+    #[serde(default)]
+    guard: guard::Guard,
 }
 
 impl TurnState {
@@ -181,6 +187,7 @@ impl Turn {
                     self.rt.config.max_agent_switches
                 )));
             }
+            self.state.guard.switch(&self.session.current_agent, to)?;
             self.state.auto_switches += 1;
         }
         let from = self.agent();
@@ -366,43 +373,10 @@ impl Turn {
             temperature: self.rt.config.temperature,
             max_tokens: None,
         };
-        let mut stream = tokio::select! {
-            s = self.rt.llm.stream(req.clone()) => s?,
-            _ = self.cancel.cancelled() => return Err(cancelled()),
-        };
-        let mut text = String::new();
-        let mut assembler = ToolCallAssembler::default();
-        let mut reported: Option<Usage> = None;
-        loop {
-            let chunk = tokio::select! {
-                c = stream.next() => c,
-                _ = self.cancel.cancelled() => return Err(cancelled()),
-            };
-            match chunk {
-                None => break,
-                Some(Err(e)) => return Err(e),
-                Some(Ok(Chunk::Text(t))) if !t.is_empty() => {
-                    text.push_str(&t);
-                    self.emit(EventPayload::AssistantMessage(AssistantMessage::Token {
-                        token: t,
-                    }))
-                    .await?;
-                }
-                Some(Ok(Chunk::ToolCallDelta {
-                    index,
-                    id,
-                    name,
-                    arguments,
-                })) => assembler.push(index, id.as_deref(), name.as_deref(), &arguments),
-                Some(Ok(Chunk::Usage(u))) => reported = Some(u),
-                Some(Ok(_)) => {}
-            }
-        }
-        drop(stream);
+        let answer = self.ask_model(req).await?;
         self.state.iterations += 1;
-        let calls = assembler.finish();
-        let usage = reported.unwrap_or_else(|| self.count_usage(&req, &text, &calls));
-        self.state.usage += usage;
+        self.state.usage += answer.usage;
+        let (text, calls, usage) = (answer.text, answer.calls, answer.usage);
 
         let mut stored_calls = Vec::with_capacity(calls.len());
         for c in calls {
@@ -600,6 +574,7 @@ impl Turn {
                     truncate_output(raw, 200)
                 );
                 self.refuse(&call, ToolFailure::Invalid(msg)).await?;
+                self.state.guard.invalid_call()?;
                 continue;
             }
             if call.tool_name == SWITCH_TOOL && self.auto_switching() {
@@ -608,7 +583,12 @@ impl Turn {
             }
             if let Err(f) = self.check_call(&call.tool_name, &call.arguments) {
                 self.refuse(&call, f).await?;
+                self.state.guard.invalid_call()?;
                 continue;
+            }
+            if let Err(e) = self.state.guard.valid_call(&call.tool_name, &call.arguments) {
+                self.refuse(&call, ToolFailure::Invalid(e.to_string())).await?;
+                return Err(e);
             }
             let agent = self.agent();
             let name = canonical_tool_name(&call.tool_name).to_string();
