@@ -146,9 +146,9 @@ fn parse_bool(var: &str, v: &str) -> Result<bool> {
     }
 }
 
-fn parse_num<T: std::str::FromStr>(var: &str, v: &str, min: T) -> Result<T>
+fn parse_num<T>(var: &str, v: &str, min: T) -> Result<T>
 where
-    T: PartialOrd + std::fmt::Display + Copy,
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
 {
     let n: T = v
         .trim()

@@ -1,5 +1,7 @@
 //! The built-in tools against real files, real git repositories and real processes in temp dirs.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers outside #[test]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;

@@ -365,6 +365,18 @@ pub async fn collect(mut stream: ChunkStream) -> Result<Completion> {
 ///
 /// Some servers repeat the id and the name in every chunk: they are taken from the first chunk that
 /// has them (non-empty) and never concatenated; only argument pieces are joined.
+///
+/// ```
+/// use agent_runtime_core::llm::{ChatToolCall, ToolCallAssembler};
+///
+/// let mut calls = ToolCallAssembler::new();
+/// calls.push(0, Some("call_1"), Some("get_weather"), "{\"city\":");
+/// calls.push(0, Some("call_1"), Some("get_weather"), " \"Paris\"}");
+/// assert_eq!(
+///     calls.finish(),
+///     vec![ChatToolCall::new("call_1", "get_weather", r#"{"city": "Paris"}"#)]
+/// );
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct ToolCallAssembler {
     calls: BTreeMap<usize, ChatToolCallParts>,

@@ -218,12 +218,12 @@ impl OpenAiBackend {
             Err(_) => return Err(AttemptError::down(first_byte(), false)),
             Ok(Err(e)) => {
                 let what = if e.is_connect() {
-                    "cannot connect to"
+                    "cannot connect to the model server"
                 } else {
-                    "request to"
+                    "request to the model server failed"
                 };
                 return Err(AttemptError::down(
-                    Error::Llm(format!("{what} model server failed: {}", describe(&e))),
+                    Error::Llm(format!("{what}: {}", describe(&e))),
                     true,
                 ));
             }
@@ -463,6 +463,11 @@ impl Live {
             }
             match self.read_more(self.idle_timeout).await {
                 Ok(()) => {}
+                // The answer was complete, only `[DONE]` is missing: finish instead of failing.
+                Err(ReadError::Timeout) if self.decoder.has_finish() => match self.decoder.finish() {
+                    Ok(chunks) => self.pending.extend(chunks),
+                    Err(e) => return Some(Err(e)),
+                },
                 Err(ReadError::Timeout) => {
                     return Some(Err(Error::Llm(format!(
                         "model stream idle for {}",

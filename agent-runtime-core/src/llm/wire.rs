@@ -162,6 +162,11 @@ impl ChunkDecoder {
         self.done
     }
 
+    /// A `finish_reason` came (the answer is complete even if `[DONE]` never does).
+    pub fn has_finish(&self) -> bool {
+        self.finish.is_some()
+    }
+
     /// Feeds a piece of the body; returns the chunks it completed.
     pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<Chunk>> {
         let mut out = VecDeque::new();

@@ -304,12 +304,12 @@ impl Orchestrator {
             Some(Value::Object(m)) => Value::Object(m),
             Some(_) => return Err(Error::InvalidRequest("metadata must be a JSON object".into())),
         };
-        if let Some(mode) = metadata.get("tool_execution") {
-            if mode.as_str().and_then(ToolExecution::parse).is_none() {
-                return Err(Error::InvalidRequest(
-                    "metadata.tool_execution must be \"runtime\" or \"client\"".into(),
-                ));
-            }
+        if let Some(mode) = metadata.get("tool_execution")
+            && mode.as_str().and_then(ToolExecution::parse).is_none()
+        {
+            return Err(Error::InvalidRequest(
+                "metadata.tool_execution must be \"runtime\" or \"client\"".into(),
+            ));
         }
         if let Some(p) = metadata.get("project_path") {
             let p = p

@@ -37,8 +37,8 @@ enum CallState {
     New,
     /// Waiting for a human decision.
     AwaitingApproval,
-    /// Cleared to run with these arguments.
-    Ready { arguments: Value },
+    /// Cleared to run with these arguments (the proposal, or the human's edit).
+    Ready { run_arguments: Value },
     /// Rejected by the human.
     Rejected { feedback: Option<String> },
     /// Waiting for the client's result.
@@ -50,6 +50,7 @@ struct OpenCall {
     call_id: String,
     tool_name: String,
     arguments: Value,
+    #[serde(flatten)]
     state: CallState,
 }
 
@@ -64,7 +65,7 @@ struct TurnState {
 }
 
 impl TurnState {
-    fn new() -> Self {
+    fn fresh() -> Self {
         TurnState {
             turn_id: format!("turn_{}", uuid::Uuid::new_v4().simple()),
             ..TurnState::default()
@@ -76,7 +77,7 @@ impl TurnState {
             .turn_state
             .clone()
             .and_then(|v| serde_json::from_value(v).ok())
-            .unwrap_or_else(TurnState::new)
+            .unwrap_or_else(TurnState::fresh)
     }
 
     fn to_value(&self) -> Value {
@@ -135,14 +136,20 @@ impl Turn {
     }
 
     /// Commits under this process's lease, publishes the events, and keeps the session current.
-    async fn commit(&mut self, mut c: Commit, with_state: bool) -> Result<Committed> {
+    async fn commit(&mut self, c: Commit, with_state: bool) -> Result<Committed> {
+        let committed = self.commit_quietly(c, with_state).await?;
+        self.rt.hubs.publish(&self.session.id, &committed.events);
+        Ok(committed)
+    }
+
+    /// Commits without publishing (the caller publishes once the session is free again).
+    async fn commit_quietly(&mut self, mut c: Commit, with_state: bool) -> Result<Committed> {
         c.at = Some(Timestamp::now());
         c.lease_owner = Some(self.rt.owner.clone());
         if with_state {
             c.session.turn_state = Some(Some(self.state.to_value()));
         }
         let committed = self.rt.storage.commit(&self.session.id, c).await?;
-        self.rt.hubs.publish(&self.session.id, &committed.events);
         self.session = committed.session.clone();
         Ok(committed)
     }
@@ -604,7 +611,7 @@ impl Turn {
                         CallState::AwaitingClient
                     } else {
                         CallState::Ready {
-                            arguments: call.arguments.clone(),
+                            run_arguments: call.arguments.clone(),
                         }
                     };
                     self.set_state(&call.call_id, state);
@@ -690,7 +697,9 @@ impl Turn {
                 return Err(cancelled());
             }
             match call.state {
-                CallState::Ready { arguments } if self.mode() == ToolExecution::Client => {
+                CallState::Ready {
+                    run_arguments: arguments,
+                } if self.mode() == ToolExecution::Client => {
                     // Approved: streamed again for the client to execute.
                     self.set_state(&call.call_id, CallState::AwaitingClient);
                     self.commit(
@@ -708,7 +717,9 @@ impl Turn {
                     )
                     .await?;
                 }
-                CallState::Ready { arguments } => {
+                CallState::Ready {
+                    run_arguments: arguments,
+                } => {
                     let outcome = self.execute(&call.tool_name, arguments).await;
                     if self.cancel.is_cancelled() {
                         return Err(cancelled());
@@ -819,8 +830,10 @@ impl Turn {
         Ok(())
     }
 
-    /// Ends the stream: `error` (if any) and `done`, with the session's new status.
-    async fn finish(&mut self, outcome: Result<StopReason>) -> Result<()> {
+    /// Ends the stream: `error` (if any) and `done`, with the session's new status. Returns the
+    /// final events, not yet published: the session must be released first, so a client that
+    /// reacts to `done` at once finds it free.
+    async fn finish(&mut self, outcome: Result<StopReason>) -> Result<Vec<crate::protocol::Event>> {
         let (stop, error) = match outcome {
             Ok(stop) => (stop, None),
             Err(Error::Internal(m)) if m == CANCELLED => (StopReason::Cancelled, None),
@@ -867,7 +880,7 @@ impl Turn {
             },
             ..Commit::default()
         };
-        self.commit(c, false).await?;
+        let committed = self.commit_quietly(c, false).await?;
         let kind = if error.is_some() {
             BusEventKind::TurnFailed
         } else {
@@ -878,7 +891,7 @@ impl Turn {
             self.id(),
             json!({"turn_id": self.state.turn_id, "stop_reason": stop}),
         );
-        Ok(())
+        Ok(committed.events)
     }
 
     async fn run(mut self, next: Next) {
@@ -900,19 +913,20 @@ impl Turn {
                 }
             }
         };
-        if let Err(e) = self.finish(outcome).await {
-            warn!(error = %e, session_id = self.id(), "could not record the end of a turn");
-        }
+        let last = match self.finish(outcome).await {
+            Ok(events) => events,
+            Err(e) => {
+                warn!(error = %e, session_id = self.id(), "could not record the end of a turn");
+                vec![]
+            }
+        };
+        let (rt, id) = (self.rt.clone(), self.session.id.clone());
         self.release().await;
+        rt.hubs.publish(&id, &last);
     }
 
     async fn release(self) {
-        let _ = self
-            .rt
-            .storage
-            .release_lease(&self.session.id, &self.rt.owner)
-            .await;
-        self.rt.hubs.finish_turn(&self.session.id);
+        give_back(&self.rt, &self.session.id).await;
     }
 }
 
@@ -960,10 +974,24 @@ fn to_chat(m: &Message) -> ChatMessage {
 
 /// Takes the session for a turn in this process and in storage; `SESSION_BUSY` otherwise.
 async fn take_session(rt: &Arc<Inner>, session_id: &str) -> Result<super::stream::RunningTurn> {
-    let running = rt
-        .hubs
-        .start_turn(session_id)
-        .ok_or_else(|| Error::SessionBusy(session_id.into()))?;
+    let running = match rt.hubs.start_turn(session_id) {
+        Some(r) => r,
+        None => {
+            // A turn that already stored its end may still be letting go of the session.
+            let winding_down = rt.storage.get_session(session_id).await?.status != SessionStatus::Running;
+            if let Some(t) = rt.hubs.running(session_id).filter(|_| winding_down) {
+                let finished = t.finished.notified();
+                tokio::pin!(finished);
+                finished.as_mut().enable();
+                if rt.hubs.running(session_id).is_some() {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), finished).await;
+                }
+            }
+            rt.hubs
+                .start_turn(session_id)
+                .ok_or_else(|| Error::SessionBusy(session_id.into()))?
+        }
+    };
     match rt
         .storage
         .acquire_lease(session_id, &rt.owner, rt.config.lease_ttl)
@@ -1024,16 +1052,16 @@ fn keep_lease(
 pub(super) async fn submit(rt: Arc<Inner>, session_id: &str, sub: Submission) -> Result<EventStream> {
     let session = rt.storage.get_session(session_id).await?;
     validate(&rt, &session, &sub.message)?;
-    if let Some(rid) = &sub.request_id {
-        if let Some(first) = rt.storage.find_request(session_id, rid).await? {
-            return Ok(EventStream::new(
-                rt.storage.clone(),
-                rt.hubs.clone(),
-                session_id,
-                first.saturating_sub(1),
-                Follow::UntilDone,
-            ));
-        }
+    if let Some(rid) = &sub.request_id
+        && let Some(first) = rt.storage.find_request(session_id, rid).await?
+    {
+        return Ok(EventStream::new(
+            rt.storage.clone(),
+            rt.hubs.clone(),
+            session_id,
+            first.saturating_sub(1),
+            Follow::UntilDone,
+        ));
     }
     let running = match take_session(&rt, session_id).await {
         Ok(r) => r,
@@ -1186,7 +1214,7 @@ async fn start(
                 turn.close_open_calls("cancelled: the user sent a new message", "CANCELLED")
                     .await?;
             }
-            turn.state = TurnState::new();
+            turn.state = TurnState::fresh();
             check_fits(rt, &turn.session, agent_type.as_deref(), &content)?;
             let mut first = None;
             if let Some(t) = &agent_type {
@@ -1247,7 +1275,7 @@ async fn start(
             c.request_id = request_id;
             match content {
                 Some(text) => {
-                    turn.state = TurnState::new();
+                    turn.state = TurnState::fresh();
                     let committed = turn
                         .commit(
                             Commit {
@@ -1405,7 +1433,7 @@ async fn decide(turn: &mut Turn, d: HitlDecision, request_id: Option<String>) ->
         "approve" => (
             ApprovalStatus::Approved,
             CallState::Ready {
-                arguments: approval.arguments.clone(),
+                run_arguments: approval.arguments.clone(),
             },
             BusEventKind::ApprovalApproved,
         ),
@@ -1415,7 +1443,7 @@ async fn decide(turn: &mut Turn, d: HitlDecision, request_id: Option<String>) ->
                 .map_err(|f| Error::InvalidTool(f.message().to_string()))?;
             (
                 ApprovalStatus::Edited,
-                CallState::Ready { arguments: args },
+                CallState::Ready { run_arguments: args },
                 BusEventKind::ApprovalApproved,
             )
         }
@@ -1494,9 +1522,22 @@ const PAUSED_PREFIX: &str = "\u{0}paused:";
 /// Gives a turn interrupted by a crash its ending: open calls get "interrupted", pending approvals
 /// are cancelled, an `error` and `done` are stored, and the session is idle again.
 async fn close_interrupted(rt: &Arc<Inner>, session: &Session) -> Result<()> {
+    let mut state = TurnState::load(session);
+    // The history is the ground truth of which calls still lack a result (the turn state may be
+    // older than the last commit, or unreadable).
+    for call in unanswered_calls(rt, &session.id).await? {
+        if !state.open_calls.iter().any(|c| c.call_id == call.id) {
+            state.open_calls.push(OpenCall {
+                call_id: call.id,
+                tool_name: call.name,
+                arguments: call.arguments,
+                state: CallState::New,
+            });
+        }
+    }
     let mut turn = Turn {
         rt: rt.clone(),
-        state: TurnState::load(session),
+        state,
         session: session.clone(),
         cancel: CancellationToken::new(),
     };
@@ -1505,10 +1546,34 @@ async fn close_interrupted(rt: &Arc<Inner>, session: &Session) -> Result<()> {
         "TOOL_EXECUTION_FAILED",
     )
     .await?;
-    turn.finish(Err(Error::Internal(
-        "the turn was interrupted: the runtime stopped while it was running".into(),
-    )))
-    .await
+    let last = turn
+        .finish(Err(Error::Internal(
+            "the turn was interrupted: the runtime stopped while it was running".into(),
+        )))
+        .await?;
+    rt.hubs.publish(&session.id, &last);
+    Ok(())
+}
+
+/// Calls of the newest tool-calling assistant message that have no result in the history.
+async fn unanswered_calls(rt: &Arc<Inner>, session_id: &str) -> Result<Vec<ToolCall>> {
+    let recent = rt.storage.recent_messages(session_id, 200).await?;
+    let Some(pos) = recent
+        .iter()
+        .rposition(|m| m.role == Role::Assistant && !m.tool_calls.is_empty())
+    else {
+        return Ok(vec![]);
+    };
+    let answered: Vec<&str> = recent[pos + 1..]
+        .iter()
+        .filter_map(|m| m.tool_call_id.as_deref())
+        .collect();
+    Ok(recent[pos]
+        .tool_calls
+        .iter()
+        .filter(|c| !answered.contains(&c.id.as_str()))
+        .cloned()
+        .collect())
 }
 
 /// `recover_interrupted` of the facade.
@@ -1570,6 +1635,9 @@ pub(super) async fn cancel(rt: Arc<Inner>, session_id: &str) -> Result<CancelOut
     };
     let result = turn.finish(Err(cancelled())).await;
     give_back(&rt, session_id).await;
+    if let Ok(events) = &result {
+        rt.hubs.publish(session_id, events);
+    }
     result.map(|_| CancelOutcome::Cancelled)
 }
 

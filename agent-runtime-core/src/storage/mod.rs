@@ -179,10 +179,7 @@ pub async fn open(url: &str) -> Result<Arc<dyn Storage>> {
     }
     #[cfg(feature = "postgres")]
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return Err(Error::Internal(format!(
-            "{:?}",
-            postgres::PostgresStorage::connect(url).await?
-        )));
+        return Ok(Arc::new(postgres::PostgresStorage::connect(url).await?));
     }
     Err(Error::InvalidRequest(format!(
         "unsupported database url '{}': expected sqlite://PATH, sqlite::memory:, memory:// or postgres://...",

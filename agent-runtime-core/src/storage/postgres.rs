@@ -1,11 +1,974 @@
-//! Postgres storage (placeholder until the real backend lands).
+//! Postgres storage through sqlx: sessions shared by several server processes, with gap-free seqs
+//! from counters on the session row and leases judged by the database's clock.
+//!
+//! Every [`Commit`] is one transaction that first locks the session row (`FOR NO KEY UPDATE`), so
+//! two processes appending to one session at once are serialized by Postgres and their seqs stay
+//! strictly increasing and gap-free. Appending inserts new rows only: its cost does not depend on
+//! the session's length.
+//!
+//! Times are stored as BIGINT milliseconds (the exact value of a [`Timestamp`]); JSON values as
+//! TEXT holding serde_json's output, which comes back byte for byte (JSONB would refuse `\u0000`);
+//! free text that tools or humans write (message content, approval reason and feedback) as UTF-8
+//! BYTEA, since a Postgres TEXT value cannot hold a NUL character and a tool's output may.
+//! Lease expiry is a `timestamptz` compared with `clock_timestamp()`, so processes with skewed
+//! clocks agree on who holds a lease.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection, Executor, Postgres, QueryBuilder, Row, Transaction};
+use tracing::instrument;
+
+use super::support::{SessionCursor, check_commit, check_page_limit, counted_messages};
+use super::{Commit, Committed, SCHEMA_VERSION, SessionPage, SessionQuery, Storage, redact_url};
+use crate::approval::{Approval, ApprovalResolution, ApprovalStatus, RequestType};
 use crate::error::{Error, Result};
-/// Postgres storage.
-#[derive(Debug)]
-pub struct PostgresStorage;
+use crate::protocol::{Event, Plan};
+use crate::session::{AgentSwitch, Message, NewSession, Role, Session, SessionStatus, ToolCall, Usage};
+use crate::time::Timestamp;
+
+/// The migrations, in order: (version, SQL). The last version is [`SCHEMA_VERSION`].
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/postgres/0001_init.sql"))];
+
+/// Advisory lock key that serializes schema creation and migrations across processes.
+const MIGRATION_LOCK_KEY: i64 = 0x6167_656e_7472_7431; // "agentrt1"
+
+/// Columns of `sessions` that make a [`Session`], in the order [`session_from_row`] reads them.
+const SESSION_COLUMNS: &str = "id, user_id, metadata, created_at, last_activity, current_agent, \
+     status, message_count, last_message_seq, last_event_seq, prompt_tokens, completion_tokens, \
+     turn_state";
+
+const MESSAGE_COLUMNS: &str = "seq, role, content, agent, tool_calls, tool_call_id, created_at";
+
+const APPROVAL_COLUMNS: &str = "session_id, call_id, tool_name, arguments, reason, request_type, \
+     status, created_at, decided_at, feedback, modified_arguments";
+
+/// How to connect: pool size, schema, timeouts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PgOptions {
+    /// Most connections the pool opens.
+    pub max_connections: u32,
+    /// The schema the tables live in (created if absent, and set as the `search_path` of every
+    /// connection). `None`: the server's default `search_path` (normally `public`).
+    pub schema: Option<String>,
+    /// How long to wait for a pooled connection before failing with `Database`.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions {
+            max_connections: 10,
+            schema: None,
+            acquire_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Storage in a Postgres database, shared safely by several processes.
+#[derive(Debug, Clone)]
+pub struct PostgresStorage {
+    pool: PgPool,
+}
+
 impl PostgresStorage {
-    /// Connects to `postgres://...`.
-    pub async fn connect(_url: &str) -> Result<Self> {
-        Err(Error::Internal("postgres storage not built yet".into()))
+    /// Connects to `postgres://...` or `postgresql://...` with default [`PgOptions`] and applies
+    /// the migrations.
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(url, PgOptions::default()).await
+    }
+
+    /// Connects with `options` and applies the migrations (creating the schema if it is absent).
+    /// `Database` if the server cannot be reached or its schema is newer than this build.
+    #[instrument(skip_all, fields(url = %redact_url(url), schema = ?options.schema))]
+    pub async fn connect_with(url: &str, options: PgOptions) -> Result<Self> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(Error::InvalidRequest(format!(
+                "not a postgres url: '{}'",
+                redact_url(url)
+            )));
+        }
+        if options.max_connections == 0 {
+            return Err(Error::InvalidRequest("max_connections must be at least 1".into()));
+        }
+        let schema = match &options.schema {
+            Some(s) => Some(quote_ident(s)?),
+            None => None,
+        };
+        let connect_options = PgConnectOptions::from_str(url)
+            .map_err(|e| Error::Database(format!("invalid postgres url '{}': {e}", redact_url(url))))?;
+        let mut pool_options = PgPoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout);
+        if let Some(quoted) = &schema {
+            // Every connection, including ones the pool opens later, works in the schema only.
+            let set_path: Arc<str> = format!("SET search_path TO {quoted}").into();
+            pool_options = pool_options.after_connect(move |conn, _meta| {
+                let sql = set_path.clone();
+                Box::pin(async move {
+                    conn.execute(sqlx::AssertSqlSafe(sql.to_string())).await?;
+                    Ok(())
+                })
+            });
+        }
+        let cannot_connect = |e: &dyn std::fmt::Display| {
+            Error::Database(format!(
+                "cannot connect to postgres at '{}': {e}",
+                redact_url(url)
+            ))
+        };
+        // One direct connection first: the pool would only report "timed out" after
+        // `acquire_timeout`, where this says "connection refused" or "password authentication
+        // failed" at once.
+        let probe = tokio::time::timeout(
+            options.acquire_timeout,
+            PgConnection::connect_with(&connect_options),
+        )
+        .await
+        .map_err(|_| cannot_connect(&"timed out"))?
+        .map_err(|e| cannot_connect(&e))?;
+        let _ = probe.close().await;
+        let pool = pool_options
+            .connect_with(connect_options)
+            .await
+            .map_err(|e| cannot_connect(&e))?;
+        migrate(&pool, schema.as_deref()).await?;
+        Ok(PostgresStorage { pool })
+    }
+
+    /// The underlying pool (for embedders that keep their own tables next to the runtime's).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// Creates the schema if needed and applies every migration newer than the database's version,
+/// in one transaction under an advisory lock, so processes starting together do not race.
+async fn migrate(pool: &PgPool, schema: Option<&str>) -> Result<()> {
+    let mut tx = pool.begin().await.map_err(Error::database)?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(MIGRATION_LOCK_KEY)
+        .execute(&mut *tx)
+        .await
+        .map_err(Error::database)?;
+    if let Some(quoted) = schema {
+        tx.execute(sqlx::AssertSqlSafe(format!(
+            "CREATE SCHEMA IF NOT EXISTS {quoted}"
+        )))
+        .await
+        .map_err(Error::database)?;
+    }
+    tx.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version (
+             version    BIGINT PRIMARY KEY,
+             applied_at BIGINT NOT NULL
+         )",
+    )
+    .await
+    .map_err(Error::database)?;
+    let current: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(Error::database)?;
+    if current > SCHEMA_VERSION {
+        return Err(Error::Database(format!(
+            "database schema version {current} is newer than this build supports \
+             ({SCHEMA_VERSION}); upgrade agent-runtime"
+        )));
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        tracing::info!(version, "applying postgres migration");
+        sqlx::raw_sql(*sql)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| Error::Database(format!("migration {version} failed: {e}")))?;
+        sqlx::query("INSERT INTO schema_version (version, applied_at) VALUES ($1, $2)")
+            .bind(version)
+            .bind(Timestamp::now().as_millis())
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::database)?;
+    }
+    tx.commit().await.map_err(Error::database)
+}
+
+/// `name` as a quoted SQL identifier. Only plain names are accepted, so a schema name can never
+/// smuggle SQL in.
+fn quote_ident(name: &str) -> Result<String> {
+    let plain = !name.is_empty()
+        && name.len() <= 63
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !name.starts_with(|c: char| c.is_ascii_digit());
+    if plain {
+        Ok(format!("\"{name}\""))
+    } else {
+        Err(Error::InvalidRequest(format!(
+            "invalid schema name '{name}': use 1-63 ASCII letters, digits and '_', not starting with a digit"
+        )))
+    }
+}
+
+fn to_i64(v: u64, what: &str) -> Result<i64> {
+    i64::try_from(v).map_err(|_| Error::InvalidRequest(format!("{what} {v} is out of range")))
+}
+
+fn to_u64(v: i64, what: &str) -> Result<u64> {
+    u64::try_from(v).map_err(|_| Error::Database(format!("stored {what} {v} is negative")))
+}
+
+/// A page size as SQL `LIMIT`: `usize` beyond `i64` is as good as unlimited.
+fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+fn to_json_text(v: &impl serde::Serialize) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| Error::Internal(format!("cannot serialize: {e}")))
+}
+
+fn from_json_text<T: serde::de::DeserializeOwned>(s: &str, what: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|e| Error::Database(format!("stored {what} is not valid: {e}")))
+}
+
+fn get<'r, T>(row: &'r PgRow, col: &str) -> Result<T>
+where
+    T: sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres>,
+{
+    row.try_get(col).map_err(Error::database)
+}
+
+/// Free text stored as UTF-8 bytes (BYTEA holds NUL characters, TEXT cannot).
+fn text_from_bytes(bytes: Vec<u8>, what: &str) -> Result<String> {
+    String::from_utf8(bytes).map_err(|_| Error::Database(format!("stored {what} is not UTF-8")))
+}
+
+fn session_from_row(row: &PgRow) -> Result<Session> {
+    let status: String = get(row, "status")?;
+    let metadata: String = get(row, "metadata")?;
+    let turn_state: Option<String> = get(row, "turn_state")?;
+    Ok(Session {
+        id: get(row, "id")?,
+        user_id: get(row, "user_id")?,
+        metadata: from_json_text(&metadata, "metadata")?,
+        created_at: Timestamp::from_millis(get(row, "created_at")?),
+        last_activity: Timestamp::from_millis(get(row, "last_activity")?),
+        current_agent: get(row, "current_agent")?,
+        status: SessionStatus::parse(&status)
+            .ok_or_else(|| Error::Database(format!("stored session status '{status}' is unknown")))?,
+        message_count: to_u64(get(row, "message_count")?, "message_count")?,
+        last_message_seq: to_u64(get(row, "last_message_seq")?, "last_message_seq")?,
+        last_event_seq: to_u64(get(row, "last_event_seq")?, "last_event_seq")?,
+        usage: Usage {
+            prompt_tokens: to_u64(get(row, "prompt_tokens")?, "prompt_tokens")?,
+            completion_tokens: to_u64(get(row, "completion_tokens")?, "completion_tokens")?,
+        },
+        turn_state: turn_state.map(|s| from_json_text(&s, "turn_state")).transpose()?,
+    })
+}
+
+fn message_from_row(row: &PgRow) -> Result<Message> {
+    let role: String = get(row, "role")?;
+    let tool_calls: Option<String> = get(row, "tool_calls")?;
+    Ok(Message {
+        seq: to_u64(get(row, "seq")?, "message seq")?,
+        role: Role::parse(&role)
+            .ok_or_else(|| Error::Database(format!("stored message role '{role}' is unknown")))?,
+        content: text_from_bytes(get(row, "content")?, "message content")?,
+        agent: get(row, "agent")?,
+        tool_calls: match tool_calls {
+            Some(s) => from_json_text::<Vec<ToolCall>>(&s, "tool_calls")?,
+            None => vec![],
+        },
+        tool_call_id: get(row, "tool_call_id")?,
+        created_at: Timestamp::from_millis(get(row, "created_at")?),
+    })
+}
+
+fn event_from_row(row: &PgRow) -> Result<Event> {
+    let payload: String = get(row, "payload")?;
+    Ok(Event {
+        seq: to_u64(get(row, "seq")?, "event seq")?,
+        payload: from_json_text(&payload, "event payload")?,
+    })
+}
+
+fn approval_from_row(row: &PgRow) -> Result<Approval> {
+    let arguments: String = get(row, "arguments")?;
+    let request_type: String = get(row, "request_type")?;
+    let status: String = get(row, "status")?;
+    let modified: Option<String> = get(row, "modified_arguments")?;
+    let decided_at: Option<i64> = get(row, "decided_at")?;
+    Ok(Approval {
+        call_id: get(row, "call_id")?,
+        session_id: get(row, "session_id")?,
+        tool_name: get(row, "tool_name")?,
+        arguments: from_json_text(&arguments, "approval arguments")?,
+        reason: text_from_bytes(get(row, "reason")?, "approval reason")?,
+        request_type: match request_type.as_str() {
+            "tool" => RequestType::Tool,
+            "plan" => RequestType::Plan,
+            other => {
+                return Err(Error::Database(format!(
+                    "stored approval request_type '{other}' is unknown"
+                )));
+            }
+        },
+        status: ApprovalStatus::parse(&status)
+            .ok_or_else(|| Error::Database(format!("stored approval status '{status}' is unknown")))?,
+        created_at: Timestamp::from_millis(get(row, "created_at")?),
+        decided_at: decided_at.map(Timestamp::from_millis),
+        feedback: get::<Option<Vec<u8>>>(row, "feedback")?
+            .map(|f| text_from_bytes(f, "approval feedback"))
+            .transpose()?,
+        modified_arguments: modified
+            .map(|s| from_json_text(&s, "modified_arguments"))
+            .transpose()?,
+    })
+}
+
+fn request_type_str(t: RequestType) -> &'static str {
+    match t {
+        RequestType::Tool => "tool",
+        RequestType::Plan => "plan",
+    }
+}
+
+/// The lease's time to live in milliseconds, capped at 100 years (beyond that Postgres's
+/// interval arithmetic overflows, and it is forever anyway).
+fn lease_ttl_millis(ttl: Duration) -> f64 {
+    const CAP: u128 = 100 * 366 * 24 * 3600 * 1000;
+    ttl.as_millis().min(CAP) as f64
+}
+
+impl PostgresStorage {
+    /// `SessionNotFound` unless the session exists (used when a read came back empty).
+    async fn ensure_session(&self, session_id: &str) -> Result<()> {
+        let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM sessions WHERE id = $1")
+            .bind(session_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(Error::database)?;
+        match found {
+            Some(_) => Ok(()),
+            None => Err(Error::SessionNotFound(session_id.to_string())),
+        }
+    }
+
+    async fn commit_in(
+        tx: &mut Transaction<'static, Postgres>,
+        session_id: &str,
+        commit: Commit,
+    ) -> Result<Committed> {
+        let at = commit.at.unwrap_or_else(Timestamp::now).as_millis();
+
+        // The row lock serializes every commit of this session, across processes; the lease is
+        // judged by the database's clock at this moment (not the transaction's start).
+        let row = sqlx::query(
+            "SELECT last_message_seq, last_event_seq, switch_count,
+                    (lease_owner IS NOT NULL AND lease_owner = $2
+                     AND lease_expires_at > clock_timestamp()) AS lease_held
+             FROM sessions WHERE id = $1 FOR NO KEY UPDATE",
+        )
+        .bind(session_id)
+        .bind(commit.lease_owner.as_deref())
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(Error::database)?
+        .ok_or_else(|| Error::SessionNotFound(session_id.to_string()))?;
+        if commit.lease_owner.is_some() && !get::<bool>(&row, "lease_held")? {
+            return Err(Error::SessionBusy(session_id.to_string()));
+        }
+        let last_message_seq: i64 = get(&row, "last_message_seq")?;
+        let last_event_seq: i64 = get(&row, "last_event_seq")?;
+        let switch_count: i64 = get(&row, "switch_count")?;
+
+        // Approvals first, so a commit may insert an approval and resolve it.
+        for a in &commit.approvals {
+            sqlx::query(
+                "INSERT INTO approvals (session_id, call_id, tool_name, arguments, reason,
+                     request_type, status, created_at, decided_at, feedback, modified_arguments)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                 ON CONFLICT (session_id, call_id) DO UPDATE SET
+                     tool_name = EXCLUDED.tool_name, arguments = EXCLUDED.arguments,
+                     reason = EXCLUDED.reason, request_type = EXCLUDED.request_type,
+                     status = EXCLUDED.status, created_at = EXCLUDED.created_at,
+                     decided_at = EXCLUDED.decided_at, feedback = EXCLUDED.feedback,
+                     modified_arguments = EXCLUDED.modified_arguments",
+            )
+            .bind(session_id)
+            .bind(&a.call_id)
+            .bind(&a.tool_name)
+            .bind(to_json_text(&a.arguments)?)
+            .bind(a.reason.as_bytes())
+            .bind(request_type_str(a.request_type))
+            .bind(a.status.as_str())
+            .bind(a.created_at.as_millis())
+            .bind(a.decided_at.map(Timestamp::as_millis))
+            .bind(a.feedback.as_deref().map(str::as_bytes))
+            .bind(a.modified_arguments.as_ref().map(to_json_text).transpose()?)
+            .execute(&mut **tx)
+            .await
+            .map_err(Error::database)?;
+        }
+
+        for r in &commit.resolutions {
+            Self::resolve(tx, session_id, r).await?;
+        }
+
+        // Messages: seqs continue the session's counter, inserted in one statement.
+        let counted = to_i64(counted_messages(&commit), "message count")?;
+        let mut messages = Vec::with_capacity(commit.messages.len());
+        for (i, m) in commit.messages.into_iter().enumerate() {
+            let seq = last_message_seq + 1 + i as i64;
+            messages.push(Message {
+                seq: to_u64(seq, "message seq")?,
+                role: m.role,
+                content: m.content,
+                agent: m.agent,
+                tool_calls: m.tool_calls,
+                tool_call_id: m.tool_call_id,
+                created_at: Timestamp::from_millis(at),
+            });
+        }
+        if !messages.is_empty() {
+            let mut seqs = Vec::with_capacity(messages.len());
+            let mut roles = Vec::with_capacity(messages.len());
+            let mut contents = Vec::with_capacity(messages.len());
+            let mut agents = Vec::with_capacity(messages.len());
+            let mut tool_calls = Vec::with_capacity(messages.len());
+            let mut tool_call_ids = Vec::with_capacity(messages.len());
+            for m in &messages {
+                seqs.push(to_i64(m.seq, "message seq")?);
+                roles.push(m.role.as_str().to_string());
+                contents.push(m.content.as_bytes().to_vec());
+                agents.push(m.agent.clone());
+                tool_calls.push(if m.tool_calls.is_empty() {
+                    None
+                } else {
+                    Some(to_json_text(&m.tool_calls)?)
+                });
+                tool_call_ids.push(m.tool_call_id.clone());
+            }
+            sqlx::query(
+                "INSERT INTO messages (session_id, seq, role, content, agent, tool_calls,
+                     tool_call_id, created_at)
+                 SELECT $1, t.seq, t.role, t.content, t.agent, t.tool_calls, t.tool_call_id, $8
+                 FROM UNNEST($2::BIGINT[], $3::TEXT[], $4::BYTEA[], $5::TEXT[], $6::TEXT[],
+                             $7::TEXT[]) AS t(seq, role, content, agent, tool_calls, tool_call_id)",
+            )
+            .bind(session_id)
+            .bind(seqs)
+            .bind(roles)
+            .bind(contents)
+            .bind(agents)
+            .bind(tool_calls)
+            .bind(tool_call_ids)
+            .bind(at)
+            .execute(&mut **tx)
+            .await
+            .map_err(Error::database)?;
+        }
+
+        let events: Vec<Event> = commit
+            .events
+            .into_iter()
+            .enumerate()
+            .map(|(i, payload)| {
+                Ok(Event {
+                    seq: to_u64(last_event_seq + 1 + i as i64, "event seq")?,
+                    payload,
+                })
+            })
+            .collect::<Result<_>>()?;
+        if !events.is_empty() {
+            let mut seqs = Vec::with_capacity(events.len());
+            let mut kinds = Vec::with_capacity(events.len());
+            let mut payloads = Vec::with_capacity(events.len());
+            for e in &events {
+                seqs.push(to_i64(e.seq, "event seq")?);
+                kinds.push(e.payload.kind().to_string());
+                payloads.push(to_json_text(&e.payload)?);
+            }
+            sqlx::query(
+                "INSERT INTO events (session_id, seq, kind, payload, created_at)
+                 SELECT $1, t.seq, t.kind, t.payload, $5
+                 FROM UNNEST($2::BIGINT[], $3::TEXT[], $4::TEXT[]) AS t(seq, kind, payload)",
+            )
+            .bind(session_id)
+            .bind(seqs)
+            .bind(kinds)
+            .bind(payloads)
+            .bind(at)
+            .execute(&mut **tx)
+            .await
+            .map_err(Error::database)?;
+        }
+
+        if let Some(request_id) = &commit.request_id {
+            // The first event of this commit (or the next one, if it has none).
+            sqlx::query(
+                "INSERT INTO requests (session_id, request_id, event_seq) VALUES ($1, $2, $3)
+                 ON CONFLICT (session_id, request_id) DO NOTHING",
+            )
+            .bind(session_id)
+            .bind(request_id)
+            .bind(last_event_seq + 1)
+            .execute(&mut **tx)
+            .await
+            .map_err(Error::database)?;
+        }
+
+        for (i, s) in commit.switches.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO switches (session_id, seq, from_agent, to_agent, reason, at)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(session_id)
+            .bind(switch_count + 1 + i as i64)
+            .bind(&s.from_agent)
+            .bind(&s.to_agent)
+            .bind(&s.reason)
+            .bind(s.timestamp.as_millis())
+            .execute(&mut **tx)
+            .await
+            .map_err(Error::database)?;
+        }
+
+        for p in &commit.plans {
+            sqlx::query(
+                "INSERT INTO plans (session_id, plan_id, plan) VALUES ($1, $2, $3)
+                 ON CONFLICT (session_id, plan_id) DO UPDATE SET plan = EXCLUDED.plan",
+            )
+            .bind(session_id)
+            .bind(&p.plan_id)
+            .bind(to_json_text(p)?)
+            .execute(&mut **tx)
+            .await
+            .map_err(Error::database)?;
+        }
+
+        // An explicit current agent wins over the switches' last target.
+        let current_agent = commit
+            .session
+            .current_agent
+            .clone()
+            .or_else(|| commit.switches.last().map(|s| s.to_agent.clone()));
+        let usage = commit.usage.unwrap_or_default();
+        let (set_turn_state, turn_state) = match &commit.session.turn_state {
+            None => (false, None),
+            Some(v) => (true, v.as_ref().map(to_json_text).transpose()?),
+        };
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE sessions SET
+                 last_message_seq = last_message_seq + $2,
+                 last_event_seq = last_event_seq + $3,
+                 message_count = message_count + $4,
+                 switch_count = switch_count + $5,
+                 prompt_tokens = prompt_tokens + $6,
+                 completion_tokens = completion_tokens + $7,
+                 last_activity = $8,
+                 status = COALESCE($9, status),
+                 current_agent = COALESCE($10, current_agent),
+                 turn_state = CASE WHEN $11 THEN $12 ELSE turn_state END
+             WHERE id = $1
+             RETURNING {SESSION_COLUMNS}"
+        )))
+        .bind(session_id)
+        .bind(messages.len() as i64)
+        .bind(events.len() as i64)
+        .bind(counted)
+        .bind(commit.switches.len() as i64)
+        .bind(to_i64(usage.prompt_tokens, "prompt_tokens")?)
+        .bind(to_i64(usage.completion_tokens, "completion_tokens")?)
+        .bind(at)
+        .bind(commit.session.status.map(SessionStatus::as_str))
+        .bind(current_agent)
+        .bind(set_turn_state)
+        .bind(turn_state)
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(Error::database)?;
+        Ok(Committed {
+            messages,
+            events,
+            session: session_from_row(&row)?,
+        })
+    }
+
+    /// Compare-and-set pending → decided; the caller rolls back the commit on error.
+    async fn resolve(
+        tx: &mut Transaction<'static, Postgres>,
+        session_id: &str,
+        r: &ApprovalResolution,
+    ) -> Result<()> {
+        let done = sqlx::query(
+            "UPDATE approvals SET status = $3, feedback = $4, modified_arguments = $5,
+                 decided_at = $6
+             WHERE session_id = $1 AND call_id = $2 AND status = 'pending'",
+        )
+        .bind(session_id)
+        .bind(&r.call_id)
+        .bind(r.status.as_str())
+        .bind(r.feedback.as_deref().map(str::as_bytes))
+        .bind(r.modified_arguments.as_ref().map(to_json_text).transpose()?)
+        .bind(r.decided_at.as_millis())
+        .execute(&mut **tx)
+        .await
+        .map_err(Error::database)?
+        .rows_affected();
+        if done == 1 {
+            return Ok(());
+        }
+        let exists: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM approvals WHERE session_id = $1 AND call_id = $2")
+                .bind(session_id)
+                .bind(&r.call_id)
+                .fetch_optional(&mut **tx)
+                .await
+                .map_err(Error::database)?;
+        Err(match exists {
+            Some(_) => Error::ApprovalAlreadyDecided(r.call_id.clone()),
+            None => Error::ApprovalNotFound(r.call_id.clone()),
+        })
+    }
+}
+
+#[async_trait]
+impl Storage for PostgresStorage {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(Error::database)?;
+        Ok(())
+    }
+
+    #[instrument(skip_all, fields(session_id = %new.id))]
+    async fn create_session(&self, new: NewSession) -> Result<Session> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO sessions (id, user_id, metadata, created_at, last_activity, current_agent,
+                 status)
+             VALUES ($1, $2, $3, $4, $4, $5, 'idle')
+             RETURNING {SESSION_COLUMNS}"
+        )))
+        .bind(&new.id)
+        .bind(new.user_id.as_deref())
+        .bind(to_json_text(&new.metadata)?)
+        .bind(new.created_at.as_millis())
+        .bind(&new.current_agent)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(db) if db.is_unique_violation() => Error::SessionExists(new.id.clone()),
+            _ => Error::database(e),
+        })?;
+        session_from_row(&row)
+    }
+
+    #[instrument(skip(self))]
+    async fn get_session(&self, id: &str) -> Result<Session> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(Error::database)?
+        .ok_or_else(|| Error::SessionNotFound(id.to_string()))?;
+        session_from_row(&row)
+    }
+
+    #[instrument(skip(self))]
+    async fn list_sessions(&self, query: SessionQuery) -> Result<SessionPage> {
+        check_page_limit(query.limit)?;
+        let after = query.cursor.as_deref().map(SessionCursor::decode).transpose()?;
+        let mut q: QueryBuilder<Postgres> =
+            QueryBuilder::new(format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE TRUE"));
+        if let Some(user_id) = &query.user_id {
+            q.push(" AND user_id = ").push_bind(user_id.clone());
+        }
+        if let Some(status) = query.status {
+            q.push(" AND status = ").push_bind(status.as_str());
+        }
+        if let Some(after) = after {
+            q.push(" AND (last_activity, id) < (")
+                .push_bind(after.last_activity)
+                .push(", ")
+                .push_bind(after.id)
+                .push(")");
+        }
+        q.push(" ORDER BY last_activity DESC, id DESC LIMIT ")
+            .push_bind(query.limit as i64 + 1);
+        let rows = q.build().fetch_all(&self.pool).await.map_err(Error::database)?;
+        let mut sessions = rows.iter().map(session_from_row).collect::<Result<Vec<_>>>()?;
+        let next_cursor = if sessions.len() > query.limit {
+            sessions.truncate(query.limit);
+            sessions
+                .last()
+                .map(|s| SessionCursor::after(s.last_activity, &s.id).encode())
+        } else {
+            None
+        };
+        Ok(SessionPage {
+            sessions,
+            next_cursor,
+        })
+    }
+
+    #[instrument(skip(self))]
+    async fn delete_session(&self, id: &str) -> Result<()> {
+        // Every other table references sessions ON DELETE CASCADE: one statement, atomic.
+        let deleted = sqlx::query("DELETE FROM sessions WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::database)?
+            .rows_affected();
+        if deleted == 0 {
+            return Err(Error::SessionNotFound(id.to_string()));
+        }
+        Ok(())
+    }
+
+    #[instrument(skip(self, commit), fields(
+        messages = commit.messages.len(),
+        events = commit.events.len(),
+    ))]
+    async fn commit(&self, session_id: &str, commit: Commit) -> Result<Committed> {
+        check_commit(session_id, &commit)?;
+        let mut tx = self.pool.begin().await.map_err(Error::database)?;
+        // On error `tx` is dropped un-committed: Postgres rolls the whole commit back.
+        let committed = Self::commit_in(&mut tx, session_id, commit).await?;
+        tx.commit().await.map_err(Error::database)?;
+        Ok(committed)
+    }
+
+    #[instrument(skip(self))]
+    async fn messages_after(&self, session_id: &str, after: u64, limit: usize) -> Result<Vec<Message>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = $1 AND seq > $2
+             ORDER BY seq LIMIT $3"
+        )))
+        .bind(session_id)
+        .bind(i64::try_from(after).unwrap_or(i64::MAX))
+        .bind(sql_limit(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::database)?;
+        if rows.is_empty() {
+            self.ensure_session(session_id).await?;
+        }
+        rows.iter().map(message_from_row).collect()
+    }
+
+    #[instrument(skip(self))]
+    async fn recent_messages(&self, session_id: &str, limit: usize) -> Result<Vec<Message>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = $1
+             ORDER BY seq DESC LIMIT $2"
+        )))
+        .bind(session_id)
+        .bind(sql_limit(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::database)?;
+        if rows.is_empty() {
+            self.ensure_session(session_id).await?;
+        }
+        rows.iter().rev().map(message_from_row).collect()
+    }
+
+    #[instrument(skip(self))]
+    async fn events_after(&self, session_id: &str, after: u64, limit: usize) -> Result<Vec<Event>> {
+        let rows = sqlx::query(
+            "SELECT seq, payload FROM events WHERE session_id = $1 AND seq > $2
+             ORDER BY seq LIMIT $3",
+        )
+        .bind(session_id)
+        .bind(i64::try_from(after).unwrap_or(i64::MAX))
+        .bind(sql_limit(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::database)?;
+        if rows.is_empty() {
+            self.ensure_session(session_id).await?;
+        }
+        rows.iter().map(event_from_row).collect()
+    }
+
+    #[instrument(skip(self))]
+    async fn find_request(&self, session_id: &str, request_id: &str) -> Result<Option<u64>> {
+        let seq: Option<i64> =
+            sqlx::query_scalar("SELECT event_seq FROM requests WHERE session_id = $1 AND request_id = $2")
+                .bind(session_id)
+                .bind(request_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(Error::database)?;
+        match seq {
+            Some(s) => Ok(Some(to_u64(s, "request event seq")?)),
+            None => {
+                self.ensure_session(session_id).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    #[instrument(skip(self))]
+    async fn get_approval(&self, session_id: &str, call_id: &str) -> Result<Approval> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE session_id = $1 AND call_id = $2"
+        )))
+        .bind(session_id)
+        .bind(call_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(Error::database)?;
+        match row {
+            Some(row) => approval_from_row(&row),
+            None => {
+                self.ensure_session(session_id).await?;
+                Err(Error::ApprovalNotFound(call_id.to_string()))
+            }
+        }
+    }
+
+    #[instrument(skip(self))]
+    async fn pending_approvals(&self, session_id: &str) -> Result<Vec<Approval>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE session_id = $1 AND status = 'pending'
+             ORDER BY created_at, ord"
+        )))
+        .bind(session_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::database)?;
+        if rows.is_empty() {
+            self.ensure_session(session_id).await?;
+        }
+        rows.iter().map(approval_from_row).collect()
+    }
+
+    #[instrument(skip(self))]
+    async fn switch_history(&self, session_id: &str) -> Result<Vec<AgentSwitch>> {
+        let rows = sqlx::query(
+            "SELECT from_agent, to_agent, reason, at FROM switches WHERE session_id = $1
+             ORDER BY seq",
+        )
+        .bind(session_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::database)?;
+        if rows.is_empty() {
+            self.ensure_session(session_id).await?;
+        }
+        rows.iter()
+            .map(|row| {
+                Ok(AgentSwitch {
+                    from_agent: get(row, "from_agent")?,
+                    to_agent: get(row, "to_agent")?,
+                    reason: get(row, "reason")?,
+                    timestamp: Timestamp::from_millis(get(row, "at")?),
+                })
+            })
+            .collect()
+    }
+
+    #[instrument(skip(self))]
+    async fn get_plan(&self, session_id: &str, plan_id: &str) -> Result<Option<Plan>> {
+        let plan: Option<String> =
+            sqlx::query_scalar("SELECT plan FROM plans WHERE session_id = $1 AND plan_id = $2")
+                .bind(session_id)
+                .bind(plan_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(Error::database)?;
+        if plan.is_none() {
+            self.ensure_session(session_id).await?;
+        }
+        plan.map(|p| from_json_text(&p, "plan")).transpose()
+    }
+
+    #[instrument(skip(self))]
+    async fn acquire_lease(&self, session_id: &str, owner: &str, ttl: Duration) -> Result<bool> {
+        // One conditional UPDATE judged by the database's clock: atomic across processes.
+        let taken = sqlx::query(
+            "UPDATE sessions
+             SET lease_owner = $2,
+                 lease_expires_at = clock_timestamp() + $3 * INTERVAL '1 millisecond'
+             WHERE id = $1
+               AND (lease_owner IS NULL OR lease_owner = $2
+                    OR lease_expires_at IS NULL OR lease_expires_at <= clock_timestamp())",
+        )
+        .bind(session_id)
+        .bind(owner)
+        .bind(lease_ttl_millis(ttl))
+        .execute(&self.pool)
+        .await
+        .map_err(Error::database)?
+        .rows_affected();
+        if taken == 1 {
+            return Ok(true);
+        }
+        self.ensure_session(session_id).await?;
+        Ok(false)
+    }
+
+    #[instrument(skip(self))]
+    async fn renew_lease(&self, session_id: &str, owner: &str, ttl: Duration) -> Result<bool> {
+        // An expired lease is no longer held: renewing it would let two owners overlap.
+        let renewed = sqlx::query(
+            "UPDATE sessions
+             SET lease_expires_at = clock_timestamp() + $3 * INTERVAL '1 millisecond'
+             WHERE id = $1 AND lease_owner = $2 AND lease_expires_at > clock_timestamp()",
+        )
+        .bind(session_id)
+        .bind(owner)
+        .bind(lease_ttl_millis(ttl))
+        .execute(&self.pool)
+        .await
+        .map_err(Error::database)?
+        .rows_affected();
+        if renewed == 0 {
+            self.ensure_session(session_id).await?;
+        }
+        Ok(renewed == 1)
+    }
+
+    #[instrument(skip(self))]
+    async fn release_lease(&self, session_id: &str, owner: &str) -> Result<()> {
+        let released = sqlx::query(
+            "UPDATE sessions SET lease_owner = NULL, lease_expires_at = NULL
+             WHERE id = $1 AND lease_owner = $2",
+        )
+        .bind(session_id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await
+        .map_err(Error::database)?
+        .rows_affected();
+        if released == 0 {
+            self.ensure_session(session_id).await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_schema_names_are_accepted() {
+        assert_eq!(quote_ident("art_test_1").unwrap(), "\"art_test_1\"");
+        for bad in ["", "a\"b", "a;drop", "1abc", &"x".repeat(64)] {
+            assert!(matches!(quote_ident(bad), Err(Error::InvalidRequest(_))), "{bad}");
+        }
     }
 }

@@ -1,0 +1,507 @@
+//! The OpenAI-compatible backend against a real local HTTP server speaking the real wire (captured
+//! fixtures with their quirks), and the scripted backend producing the same chunk shapes.
+
+// Helpers outside #[test] fns are not covered by clippy's allow-*-in-tests settings.
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+use std::time::Duration;
+
+use agent_runtime_core::Error;
+use agent_runtime_core::llm::mock::{MockLlmServer, MockResponse};
+use agent_runtime_core::llm::{
+    Capabilities, ChatMessage, ChatRequest, ChatToolCall, Chunk, Completion, FinishReason, LlmBackend,
+    OpenAiBackend, OpenAiConfig, Script, ScriptedBackend, ToolChoice,
+};
+use agent_runtime_core::protocol::ToolSpec;
+use agent_runtime_core::session::Usage;
+use futures::StreamExt;
+use serde_json::json;
+
+const TEXT_LCP: &[u8] = include_bytes!("fixtures/llm-wire/llama-cpp-python-text.sse");
+const TOOL_LCP: &[u8] = include_bytes!("fixtures/llm-wire/llama-cpp-python-named-tool.sse");
+const TOOL_LCP_REQUEST: &str = include_str!("fixtures/llm-wire/llama-cpp-python-named-tool.request.json");
+const TEXT_LLAMA_SERVER: &[u8] = include_bytes!("fixtures/llm-wire/llama-server-text-with-usage.sse");
+
+/// Small timeouts and backoffs so failure paths run in milliseconds; breaker off unless a test
+/// turns it on.
+fn config(url: String) -> OpenAiConfig {
+    OpenAiConfig {
+        base_url: url,
+        model: "smollm2-135m-instruct".to_string(),
+        api_key: None,
+        connect_timeout: Duration::from_secs(1),
+        first_byte_timeout: Duration::from_secs(2),
+        idle_timeout: Duration::from_secs(2),
+        max_retries: 3,
+        backoff_base: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(40),
+        breaker_threshold: 0,
+        breaker_cooldown: Duration::from_millis(300),
+        capabilities: Capabilities::default(),
+    }
+}
+
+fn backend(url: String) -> OpenAiBackend {
+    OpenAiBackend::new(config(url)).unwrap()
+}
+
+fn ask() -> ChatRequest {
+    ChatRequest::new(vec![
+        ChatMessage::system("You are a helpful assistant."),
+        ChatMessage::user("What is the capital of France?"),
+    ])
+}
+
+fn paris() -> Completion {
+    Completion {
+        text: "The capital of France is Paris.".to_string(),
+        tool_calls: vec![],
+        usage: None,
+        finish: FinishReason::Stop,
+    }
+}
+
+fn weather_call() -> Completion {
+    Completion {
+        text: String::new(),
+        tool_calls: vec![ChatToolCall::new(
+            "call__0_get_weather_cmpl-682b634e-d9c0-49bd-93e4-a90ae0ffbd49",
+            "get_weather",
+            r#"{ "city": "Paris" }"#,
+        )],
+        usage: None,
+        finish: FinishReason::ToolCalls,
+    }
+}
+
+fn llm_error(result: Result<Completion, Error>) -> String {
+    match result {
+        Err(Error::Llm(message)) => message,
+        other => panic!("expected an Llm error, got {other:?}"),
+    }
+}
+
+/// The fixture up to (not including) the event holding `marker`: a stream cut after some tokens.
+fn cut_before(body: &[u8], marker: &str) -> Vec<u8> {
+    let text = std::str::from_utf8(body).unwrap();
+    let at = text.find(marker).unwrap();
+    let event_start = text[..at].rfind("data:").unwrap();
+    body[..event_start].to_vec()
+}
+
+/// In a module named `llm` so `cargo test --lib llm --test llm_openai` runs them too.
+mod llm {
+    use super::*;
+
+    #[tokio::test]
+    async fn each_captured_stream_parses_to_its_exact_completion() {
+        let mock = MockLlmServer::start().await.unwrap();
+        let backend = backend(mock.url());
+        let cases = [
+            (TEXT_LCP, paris()),
+            (TOOL_LCP, weather_call()),
+            (
+                TEXT_LLAMA_SERVER,
+                Completion {
+                    usage: Some(Usage {
+                        prompt_tokens: 32,
+                        completion_tokens: 8,
+                    }),
+                    ..paris()
+                },
+            ),
+        ];
+        for (body, expected) in cases {
+            mock.push(MockResponse::sse(body));
+            assert_eq!(backend.complete(ask()).await.unwrap(), expected);
+        }
+    }
+
+    #[tokio::test]
+    async fn streams_split_byte_by_byte_parse_like_whole_ones_even_inside_cyrillic() {
+        let mock = MockLlmServer::start().await.unwrap();
+        let backend = backend(mock.url());
+        for (body, expected) in [(TEXT_LCP, paris()), (TOOL_LCP, weather_call())] {
+            mock.push(MockResponse::sse(body).split_every(1));
+            assert_eq!(backend.complete(ask()).await.unwrap(), expected);
+        }
+        let russian = Script::text("Привет, мир! Столица Франции — Париж.");
+        let crlf_body = russian.sse_body("m").replace('\n', "\r\n");
+        mock.push(MockResponse::sse(crlf_body).split_every(1));
+        assert_eq!(
+            backend.complete(ask()).await.unwrap(),
+            Completion {
+                text: "Привет, мир! Столица Франции — Париж.".to_string(),
+                tool_calls: vec![],
+                usage: None,
+                finish: FinishReason::Stop,
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn the_request_body_matches_what_the_real_server_was_sent() {
+        let mock = MockLlmServer::start().await.unwrap();
+        let backend = backend(format!("{}/v1/", mock.url()));
+        mock.push(MockResponse::sse(TOOL_LCP));
+        let request = ChatRequest::new(vec![
+            ChatMessage::system("You are a helpful assistant that can call tools."),
+            ChatMessage::user("What is the weather in Paris right now?"),
+        ])
+        .with_tools(vec![ToolSpec {
+            name: "get_weather".into(),
+            description: "Get the current weather for a city".into(),
+            parameters: json!({"type": "object",
+                "properties": {"city": {"type": "string", "description": "City name"}},
+                "required": ["city"]}),
+        }])
+        .with_tool_choice(ToolChoice::Function("get_weather".into()))
+        .with_temperature(0.0)
+        .with_max_tokens(128);
+        assert_eq!(backend.complete(request).await.unwrap(), weather_call());
+
+        let mut expected: serde_json::Value = serde_json::from_str(TOOL_LCP_REQUEST).unwrap();
+        expected["temperature"] = json!(0.0);
+        assert_eq!(mock.requests(), vec![expected]);
+        let recorded = mock.recorded_requests();
+        assert_eq!(recorded[0].path, "/v1/chat/completions");
+        assert_eq!(recorded[0].header("authorization"), None);
+    }
+
+    #[tokio::test]
+    async fn tool_history_is_sent_with_empty_content_and_the_key_as_bearer() {
+        let mock = MockLlmServer::start().await.unwrap();
+        let backend = OpenAiBackend::new(OpenAiConfig {
+            api_key: Some("sk-test".into()),
+            ..config(mock.url())
+        })
+        .unwrap();
+        mock.push(MockResponse::sse(TEXT_LCP));
+        let request = ChatRequest::new(vec![
+            ChatMessage::user("Weather in Paris?"),
+            ChatMessage::assistant_with_tool_calls(
+                "",
+                vec![ChatToolCall::new("call_1", "get_weather", r#"{"city":"Paris"}"#)],
+            ),
+            ChatMessage::tool("call_1", "sunny, 21 °C"),
+        ])
+        .with_tools(vec![ToolSpec {
+            name: "get_weather".into(),
+            description: "Weather".into(),
+            parameters: json!({"type": "object"}),
+        }])
+        .with_temperature(0.2);
+        backend.complete(request).await.unwrap();
+        assert_eq!(
+            mock.requests(),
+            vec![json!({
+                "model": "smollm2-135m-instruct",
+                "stream": true,
+                "stream_options": {"include_usage": true},
+                "temperature": 0.2,
+                "messages": [
+                    {"role": "user", "content": "Weather in Paris?"},
+                    {"role": "assistant", "content": "", "tool_calls": [
+                        {"id": "call_1", "type": "function",
+                         "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+                    {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 °C"},
+                ],
+                "tools": [{"type": "function", "function": {
+                    "name": "get_weather", "description": "Weather", "parameters": {"type": "object"}}}],
+                "tool_choice": "auto",
+            })]
+        );
+        assert_eq!(
+            mock.recorded_requests()[0].header("Authorization"),
+            Some("Bearer sk-test")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_server_ignoring_include_usage_is_no_longer_asked() {
+        let mock = MockLlmServer::start().await.unwrap();
+        let backend = backend(mock.url());
+        assert!(backend.capabilities().usage_reporting);
+        mock.push(MockResponse::sse(TEXT_LCP));
+        mock.push(MockResponse::sse(TEXT_LCP));
+        backend.complete(ask()).await.unwrap();
+        backend.complete(ask()).await.unwrap();
+        assert!(!backend.capabilities().usage_reporting);
+        let sent: Vec<bool> = mock
+            .requests()
+            .iter()
+            .map(|r| r.get("stream_options").is_some())
+            .collect();
+        assert_eq!(sent, vec![true, false]);
+    }
+
+    #[tokio::test]
+    async fn a_stream_cut_midway_is_an_error_not_a_short_answer() {
+        let mock = MockLlmServer::start().await.unwrap();
+        let backend = backend(mock.url());
+        mock.push(MockResponse::sse(cut_before(TEXT_LCP, "\" France\"")));
+        mock.push(MockResponse::sse(TEXT_LCP));
+        let mut stream = backend.stream(ask()).await.unwrap();
+        let mut items = Vec::new();
+        while let Some(item) = stream.next().await {
+            items.push(item);
+        }
+        assert_eq!(
+            items,
+            vec![
+                Ok(Chunk::Text("The".into())),
+                Ok(Chunk::Text(" capital".into())),
+                Ok(Chunk::Text(" of".into())),
+                Err(Error::Llm("stream ended without [DONE] or finish_reason".into())),
+            ]
+        );
+        assert_eq!(mock.request_count(), 1, "no retry once tokens were streamed");
+    }
+
+    #[tokio::test]
+    async fn a_transfer_broken_after_the_first_token_is_not_retried() {
+        let mock = MockLlmServer::start().await.unwrap();
+        let backend = backend(mock.url());
+        mock.push(MockResponse::sse(cut_before(TEXT_LCP, "\" France\"")).then_abort());
+        mock.push(MockResponse::sse(TEXT_LCP));
+        let message = llm_error(backend.complete(ask()).await);
+        assert!(message.starts_with("model stream broke:"), "{message}");
+        assert_eq!(mock.request_count(), 1);
+        assert_eq!(mock.remaining(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_empty_200_body_is_an_error() {
+        let mock = MockLlmServer::start().await.unwrap();
+        let backend = backend(mock.url());
+        mock.push(MockResponse::empty());
+        assert_eq!(
+            llm_error(backend.complete(ask()).await),
+            "model server sent an empty stream (no [DONE] or finish_reason)"
+        );
+        assert_eq!(mock.request_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_error_event_and_invalid_json_in_the_stream_are_errors() {
+        let mock = MockLlmServer::start().await.unwrap();
+        let backend = backend(mock.url());
+        mock.push(MockResponse::sse(
+            "data: {\"error\": {\"message\": \"Requested tokens exceed context window\"}}\n\n",
+        ));
+        mock.push(MockResponse::sse("data: {\"choices\": [{\"delta\": \n\n"));
+        assert_eq!(
+            llm_error(backend.complete(ask()).await),
+            "model server error: Requested tokens exceed context window"
+        );
+        let message = llm_error(backend.complete(ask()).await);
+        assert!(message.starts_with("invalid JSON in stream:"), "{message}");
+        assert_eq!(mock.request_count(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_500_then_a_429_with_retry_after_then_success_is_one_completion() {
+        let mock = MockLlmServer::start().await.unwrap();
+        let backend = backend(mock.url());
+        mock.push(MockResponse::status(500, r#"{"error":"boom"}"#));
+        mock.push(MockResponse::status(429, r#"{"error":"slow down"}"#).header("Retry-After", "1"));
+        mock.push(MockResponse::sse(TEXT_LLAMA_SERVER));
+        let completion = backend.complete(ask()).await.unwrap();
+        assert_eq!(completion.text, "The capital of France is Paris.");
+        assert_eq!(mock.request_count(), 3);
+    }
+
+    #[tokio::test]
+    async fn retries_give_up_with_the_last_status_and_body() {
+        let mock = MockLlmServer::start().await.unwrap();
+        let backend = OpenAiBackend::new(OpenAiConfig {
+            max_retries: 1,
+            ..config(mock.url())
+        })
+        .unwrap();
+        mock.push(MockResponse::status(503, "loading model"));
+        mock.push(MockResponse::status(502, "bad gateway"));
+        assert_eq!(
+            llm_error(backend.complete(ask()).await),
+            "model server answered 502 Bad Gateway: bad gateway (after 2 attempts)"
+        );
+        mock.push(MockResponse::status(
+            400,
+            r#"{"error":{"message":"bad request"}}"#,
+        ));
+        assert_eq!(
+            llm_error(backend.complete(ask()).await),
+            r#"model server answered 400 Bad Request: {"error":{"message":"bad request"}}"#
+        );
+        assert_eq!(mock.request_count(), 3, "a 400 is not retried");
+    }
+
+    #[tokio::test]
+    async fn connection_errors_are_retried_then_reported() {
+        let mock = MockLlmServer::start().await.unwrap();
+        let up = backend(mock.url());
+        mock.push(MockResponse::reset());
+        mock.push(MockResponse::sse(TEXT_LCP));
+        assert_eq!(up.complete(ask()).await.unwrap(), paris());
+        assert_eq!(mock.request_count(), 2);
+
+        let closed = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap()
+        };
+        let down = backend(format!("http://{closed}"));
+        let message = llm_error(down.complete(ask()).await);
+        assert!(
+            message.starts_with("cannot connect to the model server: ")
+                && message.ends_with("(after 4 attempts)"),
+            "{message}"
+        );
+        assert!(down.health().await.is_err());
+        assert_eq!(up.health().await, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn a_stalled_stream_fails_on_the_idle_timeout() {
+        let mock = MockLlmServer::start().await.unwrap();
+        let backend = OpenAiBackend::new(OpenAiConfig {
+            idle_timeout: Duration::from_millis(300),
+            ..config(mock.url())
+        })
+        .unwrap();
+        mock.push(MockResponse::sse(cut_before(TEXT_LCP, "\" of\"")).then_stall());
+        let items: Vec<_> = backend.stream(ask()).await.unwrap().collect().await;
+        assert_eq!(
+            items,
+            vec![
+                Ok(Chunk::Text("The".into())),
+                Ok(Chunk::Text(" capital".into())),
+                Err(Error::Llm("model stream idle for 0.3 s".into())),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_finish_reason_followed_by_a_stall_is_a_complete_answer() {
+        let mock = MockLlmServer::start().await.unwrap();
+        let backend = OpenAiBackend::new(OpenAiConfig {
+            idle_timeout: Duration::from_millis(300),
+            ..config(mock.url())
+        })
+        .unwrap();
+        mock.push(MockResponse::sse(cut_before(TEXT_LCP, "[DONE]")).then_stall());
+        assert_eq!(backend.complete(ask()).await.unwrap(), paris());
+    }
+
+    #[tokio::test]
+    async fn a_server_that_never_answers_fails_on_the_first_byte_timeout() {
+        let mock = MockLlmServer::start().await.unwrap();
+        let backend = OpenAiBackend::new(OpenAiConfig {
+            first_byte_timeout: Duration::from_millis(300),
+            ..config(mock.url())
+        })
+        .unwrap();
+        mock.push(MockResponse::hang());
+        assert_eq!(
+            llm_error(backend.complete(ask()).await),
+            "model server sent nothing within 0.3 s"
+        );
+        assert_eq!(mock.request_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_slow_drip_within_the_idle_timeout_is_fine() {
+        let mock = MockLlmServer::start().await.unwrap();
+        let backend = backend(mock.url());
+        mock.push(
+            MockResponse::sse(TEXT_LLAMA_SERVER)
+                .split_at(vec![100, 900, 1700])
+                .drip(Duration::from_millis(30)),
+        );
+        assert_eq!(backend.complete(ask()).await.unwrap().text, paris().text);
+    }
+
+    #[tokio::test]
+    async fn the_circuit_opens_after_repeated_failures_and_half_opens_after_the_cooldown() {
+        let mock = MockLlmServer::start().await.unwrap();
+        let backend = OpenAiBackend::new(OpenAiConfig {
+            max_retries: 0,
+            breaker_threshold: 2,
+            breaker_cooldown: Duration::from_millis(300),
+            ..config(mock.url())
+        })
+        .unwrap();
+        mock.push(MockResponse::status(500, "down"));
+        mock.push(MockResponse::status(500, "down"));
+        llm_error(backend.complete(ask()).await);
+        llm_error(backend.complete(ask()).await);
+        let message = llm_error(backend.complete(ask()).await);
+        assert!(
+            message.starts_with("circuit open: backend failed 2 times, retry after"),
+            "{message}"
+        );
+        assert_eq!(mock.request_count(), 2, "an open circuit sends nothing");
+
+        // Half-open: one trial; it fails, so the circuit opens again at once.
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        mock.push(MockResponse::status(503, "still down"));
+        llm_error(backend.complete(ask()).await);
+        assert!(llm_error(backend.complete(ask()).await).starts_with("circuit open"));
+        assert_eq!(mock.request_count(), 3);
+
+        // The next trial succeeds and closes it.
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        mock.push(MockResponse::sse(TEXT_LCP));
+        mock.push(MockResponse::sse(TEXT_LCP));
+        assert_eq!(backend.complete(ask()).await.unwrap(), paris());
+        assert_eq!(backend.complete(ask()).await.unwrap(), paris());
+        assert_eq!(mock.request_count(), 5);
+    }
+
+    #[tokio::test]
+    async fn the_scripted_backend_and_the_openai_backend_stream_the_same_chunks() {
+        let script = Script::tool_call("read_file", json!({"path": "src/lib.rs", "limit": 200}))
+            .and_raw_tool_call("write_file", "{not json")
+            .with_text("Reading it now.")
+            .usage(Usage {
+                prompt_tokens: 40,
+                completion_tokens: 12,
+            });
+        let mock = MockLlmServer::start().await.unwrap();
+        mock.push(MockResponse::script(&script));
+        let over_http: Vec<Chunk> = backend(mock.url())
+            .stream(ask())
+            .await
+            .unwrap()
+            .map(|c| c.unwrap())
+            .collect()
+            .await;
+        let scripted = ScriptedBackend::new(vec![script.clone()]);
+        let replayed: Vec<Chunk> = scripted
+            .stream(ask())
+            .await
+            .unwrap()
+            .map(|c| c.unwrap())
+            .collect()
+            .await;
+        assert_eq!(over_http, replayed);
+        assert_eq!(over_http, script.chunks());
+        assert_eq!(scripted.requests(), vec![ask()]);
+
+        let scripted = ScriptedBackend::new(vec![script]);
+        assert_eq!(
+            scripted.complete(ask()).await.unwrap(),
+            Completion {
+                text: "Reading it now.".into(),
+                tool_calls: vec![
+                    ChatToolCall::new("call_0", "read_file", r#"{"limit":200,"path":"src/lib.rs"}"#),
+                    ChatToolCall::new("call_1", "write_file", "{not json"),
+                ],
+                usage: Some(Usage {
+                    prompt_tokens: 40,
+                    completion_tokens: 12
+                }),
+                finish: FinishReason::ToolCalls,
+            }
+        );
+    }
+}

@@ -1,0 +1,1074 @@
+//! The agent engine end to end on the scripted model: routing, switching, tool checks, the
+//! sandbox, approvals, client execution, cancellation, idempotency, restart — over real SQLite files.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers outside #[test]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_runtime_core::approval::ApprovalStatus;
+use agent_runtime_core::config::{RuntimeConfig, ToolExecution};
+use agent_runtime_core::llm::{Script, ScriptedBackend, ToolChoice};
+use agent_runtime_core::orchestrator::{CancelOutcome, CreateSession, Follow, Orchestrator, Submission};
+use agent_runtime_core::protocol::{
+    AssistantMessage, ClientMessage, EventPayload, HitlDecision, StopReason, ToolError,
+};
+use agent_runtime_core::session::{Role, SessionStatus};
+use agent_runtime_core::storage::{self, Storage};
+use agent_runtime_core::{Error, Event};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+struct Harness {
+    project: tempfile::TempDir,
+    _db: tempfile::TempDir,
+    db_url: String,
+    llm: Arc<ScriptedBackend>,
+    rt: Orchestrator,
+}
+
+async fn harness_with(scripts: Vec<Script>, config: RuntimeConfig) -> Harness {
+    let db = tempfile::tempdir().unwrap();
+    let db_url = format!("sqlite://{}", db.path().join("rt.db").display());
+    let store = storage::open(&db_url).await.unwrap();
+    let llm = Arc::new(ScriptedBackend::new(scripts));
+    let rt = Orchestrator::builder(store, llm.clone())
+        .config(config)
+        .build()
+        .unwrap();
+    Harness {
+        project: tempfile::tempdir().unwrap(),
+        _db: db,
+        db_url,
+        llm,
+        rt,
+    }
+}
+
+async fn harness(scripts: Vec<Script>) -> Harness {
+    harness_with(scripts, RuntimeConfig::default()).await
+}
+
+impl Harness {
+    async fn session(&self) -> String {
+        self.session_with(json!({"project_path": self.project.path().to_str().unwrap()}))
+            .await
+    }
+
+    async fn session_with(&self, metadata: Value) -> String {
+        let s = self
+            .rt
+            .create_session(CreateSession {
+                user_id: Some("u1".into()),
+                metadata: Some(metadata),
+                session_id: None,
+            })
+            .await
+            .unwrap();
+        s.id
+    }
+
+    async fn send(&self, session: &str, message: ClientMessage) -> Vec<Event> {
+        collect(self.rt.submit(session, Submission::new(message)).await.unwrap()).await
+    }
+
+    async fn say(&self, session: &str, content: &str) -> Vec<Event> {
+        self.send(
+            session,
+            ClientMessage::UserMessage {
+                content: content.into(),
+                agent_type: None,
+            },
+        )
+        .await
+    }
+
+    async fn say_to(&self, session: &str, agent: &str, content: &str) -> Vec<Event> {
+        self.send(
+            session,
+            ClientMessage::UserMessage {
+                content: content.into(),
+                agent_type: Some(agent.into()),
+            },
+        )
+        .await
+    }
+
+    async fn decide(
+        &self,
+        session: &str,
+        call_id: &str,
+        decision: &str,
+        args: Option<Value>,
+        feedback: Option<&str>,
+    ) -> Vec<Event> {
+        self.send(
+            session,
+            ClientMessage::HitlDecision(HitlDecision {
+                call_id: call_id.into(),
+                decision: decision.into(),
+                modified_arguments: args,
+                feedback: feedback.map(String::from),
+            }),
+        )
+        .await
+    }
+}
+
+async fn collect(stream: agent_runtime_core::orchestrator::EventStream) -> Vec<Event> {
+    let events: Vec<Event> = tokio::time::timeout(Duration::from_secs(20), stream.collect())
+        .await
+        .expect("stream did not end in 20 s");
+    for pair in events.windows(2) {
+        assert_eq!(
+            pair[1].seq,
+            pair[0].seq + 1,
+            "seqs are gap-free within a stream: {events:?}"
+        );
+    }
+    assert!(
+        matches!(events.last().map(|e| &e.payload), Some(EventPayload::Done { .. })),
+        "done is last: {events:?}"
+    );
+    events
+}
+
+fn payloads(events: &[Event]) -> Vec<EventPayload> {
+    events.iter().map(|e| e.payload.clone()).collect()
+}
+
+fn token(t: &str) -> EventPayload {
+    EventPayload::AssistantMessage(AssistantMessage::Token { token: t.into() })
+}
+
+fn complete(t: &str) -> EventPayload {
+    EventPayload::AssistantMessage(AssistantMessage::Complete { content: t.into() })
+}
+
+fn switched(from: &str, to: &str, reason: &str) -> EventPayload {
+    EventPayload::AgentSwitched {
+        from_agent: from.into(),
+        to_agent: to.into(),
+        reason: reason.into(),
+    }
+}
+
+fn stop(events: &[Event]) -> StopReason {
+    match events.last().map(|e| &e.payload) {
+        Some(EventPayload::Done { stop_reason, .. }) => *stop_reason,
+        other => panic!("not done: {other:?}"),
+    }
+}
+
+fn route(agent: &str) -> Script {
+    Script::tool_call(
+        "route",
+        json!({"agent": agent, "reason": format!("{agent} fits")}),
+    )
+}
+
+fn call_ids(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match &e.payload {
+            EventPayload::ToolCall { call_id, .. } => Some(call_id.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn tool_results(events: &[Event]) -> Vec<(String, Option<Value>, Option<ToolError>)> {
+    events
+        .iter()
+        .filter_map(|e| match &e.payload {
+            EventPayload::ToolResult {
+                tool_name,
+                result,
+                error,
+                ..
+            } => Some((tool_name.clone(), result.clone(), error.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Every tool call in the stored history has exactly one result, right after its assistant message.
+async fn assert_history_valid(store: &Arc<dyn Storage>, session: &str) {
+    let msgs = store.messages_after(session, 0, 1000).await.unwrap();
+    let mut open: Vec<String> = vec![];
+    for m in &msgs {
+        match m.role {
+            Role::Tool => {
+                let id = m.tool_call_id.clone().unwrap();
+                assert!(
+                    open.contains(&id),
+                    "result for a call that is not open: {id} in {msgs:#?}"
+                );
+                open.retain(|c| *c != id);
+            }
+            _ => {
+                assert!(
+                    open.is_empty(),
+                    "calls without results before seq {}: {open:?}",
+                    m.seq
+                );
+                open = m.tool_calls.iter().map(|c| c.id.clone()).collect();
+            }
+        }
+    }
+    assert!(open.is_empty(), "calls without results at the end: {open:?}");
+}
+
+#[tokio::test]
+async fn orchestrator_routes_each_request_to_its_specialist() {
+    for agent in ["coder", "architect", "debug", "ask"] {
+        let h = harness(vec![route(agent), Script::text("Готово, сделано")]).await;
+        let s = h.session().await;
+        let events = h.say(&s, "do the thing").await;
+        assert_eq!(
+            payloads(&events),
+            vec![
+                switched("orchestrator", agent, &format!("{agent} fits")),
+                token("Готово,"),
+                token(" сделано"),
+                complete("Готово, сделано"),
+                EventPayload::Done {
+                    stop_reason: StopReason::Completed,
+                    usage: payload_usage(&events)
+                },
+            ]
+        );
+        let requests = h.llm.requests();
+        assert_eq!(requests[0].tool_choice, ToolChoice::Function("route".into()));
+        assert_eq!(
+            requests[1].messages[0].content,
+            h.rt.agent_registry().get(agent).unwrap().system_prompt
+        );
+        let current = h.rt.current_agent(&s).await.unwrap();
+        assert_eq!(
+            (current.current_agent.agent_type.as_str(), current.switch_count),
+            (agent, 1)
+        );
+        assert_eq!(h.rt.get_session(&s).await.unwrap().status, SessionStatus::Idle);
+    }
+}
+
+fn payload_usage(events: &[Event]) -> agent_runtime_core::session::Usage {
+    match events.last().map(|e| &e.payload) {
+        Some(EventPayload::Done { usage, .. }) => *usage,
+        _ => panic!("no done"),
+    }
+}
+
+#[tokio::test]
+async fn keyword_classifier_decides_when_the_route_call_fails() {
+    let h = harness(vec![Script::error(Error::Llm("boom".into())), Script::text("ok")]).await;
+    let s = h.session().await;
+    let events = h.say(&s, "Найди причину ошибки").await;
+    assert_eq!(
+        events[0].payload,
+        switched(
+            "orchestrator",
+            "debug",
+            "Keyword routing: the request is about an error"
+        )
+    );
+    assert_eq!(stop(&events), StopReason::Completed);
+}
+
+#[tokio::test]
+async fn route_call_answering_nonsense_falls_back_to_keywords() {
+    let h = harness(vec![
+        Script::tool_call("route", json!({"agent": "pirate"})),
+        Script::text("ok"),
+    ])
+    .await;
+    let s = h.session().await;
+    let events = h.say(&s, "Создай новый виджет профиля").await;
+    assert_eq!(
+        events[0].payload,
+        switched(
+            "orchestrator",
+            "coder",
+            "Keyword routing: the request asks for code"
+        )
+    );
+}
+
+#[tokio::test]
+async fn an_agent_hands_over_mid_turn_and_the_new_agent_answers() {
+    let h = harness(vec![
+        Script::tool_call(
+            "switch_agent",
+            json!({"agent_type": "architect", "reason": "design question"}),
+        ),
+        Script::text("Design follows"),
+    ])
+    .await;
+    let s = h.session().await;
+    let events = h.say_to(&s, "coder", "design the auth system").await;
+    let p = payloads(&events);
+    assert_eq!(
+        p[0],
+        switched("orchestrator", "coder", "User requested agent switch")
+    );
+    assert!(
+        matches!(&p[1], EventPayload::ToolCall { tool_name, requires_approval: false, .. } if tool_name == "switch_agent")
+    );
+    assert_eq!(p[2], switched("coder", "architect", "design question"));
+    assert!(matches!(&p[3], EventPayload::ToolResult { error: None, .. }));
+    assert_eq!(p[p.len() - 2], complete("Design follows"));
+    assert_eq!(
+        h.llm.requests()[1].messages[0].content,
+        h.rt.agent_registry().get("architect").unwrap().system_prompt
+    );
+    assert_eq!(h.rt.current_agent(&s).await.unwrap().switch_count, 2);
+    assert_history_valid(h.rt.storage(), &s).await;
+}
+
+#[tokio::test]
+async fn switch_limit_ends_the_turn_with_agent_switch_limit() {
+    let config = RuntimeConfig {
+        max_agent_switches: 1,
+        ..RuntimeConfig::default()
+    };
+    let h = harness_with(
+        vec![
+            route("coder"),
+            Script::tool_call("switch_agent", json!({"agent_type": "ask"})),
+        ],
+        config,
+    )
+    .await;
+    let s = h.session().await;
+    let events = h.say(&s, "write code").await;
+    let p = payloads(&events);
+    assert!(
+        matches!(&p[p.len() - 2], EventPayload::Error { code, .. } if code == "AGENT_SWITCH_LIMIT"),
+        "{p:?}"
+    );
+    assert_eq!(stop(&events), StopReason::Error);
+    // The refused switch is not recorded; the history stays valid.
+    let current = h.rt.current_agent(&s).await.unwrap();
+    assert_eq!(
+        (current.current_agent.agent_type.as_str(), current.switch_count),
+        ("coder", 1)
+    );
+    assert_history_valid(h.rt.storage(), &s).await;
+}
+
+#[tokio::test]
+async fn several_tool_calls_in_one_response_each_get_their_result() {
+    let config = RuntimeConfig {
+        hitl_enabled: false,
+        ..RuntimeConfig::default()
+    };
+    let h = harness_with(
+        vec![
+            Script::tool_call("read_file", json!({"path": "a.txt"})).and_tool_call("list_files", json!({})),
+            Script::text("read both"),
+        ],
+        config,
+    )
+    .await;
+    std::fs::write(h.project.path().join("a.txt"), "alpha\n").unwrap();
+    let s = h.session().await;
+    let events = h.say_to(&s, "coder", "look around").await;
+    let results = tool_results(&events);
+    assert_eq!(results.len(), 2, "{events:?}");
+    assert!(
+        results[0].1.as_ref().unwrap().to_string().contains("alpha"),
+        "{results:?}"
+    );
+    assert!(
+        results[1].1.as_ref().unwrap().to_string().contains("a.txt"),
+        "{results:?}"
+    );
+    assert_eq!(stop(&events), StopReason::Completed);
+    // The second model call saw both results.
+    let second = &h.llm.requests()[1];
+    let tool_msgs = second
+        .messages
+        .iter()
+        .filter(|m| m.tool_call_id.is_some())
+        .count();
+    assert_eq!(tool_msgs, 2);
+    assert_history_valid(h.rt.storage(), &s).await;
+}
+
+#[tokio::test]
+async fn tools_outside_an_agents_limits_are_refused_before_approval() {
+    let cases = [
+        (
+            "architect",
+            Script::tool_call("write_file", json!({"path": "src/main.rs", "content": "x"})),
+        ),
+        (
+            "debug",
+            Script::tool_call("write_file", json!({"path": "notes.md", "content": "x"})),
+        ),
+        (
+            "ask",
+            Script::tool_call("execute_command", json!({"command": "ls"})),
+        ),
+        (
+            "coder",
+            Script::tool_call("read_file", json!({"path": "../outside.txt"})),
+        ),
+        (
+            "coder",
+            Script::tool_call("read_file", json!({"path": "/etc/passwd"})),
+        ),
+        ("coder", Script::tool_call("no_such_tool", json!({}))),
+        ("coder", Script::raw_tool_call("read_file", "{\"path\": ")),
+        ("coder", Script::tool_call("read_file", json!({"path": 7}))),
+    ];
+    for (agent, script) in cases {
+        let h = harness(vec![script, Script::text("understood")]).await;
+        let s = h.session().await;
+        let events = h.say_to(&s, agent, "try it").await;
+        let results = tool_results(&events);
+        assert_eq!(results.len(), 1, "{agent}: {events:?}");
+        assert_eq!(
+            results[0].2.as_ref().map(|e| e.code.as_str()),
+            Some("INVALID_TOOL"),
+            "{agent}: {results:?}"
+        );
+        assert!(h.rt.pending_approvals(&s).await.unwrap().is_empty());
+        assert_eq!(stop(&events), StopReason::Completed, "{agent}");
+        assert!(!h.project.path().join("src/main.rs").exists());
+        assert_history_valid(h.rt.storage(), &s).await;
+    }
+}
+
+#[tokio::test]
+async fn malformed_arguments_are_stored_as_raw_text_and_sent_back_as_an_empty_object() {
+    let h = harness(vec![
+        Script::raw_tool_call("read_file", "{oops"),
+        Script::text("retrying"),
+    ])
+    .await;
+    let s = h.session().await;
+    h.say_to(&s, "coder", "read").await;
+    let msgs = h.rt.messages(&s, 0, 100).await.unwrap();
+    let call = &msgs.iter().find(|m| !m.tool_calls.is_empty()).unwrap().tool_calls[0];
+    assert_eq!(call.arguments, json!("{oops"));
+    let second = &h.llm.requests()[1];
+    let sent = second.messages.iter().find(|m| !m.tool_calls.is_empty()).unwrap();
+    assert_eq!(sent.tool_calls[0].arguments, "{}");
+    assert_eq!(sent.content, "");
+}
+
+#[tokio::test]
+async fn a_model_stream_cut_midway_is_an_llm_error_event() {
+    let h = harness(vec![
+        Script::text("one two three four").fail_after(2, Error::Llm("connection reset".into())),
+    ])
+    .await;
+    let s = h.session().await;
+    let events = h.say_to(&s, "ask", "hi").await;
+    let p = payloads(&events);
+    assert!(
+        matches!(&p[p.len() - 2], EventPayload::Error { code, .. } if code == "LLM_ERROR"),
+        "{p:?}"
+    );
+    assert_eq!(stop(&events), StopReason::Error);
+    assert_eq!(h.rt.get_session(&s).await.unwrap().status, SessionStatus::Idle);
+}
+
+#[tokio::test]
+async fn approve_executes_the_call_and_the_turn_continues() {
+    let h = harness(vec![
+        Script::tool_call(
+            "write_file",
+            json!({"path": "src/lib.rs", "content": "pub fn a() {}\n"}),
+        ),
+        Script::text("Written"),
+    ])
+    .await;
+    let s = h.session().await;
+    let events = h.say_to(&s, "coder", "write it").await;
+    assert_eq!(stop(&events), StopReason::AwaitingApproval);
+    let ids = call_ids(&events);
+    let pending = h.rt.pending_approvals(&s).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(
+        (pending[0].call_id.as_str(), pending[0].reason.as_str()),
+        (ids[0].as_str(), "File modification requires approval")
+    );
+    assert_eq!(
+        h.rt.get_session(&s).await.unwrap().status,
+        SessionStatus::AwaitingApproval
+    );
+    assert!(!h.project.path().join("src/lib.rs").exists());
+
+    let events = h.decide(&s, &ids[0], "approve", None, None).await;
+    let p = payloads(&events);
+    assert_eq!(
+        p[0],
+        EventPayload::ApprovalResolved {
+            call_id: ids[0].clone(),
+            decision: "approve".into()
+        }
+    );
+    assert!(
+        matches!(&p[1], EventPayload::ToolResult { error: None, .. }),
+        "{p:?}"
+    );
+    assert_eq!(p[p.len() - 2], complete("Written"));
+    assert_eq!(
+        std::fs::read_to_string(h.project.path().join("src/lib.rs")).unwrap(),
+        "pub fn a() {}\n"
+    );
+    let a = h.rt.storage().get_approval(&s, &ids[0]).await.unwrap();
+    assert_eq!(a.status, ApprovalStatus::Approved);
+
+    let again =
+        h.rt.submit(&s, Submission::new(hitl(&ids[0], "approve")))
+            .await
+            .unwrap_err();
+    assert_eq!(again.code(), "APPROVAL_ALREADY_DECIDED");
+    let unknown =
+        h.rt.submit(&s, Submission::new(hitl("call_nope", "approve")))
+            .await
+            .unwrap_err();
+    assert_eq!(unknown.code(), "APPROVAL_NOT_FOUND");
+    assert_history_valid(h.rt.storage(), &s).await;
+}
+
+fn hitl(call_id: &str, decision: &str) -> ClientMessage {
+    ClientMessage::HitlDecision(HitlDecision {
+        call_id: call_id.into(),
+        decision: decision.into(),
+        modified_arguments: None,
+        feedback: None,
+    })
+}
+
+#[tokio::test]
+async fn edit_runs_the_modified_arguments_and_can_never_escalate() {
+    let h = harness(vec![
+        Script::tool_call("write_file", json!({"path": "docs/a.md", "content": "draft"})),
+        Script::text("ok"),
+    ])
+    .await;
+    let s = h.session().await;
+    let events = h.say_to(&s, "architect", "write the design").await;
+    let id = call_ids(&events)[0].clone();
+    // An edit to a .rs path is outside the architect's rule: refused, approval stays pending.
+    let err =
+        h.rt.submit(
+            &s,
+            Submission::new(ClientMessage::HitlDecision(HitlDecision {
+                call_id: id.clone(),
+                decision: "edit".into(),
+                modified_arguments: Some(json!({"path": "src/evil.rs", "content": "x"})),
+                feedback: None,
+            })),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "INVALID_TOOL");
+    let escape =
+        h.rt.submit(
+            &s,
+            Submission::new(ClientMessage::HitlDecision(HitlDecision {
+                call_id: id.clone(),
+                decision: "edit".into(),
+                modified_arguments: Some(json!({"path": "../../escape.md", "content": "x"})),
+                feedback: None,
+            })),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(escape.code(), "INVALID_TOOL");
+    assert_eq!(h.rt.pending_approvals(&s).await.unwrap().len(), 1);
+
+    let events = h
+        .decide(
+            &s,
+            &id,
+            "edit",
+            Some(json!({"path": "docs/a.md", "content": "final"})),
+            Some("shorter"),
+        )
+        .await;
+    assert_eq!(stop(&events), StopReason::Completed);
+    assert_eq!(
+        std::fs::read_to_string(h.project.path().join("docs/a.md")).unwrap(),
+        "final"
+    );
+    let a = h.rt.storage().get_approval(&s, &id).await.unwrap();
+    assert_eq!(
+        (a.status, a.modified_arguments),
+        (
+            ApprovalStatus::Edited,
+            Some(json!({"path": "docs/a.md", "content": "final"}))
+        )
+    );
+}
+
+#[tokio::test]
+async fn reject_tells_the_model_with_the_feedback() {
+    let h = harness(vec![
+        Script::tool_call("execute_command", json!({"command": "rm -rf build"})),
+        Script::text("Fine"),
+    ])
+    .await;
+    let s = h.session().await;
+    let events = h.say_to(&s, "coder", "clean").await;
+    let id = call_ids(&events)[0].clone();
+    let events = h
+        .decide(&s, &id, "reject", None, Some("keep the build dir"))
+        .await;
+    let results = tool_results(&events);
+    assert_eq!(
+        results[0].2.as_ref().unwrap().message,
+        "the user rejected this call: keep the build dir"
+    );
+    let second = &h.llm.requests()[1];
+    let told = second
+        .messages
+        .iter()
+        .find(|m| m.tool_call_id.as_deref() == Some(id.as_str()))
+        .unwrap();
+    assert!(told.content.contains("keep the build dir"), "{told:?}");
+    assert_eq!(stop(&events), StopReason::Completed);
+}
+
+#[tokio::test]
+async fn several_approvals_resume_the_turn_after_the_last_decision() {
+    let h = harness(vec![
+        Script::tool_call("write_file", json!({"path": "a.txt", "content": "A"}))
+            .and_tool_call("write_file", json!({"path": "b.txt", "content": "B"})),
+        Script::text("both handled"),
+    ])
+    .await;
+    let s = h.session().await;
+    let events = h.say_to(&s, "coder", "write two").await;
+    let ids = call_ids(&events);
+    assert_eq!(ids.len(), 2);
+    assert_ne!(ids[0], ids[1]);
+    let first = h.decide(&s, &ids[0], "approve", None, None).await;
+    assert_eq!(
+        payloads(&first),
+        vec![
+            EventPayload::ApprovalResolved {
+                call_id: ids[0].clone(),
+                decision: "approve".into()
+            },
+            EventPayload::Done {
+                stop_reason: StopReason::AwaitingApproval,
+                usage: payload_usage(&first)
+            },
+        ]
+    );
+    assert!(!h.project.path().join("a.txt").exists());
+    let last = h.decide(&s, &ids[1], "reject", None, None).await;
+    assert_eq!(stop(&last), StopReason::Completed);
+    assert_eq!(
+        std::fs::read_to_string(h.project.path().join("a.txt")).unwrap(),
+        "A"
+    );
+    assert!(!h.project.path().join("b.txt").exists());
+    assert_history_valid(h.rt.storage(), &s).await;
+}
+
+#[tokio::test]
+async fn a_pending_approval_survives_a_restart_on_the_same_sqlite_file() {
+    let h = harness(vec![Script::tool_call(
+        "write_file",
+        json!({"path": "r.txt", "content": "after restart"}),
+    )])
+    .await;
+    let s = h.session().await;
+    let events = h.say_to(&s, "coder", "write").await;
+    let id = call_ids(&events)[0].clone();
+    drop(h.rt);
+
+    let store = storage::open(&h.db_url).await.unwrap();
+    let llm = Arc::new(ScriptedBackend::new(vec![Script::text("done after restart")]));
+    let rt = Orchestrator::builder(store, llm).build().unwrap();
+    assert_eq!(rt.recover_interrupted().await.unwrap(), 0);
+    let pending = rt.pending_approvals(&s).await.unwrap();
+    assert_eq!(
+        pending.iter().map(|a| a.call_id.clone()).collect::<Vec<_>>(),
+        vec![id.clone()]
+    );
+    let events = collect(
+        rt.submit(&s, Submission::new(hitl(&id, "approve")))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(stop(&events), StopReason::Completed);
+    assert_eq!(
+        std::fs::read_to_string(h.project.path().join("r.txt")).unwrap(),
+        "after restart"
+    );
+    assert_history_valid(rt.storage(), &s).await;
+}
+
+#[tokio::test]
+async fn client_execution_pauses_for_the_clients_tool_result() {
+    let h = harness(vec![
+        Script::tool_call("read_file", json!({"path": "lib/main.dart"})),
+        Script::text("I see it"),
+    ])
+    .await;
+    let s = h.session_with(json!({"tool_execution": "client"})).await;
+    let events = h.say_to(&s, "coder", "read main").await;
+    assert_eq!(stop(&events), StopReason::AwaitingToolResult);
+    let id = call_ids(&events)[0].clone();
+    let missing =
+        h.rt.submit(
+            &s,
+            Submission::new(ClientMessage::ToolResult {
+                call_id: "nope".into(),
+                result: None,
+                error: None,
+            }),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), "TOOL_CALL_NOT_FOUND");
+    let events = h
+        .send(
+            &s,
+            ClientMessage::ToolResult {
+                call_id: id.clone(),
+                result: Some(json!("void main() {}")),
+                error: None,
+            },
+        )
+        .await;
+    assert_eq!(stop(&events), StopReason::Completed);
+    let second = &h.llm.requests()[1];
+    assert_eq!(
+        second
+            .messages
+            .iter()
+            .find(|m| m.tool_call_id.as_deref() == Some(id.as_str()))
+            .unwrap()
+            .content,
+        "void main() {}"
+    );
+}
+
+#[tokio::test]
+async fn client_mode_tool_result_for_a_pending_call_counts_as_its_approval() {
+    let config = RuntimeConfig {
+        tool_execution: ToolExecution::Client,
+        ..RuntimeConfig::default()
+    };
+    let h = harness_with(
+        vec![
+            Script::tool_call("write_file", json!({"path": "x.md", "content": "x"})),
+            Script::text("ok"),
+        ],
+        config,
+    )
+    .await;
+    let s = h.session_with(json!({})).await;
+    let events = h.say_to(&s, "coder", "write").await;
+    assert_eq!(stop(&events), StopReason::AwaitingApproval);
+    let id = call_ids(&events)[0].clone();
+    let events = h
+        .send(
+            &s,
+            ClientMessage::ToolResult {
+                call_id: id.clone(),
+                result: Some(json!("written")),
+                error: None,
+            },
+        )
+        .await;
+    assert_eq!(
+        events[0].payload,
+        EventPayload::ApprovalResolved {
+            call_id: id.clone(),
+            decision: "approve".into()
+        }
+    );
+    assert_eq!(
+        h.rt.storage().get_approval(&s, &id).await.unwrap().status,
+        ApprovalStatus::Approved
+    );
+}
+
+#[tokio::test]
+async fn a_new_message_cancels_pending_approvals() {
+    let h = harness(vec![
+        Script::tool_call("delete_file", json!({"path": "a.txt"})),
+        Script::text("ok then"),
+    ])
+    .await;
+    let s = h.session().await;
+    let events = h.say_to(&s, "coder", "delete").await;
+    let id = call_ids(&events)[0].clone();
+    let events = h.say(&s, "never mind").await;
+    assert_eq!(stop(&events), StopReason::Completed);
+    let a = h.rt.storage().get_approval(&s, &id).await.unwrap();
+    assert_eq!(a.status, ApprovalStatus::Cancelled);
+    let msgs = h.rt.messages(&s, 0, 100).await.unwrap();
+    let result = msgs
+        .iter()
+        .find(|m| m.tool_call_id.as_deref() == Some(id.as_str()))
+        .unwrap();
+    assert_eq!(
+        result.content,
+        "CANCELLED: cancelled: the user sent a new message"
+    );
+    assert_history_valid(h.rt.storage(), &s).await;
+}
+
+#[tokio::test]
+async fn a_second_message_during_a_turn_is_session_busy() {
+    let h = harness(vec![
+        Script::text("slow answer with many words in it").delay_per_chunk(Duration::from_millis(100)),
+    ])
+    .await;
+    let s = h.session().await;
+    let stream =
+        h.rt.submit(
+            &s,
+            Submission::new(ClientMessage::UserMessage {
+                content: "a".into(),
+                agent_type: Some("ask".into()),
+            }),
+        )
+        .await
+        .unwrap();
+    let err = h.rt.submit(&s, Submission::user("b")).await.unwrap_err();
+    assert_eq!(err.code(), "SESSION_BUSY");
+    assert_eq!(stop(&collect(stream).await), StopReason::Completed);
+}
+
+#[tokio::test]
+async fn cancel_mid_stream_ends_with_done_cancelled() {
+    let h = harness(vec![
+        Script::text("a b c d e f g h i j k l m n o p").delay_per_chunk(Duration::from_millis(50)),
+    ])
+    .await;
+    let s = h.session().await;
+    let stream =
+        h.rt.submit(
+            &s,
+            Submission::new(ClientMessage::UserMessage {
+                content: "go".into(),
+                agent_type: Some("ask".into()),
+            }),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(h.rt.cancel(&s).await.unwrap(), CancelOutcome::Cancelled);
+    let events = collect(stream).await;
+    assert_eq!(stop(&events), StopReason::Cancelled);
+    assert_eq!(h.rt.cancel(&s).await.unwrap(), CancelOutcome::Idle);
+    assert_eq!(h.rt.get_session(&s).await.unwrap().status, SessionStatus::Idle);
+}
+
+#[tokio::test]
+async fn cancel_mid_command_kills_it_and_gives_the_call_a_result() {
+    let config = RuntimeConfig {
+        hitl_enabled: false,
+        ..RuntimeConfig::default()
+    };
+    let h = harness_with(
+        vec![Script::tool_call(
+            "execute_command",
+            json!({"command": "sleep 30"}),
+        )],
+        config,
+    )
+    .await;
+    let s = h.session().await;
+    let stream =
+        h.rt.submit(
+            &s,
+            Submission::new(ClientMessage::UserMessage {
+                content: "run".into(),
+                agent_type: Some("coder".into()),
+            }),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    assert_eq!(h.rt.cancel(&s).await.unwrap(), CancelOutcome::Cancelled);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let events = collect(stream).await;
+    assert_eq!(stop(&events), StopReason::Cancelled);
+    assert_eq!(tool_results(&events).len(), 1);
+    assert_history_valid(h.rt.storage(), &s).await;
+}
+
+#[tokio::test]
+async fn the_same_request_id_replays_the_turn_instead_of_running_another() {
+    let h = harness(vec![Script::text("only once")]).await;
+    let s = h.session().await;
+    let sub = || Submission {
+        request_id: Some("req-1".into()),
+        message: ClientMessage::UserMessage {
+            content: "hi".into(),
+            agent_type: Some("ask".into()),
+        },
+    };
+    let first = collect(h.rt.submit(&s, sub()).await.unwrap()).await;
+    let second = collect(h.rt.submit(&s, sub()).await.unwrap()).await;
+    assert_eq!(first, second);
+    assert_eq!(h.llm.requests().len(), 1);
+    let users =
+        h.rt.messages(&s, 0, 100)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|m| m.role == Role::User)
+            .count();
+    assert_eq!(users, 1);
+}
+
+#[tokio::test]
+async fn max_iterations_bounds_the_model_calls_of_a_turn() {
+    let config = RuntimeConfig {
+        max_turn_iterations: 2,
+        hitl_enabled: false,
+        ..RuntimeConfig::default()
+    };
+    let h = harness_with(
+        vec![
+            Script::tool_call("list_files", json!({})),
+            Script::tool_call("list_files", json!({"path": "."})),
+            Script::text("never"),
+        ],
+        config,
+    )
+    .await;
+    let s = h.session().await;
+    let events = h.say_to(&s, "coder", "loop").await;
+    assert_eq!(stop(&events), StopReason::MaxIterations);
+    assert_eq!(h.llm.requests().len(), 2);
+    assert_history_valid(h.rt.storage(), &s).await;
+}
+
+#[tokio::test]
+async fn a_message_too_large_for_the_window_is_refused_before_the_stream() {
+    let config = RuntimeConfig {
+        max_context_tokens: 300,
+        ..RuntimeConfig::default()
+    };
+    let h = harness_with(vec![], config).await;
+    let s = h.session().await;
+    let err =
+        h.rt.submit(&s, Submission::user("word ".repeat(2000)))
+            .await
+            .unwrap_err();
+    assert_eq!(err.code(), "CONTEXT_TOO_LARGE");
+    assert_eq!(h.rt.messages(&s, 0, 10).await.unwrap(), vec![]);
+}
+
+#[tokio::test]
+async fn explicit_switch_without_content_streams_the_switch_and_done() {
+    let h = harness(vec![]).await;
+    let s = h.session().await;
+    let events = h
+        .send(
+            &s,
+            ClientMessage::SwitchAgent {
+                agent_type: "debug".into(),
+                content: None,
+                reason: None,
+            },
+        )
+        .await;
+    assert_eq!(
+        payloads(&events),
+        vec![
+            switched("orchestrator", "debug", "User requested agent switch"),
+            EventPayload::Done {
+                stop_reason: StopReason::Completed,
+                usage: Default::default()
+            },
+        ]
+    );
+    let bad =
+        h.rt.submit(
+            &s,
+            Submission::new(ClientMessage::SwitchAgent {
+                agent_type: "pirate".into(),
+                content: None,
+                reason: None,
+            }),
+        )
+        .await;
+    assert_eq!(bad.unwrap_err().code(), "INVALID_REQUEST");
+}
+
+#[tokio::test]
+async fn replay_after_a_seq_gives_exactly_the_missing_events() {
+    let h = harness(vec![Script::text("one two three")]).await;
+    let s = h.session().await;
+    let all = h.say_to(&s, "ask", "count").await;
+    let mid = all[2].seq;
+    let replay: Vec<Event> =
+        h.rt.events(&s, mid, Follow::UntilIdle)
+            .await
+            .unwrap()
+            .collect()
+            .await;
+    assert_eq!(replay, all[3..].to_vec());
+}
+
+#[tokio::test]
+async fn recover_interrupted_closes_a_turn_left_running_by_a_crash() {
+    let h = harness(vec![
+        Script::tool_call("list_files", json!({})).delay_per_chunk(Duration::from_millis(20)),
+        Script::text("x"),
+    ])
+    .await;
+    let s = h.session().await;
+    // Simulate a crash: the store says running with an open call, and nobody holds the lease.
+    use agent_runtime_core::session::{NewMessage, ToolCall};
+    use agent_runtime_core::storage::{Commit, SessionUpdate};
+    let call = ToolCall {
+        id: "call_x".into(),
+        name: "list_files".into(),
+        arguments: json!({}),
+    };
+    h.rt.storage()
+        .commit(
+            &s,
+            Commit {
+                messages: vec![
+                    NewMessage::user("hi", None),
+                    NewMessage::assistant("", Some("coder".into()), vec![call]),
+                ],
+                session: SessionUpdate {
+                    status: Some(SessionStatus::Running),
+                    turn_state: Some(Some(json!({"turn_id": "t", "iterations": 1, "auto_switches": 0,
+                        "usage": {"prompt_tokens": 0, "completion_tokens": 0},
+                        "open_calls": []}))),
+                    ..SessionUpdate::default()
+                },
+                ..Commit::now()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(h.rt.recover_interrupted().await.unwrap(), 1);
+    let session = h.rt.get_session(&s).await.unwrap();
+    assert_eq!((session.status, session.turn_state), (SessionStatus::Idle, None));
+    assert_history_valid(h.rt.storage(), &s).await;
+    let events = h.rt.storage().events_after(&s, 0, 100).await.unwrap();
+    let p = payloads(&events);
+    assert!(
+        matches!(&p[0], EventPayload::ToolResult { call_id, error: Some(e), .. }
+        if call_id == "call_x" && e.message == "interrupted: the runtime stopped while this call was open"),
+        "{p:?}"
+    );
+    assert!(matches!(&p[1], EventPayload::Error { code, .. } if code == "INTERNAL"));
+    assert_eq!(stop(&events), StopReason::Error);
+    // The session takes a new message.
+    assert_eq!(stop(&h.say_to(&s, "ask", "again").await), StopReason::Completed);
+}
