@@ -188,7 +188,7 @@ async fn every_request_error_has_its_code_and_status() {
         (stream(json!({"message": {"type": "user_message", "content": "hi"}})), 400, "INVALID_REQUEST"),
         (stream(json!({"session_id": id, "message": {"type": "switch_agent", "agent_type": "pirate"}})), 400, "INVALID_REQUEST"),
         (stream(json!({"session_id": id, "message": {"type": "tool_result", "call_id": "c9", "result": 1}})), 404, "TOOL_CALL_NOT_FOUND"),
-        (stream(json!({"session_id": id, "message": {"type": "user_message", "content": "слово ".repeat(400)}})), 413, "CONTEXT_TOO_LARGE"),
+        (stream(json!({"session_id": id, "message": {"type": "user_message", "content": (0..1000).map(|i| format!("w{i}")).collect::<Vec<_>>().join(" ")}})), 413, "CONTEXT_TOO_LARGE"),
         (s.post(&format!("/sessions/{id}/hitl-decision"), json!({"call_id": "c9", "decision": "approve"})), 404, "APPROVAL_NOT_FOUND"),
         (s.post(&format!("/sessions/{id}/hitl-decision"), json!({"call_id": "c9", "decision": "maybe"})), 400, "INVALID_REQUEST"),
         (s.post(&format!("/sessions/{id}/hitl-decision"), json!({"decision": "approve"})), 400, "INVALID_REQUEST"),
