@@ -24,23 +24,41 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
 
-const STEPS: [&str; 5] = ["create_session", "text_turn", "tool_call_turn", "tool_result_turn", "history_read"];
+const STEPS: [&str; 5] = [
+    "create_session",
+    "text_turn",
+    "tool_call_turn",
+    "tool_result_turn",
+    "history_read",
+];
 
 /// The mock model: a tool call when the user asks for one, text otherwise; no delay.
 async fn model(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.method() == hyper::Method::GET {
-        return Ok(Response::new(Full::new(Bytes::from_static(b"{\"object\":\"list\",\"data\":[]}"))));
+        return Ok(Response::new(Full::new(Bytes::from_static(
+            b"{\"object\":\"list\",\"data\":[]}",
+        ))));
     }
-    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let last = v["messages"].as_array().and_then(|m| m.last()).cloned().unwrap_or(Value::Null);
+    let last = v["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .cloned()
+        .unwrap_or(Value::Null);
     let script = if last["role"] == "user" && last["content"].as_str().unwrap_or("").contains("read it") {
         Script::tool_call("read_file", json!({"path": "README.md"}))
     } else {
         Script::text("Done: the answer has a few words in it.")
     };
     let mut r = Response::new(Full::new(Bytes::from(script.sse_body("mock"))));
-    r.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
+    r.headers_mut()
+        .insert("content-type", "text/event-stream".parse().unwrap());
     Ok(r)
 }
 
@@ -49,7 +67,9 @@ async fn start_model() -> String {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((socket, _)) = listener.accept().await else { continue };
+            let Ok((socket, _)) = listener.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(socket), service_fn(model))
@@ -76,23 +96,54 @@ async fn events(r: reqwest::Response) -> Vec<Value> {
 
 async fn scenario(c: &reqwest::Client, base: &str) -> [Duration; 5] {
     let mut t = [Duration::ZERO; 5];
-    let post = |path: &str, body: Value| c.post(format!("{base}{path}")).header("x-internal-auth", "bench").json(&body).send();
+    let post = |path: &str, body: Value| {
+        c.post(format!("{base}{path}"))
+            .header("x-internal-auth", "bench")
+            .json(&body)
+            .send()
+    };
     let s = Instant::now();
-    let created: Value = post("/sessions", json!({"metadata": {"tool_execution": "client"}})).await.unwrap().json().await.unwrap();
+    let created: Value = post("/sessions", json!({"metadata": {"tool_execution": "client"}}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let id = created["session_id"].as_str().unwrap().to_string();
     t[0] = s.elapsed();
     let s = Instant::now();
-    events(post("/agent/message/stream", json!({"session_id": id, "message": {"type": "user_message", "content": "hello"}})).await.unwrap()).await;
+    events(
+        post(
+            "/agent/message/stream",
+            json!({"session_id": id, "message": {"type": "user_message", "content": "hello"}}),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
     t[1] = s.elapsed();
     let s = Instant::now();
-    let ev = events(post("/agent/message/stream", json!({"session_id": id, "message": {"type": "user_message", "content": "read it"}})).await.unwrap()).await;
+    let ev = events(
+        post(
+            "/agent/message/stream",
+            json!({"session_id": id, "message": {"type": "user_message", "content": "read it"}}),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
     t[2] = s.elapsed();
     let call = ev.iter().find(|e| e["type"] == "tool_call").expect("a tool call")["call_id"].clone();
     let s = Instant::now();
     events(post("/agent/message/stream", json!({"session_id": id, "message": {"type": "tool_result", "call_id": call, "result": "# readme"}})).await.unwrap()).await;
     t[3] = s.elapsed();
     let s = Instant::now();
-    let h = c.get(format!("{base}/sessions/{id}/history")).header("x-internal-auth", "bench").send().await.unwrap();
+    let h = c
+        .get(format!("{base}/sessions/{id}/history"))
+        .header("x-internal-auth", "bench")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(h.status(), 200);
     h.bytes().await.unwrap();
     t[4] = s.elapsed();
@@ -118,24 +169,51 @@ fn peak_rss_kib(pid: u32) -> u64 {
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
-    let levels: Vec<usize> = arg("--levels").unwrap_or("1,8,64,512".into()).split(',').map(|l| l.parse().unwrap()).collect();
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let levels: Vec<usize> = arg("--levels")
+        .unwrap_or("1,8,64,512".into())
+        .split(',')
+        .map(|l| l.parse().unwrap())
+        .collect();
     let secs: u64 = arg("--secs").map_or(5, |s| s.parse().unwrap());
-    let bin = std::env::var("AGENT_RUNTIME_SERVER_BIN").unwrap_or("target/release/agent-runtime-server".into());
+    let bin =
+        std::env::var("AGENT_RUNTIME_SERVER_BIN").unwrap_or("target/release/agent-runtime-server".into());
     let model_url = start_model().await;
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}", dir.path().join("bench.db").display());
     let mut child = Command::new(&bin)
-        .args(["--port", "0", "--database-url", &db, "--llm-proxy-url", &model_url, "--internal-api-key", "bench"])
+        .args([
+            "--port",
+            "0",
+            "--database-url",
+            &db,
+            "--llm-proxy-url",
+            &model_url,
+            "--internal-api-key",
+            "bench",
+        ])
         .args(["--auto-agent-switching", "false", "--log-level", "error"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {bin}: {e} (build it first)"));
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let base = format!("http://{}", line.trim().trim_start_matches("listening on "));
-    let client = reqwest::Client::builder().pool_max_idle_per_host(1024).build().unwrap();
-    println!("{:>5} {:>12} {:>18} {:>10} {:>10} {:>10}", "vus", "scenarios/s", "step", "p50 ms", "p95 ms", "p99 ms");
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .build()
+        .unwrap();
+    println!(
+        "{:>5} {:>12} {:>18} {:>10} {:>10} {:>10}",
+        "vus", "scenarios/s", "step", "p50 ms", "p95 ms", "p99 ms"
+    );
     for &vus in &levels {
         let deadline = Instant::now() + Duration::from_secs(secs);
         let started = Instant::now();
@@ -160,11 +238,23 @@ async fn main() {
         for (i, step) in STEPS.iter().enumerate() {
             let mut d: Vec<Duration> = all.iter().map(|t| t[i]).collect();
             d.sort();
-            let head = if i == 0 { format!("{vus:>5} {rate:>12.1}") } else { format!("{:>5} {:>12}", "", "") };
-            println!("{head} {step:>18} {:>10.2} {:>10.2} {:>10.2}", pct(&d, 0.5), pct(&d, 0.95), pct(&d, 0.99));
+            let head = if i == 0 {
+                format!("{vus:>5} {rate:>12.1}")
+            } else {
+                format!("{:>5} {:>12}", "", "")
+            };
+            println!(
+                "{head} {step:>18} {:>10.2} {:>10.2} {:>10.2}",
+                pct(&d, 0.5),
+                pct(&d, 0.95),
+                pct(&d, 0.99)
+            );
         }
     }
-    println!("server peak RSS: {:.1} MiB", peak_rss_kib(child.id()) as f64 / 1024.0);
+    println!(
+        "server peak RSS: {:.1} MiB",
+        peak_rss_kib(child.id()) as f64 / 1024.0
+    );
     let _ = child.kill();
     let _ = child.wait();
 }

@@ -81,7 +81,11 @@ impl Route {
             Some(rest) if rest.is_empty() || rest.starts_with('/') => rest,
             _ => path,
         };
-        let segs: Vec<String> = path.split('/').filter(|s| !s.is_empty()).map(percent_decode).collect();
+        let segs: Vec<String> = path
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(percent_decode)
+            .collect();
         let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
         Some(match segs.as_slice() {
             ["health"] => Route::Health,
@@ -142,12 +146,13 @@ fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         let hex = |c: u8| (c as char).to_digit(16);
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
-                i += 3;
-                continue;
-            }
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
+        {
+            out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
+            i += 3;
+            continue;
         }
         out.push(if b[i] == b'+' { b' ' } else { b[i] });
         i += 1;
@@ -180,9 +185,11 @@ impl Query {
     fn number<T: std::str::FromStr>(&self, key: &str, default: T) -> Result<T, ApiError> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v
-                .parse()
-                .map_err(|_| ApiError::invalid(format!("query parameter '{key}' must be a non-negative whole number"))),
+            Some(v) => v.parse().map_err(|_| {
+                ApiError::invalid(format!(
+                    "query parameter '{key}' must be a non-negative whole number"
+                ))
+            }),
         }
     }
 }
@@ -206,9 +213,17 @@ fn ok<T: Serialize>(value: &T) -> Result<Response<Body>, ApiError> {
 }
 
 /// Reads the body within the limit and parses it; an empty body is `{}` when `empty_ok`.
-async fn read_json<T: DeserializeOwned>(app: &App, req: Request<Incoming>, empty_ok: bool) -> Result<T, ApiError> {
-    let too_large =
-        || ApiError::new("PAYLOAD_TOO_LARGE", format!("request body over {} bytes", app.max_request_bytes));
+async fn read_json<T: DeserializeOwned>(
+    app: &App,
+    req: Request<Incoming>,
+    empty_ok: bool,
+) -> Result<T, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            "PAYLOAD_TOO_LARGE",
+            format!("request body over {} bytes", app.max_request_bytes),
+        )
+    };
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -228,22 +243,35 @@ async fn read_json<T: DeserializeOwned>(app: &App, req: Request<Incoming>, empty
             }
         })?
         .to_bytes();
-    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) && empty_ok { b"{}" } else { &bytes };
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) && empty_ok {
+        b"{}"
+    } else {
+        &bytes
+    };
     serde_json::from_slice(bytes).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
 }
 
-fn stream(app: &App, events: agent_runtime_core::orchestrator::EventStream) -> Result<Response<Body>, ApiError> {
+fn stream(
+    app: &App,
+    events: agent_runtime_core::orchestrator::EventStream,
+) -> Result<Response<Body>, ApiError> {
     Ok(crate::sse::response(events, app.keep_alive, app.metrics.stream_opened()).map(BodyExt::boxed_unsync))
 }
 
 impl App {
     fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         let Some(token) = &self.token else { return Ok(()) };
-        let given = headers.get("x-internal-auth").map(HeaderValue::as_bytes).unwrap_or_default();
+        let given = headers
+            .get("x-internal-auth")
+            .map(HeaderValue::as_bytes)
+            .unwrap_or_default();
         if crate::auth::token_matches(given, token.as_bytes()) {
             Ok(())
         } else {
-            Err(ApiError::new("UNAUTHORIZED", "missing or wrong x-internal-auth token"))
+            Err(ApiError::new(
+                "UNAUTHORIZED",
+                "missing or wrong x-internal-auth token",
+            ))
         }
     }
 
@@ -259,17 +287,29 @@ impl App {
                 .dispatch(route, req)
                 .await
                 .unwrap_or_else(|e| error_response(&e));
-            tracing::info!(status = r.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "answered");
+            tracing::info!(
+                status = r.status().as_u16(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "answered"
+            );
             r
         }
         .instrument(span)
         .await;
-        self.metrics
-            .observe(label, method.as_str(), response.status().as_u16(), started.elapsed());
+        self.metrics.observe(
+            label,
+            method.as_str(),
+            response.status().as_u16(),
+            started.elapsed(),
+        );
         Ok(response)
     }
 
-    async fn dispatch(&self, route: Option<Route>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    async fn dispatch(
+        &self,
+        route: Option<Route>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, ApiError> {
         // Auth comes before routing, so unknown routes do not reveal themselves (API.md §9.13).
         if !route.as_ref().is_some_and(Route::is_public) {
             self.authorize(req.headers())?;
@@ -280,7 +320,11 @@ impl App {
         match (req.method().clone(), route) {
             (Method::GET, Route::Health) => {
                 let (view, storage_ok) = self.health.check(rt).await;
-                let status = if storage_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                let status = if storage_ok {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
                 Ok(json(status, &view))
             }
             (Method::GET, Route::OpenApi) => ok(&crate::openapi::document()),
@@ -320,11 +364,15 @@ impl App {
             (Method::GET, Route::Session(id)) => ok(&SessionView::from(&rt.get_session(&id).await?)),
             (Method::DELETE, Route::Session(id)) => {
                 rt.delete_session(&id).await?;
-                ok(&StatusReply { status: "deleted".into() })
+                ok(&StatusReply {
+                    status: "deleted".into(),
+                })
             }
             (Method::GET, Route::Messages(id)) => {
                 rt.get_session(&id).await?;
-                let messages = rt.messages(&id, query.number("after", 0)?, query.number("limit", 1000)?).await?;
+                let messages = rt
+                    .messages(&id, query.number("after", 0)?, query.number("limit", 1000)?)
+                    .await?;
                 ok(&MessageList {
                     session_id: id,
                     messages: messages.iter().map(MessageView::from).collect(),
@@ -342,7 +390,11 @@ impl App {
                 let follow = match query.get("follow") {
                     Some("true" | "1") => Follow::Forever,
                     None | Some("false" | "0") => Follow::UntilIdle,
-                    Some(_) => return Err(ApiError::invalid("query parameter 'follow' must be true or false")),
+                    Some(_) => {
+                        return Err(ApiError::invalid(
+                            "query parameter 'follow' must be true or false",
+                        ));
+                    }
                 };
                 stream(self, rt.events(&id, after, follow).await?)
             }
@@ -357,7 +409,10 @@ impl App {
                     modified_arguments: body.modified_arguments,
                     feedback: body.feedback,
                 });
-                let submission = Submission { request_id: body.request_id, message };
+                let submission = Submission {
+                    request_id: body.request_id,
+                    message,
+                };
                 stream(self, rt.submit(&id, submission).await?)
             }
             (Method::POST, Route::Cancel(id)) => {
@@ -365,15 +420,22 @@ impl App {
                     CancelOutcome::Cancelled => "cancelled",
                     CancelOutcome::Idle => "idle",
                 };
-                ok(&StatusReply { status: status.into() })
+                ok(&StatusReply {
+                    status: status.into(),
+                })
             }
             (Method::GET, Route::Agents) => ok(&AgentList {
                 agents: rt.agents().into_iter().map(AgentView::from).collect(),
             }),
-            (Method::GET, Route::CurrentAgent(id)) => ok(&CurrentAgentView::from(&rt.current_agent(&id).await?)),
+            (Method::GET, Route::CurrentAgent(id)) => {
+                ok(&CurrentAgentView::from(&rt.current_agent(&id).await?))
+            }
             (Method::POST, Route::MessageStream) => {
                 let body: StreamRequest = read_json(self, req, false).await?;
-                let submission = Submission { request_id: body.request_id, message: body.message };
+                let submission = Submission {
+                    request_id: body.request_id,
+                    message: body.message,
+                };
                 stream(self, rt.submit(&body.session_id, submission).await?)
             }
             (method, route) => Ok(method_not_allowed(&method, &route)),
@@ -400,11 +462,20 @@ mod tests {
 
     #[test]
     fn routes_resolve_with_and_without_the_prefix() {
-        assert_eq!(Route::resolve("/api/v1/sessions/s1/history"), Some(Route::Messages("s1".into())));
-        assert_eq!(Route::resolve("/sessions/a%3Ab/cancel"), Some(Route::Cancel("a:b".into())));
+        assert_eq!(
+            Route::resolve("/api/v1/sessions/s1/history"),
+            Some(Route::Messages("s1".into()))
+        );
+        assert_eq!(
+            Route::resolve("/sessions/a%3Ab/cancel"),
+            Some(Route::Cancel("a:b".into()))
+        );
         assert_eq!(Route::resolve("/api/v1/health"), Some(Route::Health));
         assert_eq!(Route::resolve("/api/v1"), None);
         assert_eq!(Route::resolve("/api/v2/health"), None);
-        assert_eq!(Route::resolve("/agent/message/stream/"), Some(Route::MessageStream));
+        assert_eq!(
+            Route::resolve("/agent/message/stream/"),
+            Some(Route::MessageStream)
+        );
     }
 }

@@ -14,12 +14,27 @@ pub const SAMPLE_TOKEN: &str = "change-me-internal-key";
 pub const SERVER_VARIABLES: &[(&str, &str)] = &[
     ("HOST", "listen address (default 127.0.0.1)"),
     ("PORT", "listen port (default 8001; 0 picks a free one)"),
-    ("INTERNAL_API_KEY", "the x-internal-auth token (alias AGENT_RUNTIME__INTERNAL_API_KEY)"),
-    ("MAX_REQUEST_BYTES", "request body limit in bytes (default 1048576)"),
-    ("LOG_LEVEL", "log filter, e.g. INFO or agent_runtime=debug (also RUST_LOG)"),
+    (
+        "INTERNAL_API_KEY",
+        "the x-internal-auth token (alias AGENT_RUNTIME__INTERNAL_API_KEY)",
+    ),
+    (
+        "MAX_REQUEST_BYTES",
+        "request body limit in bytes (default 1048576)",
+    ),
+    (
+        "LOG_LEVEL",
+        "log filter, e.g. INFO or agent_runtime=debug (also RUST_LOG)",
+    ),
     ("LOG_FORMAT", "text or json (default text)"),
-    ("SSE_KEEPALIVE_SECS", "idle time before a ': keep-alive' comment (default 15)"),
-    ("SHUTDOWN_GRACE_SECS", "how long running turns get to stop on SIGTERM (default 10)"),
+    (
+        "SSE_KEEPALIVE_SECS",
+        "idle time before a ': keep-alive' comment (default 15)",
+    ),
+    (
+        "SHUTDOWN_GRACE_SECS",
+        "how long running turns get to stop on SIGTERM (default 10)",
+    ),
 ];
 
 /// How logs are written.
@@ -97,9 +112,19 @@ pub fn load(
     args: impl IntoIterator<Item = String>,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<ServerConfig, ConfigError> {
-    let matches = command()
-        .try_get_matches_from(args)
-        .map_err(|e| ConfigError(e.to_string()))?;
+    let matches = match command().try_get_matches_from(args) {
+        Ok(m) => m,
+        // `--help` and `--version` print and exit 0, as every command line tool does.
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) =>
+        {
+            e.exit()
+        }
+        Err(e) => return Err(ConfigError(e.to_string())),
+    };
     let mut values: HashMap<&str, String> = HashMap::new();
     let aliases: &[(&str, &[&str])] = &[
         ("INTERNAL_API_KEY", &["AGENT_RUNTIME__INTERNAL_API_KEY"]),
@@ -108,15 +133,26 @@ pub fn load(
     for (var, _) in all_variables() {
         let from_env = || {
             std::iter::once(var)
-                .chain(aliases.iter().filter(|(v, _)| *v == var).flat_map(|(_, a)| a.iter().copied()))
+                .chain(
+                    aliases
+                        .iter()
+                        .filter(|(v, _)| *v == var)
+                        .flat_map(|(_, a)| a.iter().copied()),
+                )
                 .find_map(&env)
         };
         if let Some(v) = matches.get_one::<String>(var).cloned().or_else(from_env) {
             values.insert(var, v);
         }
     }
-    let get = |k: &str| values.get(k).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
-    let runtime = RuntimeConfig::from_lookup(|k| values.get(k).cloned()).map_err(|e| ConfigError(e.to_string()))?;
+    let get = |k: &str| {
+        values
+            .get(k)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    };
+    let runtime =
+        RuntimeConfig::from_lookup(|k| values.get(k).cloned()).map_err(|e| ConfigError(e.to_string()))?;
     let bad = |var: &str, v: &str, why: &str| ConfigError(format!("{var}: invalid value '{v}' ({why})"));
     let host: IpAddr = match get("HOST") {
         None => IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -132,7 +168,11 @@ pub fn load(
             None => Ok(default),
             Some(v) => match v.parse::<u64>() {
                 Ok(n) if n >= min => Ok(n),
-                _ => Err(bad(var, &v, &format!("expected a whole number of at least {min}"))),
+                _ => Err(bad(
+                    var,
+                    &v,
+                    &format!("expected a whole number of at least {min}"),
+                )),
             },
         }
     };
@@ -147,9 +187,17 @@ pub fn load(
     };
     let log_filter = get("LOG_LEVEL").unwrap_or_else(|| "info".into());
     // `INFO` is how the earlier runtime wrote it; tracing's filter wants lower case levels.
-    let log_filter = if log_filter.contains('=') { log_filter } else { log_filter.to_ascii_lowercase() };
+    let log_filter = if log_filter.contains('=') {
+        log_filter
+    } else {
+        log_filter.to_ascii_lowercase()
+    };
     if tracing_subscriber::EnvFilter::try_new(&log_filter).is_err() {
-        return Err(bad("LOG_LEVEL", &log_filter, "expected a level or a tracing filter"));
+        return Err(bad(
+            "LOG_LEVEL",
+            &log_filter,
+            "expected a level or a tracing filter",
+        ));
     }
     let internal_api_key = get("INTERNAL_API_KEY");
     let addr = SocketAddr::new(host, port);
@@ -176,7 +224,8 @@ mod tests {
 
     fn load_with(args: &[&str], env: &[(&str, &str)]) -> Result<ServerConfig, ConfigError> {
         let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let args = std::iter::once("agent-runtime-server".to_string()).chain(args.iter().map(|a| a.to_string()));
+        let args =
+            std::iter::once("agent-runtime-server".to_string()).chain(args.iter().map(|a| a.to_string()));
         load(args, |k| env.get(k).cloned())
     }
 
@@ -193,10 +242,21 @@ mod tests {
     fn a_flag_wins_over_the_environment() {
         let c = load_with(
             &["--port", "9000", "--max-agent-switches", "3"],
-            &[("PORT", "9100"), ("AGENT_RUNTIME__MAX_AGENT_SWITCHES", "7"), ("MAX_CONTEXT_TOKENS", "99")],
+            &[
+                ("PORT", "9100"),
+                ("AGENT_RUNTIME__MAX_AGENT_SWITCHES", "7"),
+                ("MAX_CONTEXT_TOKENS", "99"),
+            ],
         )
         .unwrap();
-        assert_eq!((c.addr.port(), c.runtime.max_agent_switches, c.runtime.max_context_tokens), (9000, 3, 99));
+        assert_eq!(
+            (
+                c.addr.port(),
+                c.runtime.max_agent_switches,
+                c.runtime.max_context_tokens
+            ),
+            (9000, 3, 99)
+        );
     }
 
     #[test]
@@ -219,7 +279,11 @@ mod tests {
             let err = load_with(&["--host", "0.0.0.0"], &env).unwrap_err();
             assert!(err.0.starts_with("INTERNAL_API_KEY: refusing"), "{err}");
         }
-        let c = load_with(&["--host", "0.0.0.0"], &[("AGENT_RUNTIME__INTERNAL_API_KEY", "s3cret")]).unwrap();
+        let c = load_with(
+            &["--host", "0.0.0.0"],
+            &[("AGENT_RUNTIME__INTERNAL_API_KEY", "s3cret")],
+        )
+        .unwrap();
         assert_eq!(c.internal_api_key.as_deref(), Some("s3cret"));
     }
 }

@@ -22,12 +22,15 @@ pub struct HealthCheck {
 impl HealthCheck {
     async fn llm_available(&self, rt: &Orchestrator) -> bool {
         let cached = *self.llm.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((at, ok)) = cached {
-            if at.elapsed() < LLM_CACHE {
-                return ok;
-            }
+        if let Some((at, ok)) = cached
+            && at.elapsed() < LLM_CACHE
+        {
+            return ok;
         }
-        let ok = matches!(tokio::time::timeout(LLM_TIMEOUT, rt.llm().health()).await, Ok(Ok(())));
+        let ok = matches!(
+            tokio::time::timeout(LLM_TIMEOUT, rt.llm().health()).await,
+            Ok(Ok(()))
+        );
         *self.llm.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((Instant::now(), ok));
         ok
     }
@@ -36,7 +39,12 @@ impl HealthCheck {
     pub async fn check(&self, rt: &Orchestrator) -> (HealthView, bool) {
         let storage = rt.storage();
         let (storage_ok, llm_ok) = tokio::join!(
-            async { matches!(tokio::time::timeout(STORAGE_TIMEOUT, storage.ping()).await, Ok(Ok(()))) },
+            async {
+                matches!(
+                    tokio::time::timeout(STORAGE_TIMEOUT, storage.ping()).await,
+                    Ok(Ok(()))
+                )
+            },
             self.llm_available(rt)
         );
         let mut dependencies = BTreeMap::new();
@@ -50,7 +58,12 @@ impl HealthCheck {
         );
         let c = rt.config();
         let view = HealthView {
-            status: if storage_ok && llm_ok { "healthy" } else { "degraded" }.to_string(),
+            status: if storage_ok && llm_ok {
+                "healthy"
+            } else {
+                "degraded"
+            }
+            .to_string(),
             service: "agent-runtime".to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             dependencies,

@@ -7,18 +7,14 @@ fn main() {
     let config = match config::load(std::env::args(), |k| std::env::var(k).ok()) {
         Ok(c) => c,
         Err(e) => {
-            // clap's own --help / --version land here too, and are not failures.
-            let text = e.to_string();
-            if text.starts_with("Usage") || text.starts_with("agent-runtime-server ") || text.contains("\nUsage:") && !text.starts_with("error") {
-                print!("{text}");
-                std::process::exit(0);
-            }
-            eprintln!("agent-runtime-server: {text}");
+            eprintln!("agent-runtime-server: {e}");
             std::process::exit(2);
         }
     };
     let filter = tracing_subscriber::EnvFilter::new(&config.log_filter);
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Json => logs.json().init(),
         LogFormat::Text => logs.init(),

@@ -8,13 +8,15 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use agent_runtime_core::events::{BusError, BusEventKind, BusFilter};
-use agent_runtime_core::llm::{ChatRequest, Chunk, ChunkStream, LlmBackend, Capabilities};
+use agent_runtime_core::llm::{Capabilities, ChatRequest, Chunk, ChunkStream, LlmBackend};
 use agent_runtime_core::orchestrator::Orchestrator;
 use async_trait::async_trait;
 use futures::StreamExt;
 
 /// Upper bounds (seconds) of the latency buckets.
-const BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+const BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
 
 #[derive(Debug, Default, Clone)]
 struct Histogram {
@@ -138,8 +140,16 @@ impl Metrics {
                 "http_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {}",
                 h.count
             );
-            let _ = writeln!(out, "http_request_duration_seconds_sum{{route=\"{route}\"}} {}", h.sum);
-            let _ = writeln!(out, "http_request_duration_seconds_count{{route=\"{route}\"}} {}", h.count);
+            let _ = writeln!(
+                out,
+                "http_request_duration_seconds_sum{{route=\"{route}\"}} {}",
+                h.sum
+            );
+            let _ = writeln!(
+                out,
+                "http_request_duration_seconds_count{{route=\"{route}\"}} {}",
+                h.count
+            );
         }
         out.push_str("# HELP agent_turns_total Turns ended or paused, by stop reason.\n");
         out.push_str("# TYPE agent_turns_total counter\n");
@@ -150,8 +160,20 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         };
         let get = |a: &AtomicU64| i64::try_from(a.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
-        gauge(&mut out, "llm_calls_total", "Model calls started.", "counter", get(&self.model_calls));
-        gauge(&mut out, "llm_errors_total", "Model calls that failed.", "counter", get(&self.model_errors));
+        gauge(
+            &mut out,
+            "llm_calls_total",
+            "Model calls started.",
+            "counter",
+            get(&self.model_calls),
+        );
+        gauge(
+            &mut out,
+            "llm_errors_total",
+            "Model calls that failed.",
+            "counter",
+            get(&self.model_errors),
+        );
         let _ = writeln!(
             out,
             "# HELP llm_tokens_total Tokens reported by the model server.\n# TYPE llm_tokens_total counter\n\
@@ -207,8 +229,12 @@ impl LlmBackend for MeteredBackend {
         let metrics = self.metrics.clone();
         Ok(Box::pin(stream.inspect(move |chunk| match chunk {
             Ok(Chunk::Usage(u)) => {
-                metrics.prompt_tokens.fetch_add(u.prompt_tokens, Ordering::Relaxed);
-                metrics.completion_tokens.fetch_add(u.completion_tokens, Ordering::Relaxed);
+                metrics
+                    .prompt_tokens
+                    .fetch_add(u.prompt_tokens, Ordering::Relaxed);
+                metrics
+                    .completion_tokens
+                    .fetch_add(u.completion_tokens, Ordering::Relaxed);
             }
             Err(_) => {
                 metrics.model_errors.fetch_add(1, Ordering::Relaxed);

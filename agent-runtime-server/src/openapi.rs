@@ -28,29 +28,175 @@ fn schema<T: JsonSchema>(g: &mut SchemaGenerator) -> Value {
 fn ops(g: &mut SchemaGenerator) -> Vec<Op> {
     let id_errors: &[u16] = &[401, 404];
     vec![
-        Op { method: "get", path: "/health", summary: "Health with storage and model checks", request: None, ok: (200, Some(schema::<HealthView>(g))), errors: &[503], query: &[], public: true },
-        Op { method: "get", path: "/openapi.json", summary: "This document", request: None, ok: (200, Some(json!({"type": "object"}))), errors: &[], query: &[], public: true },
-        Op { method: "get", path: "/metrics", summary: "Prometheus metrics (text format)", request: None, ok: (200, Some(json!({"type": "string"}))), errors: &[], query: &[], public: true },
-        Op { method: "post", path: "/sessions", summary: "Create a session", request: Some(schema::<CreateSessionRequest>(g)), ok: (201, Some(schema::<CreatedSession>(g))), errors: &[400, 401, 409, 413], query: &[], public: false },
-        Op { method: "get", path: "/sessions", summary: "List sessions, newest activity first", request: None, ok: (200, Some(schema::<SessionList>(g))), errors: &[400, 401], query: &[("user_id", "string"), ("limit", "integer"), ("cursor", "string")], public: false },
-        Op { method: "get", path: "/sessions/{session_id}", summary: "One session", request: None, ok: (200, Some(schema::<SessionView>(g))), errors: id_errors, query: &[], public: false },
-        Op { method: "delete", path: "/sessions/{session_id}", summary: "Delete a session (cancels its turn)", request: None, ok: (200, Some(schema::<StatusReply>(g))), errors: id_errors, query: &[], public: false },
-        Op { method: "get", path: "/sessions/{session_id}/messages", summary: "The stored conversation", request: None, ok: (200, Some(schema::<MessageList>(g))), errors: &[400, 401, 404], query: &[("after", "integer"), ("limit", "integer")], public: false },
-        Op { method: "get", path: "/sessions/{session_id}/history", summary: "Alias of /messages", request: None, ok: (200, Some(schema::<MessageList>(g))), errors: &[400, 401, 404], query: &[("after", "integer"), ("limit", "integer")], public: false },
-        Op { method: "get", path: "/sessions/{session_id}/events", summary: "Replay events after Last-Event-ID / ?after=, then follow", request: None, ok: (200, None), errors: &[400, 401, 404], query: &[("after", "integer"), ("follow", "boolean")], public: false },
-        Op { method: "get", path: "/sessions/{session_id}/pending-approvals", summary: "Pending approvals", request: None, ok: (200, Some(schema::<PendingApprovals>(g))), errors: id_errors, query: &[], public: false },
-        Op { method: "post", path: "/sessions/{session_id}/hitl-decision", summary: "Decide an approval; streams the continued turn", request: Some(schema::<HitlDecisionRequest>(g)), ok: (200, None), errors: &[400, 401, 404, 409, 413], query: &[], public: false },
-        Op { method: "post", path: "/sessions/{session_id}/cancel", summary: "Cancel the running or paused turn", request: None, ok: (200, Some(schema::<StatusReply>(g))), errors: id_errors, query: &[], public: false },
-        Op { method: "get", path: "/agents", summary: "The agents", request: None, ok: (200, Some(schema::<AgentList>(g))), errors: &[401], query: &[], public: false },
-        Op { method: "get", path: "/agents/{session_id}/current", summary: "The session's agent and its switches", request: None, ok: (200, Some(schema::<CurrentAgentView>(g))), errors: id_errors, query: &[], public: false },
-        Op { method: "post", path: "/agent/message/stream", summary: "Send a message; streams the turn's events", request: Some(schema::<StreamRequest>(g)), ok: (200, None), errors: &[400, 401, 404, 409, 413], query: &[], public: false },
+        Op {
+            method: "get",
+            path: "/health",
+            summary: "Health with storage and model checks",
+            request: None,
+            ok: (200, Some(schema::<HealthView>(g))),
+            errors: &[503],
+            query: &[],
+            public: true,
+        },
+        Op {
+            method: "get",
+            path: "/openapi.json",
+            summary: "This document",
+            request: None,
+            ok: (200, Some(json!({"type": "object"}))),
+            errors: &[],
+            query: &[],
+            public: true,
+        },
+        Op {
+            method: "get",
+            path: "/metrics",
+            summary: "Prometheus metrics (text format)",
+            request: None,
+            ok: (200, Some(json!({"type": "string"}))),
+            errors: &[],
+            query: &[],
+            public: true,
+        },
+        Op {
+            method: "post",
+            path: "/sessions",
+            summary: "Create a session",
+            request: Some(schema::<CreateSessionRequest>(g)),
+            ok: (201, Some(schema::<CreatedSession>(g))),
+            errors: &[400, 401, 409, 413],
+            query: &[],
+            public: false,
+        },
+        Op {
+            method: "get",
+            path: "/sessions",
+            summary: "List sessions, newest activity first",
+            request: None,
+            ok: (200, Some(schema::<SessionList>(g))),
+            errors: &[400, 401],
+            query: &[("user_id", "string"), ("limit", "integer"), ("cursor", "string")],
+            public: false,
+        },
+        Op {
+            method: "get",
+            path: "/sessions/{session_id}",
+            summary: "One session",
+            request: None,
+            ok: (200, Some(schema::<SessionView>(g))),
+            errors: id_errors,
+            query: &[],
+            public: false,
+        },
+        Op {
+            method: "delete",
+            path: "/sessions/{session_id}",
+            summary: "Delete a session (cancels its turn)",
+            request: None,
+            ok: (200, Some(schema::<StatusReply>(g))),
+            errors: id_errors,
+            query: &[],
+            public: false,
+        },
+        Op {
+            method: "get",
+            path: "/sessions/{session_id}/messages",
+            summary: "The stored conversation",
+            request: None,
+            ok: (200, Some(schema::<MessageList>(g))),
+            errors: &[400, 401, 404],
+            query: &[("after", "integer"), ("limit", "integer")],
+            public: false,
+        },
+        Op {
+            method: "get",
+            path: "/sessions/{session_id}/history",
+            summary: "Alias of /messages",
+            request: None,
+            ok: (200, Some(schema::<MessageList>(g))),
+            errors: &[400, 401, 404],
+            query: &[("after", "integer"), ("limit", "integer")],
+            public: false,
+        },
+        Op {
+            method: "get",
+            path: "/sessions/{session_id}/events",
+            summary: "Replay events after Last-Event-ID / ?after=, then follow",
+            request: None,
+            ok: (200, None),
+            errors: &[400, 401, 404],
+            query: &[("after", "integer"), ("follow", "boolean")],
+            public: false,
+        },
+        Op {
+            method: "get",
+            path: "/sessions/{session_id}/pending-approvals",
+            summary: "Pending approvals",
+            request: None,
+            ok: (200, Some(schema::<PendingApprovals>(g))),
+            errors: id_errors,
+            query: &[],
+            public: false,
+        },
+        Op {
+            method: "post",
+            path: "/sessions/{session_id}/hitl-decision",
+            summary: "Decide an approval; streams the continued turn",
+            request: Some(schema::<HitlDecisionRequest>(g)),
+            ok: (200, None),
+            errors: &[400, 401, 404, 409, 413],
+            query: &[],
+            public: false,
+        },
+        Op {
+            method: "post",
+            path: "/sessions/{session_id}/cancel",
+            summary: "Cancel the running or paused turn",
+            request: None,
+            ok: (200, Some(schema::<StatusReply>(g))),
+            errors: id_errors,
+            query: &[],
+            public: false,
+        },
+        Op {
+            method: "get",
+            path: "/agents",
+            summary: "The agents",
+            request: None,
+            ok: (200, Some(schema::<AgentList>(g))),
+            errors: &[401],
+            query: &[],
+            public: false,
+        },
+        Op {
+            method: "get",
+            path: "/agents/{session_id}/current",
+            summary: "The session's agent and its switches",
+            request: None,
+            ok: (200, Some(schema::<CurrentAgentView>(g))),
+            errors: id_errors,
+            query: &[],
+            public: false,
+        },
+        Op {
+            method: "post",
+            path: "/agent/message/stream",
+            summary: "Send a message; streams the turn's events",
+            request: Some(schema::<StreamRequest>(g)),
+            ok: (200, None),
+            errors: &[400, 401, 404, 409, 413],
+            query: &[],
+            public: false,
+        },
     ]
 }
 
 fn operation(op: &Op, error: &Value) -> Value {
     let mut params: Vec<Value> = Vec::new();
     if op.path.contains("{session_id}") {
-        params.push(json!({"name": "session_id", "in": "path", "required": true, "schema": {"type": "string"}}));
+        params.push(
+            json!({"name": "session_id", "in": "path", "required": true, "schema": {"type": "string"}}),
+        );
     }
     for (name, ty) in op.query {
         params.push(json!({"name": name, "in": "query", "required": false, "schema": {"type": ty}}));
@@ -60,10 +206,14 @@ fn operation(op: &Op, error: &Value) -> Value {
     }
     let mut responses = Map::new();
     let ok = match &op.ok.1 {
-        Some(s) if op.path == "/metrics" => json!({"description": "OK", "content": {"text/plain": {"schema": s}}}),
+        Some(s) if op.path == "/metrics" => {
+            json!({"description": "OK", "content": {"text/plain": {"schema": s}}})
+        }
         Some(s) => json!({"description": "OK", "content": {"application/json": {"schema": s}}}),
-        None => json!({"description": "Server-sent events: `id: <seq>` and `data: <event JSON>` per event; `done` is last",
-                       "content": {"text/event-stream": {"schema": {"type": "string"}}}}),
+        None => {
+            json!({"description": "Server-sent events: `id: <seq>` and `data: <event JSON>` per event; `done` is last",
+                       "content": {"text/event-stream": {"schema": {"type": "string"}}}})
+        }
     };
     responses.insert(op.ok.0.to_string(), ok);
     for status in op.errors.iter().chain([500].iter()) {
@@ -74,7 +224,8 @@ fn operation(op: &Op, error: &Value) -> Value {
     }
     let mut o = json!({"summary": op.summary, "parameters": params, "responses": responses});
     if let Some(req) = &op.request {
-        o["requestBody"] = json!({"required": op.path != "/sessions", "content": {"application/json": {"schema": req}}});
+        o["requestBody"] =
+            json!({"required": op.path != "/sessions", "content": {"application/json": {"schema": req}}});
     }
     if op.public {
         o["security"] = json!([]);

@@ -32,7 +32,11 @@ struct Sse {
 
 /// A `200 text/event-stream` response streaming `events`. The guard counts the stream as active
 /// until the client leaves or the stream ends; dropping it never touches the turn.
-pub fn response(events: EventStream, keep_alive: Duration, guard: StreamGuard) -> Response<UnsyncBoxBody<Bytes, Infallible>> {
+pub fn response(
+    events: EventStream,
+    keep_alive: Duration,
+    guard: StreamGuard,
+) -> Response<UnsyncBoxBody<Bytes, Infallible>> {
     let state = Sse {
         events,
         keep_alive,
@@ -50,8 +54,14 @@ pub fn response(events: EventStream, keep_alive: Duration, guard: StreamGuard) -
     let mut response = Response::new(UnsyncBoxBody::new(StreamBody::new(frames)));
     *response.status_mut() = StatusCode::OK;
     let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/event-stream"));
-    h.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache"));
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-cache"),
+    );
     h.insert("x-accel-buffering", header::HeaderValue::from_static("no"));
     response
 }
@@ -65,9 +75,7 @@ mod tests {
     fn an_event_is_framed_with_its_seq_as_id() {
         let e = Event {
             seq: 42,
-            payload: EventPayload::AssistantMessage(AssistantMessage::Token {
-                token: "a\nb".into(),
-            }),
+            payload: EventPayload::AssistantMessage(AssistantMessage::Token { token: "a\nb".into() }),
         };
         assert_eq!(
             encode(&e),

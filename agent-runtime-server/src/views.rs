@@ -1,11 +1,11 @@
 //! The request and response bodies of the API as Rust types: what handlers parse and serialize,
 //! and what `GET /openapi.json` describes (schemars), so the document cannot drift from the code.
 
+use agent_runtime_core::Session;
 use agent_runtime_core::agent::AgentInfo;
 use agent_runtime_core::approval::Approval;
 use agent_runtime_core::orchestrator::{AgentRef, CurrentAgent};
 use agent_runtime_core::session::{AgentSwitch, Message};
-use agent_runtime_core::Session;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

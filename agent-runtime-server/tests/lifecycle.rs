@@ -22,7 +22,10 @@ fn a_public_address_without_a_real_token_is_refused() {
     for env in [vec![], vec![("INTERNAL_API_KEY", "change-me-internal-key")]] {
         let (code, stderr) = refused(&["--host", "0.0.0.0", "--port", "0"], &env);
         assert_eq!(code, 2);
-        assert!(stderr.contains("INTERNAL_API_KEY: refusing to listen on 0.0.0.0:0"), "{stderr}");
+        assert!(
+            stderr.contains("INTERNAL_API_KEY: refusing to listen on 0.0.0.0:0"),
+            "{stderr}"
+        );
     }
 }
 
@@ -31,7 +34,11 @@ fn a_bad_value_stops_start_up_naming_the_variable() {
     for (args, env, var) in [
         (vec!["--port", "http"], vec![], "PORT"),
         (vec![], vec![("MAX_CONTEXT_TOKENS", "lots")], "MAX_CONTEXT_TOKENS"),
-        (vec!["--default-agent", "pirate"], vec![], "AGENT_RUNTIME__DEFAULT_AGENT"),
+        (
+            vec!["--default-agent", "pirate"],
+            vec![],
+            "AGENT_RUNTIME__DEFAULT_AGENT",
+        ),
         (vec![], vec![("DATABASE_URL", "mysql://x")], "DATABASE_URL"),
     ] {
         let (code, stderr) = refused(&args, &env);
@@ -43,11 +50,19 @@ fn a_bad_value_stops_start_up_naming_the_variable() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_ends_running_turns_and_the_data_survives_a_restart() {
     let llm = MockLlmServer::start().await.unwrap();
-    let mut s = Server::start_with(&llm.url(), None, &[("AGENT_RUNTIME__AUTO_AGENT_SWITCHING", "false")]).await;
+    let mut s = Server::start_with(
+        &llm.url(),
+        None,
+        &[("AGENT_RUNTIME__AUTO_AGENT_SWITCHING", "false")],
+    )
+    .await;
     let id = s.session(json!({"session_id": "kept"})).await;
     llm.push(MockResponse::hang());
     let r = s
-        .post("/agent/message/stream", json!({"session_id": id, "message": {"type": "user_message", "content": "hi"}}))
+        .post(
+            "/agent/message/stream",
+            json!({"session_id": id, "message": {"type": "user_message", "content": "hi"}}),
+        )
         .send()
         .await
         .unwrap();
@@ -68,6 +83,16 @@ async fn sigterm_ends_running_turns_and_the_data_survives_a_restart() {
     assert!(ok, "the server exits 0 after SIGTERM");
     let db = format!("sqlite://{}", old.dir.path().join("rt.db").display());
     let s = Server::start_with(&llm.url(), Some(&db), &[]).await;
-    let session: Value = s.get("/sessions/kept").send().await.unwrap().json().await.unwrap();
-    assert_eq!((session["status"].as_str(), session["message_count"].as_u64()), (Some("idle"), Some(1)));
+    let session: Value = s
+        .get("/sessions/kept")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (session["status"].as_str(), session["message_count"].as_u64()),
+        (Some("idle"), Some(1))
+    );
 }

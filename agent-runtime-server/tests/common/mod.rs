@@ -91,11 +91,16 @@ impl Server {
     }
 
     pub fn post(&self, path: &str, body: Value) -> reqwest::RequestBuilder {
-        self.client.post(self.url(path)).header("x-internal-auth", TOKEN).json(&body)
+        self.client
+            .post(self.url(path))
+            .header("x-internal-auth", TOKEN)
+            .json(&body)
     }
 
     pub fn delete(&self, path: &str) -> reqwest::RequestBuilder {
-        self.client.delete(self.url(path)).header("x-internal-auth", TOKEN)
+        self.client
+            .delete(self.url(path))
+            .header("x-internal-auth", TOKEN)
     }
 
     /// Creates a session with `body`, returns its id.
@@ -109,7 +114,10 @@ impl Server {
     /// Sends a message and reads its stream to the end.
     pub async fn send(&self, session_id: &str, message: Value) -> Vec<Value> {
         let r = self
-            .post("/agent/message/stream", json!({"session_id": session_id, "message": message}))
+            .post(
+                "/agent/message/stream",
+                json!({"session_id": session_id, "message": message}),
+            )
             .send()
             .await
             .unwrap();
@@ -180,7 +188,13 @@ impl Sse {
                 continue;
             }
             let mut lines = frame.lines();
-            let id: u64 = lines.next().unwrap().strip_prefix("id: ").unwrap().parse().unwrap();
+            let id: u64 = lines
+                .next()
+                .unwrap()
+                .strip_prefix("id: ")
+                .unwrap()
+                .parse()
+                .unwrap();
             let data = lines.next().unwrap().strip_prefix("data: ").unwrap();
             assert_eq!(lines.next(), None);
             let v: Value = serde_json::from_str(data).unwrap();
@@ -214,7 +228,10 @@ pub fn kinds(events: &[Value]) -> Vec<String> {
 }
 
 pub fn find<'a>(events: &'a [Value], kind: &str) -> &'a Value {
-    events.iter().find(|e| e["type"] == kind).unwrap_or_else(|| panic!("no {kind} in {events:#?}"))
+    events
+        .iter()
+        .find(|e| e["type"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} in {events:#?}"))
 }
 
 /// The error body of a response, with its status.
