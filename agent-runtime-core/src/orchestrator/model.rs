@@ -2,7 +2,7 @@
 //! and help weak models — a tool call written as JSON text is recognised, and a backend that
 //! ignores `tool_choice: auto` gets a forced "next step" choice followed by a forced tool call.
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde_json::{Value, json};
 
 use super::{Turn, cancelled};
@@ -10,6 +10,10 @@ use crate::error::Result;
 use crate::llm::{ChatRequest, ChatToolCall, Chunk, Completion, ToolCallAssembler, ToolChoice};
 use crate::protocol::{AssistantMessage, EventPayload, ToolSpec};
 use crate::session::Usage;
+use crate::storage::Commit;
+
+/// At most this many token events go into one commit.
+const MAX_TOKENS_PER_COMMIT: usize = 64;
 
 /// The name of the forced choice offered to models that cannot pick tools on their own.
 pub(super) const NEXT_STEP_TOOL: &str = "next_step";
@@ -49,29 +53,55 @@ impl Turn {
         let mut text = String::new();
         let mut assembler = ToolCallAssembler::default();
         let mut reported: Option<Usage> = None;
-        loop {
-            let chunk = tokio::select! {
+        let mut tokens: Vec<EventPayload> = Vec::new();
+        let mut ended = false;
+        while !ended {
+            let first = tokio::select! {
                 c = stream.next() => c,
                 _ = self.cancel.cancelled() => return Err(cancelled()),
             };
-            match chunk {
-                None => break,
-                Some(Err(e)) => return Err(e),
-                Some(Ok(Chunk::Text(t))) if !t.is_empty() => {
-                    text.push_str(&t);
-                    self.emit(EventPayload::AssistantMessage(AssistantMessage::Token {
-                        token: t,
-                    }))
-                    .await?;
+            // Chunks that are already here are committed together: one transaction for a burst,
+            // each token still stored before anyone sees it.
+            let mut next = first;
+            loop {
+                match next {
+                    None => {
+                        ended = true;
+                        break;
+                    }
+                    Some(Err(e)) => return Err(e),
+                    Some(Ok(Chunk::Text(t))) if !t.is_empty() => {
+                        text.push_str(&t);
+                        tokens.push(EventPayload::AssistantMessage(AssistantMessage::Token {
+                            token: t,
+                        }));
+                    }
+                    Some(Ok(Chunk::ToolCallDelta {
+                        index,
+                        id,
+                        name,
+                        arguments,
+                    })) => assembler.push(index, id.as_deref(), name.as_deref(), &arguments),
+                    Some(Ok(Chunk::Usage(u))) => reported = Some(u),
+                    Some(Ok(_)) => {}
                 }
-                Some(Ok(Chunk::ToolCallDelta {
-                    index,
-                    id,
-                    name,
-                    arguments,
-                })) => assembler.push(index, id.as_deref(), name.as_deref(), &arguments),
-                Some(Ok(Chunk::Usage(u))) => reported = Some(u),
-                Some(Ok(_)) => {}
+                if tokens.len() >= MAX_TOKENS_PER_COMMIT {
+                    break;
+                }
+                match stream.next().now_or_never() {
+                    Some(c) => next = c,
+                    None => break,
+                }
+            }
+            if !tokens.is_empty() {
+                self.commit(
+                    Commit {
+                        events: std::mem::take(&mut tokens),
+                        ..Commit::default()
+                    },
+                    false,
+                )
+                .await?;
             }
         }
         let calls = assembler.finish();
