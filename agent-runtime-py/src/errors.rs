@@ -57,9 +57,12 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 
 /// Builds the Python exception for a core error: one arm per code, so a new code added to the
 /// core fails to compile here until it has its class.
+///
+/// The message is the full text (driver details of a `DATABASE_ERROR` included): unlike an HTTP
+/// client, the Python caller is the process that owns the runtime and needs them to act.
 pub fn to_py(error: Error) -> PyErr {
     let code = error.code();
-    let message = error.public_message();
+    let message = error.to_string();
     let err = match error {
         Error::SessionNotFound(_) => SessionNotFound::new_err(message.clone()),
         Error::InvalidTool(_) => InvalidTool::new_err(message.clone()),

@@ -155,7 +155,8 @@ fn settings_json(c: &RuntimeConfig) -> Value {
 /// (API.md §8) as keyword arguments, lower-cased and without the `AGENT_RUNTIME__` prefix
 /// (`max_context_tokens=4000`, `multi_agent_enabled=False`, `hitl_dangerous_tools=["write_file"]`),
 /// with the server's defaults and validation: a bad value raises `InvalidRequest` naming the
-/// variable. The process environment is not read. Opening the store also closes turns a previous
+/// variable. The process environment is not read. `database_url` may also be a path object
+/// (`pathlib.Path`), meaning a SQLite file. Opening the store also closes turns a previous
 /// process left running (their open tool calls get an "interrupted" result).
 #[pyclass(module = "agent_runtime", subclass, frozen)]
 pub struct Runtime {
@@ -185,7 +186,12 @@ impl Runtime {
     ) -> PyResult<Self> {
         let mut env = BTreeMap::new();
         if let Some(url) = database_url.filter(|u| !u.is_none()) {
-            env.insert("DATABASE_URL".to_string(), setting_text("database_url", url)?);
+            let mut text = setting_text("database_url", url)?;
+            if !url.is_instance_of::<PyString>() {
+                // A path object names a SQLite file.
+                text = format!("sqlite://{text}");
+            }
+            env.insert("DATABASE_URL".to_string(), text);
         }
         for (var, value) in [("LLM_PROXY_URL", llm_url), ("LLM_MODEL", model), ("LLM_API_KEY", api_key)] {
             if let Some(v) = value {

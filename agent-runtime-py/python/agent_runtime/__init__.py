@@ -115,7 +115,8 @@ class Runtime(_native.Runtime):
     (``max_context_tokens=4000``, ``multi_agent_enabled=False``,
     ``hitl_dangerous_tools=["write_file"]``), with the server's defaults and validation: a bad
     value raises `InvalidRequest` naming the variable; an unknown keyword raises `TypeError`.
-    The process environment is not read.
+    The process environment is not read. ``database_url`` may also be a `pathlib.Path`, meaning a
+    SQLite file.
     """
 
     def serve(
