@@ -43,12 +43,14 @@ def text(*tokens: str, gate: Optional[threading.Event] = None) -> Response:
     return Response(tokens=tokens, gate=gate)
 
 
-def tool_call(name: str, arguments: Dict[str, Any], call_id: Optional[str] = None) -> Response:
-    """An answer that calls one tool."""
-    return tool_calls((name, arguments, call_id))
+def tool_call(
+    name: str, arguments: Dict[str, Any], call_id: Optional[str] = None, *, tokens: Sequence[str] = ()
+) -> Response:
+    """An answer that calls one tool, after streaming ``tokens`` of text if given."""
+    return tool_calls((name, arguments, call_id), tokens=tokens)
 
 
-def tool_calls(*calls: Any) -> Response:
+def tool_calls(*calls: Any, tokens: Sequence[str] = ()) -> Response:
     """An answer that calls several tools: tuples ``(name, arguments, call_id or None)``."""
     out = []
     for name, arguments, call_id in calls:
@@ -59,7 +61,7 @@ def tool_calls(*calls: Any) -> Response:
                 "arguments": json.dumps(arguments, ensure_ascii=False),
             }
         )
-    return Response(tool_calls=out)
+    return Response(tokens=tokens, tool_calls=out)
 
 
 def route(agent: str, reason: str = "the request fits this agent") -> Response:
