@@ -99,8 +99,7 @@ fn setting_text(key: &str, value: &Bound<'_, PyAny>) -> PyResult<String> {
         let os = value.py().import("os")?;
         return Ok(os.call_method1("fsdecode", (value,))?.extract()?);
     }
-    if value.is_instance_of::<pyo3::types::PyInt>() || value.is_instance_of::<pyo3::types::PyFloat>()
-    {
+    if value.is_instance_of::<pyo3::types::PyInt>() || value.is_instance_of::<pyo3::types::PyFloat>() {
         return Ok(value.str()?.to_str()?.to_owned());
     }
     Err(PyTypeError::new_err(format!(
@@ -193,7 +192,11 @@ impl Runtime {
             }
             env.insert("DATABASE_URL".to_string(), text);
         }
-        for (var, value) in [("LLM_PROXY_URL", llm_url), ("LLM_MODEL", model), ("LLM_API_KEY", api_key)] {
+        for (var, value) in [
+            ("LLM_PROXY_URL", llm_url),
+            ("LLM_MODEL", model),
+            ("LLM_API_KEY", api_key),
+        ] {
             if let Some(v) = value {
                 env.insert(var.to_string(), v);
             }
@@ -226,7 +229,9 @@ impl Runtime {
         .py()?;
         let orchestrator = block_on(py, async move {
             let store = storage::open(&config.database_url).await?;
-            let orchestrator = Orchestrator::builder(store, Arc::new(llm)).config(config).build()?;
+            let orchestrator = Orchestrator::builder(store, Arc::new(llm))
+                .config(config)
+                .build()?;
             orchestrator.recover_interrupted().await?;
             Ok(orchestrator)
         })?;
@@ -294,7 +299,10 @@ impl Runtime {
         };
         let page = block_on(py, self.orchestrator.list_sessions(query))?;
         let sessions: Vec<Value> = page.sessions.iter().map(session_json).collect();
-        convert::to_py(py, &json!({"sessions": sessions, "next_cursor": page.next_cursor}))
+        convert::to_py(
+            py,
+            &json!({"sessions": sessions, "next_cursor": page.next_cursor}),
+        )
     }
 
     /// Deletes a session and everything of it, cancelling its running turn first.
@@ -372,10 +380,7 @@ impl Runtime {
         agent_type: Option<String>,
         request_id: Option<String>,
     ) -> PyResult<EventStream> {
-        let message = ClientMessage::UserMessage {
-            content,
-            agent_type,
-        };
+        let message = ClientMessage::UserMessage { content, agent_type };
         self.stream(py, session_id, Submission { request_id, message })
     }
 
@@ -463,11 +468,12 @@ impl Runtime {
         after: Option<u64>,
         follow: bool,
     ) -> PyResult<EventStream> {
-        let mode = if follow { Follow::Forever } else { Follow::UntilIdle };
-        let events = block_on(
-            py,
-            self.orchestrator.events(session_id, after.unwrap_or(0), mode),
-        )?;
+        let mode = if follow {
+            Follow::Forever
+        } else {
+            Follow::UntilIdle
+        };
+        let events = block_on(py, self.orchestrator.events(session_id, after.unwrap_or(0), mode))?;
         EventStream::new(events)
     }
 

@@ -160,12 +160,7 @@ impl Handover {
                 )?,
             };
         }
-        if let Some(reply) = self
-            .reply
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
+        if let Some(reply) = self.reply.lock().unwrap_or_else(PoisonError::into_inner).take() {
             let _ = reply.send(taken);
         }
         Ok(())
@@ -186,9 +181,9 @@ impl EventStream {
     /// Wraps a core event stream.
     pub fn new(stream: agent_runtime_core::orchestrator::EventStream) -> PyResult<Self> {
         let values = stream.map(|event| {
-            serde_json::to_value(&event).unwrap_or_else(|e| {
-                serde_json::json!({"type": "error", "code": "INTERNAL", "message": e.to_string()})
-            })
+            serde_json::to_value(&event).unwrap_or_else(
+                |e| serde_json::json!({"type": "error", "code": "INTERNAL", "message": e.to_string()}),
+            )
         });
         Ok(EventStream {
             channel: pump(values)?,
