@@ -97,7 +97,7 @@ fn setting_text(key: &str, value: &Bound<'_, PyAny>) -> PyResult<String> {
     }
     if value.hasattr("__fspath__")? {
         let os = value.py().import("os")?;
-        return Ok(os.call_method1("fsdecode", (value,))?.extract()?);
+        return os.call_method1("fsdecode", (value,))?.extract();
     }
     if value.is_instance_of::<pyo3::types::PyInt>() || value.is_instance_of::<pyo3::types::PyFloat>() {
         return Ok(value.str()?.to_str()?.to_owned());
