@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import agent_runtime
 from conftest import strip_seq
 from mock_llm import route, text, tool_call
@@ -82,18 +86,30 @@ def test_reject_tells_the_model_with_the_feedback(rt, llm, session, project):
 
 
 def test_a_new_runtime_on_the_same_sqlite_file_continues_the_paused_turn(llm, db_url, project):
-    first = agent_runtime.Runtime(database_url=db_url, llm_url=llm.url)
-    session = first.create_session(metadata={"project_path": str(project)})["session_id"]
-    call = _pause_on_write(first, llm, session, {"path": "after-restart.txt", "content": "durable"})
-    del first
+    # The first runtime lives in another process that exits once the turn awaits approval.
+    llm.script(route("coder"), tool_call("write_file", {"path": "after-restart.txt", "content": "durable"}, call_id="call_w1"))
+    child = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import agent_runtime
+            rt = agent_runtime.Runtime(database_url={db_url!r}, llm_url={llm.url!r})
+            sid = rt.create_session(metadata={{"project_path": {str(project)!r}}})["session_id"]
+            events = list(rt.send_message(sid, "Создай файл"))
+            assert events[-1]["stop_reason"] == "awaiting_approval", events
+            print(sid)
+        """)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert child.returncode == 0, child.stderr
+    session = child.stdout.strip()
 
     second = agent_runtime.Runtime(database_url=db_url, llm_url=llm.url)
     pending = second.pending_approvals(session)
-    assert [(p["call_id"], p["arguments"]) for p in pending] == [(call, {"path": "after-restart.txt", "content": "durable"})]
+    assert [(p["call_id"], p["arguments"]) for p in pending] == [("call_w1", {"path": "after-restart.txt", "content": "durable"})]
     llm.script(text("Готово"))
-    events = list(second.decide(session, call, "approve"))
+    events = list(second.decide(session, "call_w1", "approve"))
 
     assert [e["type"] for e in events] == ["approval_resolved", "tool_result", "assistant_message", "assistant_message", "done"]
+    assert [e["seq"] for e in events] == [4, 5, 6, 7, 8]
     assert events[-1]["stop_reason"] == "completed"
     assert (project / "after-restart.txt").read_text() == "durable"
     assert [m["role"] for m in second.messages(session)] == ["user", "assistant", "tool", "assistant"]
