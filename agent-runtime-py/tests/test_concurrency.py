@@ -115,8 +115,11 @@ def test_ctrl_c_interrupts_a_blocking_iteration_and_the_turn_goes_on(rt, llm, se
     llm.script(route("ask"), answer)
     stream = rt.send_message(session, "Q?")
 
+    got_a = threading.Event()
+
     def press_ctrl_c():
-        answer.started.wait(30)
+        # Pressed once "a" is consumed: the reader is then blocked waiting for "b".
+        got_a.wait(30)
         _thread.interrupt_main()
 
     threading.Thread(target=press_ctrl_c).start()
@@ -124,6 +127,8 @@ def test_ctrl_c_interrupts_a_blocking_iteration_and_the_turn_goes_on(rt, llm, se
     with pytest.raises(KeyboardInterrupt):
         for event in stream:
             seen.append(event)
+            if event.get("token") == "a":
+                got_a.set()
 
     assert [e.get("token") for e in seen] == [None, "a"]
     gate.set()
