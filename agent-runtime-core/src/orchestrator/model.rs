@@ -173,7 +173,7 @@ impl Turn {
 
 /// The arguments of the forced function `name`: from the structured call, else the text (weak
 /// models sometimes write the JSON as text).
-fn arguments_of(c: &Completion, name: &str) -> String {
+pub(super) fn arguments_of(c: &Completion, name: &str) -> String {
     c.tool_calls
         .iter()
         .find(|t| t.name == name)

@@ -110,6 +110,8 @@ struct Turn {
     session: Session,
     state: TurnState,
     cancel: CancellationToken,
+    /// Tokens spent but not yet added to the session's total (rides on the next commit).
+    unsaved_usage: Usage,
 }
 
 impl Turn {
@@ -158,6 +160,9 @@ impl Turn {
     async fn commit_quietly(&mut self, mut c: Commit, with_state: bool) -> Result<Committed> {
         c.at = Some(Timestamp::now());
         c.lease_owner = Some(self.rt.owner.clone());
+        if self.unsaved_usage != Usage::default() {
+            c.usage = Some(c.usage.unwrap_or_default() + std::mem::take(&mut self.unsaved_usage));
+        }
         if with_state {
             c.session.turn_state = Some(Some(self.state.to_value()));
         }
@@ -234,29 +239,22 @@ impl Turn {
             temperature: Some(0.0),
             max_tokens: Some(500),
         };
-        let answered = tokio::select! {
-            r = self.rt.llm.complete(req.clone()) => r,
-            _ = self.cancel.cancelled() => return None,
-        };
-        match answered {
-            Ok(c) => {
-                self.state.usage += c
-                    .usage
-                    .unwrap_or_else(|| self.count_usage(&req, &c.text, &c.tool_calls));
-                // Weak models sometimes write the call as JSON text instead of a structured call.
-                Some(
-                    c.tool_calls
-                        .into_iter()
-                        .find(|t| t.name == name)
-                        .map(|t| t.arguments)
-                        .unwrap_or(c.text),
-                )
+        match self.complete_counted(&req).await? {
+            Ok((c, usage)) => {
+                self.add_usage(usage);
+                Some(model::arguments_of(&c, &name))
             }
             Err(e) => {
                 warn!(error = %e, function = %name, "forced function call failed");
                 None
             }
         }
+    }
+
+    /// Adds tokens to the turn's usage and, with the next commit, to the session's.
+    fn add_usage(&mut self, usage: Usage) {
+        self.state.usage += usage;
+        self.unsaved_usage += usage;
     }
 
     /// The orchestrator's routing call (the keyword classifier when it fails). Returns a pause
@@ -375,8 +373,8 @@ impl Turn {
         };
         let answer = self.ask_model(req).await?;
         self.state.iterations += 1;
-        self.state.usage += answer.usage;
-        let (text, calls, usage) = (answer.text, answer.calls, answer.usage);
+        self.add_usage(answer.usage);
+        let (text, calls) = (answer.text, answer.calls);
 
         let mut stored_calls = Vec::with_capacity(calls.len());
         for c in calls {
@@ -412,7 +410,6 @@ impl Turn {
         let c = Commit {
             messages: vec![NewMessage::assistant(text, Some(agent_type), stored_calls)],
             events,
-            usage: Some(usage),
             ..Commit::default()
         };
         self.commit(c, true).await?;
@@ -1226,6 +1223,7 @@ async fn start(
         state: TurnState::load(&session),
         session,
         cancel,
+        unsaved_usage: Usage::default(),
     };
     let running = SessionUpdate {
         status: Some(SessionStatus::Running),
@@ -1573,6 +1571,7 @@ async fn close_interrupted(rt: &Arc<Inner>, session: &Session) -> Result<()> {
         state,
         session: session.clone(),
         cancel: CancellationToken::new(),
+        unsaved_usage: Usage::default(),
     };
     turn.close_open_calls(
         "interrupted: the runtime stopped while this call was open",
@@ -1665,6 +1664,7 @@ pub(super) async fn cancel(rt: Arc<Inner>, session_id: &str) -> Result<CancelOut
         state: TurnState::load(&session),
         session,
         cancel: running.cancel.clone(),
+        unsaved_usage: Usage::default(),
     };
     let result = turn.finish(Err(cancelled())).await;
     give_back(&rt, session_id).await;
