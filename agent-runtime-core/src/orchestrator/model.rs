@@ -94,14 +94,16 @@ impl Turn {
                 }
             }
             if !tokens.is_empty() {
-                self.commit(
-                    Commit {
-                        events: std::mem::take(&mut tokens),
-                        ..Commit::default()
-                    },
-                    false,
-                )
-                .await?;
+                let burst = Commit {
+                    events: std::mem::take(&mut tokens),
+                    ..Commit::default()
+                };
+                if ended {
+                    // The answer is complete: its last tokens are stored with the message.
+                    self.defer(burst);
+                } else {
+                    self.commit(burst, false).await?;
+                }
             }
         }
         let calls = assembler.finish();
