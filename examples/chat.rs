@@ -67,6 +67,8 @@ struct Screen {
     mid_line: bool,
     /// The current assistant message streamed tokens (its final event need not repeat the text).
     streamed: bool,
+    /// A notice already broke the current token line on the terminal.
+    noticed: bool,
 }
 
 impl Screen {
@@ -82,13 +84,17 @@ impl Screen {
         }
     }
 
-    /// A notice about the connection, on standard error so the conversation stays clean.
+    /// A notice about the connection, on standard error so the conversation on standard output
+    /// stays whole; on its own line when it interrupts a token stream.
     fn notice(&mut self, text: &str) {
         let _ = std::io::stdout().flush();
-        eprintln!("{text}");
+        let gap = if self.mid_line && !self.noticed { "\n" } else { "" };
+        self.noticed = true;
+        eprintln!("{gap}{text}");
     }
 
     fn show(&mut self, e: &Value) {
+        self.noticed = false;
         let s = |k: &str| e[k].as_str().unwrap_or_default().to_string();
         match e["type"].as_str().unwrap_or_default() {
             "assistant_message" if e["is_final"] != true => {
@@ -130,7 +136,10 @@ impl Screen {
             "plan_proposed" | "plan_updated" => {
                 self.line(&format!("[plan] {}", s("goal")));
                 for t in e["subtasks"].as_array().into_iter().flatten() {
-                    let status = t["status"].as_str().map(|x| format!(" ({x})")).unwrap_or_default();
+                    let status = t["status"]
+                        .as_str()
+                        .map(|x| format!(" ({x})"))
+                        .unwrap_or_default();
                     self.line(&format!(
                         "  {} [{}] {}{status}",
                         t["id"],
@@ -204,7 +213,12 @@ impl Chat {
     }
 
     /// A JSON call; an API error is shown and returned as `None`.
-    async fn call(&mut self, method: Method, path: &str, body: Option<Value>) -> Result<Option<Value>, Failure> {
+    async fn call(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Option<Value>, Failure> {
         let mut req = self.request(method, path);
         if let Some(body) = body {
             req = req.json(&body);
@@ -350,7 +364,8 @@ impl Chat {
                     d
                 }
                 _ => {
-                    self.screen.line("answer approve, edit or reject (reject may add feedback: `reject use .ts`)");
+                    self.screen
+                        .line("answer approve, edit or reject (reject may add feedback: `reject use .ts`)");
                     continue;
                 }
             };
@@ -469,8 +484,16 @@ async fn main() -> Result<(), Failure> {
         None
     };
     let (base, token, project) = match &stand {
-        Some(s) => (s.base.clone(), Some(demo::TOKEN.to_string()), Some(s.project.clone())),
-        None => (args.server.trim_end_matches('/').to_string(), args.token, args.project),
+        Some(s) => (
+            s.base.clone(),
+            Some(demo::TOKEN.to_string()),
+            Some(s.project.clone()),
+        ),
+        None => (
+            args.server.trim_end_matches('/').to_string(),
+            args.token,
+            args.project,
+        ),
     };
     let mut chat = Chat {
         http: reqwest::Client::new(),
@@ -522,7 +545,9 @@ async fn main() -> Result<(), Failure> {
     println!("{HELP}");
     let mut open = true;
     while open {
-        let Some(line) = read_line("you> ").await else { break };
+        let Some(line) = read_line("you> ").await else {
+            break;
+        };
         let line = line.trim();
         let (command, rest) = line.split_once(' ').unwrap_or((line, ""));
         let rest = rest.trim();
@@ -541,7 +566,8 @@ async fn main() -> Result<(), Failure> {
             "/cancel" => {
                 let path = format!("/sessions/{}/cancel", chat.session);
                 if let Some(v) = chat.call(Method::POST, &path, None).await? {
-                    chat.screen.line(&format!("[cancel: {}]", v["status"].as_str().unwrap_or_default()));
+                    chat.screen
+                        .line(&format!("[cancel: {}]", v["status"].as_str().unwrap_or_default()));
                 }
                 true
             }
@@ -561,7 +587,10 @@ async fn main() -> Result<(), Failure> {
                 println!("unknown command {command}; {HELP}");
                 true
             }
-            _ => chat.send(json!({"type": "user_message", "content": line})).await?,
+            _ => {
+                chat.send(json!({"type": "user_message", "content": line}))
+                    .await?
+            }
         };
     }
     if let Some(stand) = &stand {

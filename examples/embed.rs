@@ -60,7 +60,9 @@ async fn main() -> Result<()> {
         .await?;
     let stop = print_events(events).await?;
     if stop != Some(StopReason::AwaitingApproval) {
-        return Err(Error::Internal(format!("expected a pause for approval, got {stop:?}")));
+        return Err(Error::Internal(format!(
+            "expected a pause for approval, got {stop:?}"
+        )));
     }
 
     for approval in rt.pending_approvals(&session.id).await? {
@@ -94,8 +96,8 @@ async fn main() -> Result<()> {
 async fn print_events(mut events: EventStream) -> Result<Option<StopReason>> {
     let mut stop = None;
     while let Some(event) = events.next().await {
-        let line = serde_json::to_string(&event)
-            .map_err(|e| Error::Internal(format!("event to JSON: {e}")))?;
+        let line =
+            serde_json::to_string(&event).map_err(|e| Error::Internal(format!("event to JSON: {e}")))?;
         println!("{line}");
         if let EventPayload::Done { stop_reason, .. } = &event.payload {
             stop = Some(*stop_reason);

@@ -121,7 +121,11 @@ async fn main() -> Result<(), Failure> {
         }
         None => {
             let stand = demo::start(demo::widget_script(Duration::ZERO)).await?;
-            println!("offline stand: server {}, mock model {}", stand.base, stand.llm.url());
+            println!(
+                "offline stand: server {}, mock model {}",
+                stand.base,
+                stand.llm.url()
+            );
             let api = Api {
                 base: stand.base.clone(),
                 token: Some(demo::TOKEN.to_string()),
@@ -154,9 +158,16 @@ async fn main() -> Result<(), Failure> {
 
     if stop_reason(&events) == Some("awaiting_approval") {
         let pending = api
-            .json(Method::GET, &format!("/api/v1/sessions/{sid}/pending-approvals"), None)
+            .json(
+                Method::GET,
+                &format!("/api/v1/sessions/{sid}/pending-approvals"),
+                None,
+            )
             .await?;
-        let approvals = pending["pending_approvals"].as_array().cloned().unwrap_or_default();
+        let approvals = pending["pending_approvals"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         for approval in approvals {
             api.stream(
                 &format!("/api/v1/sessions/{sid}/hitl-decision"),
@@ -172,7 +183,10 @@ async fn main() -> Result<(), Failure> {
         .await?;
     if _stand.is_some() {
         let written = std::fs::read_to_string(project.join("src/ProfileWidget.tsx"))?;
-        println!("\nwrote src/ProfileWidget.tsx ({} bytes) after the approval", written.len());
+        println!(
+            "\nwrote src/ProfileWidget.tsx ({} bytes) after the approval",
+            written.len()
+        );
     }
     Ok(())
 }

@@ -41,7 +41,8 @@ fn normalize(stdout: &str) -> String {
         .join("\n")
 }
 
-const ARGS: &str = r#"{"content":"export const ProfileWidget = () => null;\n","path":"src/ProfileWidget.tsx"}"#;
+const ARGS: &str =
+    r#"{"content":"export const ProfileWidget = () => null;\n","path":"src/ProfileWidget.tsx"}"#;
 
 fn first_turn() -> String {
     format!(
@@ -75,7 +76,7 @@ bye",
     );
     assert_eq!(out, expected);
     // The cut came after the switch and two tokens; the rest was replayed from seq 4 on.
-    let notices: Vec<&str> = err.lines().skip(1).collect();
+    let notices: Vec<&str> = err.lines().skip(1).filter(|l| !l.is_empty()).collect();
     assert_eq!(notices.len(), 3, "{err}");
     assert_eq!(notices[0], "[connection dropped on purpose after event 3]");
     assert!(notices[1].ends_with("/events, Last-Event-ID: 3]"), "{err}");
