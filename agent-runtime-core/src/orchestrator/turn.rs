@@ -674,21 +674,25 @@ impl Turn {
                             run_arguments: call.arguments.clone(),
                         }
                     };
+                    let for_client = state == CallState::AwaitingClient;
                     self.set_state(&call.call_id, state);
-                    self.commit(
-                        Commit {
-                            events: vec![EventPayload::ToolCall {
-                                call_id: call.call_id.clone(),
-                                tool_name: call.tool_name.clone(),
-                                arguments: call.arguments.clone(),
-                                requires_approval: false,
-                                reason: None,
-                            }],
-                            ..Commit::default()
-                        },
-                        true,
-                    )
-                    .await?;
+                    let c = Commit {
+                        events: vec![EventPayload::ToolCall {
+                            call_id: call.call_id.clone(),
+                            tool_name: call.tool_name.clone(),
+                            arguments: call.arguments.clone(),
+                            requires_approval: false,
+                            reason: None,
+                        }],
+                        ..Commit::default()
+                    };
+                    if for_client {
+                        // The turn pauses next: the call goes out with that commit.
+                        self.defer(c);
+                    } else {
+                        // Streamed before the tool runs, so the client sees what is running.
+                        self.commit(c, true).await?;
+                    }
                 }
             }
         }
