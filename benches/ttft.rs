@@ -168,7 +168,10 @@ struct Capped(OpenAiBackend);
 
 #[async_trait::async_trait]
 impl agent_runtime_core::llm::LlmBackend for Capped {
-    async fn stream(&self, mut request: ChatRequest) -> agent_runtime_core::Result<agent_runtime_core::llm::ChunkStream> {
+    async fn stream(
+        &self,
+        mut request: ChatRequest,
+    ) -> agent_runtime_core::Result<agent_runtime_core::llm::ChunkStream> {
         request.max_tokens.get_or_insert(MAX_TOKENS);
         self.0.stream(request).await
     }
@@ -189,7 +192,11 @@ fn ms(d: Duration) -> String {
 
 #[tokio::main]
 async fn main() -> BoxResult<()> {
-    let runs: usize = std::env::args().nth(1).map(|a| a.parse()).transpose()?.unwrap_or(20);
+    let runs: usize = std::env::args()
+        .nth(1)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(20);
     if runs == 0 {
         return Err("RUNS must be at least 1".into());
     }

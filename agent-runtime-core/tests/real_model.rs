@@ -295,7 +295,8 @@ macro_rules! model_server_or_skip {
 
 #[tokio::test]
 async fn tokens_arrive_as_separate_assistant_message_events_then_done() {
-    let (_lock, server) = model_server_or_skip!("tokens_arrive_as_separate_assistant_message_events_then_done");
+    let (_lock, server) =
+        model_server_or_skip!("tokens_arrive_as_separate_assistant_message_events_then_done");
     let rt = Runtime::new(&server, RuntimeConfig::default(), AgentRegistry::defaults()).await;
     let session = rt.session().await;
 
@@ -304,7 +305,10 @@ async fn tokens_arrive_as_separate_assistant_message_events_then_done() {
         .await;
 
     let toks = tokens(&events);
-    assert!(toks.len() >= 2, "the answer streams in several tokens: {events:?}");
+    assert!(
+        toks.len() >= 2,
+        "the answer streams in several tokens: {events:?}"
+    );
     assert_eq!(
         kinds(&events),
         streamed_answer(&["agent_switched"], toks.len()),
@@ -383,9 +387,7 @@ async fn a_read_file_call_gets_the_real_content_and_the_answer_streams() {
         .iter()
         .filter_map(|e| match &e.payload {
             EventPayload::ToolCall {
-                tool_name,
-                arguments,
-                ..
+                tool_name, arguments, ..
             } => Some((tool_name.clone(), arguments.clone())),
             _ => None,
         })
@@ -398,21 +400,29 @@ async fn a_read_file_call_gets_the_real_content_and_the_answer_streams() {
     let results: Vec<Value> = events
         .iter()
         .filter_map(|e| match &e.payload {
-            EventPayload::ToolResult {
-                result: Some(r), ..
-            } => Some(r.clone()),
+            EventPayload::ToolResult { result: Some(r), .. } => Some(r.clone()),
             _ => None,
         })
         .collect();
     assert_eq!(
         results,
-        vec![json!("[notes.txt: lines 1-1 of 1]\nThe secret word is PINEAPPLE.\n")]
+        vec![json!(
+            "[notes.txt: lines 1-1 of 1]\nThe secret word is PINEAPPLE.\n"
+        )]
     );
     let toks = tokens(&events);
-    assert!(toks.len() >= 2, "the answer after the tool result streams: {events:?}");
+    assert!(
+        toks.len() >= 2,
+        "the answer after the tool result streams: {events:?}"
+    );
     let n_before = events
         .iter()
-        .position(|e| matches!(e.payload, EventPayload::AssistantMessage(AssistantMessage::Token { .. })))
+        .position(|e| {
+            matches!(
+                e.payload,
+                EventPayload::AssistantMessage(AssistantMessage::Token { .. })
+            )
+        })
         .unwrap();
     assert_eq!(
         kinds(&events)[n_before..],
@@ -426,8 +436,8 @@ async fn a_read_file_call_gets_the_real_content_and_the_answer_streams() {
 /// history: a conversation far longer than the model's 4,096-token context.
 async fn seed_long_history(rt: &Runtime, session: &str, pairs: usize, words: usize) {
     for i in 0..pairs {
-        let filler = format!("Paragraph {i} of an old discussion about gardening and weather. ")
-            .repeat(words / 10);
+        let filler =
+            format!("Paragraph {i} of an old discussion about gardening and weather. ").repeat(words / 10);
         let commit = Commit {
             messages: vec![
                 NewMessage::user(format!("Tell me a story. {filler}"), Some("ask".into())),
@@ -453,7 +463,9 @@ async fn a_conversation_longer_than_the_model_context_is_trimmed_and_answered() 
     let session = rt.session().await;
     seed_long_history(&rt, &session, 10, 600).await;
 
-    let events = rt.say(&session, Some("ask"), "What is the capital of France?").await;
+    let events = rt
+        .say(&session, Some("ask"), "What is the capital of France?")
+        .await;
 
     let toks = tokens(&events);
     assert_eq!(
@@ -480,9 +492,15 @@ async fn a_request_the_model_server_chokes_on_ends_in_a_clean_llm_error() {
     let session = rt.session().await;
     seed_long_history(&rt, &session, 10, 600).await;
 
-    let events = rt.say(&session, Some("ask"), "What is the capital of France?").await;
+    let events = rt
+        .say(&session, Some("ask"), "What is the capital of France?")
+        .await;
 
-    assert_eq!(kinds(&events), vec!["agent_switched", "error", "done"], "{events:?}");
+    assert_eq!(
+        kinds(&events),
+        vec!["agent_switched", "error", "done"],
+        "{events:?}"
+    );
     let EventPayload::Error { code, .. } = &events[1].payload else {
         unreachable!()
     };
