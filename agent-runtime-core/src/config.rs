@@ -63,6 +63,8 @@ pub struct RuntimeConfig {
     pub auto_agent_switching: bool,
     /// `AGENT_RUNTIME__MAX_AGENT_SWITCHES`: automatic switches allowed in one turn.
     pub max_agent_switches: u32,
+    /// `AGENT_RUNTIME__PLANS_ENABLED`: the orchestrator may propose a plan (API.md §5.5).
+    pub plans_enabled: bool,
     /// `TOOL_EXECUTION`: the default for sessions that do not say.
     pub tool_execution: ToolExecution,
     /// `WORKSPACE_ROOTS`: if non-empty, every `project_path` must be inside one of these.
@@ -100,6 +102,7 @@ impl Default for RuntimeConfig {
             default_agent: "orchestrator".into(),
             auto_agent_switching: true,
             max_agent_switches: 10,
+            plans_enabled: true,
             tool_execution: ToolExecution::Runtime,
             workspace_roots: vec![],
             command_timeout: Duration::from_secs(120),
@@ -126,6 +129,7 @@ pub const VARIABLES: &[&str] = &[
     "AGENT_RUNTIME__DEFAULT_AGENT",
     "AGENT_RUNTIME__AUTO_AGENT_SWITCHING",
     "AGENT_RUNTIME__MAX_AGENT_SWITCHES",
+    "AGENT_RUNTIME__PLANS_ENABLED",
     "TOOL_EXECUTION",
     "WORKSPACE_ROOTS",
     "COMMAND_TIMEOUT_SECS",
@@ -233,6 +237,9 @@ impl RuntimeConfig {
         }
         if let Some(v) = get("AGENT_RUNTIME__MAX_AGENT_SWITCHES") {
             c.max_agent_switches = parse_num("AGENT_RUNTIME__MAX_AGENT_SWITCHES", &v, 0)?;
+        }
+        if let Some(v) = get("AGENT_RUNTIME__PLANS_ENABLED") {
+            c.plans_enabled = parse_bool("AGENT_RUNTIME__PLANS_ENABLED", &v)?;
         }
         if let Some(v) = get("TOOL_EXECUTION") {
             c.tool_execution = ToolExecution::parse(&v)

@@ -1072,3 +1072,464 @@ async fn recover_interrupted_closes_a_turn_left_running_by_a_crash() {
     // The session takes a new message.
     assert_eq!(stop(&h.say_to(&s, "ask", "again").await), StopReason::Completed);
 }
+
+#[tokio::test]
+async fn a_pending_approval_survives_a_restart_on_the_same_postgres_database() {
+    use agent_runtime_core::storage::pg_testing;
+    let Some(guard) = pg_testing::fresh_schema().await else {
+        return;
+    };
+    let project = tempfile::tempdir().unwrap();
+    let store = pg_testing::guarded(&guard).await;
+    let llm = Arc::new(ScriptedBackend::new(vec![Script::tool_call(
+        "write_file",
+        json!({"path": "pg.txt", "content": "from postgres"}),
+    )]));
+    let rt = Orchestrator::builder(store, llm).build().unwrap();
+    let s = rt
+        .create_session(CreateSession {
+            metadata: Some(json!({"project_path": project.path().to_str().unwrap()})),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .id;
+    let events = collect(
+        rt.submit(
+            &s,
+            Submission::new(ClientMessage::UserMessage {
+                content: "write".into(),
+                agent_type: Some("coder".into()),
+            }),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    let id = call_ids(&events)[0].clone();
+    drop(rt);
+
+    // A new runtime (a new pool: as after a process restart) over the same database.
+    let store = pg_testing::guarded(&guard).await;
+    let llm = Arc::new(ScriptedBackend::new(vec![Script::text("continued")]));
+    let rt = Orchestrator::builder(store, llm).build().unwrap();
+    assert_eq!(rt.pending_approvals(&s).await.unwrap().len(), 1);
+    let events = collect(
+        rt.submit(&s, Submission::new(hitl(&id, "approve")))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        payloads(&events)[payloads(&events).len() - 2],
+        complete("continued")
+    );
+    assert_eq!(
+        std::fs::read_to_string(project.path().join("pg.txt")).unwrap(),
+        "from postgres"
+    );
+    assert_history_valid(rt.storage(), &s).await;
+}
+
+#[tokio::test]
+async fn the_event_bus_tells_the_exact_story_of_a_turn_with_one_approval() {
+    use agent_runtime_core::events::{BusEventKind, BusFilter};
+    let h = harness(vec![
+        route("coder"),
+        Script::tool_call("write_file", json!({"path": "w.txt", "content": "w"})),
+        Script::text("done"),
+    ])
+    .await;
+    let mut sub = h.rt.subscribe(BusFilter::default());
+    let s = h.session().await;
+    let events = h.say(&s, "write w").await;
+    let id = call_ids(&events)[0].clone();
+    h.decide(&s, &id, "approve", None, None).await;
+    let mut kinds = vec![];
+    while let Some(Ok(e)) = sub.try_recv() {
+        assert_eq!(e.session_id, s);
+        kinds.push(e.kind);
+    }
+    use BusEventKind::*;
+    assert_eq!(
+        kinds,
+        vec![
+            SessionCreated,
+            TurnStarted,
+            AgentSwitched,
+            ApprovalRequested,
+            TurnCompleted,
+            ApprovalApproved,
+            TurnStarted,
+            ToolExecuted,
+            TurnCompleted
+        ]
+    );
+}
+
+#[tokio::test]
+async fn the_window_sent_to_the_model_is_the_newest_messages_of_a_100k_history() {
+    use agent_runtime_core::session::NewMessage;
+    use agent_runtime_core::storage::Commit;
+    let store: Arc<dyn Storage> = Arc::new(agent_runtime_core::storage::memory::MemoryStorage::new());
+    let llm = Arc::new(ScriptedBackend::new(vec![Script::text("still here")]));
+    let config = RuntimeConfig {
+        max_context_messages: 20,
+        ..RuntimeConfig::default()
+    };
+    let rt = Orchestrator::builder(store.clone(), llm.clone())
+        .config(config)
+        .build()
+        .unwrap();
+    let s = rt.create_session(CreateSession::default()).await.unwrap().id;
+    for chunk in 0..100 {
+        let messages = (0..1000)
+            .map(|i| {
+                let n = chunk * 1000 + i;
+                if n % 2 == 0 {
+                    NewMessage::user(format!("question {n}"), None)
+                } else {
+                    NewMessage::assistant(format!("answer {n}"), None, vec![])
+                }
+            })
+            .collect();
+        store
+            .commit(
+                &s,
+                Commit {
+                    messages,
+                    ..Commit::now()
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let events = collect(
+        rt.submit(
+            &s,
+            Submission::new(ClientMessage::UserMessage {
+                content: "and now?".into(),
+                agent_type: Some("ask".into()),
+            }),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(stop(&events), StopReason::Completed);
+    let sent = &llm.requests()[0].messages;
+    assert_eq!(sent.len(), 21, "the system prompt and the 20 newest messages");
+    assert_eq!(sent[1].content, "answer 99981");
+    assert_eq!(sent[20].content, "and now?");
+    assert_eq!(rt.get_session(&s).await.unwrap().message_count, 100_002);
+}
+
+fn plan_script() -> Script {
+    Script::tool_call(
+        "propose_plan",
+        json!({"goal": "Auth module", "subtasks": [
+            {"description": "Design the auth flow", "agent": "architect"},
+            {"description": "Implement it", "agent": "coder"}]}),
+    )
+}
+
+fn plan_events(events: &[Event]) -> Vec<(String, Vec<String>)> {
+    events
+        .iter()
+        .filter_map(|e| match &e.payload {
+            EventPayload::PlanProposed(p) => Some((
+                "proposed".to_string(),
+                p.subtasks.iter().map(|s| s.status.clone()).collect(),
+            )),
+            EventPayload::PlanUpdated(p) => Some((
+                "updated".to_string(),
+                p.subtasks.iter().map(|s| s.status.clone()).collect(),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_approved_plan_runs_its_subtasks_in_order_on_their_agents() {
+    let h = harness(vec![
+        route("plan"),
+        plan_script(),
+        Script::text("Design done"),
+        Script::text("Code done"),
+    ])
+    .await;
+    let s = h.session().await;
+    let events = h.say(&s, "Build a whole auth module").await;
+    assert_eq!(stop(&events), StopReason::AwaitingApproval);
+    assert_eq!(
+        plan_events(&events),
+        vec![("proposed".into(), vec!["pending".into(), "pending".into()])]
+    );
+    let pending = h.rt.pending_approvals(&s).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    let plan_id = pending[0].call_id.clone();
+    assert_eq!(
+        pending[0].request_type,
+        agent_runtime_core::approval::RequestType::Plan
+    );
+    assert_eq!(
+        h.llm.requests()[1].tool_choice,
+        ToolChoice::Function("propose_plan".into())
+    );
+
+    let events = h.decide(&s, &plan_id, "approve", None, None).await;
+    assert_eq!(stop(&events), StopReason::Completed);
+    let st = |a: &str, b: &str| vec![a.to_string(), b.to_string()];
+    assert_eq!(
+        plan_events(&events),
+        vec![
+            ("updated".into(), st("in_progress", "pending")),
+            ("updated".into(), st("completed", "pending")),
+            ("updated".into(), st("completed", "in_progress")),
+            ("updated".into(), st("completed", "completed")),
+        ]
+    );
+    let switches: Vec<EventPayload> = payloads(&events)
+        .into_iter()
+        .filter(|p| matches!(p, EventPayload::AgentSwitched { .. }))
+        .collect();
+    assert_eq!(
+        switches,
+        vec![
+            switched("orchestrator", "architect", "Plan step 1 of 2"),
+            switched("architect", "coder", "Plan step 2 of 2")
+        ]
+    );
+    let requests = h.llm.requests();
+    assert_eq!(
+        requests[2].messages[0].content,
+        h.rt.agent_registry().get("architect").unwrap().system_prompt
+    );
+    assert_eq!(
+        requests[2].messages.last().unwrap().content,
+        "Plan step 1 of 2 (goal: Auth module): Design the auth flow"
+    );
+    assert_eq!(
+        requests[3].messages[0].content,
+        h.rt.agent_registry().get("coder").unwrap().system_prompt
+    );
+    let stored = h.rt.storage().get_plan(&s, &plan_id).await.unwrap().unwrap();
+    assert!(stored.subtasks.iter().all(|t| t.status == "completed"));
+}
+
+#[tokio::test]
+async fn an_edited_plan_runs_as_edited_and_a_rejected_one_is_answered_without() {
+    let h = harness(vec![route("plan"), plan_script(), Script::text("Only the docs")]).await;
+    let s = h.session().await;
+    h.say(&s, "Build a whole auth module").await;
+    let plan_id = h.rt.pending_approvals(&s).await.unwrap()[0].call_id.clone();
+    let bad =
+        h.rt.submit(
+            &s,
+            Submission::new(ClientMessage::HitlDecision(HitlDecision {
+                call_id: plan_id.clone(),
+                decision: "edit".into(),
+                modified_arguments: Some(
+                    json!({"goal": "x", "subtasks": [{"description": "d", "agent": "pirate"}]}),
+                ),
+                feedback: None,
+            })),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), "INVALID_TOOL");
+    let events = h
+        .decide(&s, &plan_id, "edit", Some(json!({"goal": "Docs only", "subtasks": [{"description": "Write docs", "agent": "architect"}]})), None)
+        .await;
+    assert_eq!(plan_events(&events).len(), 2);
+    assert_eq!(stop(&events), StopReason::Completed);
+
+    let h = harness(vec![
+        route("plan"),
+        plan_script(),
+        Script::text("Here is a direct answer"),
+    ])
+    .await;
+    let s = h.session().await;
+    h.say(&s, "Build a whole auth module").await;
+    let plan_id = h.rt.pending_approvals(&s).await.unwrap()[0].call_id.clone();
+    let events = h.decide(&s, &plan_id, "reject", None, Some("too big")).await;
+    assert_eq!(plan_events(&events), vec![]);
+    assert_eq!(
+        payloads(&events)[payloads(&events).len() - 2],
+        complete("Here is a direct answer")
+    );
+    assert_eq!(
+        h.rt.current_agent(&s).await.unwrap().current_agent.agent_type,
+        "orchestrator"
+    );
+}
+
+#[tokio::test]
+async fn a_plan_awaiting_approval_resumes_after_a_restart_and_a_new_message_cancels_it() {
+    let h = harness(vec![route("plan"), plan_script()]).await;
+    let s = h.session().await;
+    h.say(&s, "Build a whole auth module").await;
+    let plan_id = h.rt.pending_approvals(&s).await.unwrap()[0].call_id.clone();
+    drop(h.rt);
+    let store = storage::open(&h.db_url).await.unwrap();
+    let rt = Orchestrator::builder(
+        store,
+        Arc::new(ScriptedBackend::new(vec![Script::text("d1"), Script::text("d2")])),
+    )
+    .build()
+    .unwrap();
+    let events = collect(
+        rt.submit(&s, Submission::new(hitl(&plan_id, "approve")))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(stop(&events), StopReason::Completed);
+    assert_eq!(plan_events(&events).len(), 4);
+
+    let h = harness(vec![route("plan"), plan_script(), Script::text("ok")]).await;
+    let s = h.session().await;
+    h.say(&s, "Build a whole auth module").await;
+    let plan_id = h.rt.pending_approvals(&s).await.unwrap()[0].call_id.clone();
+    h.say_to(&s, "ask", "forget it").await;
+    assert_eq!(
+        h.rt.storage().get_approval(&s, &plan_id).await.unwrap().status,
+        ApprovalStatus::Cancelled
+    );
+}
+
+#[tokio::test]
+async fn a_model_that_ignores_auto_tool_choice_is_led_by_forced_calls() {
+    use agent_runtime_core::llm::Capabilities;
+    let db = tempfile::tempdir().unwrap();
+    let store = storage::open(&format!("sqlite://{}", db.path().join("w.db").display()))
+        .await
+        .unwrap();
+    let llm = Arc::new(
+        ScriptedBackend::new(vec![
+            Script::tool_call("next_step", json!({"action": "read_file"})),
+            Script::tool_call("read_file", json!({"path": "notes.txt"})),
+            Script::tool_call("next_step", json!({"action": "answer"})),
+            Script::text("The notes say hello"),
+        ])
+        .with_capabilities(Capabilities::llama_cpp_python()),
+    );
+    let config = RuntimeConfig {
+        hitl_enabled: false,
+        ..RuntimeConfig::default()
+    };
+    let rt = Orchestrator::builder(store, llm.clone())
+        .config(config)
+        .build()
+        .unwrap();
+    let project = tempfile::tempdir().unwrap();
+    std::fs::write(project.path().join("notes.txt"), "hello\n").unwrap();
+    let s = rt
+        .create_session(CreateSession {
+            metadata: Some(json!({"project_path": project.path().to_str().unwrap()})),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .id;
+    let events = collect(
+        rt.submit(
+            &s,
+            Submission::new(ClientMessage::UserMessage {
+                content: "read notes".into(),
+                agent_type: Some("ask".into()),
+            }),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    let results = tool_results(&events);
+    assert_eq!(results.len(), 1);
+    assert!(
+        results[0].1.as_ref().unwrap().as_str().unwrap().contains("hello"),
+        "{results:?}"
+    );
+    let p = payloads(&events);
+    assert_eq!(p[p.len() - 2], complete("The notes say hello"));
+    let choices: Vec<ToolChoice> = llm.requests().iter().map(|r| r.tool_choice.clone()).collect();
+    assert_eq!(
+        choices,
+        vec![
+            ToolChoice::Function("next_step".into()),
+            ToolChoice::Function("read_file".into()),
+            ToolChoice::Function("next_step".into()),
+            ToolChoice::Auto,
+        ]
+    );
+    assert!(
+        llm.requests()[3].tools.is_empty(),
+        "the answer is streamed without tools"
+    );
+}
+
+#[tokio::test]
+async fn a_tool_call_written_as_json_text_is_recognised() {
+    let config = RuntimeConfig {
+        hitl_enabled: false,
+        ..RuntimeConfig::default()
+    };
+    let h = harness_with(
+        vec![
+            Script::text(r#"{"name": "list_files", "arguments": {"path": "."}}"#),
+            Script::text("Listed"),
+        ],
+        config,
+    )
+    .await;
+    let s = h.session().await;
+    let events = h.say_to(&s, "ask", "what is here").await;
+    let results = tool_results(&events);
+    assert_eq!(results.len(), 1, "{events:?}");
+    assert_eq!(results[0].0, "list_files");
+    assert_eq!(stop(&events), StopReason::Completed);
+    assert_history_valid(h.rt.storage(), &s).await;
+}
+
+#[tokio::test]
+async fn the_same_call_a_third_time_stops_the_turn_as_a_loop() {
+    let config = RuntimeConfig {
+        hitl_enabled: false,
+        ..RuntimeConfig::default()
+    };
+    let same = || Script::tool_call("list_files", json!({"path": "."}));
+    let h = harness_with(vec![same(), same(), same(), Script::text("never")], config).await;
+    let s = h.session().await;
+    let events = h.say_to(&s, "ask", "list").await;
+    let p = payloads(&events);
+    assert!(
+        matches!(&p[p.len() - 2], EventPayload::Error { code, message } if code == "INVALID_TOOL" && message.starts_with("loop detected")),
+        "{p:?}"
+    );
+    assert_eq!(tool_results(&events).len(), 3);
+    assert_eq!(h.llm.requests().len(), 3);
+    assert_history_valid(h.rt.storage(), &s).await;
+}
+
+#[tokio::test]
+async fn agents_handing_a_turn_back_and_forth_are_stopped() {
+    let to = |a: &str| Script::tool_call("switch_agent", json!({"agent_type": a}));
+    let h = harness(vec![
+        to("ask"),
+        to("coder"),
+        to("ask"),
+        to("coder"),
+        Script::text("never"),
+    ])
+    .await;
+    let s = h.session().await;
+    let events = h.say_to(&s, "coder", "who answers?").await;
+    let p = payloads(&events);
+    assert!(
+        matches!(&p[p.len() - 2], EventPayload::Error { code, message } if code == "AGENT_SWITCH_LIMIT" && message.starts_with("agent ping-pong")),
+        "{p:?}"
+    );
+    assert_history_valid(h.rt.storage(), &s).await;
+}

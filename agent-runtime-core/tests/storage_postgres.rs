@@ -7,248 +7,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use agent_runtime_core::approval::{Approval, ApprovalResolution, ApprovalStatus, RequestType};
 use agent_runtime_core::protocol::{AssistantMessage, Event, EventPayload, Plan, Subtask};
 use agent_runtime_core::session::{AgentSwitch, Message, NewMessage, NewSession, Role, ToolCall, Usage};
+use agent_runtime_core::storage::pg_testing::{Guarded, database_url, fresh_schema, open_in};
 use agent_runtime_core::storage::postgres::{PgOptions, PostgresStorage};
 use agent_runtime_core::storage::{self, Commit, SessionQuery, SessionUpdate, Storage};
 use agent_runtime_core::{Error, Session, SessionStatus, Timestamp};
 use serde_json::json;
-use sqlx::{Connection, Executor, PgConnection};
-
-fn database_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
-}
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-/// A fresh schema for one test, dropped (with everything in it) when the last holder lets go.
-#[derive(Debug)]
-struct SchemaGuard {
-    url: String,
-    schema: String,
-}
-
-impl Drop for SchemaGuard {
-    fn drop(&mut self) {
-        let url = self.url.clone();
-        let schema = self.schema.clone();
-        // Drop runs inside the test's runtime, which cannot be blocked on: use a thread with its
-        // own runtime. A lock_timeout keeps a stuck connection from hanging the test; a schema
-        // left behind is removed by a later run's stale-schema sweep.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                if let Ok(mut conn) = PgConnection::connect(&url).await {
-                    // Connections of this test may still sit in an aborted transaction whose
-                    // rollback waits for the (now blocked) test runtime: end them first.
-                    let _ = sqlx::query(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                         WHERE application_name = $1 AND pid <> pg_backend_pid()",
-                    )
-                    .bind(&schema)
-                    .execute(&mut conn)
-                    .await;
-                    let _ = conn.execute("SET lock_timeout = '5s'").await;
-                    let _ = conn
-                        .execute(sqlx::AssertSqlSafe(format!(
-                            "DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
-                        )))
-                        .await;
-                    let _ = conn.close().await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
-static SWEPT: AtomicBool = AtomicBool::new(false);
-
-/// Drops `art_test_<secs>_...` schemas of earlier runs that are more than an hour old.
-async fn sweep_stale_schemas(conn: &mut PgConnection) {
-    if SWEPT.swap(true, Ordering::SeqCst) {
-        return;
-    }
-    let names: Vec<String> =
-        sqlx::query_scalar("SELECT nspname::TEXT FROM pg_namespace WHERE nspname LIKE 'art\\_test\\_%'")
-            .fetch_all(&mut *conn)
-            .await
-            .expect("list schemas");
-    let now = Timestamp::now().as_millis() / 1000;
-    for name in names {
-        let created: Option<i64> = name
-            .strip_prefix("art_test_")
-            .and_then(|rest| rest.split('_').next())
-            .and_then(|secs| secs.parse().ok());
-        if created.is_some_and(|c| now - c > 3600) {
-            let _ = conn
-                .execute(sqlx::AssertSqlSafe(format!(
-                    "DROP SCHEMA IF EXISTS \"{name}\" CASCADE"
-                )))
-                .await;
-        }
-    }
-}
-
-/// A fresh, not yet created schema name and its guard; `None` (with a notice) when Postgres is
-/// unreachable outside CI.
-async fn fresh_schema() -> Option<Arc<SchemaGuard>> {
-    let url = database_url();
-    match PgConnection::connect(&url).await {
-        Ok(mut conn) => {
-            sweep_stale_schemas(&mut conn).await;
-            let _ = conn.close().await;
-        }
-        Err(e) => {
-            let msg = format!(
-                "Postgres at {} is unreachable ({e}); start it with \
-                 `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`",
-                storage::redact_url(&url)
-            );
-            if in_ci() {
-                panic!("{msg}");
-            }
-            eprintln!("SKIPPED: {msg}");
-            return None;
-        }
-    }
-    let schema = format!(
-        "art_test_{}_{}",
-        Timestamp::now().as_millis() / 1000,
-        uuid::Uuid::new_v4().simple()
-    );
-    Some(Arc::new(SchemaGuard { url, schema }))
-}
-
-impl SchemaGuard {
-    /// The URL for this test's pools: tagged with the schema as `application_name`, so the guard
-    /// can find their connections.
-    fn tagged_url(&self) -> String {
-        let sep = if self.url.contains('?') { '&' } else { '?' };
-        format!("{}{sep}application_name={}", self.url, self.schema)
-    }
-}
-
-async fn open_in(guard: &SchemaGuard) -> PostgresStorage {
-    PostgresStorage::connect_with(
-        &guard.tagged_url(),
-        PgOptions {
-            max_connections: 4,
-            schema: Some(guard.schema.clone()),
-            ..PgOptions::default()
-        },
-    )
-    .await
-    .expect("connect")
-}
-
-/// A Postgres store that keeps its test schema alive: the schema is dropped when the last handle
-/// on it goes (the conformance cases only get the `Arc<dyn Storage>` pair).
-#[derive(Debug)]
-struct Guarded {
-    store: PostgresStorage,
-    _guard: Arc<SchemaGuard>,
-}
-
-#[async_trait::async_trait]
-impl Storage for Guarded {
-    fn backend(&self) -> &'static str {
-        self.store.backend()
-    }
-    async fn ping(&self) -> agent_runtime_core::Result<()> {
-        self.store.ping().await
-    }
-    async fn create_session(&self, new: NewSession) -> agent_runtime_core::Result<Session> {
-        self.store.create_session(new).await
-    }
-    async fn get_session(&self, id: &str) -> agent_runtime_core::Result<Session> {
-        self.store.get_session(id).await
-    }
-    async fn list_sessions(&self, query: SessionQuery) -> agent_runtime_core::Result<storage::SessionPage> {
-        self.store.list_sessions(query).await
-    }
-    async fn delete_session(&self, id: &str) -> agent_runtime_core::Result<()> {
-        self.store.delete_session(id).await
-    }
-    async fn commit(
-        &self,
-        session_id: &str,
-        commit: Commit,
-    ) -> agent_runtime_core::Result<storage::Committed> {
-        self.store.commit(session_id, commit).await
-    }
-    async fn messages_after(
-        &self,
-        session_id: &str,
-        after: u64,
-        limit: usize,
-    ) -> agent_runtime_core::Result<Vec<Message>> {
-        self.store.messages_after(session_id, after, limit).await
-    }
-    async fn recent_messages(
-        &self,
-        session_id: &str,
-        limit: usize,
-    ) -> agent_runtime_core::Result<Vec<Message>> {
-        self.store.recent_messages(session_id, limit).await
-    }
-    async fn events_after(
-        &self,
-        session_id: &str,
-        after: u64,
-        limit: usize,
-    ) -> agent_runtime_core::Result<Vec<Event>> {
-        self.store.events_after(session_id, after, limit).await
-    }
-    async fn find_request(
-        &self,
-        session_id: &str,
-        request_id: &str,
-    ) -> agent_runtime_core::Result<Option<u64>> {
-        self.store.find_request(session_id, request_id).await
-    }
-    async fn get_approval(&self, session_id: &str, call_id: &str) -> agent_runtime_core::Result<Approval> {
-        self.store.get_approval(session_id, call_id).await
-    }
-    async fn pending_approvals(&self, session_id: &str) -> agent_runtime_core::Result<Vec<Approval>> {
-        self.store.pending_approvals(session_id).await
-    }
-    async fn switch_history(&self, session_id: &str) -> agent_runtime_core::Result<Vec<AgentSwitch>> {
-        self.store.switch_history(session_id).await
-    }
-    async fn get_plan(&self, session_id: &str, plan_id: &str) -> agent_runtime_core::Result<Option<Plan>> {
-        self.store.get_plan(session_id, plan_id).await
-    }
-    async fn acquire_lease(
-        &self,
-        session_id: &str,
-        owner: &str,
-        ttl: Duration,
-    ) -> agent_runtime_core::Result<bool> {
-        self.store.acquire_lease(session_id, owner, ttl).await
-    }
-    async fn renew_lease(
-        &self,
-        session_id: &str,
-        owner: &str,
-        ttl: Duration,
-    ) -> agent_runtime_core::Result<bool> {
-        self.store.renew_lease(session_id, owner, ttl).await
-    }
-    async fn release_lease(&self, session_id: &str, owner: &str) -> agent_runtime_core::Result<()> {
-        self.store.release_lease(session_id, owner).await
-    }
-}
 
 /// Two handles with separate pools (two "processes") on one fresh schema. The conformance cases
 /// cannot be skipped, so an unreachable Postgres fails them, with the same clear message.
@@ -264,12 +32,9 @@ async fn open_pair() -> (Arc<dyn Storage>, Arc<dyn Storage>) {
     (
         Arc::new(Guarded {
             store: a,
-            _guard: guard.clone(),
+            guard: guard.clone(),
         }),
-        Arc::new(Guarded {
-            store: b,
-            _guard: guard,
-        }),
+        Arc::new(Guarded { store: b, guard }),
     )
 }
 
@@ -1005,7 +770,7 @@ async fn processes_starting_together_migrate_once() {
     let mut tasks = Vec::new();
     for _ in 0..4 {
         let url = guard.tagged_url();
-        let schema = guard.schema.clone();
+        let schema = guard.schema().to_string();
         tasks.push(tokio::spawn(async move {
             PostgresStorage::connect_with(
                 &url,
@@ -1040,7 +805,7 @@ async fn a_database_from_a_newer_build_is_refused() {
     let refused = PostgresStorage::connect_with(
         &guard.tagged_url(),
         PgOptions {
-            schema: Some(guard.schema.clone()),
+            schema: Some(guard.schema().to_string()),
             ..PgOptions::default()
         },
     )
@@ -1061,7 +826,7 @@ async fn open_accepts_postgresql_urls_and_returns_the_postgres_backend() {
     store.create_session(new_session("s1", None, 1)).await.unwrap();
     // `open` uses the URL's own search_path (here: the test schema, through libpq `options`).
     let url = guard.tagged_url().replacen("postgres://", "postgresql://", 1);
-    let url = format!("{url}&options=-csearch_path%3D{}", guard.schema);
+    let url = format!("{url}&options=-csearch_path%3D{}", guard.schema());
     let opened = storage::open(&url).await.unwrap();
     assert_eq!(opened.backend(), "postgres");
     assert_eq!(opened.get_session("s1").await.unwrap().id, "s1");

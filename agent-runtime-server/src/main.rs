@@ -1,5 +1,34 @@
-//! `agent-runtime-server`: the documented HTTP API over `agent-runtime-core`.
+//! `agent-runtime-server`: serves the documented HTTP API. With no configuration it listens on
+//! 127.0.0.1:8001 with SQLite in `./agent-runtime.db`; `--help` lists every flag.
+
+use agent_runtime_server::config::{self, LogFormat};
 
 fn main() {
-    println!("agent-runtime-server: not yet serving");
+    let config = match config::load(std::env::args(), |k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("agent-runtime-server: {e}");
+            std::process::exit(2);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::new(&config.log_filter);
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs.init(),
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("agent-runtime-server: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(agent_runtime_server::server::run(config)) {
+        tracing::error!(error = %e, "start-up failed");
+        eprintln!("agent-runtime-server: {e}");
+        std::process::exit(2);
+    }
 }

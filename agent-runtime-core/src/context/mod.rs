@@ -22,9 +22,62 @@ impl Tokenizer for O200kTokenizer {
     }
 }
 
-/// The default tokenizer as a shared handle.
+/// The default tokenizer as a shared handle (with a cache: the window is rebuilt on every
+/// model call from mostly the same messages).
 pub fn default_tokenizer() -> Arc<dyn Tokenizer> {
-    Arc::new(O200kTokenizer)
+    Arc::new(CachedTokenizer::new(Arc::new(O200kTokenizer)))
+}
+
+/// Remembers the counts of texts seen recently, so a window rebuilt for every model call
+/// tokenizes only what is new. Bounded: the cache is emptied when it reaches its capacity.
+#[derive(Debug)]
+pub struct CachedTokenizer {
+    inner: Arc<dyn Tokenizer>,
+    counts: std::sync::Mutex<std::collections::HashMap<u64, usize>>,
+}
+
+const CACHE_CAPACITY: usize = 65_536;
+/// Texts shorter than this are counted directly: hashing costs about as much.
+const CACHE_MIN_LEN: usize = 64;
+
+impl CachedTokenizer {
+    /// Caches the counts of `inner`.
+    pub fn new(inner: Arc<dyn Tokenizer>) -> Self {
+        CachedTokenizer {
+            inner,
+            counts: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+}
+
+impl CachedTokenizer {
+    fn counts(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, usize>> {
+        self.counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Tokenizer for CachedTokenizer {
+    fn count(&self, text: &str) -> usize {
+        use std::hash::{Hash, Hasher};
+        if text.len() < CACHE_MIN_LEN {
+            return self.inner.count(text);
+        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        text.hash(&mut h);
+        let key = h.finish();
+        if let Some(n) = self.counts().get(&key) {
+            return *n;
+        }
+        let n = self.inner.count(text);
+        let mut counts = self.counts();
+        if counts.len() >= CACHE_CAPACITY {
+            counts.clear();
+        }
+        counts.insert(key, n);
+        n
+    }
 }
 
 /// Tokens a chat format spends per message beyond its content (role, separators).
@@ -195,6 +248,15 @@ mod tests {
 
     fn seqs(w: &Window) -> Vec<u64> {
         w.messages.iter().map(|m| m.seq).collect()
+    }
+
+    #[test]
+    fn the_cache_gives_the_same_counts() {
+        let cached = CachedTokenizer::new(Arc::new(O200kTokenizer));
+        let text = "a longer text that is worth caching, with some words in it, and more".repeat(3);
+        assert_eq!(cached.count(&text), O200kTokenizer.count(&text));
+        assert_eq!(cached.count(&text), O200kTokenizer.count(&text));
+        assert_eq!(cached.count("short"), 1);
     }
 
     #[test]

@@ -7,10 +7,14 @@ use crate::protocol::ToolSpec;
 
 /// The name of the forced routing function.
 pub const ROUTE_TOOL: &str = "route";
+/// The routing choice that asks for a plan instead of one agent.
+pub const PLAN_CHOICE: &str = "plan";
+/// The name of the forced plan function.
+pub const PLAN_TOOL: &str = "propose_plan";
 /// The name of the runtime's hand-over tool.
 pub const SWITCH_TOOL: &str = "switch_agent";
 
-/// The routing function: an enum of the agents to choose from and a reason.
+/// The routing function: an enum of the choices (agents, and `plan` when plans are on) and a reason.
 pub fn route_spec(agents: &[String]) -> ToolSpec {
     ToolSpec {
         name: ROUTE_TOOL.into(),
@@ -47,10 +51,53 @@ pub fn switch_spec(agents: &[String]) -> ToolSpec {
 }
 
 /// The system prompt of the routing call.
-pub fn route_prompt(agents: &[(String, String)]) -> String {
+pub fn route_prompt(agents: &[(String, String)], plans: bool) -> String {
     let mut s = String::from(
         "You route a coding assistant's requests. Call the route function with the agent that should \
          handle the user's request:\n",
+    );
+    for (t, d) in agents {
+        s.push_str(&format!("- {t}: {d}\n"));
+    }
+    if plans {
+        s.push_str("- plan: only for a large request that needs several of these agents one after another\n");
+    }
+    s
+}
+
+/// The plan function: a goal and ordered subtasks, each for one agent.
+pub fn plan_spec(agents: &[String]) -> ToolSpec {
+    ToolSpec {
+        name: PLAN_TOOL.into(),
+        description: "Propose a plan: the goal and the ordered subtasks, each done by one agent.".into(),
+        parameters: json!({
+            "type": "object",
+            "properties": {
+                "goal": {"type": "string", "description": "What the plan achieves"},
+                "subtasks": {
+                    "type": "array", "minItems": 1, "maxItems": 10,
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "description": {"type": "string"},
+                            "agent": {"type": "string", "enum": agents}
+                        },
+                        "required": ["description", "agent"],
+                        "additionalProperties": false
+                    }
+                }
+            },
+            "required": ["goal", "subtasks"],
+            "additionalProperties": false
+        }),
+    }
+}
+
+/// The system prompt of the plan call.
+pub fn plan_prompt(agents: &[(String, String)]) -> String {
+    let mut s = String::from(
+        "You plan a coding assistant's work. Call propose_plan with the goal and 2 to 6 ordered subtasks; \
+         give each subtask to one of these agents:\n",
     );
     for (t, d) in agents {
         s.push_str(&format!("- {t}: {d}\n"));

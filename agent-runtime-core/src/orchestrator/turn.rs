@@ -5,13 +5,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
 
-use super::routing::{self, ROUTE_TOOL, SWITCH_TOOL};
+use super::routing::{self, SWITCH_TOOL};
+
+#[path = "guard.rs"]
+mod guard;
+#[path = "model.rs"]
+mod model;
+#[path = "plan.rs"]
+mod plan;
 use super::stream::{EventStream, Follow};
 use super::{CancelOutcome, Inner, Submission};
 use crate::approval::{
@@ -22,7 +28,7 @@ use crate::config::ToolExecution;
 use crate::context::{ContextLimits, build_window, truncate_output};
 use crate::error::{Error, Result};
 use crate::events::BusEventKind;
-use crate::llm::{ChatMessage, ChatRequest, ChatRole, ChatToolCall, Chunk, ToolCallAssembler, ToolChoice};
+use crate::llm::{ChatMessage, ChatRequest, ChatRole, ChatToolCall, ToolChoice};
 use crate::protocol::{AssistantMessage, ClientMessage, EventPayload, HitlDecision, StopReason, ToolError};
 use crate::session::{AgentSwitch, Message, NewMessage, Role, Session, SessionStatus, ToolCall, Usage};
 use crate::storage::{Commit, Committed, SessionQuery, SessionUpdate};
@@ -62,6 +68,12 @@ struct TurnState {
     auto_switches: u32,
     usage: Usage,
     open_calls: Vec<OpenCall>,
+    /// The approved plan this turn carries out, if any.
+    #[serde(default)]
+    plan: Option<plan::PlanRun>,
+    /// Loop and ping-pong detection.
+    #[serde(default)]
+    guard: guard::Guard,
 }
 
 impl TurnState {
@@ -175,6 +187,7 @@ impl Turn {
                     self.rt.config.max_agent_switches
                 )));
             }
+            self.state.guard.switch(&self.session.current_agent, to)?;
             self.state.auto_switches += 1;
         }
         let from = self.agent();
@@ -202,8 +215,53 @@ impl Turn {
         Ok(())
     }
 
-    /// The orchestrator's routing call; the keyword classifier when it fails.
-    async fn route(&mut self, content: &str) -> Result<()> {
+    /// A forced function call (`tool_choice` names it): the arguments the model wrote, or `None`
+    /// when the call failed. Its tokens count toward the turn's usage.
+    async fn forced_call(
+        &mut self,
+        system: String,
+        user: &str,
+        spec: crate::protocol::ToolSpec,
+    ) -> Option<String> {
+        let name = spec.name.clone();
+        let req = ChatRequest {
+            messages: vec![
+                chat(ChatRole::System, system),
+                chat(ChatRole::User, user.to_string()),
+            ],
+            tools: vec![spec],
+            tool_choice: ToolChoice::Function(name.clone()),
+            temperature: Some(0.0),
+            max_tokens: Some(500),
+        };
+        let answered = tokio::select! {
+            r = self.rt.llm.complete(req.clone()) => r,
+            _ = self.cancel.cancelled() => return None,
+        };
+        match answered {
+            Ok(c) => {
+                self.state.usage += c
+                    .usage
+                    .unwrap_or_else(|| self.count_usage(&req, &c.text, &c.tool_calls));
+                // Weak models sometimes write the call as JSON text instead of a structured call.
+                Some(
+                    c.tool_calls
+                        .into_iter()
+                        .find(|t| t.name == name)
+                        .map(|t| t.arguments)
+                        .unwrap_or(c.text),
+                )
+            }
+            Err(e) => {
+                warn!(error = %e, function = %name, "forced function call failed");
+                None
+            }
+        }
+    }
+
+    /// The orchestrator's routing call (the keyword classifier when it fails). Returns a pause
+    /// when the orchestrator proposed a plan instead of routing once.
+    async fn route(&mut self, content: &str) -> Result<Option<StopReason>> {
         let candidates: Vec<String> = self
             .rt
             .agents
@@ -212,55 +270,50 @@ impl Turn {
             .filter(|t| *t != self.rt.config.default_agent)
             .collect();
         if candidates.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let described: Vec<(String, String)> = candidates
             .iter()
             .filter_map(|t| self.rt.agents.get(t).map(|a| (t.clone(), a.description.clone())))
             .collect();
-        let req = ChatRequest {
-            messages: vec![
-                chat(ChatRole::System, routing::route_prompt(&described)),
-                chat(ChatRole::User, content.to_string()),
-            ],
-            tools: vec![routing::route_spec(&candidates)],
-            tool_choice: ToolChoice::Function(ROUTE_TOOL.into()),
-            temperature: Some(0.0),
-            max_tokens: Some(200),
-        };
-        let routed = tokio::select! {
-            r = self.rt.llm.complete(req.clone()) => r,
-            _ = self.cancel.cancelled() => return Ok(()),
-        };
-        let decision = match routed {
-            Ok(c) => {
-                self.state.usage += c
-                    .usage
-                    .unwrap_or_else(|| self.count_usage(&req, &c.text, &c.tool_calls));
-                let args = c
-                    .tool_calls
-                    .first()
-                    .map(|t| t.arguments.clone())
-                    .unwrap_or(c.text);
-                routing::parse_route(&args, &candidates)
-            }
-            Err(e) => {
-                warn!(error = %e, "routing call failed; using the keyword classifier");
-                None
-            }
-        };
+        let plans = self.rt.config.plans_enabled;
+        let mut choices = candidates.clone();
+        if plans {
+            choices.push(routing::PLAN_CHOICE.to_string());
+        }
+        let args = self
+            .forced_call(
+                routing::route_prompt(&described, plans),
+                content,
+                routing::route_spec(&choices),
+            )
+            .await;
+        let decision = args.and_then(|a| routing::parse_route(&a, &choices));
+        if let Some((choice, _)) = &decision
+            && choice == routing::PLAN_CHOICE
+            && self.propose_plan(content, &candidates).await?
+        {
+            return Ok(Some(StopReason::AwaitingApproval));
+        }
         let (agent, reason) = match decision {
-            Some((a, r)) if r.is_empty() => (a, "Routed by the orchestrator".to_string()),
-            Some(d) => d,
-            None => {
+            Some((a, r)) if a != routing::PLAN_CHOICE => (
+                a,
+                if r.is_empty() {
+                    "Routed by the orchestrator".to_string()
+                } else {
+                    r
+                },
+            ),
+            _ => {
                 let (a, r) = routing::classify_by_keywords(content);
                 (a.to_string(), r.to_string())
             }
         };
         if !self.rt.agents.contains(&agent) {
-            return Ok(());
+            return Ok(None);
         }
-        self.switch_to(&agent, &reason, true).await
+        self.switch_to(&agent, &reason, true).await?;
+        Ok(None)
     }
 
     fn count_usage(&self, req: &ChatRequest, text: &str, calls: &[ChatToolCall]) -> Usage {
@@ -320,43 +373,10 @@ impl Turn {
             temperature: self.rt.config.temperature,
             max_tokens: None,
         };
-        let mut stream = tokio::select! {
-            s = self.rt.llm.stream(req.clone()) => s?,
-            _ = self.cancel.cancelled() => return Err(cancelled()),
-        };
-        let mut text = String::new();
-        let mut assembler = ToolCallAssembler::default();
-        let mut reported: Option<Usage> = None;
-        loop {
-            let chunk = tokio::select! {
-                c = stream.next() => c,
-                _ = self.cancel.cancelled() => return Err(cancelled()),
-            };
-            match chunk {
-                None => break,
-                Some(Err(e)) => return Err(e),
-                Some(Ok(Chunk::Text(t))) if !t.is_empty() => {
-                    text.push_str(&t);
-                    self.emit(EventPayload::AssistantMessage(AssistantMessage::Token {
-                        token: t,
-                    }))
-                    .await?;
-                }
-                Some(Ok(Chunk::ToolCallDelta {
-                    index,
-                    id,
-                    name,
-                    arguments,
-                })) => assembler.push(index, id.as_deref(), name.as_deref(), &arguments),
-                Some(Ok(Chunk::Usage(u))) => reported = Some(u),
-                Some(Ok(_)) => {}
-            }
-        }
-        drop(stream);
+        let answer = self.ask_model(req).await?;
         self.state.iterations += 1;
-        let calls = assembler.finish();
-        let usage = reported.unwrap_or_else(|| self.count_usage(&req, &text, &calls));
-        self.state.usage += usage;
+        self.state.usage += answer.usage;
+        let (text, calls, usage) = (answer.text, answer.calls, answer.usage);
 
         let mut stored_calls = Vec::with_capacity(calls.len());
         for c in calls {
@@ -554,6 +574,7 @@ impl Turn {
                     truncate_output(raw, 200)
                 );
                 self.refuse(&call, ToolFailure::Invalid(msg)).await?;
+                self.state.guard.invalid_call()?;
                 continue;
             }
             if call.tool_name == SWITCH_TOOL && self.auto_switching() {
@@ -562,7 +583,12 @@ impl Turn {
             }
             if let Err(f) = self.check_call(&call.tool_name, &call.arguments) {
                 self.refuse(&call, f).await?;
+                self.state.guard.invalid_call()?;
                 continue;
+            }
+            if let Err(e) = self.state.guard.valid_call(&call.tool_name, &call.arguments) {
+                self.refuse(&call, ToolFailure::Invalid(e.to_string())).await?;
+                return Err(e);
             }
             let agent = self.agent();
             let name = canonical_tool_name(&call.tool_name).to_string();
@@ -852,6 +878,7 @@ impl Turn {
                 ),
             };
             self.close_open_calls(why, code).await?;
+            self.abandon_plan(why).await?;
         }
         let mut events = Vec::new();
         if let Some(e) = &error {
@@ -905,10 +932,11 @@ impl Turn {
                 );
                 let routed = match route {
                     Some(content) => self.route(&content).await,
-                    None => Ok(()),
+                    None => Ok(None),
                 };
                 match routed {
-                    Ok(()) => self.run_loop().await,
+                    Ok(Some(pause)) => Ok(pause),
+                    Ok(None) => self.run_plan().await,
                     Err(e) => Err(e),
                 }
             }
@@ -1211,8 +1239,9 @@ async fn start(
                 SessionStatus::AwaitingApproval | SessionStatus::AwaitingToolResult
             );
             if paused {
-                turn.close_open_calls("cancelled: the user sent a new message", "CANCELLED")
-                    .await?;
+                let why = "cancelled: the user sent a new message";
+                turn.close_open_calls(why, "CANCELLED").await?;
+                turn.abandon_plan(why).await?;
             }
             turn.state = TurnState::fresh();
             check_fits(rt, &turn.session, agent_type.as_deref(), &content)?;
@@ -1265,8 +1294,9 @@ async fn start(
                 SessionStatus::AwaitingApproval | SessionStatus::AwaitingToolResult
             );
             if paused && content.is_some() {
-                turn.close_open_calls("cancelled: the user sent a new message", "CANCELLED")
-                    .await?;
+                let why = "cancelled: the user sent a new message";
+                turn.close_open_calls(why, "CANCELLED").await?;
+                turn.abandon_plan(why).await?;
             }
             if let Some(text) = &content {
                 check_fits(rt, &turn.session, Some(&agent_type), text)?;
@@ -1420,6 +1450,9 @@ async fn decide(turn: &mut Turn, d: HitlDecision, request_id: Option<String>) ->
     let approval = turn.rt.storage.get_approval(turn.id(), &d.call_id).await?;
     if approval.status != ApprovalStatus::Pending {
         return Err(Error::ApprovalAlreadyDecided(d.call_id));
+    }
+    if approval.request_type == RequestType::Plan {
+        return plan::decide_plan(turn, d, request_id).await;
     }
     let open = turn
         .state

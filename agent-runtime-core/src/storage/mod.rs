@@ -209,6 +209,8 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(feature = "test-utils")]
 pub mod conformance;
 pub mod memory;
+#[cfg(all(feature = "postgres", feature = "test-utils"))]
+pub mod pg_testing;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "sqlite")]

@@ -1,0 +1,285 @@
+//! Talking to the model within a turn: stream an answer (tokens become events as they arrive),
+//! and help weak models — a tool call written as JSON text is recognised, and a backend that
+//! ignores `tool_choice: auto` gets a forced "next step" choice followed by a forced tool call.
+
+use futures::{FutureExt, StreamExt};
+use serde_json::{Value, json};
+
+use super::{Turn, cancelled};
+use crate::error::Result;
+use crate::llm::{ChatRequest, ChatToolCall, Chunk, Completion, ToolCallAssembler, ToolChoice};
+use crate::protocol::{AssistantMessage, EventPayload, ToolSpec};
+use crate::session::Usage;
+use crate::storage::Commit;
+
+/// At most this many token events go into one commit.
+const MAX_TOKENS_PER_COMMIT: usize = 64;
+
+/// The name of the forced choice offered to models that cannot pick tools on their own.
+pub(super) const NEXT_STEP_TOOL: &str = "next_step";
+const ANSWER: &str = "answer";
+
+/// What one model call (or forced sequence) produced.
+pub(super) struct Answer {
+    pub text: String,
+    pub calls: Vec<ChatToolCall>,
+    pub usage: Usage,
+}
+
+impl Turn {
+    /// One model step of the loop, in the way the backend can do it.
+    pub(super) async fn ask_model(&mut self, req: ChatRequest) -> Result<Answer> {
+        let caps = self.rt.llm.capabilities();
+        if !req.tools.is_empty() && !caps.auto_tool_choice && caps.named_tool_choice {
+            return self.choose_then_call(req).await;
+        }
+        let names: Vec<String> = req.tools.iter().map(|t| t.name.clone()).collect();
+        let mut answer = self.stream_answer(req).await?;
+        if answer.calls.is_empty()
+            && let Some(call) = text_tool_call(&answer.text, &names)
+        {
+            answer.calls.push(call);
+            answer.text.clear();
+        }
+        Ok(answer)
+    }
+
+    /// Streams the model's answer: each text piece is committed as a token event as it arrives.
+    async fn stream_answer(&mut self, req: ChatRequest) -> Result<Answer> {
+        let mut stream = tokio::select! {
+            s = self.rt.llm.stream(req.clone()) => s?,
+            _ = self.cancel.cancelled() => return Err(cancelled()),
+        };
+        let mut text = String::new();
+        let mut assembler = ToolCallAssembler::default();
+        let mut reported: Option<Usage> = None;
+        let mut tokens: Vec<EventPayload> = Vec::new();
+        let mut ended = false;
+        while !ended {
+            let first = tokio::select! {
+                c = stream.next() => c,
+                _ = self.cancel.cancelled() => return Err(cancelled()),
+            };
+            // Chunks that are already here are committed together: one transaction for a burst,
+            // each token still stored before anyone sees it.
+            let mut next = first;
+            loop {
+                match next {
+                    None => {
+                        ended = true;
+                        break;
+                    }
+                    Some(Err(e)) => return Err(e),
+                    Some(Ok(Chunk::Text(t))) if !t.is_empty() => {
+                        text.push_str(&t);
+                        tokens.push(EventPayload::AssistantMessage(AssistantMessage::Token {
+                            token: t,
+                        }));
+                    }
+                    Some(Ok(Chunk::ToolCallDelta {
+                        index,
+                        id,
+                        name,
+                        arguments,
+                    })) => assembler.push(index, id.as_deref(), name.as_deref(), &arguments),
+                    Some(Ok(Chunk::Usage(u))) => reported = Some(u),
+                    Some(Ok(_)) => {}
+                }
+                if tokens.len() >= MAX_TOKENS_PER_COMMIT {
+                    break;
+                }
+                match stream.next().now_or_never() {
+                    Some(c) => next = c,
+                    None => break,
+                }
+            }
+            if !tokens.is_empty() {
+                self.commit(
+                    Commit {
+                        events: std::mem::take(&mut tokens),
+                        ..Commit::default()
+                    },
+                    false,
+                )
+                .await?;
+            }
+        }
+        let calls = assembler.finish();
+        let usage = reported.unwrap_or_else(|| self.count_usage(&req, &text, &calls));
+        Ok(Answer { text, calls, usage })
+    }
+
+    /// A non-streamed call whose tokens are counted; `None` if cancelled.
+    pub(super) async fn complete_counted(
+        &mut self,
+        req: &ChatRequest,
+    ) -> Option<Result<(Completion, Usage)>> {
+        let answered = tokio::select! {
+            r = self.rt.llm.complete(req.clone()) => r,
+            _ = self.cancel.cancelled() => return None,
+        };
+        Some(answered.map(|c| {
+            let usage = c
+                .usage
+                .unwrap_or_else(|| self.count_usage(req, &c.text, &c.tool_calls));
+            (c, usage)
+        }))
+    }
+
+    /// For models that ignore `tool_choice: auto`: a forced choice of the next step (a tool or
+    /// the answer), then a forced call of the chosen tool, or a streamed answer without tools.
+    async fn choose_then_call(&mut self, req: ChatRequest) -> Result<Answer> {
+        let names: Vec<String> = req.tools.iter().map(|t| t.name.clone()).collect();
+        let mut choose = req.clone();
+        choose.tools = vec![next_step_spec(&names)];
+        choose.tool_choice = ToolChoice::Function(NEXT_STEP_TOOL.into());
+        choose.temperature = Some(0.0);
+        let (chosen, mut usage) = match self.complete_counted(&choose).await {
+            None => return Err(cancelled()),
+            Some(Err(e)) => return Err(e),
+            Some(Ok((c, u))) => (arguments_of(&c, NEXT_STEP_TOOL), u),
+        };
+        let action = serde_json::from_str::<Value>(&chosen)
+            .ok()
+            .and_then(|v| v.get("action").and_then(Value::as_str).map(str::to_string))
+            .filter(|a| names.contains(a));
+        if let Some(tool) = action {
+            let mut call = req.clone();
+            call.tools.retain(|t| t.name == tool);
+            call.tool_choice = ToolChoice::Function(tool.clone());
+            call.temperature = Some(0.0);
+            match self.complete_counted(&call).await {
+                None => return Err(cancelled()),
+                Some(Err(e)) => return Err(e),
+                Some(Ok((c, u))) => {
+                    usage += u;
+                    let arguments = arguments_of(&c, &tool);
+                    return Ok(Answer {
+                        text: String::new(),
+                        calls: vec![ChatToolCall::new("", tool, arguments)],
+                        usage,
+                    });
+                }
+            }
+        }
+        let mut answer_req = req;
+        answer_req.tools.clear();
+        answer_req.tool_choice = ToolChoice::Auto;
+        let mut answer = self.stream_answer(answer_req).await?;
+        answer.usage += usage;
+        Ok(answer)
+    }
+}
+
+/// The arguments of the forced function `name`: from the structured call, else the text (weak
+/// models sometimes write the JSON as text).
+fn arguments_of(c: &Completion, name: &str) -> String {
+    c.tool_calls
+        .iter()
+        .find(|t| t.name == name)
+        .map(|t| t.arguments.clone())
+        .unwrap_or_else(|| c.text.clone())
+}
+
+/// The forced "what next" function: an enum of the tools and `answer`.
+fn next_step_spec(tools: &[String]) -> ToolSpec {
+    let mut actions: Vec<&str> = tools.iter().map(String::as_str).collect();
+    actions.push(ANSWER);
+    ToolSpec {
+        name: NEXT_STEP_TOOL.into(),
+        description: "Decide the next step: call one of the tools, or answer the user directly.".into(),
+        parameters: json!({
+            "type": "object",
+            "properties": {"action": {"type": "string", "enum": actions}},
+            "required": ["action"],
+            "additionalProperties": false
+        }),
+    }
+}
+
+/// Recognises a tool call the model wrote as JSON text instead of a structured call:
+/// `{"name": ..., "arguments": {...}}` (also `tool`/`function` for the name and
+/// `parameters`/`args` for the arguments, or `{"function": {"name", "arguments"}}`), bare or in
+/// a Markdown code fence. Only names of offered tools count.
+pub(super) fn text_tool_call(text: &str, tools: &[String]) -> Option<ChatToolCall> {
+    let t = text.trim();
+    let (start, end) = (t.find('{')?, t.rfind('}')?);
+    if end < start {
+        return None;
+    }
+    // Only when the text is essentially the JSON (optionally fenced), not prose that quotes some.
+    let outside = format!("{}{}", &t[..start], &t[end + 1..]);
+    let outside = outside.replace("```json", "").replace("```", "");
+    if !outside.trim().is_empty() {
+        return None;
+    }
+    let v: Value = serde_json::from_str(&t[start..=end]).ok()?;
+    let v = match v.get("function") {
+        Some(f) if f.is_object() => f.clone(),
+        _ => v,
+    };
+    let name = ["name", "tool", "function"]
+        .iter()
+        .find_map(|k| v.get(*k).and_then(Value::as_str))?;
+    if !tools.iter().any(|t| t == name) {
+        return None;
+    }
+    let args = ["arguments", "parameters", "args"]
+        .iter()
+        .find_map(|k| v.get(*k))
+        .cloned()
+        .unwrap_or(json!({}));
+    let args = match args {
+        Value::String(s) => s,
+        other => other.to_string(),
+    };
+    Some(ChatToolCall::new("", name, args))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tools() -> Vec<String> {
+        vec!["read_file".into(), "list_files".into()]
+    }
+
+    #[test]
+    fn recognises_json_text_tool_calls() {
+        let expected = Some(ChatToolCall::new("", "read_file", r#"{"path":"a.rs"}"#));
+        assert_eq!(
+            text_tool_call(
+                r#"{"name": "read_file", "arguments": {"path": "a.rs"}}"#,
+                &tools()
+            ),
+            expected
+        );
+        assert_eq!(
+            text_tool_call(
+                "```json\n{\"tool\": \"read_file\", \"parameters\": {\"path\": \"a.rs\"}}\n```",
+                &tools()
+            ),
+            expected
+        );
+        assert_eq!(
+            text_tool_call(
+                r#"{"function": {"name": "read_file", "arguments": "{\"path\":\"a.rs\"}"}}"#,
+                &tools()
+            ),
+            Some(ChatToolCall::new("", "read_file", r#"{"path":"a.rs"}"#))
+        );
+    }
+
+    #[test]
+    fn prose_and_unknown_tools_are_not_calls() {
+        assert_eq!(
+            text_tool_call(r#"Use {"name": "read_file"} to read."#, &tools()),
+            None
+        );
+        assert_eq!(
+            text_tool_call(r#"{"name": "rm_rf", "arguments": {}}"#, &tools()),
+            None
+        );
+        assert_eq!(text_tool_call("just text", &tools()), None);
+    }
+}

@@ -1,0 +1,130 @@
+//! Start-up and shutdown: open storage, build the runtime, recover interrupted turns, serve HTTP/1
+//! and HTTP/2 until SIGTERM or SIGINT, then stop accepting, stop running turns, drain, close.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_runtime_core::llm::{LlmBackend, OpenAiBackend, OpenAiConfig};
+use agent_runtime_core::orchestrator::Orchestrator;
+use agent_runtime_core::storage;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::app::App;
+use crate::config::ServerConfig;
+use crate::health::HealthCheck;
+use crate::metrics::{MeteredBackend, Metrics};
+
+/// How long open connections (e.g. `?follow=true` streams) get to finish after turns stopped.
+const DRAIN: Duration = Duration::from_secs(3);
+
+/// Builds the runtime the configuration describes.
+pub async fn runtime(config: &ServerConfig, metrics: &Arc<Metrics>) -> Result<Orchestrator, String> {
+    let store = storage::open(&config.runtime.database_url)
+        .await
+        .map_err(|e| format!("DATABASE_URL: cannot open storage: {}", e.public_message()))?;
+    let llm = OpenAiBackend::new(OpenAiConfig {
+        base_url: config.runtime.llm.proxy_url.clone(),
+        model: config.runtime.llm.model.clone(),
+        api_key: config.runtime.llm.api_key.clone(),
+        ..OpenAiConfig::default()
+    })
+    .map_err(|e| format!("LLM_PROXY_URL: {e}"))?;
+    let llm: Arc<dyn LlmBackend> = Arc::new(MeteredBackend::new(Arc::new(llm), metrics.clone()));
+    Orchestrator::builder(store, llm)
+        .config(config.runtime.clone())
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// Serves until a shutdown signal. Prints `listening on ADDR` as the first line of stdout.
+pub async fn run(config: ServerConfig) -> Result<(), String> {
+    let metrics = Arc::new(Metrics::default());
+    let rt = runtime(&config, &metrics).await?;
+    match rt.recover_interrupted().await {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(turns = n, "marked turns interrupted by the previous stop"),
+        Err(e) => return Err(format!("cannot recover interrupted turns: {e}")),
+    }
+    metrics.follow_bus(&rt);
+    let listener = TcpListener::bind(config.addr)
+        .await
+        .map_err(|e| format!("HOST/PORT: cannot listen on {}: {e}", config.addr))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    // Tests and scripts read the bound address (PORT=0 picks a free port) from this line.
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "listening on {addr}");
+    let _ = out.flush();
+    tracing::info!(%addr, storage = rt.storage().backend(), auth = config.internal_api_key.is_some(), "serving");
+    let app = Arc::new(App {
+        rt: rt.clone(),
+        token: config.internal_api_key.clone(),
+        max_request_bytes: config.max_request_bytes,
+        keep_alive: config.keep_alive,
+        metrics,
+        health: HealthCheck::default(),
+    });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((socket, _peer)) = accepted else { continue };
+                let _ = socket.set_nodelay(true);
+                let app = app.clone();
+                let service = service_fn(move |req| app.clone().handle(req));
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(socket), service).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            signal = &mut stop => {
+                tracing::info!(signal, "shutting down: no new connections");
+                break;
+            }
+        }
+    }
+    drop(listener);
+    // Running turns stop at their next pause point (streams end with `done: cancelled`)...
+    rt.shutdown(config.shutdown_grace).await;
+    // ...then open connections get a short while to flush.
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(DRAIN) => tracing::warn!("closing connections still open"),
+    }
+    drop(app);
+    drop(rt);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(mut term), Ok(mut int)) => tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            },
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
+    }
+}

@@ -1,0 +1,87 @@
+//! Server-sent events (API.md §4): each event as `id: <seq>` + `data: <json>` and a blank line,
+//! and a `: keep-alive` comment whenever the stream has been idle for the keep-alive interval.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use agent_runtime_core::Event;
+use agent_runtime_core::orchestrator::EventStream;
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::StreamBody;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::Frame;
+use hyper::{Response, StatusCode, header};
+
+use crate::metrics::StreamGuard;
+
+/// The comment sent while a stream is idle.
+pub const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
+
+/// One event in SSE framing. The JSON is compact, so it holds no raw newline.
+pub fn encode(event: &Event) -> Bytes {
+    let data = serde_json::to_string(event).unwrap_or_else(|_| "{}".to_string());
+    Bytes::from(format!("id: {}\ndata: {}\n\n", event.seq, data))
+}
+
+struct Sse {
+    events: EventStream,
+    keep_alive: Duration,
+    _guard: StreamGuard,
+}
+
+/// A `200 text/event-stream` response streaming `events`. The guard counts the stream as active
+/// until the client leaves or the stream ends; dropping it never touches the turn.
+pub fn response(
+    events: EventStream,
+    keep_alive: Duration,
+    guard: StreamGuard,
+) -> Response<UnsyncBoxBody<Bytes, Infallible>> {
+    let state = Sse {
+        events,
+        keep_alive,
+        _guard: guard,
+    };
+    let frames = futures::stream::unfold(state, |mut s| async move {
+        // Dropping `next()` on a timeout loses nothing: the pending read lives in the stream.
+        let bytes = match tokio::time::timeout(s.keep_alive, s.events.next()).await {
+            Ok(Some(event)) => encode(&event),
+            Ok(None) => return None,
+            Err(_) => Bytes::from_static(KEEP_ALIVE),
+        };
+        Some((Ok::<_, Infallible>(Frame::data(bytes)), s))
+    });
+    let mut response = Response::new(UnsyncBoxBody::new(StreamBody::new(frames)));
+    *response.status_mut() = StatusCode::OK;
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-cache"),
+    );
+    h.insert("x-accel-buffering", header::HeaderValue::from_static("no"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent_runtime_core::protocol::{AssistantMessage, EventPayload};
+
+    #[test]
+    fn an_event_is_framed_with_its_seq_as_id() {
+        let e = Event {
+            seq: 42,
+            payload: EventPayload::AssistantMessage(AssistantMessage::Token { token: "a\nb".into() }),
+        };
+        assert_eq!(
+            encode(&e),
+            Bytes::from(
+                "id: 42\ndata: {\"type\":\"assistant_message\",\"token\":\"a\\nb\",\"seq\":42,\"is_final\":false}\n\n"
+            )
+        );
+    }
+}

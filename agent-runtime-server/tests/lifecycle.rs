@@ -1,0 +1,98 @@
+//! Start-up and shutdown of the real binary: refused configurations, SIGTERM with a running turn.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::io::Read;
+
+use agent_runtime_core::llm::mock::{MockLlmServer, MockResponse};
+use common::*;
+use serde_json::{Value, json};
+
+fn refused(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let mut child = spawn_raw(args, env);
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    (status.code().unwrap(), stderr)
+}
+
+#[test]
+fn a_public_address_without_a_real_token_is_refused() {
+    for env in [vec![], vec![("INTERNAL_API_KEY", "change-me-internal-key")]] {
+        let (code, stderr) = refused(&["--host", "0.0.0.0", "--port", "0"], &env);
+        assert_eq!(code, 2);
+        assert!(
+            stderr.contains("INTERNAL_API_KEY: refusing to listen on 0.0.0.0:0"),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn a_bad_value_stops_start_up_naming_the_variable() {
+    for (args, env, var) in [
+        (vec!["--port", "http"], vec![], "PORT"),
+        (vec![], vec![("MAX_CONTEXT_TOKENS", "lots")], "MAX_CONTEXT_TOKENS"),
+        (
+            vec!["--default-agent", "pirate"],
+            vec![],
+            "AGENT_RUNTIME__DEFAULT_AGENT",
+        ),
+        (vec![], vec![("DATABASE_URL", "mysql://x")], "DATABASE_URL"),
+    ] {
+        let (code, stderr) = refused(&args, &env);
+        assert_eq!(code, 2, "{stderr}");
+        assert!(stderr.contains(&format!("{var}: ")), "{var}: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_ends_running_turns_and_the_data_survives_a_restart() {
+    let llm = MockLlmServer::start().await.unwrap();
+    let mut s = Server::start_with(
+        &llm.url(),
+        None,
+        &[("AGENT_RUNTIME__AUTO_AGENT_SWITCHING", "false")],
+    )
+    .await;
+    let id = s.session(json!({"session_id": "kept"})).await;
+    llm.push(MockResponse::hang());
+    let r = s
+        .post(
+            "/agent/message/stream",
+            json!({"session_id": id, "message": {"type": "user_message", "content": "hi"}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut sse = Sse::new(r);
+    while llm.request_count() == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let stopped = tokio::task::spawn_blocking(move || {
+        let ok = s.terminate();
+        (ok, s)
+    });
+    let mut events = Vec::new();
+    while let Some(e) = sse.next().await {
+        events.push(e);
+    }
+    assert_eq!(kinds(&events).last().unwrap(), "done:cancelled");
+    let (ok, old) = stopped.await.unwrap();
+    assert!(ok, "the server exits 0 after SIGTERM");
+    let db = format!("sqlite://{}", old.dir.path().join("rt.db").display());
+    let s = Server::start_with(&llm.url(), Some(&db), &[]).await;
+    let session: Value = s
+        .get("/sessions/kept")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (session["status"].as_str(), session["message_count"].as_u64()),
+        (Some("idle"), Some(1))
+    );
+}
