@@ -266,7 +266,7 @@ fn streamed_answer(before: &[&'static str], n: usize) -> Vec<&'static str> {
     k
 }
 
-/// An agent with exactly these tools, answering in English, reading anywhere.
+/// An agent with exactly these tools, reading anywhere in the project.
 fn agent(agent_type: &str, tools: &[&str], prompt: &str) -> AgentDefinition {
     AgentDefinition {
         agent_type: agent_type.into(),
@@ -278,6 +278,23 @@ fn agent(agent_type: &str, tools: &[&str], prompt: &str) -> AgentDefinition {
         path_rule: PathRule::ReadOnly,
         system_prompt: prompt.into(),
     }
+}
+
+/// One agent without tools as the default, no routing and no hand-over tool: the model's answer
+/// streams straight from one call (what the streaming and context tests look at).
+fn chat_only(config: RuntimeConfig) -> (RuntimeConfig, AgentRegistry) {
+    let mut agents = AgentRegistry::empty();
+    agents.insert(agent(
+        "chat",
+        &[],
+        "You are a helpful assistant. Answer in one or two short sentences.",
+    ));
+    let config = RuntimeConfig {
+        default_agent: "chat".into(),
+        auto_agent_switching: false,
+        ..config
+    };
+    (config, agents)
 }
 
 macro_rules! model_server_or_skip {
@@ -297,48 +314,63 @@ macro_rules! model_server_or_skip {
 async fn tokens_arrive_as_separate_assistant_message_events_then_done() {
     let (_lock, server) =
         model_server_or_skip!("tokens_arrive_as_separate_assistant_message_events_then_done");
-    let rt = Runtime::new(&server, RuntimeConfig::default(), AgentRegistry::defaults()).await;
+    let (config, agents) = chat_only(RuntimeConfig::default());
+    let rt = Runtime::new(&server, config, agents).await;
     let session = rt.session().await;
 
-    let events = rt
-        .say(&session, Some("ask"), "Say hello to me in one short sentence.")
-        .await;
+    let events = rt.say(&session, None, "Say hello to me.").await;
 
     let toks = tokens(&events);
     assert!(
         toks.len() >= 2,
         "the answer streams in several tokens: {events:?}"
     );
-    assert_eq!(
-        kinds(&events),
-        streamed_answer(&["agent_switched"], toks.len()),
-        "{events:?}"
-    );
+    assert_eq!(kinds(&events), streamed_answer(&[], toks.len()), "{events:?}");
     assert_eq!(completes(&events), vec![toks.concat()]);
     assert!(!toks.concat().trim().is_empty());
     assert_eq!(stop_reason(&events), StopReason::Completed);
+}
+
+/// Sends `content` to the orchestrator, takes the first event (the routing decision), then cancels
+/// the rest of the turn: what the routed agent does next is not this test's business.
+async fn route_once(rt: &Runtime, content: &str) -> (String, String, Vec<Event>) {
+    let session = rt.session().await;
+    let mut stream = rt.rt.submit(&session, Submission::user(content)).await.unwrap();
+    let first = tokio::time::timeout(TURN_LIMIT, stream.next())
+        .await
+        .expect("the routing decision within the limit")
+        .expect("an event");
+    rt.rt.cancel(&session).await.unwrap();
+    let rest: Vec<Event> = tokio::time::timeout(TURN_LIMIT, stream.collect())
+        .await
+        .expect("the cancelled turn ends");
+    let EventPayload::AgentSwitched {
+        from_agent,
+        to_agent,
+        reason,
+    } = first.payload
+    else {
+        panic!("the turn starts with the routing decision: {first:?} {rest:?}");
+    };
+    assert_eq!(from_agent, "orchestrator");
+    let current = rt.rt.current_agent(&session).await.unwrap();
+    assert_eq!(current.current_agent.agent_type, to_agent);
+    eprintln!("routed to {to_agent}: {reason}");
+    (to_agent, reason, rest)
 }
 
 #[tokio::test]
 async fn the_routing_call_returns_a_valid_agent_through_the_forced_function() {
     let (_lock, server) =
         model_server_or_skip!("the_routing_call_returns_a_valid_agent_through_the_forced_function");
-    let rt = Runtime::new(&server, RuntimeConfig::default(), AgentRegistry::defaults()).await;
-    let session = rt.session().await;
-
-    let events = rt
-        .say(&session, None, "Write a Python function that adds two numbers.")
-        .await;
-
-    let EventPayload::AgentSwitched {
-        from_agent,
-        to_agent,
-        reason,
-    } = &events[0].payload
-    else {
-        panic!("the turn starts with the routing decision: {events:?}");
+    let config = RuntimeConfig {
+        plans_enabled: false,
+        ..RuntimeConfig::default()
     };
-    assert_eq!(from_agent, "orchestrator");
+    let rt = Runtime::new(&server, config, AgentRegistry::defaults()).await;
+
+    let (to_agent, reason, rest) = route_once(&rt, "Write a Python function that adds two numbers.").await;
+
     assert!(
         ["coder", "architect", "debug", "ask"].contains(&to_agent.as_str()),
         "routed to a real agent: {to_agent}"
@@ -347,17 +379,36 @@ async fn the_routing_call_returns_a_valid_agent_through_the_forced_function() {
         !reason.starts_with("Keyword routing:"),
         "the model's forced `route` call decided, not the keyword fallback: {reason}"
     );
-    let current = rt.rt.current_agent(&session).await.unwrap();
-    assert_eq!(&current.current_agent.agent_type, to_agent);
-    assert_eq!(stop_reason(&events), StopReason::Completed, "{events:?}");
+    assert!(
+        matches!(rest.last().map(|e| &e.payload), Some(EventPayload::Done { .. })),
+        "{rest:?}"
+    );
+}
+
+/// With plans on (the default) the route enum and prompt gain `plan`, and the model's `reason`
+/// runs on with raw newlines: invalid JSON, so the keyword classifier decides (fixture
+/// `llama-cpp-python-route-plans-control-chars.sse`). The engine needs to repair or re-ask (or
+/// bound `reason` with `maxLength`, which llama.cpp's grammar enforces).
+#[tokio::test]
+#[ignore = "engine: route arguments with raw newlines fall back to keywords (issue 8)"]
+async fn the_routing_call_with_plans_enabled_returns_a_valid_agent() {
+    let (_lock, server) = model_server_or_skip!("the_routing_call_with_plans_enabled_returns_a_valid_agent");
+    let rt = Runtime::new(&server, RuntimeConfig::default(), AgentRegistry::defaults()).await;
+
+    let (_, reason, _) = route_once(&rt, "Write a Python function that adds two numbers.").await;
+
+    assert!(!reason.starts_with("Keyword routing:"), "{reason}");
 }
 
 /// The model ignores tools under `tool_choice: auto` (fixture
-/// `llama-cpp-python-auto-tools-ignored.sse`), so an agent that must read a file only reads it
-/// when the engine forces the call by name for a backend without auto tool choice (fixture
-/// `llama-cpp-python-named-read-file.sse` shows the model then calls it with valid arguments).
+/// `llama-cpp-python-auto-tools-ignored.sse`); the engine forces a `next_step` choice and then the
+/// chosen tool by name. The first forced `read_file` is right (fixture
+/// `llama-cpp-python-named-read-file.sse`), but after its result `next_step` never picks `answer`
+/// (fixture `llama-cpp-python-next-step-after-result.sse`): the turn loops on tool calls instead of
+/// answering. The engine needs a bound on forced tool steps for such backends, then an answer
+/// without tools (which this model gives correctly: `llama-cpp-python-after-tool-result.sse`).
 #[tokio::test]
-#[ignore = "needs forced tool choice in the engine (issue 8)"]
+#[ignore = "engine: forced next_step never picks `answer` on this model (issue 8)"]
 async fn a_read_file_call_gets_the_real_content_and_the_answer_streams() {
     let (_lock, server) =
         model_server_or_skip!("a_read_file_call_gets_the_real_content_and_the_answer_streams");
@@ -371,7 +422,11 @@ async fn a_read_file_call_gets_the_real_content_and_the_answer_streams() {
         // (`llama-cpp-python-named-read-file.sse`).
         r#"Call read_file with {"path": "notes.txt"}."#,
     ));
-    let rt = Runtime::new(&server, RuntimeConfig::default(), agents).await;
+    let config = RuntimeConfig {
+        auto_agent_switching: false,
+        ..RuntimeConfig::default()
+    };
+    let rt = Runtime::new(&server, config, agents).await;
     std::fs::write(
         rt.project.path().join("notes.txt"),
         "The secret word is PINEAPPLE.\n",
@@ -415,18 +470,31 @@ async fn a_read_file_call_gets_the_real_content_and_the_answer_streams() {
         toks.len() >= 2,
         "the answer after the tool result streams: {events:?}"
     );
-    let n_before = events
-        .iter()
-        .position(|e| {
-            matches!(
-                e.payload,
-                EventPayload::AssistantMessage(AssistantMessage::Token { .. })
-            )
-        })
-        .unwrap();
     assert_eq!(
-        kinds(&events)[n_before..],
-        streamed_answer(&[], toks.len())[..],
+        kinds(&events),
+        streamed_answer(&["agent_switched", "tool_call", "tool_result"], toks.len()),
+        "{events:?}"
+    );
+    assert_eq!(stop_reason(&events), StopReason::Completed);
+}
+
+/// The product's `ask` agent (three read tools and the hand-over tool) asked for a greeting: the
+/// forced `next_step` picks `list_files` (fixture `llama-cpp-python-next-step-greeting-picks-tool.sse`)
+/// and the turn loops on tool calls with invented paths until a guard stops it. The engine needs
+/// the same bound as above.
+#[tokio::test]
+#[ignore = "engine: forced next_step never picks `answer` on this model (issue 8)"]
+async fn a_product_agent_answers_a_greeting_in_text() {
+    let (_lock, server) = model_server_or_skip!("a_product_agent_answers_a_greeting_in_text");
+    let rt = Runtime::new(&server, RuntimeConfig::default(), AgentRegistry::defaults()).await;
+    let session = rt.session().await;
+
+    let events = rt.say(&session, Some("ask"), "Say hello to me.").await;
+
+    let toks = tokens(&events);
+    assert_eq!(
+        kinds(&events),
+        streamed_answer(&["agent_switched"], toks.len()),
         "{events:?}"
     );
     assert_eq!(stop_reason(&events), StopReason::Completed);
@@ -440,8 +508,8 @@ async fn seed_long_history(rt: &Runtime, session: &str, pairs: usize, words: usi
             format!("Paragraph {i} of an old discussion about gardening and weather. ").repeat(words / 10);
         let commit = Commit {
             messages: vec![
-                NewMessage::user(format!("Tell me a story. {filler}"), Some("ask".into())),
-                NewMessage::assistant(format!("Here is a story. {filler}"), Some("ask".into()), vec![]),
+                NewMessage::user(format!("Tell me a story. {filler}"), Some("chat".into())),
+                NewMessage::assistant(format!("Here is a story. {filler}"), Some("chat".into()), vec![]),
             ],
             ..Commit::now()
         };
@@ -453,26 +521,20 @@ async fn seed_long_history(rt: &Runtime, session: &str, pairs: usize, words: usi
 async fn a_conversation_longer_than_the_model_context_is_trimmed_and_answered() {
     let (_lock, server) =
         model_server_or_skip!("a_conversation_longer_than_the_model_context_is_trimmed_and_answered");
-    // The window counts with o200k_base, which undercounts SmolLM2's tokens; 1,500 leaves room for
-    // the tool schemas, the chat template and the answer inside 4,096.
-    let config = RuntimeConfig {
+    // The window counts with o200k_base, which undercounts SmolLM2's tokens, and leaves no room for
+    // the answer: 1,500 keeps prompt and answer inside 4,096.
+    let (config, agents) = chat_only(RuntimeConfig {
         max_context_tokens: 1500,
         ..RuntimeConfig::default()
-    };
-    let rt = Runtime::new(&server, config, AgentRegistry::defaults()).await;
+    });
+    let rt = Runtime::new(&server, config, agents).await;
     let session = rt.session().await;
     seed_long_history(&rt, &session, 10, 600).await;
 
-    let events = rt
-        .say(&session, Some("ask"), "What is the capital of France?")
-        .await;
+    let events = rt.say(&session, None, "What is the capital of France?").await;
 
     let toks = tokens(&events);
-    assert_eq!(
-        kinds(&events),
-        streamed_answer(&["agent_switched"], toks.len()),
-        "{events:?}"
-    );
+    assert_eq!(kinds(&events), streamed_answer(&[], toks.len()), "{events:?}");
     assert!(!toks.concat().trim().is_empty());
     assert_eq!(stop_reason(&events), StopReason::Completed);
 }
@@ -482,31 +544,25 @@ async fn a_request_the_model_server_chokes_on_ends_in_a_clean_llm_error() {
     let (_lock, server) =
         model_server_or_skip!("a_request_the_model_server_chokes_on_ends_in_a_clean_llm_error");
     // A window far larger than the model's context: the whole long history goes to the server,
-    // which cannot take it.
-    let config = RuntimeConfig {
+    // which answers 200 with an empty body (fixture `llama-cpp-python-context-overflow.response`).
+    let (config, agents) = chat_only(RuntimeConfig {
         max_context_tokens: 100_000,
         max_context_messages: 1000,
         ..RuntimeConfig::default()
-    };
-    let rt = Runtime::new(&server, config, AgentRegistry::defaults()).await;
+    });
+    let rt = Runtime::new(&server, config, agents).await;
     let session = rt.session().await;
     seed_long_history(&rt, &session, 10, 600).await;
 
-    let events = rt
-        .say(&session, Some("ask"), "What is the capital of France?")
-        .await;
+    let events = rt.say(&session, None, "What is the capital of France?").await;
 
-    assert_eq!(
-        kinds(&events),
-        vec!["agent_switched", "error", "done"],
-        "{events:?}"
-    );
-    let EventPayload::Error { code, .. } = &events[1].payload else {
+    assert_eq!(kinds(&events), vec!["error", "done"], "{events:?}");
+    let EventPayload::Error { code, .. } = &events[0].payload else {
         unreachable!()
     };
     assert_eq!(code, "LLM_ERROR");
     assert_eq!(stop_reason(&events), StopReason::Error);
-    // The session takes the next message: the failure left nothing locked.
+    // Nothing is left locked: the session takes the next message.
     let status = rt.rt.get_session(&session).await.unwrap().status;
     assert_ne!(status, agent_runtime_core::session::SessionStatus::Running);
 }
