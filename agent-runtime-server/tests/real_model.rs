@@ -8,6 +8,8 @@
 //! assumes full capabilities (no setting for them), so tools go out under `tool_choice: auto`,
 //! which this model ignores: its agents answer in plain text.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers outside #[test]
+
 mod common;
 
 use std::path::{Path, PathBuf};

@@ -77,6 +77,14 @@ running_pid() {
 
 url_for() { echo "http://127.0.0.1:$1/v1"; }
 
+# Whether GET /v1/models answers 200 (with the venv's Python: no curl needed).
+models_answer() {
+  "$VENV/bin/python" - "$1" <<'PY' >/dev/null 2>&1
+import sys, urllib.request
+urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/v1/models", timeout=2).read()
+PY
+}
+
 cmd_start() {
   local port="${1:-${AGENT_RUNTIME_MODEL_PORT:-8089}}"
   [[ "$port" =~ ^[0-9]+$ ]] || die "port must be a number, got '$port'"
@@ -96,7 +104,7 @@ cmd_start() {
   echo "$pid" >"$PID_FILE"
   echo "$port" >"$PORT_FILE"
   local deadline=$((SECONDS + START_TIMEOUT_SECS))
-  until curl -sf "http://127.0.0.1:$port/v1/models" >/dev/null 2>&1; do
+  until models_answer "$port"; do
     if ! kill -0 "$pid" 2>/dev/null; then
       rm -f "$PID_FILE" "$PORT_FILE"
       tail -n 30 "$LOG_FILE" >&2 || true
