@@ -5,6 +5,7 @@
 //! Run: `cargo bench -p agent-runtime-benches --bench storage`
 //! (Postgres at `TEST_DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`; skipped
 //! with a notice when unreachable.)
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark fails loudly
 
 use std::sync::Arc;
 

@@ -3,6 +3,7 @@
 //! runtime's own work around three model calls: events, commits, context, checks, the tool.
 //!
 //! Run: `cargo bench -p agent-runtime-benches --bench turn`
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark fails loudly
 
 use std::sync::Arc;
 

@@ -1533,3 +1533,21 @@ async fn agents_handing_a_turn_back_and_forth_are_stopped() {
     );
     assert_history_valid(h.rt.storage(), &s).await;
 }
+
+#[tokio::test]
+async fn the_sessions_usage_includes_the_routing_call_and_matches_done() {
+    use agent_runtime_core::session::Usage;
+    let usage = |p, c| Usage {
+        prompt_tokens: p,
+        completion_tokens: c,
+    };
+    let h = harness(vec![
+        route("ask").usage(usage(100, 10)),
+        Script::text("answer").usage(usage(200, 20)),
+    ])
+    .await;
+    let s = h.session().await;
+    let events = h.say(&s, "what is rust?").await;
+    assert_eq!(payload_usage(&events), usage(300, 30));
+    assert_eq!(h.rt.usage(&s).await.unwrap(), usage(300, 30));
+}

@@ -94,14 +94,16 @@ impl Turn {
                 }
             }
             if !tokens.is_empty() {
-                self.commit(
-                    Commit {
-                        events: std::mem::take(&mut tokens),
-                        ..Commit::default()
-                    },
-                    false,
-                )
-                .await?;
+                let burst = Commit {
+                    events: std::mem::take(&mut tokens),
+                    ..Commit::default()
+                };
+                if ended {
+                    // The answer is complete: its last tokens are stored with the message.
+                    self.defer(burst);
+                } else {
+                    self.commit(burst, false).await?;
+                }
             }
         }
         let calls = assembler.finish();
@@ -173,7 +175,7 @@ impl Turn {
 
 /// The arguments of the forced function `name`: from the structured call, else the text (weak
 /// models sometimes write the JSON as text).
-fn arguments_of(c: &Completion, name: &str) -> String {
+pub(super) fn arguments_of(c: &Completion, name: &str) -> String {
     c.tool_calls
         .iter()
         .find(|t| t.name == name)

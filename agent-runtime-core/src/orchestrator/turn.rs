@@ -110,9 +110,36 @@ struct Turn {
     session: Session,
     state: TurnState,
     cancel: CancellationToken,
+    /// Tokens spent but not yet added to the session's total (rides on the next commit).
+    unsaved_usage: Usage,
+    /// Changes that ride on the next commit instead of costing one of their own (the final
+    /// answer goes out with `done`); their events are published only once stored.
+    deferred: Option<Commit>,
+    /// The final commit keeps the session's lease (the caller goes on using it).
+    keep_lease: bool,
 }
 
 impl Turn {
+    fn new(rt: Arc<Inner>, session: Session, cancel: CancellationToken) -> Self {
+        Turn {
+            rt,
+            state: TurnState::load(&session),
+            session,
+            cancel,
+            unsaved_usage: Usage::default(),
+            deferred: None,
+            keep_lease: false,
+        }
+    }
+
+    /// Keeps `c` for the next commit.
+    fn defer(&mut self, c: Commit) {
+        self.deferred = Some(match self.deferred.take() {
+            Some(d) => d.then(c),
+            None => c,
+        });
+    }
+
     fn id(&self) -> &str {
         &self.session.id
     }
@@ -155,9 +182,16 @@ impl Turn {
     }
 
     /// Commits without publishing (the caller publishes once the session is free again).
-    async fn commit_quietly(&mut self, mut c: Commit, with_state: bool) -> Result<Committed> {
+    async fn commit_quietly(&mut self, c: Commit, with_state: bool) -> Result<Committed> {
+        let mut c = match self.deferred.take() {
+            Some(d) => d.then(c),
+            None => c,
+        };
         c.at = Some(Timestamp::now());
         c.lease_owner = Some(self.rt.owner.clone());
+        if self.unsaved_usage != Usage::default() {
+            c.usage = Some(c.usage.unwrap_or_default() + std::mem::take(&mut self.unsaved_usage));
+        }
         if with_state {
             c.session.turn_state = Some(Some(self.state.to_value()));
         }
@@ -234,29 +268,22 @@ impl Turn {
             temperature: Some(0.0),
             max_tokens: Some(500),
         };
-        let answered = tokio::select! {
-            r = self.rt.llm.complete(req.clone()) => r,
-            _ = self.cancel.cancelled() => return None,
-        };
-        match answered {
-            Ok(c) => {
-                self.state.usage += c
-                    .usage
-                    .unwrap_or_else(|| self.count_usage(&req, &c.text, &c.tool_calls));
-                // Weak models sometimes write the call as JSON text instead of a structured call.
-                Some(
-                    c.tool_calls
-                        .into_iter()
-                        .find(|t| t.name == name)
-                        .map(|t| t.arguments)
-                        .unwrap_or(c.text),
-                )
+        match self.complete_counted(&req).await? {
+            Ok((c, usage)) => {
+                self.add_usage(usage);
+                Some(model::arguments_of(&c, &name))
             }
             Err(e) => {
                 warn!(error = %e, function = %name, "forced function call failed");
                 None
             }
         }
+    }
+
+    /// Adds tokens to the turn's usage and, with the next commit, to the session's.
+    fn add_usage(&mut self, usage: Usage) {
+        self.state.usage += usage;
+        self.unsaved_usage += usage;
     }
 
     /// The orchestrator's routing call (the keyword classifier when it fails). Returns a pause
@@ -375,8 +402,8 @@ impl Turn {
         };
         let answer = self.ask_model(req).await?;
         self.state.iterations += 1;
-        self.state.usage += answer.usage;
-        let (text, calls, usage) = (answer.text, answer.calls, answer.usage);
+        self.add_usage(answer.usage);
+        let (text, calls) = (answer.text, answer.calls);
 
         let mut stored_calls = Vec::with_capacity(calls.len());
         for c in calls {
@@ -412,10 +439,14 @@ impl Turn {
         let c = Commit {
             messages: vec![NewMessage::assistant(text, Some(agent_type), stored_calls)],
             events,
-            usage: Some(usage),
             ..Commit::default()
         };
-        self.commit(c, true).await?;
+        if has_calls {
+            self.commit(c, true).await?;
+        } else {
+            // The answer is final: it is stored (and published) with what ends the turn.
+            self.defer(c);
+        }
         Ok(has_calls)
     }
 
@@ -905,6 +936,7 @@ impl Turn {
                 turn_state: Some(turn_state),
                 ..SessionUpdate::default()
             },
+            release_lease: !self.keep_lease,
             ..Commit::default()
         };
         let committed = self.commit_quietly(c, false).await?;
@@ -941,16 +973,23 @@ impl Turn {
                 }
             }
         };
-        let last = match self.finish(outcome).await {
-            Ok(events) => events,
+        // The final commit gives the lease up; only if it failed must the lease be released apart.
+        let (last, released) = match self.finish(outcome).await {
+            Ok(events) => (events, true),
             Err(e) => {
                 warn!(error = %e, session_id = self.id(), "could not record the end of a turn");
-                vec![]
+                (vec![], false)
             }
         };
-        let (rt, id) = (self.rt.clone(), self.session.id.clone());
-        self.release().await;
-        rt.hubs.publish(&id, &last);
+        if !released {
+            let _ = self
+                .rt
+                .storage
+                .release_lease(&self.session.id, &self.rt.owner)
+                .await;
+        }
+        self.rt.hubs.finish_turn(&self.session.id);
+        self.rt.hubs.publish(&self.session.id, &last);
     }
 
     async fn release(self) {
@@ -1218,15 +1257,10 @@ async fn start(
     let mut session = rt.storage.get_session(session_id).await?;
     if session.status == SessionStatus::Running {
         // We hold the lease, so nobody runs it: a turn interrupted by a crash.
-        close_interrupted(rt, &session).await?;
+        close_interrupted(rt, &session, true).await?;
         session = rt.storage.get_session(session_id).await?;
     }
-    let mut turn = Turn {
-        rt: rt.clone(),
-        state: TurnState::load(&session),
-        session,
-        cancel,
-    };
+    let mut turn = Turn::new(rt.clone(), session, cancel);
     let running = SessionUpdate {
         status: Some(SessionStatus::Running),
         ..SessionUpdate::default()
@@ -1554,7 +1588,7 @@ const PAUSED_PREFIX: &str = "\u{0}paused:";
 
 /// Gives a turn interrupted by a crash its ending: open calls get "interrupted", pending approvals
 /// are cancelled, an `error` and `done` are stored, and the session is idle again.
-async fn close_interrupted(rt: &Arc<Inner>, session: &Session) -> Result<()> {
+async fn close_interrupted(rt: &Arc<Inner>, session: &Session, keep_lease: bool) -> Result<()> {
     let mut state = TurnState::load(session);
     // The history is the ground truth of which calls still lack a result (the turn state may be
     // older than the last commit, or unreadable).
@@ -1568,12 +1602,9 @@ async fn close_interrupted(rt: &Arc<Inner>, session: &Session) -> Result<()> {
             });
         }
     }
-    let mut turn = Turn {
-        rt: rt.clone(),
-        state,
-        session: session.clone(),
-        cancel: CancellationToken::new(),
-    };
+    let mut turn = Turn::new(rt.clone(), session.clone(), CancellationToken::new());
+    turn.state = state;
+    turn.keep_lease = keep_lease;
     turn.close_open_calls(
         "interrupted: the runtime stopped while this call was open",
         "TOOL_EXECUTION_FAILED",
@@ -1636,7 +1667,7 @@ pub(super) async fn recover_interrupted(rt: Arc<Inner>) -> Result<usize> {
             }
             let fresh = rt.storage.get_session(&s.id).await?;
             if fresh.status == SessionStatus::Running {
-                close_interrupted(&rt, &fresh).await?;
+                close_interrupted(&rt, &fresh, false).await?;
                 recovered += 1;
             }
             rt.storage.release_lease(&s.id, &rt.owner).await?;
@@ -1660,12 +1691,7 @@ pub(super) async fn cancel(rt: Arc<Inner>, session_id: &str) -> Result<CancelOut
     }
     let running = take_session(&rt, session_id).await?;
     let session = rt.storage.get_session(session_id).await?;
-    let mut turn = Turn {
-        rt: rt.clone(),
-        state: TurnState::load(&session),
-        session,
-        cancel: running.cancel.clone(),
-    };
+    let mut turn = Turn::new(rt.clone(), session, running.cancel.clone());
     let result = turn.finish(Err(cancelled())).await;
     give_back(&rt, session_id).await;
     if let Ok(events) = &result {

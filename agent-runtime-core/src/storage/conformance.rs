@@ -55,6 +55,7 @@ macro_rules! storage_conformance_suite {
             racing_lease_acquires_have_exactly_one_winner,
             expired_lease_is_taken_over,
             commit_is_fenced_by_lease_owner,
+            last_commit_of_a_turn_releases_the_lease,
             last_activity_moves_forward_on_commit,
         );
     };
@@ -1121,6 +1122,25 @@ pub async fn expired_lease_is_taken_over(a: Arc<dyn Storage>, b: Arc<dyn Storage
     c.lease_owner = Some("o2".into());
     c.events.push(token("fresh"));
     assert_eq!(a.commit("expiring", c).await.unwrap().events[0].seq, 1);
+}
+
+/// A turn's last commit can give the lease up in the same transaction.
+pub async fn last_commit_of_a_turn_releases_the_lease(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
+    create(&*a, "released").await;
+    let ttl = Duration::from_secs(60);
+    assert!(a.acquire_lease("released", "o1", ttl).await.unwrap());
+    assert!(!b.acquire_lease("released", "o2", ttl).await.unwrap());
+    let mut last = Commit::now();
+    last.lease_owner = Some("o1".into());
+    last.release_lease = true;
+    last.events.push(token("done"));
+    assert_eq!(a.commit("released", last).await.unwrap().events[0].seq, 1);
+    assert!(b.acquire_lease("released", "o2", ttl).await.unwrap());
+    // Without an owner, release_lease gives nothing up.
+    let mut unfenced = Commit::now();
+    unfenced.release_lease = true;
+    a.commit("released", unfenced).await.unwrap();
+    assert!(!a.acquire_lease("released", "o1", ttl).await.unwrap());
 }
 
 /// A commit naming a lease owner succeeds only while that owner holds the lease.

@@ -157,6 +157,9 @@ fn apply_commit(data: &mut SessionData, session_id: &str, commit: Commit) -> Res
     if let Some(status) = commit.session.status {
         s.status = status;
     }
+    if commit.release_lease && commit.lease_owner.is_some() {
+        data.lease = None;
+    }
     if let Some(turn_state) = commit.session.turn_state {
         s.turn_state = turn_state;
     }

@@ -80,6 +80,8 @@ pub struct Commit {
     pub request_id: Option<String>,
     /// Changes to the session row.
     pub session: SessionUpdate,
+    /// Gives up `lease_owner`'s lease in the same transaction (a turn's last commit).
+    pub release_lease: bool,
 }
 
 impl Commit {
@@ -89,6 +91,30 @@ impl Commit {
             at: Some(Timestamp::now()),
             ..Commit::default()
         }
+    }
+
+    /// This commit followed by `later`, as one: rows in order, later session changes win.
+    pub fn then(mut self, later: Commit) -> Commit {
+        self.at = later.at.or(self.at);
+        self.lease_owner = later.lease_owner.or(self.lease_owner);
+        self.messages.extend(later.messages);
+        self.events.extend(later.events);
+        self.approvals.extend(later.approvals);
+        self.resolutions.extend(later.resolutions);
+        self.switches.extend(later.switches);
+        self.plans.extend(later.plans);
+        self.usage = match (self.usage, later.usage) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        self.request_id = self.request_id.or(later.request_id);
+        self.session = SessionUpdate {
+            status: later.session.status.or(self.session.status),
+            current_agent: later.session.current_agent.or(self.session.current_agent),
+            turn_state: later.session.turn_state.or(self.session.turn_state),
+        };
+        self.release_lease |= later.release_lease;
+        self
     }
 }
 
@@ -220,6 +246,64 @@ mod support;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_commits_merge_in_order_and_later_changes_win() {
+        use crate::session::NewMessage;
+        let first = Commit {
+            messages: vec![NewMessage::user("a", None)],
+            usage: Some(Usage {
+                prompt_tokens: 1,
+                completion_tokens: 2,
+            }),
+            request_id: Some("r1".into()),
+            session: SessionUpdate {
+                status: Some(SessionStatus::Running),
+                ..SessionUpdate::default()
+            },
+            ..Commit::default()
+        };
+        let later = Commit {
+            messages: vec![NewMessage::user("b", None)],
+            usage: Some(Usage {
+                prompt_tokens: 10,
+                completion_tokens: 20,
+            }),
+            session: SessionUpdate {
+                status: Some(SessionStatus::Idle),
+                turn_state: Some(None),
+                ..SessionUpdate::default()
+            },
+            release_lease: true,
+            ..Commit::default()
+        };
+        let merged = first.then(later);
+        assert_eq!(
+            merged
+                .messages
+                .iter()
+                .map(|m| m.content.as_str())
+                .collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert_eq!(
+            merged.usage,
+            Some(Usage {
+                prompt_tokens: 11,
+                completion_tokens: 22
+            })
+        );
+        assert_eq!(merged.request_id.as_deref(), Some("r1"));
+        assert_eq!(
+            merged.session,
+            SessionUpdate {
+                status: Some(SessionStatus::Idle),
+                turn_state: Some(None),
+                current_agent: None
+            }
+        );
+        assert!(merged.release_lease);
+    }
 
     #[test]
     fn passwords_are_redacted() {

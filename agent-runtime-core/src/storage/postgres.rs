@@ -571,7 +571,9 @@ impl PostgresStorage {
                  last_activity = $8,
                  status = COALESCE($9, status),
                  current_agent = COALESCE($10, current_agent),
-                 turn_state = CASE WHEN $11 THEN $12 ELSE turn_state END
+                 turn_state = CASE WHEN $11 THEN $12 ELSE turn_state END,
+                 lease_owner = CASE WHEN $13 THEN NULL ELSE lease_owner END,
+                 lease_expires_at = CASE WHEN $13 THEN NULL ELSE lease_expires_at END
              WHERE id = $1
              RETURNING {SESSION_COLUMNS}"
         )))
@@ -587,6 +589,7 @@ impl PostgresStorage {
         .bind(current_agent)
         .bind(set_turn_state)
         .bind(turn_state)
+        .bind(commit.release_lease && commit.lease_owner.is_some())
         .fetch_one(&mut **tx)
         .await
         .map_err(Error::database)?;

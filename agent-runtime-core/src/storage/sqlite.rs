@@ -577,7 +577,9 @@ fn commit_blocking(conn: &mut Connection, session_id: &str, commit: Commit) -> R
              completion_tokens = completion_tokens + ?7,
              current_agent = COALESCE(?8, current_agent),
              status = COALESCE(?9, status),
-             turn_state = CASE WHEN ?10 THEN ?11 ELSE turn_state END
+             turn_state = CASE WHEN ?10 THEN ?11 ELSE turn_state END,
+             lease_owner = CASE WHEN ?12 THEN NULL ELSE lease_owner END,
+             lease_expires_at = CASE WHEN ?12 THEN NULL ELSE lease_expires_at END
          WHERE id = ?1",
     )
     .map_err(db)?
@@ -593,6 +595,7 @@ fn commit_blocking(conn: &mut Connection, session_id: &str, commit: Commit) -> R
         commit.session.status.map(SessionStatus::as_str),
         set_turn_state,
         turn_state,
+        commit.release_lease && commit.lease_owner.is_some(),
     ])
     .map_err(db)?;
     let session = read_session(&tx, session_id)?;
