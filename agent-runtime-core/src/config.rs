@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::llm::Capabilities;
 
 /// Where tools run (API.md §6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +39,14 @@ pub struct LlmSettings {
     pub model: String,
     /// `LLM_API_KEY`, sent as a bearer token.
     pub api_key: Option<String>,
+    /// `LLM_CAPABILITIES`: what the model server really does (`full`, `llama-cpp-python`, or a
+    /// comma list of `auto_tool_choice,named_tool_choice,parallel_tool_calls,usage_reporting`).
+    pub capabilities: Capabilities,
+    /// `LLM_MAX_TOKENS`: the most tokens one answer may have (also reserved in the window).
+    pub max_tokens: Option<u32>,
+    /// `LLM_FORCED_TOOL_STEPS`: for a model that cannot choose tools itself (no auto tool
+    /// choice), how many tool results it may gather after the user's message before it must answer.
+    pub forced_tool_steps: u32,
 }
 
 /// Every setting the core reads.
@@ -89,6 +98,9 @@ impl Default for RuntimeConfig {
                 proxy_url: "http://localhost:8002".into(),
                 model: "gpt-4o-mini".into(),
                 api_key: None,
+                capabilities: Capabilities::default(),
+                max_tokens: None,
+                forced_tool_steps: 1,
             },
             hitl_enabled: true,
             hitl_dangerous_tools: vec![
@@ -121,6 +133,9 @@ pub const VARIABLES: &[&str] = &[
     "LLM_MODEL",
     "LLM_API_KEY",
     "LLM_TEMPERATURE",
+    "LLM_CAPABILITIES",
+    "LLM_MAX_TOKENS",
+    "LLM_FORCED_TOOL_STEPS",
     "HITL_ENABLED",
     "HITL_DANGEROUS_TOOLS",
     "MAX_CONTEXT_TOKENS",
@@ -214,6 +229,21 @@ impl RuntimeConfig {
             }
             c.temperature = Some(t);
         }
+        if let Some(v) = get("LLM_CAPABILITIES") {
+            c.llm.capabilities = Capabilities::parse(&v).ok_or_else(|| {
+                bad(
+                    "LLM_CAPABILITIES",
+                    &v,
+                    "expected full, llama-cpp-python, or a comma list of auto_tool_choice, named_tool_choice, parallel_tool_calls, usage_reporting",
+                )
+            })?;
+        }
+        if let Some(v) = get("LLM_MAX_TOKENS") {
+            c.llm.max_tokens = Some(parse_num("LLM_MAX_TOKENS", &v, 1)?);
+        }
+        if let Some(v) = get("LLM_FORCED_TOOL_STEPS") {
+            c.llm.forced_tool_steps = parse_num("LLM_FORCED_TOOL_STEPS", &v, 0)?;
+        }
         if let Some(v) = get("HITL_ENABLED") {
             c.hitl_enabled = parse_bool("HITL_ENABLED", &v)?;
         }
@@ -302,6 +332,15 @@ mod tests {
         assert_eq!(c.max_agent_switches, 3);
         assert_eq!(c.tool_execution, ToolExecution::Client);
         assert!(!c.hitl_enabled);
+        let c = from(&[
+            ("LLM_CAPABILITIES", "llama-cpp-python"),
+            ("LLM_MAX_TOKENS", "256"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.llm.capabilities, c.llm.max_tokens),
+            (Capabilities::llama_cpp_python(), Some(256))
+        );
     }
 
     #[test]
@@ -311,6 +350,8 @@ mod tests {
             ("HITL_ENABLED", "perhaps"),
             ("DATABASE_URL", "mysql://x"),
             ("TOOL_EXECUTION", "cloud"),
+            ("LLM_CAPABILITIES", "telepathy"),
+            ("LLM_MAX_TOKENS", "0"),
             ("MAX_TURN_ITERATIONS", "0"),
         ] {
             let err = from(&[(var, value)]).unwrap_err();

@@ -386,11 +386,9 @@ async fn the_routing_call_returns_a_valid_agent_through_the_forced_function() {
 }
 
 /// With plans on (the default) the route enum and prompt gain `plan`, and the model's `reason`
-/// runs on with raw newlines: invalid JSON, so the keyword classifier decides (fixture
-/// `llama-cpp-python-route-plans-control-chars.sse`). The engine needs to repair or re-ask (or
-/// bound `reason` with `maxLength`, which llama.cpp's grammar enforces).
+/// runs on with raw newlines (fixture `llama-cpp-python-route-plans-control-chars.sse`): the
+/// engine escapes them, bounds the call's tokens, and reads the agent even from arguments cut short.
 #[tokio::test]
-#[ignore = "engine: route arguments with raw newlines fall back to keywords (issue 8)"]
 async fn the_routing_call_with_plans_enabled_returns_a_valid_agent() {
     let (_lock, server) = model_server_or_skip!("the_routing_call_with_plans_enabled_returns_a_valid_agent");
     let rt = Runtime::new(&server, RuntimeConfig::default(), AgentRegistry::defaults()).await;
@@ -408,7 +406,6 @@ async fn the_routing_call_with_plans_enabled_returns_a_valid_agent() {
 /// answering. The engine needs a bound on forced tool steps for such backends, then an answer
 /// without tools (which this model gives correctly: `llama-cpp-python-after-tool-result.sse`).
 #[tokio::test]
-#[ignore = "engine: forced next_step never picks `answer` on this model (issue 8)"]
 async fn a_read_file_call_gets_the_real_content_and_the_answer_streams() {
     let (_lock, server) =
         model_server_or_skip!("a_read_file_call_gets_the_real_content_and_the_answer_streams");
@@ -479,11 +476,9 @@ async fn a_read_file_call_gets_the_real_content_and_the_answer_streams() {
 }
 
 /// The product's `ask` agent (three read tools and the hand-over tool) asked for a greeting: the
-/// forced `next_step` picks `list_files` (fixture `llama-cpp-python-next-step-greeting-picks-tool.sse`)
-/// and the turn loops on tool calls with invented paths until a guard stops it. The engine needs
-/// the same bound as above.
+/// forced `next_step` picks `list_files` (fixture `llama-cpp-python-next-step-greeting-picks-tool.sse`);
+/// after `LLM_FORCED_TOOL_STEPS` (1) tool result the engine asks for the answer without tools.
 #[tokio::test]
-#[ignore = "engine: forced next_step never picks `answer` on this model (issue 8)"]
 async fn a_product_agent_answers_a_greeting_in_text() {
     let (_lock, server) = model_server_or_skip!("a_product_agent_answers_a_greeting_in_text");
     let rt = Runtime::new(&server, RuntimeConfig::default(), AgentRegistry::defaults()).await;
@@ -492,11 +487,11 @@ async fn a_product_agent_answers_a_greeting_in_text() {
     let events = rt.say(&session, Some("ask"), "Say hello to me.").await;
 
     let toks = tokens(&events);
-    assert_eq!(
-        kinds(&events),
-        streamed_answer(&["agent_switched"], toks.len()),
-        "{events:?}"
-    );
+    assert!(!toks.is_empty(), "the greeting is answered in text: {events:?}");
+    let answered_straight = streamed_answer(&["agent_switched"], toks.len());
+    let after_one_tool = streamed_answer(&["agent_switched", "tool_call", "tool_result"], toks.len());
+    let got = kinds(&events);
+    assert!(got == answered_straight || got == after_one_tool, "{events:?}");
     assert_eq!(stop_reason(&events), StopReason::Completed);
 }
 

@@ -220,13 +220,7 @@ impl Runtime {
             ))));
         }
         let config = RuntimeConfig::from_lookup(|name| env.get(name).cloned()).py()?;
-        let llm = OpenAiBackend::new(OpenAiConfig {
-            base_url: config.llm.proxy_url.clone(),
-            model: config.llm.model.clone(),
-            api_key: config.llm.api_key.clone(),
-            ..OpenAiConfig::default()
-        })
-        .py()?;
+        let llm = OpenAiBackend::new(OpenAiConfig::from_settings(&config.llm)).py()?;
         let orchestrator = block_on(py, async move {
             let store = storage::open(&config.database_url).await?;
             let orchestrator = Orchestrator::builder(store, Arc::new(llm))

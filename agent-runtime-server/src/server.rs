@@ -27,13 +27,8 @@ pub async fn runtime(config: &ServerConfig, metrics: &Arc<Metrics>) -> Result<Or
     let store = storage::open(&config.runtime.database_url)
         .await
         .map_err(|e| format!("DATABASE_URL: cannot open storage: {}", e.public_message()))?;
-    let llm = OpenAiBackend::new(OpenAiConfig {
-        base_url: config.runtime.llm.proxy_url.clone(),
-        model: config.runtime.llm.model.clone(),
-        api_key: config.runtime.llm.api_key.clone(),
-        ..OpenAiConfig::default()
-    })
-    .map_err(|e| format!("LLM_PROXY_URL: {e}"))?;
+    let llm = OpenAiBackend::new(OpenAiConfig::from_settings(&config.runtime.llm))
+        .map_err(|e| format!("LLM_PROXY_URL: {e}"))?;
     let llm: Arc<dyn LlmBackend> = Arc::new(MeteredBackend::new(Arc::new(llm), metrics.clone()));
     Orchestrator::builder(store, llm)
         .config(config.runtime.clone())

@@ -280,6 +280,36 @@ impl Default for Capabilities {
 }
 
 impl Capabilities {
+    /// Parses `full`, `llama-cpp-python`, or a comma list of the capabilities that hold
+    /// (`auto_tool_choice,named_tool_choice,parallel_tool_calls,usage_reporting`; the rest are off).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "full" | "openai" => return Some(Capabilities::default()),
+            "llama-cpp-python" | "llama_cpp_python" => return Some(Capabilities::llama_cpp_python()),
+            _ => {}
+        }
+        let mut c = Capabilities {
+            auto_tool_choice: false,
+            named_tool_choice: false,
+            parallel_tool_calls: false,
+            usage_reporting: false,
+        };
+        for flag in s
+            .split(',')
+            .map(|f| f.trim().to_ascii_lowercase())
+            .filter(|f| !f.is_empty())
+        {
+            match flag.as_str() {
+                "auto_tool_choice" => c.auto_tool_choice = true,
+                "named_tool_choice" => c.named_tool_choice = true,
+                "parallel_tool_calls" => c.parallel_tool_calls = true,
+                "usage_reporting" => c.usage_reporting = true,
+                _ => return None,
+            }
+        }
+        Some(c)
+    }
+
     /// What llama-cpp-python (0.3.x) really does: named tool choice only, one call, no usage.
     pub fn llama_cpp_python() -> Self {
         Capabilities {

@@ -205,6 +205,42 @@ pub(crate) struct Inner {
     pub hubs: Arc<stream::Hubs>,
 }
 
+impl Inner {
+    /// The tools offered to `agent`'s model calls: its own, plus `switch_agent` while automatic
+    /// switching is on.
+    pub(crate) fn tool_specs(&self, agent: &crate::agent::AgentDefinition) -> Vec<crate::protocol::ToolSpec> {
+        let names: Vec<&str> = agent.tools.iter().map(String::as_str).collect();
+        let mut tools = self.tools.specs(&names);
+        if self.config.multi_agent_enabled && self.config.auto_agent_switching {
+            tools.push(routing::switch_spec(&self.agents.types()));
+        }
+        tools
+    }
+
+    /// The window's limits for a call offering `tools`: the token budget leaves room for the
+    /// tools' schemas and for the answer (`LLM_MAX_TOKENS`).
+    pub(crate) fn context_limits(
+        &self,
+        tools: &[crate::protocol::ToolSpec],
+    ) -> crate::context::ContextLimits {
+        let schemas: usize = tools
+            .iter()
+            .map(|t| {
+                self.tokenizer.count(&t.description) + self.tokenizer.count(&t.parameters.to_string()) + 8
+            })
+            .sum();
+        let answer = self.config.llm.max_tokens.unwrap_or(0) as usize;
+        crate::context::ContextLimits {
+            max_messages: self.config.max_context_messages,
+            max_tokens: self
+                .config
+                .max_context_tokens
+                .saturating_sub(schemas + answer)
+                .max(1),
+        }
+    }
+}
+
 /// The runtime's facade: sessions, agents, turns and their event streams, approvals.
 ///
 /// Cheap to clone; every clone is the same runtime.

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use super::{Turn, cancelled};
 use crate::error::Result;
-use crate::llm::{ChatRequest, ChatToolCall, Chunk, Completion, ToolCallAssembler, ToolChoice};
+use crate::llm::{ChatRequest, ChatRole, ChatToolCall, Chunk, Completion, ToolCallAssembler, ToolChoice};
 use crate::protocol::{AssistantMessage, EventPayload, ToolSpec};
 use crate::session::Usage;
 use crate::storage::Commit;
@@ -31,6 +31,20 @@ impl Turn {
     pub(super) async fn ask_model(&mut self, req: ChatRequest) -> Result<Answer> {
         let caps = self.rt.llm.capabilities();
         if !req.tools.is_empty() && !caps.auto_tool_choice && caps.named_tool_choice {
+            // Such models rarely choose to stop on their own: after a bounded number of tool
+            // results since the user's message, they answer.
+            let gathered = req
+                .messages
+                .iter()
+                .rev()
+                .take_while(|m| m.role != ChatRole::User)
+                .filter(|m| m.role == ChatRole::Tool)
+                .count();
+            if gathered >= self.rt.config.llm.forced_tool_steps as usize {
+                let mut answer_req = req;
+                answer_req.tools.clear();
+                return self.stream_answer(answer_req).await;
+            }
             return self.choose_then_call(req).await;
         }
         let names: Vec<String> = req.tools.iter().map(|t| t.name.clone()).collect();
@@ -141,8 +155,7 @@ impl Turn {
             Some(Err(e)) => return Err(e),
             Some(Ok((c, u))) => (arguments_of(&c, NEXT_STEP_TOOL), u),
         };
-        let action = serde_json::from_str::<Value>(&chosen)
-            .ok()
+        let action = crate::orchestrator::routing::parse_arguments(&chosen)
             .and_then(|v| v.get("action").and_then(Value::as_str).map(str::to_string))
             .filter(|a| names.contains(a));
         if let Some(tool) = action {

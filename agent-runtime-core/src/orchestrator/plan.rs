@@ -88,13 +88,14 @@ impl Turn {
                 routing::plan_prompt(&described),
                 content,
                 routing::plan_spec(agents),
+                super::PLAN_MAX_TOKENS,
             )
             .await
         else {
             return Ok(false);
         };
         let plan_id = format!("plan_{}", uuid::Uuid::new_v4().simple());
-        let args: Value = serde_json::from_str(&raw).unwrap_or(Value::Null);
+        let args = routing::parse_arguments(&raw).unwrap_or(Value::Null);
         let plan = match plan_from_arguments(&args, agents, &plan_id) {
             Ok(p) => p,
             Err(why) => {

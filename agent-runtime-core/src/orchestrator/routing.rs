@@ -23,7 +23,7 @@ pub fn route_spec(agents: &[String]) -> ToolSpec {
             "type": "object",
             "properties": {
                 "agent": {"type": "string", "enum": agents, "description": "The agent that handles the request"},
-                "reason": {"type": "string", "description": "Why this agent fits, in one sentence"}
+                "reason": {"type": "string", "maxLength": 200, "description": "Why this agent fits, in one sentence"}
             },
             "required": ["agent", "reason"],
             "additionalProperties": false
@@ -108,7 +108,11 @@ pub fn plan_prompt(agents: &[(String, String)]) -> String {
 /// Reads `{"agent": ..., "reason": ...}` from the route call's arguments; `None` if the agent is
 /// not one of `allowed`.
 pub fn parse_route(arguments: &str, allowed: &[String]) -> Option<(String, String)> {
-    let v: Value = serde_json::from_str(arguments).ok()?;
+    let Some(v) = parse_arguments(arguments) else {
+        // Cut short (e.g. a rambling reason hit max_tokens): the agent usually came first.
+        let agent = string_field(arguments, "agent")?.to_ascii_lowercase();
+        return allowed.contains(&agent).then(|| (agent, String::new()));
+    };
     let agent = v.get("agent")?.as_str()?.trim().to_ascii_lowercase();
     if !allowed.contains(&agent) {
         return None;
@@ -120,6 +124,56 @@ pub fn parse_route(arguments: &str, allowed: &[String]) -> Option<(String, Strin
         .trim()
         .to_string();
     Some((agent, reason))
+}
+
+/// Parses a model's function arguments leniently: raw control characters inside strings (which
+/// grammar-constrained small models emit) are escaped, and a Markdown code fence is ignored.
+pub fn parse_arguments(text: &str) -> Option<Value> {
+    let t = text.trim();
+    let t = t
+        .strip_prefix("```json")
+        .or_else(|| t.strip_prefix("```"))
+        .unwrap_or(t);
+    let t = t.strip_suffix("```").unwrap_or(t).trim();
+    if let Ok(v) = serde_json::from_str(t) {
+        return Some(v);
+    }
+    let mut fixed = String::with_capacity(t.len() + 16);
+    let (mut in_string, mut escaped) = (false, false);
+    for ch in t.chars() {
+        match ch {
+            _ if escaped => {
+                escaped = false;
+                fixed.push(ch);
+            }
+            '\\' if in_string => {
+                escaped = true;
+                fixed.push(ch);
+            }
+            '"' => {
+                in_string = !in_string;
+                fixed.push(ch);
+            }
+            '\n' if in_string => fixed.push_str("\\n"),
+            '\r' if in_string => fixed.push_str("\\r"),
+            '\t' if in_string => fixed.push_str("\\t"),
+            c if in_string && (c as u32) < 0x20 => fixed.push_str(&format!("\\u{:04x}", c as u32)),
+            c => fixed.push(c),
+        }
+    }
+    serde_json::from_str(&fixed).ok()
+}
+
+/// The value of `"key": "value"` found in text that is not valid JSON (first occurrence).
+fn string_field(text: &str, key: &str) -> Option<String> {
+    let at = text.find(&format!("\"{key}\""))? + key.len() + 2;
+    let rest = text[at..]
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start()
+        .strip_prefix('"')?;
+    let end = rest.find('"')?;
+    Some(rest[..end].trim().to_string())
 }
 
 const DEBUG_WORDS: &[&str] = &[
@@ -240,6 +294,26 @@ mod tests {
             classify_by_keywords("Why does this crash with a traceback").0,
             "debug"
         );
+    }
+
+    #[test]
+    fn arguments_with_raw_newlines_or_cut_short_still_route() {
+        let allowed: Vec<String> = ["coder", "ask"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(
+            parse_route(
+                "{\"agent\": \"coder\", \"reason\": \"line one\nline two\"}",
+                &allowed
+            ),
+            Some(("coder".into(), "line one\nline two".into()))
+        );
+        assert_eq!(
+            parse_route(
+                "{\"agent\": \"coder\", \"reason\": \"it rambles on and on",
+                &allowed
+            ),
+            Some(("coder".into(), String::new()))
+        );
+        assert_eq!(parse_arguments("```json\n{\"a\": 1}\n```"), Some(json!({"a": 1})));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
 
 use crate::approval::{ApprovalResolution, ApprovalStatus, RequestType};
-use crate::context::{ContextLimits, build_window};
+use crate::context::build_window;
 use crate::error::{Error, Result};
 use crate::events::BusEventKind;
 use crate::orchestrator::stream::{EventStream, Follow};
@@ -406,12 +406,9 @@ async fn start(
 
 /// The newest message alone must fit the window (API.md §9.1: an HTTP error, not an event).
 fn check_fits(rt: &Arc<Inner>, session: &Session, agent_type: Option<&str>, content: &str) -> Result<()> {
-    let agent = agent_type.unwrap_or(&session.current_agent);
-    let prompt = rt
-        .agents
-        .get(agent)
-        .map(|a| a.system_prompt.as_str())
-        .unwrap_or("");
+    let Some(agent) = rt.agents.get(agent_type.unwrap_or(&session.current_agent)) else {
+        return Ok(());
+    };
     let probe = Message {
         seq: 0,
         role: Role::User,
@@ -421,14 +418,11 @@ fn check_fits(rt: &Arc<Inner>, session: &Session, agent_type: Option<&str>, cont
         tool_call_id: None,
         created_at: Timestamp::now(),
     };
-    let limits = ContextLimits {
-        max_messages: rt.config.max_context_messages,
-        max_tokens: rt.config.max_context_tokens,
-    };
+    let limits = rt.context_limits(&rt.tool_specs(agent));
     build_window(
         rt.tokenizer.as_ref(),
         limits,
-        prompt,
+        &agent.system_prompt,
         std::slice::from_ref(&probe),
     )
     .map(|_| ())

@@ -26,7 +26,7 @@ use crate::approval::{
     policy::canonical_tool_name,
 };
 use crate::config::ToolExecution;
-use crate::context::{ContextLimits, build_window, truncate_output};
+use crate::context::{build_window, truncate_output};
 use crate::error::{Error, Result};
 use crate::events::BusEventKind;
 use crate::llm::{ChatMessage, ChatRequest, ChatRole, ChatToolCall, ToolChoice};
@@ -259,6 +259,7 @@ impl Turn {
         system: String,
         user: &str,
         spec: crate::protocol::ToolSpec,
+        max_tokens: u32,
     ) -> Option<String> {
         let name = spec.name.clone();
         let req = ChatRequest {
@@ -269,7 +270,7 @@ impl Turn {
             tools: vec![spec],
             tool_choice: ToolChoice::Function(name.clone()),
             temperature: Some(0.0),
-            max_tokens: Some(500),
+            max_tokens: Some(max_tokens),
         };
         match self.complete_counted(&req).await? {
             Ok((c, usage)) => {
@@ -316,6 +317,7 @@ impl Turn {
                 routing::route_prompt(&described, plans),
                 content,
                 routing::route_spec(&choices),
+                ROUTE_MAX_TOKENS,
             )
             .await;
         let decision = args.and_then(|a| routing::parse_route(&a, &choices));
@@ -379,10 +381,8 @@ impl Turn {
             .get(&agent_type)
             .cloned()
             .ok_or_else(|| Error::Internal(format!("session agent '{agent_type}' is not registered")))?;
-        let limits = ContextLimits {
-            max_messages: self.rt.config.max_context_messages,
-            max_tokens: self.rt.config.max_context_tokens,
-        };
+        let tools = self.rt.tool_specs(&agent);
+        let limits = self.rt.context_limits(&tools);
         let recent = self
             .rt
             .storage
@@ -391,17 +391,12 @@ impl Turn {
         let window = build_window(self.rt.tokenizer.as_ref(), limits, &agent.system_prompt, &recent)?;
         let mut messages = vec![chat(ChatRole::System, agent.system_prompt.clone())];
         messages.extend(window.messages.iter().map(to_chat));
-        let names: Vec<&str> = agent.tools.iter().map(String::as_str).collect();
-        let mut tools = self.rt.tools.specs(&names);
-        if self.auto_switching() {
-            tools.push(routing::switch_spec(&self.rt.agents.types()));
-        }
         let req = ChatRequest {
             messages,
             tools,
             tool_choice: ToolChoice::Auto,
             temperature: self.rt.config.temperature,
-            max_tokens: None,
+            max_tokens: self.rt.config.llm.max_tokens,
         };
         let answer = self.ask_model(req).await?;
         self.state.iterations += 1;
@@ -413,8 +408,8 @@ impl Turn {
             let id = self
                 .unique_call_id(&c.id, &stored_calls, &window.messages)
                 .await?;
-            let arguments = match serde_json::from_str::<Value>(&c.arguments) {
-                Ok(v @ Value::Object(_)) => v,
+            let arguments = match routing::parse_arguments(&c.arguments) {
+                Some(v @ Value::Object(_)) => v,
                 _ => Value::String(c.arguments.clone()),
             };
             stored_calls.push(ToolCall {
@@ -1003,6 +998,11 @@ impl Turn {
         give_back(&self.rt, &self.session.id).await;
     }
 }
+
+/// Token budget of the routing call: an agent and a one-sentence reason.
+const ROUTE_MAX_TOKENS: u32 = 120;
+/// Token budget of the plan call.
+pub(super) const PLAN_MAX_TOKENS: u32 = 800;
 
 const CANCELLED: &str = "\u{0}cancelled";
 
