@@ -45,7 +45,9 @@ const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/sqlite/0
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Idle read connections kept open; more are opened under load and closed after use.
-const MAX_IDLE_READERS: usize = 4;
+/// Read connections per database file. Reads wait (asynchronously) for a free one rather than
+/// opening more: opening a connection parses the schema, which costs more than a read.
+const READERS: usize = 8;
 
 const SESSION_COLUMNS: &str = "id, user_id, metadata, created_at, last_activity, current_agent, status, \
      message_count, last_message_seq, last_event_seq, prompt_tokens, completion_tokens, turn_state";
@@ -64,6 +66,8 @@ struct Inner {
     writer: Mutex<Connection>,
     /// Idle read-only connections (files only).
     readers: Mutex<Vec<Connection>>,
+    /// One permit per read connection.
+    read_slots: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for SqliteStorage {
@@ -191,6 +195,7 @@ impl SqliteStorage {
                 path,
                 writer: Mutex::new(conn),
                 readers: Mutex::new(Vec::new()),
+                read_slots: tokio::sync::Semaphore::new(READERS),
             }),
         })
     }
@@ -212,20 +217,24 @@ impl SqliteStorage {
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
         let inner = Arc::clone(&self.inner);
+        if inner.path.is_none() {
+            return run_blocking(move || f(&lock(&inner.writer))).await;
+        }
+        let _slot = self
+            .inner
+            .read_slots
+            .acquire()
+            .await
+            .map_err(|e| Error::Internal(format!("sqlite readers closed: {e}")))?;
         run_blocking(move || {
-            let Some(path) = &inner.path else {
-                return f(&lock(&inner.writer));
-            };
             let idle = lock(&inner.readers).pop();
-            let conn = match idle {
-                Some(c) => c,
-                None => open_reader(path).map_err(db)?,
+            let conn = match (idle, &inner.path) {
+                (Some(c), _) => c,
+                (None, Some(path)) => open_reader(path).map_err(db)?,
+                (None, None) => return Err(Error::Internal("no reader for an in-memory database".into())),
             };
             let out = f(&conn);
-            let mut readers = lock(&inner.readers);
-            if readers.len() < MAX_IDLE_READERS {
-                readers.push(conn);
-            }
+            lock(&inner.readers).push(conn);
             out
         })
         .await
