@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo build --release -p agent-runtime-server
-//! cargo run --release -p agent-runtime-benches --bin loadgen -- [--levels 1,8,64,512] [--secs 5]
+//! cargo run --release -p agent-runtime-benches --bin loadgen -- [--levels 1,8,64,512] [--secs 5] [--open-streams 1000]
 //! ```
 //! `AGENT_RUNTIME_SERVER_BIN` overrides the server binary (default `target/release/agent-runtime-server`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -166,6 +166,54 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Opens `n` SSE streams (`GET /sessions/{id}/events?follow=true`, one session each), holds them
+/// all open at once, and prints the server's RSS while they are open.
+async fn hold_open_streams(c: &reqwest::Client, base: &str, n: usize, server_pid: u32) {
+    let before = current_rss_kib(server_pid);
+    let mut streams = Vec::with_capacity(n);
+    for _ in 0..n {
+        let created: Value = c
+            .post(format!("{base}/sessions"))
+            .header("x-internal-auth", "bench")
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = created["session_id"].as_str().unwrap().to_string();
+        let r = c
+            .get(format!("{base}/sessions/{id}/events?follow=true"))
+            .header("x-internal-auth", "bench")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        streams.push(r);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let open = current_rss_kib(server_pid);
+    println!(
+        "{n} open SSE streams: server RSS {:.1} MiB (before opening them: {:.1} MiB)",
+        open as f64 / 1024.0,
+        before as f64 / 1024.0
+    );
+    drop(streams);
+}
+
+/// The process's resident set now, from /proc (KiB).
+fn current_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -250,6 +298,9 @@ async fn main() {
                 pct(&d, 0.99)
             );
         }
+    }
+    if let Some(n) = arg("--open-streams").map(|n| n.parse::<usize>().unwrap()) {
+        hold_open_streams(&client, &base, n, child.id()).await;
     }
     println!(
         "server peak RSS: {:.1} MiB",

@@ -15,7 +15,7 @@ use crate::protocol::{Event, EventPayload};
 use crate::session::SessionStatus;
 use crate::storage::Storage;
 
-const HUB_CAPACITY: usize = 1024;
+const HUB_CAPACITY: usize = 128;
 const REPLAY_PAGE: usize = 512;
 
 /// A turn running in this process.
