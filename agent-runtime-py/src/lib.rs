@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 
 mod convert;
 mod errors;
+mod server;
 mod stream;
 
 use errors::IntoPyResult;
@@ -245,6 +246,11 @@ impl Runtime {
     /// passes to the server process). Contains the API keys as given.
     fn environment(&self) -> BTreeMap<String, String> {
         self.environment.clone()
+    }
+
+    /// Starts the HTTP server in this process with this runtime's settings (see `serve`).
+    fn _start_server(&self, py: Python<'_>, host: &str, port: u16) -> PyResult<server::Server> {
+        server::start(py, self.environment.clone(), host, port)
     }
 
     /// Creates a session on the default agent and returns it as a dict (`session_id`,
@@ -531,6 +537,7 @@ fn _agent_runtime(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Runtime>()?;
     m.add_class::<EventStream>()?;
     m.add_class::<Subscription>()?;
+    m.add_class::<server::Server>()?;
     errors::register(m)?;
     Ok(())
 }

@@ -125,10 +125,25 @@ def test_serve_runs_the_server_binary_with_the_runtimes_settings(tmp_path):
     )
 
 
-def test_serve_without_a_server_binary_says_how_to_get_one(monkeypatch, tmp_path):
-    monkeypatch.delenv("AGENT_RUNTIME_SERVER", raising=False)
-    monkeypatch.setenv("PATH", str(tmp_path))
-    if agent_runtime.find_server() is not None:
-        pytest.skip("an agent-runtime-server is installed next to this Python")
-    with pytest.raises(FileNotFoundError, match="cargo build --release -p agent-runtime-server"):
-        agent_runtime.Runtime(database_url="sqlite::memory:").serve()
+def test_serve_runs_the_http_server_in_process_until_stopped(tmp_path):
+    import urllib.request
+
+    rt = agent_runtime.Runtime(database_url=f"sqlite://{tmp_path}/serve.db", internal_api_key="secret-token")
+    server = rt.serve(host="127.0.0.1", port=0, block=False)
+    try:
+        base = f"http://{server.address}"
+        with urllib.request.urlopen(f"{base}/health", timeout=10) as r:
+            health = json.loads(r.read())
+        assert (health["status"], health["dependencies"]["sqlite"]) == ("degraded", "connected")
+        req = urllib.request.Request(
+            f"{base}/sessions", data=b'{"session_id": "from-http"}', method="POST",
+            headers={"x-internal-auth": "secret-token", "content-type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 201
+    finally:
+        server.stop()
+    # The same database, seen by the Python runtime.
+    assert rt.get_session("from-http")["session_id"] == "from-http"
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://{server.address}/health", timeout=2)

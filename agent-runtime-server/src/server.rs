@@ -38,14 +38,6 @@ pub async fn runtime(config: &ServerConfig, metrics: &Arc<Metrics>) -> Result<Or
 
 /// Serves until a shutdown signal. Prints `listening on ADDR` as the first line of stdout.
 pub async fn run(config: ServerConfig) -> Result<(), String> {
-    let metrics = Arc::new(Metrics::default());
-    let rt = runtime(&config, &metrics).await?;
-    match rt.recover_interrupted().await {
-        Ok(0) => {}
-        Ok(n) => tracing::warn!(turns = n, "marked turns interrupted by the previous stop"),
-        Err(e) => return Err(format!("cannot recover interrupted turns: {e}")),
-    }
-    metrics.follow_bus(&rt);
     let listener = TcpListener::bind(config.addr)
         .await
         .map_err(|e| format!("HOST/PORT: cannot listen on {}: {e}", config.addr))?;
@@ -54,6 +46,26 @@ pub async fn run(config: ServerConfig) -> Result<(), String> {
     let mut out = std::io::stdout();
     let _ = writeln!(out, "listening on {addr}");
     let _ = out.flush();
+    serve(config, listener, shutdown_signal()).await
+}
+
+/// Serves on an already bound `listener` until `stop` completes (its value names the reason in
+/// the log), then shuts down gracefully: running turns stop at a pause point, connections drain.
+/// Embedders (the Python module, examples) use this to pick the address and the stop themselves.
+pub async fn serve(
+    config: ServerConfig,
+    listener: TcpListener,
+    stop: impl std::future::Future<Output = &'static str>,
+) -> Result<(), String> {
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let metrics = Arc::new(Metrics::default());
+    let rt = runtime(&config, &metrics).await?;
+    match rt.recover_interrupted().await {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(turns = n, "marked turns interrupted by the previous stop"),
+        Err(e) => return Err(format!("cannot recover interrupted turns: {e}")),
+    }
+    metrics.follow_bus(&rt);
     tracing::info!(%addr, storage = rt.storage().backend(), auth = config.internal_api_key.is_some(), "serving");
     let app = Arc::new(App {
         rt: rt.clone(),
@@ -65,7 +77,6 @@ pub async fn run(config: ServerConfig) -> Result<(), String> {
     });
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
-    let stop = shutdown_signal();
     tokio::pin!(stop);
     loop {
         tokio::select! {

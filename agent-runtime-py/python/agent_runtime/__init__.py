@@ -22,6 +22,7 @@ from typing import Optional, Union
 
 from . import _agent_runtime as _native
 from ._agent_runtime import (
+    Server,
     AgentRuntimeError,
     AgentSwitchLimit,
     ApprovalAlreadyDecided,
@@ -64,6 +65,7 @@ __all__ = [
     "InternalError",
     "ERRORS_BY_CODE",
     "find_server",
+    "Server",
 ]
 
 #: Every exception class by its stable code (``"SESSION_NOT_FOUND"`` → `SessionNotFound`, ...).
@@ -126,22 +128,26 @@ class Runtime(_native.Runtime):
         *,
         block: bool = True,
         server: Optional[Union[str, os.PathLike]] = None,
-    ) -> Union[int, "subprocess.Popen[bytes]"]:
-        """Runs the HTTP server (API.md) with this runtime's settings until it stops.
+    ) -> Union[None, "Server", int, "subprocess.Popen[bytes]"]:
+        """Runs the HTTP server (API.md) with this runtime's settings.
 
-        The server is the ``agent-runtime-server`` binary (see `find_server`, or pass
-        ``server=``), started as a child process with this runtime's settings as its environment
-        variables and ``--host``/``--port``; it shares this runtime's database, so use a file or
-        Postgres, not ``sqlite::memory:``. With ``block=True`` (the default) waits for it and
-        returns its exit code; Ctrl-C stops it gracefully (SIGTERM, then SIGKILL after 15 s).
-        With ``block=False`` returns the `subprocess.Popen` at once.
+        By default the server runs in this process (no binary needed) and shares this runtime's
+        database, so use a file or Postgres, not ``sqlite::memory:``. ``port=0`` picks a free
+        port. With ``block=True`` (the default) it serves until Ctrl-C, which stops it
+        gracefully (running turns end with ``done: cancelled``) and raises `KeyboardInterrupt`.
+        With ``block=False`` it returns a `Server` at once: ``.address``, ``.stop()``, ``.wait()``.
+
+        With ``server=`` (a path to an ``agent-runtime-server`` binary, see `find_server`) it
+        runs that binary as a child process instead, with these settings as its environment;
+        ``block=True`` returns its exit code, ``block=False`` the `subprocess.Popen`.
         """
-        binary = os.fspath(server) if server is not None else find_server()
-        if binary is None:
-            raise FileNotFoundError(
-                f"{_SERVER_NAME} not found: build it with `cargo build --release -p {_SERVER_NAME}` "
-                "and put it on PATH, or set AGENT_RUNTIME_SERVER to its path"
-            )
+        if server is None:
+            running = self._start_server(host, port)
+            if not block:
+                return running
+            running.wait()
+            return None
+        binary = os.fspath(server)
         env = dict(os.environ)
         env.update(self.environment())
         env["HOST"] = host

@@ -9,6 +9,16 @@ JsonValue = Any
 Event = Dict[str, Any]
 """An event: the SSE ``data`` JSON of API.md §4 (``type``, ``seq``, ``is_final``, ...)."""
 
+class Server:
+    """A running HTTP server (from ``Runtime.serve(block=False)``)."""
+    @property
+    def address(self) -> str:
+        """The bound address, ``host:port``."""
+    def stop(self) -> None:
+        """Stops gracefully (running turns end with ``done: cancelled``) and waits until it has."""
+    def wait(self) -> None:
+        """Blocks until the server stops; Ctrl-C stops it and raises `KeyboardInterrupt`."""
+
 class AgentRuntimeError(Exception):
     """Base of every error the runtime raises; ``code`` is the stable code of API.md §1.1."""
 
@@ -100,6 +110,8 @@ class Runtime:
         """The settings in force (defaults filled in), keyed like the keyword arguments."""
     def environment(self) -> Dict[str, str]:
         """The constructor's settings as API.md §8 environment variables."""
+    def _start_server(self, host: str, port: int) -> Server:
+        """Starts the HTTP server in this process (use `agent_runtime.Runtime.serve`)."""
     def create_session(
         self,
         user_id: Optional[str] = None,
