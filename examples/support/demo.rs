@@ -1,5 +1,5 @@
 //! An offline stand: a mock OpenAI-compatible model with scripted answers, and the real HTTP server
-//! (the same `server::run` the `agent-runtime-server` binary calls) on a free port of 127.0.0.1,
+//! (`server::serve`, what the `agent-runtime-server` binary runs) on a free port of 127.0.0.1,
 //! over SQLite in a temporary directory that also holds the session's project folder.
 
 use std::path::PathBuf;
@@ -61,14 +61,9 @@ pub async fn start(answers: Vec<MockResponse>) -> Result<Demo, String> {
     let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
     let project = dir.path().join("project");
     std::fs::create_dir(&project).map_err(|e| format!("project dir: {e}"))?;
-    // A free port, picked here because `server::run` reports its address only on stdout.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("no free port: {e}"))?
-        .port();
     let args = [
         "agent-runtime-server".to_string(),
-        format!("--port={port}"),
+        "--port=0".to_string(),
         format!(
             "--database-url=sqlite://{}",
             dir.path().join("agent-runtime.db").display()
@@ -77,8 +72,14 @@ pub async fn start(answers: Vec<MockResponse>) -> Result<Demo, String> {
         format!("--internal-api-key={TOKEN}"),
     ];
     let config = config::load(args, |_| None).map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(config.addr)
+        .await
+        .map_err(|e| format!("cannot listen: {e}"))?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
     tokio::spawn(async move {
-        if let Err(e) = server::run(config).await {
+        // The stand lives as long as the program: it never asks the server to stop.
+        let forever = std::future::pending::<&'static str>();
+        if let Err(e) = server::serve(config, listener, forever).await {
             eprintln!("demo server stopped: {e}");
         }
     });
