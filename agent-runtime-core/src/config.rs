@@ -74,6 +74,10 @@ pub struct RuntimeConfig {
     pub max_agent_switches: u32,
     /// `AGENT_RUNTIME__PLANS_ENABLED`: the orchestrator may propose a plan (API.md §5.5).
     pub plans_enabled: bool,
+    /// `AGENT_RUNTIME__AGENTS_FILE`: a JSON array of agent definitions (`type`, `name`,
+    /// `description`, `emoji`, `tools`, `restrictions`, `path_rule`, `system_prompt`) added to the
+    /// five default agents, replacing those of the same type.
+    pub agents_file: Option<PathBuf>,
     /// `TOOL_EXECUTION`: the default for sessions that do not say.
     pub tool_execution: ToolExecution,
     /// `WORKSPACE_ROOTS`: if non-empty, every `project_path` must be inside one of these.
@@ -115,6 +119,7 @@ impl Default for RuntimeConfig {
             auto_agent_switching: true,
             max_agent_switches: 10,
             plans_enabled: true,
+            agents_file: None,
             tool_execution: ToolExecution::Runtime,
             workspace_roots: vec![],
             command_timeout: Duration::from_secs(120),
@@ -145,6 +150,7 @@ pub const VARIABLES: &[&str] = &[
     "AGENT_RUNTIME__AUTO_AGENT_SWITCHING",
     "AGENT_RUNTIME__MAX_AGENT_SWITCHES",
     "AGENT_RUNTIME__PLANS_ENABLED",
+    "AGENT_RUNTIME__AGENTS_FILE",
     "TOOL_EXECUTION",
     "WORKSPACE_ROOTS",
     "COMMAND_TIMEOUT_SECS",
@@ -270,6 +276,9 @@ impl RuntimeConfig {
         }
         if let Some(v) = get("AGENT_RUNTIME__PLANS_ENABLED") {
             c.plans_enabled = parse_bool("AGENT_RUNTIME__PLANS_ENABLED", &v)?;
+        }
+        if let Some(v) = get("AGENT_RUNTIME__AGENTS_FILE") {
+            c.agents_file = Some(PathBuf::from(v.trim()));
         }
         if let Some(v) = get("TOOL_EXECUTION") {
             c.tool_execution = ToolExecution::parse(&v)

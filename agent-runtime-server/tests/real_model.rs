@@ -2,11 +2,12 @@
 //! SmolLM2-135M-Instruct at temperature 0 behind the real llama-cpp-python server, started and
 //! stopped by `examples/real-model/model-server.sh`; HTTP + SSE on 127.0.0.1 only.
 //!
-//! Gated like `agent-runtime-core/tests/real_model.rs` (which covers what the binary cannot be
-//! configured for yet: a backend's capabilities, custom agents): under `CI=true` a model server
-//! that does not start is a failure, otherwise each test prints SKIPPED. The binary's backend
-//! assumes full capabilities (no setting for them), so tools go out under `tool_choice: auto`,
-//! which this model ignores: its agents answer in plain text.
+//! Gated like `agent-runtime-core/tests/real_model.rs`: under `CI=true` a model server that does
+//! not start is a failure, otherwise each test prints SKIPPED. By default the binary's backend
+//! assumes full capabilities, so tools go out under `tool_choice: auto`, which this model ignores
+//! and its agents answer in plain text; the `read_file` case sets `LLM_CAPABILITIES` to the
+//! model's real ones (the engine then forces the call) and adds an agent with
+//! `AGENT_RUNTIME__AGENTS_FILE`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers outside #[test]
 
@@ -297,4 +298,78 @@ async fn a_request_the_model_server_chokes_on_ends_in_a_clean_llm_error() {
         .await
         .unwrap();
     assert_ne!(session["status"], "running", "{session}");
+}
+
+/// A turn whose agent must read a file: the agent (from `AGENT_RUNTIME__AGENTS_FILE`) has only
+/// `read_file`, and with `LLM_CAPABILITIES=llama-cpp-python` the engine forces the call the model
+/// cannot choose on its own, then asks for the answer without tools. The real file content is the
+/// tool result, and the answer streams.
+#[tokio::test]
+async fn a_read_file_call_through_the_binary_gets_the_real_content_and_the_answer_streams() {
+    let (_lock, model) = model_server_or_skip!(
+        "a_read_file_call_through_the_binary_gets_the_real_content_and_the_answer_streams"
+    );
+    let agents = tempfile::tempdir().unwrap();
+    let agents_file = agents.path().join("agents.json");
+    std::fs::write(
+        &agents_file,
+        json!([{
+            "type": "reader", "name": "Reader Agent", "description": "Reads one file", "emoji": "📖",
+            "tools": ["read_file"], "restrictions": ["read only"], "path_rule": {"kind": "read_only"},
+            "system_prompt": "Call read_file with {\"path\": \"notes.txt\"}."
+        }])
+        .to_string(),
+    )
+    .unwrap();
+    let rt = runtime(
+        &model,
+        &[
+            ("LLM_CAPABILITIES", "llama-cpp-python"),
+            ("HITL_ENABLED", "false"),
+            ("AGENT_RUNTIME__AUTO_AGENT_SWITCHING", "false"),
+            ("AGENT_RUNTIME__AGENTS_FILE", agents_file.to_str().unwrap()),
+            ("LLM_MAX_TOKENS", "96"),
+        ],
+    )
+    .await;
+    let s = session(&rt).await;
+    std::fs::write(
+        rt.dir.path().join("project/notes.txt"),
+        "The secret word is PINEAPPLE.\n",
+    )
+    .unwrap();
+
+    let events = say(&rt, &s, Some("reader"), "What is the secret word in notes.txt?").await;
+
+    let calls: Vec<(&Value, &Value)> = events
+        .iter()
+        .filter(|e| e["type"] == "tool_call")
+        .map(|e| (&e["tool_name"], &e["arguments"]))
+        .collect();
+    assert_eq!(
+        calls,
+        vec![(&json!("read_file"), &json!({"path": "notes.txt"}))],
+        "{events:?}"
+    );
+    let results: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["type"] == "tool_result")
+        .map(|e| &e["result"])
+        .collect();
+    assert_eq!(
+        results,
+        vec![&json!(
+            "[notes.txt: lines 1-1 of 1]\nThe secret word is PINEAPPLE.\n"
+        )]
+    );
+    let toks = tokens(&events);
+    assert!(
+        toks.len() >= 2,
+        "the answer after the tool result streams: {events:?}"
+    );
+    assert_eq!(
+        events.last().unwrap()["stop_reason"],
+        json!("completed"),
+        "{events:?}"
+    );
 }

@@ -236,6 +236,28 @@ impl AgentRegistry {
         &self.agents
     }
 
+    /// Adds (or replaces) the agents of a JSON file: an array of [`AgentDefinition`]s. Each agent's
+    /// tools must be among `known_tools`; the error names the file and what is wrong.
+    pub fn load_file(&mut self, path: &std::path::Path, known_tools: &[&str]) -> Result<(), String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let agents: Vec<AgentDefinition> = serde_json::from_str(&text)
+            .map_err(|e| format!("{}: not a JSON array of agents: {e}", path.display()))?;
+        for agent in agents {
+            if agent.agent_type.trim().is_empty() {
+                return Err(format!("{}: an agent has an empty type", path.display()));
+            }
+            if let Some(t) = agent.tools.iter().find(|t| !known_tools.contains(&t.as_str())) {
+                return Err(format!(
+                    "{}: agent '{}' names an unknown tool '{t}'",
+                    path.display(),
+                    agent.agent_type
+                ));
+            }
+            self.insert(agent);
+        }
+        Ok(())
+    }
+
     /// The agent types, in display order.
     pub fn types(&self) -> Vec<String> {
         self.agents.iter().map(|a| a.agent_type.clone()).collect()
@@ -308,6 +330,31 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn agents_are_added_from_a_json_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agents.json");
+        std::fs::write(
+            &file,
+            r#"[{"type": "reader", "name": "Reader", "description": "Reads", "emoji": "📖",
+                 "tools": ["read_file"], "restrictions": [], "path_rule": {"kind": "read_only"},
+                 "system_prompt": "Read."}]"#,
+        )
+        .unwrap();
+        let mut reg = AgentRegistry::defaults();
+        reg.load_file(&file, &["read_file"]).unwrap();
+        assert_eq!(reg.get("reader").unwrap().path_rule, PathRule::ReadOnly);
+        assert_eq!(reg.types().len(), 6);
+        std::fs::write(
+            &file,
+            r#"[{"type": "x", "name": "X", "description": "", "emoji": "", "tools": ["rm_rf"],
+            "restrictions": [], "path_rule": {"kind": "any"}, "system_prompt": ""}]"#,
+        )
+        .unwrap();
+        let err = reg.load_file(&file, &["read_file"]).unwrap_err();
+        assert!(err.ends_with("agent 'x' names an unknown tool 'rm_rf'"), "{err}");
     }
 
     #[test]

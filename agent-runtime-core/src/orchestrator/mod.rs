@@ -159,7 +159,17 @@ impl OrchestratorBuilder {
     }
 
     /// Checks the settings against the agents and builds the orchestrator.
-    pub fn build(self) -> Result<Orchestrator> {
+    pub fn build(mut self) -> Result<Orchestrator> {
+        let tools = self
+            .tools
+            .take()
+            .unwrap_or_else(|| Arc::new(ToolRegistry::builtin()));
+        if let Some(path) = &self.config.agents_file {
+            let known: Vec<&str> = tools.names();
+            self.agents
+                .load_file(path, &known)
+                .map_err(|e| Error::InvalidRequest(format!("AGENT_RUNTIME__AGENTS_FILE: {e}")))?;
+        }
         let c = &self.config;
         if !self.agents.contains(&c.default_agent) {
             return Err(Error::InvalidRequest(format!(
@@ -179,7 +189,7 @@ impl OrchestratorBuilder {
                 storage: self.storage,
                 llm: self.llm,
                 agents: self.agents,
-                tools: self.tools.unwrap_or_else(|| Arc::new(ToolRegistry::builtin())),
+                tools,
                 policy,
                 bus: self.bus.unwrap_or_default(),
                 tokenizer: self.tokenizer.unwrap_or_else(default_tokenizer),
