@@ -43,14 +43,21 @@ fn assert_not_interleaved(streams: &[Vec<Value>], stored: &[Value], ctx: &str) {
     assert_received_are_stored(&streams.concat(), stored, ctx);
     for st in streams {
         let seqs: Vec<u64> = st.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
-        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{ctx}: stream {seqs:?}");
+        assert!(
+            seqs.windows(2).all(|w| w[1] == w[0] + 1),
+            "{ctx}: stream {seqs:?}"
+        );
     }
     let mut tokens = String::new();
     for e in stored {
         match (e["type"].as_str().unwrap(), e["is_final"] == true) {
             ("assistant_message", false) => tokens.push_str(e["token"].as_str().unwrap()),
             ("assistant_message", true) => {
-                assert_eq!(e["content"].as_str().unwrap(), tokens, "{ctx}: a turn's text is whole");
+                assert_eq!(
+                    e["content"].as_str().unwrap(),
+                    tokens,
+                    "{ctx}: a turn's text is whole"
+                );
                 tokens.clear();
             }
             ("done", _) => assert_eq!(tokens, "", "{ctx}: a turn ended with text pending"),
@@ -78,7 +85,11 @@ async fn two_hundred_sessions_at_once_each_get_one_whole_turn() {
             let stored = stored(&s, &id).await;
             assert_eq!(events, stored.events, "{id}");
             assert_not_interleaved(&[events], &stored.events, &id);
-            let roles: Vec<&str> = stored.messages.iter().map(|m| m["role"].as_str().unwrap()).collect();
+            let roles: Vec<&str> = stored
+                .messages
+                .iter()
+                .map(|m| m["role"].as_str().unwrap())
+                .collect();
             assert_eq!(roles, ["user", "assistant"], "{id}");
             assert_eq!(user_texts(&stored.messages), [format!("question {n}")]);
         }));
@@ -113,7 +124,10 @@ async fn duplicate_submissions_run_one_turn_and_all_get_its_events() {
         }
         let stored = stored(&s, &id).await;
         for st in &streams {
-            assert_eq!(st, &stored.events, "round {round}: every duplicate sees the one turn");
+            assert_eq!(
+                st, &stored.events,
+                "round {round}: every duplicate sees the one turn"
+            );
         }
         assert_eq!(user_texts(&stored.messages), ["only once"], "round {round}");
         // Later, the same id still replays and starts nothing.
@@ -182,7 +196,10 @@ async fn racing(servers: &[Arc<Server>], llms: &[MockLlmServer], id: &str) {
             while llm.remaining() > 0 {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            s.post(&format!("/sessions/{other}/cancel"), json!({})).send().await.unwrap();
+            s.post(&format!("/sessions/{other}/cancel"), json!({}))
+                .send()
+                .await
+                .unwrap();
             while rec.next().await.is_some() {}
         }
     }
@@ -205,7 +222,10 @@ async fn racing(servers: &[Arc<Server>], llms: &[MockLlmServer], id: &str) {
                     Some(Recorder::new(r).rest_within(Duration::from_secs(60)).await)
                 } else {
                     let (status, body) = error_of(r).await;
-                    assert_eq!((status, body["error"]["code"].as_str()), (409, Some("SESSION_BUSY")));
+                    assert_eq!(
+                        (status, body["error"]["code"].as_str()),
+                        (409, Some("SESSION_BUSY"))
+                    );
                     None
                 }
             }));
@@ -234,12 +254,14 @@ async fn racing_messages_to_one_session_get_session_busy() {
     let llm = MockLlmServer::start().await.unwrap();
     let s = Arc::new(Server::start_with(&llm.url(), None, ENV).await);
     let id = s.session(json!({})).await;
-    racing(&[s.clone()], &[llm], &id).await;
+    racing(std::slice::from_ref(&s), &[llm], &id).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_processes_on_one_postgres_keep_one_turn_per_session() {
-    let Some((_guard, url)) = postgres_url().await else { return };
+    let Some((_guard, url)) = postgres_url().await else {
+        return;
+    };
     let (la, lb) = (
         MockLlmServer::start().await.unwrap(),
         MockLlmServer::start().await.unwrap(),

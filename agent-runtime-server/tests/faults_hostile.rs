@@ -43,7 +43,10 @@ async fn raw(s: &Server, request: &[u8]) -> (Option<u16>, String) {
         .strip_prefix("HTTP/1.1 ")
         .and_then(|t| t.get(..3))
         .and_then(|c| c.parse().ok());
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -59,7 +62,9 @@ fn post_raw(path: &str, body: &[u8]) -> Vec<u8> {
 
 fn code_of(body: &str) -> String {
     let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("JSON error body: {body:?}"));
-    v["error"]["code"].as_str().map_or_else(|| format!("no code: {body}"), String::from)
+    v["error"]["code"]
+        .as_str()
+        .map_or_else(|| format!("no code: {body}"), String::from)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -77,7 +82,8 @@ async fn hostile_requests_get_their_documented_errors_and_change_nothing() {
     .await;
     let id = s.session(json!({"session_id": "victim"})).await;
     llm.push(MockResponse::script(&Script::text("first answer")));
-    s.send(&id, json!({"type": "user_message", "content": "hello"})).await;
+    s.send(&id, json!({"type": "user_message", "content": "hello"}))
+        .await;
     let before = snapshot(&s, &id).await;
 
     let deep = "[".repeat(10_000) + &"]".repeat(10_000);
@@ -117,7 +123,11 @@ async fn hostile_requests_get_their_documented_errors_and_change_nothing() {
     let mut n = 0;
     for (what, path, body, status, code) in &cases {
         let (got, text) = raw(&s, &post_raw(path, body)).await;
-        assert_eq!((got, code_of(&text)), (Some(*status), code.to_string()), "{what}: {text}");
+        assert_eq!(
+            (got, code_of(&text)),
+            (Some(*status), code.to_string()),
+            "{what}: {text}"
+        );
         n += 1;
     }
 
@@ -134,7 +144,10 @@ async fn hostile_requests_get_their_documented_errors_and_change_nothing() {
         // (The URL layer may normalize `%2e%2e` away, leaving no route: NOT_FOUND.)
         assert_eq!(status, 404, "{path}");
         assert!(
-            matches!(body["error"]["code"].as_str(), Some("SESSION_NOT_FOUND" | "NOT_FOUND")),
+            matches!(
+                body["error"]["code"].as_str(),
+                Some("SESSION_NOT_FOUND" | "NOT_FOUND")
+            ),
             "{path}: {body}"
         );
         n += 1;
@@ -150,7 +163,10 @@ async fn hostile_requests_get_their_documented_errors_and_change_nothing() {
     }
     chunked.extend_from_slice(b"0\r\n\r\n");
     let (got, text) = raw(&s, &chunked).await;
-    assert_eq!((got, code_of(&text)), (Some(413), "PAYLOAD_TOO_LARGE".to_string()));
+    assert_eq!(
+        (got, code_of(&text)),
+        (Some(413), "PAYLOAD_TOO_LARGE".to_string())
+    );
     n += 1;
 
     // Oversized headers: refused by the HTTP layer (431) without reaching a handler.
@@ -214,11 +230,17 @@ async fn hostile_requests_get_their_documented_errors_and_change_nothing() {
     assert!(closed.is_ok(), "a trickling head is cut in bounded time");
     n += 1;
 
-    assert_eq!(snapshot(&s, &id).await, before, "hostile requests changed nothing");
+    assert_eq!(
+        snapshot(&s, &id).await,
+        before,
+        "hostile requests changed nothing"
+    );
     eprintln!("{n} hostile requests");
     // Still serving.
     llm.push(MockResponse::script(&Script::text("still here")));
-    let events = s.send(&id, json!({"type": "user_message", "content": "ok?"})).await;
+    let events = s
+        .send(&id, json!({"type": "user_message", "content": "ok?"}))
+        .await;
     assert_eq!(kinds(&events), ["assistant_final", "done:completed"]);
 }
 
@@ -227,7 +249,12 @@ async fn tool_result(s: &Server, llm: &MockLlmServer, id: &str, tool: &str, args
     llm.push(MockResponse::script(&Script::tool_call(tool, args)));
     llm.push(MockResponse::script(&Script::text("done")));
     let events = s.send(id, json!({"type": "user_message", "content": "go"})).await;
-    assert_eq!(kinds(&events).last().unwrap(), "done:completed", "{:?}", kinds(&events));
+    assert_eq!(
+        kinds(&events).last().unwrap(),
+        "done:completed",
+        "{:?}",
+        kinds(&events)
+    );
     find(&events, "tool_result").clone()
 }
 
@@ -309,7 +336,14 @@ async fn fork_bombs_and_endless_output_are_killed_and_cut() {
         .session(json!({"metadata": {"project_path": project.to_str().unwrap()}}))
         .await;
     // Endless output: ends at the timeout, output bounded.
-    let r = tool_result(&s, &llm, &id, "execute_command", json!({"command": "yes 0123456789"})).await;
+    let r = tool_result(
+        &s,
+        &llm,
+        &id,
+        "execute_command",
+        json!({"command": "yes 0123456789"}),
+    )
+    .await;
     let text = r.to_string();
     assert!(text.len() < 16 * 1024, "output cut: {} bytes", text.len());
     // A bounded fork bomb (depth-limited so a failure cannot take the machine down): every
@@ -319,7 +353,10 @@ async fn fork_bombs_and_endless_output_are_killed_and_cut() {
     assert!(r.to_string().len() < 256 * 1024);
     // Nothing of the bomb survives: no `sleep 31.7` left in this project's process group tree.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let ps = std::process::Command::new("ps").args(["-eo", "args"]).output().unwrap();
+    let ps = std::process::Command::new("ps")
+        .args(["-eo", "args"])
+        .output()
+        .unwrap();
     let left = String::from_utf8_lossy(&ps.stdout)
         .lines()
         .filter(|l| l.contains("b x") || l.contains("sleep 31.7"))

@@ -10,7 +10,9 @@ mod fault_support;
 use std::time::Duration;
 
 use agent_runtime_core::llm::mock::{MockLlmServer, MockResponse};
-use agent_runtime_core::llm::{ChatMessage, ChatRequest, Chunk, LlmBackend, OpenAiBackend, OpenAiConfig, Script};
+use agent_runtime_core::llm::{
+    ChatMessage, ChatRequest, Chunk, LlmBackend, OpenAiBackend, OpenAiConfig, Script,
+};
 use common::*;
 use futures::StreamExt;
 use serde_json::json;
@@ -43,14 +45,15 @@ async fn call(b: &OpenAiBackend) -> Result<String, (String, String)> {
             .map_err(|e| (e.code().to_string(), e.to_string()))?;
         let mut text = String::new();
         while let Some(chunk) = stream.next().await {
-            match chunk.map_err(|e| (e.code().to_string(), e.to_string()))? {
-                Chunk::Text(t) => text.push_str(&t),
-                _ => {}
+            if let Chunk::Text(t) = chunk.map_err(|e| (e.code().to_string(), e.to_string()))? {
+                text.push_str(&t);
             }
         }
         Ok(text)
     };
-    tokio::time::timeout(BOUND, run).await.expect("the call ends in bounded time")
+    tokio::time::timeout(BOUND, run)
+        .await
+        .expect("the call ends in bounded time")
 }
 
 /// The first half of a streamed answer: some tokens, no finish.
@@ -91,13 +94,31 @@ async fn persistent_faults_end_with_llm_error() {
         // A model that accepts the request and says nothing is not retried (it may be working on
         // a long prompt): the call fails at the first-byte timeout.
         ("hang", vec![MockResponse::hang()]),
-        ("always 429", vec![MockResponse::status(429, "no").header("Retry-After", "0"); 3]),
-        ("Retry-After too long", vec![MockResponse::status(429, "no").header("Retry-After", "3600")]),
-        ("invalid JSON chunk", vec![MockResponse::sse("data: {not json\n\n")]),
-        ("JSON of the wrong shape", vec![MockResponse::sse("data: {\"choices\": 5}\n\n")]),
+        (
+            "always 429",
+            vec![MockResponse::status(429, "no").header("Retry-After", "0"); 3],
+        ),
+        (
+            "Retry-After too long",
+            vec![MockResponse::status(429, "no").header("Retry-After", "3600")],
+        ),
+        (
+            "invalid JSON chunk",
+            vec![MockResponse::sse("data: {not json\n\n")],
+        ),
+        (
+            "JSON of the wrong shape",
+            vec![MockResponse::sse("data: {\"choices\": 5}\n\n")],
+        ),
         ("empty 200", vec![MockResponse::empty()]),
-        ("cut mid-answer", vec![MockResponse::sse(half_answer()).then_abort()]),
-        ("stalls mid-answer", vec![MockResponse::sse(half_answer()).then_stall()]),
+        (
+            "cut mid-answer",
+            vec![MockResponse::sse(half_answer()).then_abort()],
+        ),
+        (
+            "stalls mid-answer",
+            vec![MockResponse::sse(half_answer()).then_stall()],
+        ),
         ("400", vec![MockResponse::status(400, "bad request")]),
     ];
     for (what, responses) in cases {
@@ -124,7 +145,9 @@ async fn endless_server(comments_only: bool) -> String {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 let _ = sock.read(&mut buf).await;
@@ -132,7 +155,9 @@ async fn endless_server(comments_only: bool) -> String {
                     .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
                     .await;
                 let token = "data: {\"id\":\"x\",\"object\":\"chat.completion.chunk\",\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hm\"},\"finish_reason\":null}]}\n\n";
-                let _ = sock.write_all(format!("{:x}\r\n{token}\r\n", token.len()).as_bytes()).await;
+                let _ = sock
+                    .write_all(format!("{:x}\r\n{token}\r\n", token.len()).as_bytes())
+                    .await;
                 loop {
                     let piece = if comments_only {
                         ": still thinking\n\n".to_string()
@@ -184,25 +209,43 @@ async fn a_model_streaming_forever_is_stopped_by_cancel() {
     assert_eq!(cancel.status(), 200);
     let events = rec.rest_within(BOUND).await;
     assert_eq!(kinds(&events).last().unwrap(), "done:cancelled");
-    let session: serde_json::Value = s.get(&format!("/sessions/{id}")).send().await.unwrap().json().await.unwrap();
+    let session: serde_json::Value = s
+        .get(&format!("/sessions/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(session["status"], "idle");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_model_ends_the_turn_with_an_error_event_and_the_session_goes_on() {
     let llm = MockLlmServer::start().await.unwrap();
-    let s = Server::start_with(&llm.url(), None, &[("AGENT_RUNTIME__AUTO_AGENT_SWITCHING", "false")]).await;
+    let s = Server::start_with(
+        &llm.url(),
+        None,
+        &[("AGENT_RUNTIME__AUTO_AGENT_SWITCHING", "false")],
+    )
+    .await;
     let id = s.session(json!({})).await;
     // Invalid JSON mid-stream: the error arrives as an event after the stream started.
-    llm.push(MockResponse::sse("data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\ndata: {oops\n\n"));
-    let events = s.send(&id, json!({"type": "user_message", "content": "hi"})).await;
+    llm.push(MockResponse::sse(
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\ndata: {oops\n\n",
+    ));
+    let events = s
+        .send(&id, json!({"type": "user_message", "content": "hi"}))
+        .await;
     let k = kinds(&events);
     assert_eq!(&k[k.len() - 2..], ["error", "done:error"], "{events:#?}");
     assert_eq!(find(&events, "error")["code"], "LLM_ERROR");
     // 429 with Retry-After, then an answer: the turn succeeds after the wait.
     llm.push(MockResponse::status(429, "slow down").header("Retry-After", "1"));
     llm.push(MockResponse::script(&Script::text("after the wait")));
-    let events = s.send(&id, json!({"type": "user_message", "content": "again"})).await;
+    let events = s
+        .send(&id, json!({"type": "user_message", "content": "again"}))
+        .await;
     assert_eq!(kinds(&events), ["assistant_final", "done:completed"]);
     let stored = fault_support::stored(&s, &id).await;
     fault_support::assert_history_valid(&stored.messages, "model faults");

@@ -155,6 +155,9 @@ async fn a_bad_last_event_id_is_invalid_request_and_one_past_the_end_gets_nothin
             .send()
             .await
             .unwrap();
-        assert_eq!(Recorder::new(r).rest_within(Duration::from_secs(10)).await, Vec::<serde_json::Value>::new());
+        assert_eq!(
+            Recorder::new(r).rest_within(Duration::from_secs(10)).await,
+            Vec::<serde_json::Value>::new()
+        );
     }
 }

@@ -67,7 +67,13 @@ impl Recorder {
                     continue;
                 }
                 let mut lines = frame.lines();
-                let id: u64 = lines.next().unwrap().strip_prefix("id: ").unwrap().parse().unwrap();
+                let id: u64 = lines
+                    .next()
+                    .unwrap()
+                    .strip_prefix("id: ")
+                    .unwrap()
+                    .parse()
+                    .unwrap();
                 let data = lines.next().unwrap().strip_prefix("data: ").unwrap();
                 let v: Value = serde_json::from_str(data).unwrap();
                 assert_eq!(v["seq"], id, "id line and seq differ");
@@ -146,13 +152,14 @@ pub fn assert_received_are_stored(received: &[Value], stored: &[Value], ctx: &st
         (1..=seqs.len() as u64).collect::<Vec<_>>(),
         "{ctx}: stored seqs"
     );
-    let by_seq: BTreeMap<u64, &Value> = stored
-        .iter()
-        .map(|e| (e["seq"].as_u64().unwrap(), e))
-        .collect();
+    let by_seq: BTreeMap<u64, &Value> = stored.iter().map(|e| (e["seq"].as_u64().unwrap(), e)).collect();
     for e in received {
         let seq = e["seq"].as_u64().unwrap();
-        assert_eq!(by_seq.get(&seq), Some(&e), "{ctx}: received event {seq} differs from storage");
+        assert_eq!(
+            by_seq.get(&seq),
+            Some(&e),
+            "{ctx}: received event {seq} differs from storage"
+        );
     }
 }
 
