@@ -110,9 +110,18 @@ impl Recorder {
 
     /// Reads to the end, bounded: a stream that does not end in `limit` fails the test.
     pub async fn rest_within(self, limit: Duration) -> Vec<Value> {
-        tokio::time::timeout(limit, self.rest())
-            .await
-            .expect("the stream ends")
+        self.rest_within_ctx(limit, "").await
+    }
+
+    /// [`Recorder::rest_within`], naming `ctx` (and the events so far) when the stream hangs.
+    pub async fn rest_within_ctx(mut self, limit: Duration, ctx: &str) -> Vec<Value> {
+        let ended = tokio::time::timeout(limit, async { while self.next().await.is_some() {} }).await;
+        assert!(
+            ended.is_ok(),
+            "{ctx}: the stream did not end within {limit:?}; received {:?}",
+            self.events
+        );
+        self.events
     }
 }
 
