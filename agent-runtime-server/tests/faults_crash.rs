@@ -327,7 +327,7 @@ async fn sqlite_survives_sigkill_at_random_points() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "core bug (intermittent): on Postgres, after a SIGKILL and restart, the new message's stream sometimes never ends (seed 9002, ~1 run in 3)"]
+#[ignore = "core bug: on Postgres, an approval decided after a SIGKILL+restart streams approval_resolved and tool_result, then stalls (seed 9002, kill 34)"]
 async fn postgres_survives_sigkill_at_random_points() {
     let Some((_guard, url)) = postgres_url().await else {
         return;
