@@ -37,6 +37,8 @@ pub struct App {
     pub max_request_bytes: usize,
     /// SSE keep-alive interval.
     pub keep_alive: Duration,
+    /// How long reading a request body may take.
+    pub request_timeout: Duration,
     /// Counters for `/metrics`.
     pub metrics: Arc<Metrics>,
     /// The cached health checks.
@@ -232,9 +234,19 @@ async fn read_json<T: DeserializeOwned>(
     if declared.is_some_and(|n| n > app.max_request_bytes as u64) {
         return Err(too_large());
     }
-    let bytes = Limited::new(req.into_body(), app.max_request_bytes)
-        .collect()
-        .await
+    // A body that trickles in holds a task and a connection: bounded like the head.
+    let collected = tokio::time::timeout(
+        app.request_timeout,
+        Limited::new(req.into_body(), app.max_request_bytes).collect(),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::invalid(format!(
+            "request body not received within {} s",
+            app.request_timeout.as_secs()
+        ))
+    })?;
+    let bytes = collected
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
                 too_large()
@@ -248,6 +260,11 @@ async fn read_json<T: DeserializeOwned>(
     } else {
         &bytes
     };
+    // serde's derived structs also accept a JSON array (fields by position): `[]` would be an
+    // empty create-session request. Bodies are objects (API.md §1).
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::invalid("invalid JSON body: expected a JSON object"));
+    }
     serde_json::from_slice(bytes).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
 }
 

@@ -35,6 +35,10 @@ pub const SERVER_VARIABLES: &[(&str, &str)] = &[
         "SHUTDOWN_GRACE_SECS",
         "how long running turns get to stop on SIGTERM (default 10)",
     ),
+    (
+        "REQUEST_TIMEOUT_SECS",
+        "time a client gets to send a request's head, and again its body (default 30)",
+    ),
 ];
 
 /// How logs are written.
@@ -63,6 +67,9 @@ pub struct ServerConfig {
     pub keep_alive: Duration,
     /// Grace period for running turns at shutdown.
     pub shutdown_grace: Duration,
+    /// Time a client gets to send a request's head, and again its body (slow clients hold a
+    /// connection and a task; past this they get an error and the connection closes).
+    pub request_timeout: Duration,
     /// The core's settings.
     pub runtime: RuntimeConfig,
 }
@@ -180,6 +187,7 @@ pub fn load(
         .map_err(|_| ConfigError("MAX_REQUEST_BYTES: too large".into()))?;
     let keep_alive = Duration::from_secs(num("SSE_KEEPALIVE_SECS", 15, 1)?);
     let shutdown_grace = Duration::from_secs(num("SHUTDOWN_GRACE_SECS", 10, 0)?);
+    let request_timeout = Duration::from_secs(num("REQUEST_TIMEOUT_SECS", 30, 1)?);
     let log_format = match get("LOG_FORMAT").map(|v| v.to_ascii_lowercase()).as_deref() {
         None | Some("text") => LogFormat::Text,
         Some("json") => LogFormat::Json,
@@ -214,6 +222,7 @@ pub fn load(
         log_format,
         keep_alive,
         shutdown_grace,
+        request_timeout,
         runtime,
     })
 }

@@ -212,7 +212,16 @@ fn operation(op: &Op, error: &Value) -> Value {
         Some(s) => json!({"description": "OK", "content": {"application/json": {"schema": s}}}),
         None => {
             json!({"description": "Server-sent events: `id: <seq>` and `data: <event JSON>` per event; `done` is last",
-                       "content": {"text/event-stream": {"schema": {"type": "string"}}}})
+            // One SSE event as parsed from the stream (schema checkers validate each).
+            "content": {"text/event-stream": {"schema": {
+                "type": "object",
+                "required": ["data"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "event": {"type": "string"},
+                    "data": {"type": "string", "description": "the event's JSON"}
+                }
+            }}}})
         }
     };
     responses.insert(op.ok.0.to_string(), ok);

@@ -9,7 +9,7 @@ use agent_runtime_core::llm::{LlmBackend, OpenAiBackend, OpenAiConfig};
 use agent_runtime_core::orchestrator::Orchestrator;
 use agent_runtime_core::storage;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
@@ -72,10 +72,16 @@ pub async fn serve(
         token: config.internal_api_key.clone(),
         max_request_bytes: config.max_request_bytes,
         keep_alive: config.keep_alive,
+        request_timeout: config.request_timeout,
         metrics,
         health: HealthCheck::default(),
     });
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A client that trickles its request head in gets a bounded time, then the connection closes.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.request_timeout);
     let graceful = GracefulShutdown::new();
     tokio::pin!(stop);
     loop {

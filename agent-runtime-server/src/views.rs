@@ -139,7 +139,8 @@ pub struct MessageView {
     /// The agent that produced it (or was current).
     pub agent: Option<String>,
     /// Tool calls of an assistant message.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    // `default` marks it optional in the schema: it is left out when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tool_calls: Vec<ToolCallView>,
     /// The call a tool message answers.
     #[serde(skip_serializing_if = "Option::is_none")]
