@@ -32,6 +32,7 @@ fn config(url: String) -> OpenAiConfig {
         connect_timeout: Duration::from_secs(1),
         first_byte_timeout: Duration::from_secs(2),
         idle_timeout: Duration::from_secs(2),
+        max_answer: Duration::from_secs(10),
         max_retries: 3,
         backoff_base: Duration::from_millis(10),
         backoff_max: Duration::from_millis(40),

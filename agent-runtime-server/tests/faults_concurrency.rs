@@ -101,7 +101,6 @@ async fn two_hundred_sessions_at_once_each_get_one_whole_turn() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "core bug: a duplicate request_id looked up before the first turn's commit but admitted after it ended starts a second turn"]
 async fn duplicate_submissions_run_one_turn_and_all_get_its_events() {
     let llm = MockLlmServer::start().await.unwrap();
     let s = Arc::new(Server::start_with(&llm.url(), None, ENV).await);

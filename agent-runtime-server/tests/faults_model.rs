@@ -177,7 +177,6 @@ async fn endless_server(comments_only: bool) -> String {
 }
 
 #[tokio::test]
-#[ignore = "core bug: after the first token, SSE comment lines every 20 ms keep a model stream alive forever (the idle timer counts bytes, not events)"]
 async fn a_model_that_sends_only_comments_after_a_token_times_out() {
     let b = backend(&endless_server(true).await);
     let got = call(&b).await;

@@ -45,6 +45,8 @@ pub struct OpenAiConfig {
     pub first_byte_timeout: Duration,
     /// Limit for a gap between two pieces of a streaming answer.
     pub idle_timeout: Duration,
+    /// The longest one answer may stream in all (a model that never stops is cut off).
+    pub max_answer: Duration,
     /// Retries after the first attempt (only before the first chunk).
     pub max_retries: u32,
     /// Backoff before the first retry; doubles each time, with jitter.
@@ -82,6 +84,7 @@ impl Default for OpenAiConfig {
             connect_timeout: Duration::from_secs(5),
             first_byte_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(60),
+            max_answer: Duration::from_secs(600),
             max_retries: 3,
             backoff_base: Duration::from_millis(250),
             backoff_max: Duration::from_secs(8),
@@ -102,6 +105,7 @@ impl std::fmt::Debug for OpenAiConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("first_byte_timeout", &self.first_byte_timeout)
             .field("idle_timeout", &self.idle_timeout)
+            .field("max_answer", &self.max_answer)
             .field("max_retries", &self.max_retries)
             .field("backoff_base", &self.backoff_base)
             .field("backoff_max", &self.backoff_max)
@@ -275,6 +279,8 @@ impl OpenAiBackend {
             pending: VecDeque::new(),
             ended: false,
             idle_timeout: self.config.idle_timeout,
+            started: std::time::Instant::now(),
+            max_answer: self.config.max_answer,
             include_usage,
             saw_usage: false,
             usage_missing: self.usage_missing.clone(),
@@ -413,6 +419,9 @@ struct Live {
     pending: VecDeque<Chunk>,
     ended: bool,
     idle_timeout: Duration,
+    /// When the answer started, and how long it may stream in all.
+    started: std::time::Instant,
+    max_answer: Duration,
     include_usage: bool,
     saw_usage: bool,
     usage_missing: Arc<AtomicBool>,
@@ -458,8 +467,17 @@ impl Live {
         }
     }
 
-    /// The next chunk for the caller; gaps longer than the idle timeout end the stream.
+    /// The next chunk for the caller; gaps longer than the idle timeout end the stream. Bytes
+    /// that carry no chunk (SSE comments, keep-alives) do not count as progress.
     async fn next_chunk(&mut self) -> Option<Result<Chunk>> {
+        let deadline = tokio::time::Instant::now() + self.idle_timeout;
+        if self.started.elapsed() > self.max_answer {
+            self.ended = true;
+            return Some(Err(Error::Llm(format!(
+                "model answer still streaming after {}; stopped",
+                secs(self.max_answer)
+            ))));
+        }
         loop {
             if let Some(chunk) = self.pending.pop_front() {
                 match &chunk {
@@ -475,7 +493,8 @@ impl Live {
             if self.ended {
                 return None;
             }
-            match self.read_more(self.idle_timeout).await {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.read_more(left).await {
                 Ok(()) => {}
                 // The answer was complete, only `[DONE]` is missing: finish instead of failing.
                 Err(ReadError::Timeout) if self.decoder.has_finish() => match self.decoder.finish() {

@@ -103,32 +103,19 @@ pub(in crate::orchestrator) async fn submit(
 ) -> Result<EventStream> {
     let session = rt.storage.get_session(session_id).await?;
     validate(&rt, &session, &sub.message)?;
-    if let Some(rid) = &sub.request_id
-        && let Some(first) = rt.storage.find_request(session_id, rid).await?
-    {
-        return Ok(EventStream::new(
-            rt.storage.clone(),
-            rt.hubs.clone(),
-            session_id,
-            first.saturating_sub(1),
-            Follow::UntilDone,
-        ));
+    let rid = sub.request_id.as_deref();
+    if let Some(replay) = replay_request(&rt, session_id, rid).await? {
+        return Ok(replay);
     }
     let running = match take_session(&rt, session_id).await {
         Ok(r) => r,
         Err(Error::SessionBusy(id)) => {
             // A duplicate of a submission still starting: wait for its first commit and replay it.
-            if let Some(rid) = &sub.request_id {
+            if rid.is_some() {
                 for _ in 0..50 {
                     tokio::time::sleep(Duration::from_millis(20)).await;
-                    if let Some(first) = rt.storage.find_request(session_id, rid).await? {
-                        return Ok(EventStream::new(
-                            rt.storage.clone(),
-                            rt.hubs.clone(),
-                            session_id,
-                            first.saturating_sub(1),
-                            Follow::UntilDone,
-                        ));
+                    if let Some(replay) = replay_request(&rt, session_id, rid).await? {
+                        return Ok(replay);
                     }
                 }
             }
@@ -136,6 +123,19 @@ pub(in crate::orchestrator) async fn submit(
         }
         Err(e) => return Err(e),
     };
+    // Looked up again now that the session is ours: the original may have run and ended
+    // between the first look and taking the session.
+    match replay_request(&rt, session_id, rid).await {
+        Ok(None) => {}
+        Ok(Some(replay)) => {
+            give_back(&rt, session_id).await;
+            return Ok(replay);
+        }
+        Err(e) => {
+            give_back(&rt, session_id).await;
+            return Err(e);
+        }
+    }
     match start(&rt, session_id, sub, running.cancel.clone()).await {
         Ok((turn, next, first_seq)) => {
             let stream = EventStream::new(
@@ -160,6 +160,25 @@ pub(in crate::orchestrator) async fn submit(
             Err(e)
         }
     }
+}
+
+/// The stream replaying the turn a `request_id` already started, if one did.
+async fn replay_request(
+    rt: &Arc<Inner>,
+    session_id: &str,
+    request_id: Option<&str>,
+) -> Result<Option<EventStream>> {
+    let Some(rid) = request_id else { return Ok(None) };
+    let first = rt.storage.find_request(session_id, rid).await?;
+    Ok(first.map(|first| {
+        EventStream::new(
+            rt.storage.clone(),
+            rt.hubs.clone(),
+            session_id,
+            first.saturating_sub(1),
+            Follow::UntilDone,
+        )
+    }))
 }
 
 /// Checks what can be checked before anything is stored.
