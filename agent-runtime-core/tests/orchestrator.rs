@@ -1411,7 +1411,7 @@ async fn a_model_that_ignores_auto_tool_choice_is_led_by_forced_calls() {
         ScriptedBackend::new(vec![
             Script::tool_call("next_step", json!({"action": "read_file"})),
             Script::tool_call("read_file", json!({"path": "notes.txt"})),
-            Script::tool_call("next_step", json!({"action": "answer"})),
+            // LLM_FORCED_TOOL_STEPS (1) results gathered: the answer is asked for without tools.
             Script::text("The notes say hello"),
         ])
         .with_capabilities(Capabilities::llama_cpp_python()),
@@ -1460,13 +1460,68 @@ async fn a_model_that_ignores_auto_tool_choice_is_led_by_forced_calls() {
         vec![
             ToolChoice::Function("next_step".into()),
             ToolChoice::Function("read_file".into()),
-            ToolChoice::Function("next_step".into()),
             ToolChoice::Auto,
         ]
     );
     assert!(
-        llm.requests()[3].tools.is_empty(),
+        llm.requests()[2].tools.is_empty(),
         "the answer is streamed without tools"
+    );
+}
+
+#[tokio::test]
+async fn with_more_forced_tool_steps_the_model_chooses_when_to_answer() {
+    use agent_runtime_core::llm::Capabilities;
+    let llm = Arc::new(
+        ScriptedBackend::new(vec![
+            Script::tool_call("next_step", json!({"action": "list_files"})),
+            Script::tool_call("list_files", json!({})),
+            Script::tool_call("next_step", json!({"action": "answer"})),
+            Script::text("Listed"),
+        ])
+        .with_capabilities(Capabilities::llama_cpp_python()),
+    );
+    let mut config = RuntimeConfig {
+        hitl_enabled: false,
+        ..RuntimeConfig::default()
+    };
+    config.llm.forced_tool_steps = 3;
+    let store = storage::open("memory://").await.unwrap();
+    let rt = Orchestrator::builder(store, llm.clone())
+        .config(config)
+        .build()
+        .unwrap();
+    let project = tempfile::tempdir().unwrap();
+    let s = rt
+        .create_session(CreateSession {
+            metadata: Some(json!({"project_path": project.path().to_str().unwrap()})),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .id;
+    let events = collect(
+        rt.submit(
+            &s,
+            Submission::new(ClientMessage::UserMessage {
+                content: "list".into(),
+                agent_type: Some("ask".into()),
+            }),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(stop(&events), StopReason::Completed);
+    let choices: Vec<ToolChoice> = llm.requests().iter().map(|r| r.tool_choice.clone()).collect();
+    assert_eq!(
+        choices,
+        vec![
+            ToolChoice::Function("next_step".into()),
+            ToolChoice::Function("list_files".into()),
+            ToolChoice::Function("next_step".into()),
+            ToolChoice::Auto,
+        ]
     );
 }
 

@@ -139,6 +139,8 @@ pub fn build_window(
     let groups = group_boundaries(recent);
     let mut start = recent.len();
     let mut tokens = system;
+    // The newest group with its tool results cut to fit, when they alone overflow the window.
+    let mut newest_cut: Option<Vec<Message>> = None;
     for (i, &(g_start, g_end)) in groups.iter().enumerate().rev() {
         let group = &recent[g_start..g_end];
         let newest = i + 1 == groups.len();
@@ -151,8 +153,16 @@ pub fn build_window(
             }
             break;
         }
-        let cost: usize = group.iter().map(|m| message_tokens(tokenizer, m)).sum();
+        let mut cost: usize = group.iter().map(|m| message_tokens(tokenizer, m)).sum();
         let count = recent.len() - g_start;
+        if newest
+            && tokens + cost > limits.max_tokens
+            && count <= limits.max_messages
+            && let Some(cut) = cut_tool_results(tokenizer, group, limits.max_tokens.saturating_sub(tokens))
+        {
+            cost = cut.iter().map(|m| message_tokens(tokenizer, m)).sum();
+            newest_cut = Some(cut);
+        }
         if tokens + cost > limits.max_tokens || count > limits.max_messages {
             if newest {
                 return Err(Error::ContextTooLarge(format!(
@@ -168,11 +178,45 @@ pub fn build_window(
         tokens += cost;
         start = g_start;
     }
+    let mut messages = recent[start..].to_vec();
+    if let Some(cut) = newest_cut {
+        messages.truncate(messages.len() - cut.len());
+        messages.extend(cut);
+    }
     Ok(Window {
-        messages: recent[start..].to_vec(),
+        messages,
         tokens,
         dropped: start,
     })
+}
+
+/// The group with its tool results cut (each to an equal share of what is left of `budget`
+/// after the other messages), or `None` if there are none or even that cannot fit.
+fn cut_tool_results(tokenizer: &dyn Tokenizer, group: &[Message], budget: usize) -> Option<Vec<Message>> {
+    let tools = group.iter().filter(|m| m.role == Role::Tool).count();
+    if tools == 0 {
+        return None;
+    }
+    let fixed: usize = group
+        .iter()
+        .filter(|m| m.role != Role::Tool)
+        .map(|m| message_tokens(tokenizer, m))
+        .sum();
+    // Room for each result's content, keeping a little for the note a cut adds.
+    let share = budget.checked_sub(fixed)? / tools;
+    let share = share.checked_sub(MESSAGE_OVERHEAD + 24)?;
+    let mut out = group.to_vec();
+    for m in out.iter_mut().filter(|m| m.role == Role::Tool) {
+        let mut bytes = m.content.len();
+        while tokenizer.count(&m.content) > share && bytes > 0 {
+            // Tokens shrink about in proportion to bytes; aim a little under.
+            let ratio = share as f64 / tokenizer.count(&m.content).max(1) as f64;
+            bytes = ((bytes as f64) * ratio * 0.9) as usize;
+            m.content = truncate_output(&m.content, bytes);
+        }
+    }
+    let total: usize = out.iter().map(|m| message_tokens(tokenizer, m)).sum();
+    (total <= budget).then_some(out)
 }
 
 /// Splits `messages` into groups `[start, end)`: a tool-calling assistant message with the tool
@@ -361,6 +405,26 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.code(), "CONTEXT_TOO_LARGE");
+    }
+
+    #[test]
+    fn tool_results_too_large_for_the_window_are_cut_to_fit() {
+        let big = "0123456789 ".repeat(3000);
+        let history = vec![
+            msg(1, Role::User, "list it"),
+            call(2, &["c1"]),
+            result(3, "c1", &big),
+        ];
+        let limits = ContextLimits {
+            max_messages: 50,
+            max_tokens: 1000,
+        };
+        let w = build_window(&O200kTokenizer, limits, "sys", &history).unwrap();
+        assert!(w.tokens <= 1000, "{}", w.tokens);
+        let cut = &w.messages.last().unwrap().content;
+        assert!(cut.contains("[output truncated:"), "{cut}");
+        assert_eq!(w.messages.last().unwrap().tool_call_id.as_deref(), Some("c1"));
+        assert_eq!(w.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2, 3]);
     }
 
     #[test]
