@@ -7,13 +7,16 @@ use std::time::Duration;
 use agent_runtime_core::Event;
 use agent_runtime_core::orchestrator::EventStream;
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use http_body_util::StreamBody;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Frame;
 use hyper::{Response, StatusCode, header};
 
 use crate::metrics::StreamGuard;
+
+/// Ready events are written together up to about this many bytes.
+const BURST_BYTES: usize = 16 * 1024;
 
 /// The comment sent while a stream is idle.
 pub const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
@@ -26,6 +29,8 @@ pub fn encode(event: &Event) -> Bytes {
 
 struct Sse {
     events: EventStream,
+    /// The events ended while a burst was gathered.
+    ended: bool,
     keep_alive: Duration,
     _guard: StreamGuard,
 }
@@ -39,13 +44,32 @@ pub fn response(
 ) -> Response<UnsyncBoxBody<Bytes, Infallible>> {
     let state = Sse {
         events,
+        ended: false,
         keep_alive,
         _guard: guard,
     };
     let frames = futures::stream::unfold(state, |mut s| async move {
+        if s.ended {
+            return None;
+        }
         // Dropping `next()` on a timeout loses nothing: the pending read lives in the stream.
         let bytes = match tokio::time::timeout(s.keep_alive, s.events.next()).await {
-            Ok(Some(event)) => encode(&event),
+            Ok(Some(event)) => {
+                // Events already here (a burst of tokens) go out in one write.
+                let mut buf = encode(&event).to_vec();
+                while buf.len() < BURST_BYTES {
+                    match s.events.next().now_or_never() {
+                        Some(Some(next)) => buf.extend_from_slice(&encode(&next)),
+                        Some(None) => {
+                            // Ended: never poll the stream again.
+                            s.ended = true;
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                Bytes::from(buf)
+            }
             Ok(None) => return None,
             Err(_) => Bytes::from_static(KEEP_ALIVE),
         };
