@@ -178,6 +178,9 @@ impl OrchestratorBuilder {
                 self.agents.types().join(", ")
             )));
         }
+        let tokenizer = self.tokenizer.unwrap_or_else(default_tokenizer);
+        // Loading the BPE ranks takes a moment: pay it here, not in the first turns.
+        let _ = tokenizer.count("warm up");
         let policy = self.policy.unwrap_or_else(|| {
             Arc::new(DangerousToolsPolicy::new(
                 c.hitl_enabled,
@@ -192,7 +195,7 @@ impl OrchestratorBuilder {
                 tools,
                 policy,
                 bus: self.bus.unwrap_or_default(),
-                tokenizer: self.tokenizer.unwrap_or_else(default_tokenizer),
+                tokenizer,
                 owner: format!("runtime_{}", uuid::Uuid::new_v4().simple()),
                 hubs: Arc::new(stream::Hubs::default()),
                 config: self.config,
