@@ -224,10 +224,15 @@ impl Inner {
     pub(crate) fn tool_specs(&self, agent: &crate::agent::AgentDefinition) -> Vec<crate::protocol::ToolSpec> {
         let names: Vec<&str> = agent.tools.iter().map(String::as_str).collect();
         let mut tools = self.tools.specs(&names);
-        if self.config.multi_agent_enabled && self.config.auto_agent_switching {
+        if self.auto_switching() {
             tools.push(routing::switch_spec(&self.agents.types()));
         }
         tools
+    }
+
+    /// Whether agents may switch on their own (routing and the `switch_agent` tool).
+    pub(crate) fn auto_switching(&self) -> bool {
+        self.config.multi_agent_enabled && self.config.auto_agent_switching
     }
 
     /// The window's limits for a call offering `tools`: the token budget leaves room for the

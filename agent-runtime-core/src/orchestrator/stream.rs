@@ -262,11 +262,4 @@ impl EventStream {
             inner: Box::pin(stream),
         }
     }
-
-    /// A stream of the given events only (nothing to follow).
-    pub fn from_events(events: Vec<Event>) -> EventStream {
-        EventStream {
-            inner: Box::pin(futures::stream::iter(events)),
-        }
-    }
 }

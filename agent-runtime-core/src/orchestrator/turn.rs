@@ -448,10 +448,6 @@ impl Turn {
         Ok(has_calls)
     }
 
-    fn auto_switching(&self) -> bool {
-        self.rt.config.multi_agent_enabled && self.rt.config.auto_agent_switching
-    }
-
     /// The model's id when it is unique in the session, else `call_<uuid>`.
     async fn unique_call_id(
         &self,
@@ -606,7 +602,7 @@ impl Turn {
                 self.state.guard.invalid_call()?;
                 continue;
             }
-            if call.tool_name == SWITCH_TOOL && self.auto_switching() {
+            if call.tool_name == SWITCH_TOOL && self.rt.auto_switching() {
                 self.hand_over(&call).await?;
                 continue;
             }
