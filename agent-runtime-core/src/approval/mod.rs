@@ -101,3 +101,20 @@ pub struct ApprovalResolution {
     /// When decided.
     pub decided_at: Timestamp,
 }
+
+impl ApprovalResolution {
+    /// The resolution a human decision records: its feedback, and for an `edit` the arguments.
+    pub fn of_decision(d: &crate::protocol::HitlDecision, status: ApprovalStatus) -> Self {
+        ApprovalResolution {
+            call_id: d.call_id.clone(),
+            status,
+            feedback: d.feedback.clone(),
+            modified_arguments: if d.decision == "edit" {
+                d.modified_arguments.clone()
+            } else {
+                None
+            },
+            decided_at: Timestamp::now(),
+        }
+    }
+}

@@ -278,17 +278,7 @@ pub(super) async fn decide_plan(turn: &mut Turn, d: HitlDecision, request_id: Op
         }
     };
     let c = Commit {
-        resolutions: vec![ApprovalResolution {
-            call_id: d.call_id.clone(),
-            status,
-            feedback: d.feedback.clone(),
-            modified_arguments: if d.decision == "edit" {
-                d.modified_arguments.clone()
-            } else {
-                None
-            },
-            decided_at: Timestamp::now(),
-        }],
+        resolutions: vec![ApprovalResolution::of_decision(&d, status)],
         plans,
         events: vec![EventPayload::ApprovalResolved {
             call_id: d.call_id.clone(),

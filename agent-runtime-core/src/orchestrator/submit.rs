@@ -534,17 +534,7 @@ async fn decide(turn: &mut Turn, d: HitlDecision, request_id: Option<String>) ->
         SessionStatus::Running
     };
     let c = Commit {
-        resolutions: vec![ApprovalResolution {
-            call_id: d.call_id.clone(),
-            status,
-            feedback: d.feedback.clone(),
-            modified_arguments: if d.decision == "edit" {
-                d.modified_arguments.clone()
-            } else {
-                None
-            },
-            decided_at: Timestamp::now(),
-        }],
+        resolutions: vec![ApprovalResolution::of_decision(&d, status)],
         events,
         request_id,
         session: SessionUpdate {
