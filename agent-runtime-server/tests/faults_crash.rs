@@ -165,6 +165,24 @@ async fn drive(
     }
 }
 
+/// Posts `body` until the answer is not `SESSION_BUSY`: after a crash the dead process's lease
+/// holds the session until it lapses (`SESSION_LEASE_SECS`, 1 s here; README, "Several processes").
+async fn until_not_busy(s: &Server, path: &str, body: Value, ctx: &str) -> reqwest::Response {
+    for _ in 0..100 {
+        let r = s.post(path, body.clone()).send().await.unwrap();
+        if r.status() != 409 {
+            return r;
+        }
+        let (_, err) = error_of(r).await;
+        assert_eq!(err["error"]["code"], "SESSION_BUSY", "{ctx}: {path}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "{ctx}: {path} still SESSION_BUSY after 5 s (the lease lapses after 1 s)\n{}",
+        s.logs()
+    );
+}
+
 /// After a restart: pending approvals are listed and decided, the session takes a new message, and
 /// storage agrees with everything the client saw.
 async fn check_after_restart(s: &Server, llm: &MockLlmServer, t: &mut Tracked, tag: &str) {
@@ -184,14 +202,13 @@ async fn check_after_restart(s: &Server, llm: &MockLlmServer, t: &mut Tracked, t
     for p in &pending {
         assert_eq!(p["tool_name"], "write_file", "{ctx}");
         llm.push(MockResponse::script(&Script::text(format!("{tag} decided"))));
-        let r = s
-            .post(
-                &format!("/sessions/{}/hitl-decision", t.id),
-                json!({"call_id": p["call_id"], "decision": "approve"}),
-            )
-            .send()
-            .await
-            .unwrap();
+        let r = until_not_busy(
+            s,
+            &format!("/sessions/{}/hitl-decision", t.id),
+            json!({"call_id": p["call_id"], "decision": "approve"}),
+            &ctx,
+        )
+        .await;
         assert_eq!(
             r.status(),
             200,
@@ -214,28 +231,17 @@ async fn check_after_restart(s: &Server, llm: &MockLlmServer, t: &mut Tracked, t
     // The new message: busy only while the dead process's lease lapses.
     let content = format!("{tag}: after restart");
     llm.push(MockResponse::script(&Script::text(format!("{tag} fine"))));
-    let mut busy = 0;
-    let events = loop {
-        let r = s
-            .post(
-                "/agent/message/stream",
-                json!({"session_id": t.id, "message": {"type": "user_message", "content": content}}),
-            )
-            .send()
-            .await
-            .unwrap();
-        if r.status() == 409 && busy < 100 {
-            let (_, body) = error_of(r).await;
-            assert_eq!(body["error"]["code"], "SESSION_BUSY", "{ctx}");
-            busy += 1;
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        }
-        assert_eq!(r.status(), 200, "{ctx}: new message: {:?}", r.text().await);
-        break Recorder::new(r)
-            .rest_within_ctx(Duration::from_secs(30), &format!("{ctx}: new message"))
-            .await;
-    };
+    let r = until_not_busy(
+        s,
+        "/agent/message/stream",
+        json!({"session_id": t.id, "message": {"type": "user_message", "content": content}}),
+        &ctx,
+    )
+    .await;
+    assert_eq!(r.status(), 200, "{ctx}: new message: {:?}", r.text().await);
+    let events = Recorder::new(r)
+        .rest_within_ctx(Duration::from_secs(30), &format!("{ctx}: new message"))
+        .await;
     t.sent.push(content);
     assert_eq!(
         kinds(&events),

@@ -1087,19 +1087,24 @@ pub async fn racing_lease_acquires_have_exactly_one_winner(a: Arc<dyn Storage>, 
     }
 }
 
-/// An expired lease goes to the next owner; the old owner can neither renew nor commit under it.
+/// An expired lease stays its owner's (renew, commit) until another owner takes it; then the old
+/// owner can neither renew nor commit under it.
 pub async fn expired_lease_is_taken_over(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
     create(&*a, "expiring").await;
-    assert!(
-        a.acquire_lease("expiring", "o1", Duration::from_millis(150))
-            .await
-            .unwrap()
-    );
+    let short = Duration::from_millis(150);
+    assert!(a.acquire_lease("expiring", "o1", short).await.unwrap());
     assert!(
         !b.acquire_lease("expiring", "o2", Duration::from_secs(60))
             .await
             .unwrap()
     );
+    // Expired, nobody took it: a slow owner keeps its turn.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut c = Commit::now();
+    c.lease_owner = Some("o1".into());
+    c.events.push(token("late"));
+    assert_eq!(a.commit("expiring", c).await.unwrap().events[0].seq, 1);
+    assert!(a.renew_lease("expiring", "o1", short).await.unwrap());
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(
         b.acquire_lease("expiring", "o2", Duration::from_secs(60))
@@ -1121,7 +1126,7 @@ pub async fn expired_lease_is_taken_over(a: Arc<dyn Storage>, b: Arc<dyn Storage
     let mut c = Commit::now();
     c.lease_owner = Some("o2".into());
     c.events.push(token("fresh"));
-    assert_eq!(a.commit("expiring", c).await.unwrap().events[0].seq, 1);
+    assert_eq!(a.commit("expiring", c).await.unwrap().events[0].seq, 2);
 }
 
 /// A turn's last commit can give the lease up in the same transaction.

@@ -48,8 +48,9 @@ struct Lease {
 }
 
 impl SessionData {
-    fn lease_held_by(&self, owner: &str, now: Timestamp) -> bool {
-        matches!(&self.lease, Some(l) if l.owner == owner && l.expires_at > now)
+    /// Held until another owner takes it, expired or not (see `Storage::acquire_lease`).
+    fn lease_held_by(&self, owner: &str) -> bool {
+        matches!(&self.lease, Some(l) if l.owner == owner)
     }
 }
 
@@ -84,7 +85,7 @@ fn apply_commit(data: &mut SessionData, session_id: &str, commit: Commit) -> Res
     let now = Timestamp::now();
     let at = commit.at.unwrap_or(now);
     if let Some(owner) = &commit.lease_owner
-        && !data.lease_held_by(owner, now)
+        && !data.lease_held_by(owner)
     {
         return Err(Error::SessionBusy(session_id.to_string()));
     }
@@ -349,13 +350,12 @@ impl Storage for MemoryStorage {
 
     async fn renew_lease(&self, session_id: &str, owner: &str, ttl: Duration) -> Result<bool> {
         self.with_session(session_id, |d| {
-            let now = Timestamp::now();
-            if !d.lease_held_by(owner, now) {
+            if !d.lease_held_by(owner) {
                 return Ok(false);
             }
             d.lease = Some(Lease {
                 owner: owner.to_string(),
-                expires_at: now.plus(ttl),
+                expires_at: Timestamp::now().plus(ttl),
             });
             Ok(true)
         })

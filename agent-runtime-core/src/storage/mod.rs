@@ -184,9 +184,14 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 
     /// Takes the session's lease for `owner` for `ttl` if it is free, expired, or already
     /// `owner`'s. `Ok(false)` if another owner holds it. `SessionNotFound` if absent.
+    ///
+    /// Expiry only lets *another* owner take the lease: until one does, the owner still holds it
+    /// (it may renew it and commit under it), so a process that was slow to renew (a long pause,
+    /// a loaded machine) keeps its turn unless someone else has really taken the session over.
     async fn acquire_lease(&self, session_id: &str, owner: &str, ttl: Duration) -> Result<bool>;
 
-    /// Extends `owner`'s lease. `Ok(false)` if `owner` no longer holds it.
+    /// Extends `owner`'s lease, expired or not. `Ok(false)` if another owner took it or it was
+    /// released.
     async fn renew_lease(&self, session_id: &str, owner: &str, ttl: Duration) -> Result<bool>;
 
     /// Gives the lease up if `owner` holds it (otherwise does nothing).

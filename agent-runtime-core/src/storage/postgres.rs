@@ -363,12 +363,11 @@ impl PostgresStorage {
     ) -> Result<Committed> {
         let at = commit.at.unwrap_or_else(Timestamp::now).as_millis();
 
-        // The row lock serializes every commit of this session, across processes; the lease is
-        // judged by the database's clock at this moment (not the transaction's start).
+        // The row lock serializes every commit of this session, across processes, and with
+        // `acquire_lease`: the owner holds the lease until another owner has taken it.
         let row = sqlx::query(
             "SELECT last_message_seq, last_event_seq, switch_count,
-                    (lease_owner IS NOT NULL AND lease_owner = $2
-                     AND lease_expires_at > clock_timestamp()) AS lease_held
+                    (lease_owner IS NOT NULL AND lease_owner = $2) AS lease_held
              FROM sessions WHERE id = $1 FOR NO KEY UPDATE",
         )
         .bind(session_id)
@@ -925,11 +924,12 @@ impl Storage for PostgresStorage {
 
     #[instrument(skip(self))]
     async fn renew_lease(&self, session_id: &str, owner: &str, ttl: Duration) -> Result<bool> {
-        // An expired lease is no longer held: renewing it would let two owners overlap.
+        // Expired but not taken over is still held: only `acquire_lease` changes the owner, under
+        // the same row lock, so two owners never overlap.
         let renewed = sqlx::query(
             "UPDATE sessions
              SET lease_expires_at = clock_timestamp() + $3 * INTERVAL '1 millisecond'
-             WHERE id = $1 AND lease_owner = $2 AND lease_expires_at > clock_timestamp()",
+             WHERE id = $1 AND lease_owner = $2",
         )
         .bind(session_id)
         .bind(owner)

@@ -396,24 +396,22 @@ fn commit_blocking(conn: &mut Connection, session_id: &str, commit: Commit) -> R
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(db)?;
-    let head: Option<(u64, u64, Option<String>, Option<i64>)> = tx
+    let head: Option<(u64, u64, Option<String>)> = tx
         .query_row(
-            "SELECT last_message_seq, last_event_seq, lease_owner, lease_expires_at
-             FROM sessions WHERE id = ?1",
+            "SELECT last_message_seq, last_event_seq, lease_owner FROM sessions WHERE id = ?1",
             [session_id],
-            |r| Ok((u64_col(r, 0)?, u64_col(r, 1)?, r.get(2)?, r.get(3)?)),
+            |r| Ok((u64_col(r, 0)?, u64_col(r, 1)?, r.get(2)?)),
         )
         .optional()
         .map_err(db)?;
-    let Some((last_message_seq, last_event_seq, lease_owner, lease_expires_at)) = head else {
+    let Some((last_message_seq, last_event_seq, lease_owner)) = head else {
         return Err(Error::SessionNotFound(session_id.to_string()));
     };
-    if let Some(owner) = &commit.lease_owner {
-        let held = lease_owner.as_deref() == Some(owner.as_str())
-            && lease_expires_at.is_some_and(|e| e > now.as_millis());
-        if !held {
-            return Err(Error::SessionBusy(session_id.to_string()));
-        }
+    // The owner holds the lease until another owner has taken it (expired or not).
+    if let Some(owner) = &commit.lease_owner
+        && lease_owner.as_deref() != Some(owner.as_str())
+    {
+        return Err(Error::SessionBusy(session_id.to_string()));
     }
 
     let mut messages = Vec::with_capacity(commit.messages.len());
@@ -919,9 +917,8 @@ impl Storage for SqliteStorage {
             lease_update(
                 c,
                 &id,
-                "UPDATE sessions SET lease_expires_at = ?3
-                 WHERE id = ?1 AND lease_owner = ?2 AND lease_expires_at > ?4",
-                params![id, owner, now.saturating_add(ttl_millis(ttl)), now],
+                "UPDATE sessions SET lease_expires_at = ?3 WHERE id = ?1 AND lease_owner = ?2",
+                params![id, owner, now.saturating_add(ttl_millis(ttl))],
             )
         })
         .await

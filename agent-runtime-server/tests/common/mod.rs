@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -15,6 +16,32 @@ pub struct Server {
     pub base: String,
     pub dir: tempfile::TempDir,
     pub client: reqwest::Client,
+    /// Everything the server wrote to stderr so far (its logs), read by a thread so that a chatty
+    /// server never blocks on a full pipe. `AGENT_RUNTIME_TEST_LOGS=1` also echoes it as it comes.
+    pub logs: Arc<Mutex<String>>,
+}
+
+/// Reads the child's stderr to its end on a thread of its own.
+fn drain_stderr(child: &mut Child) -> Arc<Mutex<String>> {
+    let logs = Arc::new(Mutex::new(String::new()));
+    if let Some(stderr) = child.stderr.take() {
+        let (sink, echo) = (
+            logs.clone(),
+            std::env::var_os("AGENT_RUNTIME_TEST_LOGS").is_some(),
+        );
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if echo {
+                    eprintln!("[server] {line}");
+                }
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+    }
+    logs
 }
 
 /// What the server starts with.
@@ -74,8 +101,10 @@ impl Server {
             .strip_prefix("listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_string();
+        let logs = drain_stderr(&mut child);
         Server {
             child,
+            logs,
             base: format!("http://{addr}"),
             dir,
             client: reqwest::Client::new(),
@@ -123,6 +152,11 @@ impl Server {
             .unwrap();
         assert_eq!(r.status(), 200, "{:?}", r.text().await);
         Sse::new(r).all().await
+    }
+
+    /// What the server logged so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
     }
 
     /// Stops the server with SIGTERM and waits; returns whether it exited successfully.
