@@ -301,6 +301,14 @@ async fn crash_run(db: &str, test: &str, seed: u64) {
         let mut now = Vec::new();
         let mut tasks = Vec::new();
         for n in 0..SESSIONS_PER_KILL {
+            // The mock answers from one queue: the previous session's turn must have taken its
+            // response before this session's is queued, or this turn could be served that one.
+            for _ in 0..250 {
+                if llm.remaining() == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             let id = s
                 .session(json!({"metadata": {"project_path": project_path}}))
                 .await;

@@ -3,23 +3,23 @@
 //!
 //! # Threads and connections
 //!
-//! rusqlite is blocking, so no call runs on the async executor: each operation is one closure
-//! handed to `tokio::task::spawn_blocking`. For a file there is one writer connection behind a std
-//! `Mutex` (SQLite allows one writer at a time anyway; serializing in-process writers on the mutex
-//! is cheaper than letting them spin on `SQLITE_BUSY`) and a small pool of read-only connections,
-//! so reads run beside a write under WAL. Other processes or other `SqliteStorage`s on the same
-//! file are serialized by SQLite's own lock, with a 5 s busy timeout. An in-memory database exists
-//! only inside its one connection, so there everything goes through the writer. A dedicated
-//! thread would also work; `spawn_blocking` needs no channel plumbing and lets reads run in
-//! parallel.
+//! rusqlite is blocking, so no call runs on the async executor. Writes go to one writer thread
+//! that owns the write connection and applies queued writes in group commits ([`writer`]); SQLite
+//! allows one writer at a time anyway. Reads are closures handed to `tokio::task::spawn_blocking`
+//! on a small pool of read-only connections, so they run beside the writer under WAL. Other
+//! processes or other `SqliteStorage`s on the same file are serialized by SQLite's own lock, with a
+//! 5 s busy timeout. An in-memory database exists only inside its one connection, so there reads
+//! go through the writer thread too.
 //!
 //! # Commits
 //!
 //! A commit reads the session's seq counters, inserts its rows with the next seqs, bumps the
-//! counters and updates the session in one transaction; `BEGIN IMMEDIATE` takes the write lock
-//! first, so two writers never read the same counter. Resolutions are compare-and-set updates
-//! (`WHERE status = 'pending'`); a failed one returns early, which drops (rolls back) the
-//! transaction.
+//! counters and updates the session, all inside the writer's `BEGIN IMMEDIATE` transaction (which
+//! takes the write lock first, so two writers never read the same counter) and its own savepoint.
+//! Resolutions are compare-and-set updates (`WHERE status = 'pending'`); a failed one returns an
+//! error, and the writer rolls the commit back to its savepoint.
+
+mod writer;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -39,7 +39,7 @@ use crate::session::{AgentSwitch, Message, NewSession, Role, Session, SessionSta
 use crate::time::Timestamp;
 
 /// The migrations, in order: `(version, SQL)`. The last version is [`SCHEMA_VERSION`].
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/sqlite/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../../migrations/sqlite/0001_init.sql"))];
 
 /// How long a connection waits for another connection's write lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -63,7 +63,7 @@ pub struct SqliteStorage {
 struct Inner {
     /// `None` for an in-memory database.
     path: Option<PathBuf>,
-    writer: Mutex<Connection>,
+    writer: writer::Writer,
     /// Idle read-only connections (files only).
     readers: Mutex<Vec<Connection>>,
     /// One permit per read connection.
@@ -83,8 +83,7 @@ fn db(e: rusqlite::Error) -> Error {
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic inside a transaction rolls it back as the `Transaction` drops, so the connection
-    // behind a poisoned lock is still usable.
+    // A read connection behind a poisoned lock is still usable: reads change nothing.
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -193,21 +192,21 @@ impl SqliteStorage {
         Ok(SqliteStorage {
             inner: Arc::new(Inner {
                 path,
-                writer: Mutex::new(conn),
+                writer: writer::Writer::start(conn)?,
                 readers: Mutex::new(Vec::new()),
                 read_slots: tokio::sync::Semaphore::new(READERS),
             }),
         })
     }
 
-    /// Runs `f` on the writer connection, off the executor.
+    /// Runs `f` on the writer thread, inside a transaction; its result comes back once that
+    /// transaction is committed.
     async fn write<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        let inner = Arc::clone(&self.inner);
-        run_blocking(move || f(&mut lock(&inner.writer))).await
+        self.inner.writer.run(f).await
     }
 
     /// Runs `f` on a read connection (the writer for an in-memory database), off the executor.
@@ -216,10 +215,10 @@ impl SqliteStorage {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        let inner = Arc::clone(&self.inner);
-        if inner.path.is_none() {
-            return run_blocking(move || f(&lock(&inner.writer))).await;
+        if self.inner.path.is_none() {
+            return self.inner.writer.run(f).await;
         }
+        let inner = Arc::clone(&self.inner);
         let _slot = self
             .inner
             .read_slots
@@ -389,13 +388,11 @@ fn sql_seq(seq: u64) -> i64 {
     i64::try_from(seq).unwrap_or(i64::MAX)
 }
 
-fn commit_blocking(conn: &mut Connection, session_id: &str, commit: Commit) -> Result<Committed> {
+/// Applies `commit` on the writer's connection (inside its transaction; an error rolls it back).
+fn commit_blocking(tx: &Connection, session_id: &str, commit: Commit) -> Result<Committed> {
     let now = Timestamp::now();
     let at = commit.at.unwrap_or(now);
     let counted = counted_messages(&commit);
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(db)?;
     let head: Option<(u64, u64, Option<String>)> = tx
         .query_row(
             "SELECT last_message_seq, last_event_seq, lease_owner FROM sessions WHERE id = ?1",
@@ -518,7 +515,7 @@ fn commit_blocking(conn: &mut Connection, session_id: &str, commit: Commit) -> R
                 .optional()
                 .map_err(db)?
                 .is_some();
-            // Returning drops `tx`, which rolls back everything above.
+            // Returning an error rolls back everything above (the writer's savepoint).
             return Err(if exists {
                 Error::ApprovalAlreadyDecided(r.call_id.clone())
             } else {
@@ -605,8 +602,7 @@ fn commit_blocking(conn: &mut Connection, session_id: &str, commit: Commit) -> R
         commit.release_lease && commit.lease_owner.is_some(),
     ])
     .map_err(db)?;
-    let session = read_session(&tx, session_id)?;
-    tx.commit().map_err(db)?;
+    let session = read_session(tx, session_id)?;
     Ok(Committed {
         messages,
         events,
