@@ -228,6 +228,21 @@ impl Follower {
     }
 }
 
+/// A turn's stream subscribed before the turn's first commit: every event that turn commits
+/// reaches it live, so it needs no read of the store to start ([`Subscribed::after`]).
+pub(crate) struct Subscribed(Follower);
+
+impl Subscribed {
+    /// The stream of events with seq > `after`, all of them committed after the subscription
+    /// (a gap or a lag still falls back to reading the store).
+    pub(crate) fn after(self, after: u64) -> EventStream {
+        let mut f = self.0;
+        f.last = after;
+        f.catch_up = false;
+        EventStream::of(f)
+    }
+}
+
 impl EventStream {
     /// Events of `session_id` with seq > `after`, replayed then followed as `follow` says.
     /// Subscribes before reading the store, so nothing committed meanwhile is missed.
@@ -238,19 +253,34 @@ impl EventStream {
         after: u64,
         follow: Follow,
     ) -> EventStream {
+        let mut f = Self::subscribe(storage, hubs, session_id, follow).0;
+        f.last = after;
+        EventStream::of(f)
+    }
+
+    /// Subscribes to `session_id`'s live events now; the stream is made once its start is known.
+    pub(crate) fn subscribe(
+        storage: Arc<dyn Storage>,
+        hubs: Arc<Hubs>,
+        session_id: &str,
+        follow: Follow,
+    ) -> Subscribed {
         let rx = hubs.subscribe(session_id);
-        let follower = Follower {
+        Subscribed(Follower {
             storage,
             hubs,
             session_id: session_id.to_string(),
             rx,
-            last: after,
+            last: 0,
             buffer: VecDeque::new(),
             follow,
             catch_up: true,
             finished: false,
             poll: Duration::from_millis(500),
-        };
+        })
+    }
+
+    fn of(follower: Follower) -> EventStream {
         let stream = futures::stream::unfold(follower, |mut f| {
             let fut: BoxFuture<Option<(Event, Follower)>> = Box::pin(async move {
                 let e = f.next().await?;

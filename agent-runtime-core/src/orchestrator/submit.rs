@@ -19,8 +19,12 @@ use crate::session::{AgentSwitch, Message, NewMessage, Role, Session, SessionSta
 use crate::storage::{Commit, SessionQuery, SessionUpdate};
 use crate::time::Timestamp;
 
-/// Takes the session for a turn in this process and in storage; `SESSION_BUSY` otherwise.
-async fn take_session(rt: &Arc<Inner>, session_id: &str) -> Result<crate::orchestrator::stream::RunningTurn> {
+/// Takes the session for a turn in this process and in storage, and returns it as stored once
+/// taken; `SESSION_BUSY` otherwise.
+async fn take_session(
+    rt: &Arc<Inner>,
+    session_id: &str,
+) -> Result<(crate::orchestrator::stream::RunningTurn, Session)> {
     let running = match rt.hubs.start_turn(session_id) {
         Some(r) => r,
         None => {
@@ -41,11 +45,11 @@ async fn take_session(rt: &Arc<Inner>, session_id: &str) -> Result<crate::orches
     };
     match rt
         .storage
-        .acquire_lease(session_id, &rt.owner, rt.config.lease_ttl)
+        .lease_session(session_id, &rt.owner, rt.config.lease_ttl)
         .await
     {
-        Ok(true) => Ok(running),
-        Ok(false) => {
+        Ok(Some(session)) => Ok((running, session)),
+        Ok(None) => {
             rt.hubs.finish_turn(session_id);
             Err(Error::SessionBusy(session_id.into()))
         }
@@ -107,7 +111,7 @@ pub(in crate::orchestrator) async fn submit(
     if let Some(replay) = replay_request(&rt, session_id, rid).await? {
         return Ok(replay);
     }
-    let running = match take_session(&rt, session_id).await {
+    let (running, session) = match take_session(&rt, session_id).await {
         Ok(r) => r,
         Err(Error::SessionBusy(id)) => {
             // A duplicate of a submission still starting: wait for its first commit and replay it.
@@ -136,15 +140,12 @@ pub(in crate::orchestrator) async fn submit(
             return Err(e);
         }
     }
-    match start(&rt, session_id, sub, running.cancel.clone()).await {
+    // Subscribed before the first commit: the turn's events all arrive live, none is read back.
+    let subscribed =
+        EventStream::subscribe(rt.storage.clone(), rt.hubs.clone(), session_id, Follow::UntilDone);
+    match start(&rt, session, sub, running.cancel.clone()).await {
         Ok((turn, next, first_seq)) => {
-            let stream = EventStream::new(
-                rt.storage.clone(),
-                rt.hubs.clone(),
-                session_id,
-                first_seq.saturating_sub(1),
-                Follow::UntilDone,
-            );
+            let stream = subscribed.after(first_seq.saturating_sub(1));
             keep_lease(
                 rt.clone(),
                 session_id.to_string(),
@@ -248,17 +249,17 @@ fn validate(rt: &Arc<Inner>, session: &Session, m: &ClientMessage) -> Result<()>
 }
 
 /// The first, synchronous part of a turn: everything that must be stored before the stream starts.
+/// `session` is as stored once its lease was taken.
 async fn start(
     rt: &Arc<Inner>,
-    session_id: &str,
+    mut session: Session,
     sub: Submission,
     cancel: CancellationToken,
 ) -> Result<(Turn, Next, u64)> {
-    let mut session = rt.storage.get_session(session_id).await?;
     if session.status == SessionStatus::Running {
         // We hold the lease, so nobody runs it: a turn interrupted by a crash.
         close_interrupted(rt, &session, true).await?;
-        session = rt.storage.get_session(session_id).await?;
+        session = rt.storage.get_session(&session.id).await?;
     }
     let mut turn = Turn::new(rt.clone(), session, cancel);
     let running = SessionUpdate {
@@ -662,8 +663,7 @@ pub(in crate::orchestrator) async fn cancel(rt: Arc<Inner>, session_id: &str) ->
     if session.status == SessionStatus::Idle {
         return Ok(CancelOutcome::Idle);
     }
-    let running = take_session(&rt, session_id).await?;
-    let session = rt.storage.get_session(session_id).await?;
+    let (running, session) = take_session(&rt, session_id).await?;
     let mut turn = Turn::new(rt.clone(), session, running.cancel.clone());
     let result = turn.finish(Err(cancelled())).await;
     give_back(&rt, session_id).await;

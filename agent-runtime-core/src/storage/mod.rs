@@ -190,6 +190,17 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// a loaded machine) keeps its turn unless someone else has really taken the session over.
     async fn acquire_lease(&self, session_id: &str, owner: &str, ttl: Duration) -> Result<bool>;
 
+    /// [`acquire_lease`](Storage::acquire_lease), then the session as stored once the lease is
+    /// held (`None` if another owner holds it): what a turn starts from. Backends that can do both
+    /// in one round trip override it.
+    async fn lease_session(&self, session_id: &str, owner: &str, ttl: Duration) -> Result<Option<Session>> {
+        if self.acquire_lease(session_id, owner, ttl).await? {
+            self.get_session(session_id).await.map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
     /// Extends `owner`'s lease, expired or not. `Ok(false)` if another owner took it or it was
     /// released.
     async fn renew_lease(&self, session_id: &str, owner: &str, ttl: Duration) -> Result<bool>;

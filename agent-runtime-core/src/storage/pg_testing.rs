@@ -215,6 +215,14 @@ impl Storage for Guarded {
     async fn acquire_lease(&self, session_id: &str, owner: &str, ttl: Duration) -> crate::Result<bool> {
         self.store.acquire_lease(session_id, owner, ttl).await
     }
+    async fn lease_session(
+        &self,
+        session_id: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> crate::Result<Option<crate::session::Session>> {
+        self.store.lease_session(session_id, owner, ttl).await
+    }
     async fn renew_lease(&self, session_id: &str, owner: &str, ttl: Duration) -> crate::Result<bool> {
         self.store.renew_lease(session_id, owner, ttl).await
     }

@@ -680,6 +680,11 @@ fn lease_update(conn: &Connection, session_id: &str, sql: &str, args: impl rusql
     Ok(changed > 0)
 }
 
+/// Takes the lease if free, expired, or already the owner's: `?1` id, `?2` owner, `?3` new expiry,
+/// `?4` now (milliseconds).
+const ACQUIRE_LEASE: &str = "UPDATE sessions SET lease_owner = ?2, lease_expires_at = ?3
+     WHERE id = ?1 AND (lease_owner IS NULL OR lease_owner = ?2 OR lease_expires_at <= ?4)";
+
 fn ttl_millis(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
 }
@@ -897,10 +902,26 @@ impl Storage for SqliteStorage {
             lease_update(
                 c,
                 &id,
-                "UPDATE sessions SET lease_owner = ?2, lease_expires_at = ?3
-                 WHERE id = ?1 AND (lease_owner IS NULL OR lease_owner = ?2 OR lease_expires_at <= ?4)",
+                ACQUIRE_LEASE,
                 params![id, owner, now.saturating_add(ttl_millis(ttl)), now],
             )
+        })
+        .await
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn lease_session(&self, session_id: &str, owner: &str, ttl: Duration) -> Result<Option<Session>> {
+        // One job on the writer thread: no read connection hand-off after taking the lease.
+        let (id, owner) = (session_id.to_string(), owner.to_string());
+        self.write(move |c| {
+            let now = Timestamp::now().as_millis();
+            let taken = lease_update(
+                c,
+                &id,
+                ACQUIRE_LEASE,
+                params![id, owner, now.saturating_add(ttl_millis(ttl)), now],
+            )?;
+            taken.then(|| read_session(c, &id)).transpose()
         })
         .await
     }

@@ -243,7 +243,10 @@ mod tests {
                 _ => assert_eq!(out, Ok(k)),
             }
         }
-        let expected: Vec<i64> = (0..=20).filter(|k| k % 5 != 0 || *k == 0).filter(|k| *k != 13).collect();
+        let expected: Vec<i64> = (0..=20)
+            .filter(|k| k % 5 != 0 || *k == 0)
+            .filter(|k| *k != 13)
+            .collect();
         assert_eq!(keys(&w).await.unwrap(), expected);
     }
 
@@ -279,7 +282,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.db");
         let conn = Connection::open(&path).unwrap();
-        conn.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY)").unwrap();
+        conn.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY)")
+            .unwrap();
         let w = Writer::start(conn).unwrap();
         let pending: Vec<_> = (0..10)
             .map(|k| w.run(move |c| c.execute("INSERT INTO t VALUES (?1)", [k]).map_err(db)))
