@@ -5,8 +5,10 @@
 //!
 //! ```text
 //! cargo build --release -p agent-runtime-server
-//! cargo run --release -p agent-runtime-benches --bin loadgen -- [--levels 1,8,64,512] [--secs 5] [--open-streams 1000]
+//! cargo run --release -p agent-runtime-benches --bin loadgen -- [--levels 1,8,64,512] [--secs 5] [--warmup 1] [--open-streams 1000]
 //! ```
+//! Each level first runs `--warmup` seconds unmeasured (the users open their connections, the
+//! server's pools fill), then `--secs` measured: only scenarios started in the measured window count.
 //! `AGENT_RUNTIME_SERVER_BIN` overrides the server binary (default `target/release/agent-runtime-server`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -229,6 +231,7 @@ async fn main() {
         .map(|l| l.parse().unwrap())
         .collect();
     let secs: u64 = arg("--secs").map_or(5, |s| s.parse().unwrap());
+    let warmup: f64 = arg("--warmup").map_or(1.0, |s| s.parse().unwrap());
     let bin =
         std::env::var("AGENT_RUNTIME_SERVER_BIN").unwrap_or("target/release/agent-runtime-server".into());
     let model_url = start_model().await;
@@ -263,17 +266,23 @@ async fn main() {
         "vus", "scenarios/s", "step", "p50 ms", "p95 ms", "p99 ms"
     );
     for &vus in &levels {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        let started = Instant::now();
+        let measured_from = Instant::now() + Duration::from_secs_f64(warmup);
+        let deadline = measured_from + Duration::from_secs(secs);
         let tasks: Vec<_> = (0..vus)
             .map(|_| {
                 let (c, base) = (client.clone(), base.clone());
                 tokio::spawn(async move {
                     let mut out = Vec::new();
-                    while Instant::now() < deadline {
-                        out.push(scenario(&c, &base).await);
+                    loop {
+                        let at = Instant::now();
+                        if at >= deadline {
+                            break out;
+                        }
+                        let times = scenario(&c, &base).await;
+                        if at >= measured_from {
+                            out.push(times);
+                        }
                     }
-                    out
                 })
             })
             .collect();
@@ -281,7 +290,7 @@ async fn main() {
         for t in tasks {
             all.extend(t.await.unwrap());
         }
-        let elapsed = started.elapsed().as_secs_f64();
+        let elapsed = measured_from.elapsed().as_secs_f64();
         let rate = all.len() as f64 / elapsed;
         for (i, step) in STEPS.iter().enumerate() {
             let mut d: Vec<Duration> = all.iter().map(|t| t[i]).collect();
