@@ -341,7 +341,6 @@ async fn sqlite_survives_sigkill_at_random_points() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "intermittent on Postgres (stalled after a post-restart decision before the request_id and idle fixes; 4 of 5 runs pass since): see README, Reliability"]
 async fn postgres_survives_sigkill_at_random_points() {
     let Some((_guard, url)) = postgres_url().await else {
         return;

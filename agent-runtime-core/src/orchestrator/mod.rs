@@ -1,6 +1,7 @@
 //! The Orchestrator: the facade embedders, the server and the Python module use. It owns
 //! sessions, picks agents, runs turns as tasks that outlive their clients, and streams their events.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -187,19 +188,25 @@ impl OrchestratorBuilder {
                 c.hitl_dangerous_tools.iter(),
             ))
         });
+        let mut inner = Inner {
+            storage: self.storage,
+            llm: self.llm,
+            agents: self.agents,
+            tools,
+            policy,
+            bus: self.bus.unwrap_or_default(),
+            tokenizer,
+            owner: format!("runtime_{}", uuid::Uuid::new_v4().simple()),
+            hubs: Arc::new(stream::Hubs::default()),
+            config: self.config,
+            offers: HashMap::new(),
+        };
+        // Agents and tools are fixed from here on: what each agent's calls offer is too.
+        inner.offers = (inner.agents.list().iter())
+            .map(|a| (a.agent_type.clone(), Arc::new(inner.compute_offer(a))))
+            .collect();
         Ok(Orchestrator {
-            inner: Arc::new(Inner {
-                storage: self.storage,
-                llm: self.llm,
-                agents: self.agents,
-                tools,
-                policy,
-                bus: self.bus.unwrap_or_default(),
-                tokenizer,
-                owner: format!("runtime_{}", uuid::Uuid::new_v4().simple()),
-                hubs: Arc::new(stream::Hubs::default()),
-                config: self.config,
-            }),
+            inner: Arc::new(inner),
         })
     }
 }
@@ -216,12 +223,34 @@ pub(crate) struct Inner {
     /// This instance's lease owner id.
     pub owner: String,
     pub hubs: Arc<stream::Hubs>,
+    /// Per agent type, what its model calls offer (computed once in `build`).
+    pub offers: HashMap<String, Arc<Offer>>,
+}
+
+/// What an agent's model calls offer: its tools' specs and the window those leave for history.
+pub(crate) struct Offer {
+    pub tools: Vec<crate::protocol::ToolSpec>,
+    pub limits: crate::context::ContextLimits,
 }
 
 impl Inner {
+    /// What `agent`'s model calls offer (tool schemas are generated and counted once, in `build`).
+    pub(crate) fn offer(&self, agent: &crate::agent::AgentDefinition) -> Arc<Offer> {
+        match self.offers.get(&agent.agent_type) {
+            Some(o) => o.clone(),
+            None => Arc::new(self.compute_offer(agent)),
+        }
+    }
+
+    fn compute_offer(&self, agent: &crate::agent::AgentDefinition) -> Offer {
+        let tools = self.tool_specs(agent);
+        let limits = self.context_limits(&tools);
+        Offer { tools, limits }
+    }
+
     /// The tools offered to `agent`'s model calls: its own, plus `switch_agent` while automatic
     /// switching is on.
-    pub(crate) fn tool_specs(&self, agent: &crate::agent::AgentDefinition) -> Vec<crate::protocol::ToolSpec> {
+    fn tool_specs(&self, agent: &crate::agent::AgentDefinition) -> Vec<crate::protocol::ToolSpec> {
         let names: Vec<&str> = agent.tools.iter().map(String::as_str).collect();
         let mut tools = self.tools.specs(&names);
         if self.auto_switching() {
@@ -237,10 +266,7 @@ impl Inner {
 
     /// The window's limits for a call offering `tools`: the token budget leaves room for the
     /// tools' schemas and for the answer (`LLM_MAX_TOKENS`).
-    pub(crate) fn context_limits(
-        &self,
-        tools: &[crate::protocol::ToolSpec],
-    ) -> crate::context::ContextLimits {
+    fn context_limits(&self, tools: &[crate::protocol::ToolSpec]) -> crate::context::ContextLimits {
         let schemas: usize = tools
             .iter()
             .map(|t| {

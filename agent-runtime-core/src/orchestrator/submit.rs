@@ -438,7 +438,7 @@ fn check_fits(rt: &Arc<Inner>, session: &Session, agent_type: Option<&str>, cont
         tool_call_id: None,
         created_at: Timestamp::now(),
     };
-    let limits = rt.context_limits(&rt.tool_specs(agent));
+    let limits = rt.offer(agent).limits;
     build_window(
         rt.tokenizer.as_ref(),
         limits,

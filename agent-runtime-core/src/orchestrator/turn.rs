@@ -381,8 +381,8 @@ impl Turn {
             .get(&agent_type)
             .cloned()
             .ok_or_else(|| Error::Internal(format!("session agent '{agent_type}' is not registered")))?;
-        let tools = self.rt.tool_specs(&agent);
-        let limits = self.rt.context_limits(&tools);
+        let offer = self.rt.offer(&agent);
+        let (tools, limits) = (offer.tools.clone(), offer.limits);
         let recent = self
             .rt
             .storage

@@ -108,7 +108,12 @@ fn parse_url(url: &str) -> Result<Option<PathBuf>> {
     }
 }
 
+/// Distinct statements a connection keeps prepared (rusqlite's default of 16 is fewer than one
+/// commit uses, so its cache would keep evicting and re-parsing them).
+const STATEMENT_CACHE: usize = 64;
+
 fn configure(conn: &Connection, file: bool) -> rusqlite::Result<()> {
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     conn.busy_timeout(BUSY_TIMEOUT)?;
     if file {
         conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))?;
@@ -120,6 +125,7 @@ fn configure(conn: &Connection, file: bool) -> rusqlite::Result<()> {
 
 fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "query_only", "ON")?;
     Ok(conn)
@@ -289,6 +295,22 @@ fn ts_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<Timestamp> {
     row.get::<_, i64>(idx).map(Timestamp::from_millis)
 }
 
+/// `Connection::query_row` through the connection's statement cache: parsing a statement costs
+/// more than running these small ones.
+fn query_row<T, P: rusqlite::Params>(
+    conn: &Connection,
+    sql: &str,
+    params: P,
+    f: impl FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    conn.prepare_cached(sql)?.query_row(params, f)
+}
+
+/// `Connection::execute` through the statement cache.
+fn execute<P: rusqlite::Params>(conn: &Connection, sql: &str, params: P) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(params)
+}
+
 fn session_from_row(row: &Row<'_>) -> rusqlite::Result<Session> {
     Ok(Session {
         id: row.get(0)?,
@@ -360,7 +382,8 @@ fn approval_from_row(row: &Row<'_>) -> rusqlite::Result<Approval> {
 }
 
 fn read_session(conn: &Connection, id: &str) -> Result<Session> {
-    conn.query_row(
+    query_row(
+        conn,
         &format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?1"),
         [id],
         session_from_row,
@@ -372,8 +395,7 @@ fn read_session(conn: &Connection, id: &str) -> Result<Session> {
 
 /// `SessionNotFound` unless the session exists.
 fn ensure_session(conn: &Connection, id: &str) -> Result<()> {
-    let found = conn
-        .query_row("SELECT 1 FROM sessions WHERE id = ?1", [id], |_| Ok(()))
+    let found = query_row(conn, "SELECT 1 FROM sessions WHERE id = ?1", [id], |_| Ok(()))
         .optional()
         .map_err(db)?;
     found.ok_or_else(|| Error::SessionNotFound(id.to_string()))
@@ -393,14 +415,14 @@ fn commit_blocking(tx: &Connection, session_id: &str, commit: Commit) -> Result<
     let now = Timestamp::now();
     let at = commit.at.unwrap_or(now);
     let counted = counted_messages(&commit);
-    let head: Option<(u64, u64, Option<String>)> = tx
-        .query_row(
-            "SELECT last_message_seq, last_event_seq, lease_owner FROM sessions WHERE id = ?1",
-            [session_id],
-            |r| Ok((u64_col(r, 0)?, u64_col(r, 1)?, r.get(2)?)),
-        )
-        .optional()
-        .map_err(db)?;
+    let head: Option<(u64, u64, Option<String>)> = query_row(
+        tx,
+        "SELECT last_message_seq, last_event_seq, lease_owner FROM sessions WHERE id = ?1",
+        [session_id],
+        |r| Ok((u64_col(r, 0)?, u64_col(r, 1)?, r.get(2)?)),
+    )
+    .optional()
+    .map_err(db)?;
     let Some((last_message_seq, last_event_seq, lease_owner)) = head else {
         return Err(Error::SessionNotFound(session_id.to_string()));
     };
@@ -506,15 +528,15 @@ fn commit_blocking(tx: &Connection, session_id: &str, commit: Commit) -> Result<
             ])
             .map_err(db)?;
         if changed == 0 {
-            let exists = tx
-                .query_row(
-                    "SELECT 1 FROM approvals WHERE session_id = ?1 AND call_id = ?2",
-                    params![session_id, r.call_id],
-                    |_| Ok(()),
-                )
-                .optional()
-                .map_err(db)?
-                .is_some();
+            let exists = query_row(
+                tx,
+                "SELECT 1 FROM approvals WHERE session_id = ?1 AND call_id = ?2",
+                params![session_id, r.call_id],
+                |_| Ok(()),
+            )
+            .optional()
+            .map_err(db)?
+            .is_some();
             // Returning an error rolls back everything above (the writer's savepoint).
             return Err(if exists {
                 Error::ApprovalAlreadyDecided(r.call_id.clone())
@@ -552,7 +574,8 @@ fn commit_blocking(tx: &Connection, session_id: &str, commit: Commit) -> Result<
 
     if let Some(request_id) = &commit.request_id {
         // A reused request id keeps the turn it first started.
-        tx.execute(
+        execute(
+            tx,
             "INSERT INTO requests (session_id, request_id, first_event_seq, created_at)
              VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
             params![session_id, request_id, sql_seq(first_event_seq), now.as_millis()],
@@ -673,7 +696,7 @@ fn query_list<T>(
 
 /// Runs a lease update; 0 rows changed means refused, or `SessionNotFound` if there is no session.
 fn lease_update(conn: &Connection, session_id: &str, sql: &str, args: impl rusqlite::Params) -> Result<bool> {
-    let changed = conn.execute(sql, args).map_err(db)?;
+    let changed = execute(conn, sql, args).map_err(db)?;
     if changed == 0 {
         ensure_session(conn, session_id)?;
     }
@@ -696,15 +719,14 @@ impl Storage for SqliteStorage {
     }
 
     async fn ping(&self) -> Result<()> {
-        self.read(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(db))
+        self.read(|c| query_row(c, "SELECT 1", [], |_| Ok(())).map_err(db))
             .await
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(session_id = %new.id))]
     async fn create_session(&self, new: NewSession) -> Result<Session> {
         self.write(move |c| {
-            let changed = c
-                .execute(
+            let changed = execute(c,
                     "INSERT INTO sessions (id, user_id, metadata, created_at, last_activity, current_agent, status)
                      VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6) ON CONFLICT (id) DO NOTHING",
                     params![
@@ -742,9 +764,7 @@ impl Storage for SqliteStorage {
         let id = id.to_string();
         self.write(move |c| {
             // Child rows go with it: every table cascades on the session.
-            let changed = c
-                .execute("DELETE FROM sessions WHERE id = ?1", [&id])
-                .map_err(db)?;
+            let changed = execute(c, "DELETE FROM sessions WHERE id = ?1", [&id]).map_err(db)?;
             if changed == 0 {
                 return Err(Error::SessionNotFound(id));
             }
@@ -814,7 +834,8 @@ impl Storage for SqliteStorage {
         let (id, request_id) = (session_id.to_string(), request_id.to_string());
         self.read(move |c| {
             ensure_session(c, &id)?;
-            c.query_row(
+            query_row(
+                c,
                 "SELECT first_event_seq FROM requests WHERE session_id = ?1 AND request_id = ?2",
                 params![id, request_id],
                 |r| u64_col(r, 0),
@@ -829,7 +850,8 @@ impl Storage for SqliteStorage {
         let (id, call_id) = (session_id.to_string(), call_id.to_string());
         self.read(move |c| {
             ensure_session(c, &id)?;
-            c.query_row(
+            query_row(
+                c,
                 &format!("SELECT {APPROVAL_COLUMNS} FROM approvals WHERE session_id = ?1 AND call_id = ?2"),
                 params![id, call_id],
                 approval_from_row,
@@ -883,7 +905,8 @@ impl Storage for SqliteStorage {
         let (id, plan_id) = (session_id.to_string(), plan_id.to_string());
         self.read(move |c| {
             ensure_session(c, &id)?;
-            c.query_row(
+            query_row(
+                c,
                 "SELECT body FROM plans WHERE session_id = ?1 AND plan_id = ?2",
                 params![id, plan_id],
                 |r| json_col::<Plan>(r, 0),

@@ -134,41 +134,43 @@ impl Drop for Writer {
 
 /// Applies one batch in one transaction (savepoints only when there is more than one write).
 fn apply(conn: &Connection, mut batch: Vec<Box<dyn Pending>>) {
-    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE").map_err(db) {
+    if let Err(e) = run(conn, "BEGIN IMMEDIATE") {
         return answer_all(batch, Err(e));
     }
     let single = batch.len() == 1;
     for job in &mut batch {
         if single {
-            if !job.run(conn) {
-                return answer_all(batch, rollback(conn));
+            if job.run(conn) {
+                break; // to COMMIT
             }
-            continue;
+            let _ = run(conn, "ROLLBACK");
+            // The write's own error is what its caller hears.
+            return answer_all(batch, Ok(()));
         }
-        let kept = conn.execute_batch("SAVEPOINT write").map_err(db).and_then(|()| {
-            let sql = if job.run(conn) {
-                "RELEASE write"
-            } else {
-                "ROLLBACK TO write; RELEASE write"
-            };
-            conn.execute_batch(sql).map_err(db)
+        let kept = run(conn, "SAVEPOINT write").and_then(|()| {
+            if !job.run(conn) {
+                run(conn, "ROLLBACK TO write")?;
+            }
+            run(conn, "RELEASE write")
         });
         if let Err(e) = kept {
-            let _ = conn.execute_batch("ROLLBACK");
+            let _ = run(conn, "ROLLBACK");
             return answer_all(batch, Err(e));
         }
     }
-    let committed = conn.execute_batch("COMMIT").map_err(db);
+    let committed = run(conn, "COMMIT");
     if committed.is_err() {
-        let _ = conn.execute_batch("ROLLBACK");
+        let _ = run(conn, "ROLLBACK");
     }
     answer_all(batch, committed);
 }
 
-/// Rolls back the single write's transaction; its own error is what its caller hears.
-fn rollback(conn: &Connection) -> Result<()> {
-    conn.execute_batch("ROLLBACK").map_err(db)?;
-    Ok(())
+/// Runs one transaction-control statement, kept prepared (parsing it costs more than running it).
+fn run(conn: &Connection, sql: &str) -> Result<()> {
+    conn.prepare_cached(sql)
+        .and_then(|mut s| s.execute([]))
+        .map(|_| ())
+        .map_err(db)
 }
 
 fn answer_all(batch: Vec<Box<dyn Pending>>, outcome: Result<()>) {
