@@ -536,6 +536,49 @@ async fn approve_executes_the_call_and_the_turn_continues() {
     assert_history_valid(h.rt.storage(), &s).await;
 }
 
+/// Models reuse call ids (the scripted one answers `call_0` every time). A call that needs an
+/// approval gets a fresh id when an earlier approval holds the model's one, even once that earlier
+/// call has left the context window; both approvals stay listed and decidable.
+#[tokio::test]
+async fn a_reused_call_id_never_collides_with_an_earlier_approval() {
+    let config = RuntimeConfig {
+        max_context_messages: 2,
+        ..RuntimeConfig::default()
+    };
+    let write = |path: &str| Script::tool_call("write_file", json!({"path": path, "content": "x"}));
+    let h = harness_with(
+        vec![
+            write("a.txt"),
+            Script::text("A done"),
+            write("b.txt"),
+            Script::text("B done"),
+        ],
+        config,
+    )
+    .await;
+    let s = h.session().await;
+    let first = call_ids(&h.say_to(&s, "coder", "write a").await);
+    assert_eq!(first, ["call_0"]);
+    h.decide(&s, "call_0", "approve", None, None).await;
+    // The window (2 messages) no longer holds the first call: only the approvals table does.
+    let second = call_ids(&h.say_to(&s, "coder", "write b").await);
+    assert_eq!(second.len(), 1);
+    assert_ne!(
+        second[0], "call_0",
+        "the second approval must not reuse the first one's id"
+    );
+    assert!(second[0].starts_with("call_"), "{second:?}");
+    let pending = h.rt.pending_approvals(&s).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].call_id, second[0]);
+    let events = h.decide(&s, &second[0], "approve", None, None).await;
+    assert_eq!(stop(&events), StopReason::Completed);
+    assert!(h.project.path().join("b.txt").exists());
+    let first_approval = h.rt.storage().get_approval(&s, "call_0").await.unwrap();
+    assert_eq!(first_approval.status, ApprovalStatus::Approved);
+    assert_history_valid(h.rt.storage(), &s).await;
+}
+
 fn hitl(call_id: &str, decision: &str) -> ClientMessage {
     ClientMessage::HitlDecision(HitlDecision {
         call_id: call_id.into(),

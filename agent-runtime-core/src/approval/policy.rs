@@ -36,7 +36,8 @@ impl ApprovalRequirement {
 
 /// Decides per call whether a human must approve it.
 pub trait ApprovalPolicy: Send + Sync + std::fmt::Debug {
-    /// The requirement for this call.
+    /// The requirement for this call. It may be asked more than once about the same call (when
+    /// the call's id is assigned and when it runs): answer from the request alone.
     fn evaluate(&self, request: &ToolRequest<'_>) -> ApprovalRequirement;
 }
 

@@ -405,13 +405,14 @@ impl Turn {
 
         let mut stored_calls = Vec::with_capacity(calls.len());
         for c in calls {
-            let id = self
-                .unique_call_id(&c.id, &stored_calls, &window.messages)
-                .await?;
             let arguments = match routing::parse_arguments(&c.arguments) {
                 Some(v @ Value::Object(_)) => v,
                 _ => Value::String(c.arguments.clone()),
             };
+            let approval = self.may_ask(&c.name, &arguments);
+            let id = self
+                .unique_call_id(&c.id, &stored_calls, &window.messages, approval)
+                .await?;
             stored_calls.push(ToolCall {
                 id,
                 name: c.name.clone(),
@@ -448,12 +449,28 @@ impl Turn {
         Ok(has_calls)
     }
 
-    /// The model's id when it is unique in the session, else `call_<uuid>`.
+    /// Whether the approval policy asks a human about this call (it will be asked again, with the
+    /// same request, when the call runs).
+    fn may_ask(&self, tool_name: &str, arguments: &Value) -> bool {
+        let agent = self.agent();
+        let requirement = self.rt.policy.evaluate(&ToolRequest {
+            session_id: self.id(),
+            agent: &agent,
+            tool_name: canonical_tool_name(tool_name),
+            arguments,
+        });
+        matches!(requirement, ApprovalRequirement::Ask(_))
+    }
+
+    /// The model's id when it is unique in the session, else `call_<uuid>`. Ids are compared with
+    /// this response and the window; a call that will need an approval is also checked against
+    /// the session's approvals (keyed by call id), the only place an older id still matters.
     async fn unique_call_id(
         &self,
         model_id: &str,
         this_response: &[ToolCall],
         window: &[Message],
+        needs_approval: bool,
     ) -> Result<String> {
         let fresh = || format!("call_{}", uuid::Uuid::new_v4().simple());
         if model_id.is_empty()
@@ -464,6 +481,9 @@ impl Turn {
                 .any(|m| m.tool_calls.iter().any(|c| c.id == model_id))
         {
             return Ok(fresh());
+        }
+        if !needs_approval {
+            return Ok(model_id.to_string());
         }
         match self.rt.storage.get_approval(self.id(), model_id).await {
             Err(Error::ApprovalNotFound(_)) => Ok(model_id.to_string()),
