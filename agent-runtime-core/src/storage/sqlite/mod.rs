@@ -108,6 +108,11 @@ fn parse_url(url: &str) -> Result<Option<PathBuf>> {
     }
 }
 
+/// Every `LIMIT` is written `LIMIT ? + 0`: with a bare bound `LIMIT ?` after an `ORDER BY`,
+/// SQLite re-prepares the statement on every run (it plans for the bound value), which undoes the
+/// statement cache; the expression keeps the plan (the index gives the order) and the prepared
+/// statement.
+///
 /// Distinct statements a connection keeps prepared (rusqlite's default of 16 is fewer than one
 /// commit uses, so its cache would keep evicting and re-parsing them).
 const STATEMENT_CACHE: usize = 64;
@@ -663,7 +668,7 @@ fn list_blocking(
     args.push(Sql::Integer(sql_limit(query.limit).saturating_add(1)));
     let mut stmt = conn
         .prepare_cached(&format!(
-            "SELECT {SESSION_COLUMNS} FROM sessions {filter} ORDER BY last_activity DESC, id DESC LIMIT ?"
+            "SELECT {SESSION_COLUMNS} FROM sessions {filter} ORDER BY last_activity DESC, id DESC LIMIT ? + 0"
         ))
         .map_err(db)?;
     let mut sessions = stmt
@@ -788,7 +793,7 @@ impl Storage for SqliteStorage {
             query_list(
                 c,
                 &format!(
-                    "SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+                    "SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3 + 0"
                 ),
                 params![id, sql_seq(after), sql_limit(limit)],
                 message_from_row,
@@ -805,7 +810,7 @@ impl Storage for SqliteStorage {
             let mut newest_first = query_list(
                 c,
                 &format!(
-                    "SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = ?1 ORDER BY seq DESC LIMIT ?2"
+                    "SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = ?1 ORDER BY seq DESC LIMIT ?2 + 0"
                 ),
                 params![id, sql_limit(limit)],
                 message_from_row,
@@ -822,7 +827,7 @@ impl Storage for SqliteStorage {
             ensure_session(c, &id)?;
             query_list(
                 c,
-                "SELECT seq, payload FROM events WHERE session_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                "SELECT seq, payload FROM events WHERE session_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3 + 0",
                 params![id, sql_seq(after), sql_limit(limit)],
                 event_from_row,
             )
