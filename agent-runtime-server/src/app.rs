@@ -441,9 +441,7 @@ impl App {
                     status: status.into(),
                 })
             }
-            (Method::GET, Route::Agents) => ok(&AgentList {
-                agents: rt.agents().into_iter().map(AgentView::from).collect(),
-            }),
+            (Method::GET, Route::Agents) => ok(&AgentList { agents: rt.agents() }),
             (Method::GET, Route::CurrentAgent(id)) => {
                 ok(&CurrentAgentView::from(&rt.current_agent(&id).await?))
             }

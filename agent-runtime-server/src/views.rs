@@ -180,42 +180,11 @@ pub struct MessageList {
     pub messages: Vec<MessageView>,
 }
 
-/// An agent as `GET /agents` lists it.
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct AgentView {
-    /// The agent type.
-    #[serde(rename = "type")]
-    pub agent_type: String,
-    /// Display name.
-    pub name: String,
-    /// What it is for.
-    pub description: String,
-    /// Its emoji.
-    pub emoji: String,
-    /// Its tools.
-    pub tools: Vec<String>,
-    /// Its restrictions.
-    pub restrictions: Vec<String>,
-}
-
-impl From<AgentInfo> for AgentView {
-    fn from(a: AgentInfo) -> Self {
-        AgentView {
-            agent_type: a.agent_type,
-            name: a.name,
-            description: a.description,
-            emoji: a.emoji,
-            tools: a.tools,
-            restrictions: a.restrictions,
-        }
-    }
-}
-
 /// `GET /agents`.
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct AgentList {
     /// In display order.
-    pub agents: Vec<AgentView>,
+    pub agents: Vec<AgentInfo>,
 }
 
 /// An agent in `GET /agents/{session_id}/current`.

@@ -57,7 +57,8 @@ pub struct AgentDefinition {
 }
 
 /// An agent as `GET /agents` shows it: identity, tools and restrictions, no prompt.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+// Its JSON Schema goes into the server's OpenAPI document as is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AgentInfo {
     /// The agent type.
     #[serde(rename = "type")]
