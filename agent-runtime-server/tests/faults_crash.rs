@@ -180,14 +180,7 @@ async fn until_not_busy(s: &Server, path: &str, body: Value, ctx: &str) -> reqwe
 /// storage agrees with everything the client saw.
 async fn check_after_restart(s: &Server, llm: &MockLlmServer, t: &mut Tracked, tag: &str) {
     let ctx = format!("{tag} ({:?}, session {})", t.point, t.id);
-    let pending: Value = s
-        .get(&format!("/sessions/{}/pending-approvals", t.id))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let pending: Value = s.get_json(&format!("/sessions/{}/pending-approvals", t.id)).await;
     let pending = pending["pending_approvals"].as_array().unwrap().clone();
     if t.point == Point::AwaitingApproval {
         assert_eq!(pending.len(), 1, "{ctx}: the approval survives the crash");
@@ -260,14 +253,7 @@ async fn check_after_restart(s: &Server, llm: &MockLlmServer, t: &mut Tracked, t
             "{ctx}: answer {a:?} stored once: {assistant:#?}"
         );
     }
-    let session: Value = s
-        .get(&format!("/sessions/{}", t.id))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let session: Value = s.get_json(&format!("/sessions/{}", t.id)).await;
     assert_eq!(session["status"], "idle", "{ctx}");
 }
 

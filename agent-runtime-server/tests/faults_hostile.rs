@@ -20,7 +20,7 @@ const LIMIT: &str = "65536";
 
 /// Everything observable about the server's state: sessions, and one session's history and events.
 async fn snapshot(s: &Server, id: &str) -> (Value, Vec<Value>, Vec<Value>) {
-    let mut sessions: Value = s.get("/sessions").send().await.unwrap().json().await.unwrap();
+    let mut sessions: Value = s.get_json("/sessions").await;
     for v in sessions["sessions"].as_array_mut().unwrap() {
         v["last_activity"] = Value::Null;
     }

@@ -208,14 +208,7 @@ async fn a_model_streaming_forever_is_stopped_by_cancel() {
     assert_eq!(cancel.status(), 200);
     let events = rec.rest_within(BOUND).await;
     assert_eq!(kinds(&events).last().unwrap(), "done:cancelled");
-    let session: serde_json::Value = s
-        .get(&format!("/sessions/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let session: serde_json::Value = s.get_json(&format!("/sessions/{id}")).await;
     assert_eq!(session["status"], "idle");
 }
 

@@ -60,14 +60,7 @@ async fn approval_flow(database_url: Option<&str>, decision: &str) {
         )
     );
 
-    let pending: Value = s
-        .get(&format!("/sessions/{id}/pending-approvals"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let pending: Value = s.get_json(&format!("/sessions/{id}/pending-approvals")).await;
     let mut listed = pending["pending_approvals"][0].clone();
     assert!(listed["created_at"].take().as_str().unwrap().ends_with('Z'));
     assert!(listed["reason"].take().is_string());
@@ -76,14 +69,7 @@ async fn approval_flow(database_url: Option<&str>, decision: &str) {
         json!({"call_id": call_id, "tool_name": "write_file", "arguments": {"path": "widget.txt", "content": "original"},
                "reason": null, "request_type": "tool", "created_at": null})
     );
-    let session: Value = s
-        .get(&format!("/sessions/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let session: Value = s.get_json(&format!("/sessions/{id}")).await;
     assert_eq!(session["status"], "awaiting_approval");
 
     let mut body = json!({"call_id": call_id, "decision": decision, "feedback": "use the edited text"});
@@ -145,23 +131,9 @@ async fn approval_flow(database_url: Option<&str>, decision: &str) {
         (status, &again["error"]["code"]),
         (409, &json!("APPROVAL_ALREADY_DECIDED"))
     );
-    let pending: Value = s
-        .get(&format!("/sessions/{id}/pending-approvals"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let pending: Value = s.get_json(&format!("/sessions/{id}/pending-approvals")).await;
     assert_eq!(pending, json!({"pending_approvals": []}));
-    let current: Value = s
-        .get(&format!("/agents/{id}/current"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let current: Value = s.get_json(&format!("/agents/{id}/current")).await;
     assert_eq!(
         (
             current["current_agent"]["type"].as_str(),
@@ -169,14 +141,7 @@ async fn approval_flow(database_url: Option<&str>, decision: &str) {
         ),
         (Some("coder"), Some(1))
     );
-    let messages: Value = s
-        .get(&format!("/sessions/{id}/messages"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let messages: Value = s.get_json(&format!("/sessions/{id}/messages")).await;
     let roles: Vec<&str> = messages["messages"]
         .as_array()
         .unwrap()
@@ -241,14 +206,7 @@ async fn client_execution_continues_with_the_clients_tool_result() {
     );
     let call = find(&first, "tool_call");
     assert_eq!(call["requires_approval"], false);
-    let session: Value = s
-        .get(&format!("/sessions/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let session: Value = s.get_json(&format!("/sessions/{id}")).await;
     assert_eq!(session["status"], "awaiting_tool_result");
     let second = s
         .send(
@@ -328,14 +286,7 @@ async fn two_concurrent_messages_one_runs_one_is_busy_and_cancel_ends_the_turn()
     assert_eq!(cancel, json!({"status": "cancelled"}));
     let events = Sse::new(running).all().await;
     assert_eq!(kinds(&events).last().unwrap(), "done:cancelled");
-    let session: Value = s
-        .get(&format!("/sessions/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let session: Value = s.get_json(&format!("/sessions/{id}")).await;
     assert_eq!(session["status"], "idle");
 }
 
@@ -396,14 +347,7 @@ async fn a_reconnecting_client_gets_every_missed_event_once_and_the_turn_goes_on
     .all()
     .await;
     assert_eq!(tail, rest);
-    let messages: Value = s
-        .get(&format!("/sessions/{id}/messages"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let messages: Value = s.get_json(&format!("/sessions/{id}/messages")).await;
     assert_eq!(messages["messages"][1]["content"], json!(words.concat()));
 }
 

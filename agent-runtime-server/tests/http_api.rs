@@ -139,14 +139,7 @@ async fn sessions_have_the_documented_shapes() {
     let generated: Value = empty.json().await.unwrap();
     assert!(generated["session_id"].as_str().unwrap().starts_with("session_"));
 
-    let mut got: Value = s
-        .get("/api/v1/sessions/s-1")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let mut got: Value = s.get_json("/api/v1/sessions/s-1").await;
     assert_eq!(got["created_at"].take(), created_at);
     assert!(got["last_activity"].take().is_string());
     assert_eq!(
@@ -156,47 +149,19 @@ async fn sessions_have_the_documented_shapes() {
                "message_count": 0, "status": "idle"})
     );
 
-    let list: Value = s
-        .get("/sessions?user_id=u1&limit=1")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = s.get_json("/sessions?user_id=u1&limit=1").await;
     assert_eq!(list["sessions"].as_array().unwrap().len(), 1);
     assert_eq!(list["sessions"][0]["session_id"], "s-1");
     assert_eq!(list["next_cursor"], Value::Null);
-    let page1: Value = s
-        .get("/sessions?limit=1")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page1: Value = s.get_json("/sessions?limit=1").await;
     let cursor = page1["next_cursor"].as_str().unwrap();
-    let page2: Value = s
-        .get(&format!("/sessions?limit=1&cursor={cursor}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page2: Value = s.get_json(&format!("/sessions?limit=1&cursor={cursor}")).await;
     assert_ne!(
         page1["sessions"][0]["session_id"],
         page2["sessions"][0]["session_id"]
     );
 
-    let current: Value = s
-        .get("/agents/s-1/current")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let current: Value = s.get_json("/agents/s-1/current").await;
     assert_eq!(
         current["current_agent"]["switched_at"].as_str(),
         created_at.as_str()
@@ -208,23 +173,9 @@ async fn sessions_have_the_documented_shapes() {
                "previous_agent": null, "switch_count": 0, "switch_history": []})
     );
 
-    let messages: Value = s
-        .get("/sessions/s-1/history")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let messages: Value = s.get_json("/sessions/s-1/history").await;
     assert_eq!(messages, json!({"session_id": "s-1", "messages": []}));
-    let approvals: Value = s
-        .get("/sessions/s-1/pending-approvals")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let approvals: Value = s.get_json("/sessions/s-1/pending-approvals").await;
     assert_eq!(approvals, json!({"pending_approvals": []}));
     let cancel: Value = s
         .post("/sessions/s-1/cancel", json!({}))
@@ -259,14 +210,7 @@ async fn sessions_have_the_documented_shapes() {
 async fn agents_are_the_five_of_the_product_in_order() {
     let llm = MockLlmServer::start().await.unwrap();
     let s = Server::start(&llm.url()).await;
-    let v: Value = s
-        .get("/api/v1/agents")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = s.get_json("/api/v1/agents").await;
     let agents = v["agents"].as_array().unwrap();
     let types: Vec<&str> = agents.iter().map(|a| a["type"].as_str().unwrap()).collect();
     assert_eq!(types, ["orchestrator", "coder", "architect", "debug", "ask"]);
@@ -419,14 +363,7 @@ async fn every_request_error_has_its_code_and_status() {
     let (_, body) = error_of(raw("/sessions", &"x".repeat(9000)).send().await.unwrap()).await;
     assert_eq!(body["error"]["message"], "request body over 8000 bytes");
     // Nothing of the refused requests was stored.
-    let messages: Value = s
-        .get(&format!("/sessions/{id}/messages"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let messages: Value = s.get_json(&format!("/sessions/{id}/messages")).await;
     assert_eq!(messages["messages"], json!([]));
     assert_eq!(llm.request_count(), 0);
 }

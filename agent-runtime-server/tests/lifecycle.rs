@@ -83,14 +83,7 @@ async fn sigterm_ends_running_turns_and_the_data_survives_a_restart() {
     assert!(ok, "the server exits 0 after SIGTERM");
     let db = format!("sqlite://{}", old.dir.path().join("rt.db").display());
     let s = Server::start_with(&llm.url(), Some(&db), &[]).await;
-    let session: Value = s
-        .get("/sessions/kept")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let session: Value = s.get_json("/sessions/kept").await;
     assert_eq!(
         (session["status"].as_str(), session["message_count"].as_u64()),
         (Some("idle"), Some(1))

@@ -216,14 +216,7 @@ async fn the_routing_call_returns_a_valid_agent_through_the_forced_function() {
         Some(json!("done")),
         "{rest:?}"
     );
-    let current: Value = rt
-        .get(&format!("/api/v1/agents/{s}/current"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let current: Value = rt.get_json(&format!("/api/v1/agents/{s}/current")).await;
     assert_eq!(current["current_agent"]["type"], json!(to), "{current}");
 }
 
@@ -289,14 +282,7 @@ async fn a_request_the_model_server_chokes_on_ends_in_a_clean_llm_error() {
     );
     assert_eq!(common::find(&events, "error")["code"], "LLM_ERROR");
     // Nothing is left locked: the session is idle again.
-    let session: Value = rt
-        .get(&format!("/api/v1/sessions/{s}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let session: Value = rt.get_json(&format!("/api/v1/sessions/{s}")).await;
     assert_ne!(session["status"], "running", "{session}");
 }
 

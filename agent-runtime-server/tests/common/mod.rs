@@ -132,6 +132,11 @@ impl Server {
             .header("x-internal-auth", TOKEN)
     }
 
+    /// `GET path` with the auth header, the body as JSON.
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.get(path).send().await.unwrap().json().await.unwrap()
+    }
+
     /// Creates a session with `body`, returns its id.
     pub async fn session(&self, body: Value) -> String {
         let r = self.post("/api/v1/sessions", body).send().await.unwrap();

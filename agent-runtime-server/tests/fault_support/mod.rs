@@ -138,14 +138,7 @@ pub async fn stored(s: &Server, id: &str) -> Stored {
         .await
         .unwrap();
     let events = Recorder::new(r).rest_within(Duration::from_secs(20)).await;
-    let messages: Value = s
-        .get(&format!("/sessions/{id}/messages?limit=1000"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let messages: Value = s.get_json(&format!("/sessions/{id}/messages?limit=1000")).await;
     Stored {
         events,
         messages: messages["messages"].as_array().unwrap().clone(),
