@@ -4,7 +4,8 @@
 //!
 //! Gated: the model server must be set up (`model-server.sh setup`, ~6 min the first time). Under
 //! `CI=true` a server that does not start is a test failure; otherwise each test prints SKIPPED.
-//! The tests share one model server, one at a time (a static lock): each starts it and stops it.
+//! The tests share one model server, one at a time (`model_server::SERVER_LOCK`): each starts and
+//! stops it through `agent_runtime_core::llm::model_server`, which the server's e2e tests use too.
 //!
 //! Everything a test does to the runtime goes through [`Runtime`] (create a session, send a message,
 //! collect the turn's events), so moving these tests onto the `agent-runtime-server` binary is a
@@ -12,13 +13,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers outside #[test]
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use agent_runtime_core::agent::{AgentDefinition, AgentRegistry, PathRule};
 use agent_runtime_core::config::RuntimeConfig;
+use agent_runtime_core::llm::model_server::{MODEL, ModelServer, SERVER_LOCK};
 use agent_runtime_core::llm::{
     Capabilities, ChatRequest, ChunkStream, LlmBackend, OpenAiBackend, OpenAiConfig,
 };
@@ -31,84 +31,10 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-/// The model alias the script serves.
-const MODEL: &str = "smollm2-135m-instruct";
 /// Cap on generated tokens per model call, so a 135M model that rambles cannot make a test slow.
 const MAX_TOKENS: u32 = 96;
 /// The longest a whole turn may take before the test calls it a hang.
 const TURN_LIMIT: Duration = Duration::from_secs(180);
-
-/// One model server at a time: the script keeps one PID file.
-static SERVER_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-// ---------------------------------------------------------------------------------------------
-// The model server, through the project's script.
-
-/// A running model server; stopped on drop when this process started it.
-struct ModelServer {
-    base_url: String,
-    started_here: bool,
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/real-model/model-server.sh")
-}
-
-fn run_script(args: &[&str]) -> std::io::Result<std::process::Output> {
-    Command::new("bash").arg(script()).args(args).output()
-}
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-impl ModelServer {
-    /// Starts the model server (or reuses one already running). `None` (after printing SKIPPED)
-    /// when it cannot start outside CI; a panic under CI.
-    fn start(test: &str) -> Option<ModelServer> {
-        if let Ok(url) = std::env::var("AGENT_RUNTIME_MODEL_URL") {
-            return Some(ModelServer {
-                base_url: url,
-                started_here: false,
-            });
-        }
-        let already = run_script(&["status"]).is_ok_and(|o| o.status.success());
-        let port = free_port().to_string();
-        let out = run_script(&["start", &port]).expect("run model-server.sh");
-        if !out.status.success() {
-            let why = format!(
-                "model-server.sh start failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            if in_ci() {
-                panic!("{why}");
-            }
-            eprintln!("SKIPPED {test}: {why} (run examples/real-model/model-server.sh setup)");
-            return None;
-        }
-        let base_url = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        Some(ModelServer {
-            base_url,
-            started_here: !already,
-        })
-    }
-}
-
-impl Drop for ModelServer {
-    fn drop(&mut self) {
-        if self.started_here {
-            let _ = run_script(&["stop"]);
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 // ---------------------------------------------------------------------------------------------
 // The backend: the real OpenAiBackend, with a token cap on every call.

@@ -13,78 +13,16 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
+use agent_runtime_core::llm::model_server::{MODEL, ModelServer, SERVER_LOCK};
 use agent_runtime_core::session::NewMessage;
 use agent_runtime_core::storage::{self, Commit};
 use common::{Server, Sse, kinds};
 use serde_json::{Value, json};
 
-const MODEL: &str = "smollm2-135m-instruct";
 /// The longest a whole turn may take before the test calls it a hang.
 const TURN_LIMIT: Duration = Duration::from_secs(180);
-
-/// One model server at a time: the script keeps one PID file.
-static SERVER_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// A running model server; stopped on drop when this process started it.
-struct ModelServer {
-    base_url: String,
-    started_here: bool,
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/real-model/model-server.sh")
-}
-
-fn run_script(args: &[&str]) -> std::io::Result<std::process::Output> {
-    Command::new("bash").arg(script()).args(args).output()
-}
-
-impl ModelServer {
-    /// Starts the model server (or reuses a running one). `None` (after printing SKIPPED) when it
-    /// cannot start outside CI; a panic under CI.
-    fn start(test: &str) -> Option<ModelServer> {
-        if let Ok(url) = std::env::var("AGENT_RUNTIME_MODEL_URL") {
-            return Some(ModelServer {
-                base_url: url,
-                started_here: false,
-            });
-        }
-        let already = run_script(&["status"]).is_ok_and(|o| o.status.success());
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
-        let out = run_script(&["start", &port.to_string()]).expect("run model-server.sh");
-        if !out.status.success() {
-            let why = format!(
-                "model-server.sh start failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-                panic!("{why}");
-            }
-            eprintln!("SKIPPED {test}: {why} (run examples/real-model/model-server.sh setup)");
-            return None;
-        }
-        Some(ModelServer {
-            base_url: String::from_utf8_lossy(&out.stdout).trim().to_string(),
-            started_here: !already,
-        })
-    }
-}
-
-impl Drop for ModelServer {
-    fn drop(&mut self) {
-        if self.started_here {
-            let _ = run_script(&["stop"]);
-        }
-    }
-}
 
 macro_rules! model_server_or_skip {
     ($test:expr) => {{

@@ -25,6 +25,8 @@ pub mod wire;
 #[cfg(feature = "test-utils")]
 pub mod mock;
 #[cfg(feature = "test-utils")]
+pub mod model_server;
+#[cfg(feature = "test-utils")]
 pub mod scripted;
 
 pub use openai::{OpenAiBackend, OpenAiConfig};
