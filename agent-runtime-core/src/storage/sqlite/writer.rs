@@ -137,32 +137,31 @@ fn apply(conn: &Connection, mut batch: Vec<Box<dyn Pending>>) {
     if let Err(e) = run(conn, "BEGIN IMMEDIATE") {
         return answer_all(batch, Err(e));
     }
-    let single = batch.len() == 1;
-    for job in &mut batch {
-        if single {
-            if job.run(conn) {
-                break; // to COMMIT
-            }
+    if let [single] = batch.as_mut_slice() {
+        if !single.run(conn) {
             let _ = run(conn, "ROLLBACK");
             // The write's own error is what its caller hears.
             return answer_all(batch, Ok(()));
         }
-        let kept = run(conn, "SAVEPOINT write").and_then(|()| {
-            if !job.run(conn) {
-                run(conn, "ROLLBACK TO write")?;
-            }
-            run(conn, "RELEASE write")
-        });
-        if let Err(e) = kept {
-            let _ = run(conn, "ROLLBACK");
-            return answer_all(batch, Err(e));
-        }
+    } else if let Err(e) = batch.iter_mut().try_for_each(|job| in_savepoint(conn, job)) {
+        let _ = run(conn, "ROLLBACK");
+        return answer_all(batch, Err(e));
     }
     let committed = run(conn, "COMMIT");
     if committed.is_err() {
         let _ = run(conn, "ROLLBACK");
     }
     answer_all(batch, committed);
+}
+
+/// Runs one write of a batch in its own savepoint, rolled back to if the write fails. `Err` only
+/// when the savepoint statements themselves fail (the whole batch is then rolled back).
+fn in_savepoint(conn: &Connection, job: &mut Box<dyn Pending>) -> Result<()> {
+    run(conn, "SAVEPOINT write")?;
+    if !job.run(conn) {
+        run(conn, "ROLLBACK TO write")?;
+    }
+    run(conn, "RELEASE write")
 }
 
 /// Runs one transaction-control statement, kept prepared (parsing it costs more than running it).
