@@ -18,7 +18,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::Instrument;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, HttpError};
 use crate::health::HealthCheck;
 use crate::metrics::Metrics;
 use crate::views::*;
@@ -221,8 +221,8 @@ async fn read_json<T: DeserializeOwned>(
     empty_ok: bool,
 ) -> Result<T, ApiError> {
     let too_large = || {
-        ApiError::new(
-            "PAYLOAD_TOO_LARGE",
+        ApiError::http(
+            HttpError::PayloadTooLarge,
             format!("request body over {} bytes", app.max_request_bytes),
         )
     };
@@ -285,8 +285,8 @@ impl App {
         if crate::auth::token_matches(given, token.as_bytes()) {
             Ok(())
         } else {
-            Err(ApiError::new(
-                "UNAUTHORIZED",
+            Err(ApiError::http(
+                HttpError::Unauthorized,
                 "missing or wrong x-internal-auth token",
             ))
         }
@@ -459,8 +459,8 @@ impl App {
 }
 
 fn method_not_allowed(method: &Method, route: &Route) -> Response<Body> {
-    let e = ApiError::new(
-        "METHOD_NOT_ALLOWED",
+    let e = ApiError::http(
+        HttpError::MethodNotAllowed,
         format!("{method} is not allowed on {}", route.label()),
     );
     let mut r = error_response(&e);
