@@ -195,6 +195,17 @@ mod tests {
     }
 
     #[test]
+    fn the_reference_states_every_code_with_its_status() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/API.md")).unwrap();
+        let missing: Vec<String> = documented_statuses()
+            .into_iter()
+            .map(|(code, status)| format!("| `{code}` | {status} |"))
+            .filter(|row| !doc.contains(row.as_str()))
+            .collect();
+        assert_eq!(missing, Vec::<String>::new(), "rows missing from docs/API.md");
+    }
+
+    #[test]
     fn internal_errors_hide_their_details() {
         let e = ApiError::from(Error::Internal("index out of bounds at x.rs:3".into()));
         assert_eq!(
