@@ -605,7 +605,7 @@ async fn read_json<T: DeserializeOwned>(
         &bytes
     };
     // serde's derived structs also accept a JSON array (fields by position): `[]` would be an
-    // empty create-session request. Bodies are objects (API.md §1).
+    // empty create-session request. Bodies are objects (docs/API.md, Basics).
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(ApiError::invalid("invalid JSON body: expected a JSON object"));
     }
@@ -671,7 +671,7 @@ impl App {
         route: Option<Route>,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, ApiError> {
-        // Auth comes before routing, so unknown routes do not reveal themselves (API.md §9.13).
+        // Auth comes before routing, so unknown routes do not reveal themselves (docs/API.md, details 13).
         if !route.as_ref().is_some_and(Route::is_public) {
             self.authorize(req.headers())?;
         }
