@@ -1,5 +1,5 @@
-//! The routes: a plain `match` on method and path segments (every route also under `/api/v1`),
-//! auth before routing, and handlers that parse, make one call into the core, and serialize.
+//! The routes: one table of paths and operations ([`ROUTES`], which the OpenAPI document reads), a
+//! `match` on method and route, auth first, and handlers that parse, call the core once, serialize.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::Instrument;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, HttpError};
 use crate::health::HealthCheck;
 use crate::metrics::Metrics;
 use crate::views::*;
@@ -45,7 +45,7 @@ pub struct App {
     pub health: HealthCheck,
 }
 
-/// A known route, with its path parameter.
+/// A known route, with its path parameter. Which paths give which route is [`ROUTES`]' business.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     /// `/health`
@@ -76,6 +76,370 @@ pub enum Route {
     MessageStream,
 }
 
+/// The part of the product an operation belongs to (its OpenAPI tag, a module of a generated client).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tag {
+    /// Creating, reading, listing and deleting sessions.
+    Sessions,
+    /// Sending messages, reading the conversation, following and cancelling turns.
+    Messages,
+    /// Human approvals of tool calls and plans.
+    Approvals,
+    /// The agents and a session's current agent.
+    Agents,
+    /// Health, metrics and this API's description.
+    System,
+}
+
+impl Tag {
+    /// Every tag, in the order the OpenAPI document lists them.
+    pub const ALL: [Tag; 5] = [
+        Tag::Sessions,
+        Tag::Messages,
+        Tag::Approvals,
+        Tag::Agents,
+        Tag::System,
+    ];
+
+    /// The tag's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tag::Sessions => "sessions",
+            Tag::Messages => "messages",
+            Tag::Approvals => "approvals",
+            Tag::Agents => "agents",
+            Tag::System => "system",
+        }
+    }
+
+    /// What the tag groups.
+    pub fn description(self) -> &'static str {
+        match self {
+            Tag::Sessions => "Create, read, list and delete sessions.",
+            Tag::Messages => {
+                "Send messages and follow the turn's events; read the conversation; cancel a turn."
+            }
+            Tag::Approvals => "Approvals of dangerous tool calls and of plans.",
+            Tag::Agents => "The agents and the agent of a session.",
+            Tag::System => "Health, metrics and this description.",
+        }
+    }
+}
+
+/// A body's JSON Schema, generated from the Rust type the handler reads or writes.
+pub type SchemaFn = fn(&mut schemars::SchemaGenerator) -> serde_json::Value;
+
+fn schema<T: schemars::JsonSchema>(g: &mut schemars::SchemaGenerator) -> serde_json::Value {
+    g.subschema_for::<T>().to_value()
+}
+
+fn any_object(_: &mut schemars::SchemaGenerator) -> serde_json::Value {
+    serde_json::json!({"type": "object"})
+}
+
+/// What an operation answers when it succeeds.
+#[derive(Debug, Clone, Copy)]
+pub enum Answer {
+    /// A JSON document with this status.
+    Json(u16, SchemaFn),
+    /// Plain text (the metrics).
+    Text,
+    /// A `text/event-stream` of the turn's events.
+    Events,
+}
+
+/// One method on one route: what it is called, what it reads and what it answers.
+#[derive(Debug)]
+pub struct Operation {
+    /// The method.
+    pub method: Method,
+    /// The OpenAPI `operationId`, in the product's words.
+    pub id: &'static str,
+    /// Where it belongs.
+    pub tag: Tag,
+    /// One line saying what it does.
+    pub summary: &'static str,
+    /// The request body, if it takes one.
+    pub request: Option<SchemaFn>,
+    /// The answer on success.
+    pub answer: Answer,
+    /// The error statuses it can answer (500 is always possible).
+    pub errors: &'static [u16],
+    /// Query parameters: name and JSON type.
+    pub query: &'static [(&'static str, &'static str)],
+}
+
+/// One route: its path, the other spelling it answers, and its operations.
+#[derive(Debug)]
+pub struct RouteSpec {
+    /// The path template, as documented (`/sessions/{session_id}`); also served under `/api/v1`.
+    pub path: &'static str,
+    /// Another path served by the same route, for clients of the earlier runtime (not documented
+    /// as an operation of its own).
+    pub alias: Option<&'static str>,
+    /// Served without a token.
+    pub public: bool,
+    /// The route of a matching path, given its `{session_id}` (empty when the path has none).
+    make: fn(String) -> Route,
+    /// One per method the route answers.
+    pub operations: &'static [Operation],
+}
+
+const ID_ERRORS: &[u16] = &[401, 404];
+const STREAM_ERRORS: &[u16] = &[400, 401, 404, 409, 413];
+
+/// Every route of the API. The one list: resolving a path, the `Allow` header, the metrics'
+/// route labels and the OpenAPI document all read it.
+pub static ROUTES: &[RouteSpec] = &[
+    RouteSpec {
+        path: "/health",
+        alias: None,
+        public: true,
+        make: |_| Route::Health,
+        operations: &[Operation {
+            method: Method::GET,
+            id: "getHealth",
+            tag: Tag::System,
+            summary: "Health of the server, its storage and its model server",
+            request: None,
+            answer: Answer::Json(200, schema::<HealthView>),
+            errors: &[503],
+            query: &[],
+        }],
+    },
+    RouteSpec {
+        path: "/openapi.json",
+        alias: None,
+        public: true,
+        make: |_| Route::OpenApi,
+        operations: &[Operation {
+            method: Method::GET,
+            id: "getOpenApi",
+            tag: Tag::System,
+            summary: "This document",
+            request: None,
+            answer: Answer::Json(200, any_object),
+            errors: &[],
+            query: &[],
+        }],
+    },
+    RouteSpec {
+        path: "/metrics",
+        alias: None,
+        public: true,
+        make: |_| Route::Metrics,
+        operations: &[Operation {
+            method: Method::GET,
+            id: "getMetrics",
+            tag: Tag::System,
+            summary: "Prometheus metrics (text format)",
+            request: None,
+            answer: Answer::Text,
+            errors: &[],
+            query: &[],
+        }],
+    },
+    RouteSpec {
+        path: "/sessions",
+        alias: None,
+        public: false,
+        make: |_| Route::Sessions,
+        operations: &[
+            Operation {
+                method: Method::GET,
+                id: "listSessions",
+                tag: Tag::Sessions,
+                summary: "List sessions, newest activity first",
+                request: None,
+                answer: Answer::Json(200, schema::<SessionList>),
+                errors: &[400, 401],
+                query: &[("user_id", "string"), ("limit", "integer"), ("cursor", "string")],
+            },
+            Operation {
+                method: Method::POST,
+                id: "createSession",
+                tag: Tag::Sessions,
+                summary: "Create a session",
+                request: Some(schema::<CreateSessionRequest>),
+                answer: Answer::Json(201, schema::<CreatedSession>),
+                errors: &[400, 401, 409, 413],
+                query: &[],
+            },
+        ],
+    },
+    RouteSpec {
+        path: "/sessions/{session_id}",
+        alias: None,
+        public: false,
+        make: Route::Session,
+        operations: &[
+            Operation {
+                method: Method::GET,
+                id: "getSession",
+                tag: Tag::Sessions,
+                summary: "One session",
+                request: None,
+                answer: Answer::Json(200, schema::<SessionView>),
+                errors: ID_ERRORS,
+                query: &[],
+            },
+            Operation {
+                method: Method::DELETE,
+                id: "deleteSession",
+                tag: Tag::Sessions,
+                summary: "Delete a session and everything it holds (cancels its turn)",
+                request: None,
+                answer: Answer::Json(200, schema::<StatusReply>),
+                errors: ID_ERRORS,
+                query: &[],
+            },
+        ],
+    },
+    RouteSpec {
+        path: "/sessions/{session_id}/messages",
+        alias: Some("/sessions/{session_id}/history"),
+        public: false,
+        make: Route::Messages,
+        operations: &[Operation {
+            method: Method::GET,
+            id: "listMessages",
+            tag: Tag::Messages,
+            summary: "The stored conversation (also served as /sessions/{session_id}/history)",
+            request: None,
+            answer: Answer::Json(200, schema::<MessageList>),
+            errors: &[400, 401, 404],
+            query: &[("after", "integer"), ("limit", "integer")],
+        }],
+    },
+    RouteSpec {
+        path: "/sessions/{session_id}/events",
+        alias: None,
+        public: false,
+        make: Route::Events,
+        operations: &[Operation {
+            method: Method::GET,
+            id: "streamEvents",
+            tag: Tag::Messages,
+            summary: "Replay the events after Last-Event-ID (or ?after=), then follow the running turn",
+            request: None,
+            answer: Answer::Events,
+            errors: &[400, 401, 404],
+            query: &[("after", "integer"), ("follow", "boolean")],
+        }],
+    },
+    RouteSpec {
+        path: "/sessions/{session_id}/pending-approvals",
+        alias: None,
+        public: false,
+        make: Route::PendingApprovals,
+        operations: &[Operation {
+            method: Method::GET,
+            id: "listPendingApprovals",
+            tag: Tag::Approvals,
+            summary: "The approvals waiting for a decision",
+            request: None,
+            answer: Answer::Json(200, schema::<PendingApprovals>),
+            errors: ID_ERRORS,
+            query: &[],
+        }],
+    },
+    RouteSpec {
+        path: "/sessions/{session_id}/hitl-decision",
+        alias: None,
+        public: false,
+        make: Route::HitlDecision,
+        operations: &[Operation {
+            method: Method::POST,
+            id: "decideApproval",
+            tag: Tag::Approvals,
+            summary: "Approve, edit or reject a pending approval; streams the continued turn",
+            request: Some(schema::<HitlDecisionRequest>),
+            answer: Answer::Events,
+            errors: STREAM_ERRORS,
+            query: &[],
+        }],
+    },
+    RouteSpec {
+        path: "/sessions/{session_id}/cancel",
+        alias: None,
+        public: false,
+        make: Route::Cancel,
+        operations: &[Operation {
+            method: Method::POST,
+            id: "cancelTurn",
+            tag: Tag::Messages,
+            summary: "Cancel the running or paused turn",
+            request: None,
+            answer: Answer::Json(200, schema::<StatusReply>),
+            errors: ID_ERRORS,
+            query: &[],
+        }],
+    },
+    RouteSpec {
+        path: "/agents",
+        alias: None,
+        public: false,
+        make: |_| Route::Agents,
+        operations: &[Operation {
+            method: Method::GET,
+            id: "listAgents",
+            tag: Tag::Agents,
+            summary: "The agents, their tools and restrictions",
+            request: None,
+            answer: Answer::Json(200, schema::<AgentList>),
+            errors: &[401],
+            query: &[],
+        }],
+    },
+    RouteSpec {
+        path: "/agents/{session_id}/current",
+        alias: None,
+        public: false,
+        make: Route::CurrentAgent,
+        operations: &[Operation {
+            method: Method::GET,
+            id: "getCurrentAgent",
+            tag: Tag::Agents,
+            summary: "The session's agent and its switches",
+            request: None,
+            answer: Answer::Json(200, schema::<CurrentAgentView>),
+            errors: ID_ERRORS,
+            query: &[],
+        }],
+    },
+    RouteSpec {
+        path: "/agent/message/stream",
+        alias: None,
+        public: false,
+        make: |_| Route::MessageStream,
+        operations: &[Operation {
+            method: Method::POST,
+            id: "streamMessage",
+            tag: Tag::Messages,
+            summary: "Send a message (user message, switch, tool result, decision); streams the turn's events",
+            request: Some(schema::<StreamRequest>),
+            answer: Answer::Events,
+            errors: STREAM_ERRORS,
+            query: &[],
+        }],
+    },
+];
+
+/// Whether the path's segments match a template's (`{session_id}` matches any one segment);
+/// the id when it does (empty for templates without one).
+fn matches_template(template: &str, segs: &[String]) -> Option<String> {
+    let mut parts = template.split('/').filter(|s| !s.is_empty());
+    let mut id = String::new();
+    for seg in segs {
+        match parts.next()? {
+            "{session_id}" => id.clone_from(seg),
+            literal if literal == seg => {}
+            _ => return None,
+        }
+    }
+    parts.next().is_none().then_some(id)
+}
+
 impl Route {
     /// The route of `path` (with or without the `/api/v1` prefix), if any.
     pub fn resolve(path: &str) -> Option<Route> {
@@ -88,57 +452,37 @@ impl Route {
             .filter(|s| !s.is_empty())
             .map(percent_decode)
             .collect();
-        let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
-        Some(match segs.as_slice() {
-            ["health"] => Route::Health,
-            ["openapi.json"] => Route::OpenApi,
-            ["metrics"] => Route::Metrics,
-            ["sessions"] => Route::Sessions,
-            ["sessions", id] => Route::Session(id.to_string()),
-            ["sessions", id, "messages" | "history"] => Route::Messages(id.to_string()),
-            ["sessions", id, "events"] => Route::Events(id.to_string()),
-            ["sessions", id, "pending-approvals"] => Route::PendingApprovals(id.to_string()),
-            ["sessions", id, "hitl-decision"] => Route::HitlDecision(id.to_string()),
-            ["sessions", id, "cancel"] => Route::Cancel(id.to_string()),
-            ["agents"] => Route::Agents,
-            ["agents", id, "current"] => Route::CurrentAgent(id.to_string()),
-            ["agent", "message", "stream"] => Route::MessageStream,
-            _ => return None,
+        ROUTES.iter().find_map(|spec| {
+            std::iter::once(spec.path)
+                .chain(spec.alias)
+                .find_map(|template| matches_template(template, &segs))
+                .map(spec.make)
         })
+    }
+
+    /// The entry of [`ROUTES`] this route comes from (every route is made by one).
+    pub fn spec(&self) -> Option<&'static RouteSpec> {
+        let kind = std::mem::discriminant(self);
+        ROUTES
+            .iter()
+            .find(|spec| std::mem::discriminant(&(spec.make)(String::new())) == kind)
     }
 
     /// The route's template, as metrics and logs name it.
     pub fn label(&self) -> &'static str {
-        match self {
-            Route::Health => "/health",
-            Route::OpenApi => "/openapi.json",
-            Route::Metrics => "/metrics",
-            Route::Sessions => "/sessions",
-            Route::Session(_) => "/sessions/{session_id}",
-            Route::Messages(_) => "/sessions/{session_id}/messages",
-            Route::Events(_) => "/sessions/{session_id}/events",
-            Route::PendingApprovals(_) => "/sessions/{session_id}/pending-approvals",
-            Route::HitlDecision(_) => "/sessions/{session_id}/hitl-decision",
-            Route::Cancel(_) => "/sessions/{session_id}/cancel",
-            Route::Agents => "/agents",
-            Route::CurrentAgent(_) => "/agents/{session_id}/current",
-            Route::MessageStream => "/agent/message/stream",
-        }
+        self.spec().map_or("unmatched", |spec| spec.path)
     }
 
     /// The methods the route answers.
-    pub fn methods(&self) -> &'static [Method] {
-        match self {
-            Route::Sessions => &[Method::GET, Method::POST],
-            Route::Session(_) => &[Method::GET, Method::DELETE],
-            Route::HitlDecision(_) | Route::Cancel(_) | Route::MessageStream => &[Method::POST],
-            _ => &[Method::GET],
-        }
+    pub fn methods(&self) -> Vec<Method> {
+        self.spec()
+            .map(|spec| spec.operations.iter().map(|op| op.method.clone()).collect())
+            .unwrap_or_default()
     }
 
     /// Served without a token.
     pub fn is_public(&self) -> bool {
-        matches!(self, Route::Health | Route::OpenApi | Route::Metrics)
+        self.spec().is_some_and(|spec| spec.public)
     }
 }
 
@@ -221,8 +565,8 @@ async fn read_json<T: DeserializeOwned>(
     empty_ok: bool,
 ) -> Result<T, ApiError> {
     let too_large = || {
-        ApiError::new(
-            "PAYLOAD_TOO_LARGE",
+        ApiError::http(
+            HttpError::PayloadTooLarge,
             format!("request body over {} bytes", app.max_request_bytes),
         )
     };
@@ -261,7 +605,7 @@ async fn read_json<T: DeserializeOwned>(
         &bytes
     };
     // serde's derived structs also accept a JSON array (fields by position): `[]` would be an
-    // empty create-session request. Bodies are objects (API.md §1).
+    // empty create-session request. Bodies are objects (docs/API.md, Basics).
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(ApiError::invalid("invalid JSON body: expected a JSON object"));
     }
@@ -285,8 +629,8 @@ impl App {
         if crate::auth::token_matches(given, token.as_bytes()) {
             Ok(())
         } else {
-            Err(ApiError::new(
-                "UNAUTHORIZED",
+            Err(ApiError::http(
+                HttpError::Unauthorized,
                 "missing or wrong x-internal-auth token",
             ))
         }
@@ -327,7 +671,7 @@ impl App {
         route: Option<Route>,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, ApiError> {
-        // Auth comes before routing, so unknown routes do not reveal themselves (API.md §9.13).
+        // Auth comes before routing, so unknown routes do not reveal themselves (docs/API.md, details 13).
         if !route.as_ref().is_some_and(Route::is_public) {
             self.authorize(req.headers())?;
         }
@@ -459,12 +803,13 @@ impl App {
 }
 
 fn method_not_allowed(method: &Method, route: &Route) -> Response<Body> {
-    let e = ApiError::new(
-        "METHOD_NOT_ALLOWED",
+    let e = ApiError::http(
+        HttpError::MethodNotAllowed,
         format!("{method} is not allowed on {}", route.label()),
     );
     let mut r = error_response(&e);
-    let allow: Vec<&str> = route.methods().iter().map(Method::as_str).collect();
+    let methods = route.methods();
+    let allow: Vec<&str> = methods.iter().map(Method::as_str).collect();
     if let Ok(v) = HeaderValue::from_str(&allow.join(", ")) {
         r.headers_mut().insert(header::ALLOW, v);
     }
@@ -491,6 +836,34 @@ mod tests {
         assert_eq!(
             Route::resolve("/agent/message/stream/"),
             Some(Route::MessageStream)
+        );
+        assert_eq!(Route::resolve("/sessions/s1/messages/x"), None);
+        assert_eq!(Route::resolve("/agents/s1"), None);
+    }
+
+    #[test]
+    fn every_route_of_the_table_resolves_from_its_path_and_names_it() {
+        let got: Vec<(&str, Option<&str>)> = ROUTES
+            .iter()
+            .map(|spec| {
+                let path = spec.path.replace("{session_id}", "s-1");
+                (spec.path, Route::resolve(&path).map(|r| r.label()))
+            })
+            .collect();
+        let want: Vec<(&str, Option<&str>)> =
+            ROUTES.iter().map(|spec| (spec.path, Some(spec.path))).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_wrong_method_is_told_the_allowed_ones() {
+        let r = method_not_allowed(&Method::PUT, &Route::Session("s1".into()));
+        assert_eq!(
+            (
+                r.status(),
+                r.headers().get(header::ALLOW).map(|v| v.to_str().unwrap())
+            ),
+            (StatusCode::METHOD_NOT_ALLOWED, Some("GET, DELETE"))
         );
     }
 }

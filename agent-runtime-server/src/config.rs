@@ -1,5 +1,5 @@
-//! The server's settings (API.md §8): every variable also as a command-line flag (its name in
-//! kebab case without `AGENT_RUNTIME__`); a flag wins over the environment; bad values name the variable.
+//! The server's settings (docs/API.md, "Settings"): every variable also a command-line flag (its name
+//! in kebab case without `AGENT_RUNTIME__`); a flag wins over the environment; bad values name the variable.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -10,36 +10,173 @@ use agent_runtime_core::config::{RuntimeConfig, VARIABLES};
 /// The documented sample token, refused on a non-loopback address.
 pub const SAMPLE_TOKEN: &str = "change-me-internal-key";
 
-/// Variables the server reads on top of the core's, with what they mean.
-pub const SERVER_VARIABLES: &[(&str, &str)] = &[
-    ("HOST", "listen address (default 127.0.0.1)"),
-    ("PORT", "listen port (default 8001; 0 picks a free one)"),
+/// Variables the server reads on top of the core's.
+pub const SERVER_VARIABLES: &[&str] = &[
+    "HOST",
+    "PORT",
+    "INTERNAL_API_KEY",
+    "MAX_REQUEST_BYTES",
+    "LOG_LEVEL",
+    "LOG_FORMAT",
+    "SSE_KEEPALIVE_SECS",
+    "SHUTDOWN_GRACE_SECS",
+    "REQUEST_TIMEOUT_SECS",
+];
+
+/// What each variable means and its default, as `--help` prints them: `(variable, meaning, default)`.
+pub const SETTINGS_HELP: &[(&str, &str, &str)] = &[
+    ("HOST", "listen address", "127.0.0.1"),
+    ("PORT", "listen port; 0 picks a free one", "8001"),
+    (
+        "DATABASE_URL",
+        "storage: sqlite://PATH, sqlite::memory: or postgresql://user:pass@host:5432/db",
+        "sqlite://agent-runtime.db",
+    ),
+    (
+        "LLM_PROXY_URL",
+        "base URL of an OpenAI-compatible model server (/v1/chat/completions)",
+        "http://localhost:8002",
+    ),
+    ("LLM_MODEL", "model name sent to the model server", "gpt-4o-mini"),
+    (
+        "LLM_API_KEY",
+        "sent to the model server as Authorization: Bearer",
+        "unset",
+    ),
+    (
+        "LLM_TEMPERATURE",
+        "sampling temperature, 0 to 2",
+        "unset, the model's own",
+    ),
+    (
+        "LLM_CAPABILITIES",
+        "what the model server does: full, llama-cpp-python, or a comma list of auto_tool_choice, \
+         named_tool_choice, parallel_tool_calls, usage_reporting",
+        "full",
+    ),
+    (
+        "LLM_MAX_TOKENS",
+        "the most tokens one answer may have (also kept free in the window)",
+        "unset",
+    ),
+    (
+        "LLM_FORCED_TOOL_STEPS",
+        "for a model without auto tool choice: tool results gathered before it must answer",
+        "1",
+    ),
     (
         "INTERNAL_API_KEY",
-        "the x-internal-auth token (alias AGENT_RUNTIME__INTERNAL_API_KEY)",
+        "the x-internal-auth token (alias AGENT_RUNTIME__INTERNAL_API_KEY); unset: no auth, loopback only",
+        "unset",
+    ),
+    ("HITL_ENABLED", "ask a human before dangerous tools run", "true"),
+    (
+        "HITL_DANGEROUS_TOOLS",
+        "comma list of the tools that need approval (run_command = execute_command)",
+        "write_file,delete_file,execute_command",
+    ),
+    (
+        "MAX_CONTEXT_TOKENS",
+        "tokens sent to the model per call, system prompt included",
+        "8000",
+    ),
+    (
+        "MAX_CONTEXT_MESSAGES",
+        "newest messages sent to the model per call",
+        "50",
+    ),
+    (
+        "AGENT_RUNTIME__MULTI_AGENT_ENABLED",
+        "several agents; false: every session stays on the default agent, no routing",
+        "true",
+    ),
+    (
+        "AGENT_RUNTIME__DEFAULT_AGENT",
+        "the agent a new session starts on",
+        "orchestrator",
+    ),
+    (
+        "AGENT_RUNTIME__AUTO_AGENT_SWITCHING",
+        "the orchestrator routes each request and agents may hand over",
+        "true",
+    ),
+    (
+        "AGENT_RUNTIME__MAX_AGENT_SWITCHES",
+        "automatic switches allowed in one turn; past it AGENT_SWITCH_LIMIT",
+        "10",
+    ),
+    (
+        "AGENT_RUNTIME__PLANS_ENABLED",
+        "the orchestrator may propose a plan for a large request",
+        "true",
+    ),
+    (
+        "AGENT_RUNTIME__AGENTS_FILE",
+        "a JSON file of agent definitions added to the five, replacing those of the same type",
+        "unset",
+    ),
+    (
+        "TOOL_EXECUTION",
+        "where tools run: runtime (in the session's project_path) or client",
+        "runtime",
+    ),
+    (
+        "WORKSPACE_ROOTS",
+        "comma list of absolute paths; when set, every project_path must be inside one",
+        "unset",
+    ),
+    (
+        "COMMAND_TIMEOUT_SECS",
+        "execute_command's time limit; the command and its children are killed",
+        "120",
+    ),
+    ("MAX_TURN_ITERATIONS", "model calls in one turn", "25"),
+    (
+        "MAX_TOOL_OUTPUT_BYTES",
+        "a longer tool result is cut, with a note",
+        "32768",
+    ),
+    (
+        "SESSION_LEASE_SECS",
+        "a running turn's lease on its session; another process may take over once it expires",
+        "30",
     ),
     (
         "MAX_REQUEST_BYTES",
-        "request body limit in bytes (default 1048576)",
+        "request body limit in bytes; over it: 413",
+        "1048576",
     ),
     (
         "LOG_LEVEL",
-        "log filter, e.g. INFO or agent_runtime=debug (also RUST_LOG)",
+        "a level or a tracing filter such as agent_runtime_core=debug (also RUST_LOG)",
+        "INFO",
     ),
-    ("LOG_FORMAT", "text or json (default text)"),
+    ("LOG_FORMAT", "text, or json (one object per line)", "text"),
     (
         "SSE_KEEPALIVE_SECS",
-        "idle time before a ': keep-alive' comment (default 15)",
+        "idle time on a stream before a ': keep-alive' comment",
+        "15",
     ),
     (
         "SHUTDOWN_GRACE_SECS",
-        "how long running turns get to stop on SIGTERM (default 10)",
+        "on SIGTERM/SIGINT, how long running turns get to stop",
+        "10",
     ),
     (
         "REQUEST_TIMEOUT_SECS",
-        "time a client gets to send a request's head, and again its body (default 30)",
+        "time a client gets to send a request's head, and again its body",
+        "30",
     ),
 ];
+
+/// The `--help` line of a variable: `VAR: meaning (default: X)`.
+pub fn help_line(var: &str) -> String {
+    match SETTINGS_HELP.iter().find(|(v, ..)| *v == var) {
+        Some((_, meaning, default)) => format!("{var}: {meaning} (default: {default})"),
+        // A variable added to the core without a line here: still a flag, and a test fails.
+        None => var.to_string(),
+    }
+}
 
 /// How logs are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,10 +228,8 @@ pub fn flag_name(var: &str) -> String {
         .replace('_', "-")
 }
 
-fn all_variables() -> Vec<(&'static str, &'static str)> {
-    let mut vars: Vec<(&str, &str)> = VARIABLES.iter().map(|v| (*v, "see API.md §8")).collect();
-    vars.extend_from_slice(SERVER_VARIABLES);
-    vars
+fn all_variables() -> impl Iterator<Item = &'static str> {
+    VARIABLES.iter().chain(SERVER_VARIABLES).copied()
 }
 
 /// The command line: one `--flag VALUE` per variable, built from the variable lists so they agree.
@@ -102,13 +237,13 @@ pub fn command() -> clap::Command {
     let mut cmd = clap::Command::new("agent-runtime-server")
         .version(env!("CARGO_PKG_VERSION"))
         .about("The agent runtime's HTTP API. Every flag overrides the environment variable it names.");
-    for (var, help) in all_variables() {
+    for var in all_variables() {
         cmd = cmd.arg(
             clap::Arg::new(var)
                 .long(flag_name(var))
                 .value_name("VALUE")
                 .allow_hyphen_values(true)
-                .help(format!("{var}: {help}")),
+                .help(help_line(var)),
         );
     }
     cmd
@@ -137,7 +272,7 @@ pub fn load(
         ("INTERNAL_API_KEY", &["AGENT_RUNTIME__INTERNAL_API_KEY"]),
         ("LOG_LEVEL", &["RUST_LOG"]),
     ];
-    for (var, _) in all_variables() {
+    for var in all_variables() {
         let from_env = || {
             std::iter::once(var)
                 .chain(
@@ -280,6 +415,38 @@ mod tests {
             let err = load_with(&args, &[]).unwrap_err();
             assert!(err.0.starts_with(&format!("{var}: ")), "{err}");
         }
+    }
+
+    #[test]
+    fn every_flag_says_what_it_means_and_its_default() {
+        let cmd = command();
+        let vague: Vec<String> = cmd
+            .get_arguments()
+            .filter_map(|a| {
+                a.get_long()
+                    .map(|long| (long, a.get_help().map(|h| h.to_string())))
+            })
+            .filter(|(_, help)| {
+                help.as_deref()
+                    .is_none_or(|h| !h.contains(": ") || !h.contains("(default: ") || h.contains("API.md"))
+            })
+            .map(|(long, help)| format!("--{long}: {help:?}"))
+            .collect();
+        assert_eq!(vague, Vec::<String>::new());
+        assert_eq!(
+            help_line("PORT"),
+            "PORT: listen port; 0 picks a free one (default: 8001)"
+        );
+    }
+
+    #[test]
+    fn every_help_line_belongs_to_a_variable() {
+        let stray: Vec<&str> = SETTINGS_HELP
+            .iter()
+            .map(|(v, ..)| *v)
+            .filter(|v| !all_variables().any(|known| known == *v))
+            .collect();
+        assert_eq!(stray, Vec::<&str>::new());
     }
 
     #[test]

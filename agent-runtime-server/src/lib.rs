@@ -1,4 +1,4 @@
-//! `agent-runtime-server`: the documented HTTP API (API.md) over `agent-runtime-core`, on hyper.
+//! `agent-runtime-server`: the documented HTTP API (docs/API.md) over `agent-runtime-core`, on hyper.
 //! Handlers parse, make one call into the core's `Orchestrator`, and serialize; HTTP lives here.
 
 pub mod app;
