@@ -43,6 +43,7 @@ async fn take_session(
                 .ok_or_else(|| Error::SessionBusy(session_id.into()))?
         }
     };
+    rt.prove_alive().await;
     match rt
         .storage
         .lease_session(session_id, &rt.owner, rt.config.lease_ttl)
@@ -616,6 +617,7 @@ async fn unanswered_calls(rt: &Arc<Inner>, session_id: &str) -> Result<Vec<ToolC
 
 /// `recover_interrupted` of the facade.
 pub(in crate::orchestrator) async fn recover_interrupted(rt: Arc<Inner>) -> Result<usize> {
+    rt.prove_alive().await;
     let mut recovered = 0;
     let mut cursor = None;
     loop {

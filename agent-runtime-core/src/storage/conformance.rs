@@ -54,6 +54,7 @@ macro_rules! storage_conformance_suite {
             lease_acquire_renew_release,
             racing_lease_acquires_have_exactly_one_winner,
             expired_lease_is_taken_over,
+            a_dead_owners_lease_is_taken_at_once,
             commit_is_fenced_by_lease_owner,
             last_commit_of_a_turn_releases_the_lease,
             last_activity_moves_forward_on_commit,
@@ -1127,6 +1128,43 @@ pub async fn expired_lease_is_taken_over(a: Arc<dyn Storage>, b: Arc<dyn Storage
     c.lease_owner = Some("o2".into());
     c.events.push(token("fresh"));
     assert_eq!(a.commit("expiring", c).await.unwrap().events[0].seq, 2);
+}
+
+/// A live owner's lease waits for expiry; once the owner's [`Liveness`](super::Liveness) is gone
+/// (its process died), another owner takes the lease at once and the old owner is fenced out.
+pub async fn a_dead_owners_lease_is_taken_at_once(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
+    let ttl = Duration::from_secs(600);
+    create(&*a, "orphan").await;
+    let alive = a.hold_liveness("o1").await.unwrap();
+    let _other = b.hold_liveness("o2").await.unwrap();
+    assert!(a.acquire_lease("orphan", "o1", ttl).await.unwrap());
+    assert!(!b.acquire_lease("orphan", "o2", ttl).await.unwrap());
+    // An owner that never held liveness is judged by expiry alone.
+    create(&*a, "unregistered").await;
+    assert!(a.acquire_lease("unregistered", "o3", ttl).await.unwrap());
+    drop(alive);
+    // Postgres learns of the closed connection asynchronously: allow it a moment.
+    let mut taken = false;
+    for _ in 0..100 {
+        if b.acquire_lease("orphan", "o2", ttl).await.unwrap() {
+            taken = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(taken, "the lease of a dead owner was not taken within 2 s");
+    assert!(!a.renew_lease("orphan", "o1", ttl).await.unwrap());
+    let mut stale = Commit::now();
+    stale.lease_owner = Some("o1".into());
+    stale.events.push(token("stale"));
+    assert_eq!(
+        a.commit("orphan", stale).await.map(|_| ()),
+        Err(Error::SessionBusy("orphan".into()))
+    );
+    assert!(!b.acquire_lease("unregistered", "o2", ttl).await.unwrap());
+    // A new liveness for the same owner (a restart that kept its id) makes it live again.
+    let _back = a.hold_liveness("o1").await.unwrap();
+    assert!(!a.acquire_lease("orphan", "o1", ttl).await.unwrap());
 }
 
 /// A turn's last commit can give the lease up in the same transaction.

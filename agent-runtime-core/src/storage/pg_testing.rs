@@ -229,6 +229,9 @@ impl Storage for Guarded {
     async fn release_lease(&self, session_id: &str, owner: &str) -> crate::Result<()> {
         self.store.release_lease(session_id, owner).await
     }
+    async fn hold_liveness(&self, owner: &str) -> crate::Result<super::Liveness> {
+        self.store.hold_liveness(owner).await
+    }
 }
 
 /// A store on a fresh schema that keeps the schema alive while it lives.
