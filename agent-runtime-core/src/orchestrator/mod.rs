@@ -566,10 +566,33 @@ impl Orchestrator {
         turn::cancel(self.inner.clone(), session_id).await
     }
 
-    /// Marks turns that were running when a previous process stopped as interrupted: their open
-    /// tool calls get an "interrupted" result and the sessions take new messages. Returns how many.
+    /// Marks turns whose process stopped (a crash, a kill, a lost connection) as interrupted: their
+    /// open tool calls get an "interrupted" result and the sessions take new messages. A turn
+    /// counts as stopped once its lease has expired or its owner is dead (see
+    /// [`Storage::hold_liveness`]), so a restarted process recovers its predecessor's turns at
+    /// once. Returns how many it marked.
     pub async fn recover_interrupted(&self) -> Result<usize> {
         turn::recover_interrupted(self.inner.clone()).await
+    }
+
+    /// Looks for stopped turns every `every` and recovers them ([`recover_interrupted`]), for as
+    /// long as this orchestrator lives: with several processes on one database, whichever notices
+    /// first recovers the turns of one that died. Needs a Tokio runtime.
+    ///
+    /// [`recover_interrupted`]: Orchestrator::recover_interrupted
+    pub fn watch_for_stopped_turns(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(inner) = weak.upgrade() else { return };
+                match turn::recover_interrupted(inner).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::warn!(turns = n, "marked turns of a stopped process interrupted"),
+                    Err(e) => tracing::warn!(error = %e, "looking for stopped turns failed"),
+                }
+            }
+        })
     }
 
     /// Stops every turn running in this process (graceful shutdown): each ends with `done`

@@ -375,4 +375,19 @@ impl Storage for MemoryStorage {
     async fn hold_liveness(&self, owner: &str) -> Result<Liveness> {
         Ok(self.owners.hold(owner))
     }
+
+    async fn orphaned_sessions(&self, limit: usize) -> Result<Vec<String>> {
+        let now = Timestamp::now();
+        Ok(self
+            .lock()
+            .values()
+            .filter(|d| d.session.status == SessionStatus::Running)
+            .filter(|d| match &d.lease {
+                None => true,
+                Some(l) => l.expires_at <= now || self.owners.is_dead(&l.owner),
+            })
+            .map(|d| d.session.id.clone())
+            .take(limit)
+            .collect())
+    }
 }

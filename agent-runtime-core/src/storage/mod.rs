@@ -217,6 +217,11 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// [`acquire_lease`](Storage::acquire_lease) gives its leases to the next owner that asks,
     /// without waiting for them to expire. Owners that never held one are judged by expiry alone.
     async fn hold_liveness(&self, owner: &str) -> Result<Liveness>;
+
+    /// Ids of sessions whose turn is `running` while nobody can be running it: the lease is free,
+    /// expired, or held by a dead owner. At most `limit`, in no particular order. Cheap enough to
+    /// ask every fraction of a second: it reads only running sessions.
+    async fn orphaned_sessions(&self, limit: usize) -> Result<Vec<String>>;
 }
 
 /// Opens the storage a `DATABASE_URL` names: `sqlite://PATH`, `sqlite::memory:`, `memory://`,

@@ -232,6 +232,9 @@ impl Storage for Guarded {
     async fn hold_liveness(&self, owner: &str) -> crate::Result<super::Liveness> {
         self.store.hold_liveness(owner).await
     }
+    async fn orphaned_sessions(&self, limit: usize) -> crate::Result<Vec<String>> {
+        self.store.orphaned_sessions(limit).await
+    }
 }
 
 /// A store on a fresh schema that keeps the schema alive while it lives.

@@ -1023,6 +1023,22 @@ impl Storage for PostgresStorage {
             .map_err(Error::database)?;
         Ok(Liveness::new(conn))
     }
+
+    #[instrument(skip(self))]
+    async fn orphaned_sessions(&self, limit: usize) -> Result<Vec<String>> {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT id FROM sessions
+             WHERE status = $1
+               AND (lease_owner IS NULL OR lease_expires_at IS NULL
+                    OR lease_expires_at <= clock_timestamp() OR {LEASE_OWNER_DEAD})
+             LIMIT $2"
+        )))
+        .bind(SessionStatus::Running.as_str())
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::database)
+    }
 }
 
 #[cfg(test)]

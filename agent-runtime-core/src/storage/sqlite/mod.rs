@@ -1054,6 +1054,32 @@ impl Storage for SqliteStorage {
         })
         .await
     }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn orphaned_sessions(&self, limit: usize) -> Result<Vec<String>> {
+        let owners = self.inner.owners.clone();
+        // On the writer thread: the lock files are checked beside the rows they judge.
+        self.write(move |c| {
+            let now = Timestamp::now().as_millis();
+            let running: Vec<(String, Option<String>, Option<i64>)> = query_list(
+                c,
+                "SELECT id, lease_owner, lease_expires_at FROM sessions WHERE status = ?1",
+                params![SessionStatus::Running.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?;
+            Ok(running
+                .into_iter()
+                .filter(|(_, owner, expires)| match (owner, expires) {
+                    (Some(o), Some(e)) => *e <= now || owners.is_dead(o),
+                    (Some(o), None) => owners.is_dead(o),
+                    (None, _) => true,
+                })
+                .map(|(id, _, _)| id)
+                .take(limit)
+                .collect())
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
