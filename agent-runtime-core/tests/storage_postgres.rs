@@ -791,7 +791,7 @@ async fn processes_starting_together_migrate_once() {
         .fetch_all(stores[0].pool())
         .await
         .unwrap();
-    assert_eq!(versions, vec![storage::SCHEMA_VERSION]);
+    assert_eq!(versions, (1..=storage::SCHEMA_VERSION).collect::<Vec<_>>());
 }
 
 #[tokio::test]

@@ -22,6 +22,10 @@ use crate::metrics::{MeteredBackend, Metrics};
 /// How long open connections (e.g. `?follow=true` streams) get to finish after turns stopped.
 const DRAIN: Duration = Duration::from_secs(3);
 
+/// How often this process looks for turns of dead processes sharing its database (a cheap read of
+/// the running sessions): the bound on how long such a turn stays stranded.
+const STOPPED_TURNS_POLL: Duration = Duration::from_millis(250);
+
 /// Builds the runtime the configuration describes.
 pub async fn runtime(config: &ServerConfig, metrics: &Arc<Metrics>) -> Result<Orchestrator, String> {
     let store = storage::open(&config.runtime.database_url)
@@ -65,6 +69,8 @@ pub async fn serve(
         Ok(n) => tracing::warn!(turns = n, "marked turns interrupted by the previous stop"),
         Err(e) => return Err(format!("cannot recover interrupted turns: {e}")),
     }
+    // Other processes on the same database may die too: their turns are recovered here at once.
+    rt.watch_for_stopped_turns(STOPPED_TURNS_POLL);
     metrics.follow_bus(&rt);
     tracing::info!(%addr, storage = rt.storage().backend(), auth = config.internal_api_key.is_some(), "serving");
     let app = Arc::new(App {

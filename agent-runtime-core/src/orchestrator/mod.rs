@@ -197,6 +197,7 @@ impl OrchestratorBuilder {
             bus: self.bus.unwrap_or_default(),
             tokenizer,
             owner: format!("runtime_{}", uuid::Uuid::new_v4().simple()),
+            liveness: tokio::sync::OnceCell::new(),
             hubs: Arc::new(stream::Hubs::default()),
             config: self.config,
             offers: HashMap::new(),
@@ -222,6 +223,9 @@ pub(crate) struct Inner {
     pub config: RuntimeConfig,
     /// This instance's lease owner id.
     pub owner: String,
+    /// Held from the first lease on: while it lives (and the process runs), other processes
+    /// wait for this owner's leases to expire; once it is gone they take them at once.
+    pub liveness: tokio::sync::OnceCell<crate::storage::Liveness>,
     pub hubs: Arc<stream::Hubs>,
     /// Per agent type, what its model calls offer (computed once in `build`).
     pub offers: HashMap<String, Arc<Offer>>,
@@ -234,6 +238,23 @@ pub(crate) struct Offer {
 }
 
 impl Inner {
+    /// Registers this owner as alive before it takes its first lease. A store that cannot
+    /// register it (say, a read-only folder for SQLite's lock files) is logged and retried at the
+    /// next lease: its leases are then judged by expiry alone, as before liveness existed.
+    pub(crate) async fn prove_alive(&self) {
+        if self.liveness.initialized() {
+            return;
+        }
+        let held = self
+            .liveness
+            .get_or_try_init(|| self.storage.hold_liveness(&self.owner))
+            .await;
+        if let Err(e) = held {
+            tracing::warn!(owner = %self.owner, error = %e, "cannot register this process as alive; \
+                other processes will wait for its leases to expire if it dies");
+        }
+    }
+
     /// What `agent`'s model calls offer (tool schemas are generated and counted once, in `build`).
     pub(crate) fn offer(&self, agent: &crate::agent::AgentDefinition) -> Arc<Offer> {
         match self.offers.get(&agent.agent_type) {
@@ -545,10 +566,33 @@ impl Orchestrator {
         turn::cancel(self.inner.clone(), session_id).await
     }
 
-    /// Marks turns that were running when a previous process stopped as interrupted: their open
-    /// tool calls get an "interrupted" result and the sessions take new messages. Returns how many.
+    /// Marks turns whose process stopped (a crash, a kill, a lost connection) as interrupted: their
+    /// open tool calls get an "interrupted" result and the sessions take new messages. A turn
+    /// counts as stopped once its lease has expired or its owner is dead (see
+    /// [`Storage::hold_liveness`]), so a restarted process recovers its predecessor's turns at
+    /// once. Returns how many it marked.
     pub async fn recover_interrupted(&self) -> Result<usize> {
         turn::recover_interrupted(self.inner.clone()).await
+    }
+
+    /// Looks for stopped turns every `every` and recovers them ([`recover_interrupted`]), for as
+    /// long as this orchestrator lives: with several processes on one database, whichever notices
+    /// first recovers the turns of one that died. Needs a Tokio runtime.
+    ///
+    /// [`recover_interrupted`]: Orchestrator::recover_interrupted
+    pub fn watch_for_stopped_turns(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(inner) = weak.upgrade() else { return };
+                match turn::recover_interrupted(inner).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::warn!(turns = n, "marked turns of a stopped process interrupted"),
+                    Err(e) => tracing::warn!(error = %e, "looking for stopped turns failed"),
+                }
+            }
+        })
     }
 
     /// Stops every turn running in this process (graceful shutdown): each ends with `done`

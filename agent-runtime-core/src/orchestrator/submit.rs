@@ -16,7 +16,7 @@ use crate::orchestrator::stream::{EventStream, Follow};
 use crate::orchestrator::{CancelOutcome, Inner, Submission};
 use crate::protocol::{ClientMessage, EventPayload, HitlDecision, StopReason, ToolError};
 use crate::session::{AgentSwitch, Message, NewMessage, Role, Session, SessionStatus, ToolCall, Usage};
-use crate::storage::{Commit, SessionQuery, SessionUpdate};
+use crate::storage::{Commit, SessionUpdate};
 use crate::time::Timestamp;
 
 /// Takes the session for a turn in this process and in storage, and returns it as stored once
@@ -43,6 +43,7 @@ async fn take_session(
                 .ok_or_else(|| Error::SessionBusy(session_id.into()))?
         }
     };
+    rt.prove_alive().await;
     match rt
         .storage
         .lease_session(session_id, &rt.owner, rt.config.lease_ttl)
@@ -614,43 +615,32 @@ async fn unanswered_calls(rt: &Arc<Inner>, session_id: &str) -> Result<Vec<ToolC
         .collect())
 }
 
-/// `recover_interrupted` of the facade.
+/// `recover_interrupted` of the facade: one pass over the orphaned sessions (running, and nobody
+/// can be running them), each marked interrupted under a lease taken for the purpose.
 pub(in crate::orchestrator) async fn recover_interrupted(rt: Arc<Inner>) -> Result<usize> {
+    rt.prove_alive().await;
     let mut recovered = 0;
-    let mut cursor = None;
-    loop {
-        let page = rt
+    for id in rt.storage.orphaned_sessions(1000).await? {
+        if rt.hubs.running(&id).is_some() {
+            continue;
+        }
+        match rt
             .storage
-            .list_sessions(SessionQuery {
-                user_id: None,
-                status: Some(SessionStatus::Running),
-                limit: 100,
-                cursor,
-            })
-            .await?;
-        for s in &page.sessions {
-            if rt.hubs.running(&s.id).is_some() {
-                continue;
-            }
-            if !rt
-                .storage
-                .acquire_lease(&s.id, &rt.owner, rt.config.lease_ttl)
-                .await?
-            {
-                continue; // another live process runs it
-            }
-            let fresh = rt.storage.get_session(&s.id).await?;
-            if fresh.status == SessionStatus::Running {
-                close_interrupted(&rt, &fresh, false).await?;
-                recovered += 1;
-            }
-            rt.storage.release_lease(&s.id, &rt.owner).await?;
+            .acquire_lease(&id, &rt.owner, rt.config.lease_ttl)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) | Err(Error::SessionNotFound(_)) => continue, // another process was quicker
+            Err(e) => return Err(e),
         }
-        match page.next_cursor {
-            Some(c) => cursor = Some(c),
-            None => return Ok(recovered),
+        let fresh = rt.storage.get_session(&id).await?;
+        if fresh.status == SessionStatus::Running {
+            close_interrupted(&rt, &fresh, false).await?;
+            recovered += 1;
         }
+        rt.storage.release_lease(&id, &rt.owner).await?;
     }
+    Ok(recovered)
 }
 
 /// `cancel` of the facade.

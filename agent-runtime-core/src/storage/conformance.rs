@@ -54,6 +54,8 @@ macro_rules! storage_conformance_suite {
             lease_acquire_renew_release,
             racing_lease_acquires_have_exactly_one_winner,
             expired_lease_is_taken_over,
+            a_dead_owners_lease_is_taken_at_once,
+            orphaned_sessions_are_running_ones_nobody_can_run,
             commit_is_fenced_by_lease_owner,
             last_commit_of_a_turn_releases_the_lease,
             last_activity_moves_forward_on_commit,
@@ -1127,6 +1129,83 @@ pub async fn expired_lease_is_taken_over(a: Arc<dyn Storage>, b: Arc<dyn Storage
     c.lease_owner = Some("o2".into());
     c.events.push(token("fresh"));
     assert_eq!(a.commit("expiring", c).await.unwrap().events[0].seq, 2);
+}
+
+/// A live owner's lease waits for expiry; once the owner's [`Liveness`](super::Liveness) is gone
+/// (its process died), another owner takes the lease at once and the old owner is fenced out.
+pub async fn a_dead_owners_lease_is_taken_at_once(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
+    let ttl = Duration::from_secs(600);
+    create(&*a, "orphan").await;
+    let alive = a.hold_liveness("o1").await.unwrap();
+    let _other = b.hold_liveness("o2").await.unwrap();
+    assert!(a.acquire_lease("orphan", "o1", ttl).await.unwrap());
+    assert!(!b.acquire_lease("orphan", "o2", ttl).await.unwrap());
+    // An owner that never held liveness is judged by expiry alone.
+    create(&*a, "unregistered").await;
+    assert!(a.acquire_lease("unregistered", "o3", ttl).await.unwrap());
+    drop(alive);
+    // Postgres learns of the closed connection asynchronously: allow it a moment.
+    let mut taken = false;
+    for _ in 0..100 {
+        if b.acquire_lease("orphan", "o2", ttl).await.unwrap() {
+            taken = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(taken, "the lease of a dead owner was not taken within 2 s");
+    assert!(!a.renew_lease("orphan", "o1", ttl).await.unwrap());
+    let mut stale = Commit::now();
+    stale.lease_owner = Some("o1".into());
+    stale.events.push(token("stale"));
+    assert_eq!(
+        a.commit("orphan", stale).await.map(|_| ()),
+        Err(Error::SessionBusy("orphan".into()))
+    );
+    assert!(!b.acquire_lease("unregistered", "o2", ttl).await.unwrap());
+    // A new liveness for the same owner (a restart that kept its id) makes it live again.
+    let _back = a.hold_liveness("o1").await.unwrap();
+    assert!(!a.acquire_lease("orphan", "o1", ttl).await.unwrap());
+}
+
+/// `orphaned_sessions` lists running sessions whose lease is free, expired or a dead owner's, and
+/// nothing else.
+pub async fn orphaned_sessions_are_running_ones_nobody_can_run(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
+    let long = Duration::from_secs(600);
+    let live = a.hold_liveness("live").await.unwrap();
+    let dying = a.hold_liveness("dying").await.unwrap();
+    let run = |owner: &'static str| {
+        let mut c = Commit::now();
+        c.lease_owner = Some(owner.into());
+        c.session.status = Some(SessionStatus::Running);
+        c
+    };
+    for (id, owner, ttl) in [
+        ("held", "live", long),
+        ("dead_owner", "dying", long),
+        ("expired", "unregistered", Duration::from_millis(50)),
+        ("released", "live", long),
+    ] {
+        create(&*a, id).await;
+        assert!(a.acquire_lease(id, owner, ttl).await.unwrap());
+        a.commit(id, run(owner)).await.unwrap();
+    }
+    a.release_lease("released", "live").await.unwrap();
+    create(&*a, "idle").await;
+    drop(dying);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut orphans = Vec::new();
+    for _ in 0..100 {
+        orphans = b.orphaned_sessions(10).await.unwrap();
+        orphans.sort();
+        if orphans.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await; // Postgres: the closed connection
+    }
+    assert_eq!(orphans, ["dead_owner", "expired", "released"]);
+    assert_eq!(b.orphaned_sessions(1).await.unwrap().len(), 1);
+    drop(live);
 }
 
 /// A turn's last commit can give the lease up in the same transaction.

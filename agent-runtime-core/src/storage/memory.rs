@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use super::liveness::OwnerRegistry;
 use super::support::{SessionCursor, check_commit, check_page_limit, counted_messages};
-use super::{Commit, Committed, SessionPage, SessionQuery, Storage};
+use super::{Commit, Committed, Liveness, SessionPage, SessionQuery, Storage};
 use crate::approval::{Approval, ApprovalStatus};
 use crate::error::{Error, Result};
 use crate::protocol::{Event, Plan};
@@ -23,6 +24,7 @@ use crate::time::Timestamp;
 #[derive(Debug, Default)]
 pub struct MemoryStorage {
     sessions: Mutex<HashMap<String, SessionData>>,
+    owners: OwnerRegistry,
 }
 
 /// Everything that belongs to one session; deleting the entry deletes all of it.
@@ -336,7 +338,7 @@ impl Storage for MemoryStorage {
             let now = Timestamp::now();
             let free = match &d.lease {
                 None => true,
-                Some(l) => l.owner == owner || l.expires_at <= now,
+                Some(l) => l.owner == owner || l.expires_at <= now || self.owners.is_dead(&l.owner),
             };
             if free {
                 d.lease = Some(Lease {
@@ -368,5 +370,24 @@ impl Storage for MemoryStorage {
             }
             Ok(())
         })
+    }
+
+    async fn hold_liveness(&self, owner: &str) -> Result<Liveness> {
+        Ok(self.owners.hold(owner))
+    }
+
+    async fn orphaned_sessions(&self, limit: usize) -> Result<Vec<String>> {
+        let now = Timestamp::now();
+        Ok(self
+            .lock()
+            .values()
+            .filter(|d| d.session.status == SessionStatus::Running)
+            .filter(|d| match &d.lease {
+                None => true,
+                Some(l) => l.expires_at <= now || self.owners.is_dead(&l.owner),
+            })
+            .map(|d| d.session.id.clone())
+            .take(limit)
+            .collect())
     }
 }

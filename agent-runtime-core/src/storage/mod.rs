@@ -13,8 +13,10 @@ use crate::protocol::{Event, EventPayload, Plan};
 use crate::session::{AgentSwitch, Message, NewMessage, NewSession, Session, SessionStatus, Usage};
 use crate::time::Timestamp;
 
+pub use liveness::Liveness;
+
 /// The schema version this build writes. A database stamped with a higher version is refused.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Which sessions to list and where to start.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -182,8 +184,10 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// One plan. `None` if absent.
     async fn get_plan(&self, session_id: &str, plan_id: &str) -> Result<Option<Plan>>;
 
-    /// Takes the session's lease for `owner` for `ttl` if it is free, expired, or already
-    /// `owner`'s. `Ok(false)` if another owner holds it. `SessionNotFound` if absent.
+    /// Takes the session's lease for `owner` for `ttl` if it is free, expired, already
+    /// `owner`'s, or held by a dead owner (one that held a [`Liveness`] it no longer holds: see
+    /// [`hold_liveness`](Storage::hold_liveness)). `Ok(false)` if another owner holds it.
+    /// `SessionNotFound` if absent.
     ///
     /// Expiry only lets *another* owner take the lease: until one does, the owner still holds it
     /// (it may renew it and commit under it), so a process that was slow to renew (a long pause,
@@ -207,6 +211,17 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 
     /// Gives the lease up if `owner` holds it (otherwise does nothing).
     async fn release_lease(&self, session_id: &str, owner: &str) -> Result<()>;
+
+    /// Registers `owner` as alive for as long as the returned [`Liveness`] lives and its process
+    /// runs. Once it is dropped, or the process dies however it dies, `owner` is dead and
+    /// [`acquire_lease`](Storage::acquire_lease) gives its leases to the next owner that asks,
+    /// without waiting for them to expire. Owners that never held one are judged by expiry alone.
+    async fn hold_liveness(&self, owner: &str) -> Result<Liveness>;
+
+    /// Ids of sessions whose turn is `running` while nobody can be running it: the lease is free,
+    /// expired, or held by a dead owner. At most `limit`, in no particular order. Cheap enough to
+    /// ask every fraction of a second: it reads only running sessions.
+    async fn orphaned_sessions(&self, limit: usize) -> Result<Vec<String>>;
 }
 
 /// Opens the storage a `DATABASE_URL` names: `sqlite://PATH`, `sqlite::memory:`, `memory://`,
@@ -250,6 +265,7 @@ pub fn redact_url(url: &str) -> String {
 
 #[cfg(feature = "test-utils")]
 pub mod conformance;
+mod liveness;
 pub mod memory;
 #[cfg(all(feature = "postgres", feature = "test-utils"))]
 pub mod pg_testing;

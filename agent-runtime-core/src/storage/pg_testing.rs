@@ -229,6 +229,12 @@ impl Storage for Guarded {
     async fn release_lease(&self, session_id: &str, owner: &str) -> crate::Result<()> {
         self.store.release_lease(session_id, owner).await
     }
+    async fn hold_liveness(&self, owner: &str) -> crate::Result<super::Liveness> {
+        self.store.hold_liveness(owner).await
+    }
+    async fn orphaned_sessions(&self, limit: usize) -> crate::Result<Vec<String>> {
+        self.store.orphaned_sessions(limit).await
+    }
 }
 
 /// A store on a fresh schema that keeps the schema alive while it lives.

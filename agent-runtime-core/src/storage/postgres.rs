@@ -23,7 +23,7 @@ use sqlx::{Connection, Executor, Postgres, QueryBuilder, Row, Transaction};
 use tracing::instrument;
 
 use super::support::{SessionCursor, check_commit, check_page_limit, counted_messages};
-use super::{Commit, Committed, SCHEMA_VERSION, SessionPage, SessionQuery, Storage, redact_url};
+use super::{Commit, Committed, Liveness, SCHEMA_VERSION, SessionPage, SessionQuery, Storage, redact_url};
 use crate::approval::{Approval, ApprovalResolution, ApprovalStatus, RequestType};
 use crate::error::{Error, Result};
 use crate::protocol::{Event, Plan};
@@ -31,7 +31,39 @@ use crate::session::{AgentSwitch, Message, NewSession, Role, Session, SessionSta
 use crate::time::Timestamp;
 
 /// The migrations, in order: (version, SQL). The last version is [`SCHEMA_VERSION`].
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/postgres/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/postgres/0001_init.sql")),
+    (
+        2,
+        include_str!("../../migrations/postgres/0002_owner_liveness.sql"),
+    ),
+];
+
+/// True while the owner `r` (a `runtime_owners` row) holds its advisory lock. A bigint advisory
+/// lock shows in `pg_locks` with its high half in `classid`, its low half in `objid`, `objsubid` 1.
+macro_rules! owner_lock_held {
+    () => {
+        "EXISTS (SELECT 1 FROM pg_locks l
+                 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                   AND ((l.classid::bigint << 32) | l.objid::bigint) = r.lock_key)"
+    };
+}
+
+/// True for a session row whose lease owner registered (`runtime_owners`) and no longer holds its
+/// advisory lock: its process, or its liveness connection, is gone.
+const LEASE_OWNER_DEAD: &str = concat!(
+    "EXISTS (SELECT 1 FROM runtime_owners r WHERE r.owner = sessions.lease_owner AND NOT ",
+    owner_lock_held!(),
+    ")"
+);
+
+/// Forgets dead owners that hold no lease any more.
+const FORGET_DEAD_OWNERS: &str = concat!(
+    "DELETE FROM runtime_owners r
+     WHERE NOT EXISTS (SELECT 1 FROM sessions s WHERE s.lease_owner = r.owner) AND NOT ",
+    owner_lock_held!()
+);
 
 /// Advisory lock key that serializes schema creation and migrations across processes.
 const MIGRATION_LOCK_KEY: i64 = 0x6167_656e_7472_7431; // "agentrt1"
@@ -900,14 +932,17 @@ impl Storage for PostgresStorage {
     #[instrument(skip(self))]
     async fn acquire_lease(&self, session_id: &str, owner: &str, ttl: Duration) -> Result<bool> {
         // One conditional UPDATE judged by the database's clock: atomic across processes.
-        let taken = sqlx::query(
+        // The liveness test runs only when the lease is neither free, ours, nor expired.
+        let taken = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE sessions
              SET lease_owner = $2,
                  lease_expires_at = clock_timestamp() + $3 * INTERVAL '1 millisecond'
              WHERE id = $1
-               AND (lease_owner IS NULL OR lease_owner = $2
-                    OR lease_expires_at IS NULL OR lease_expires_at <= clock_timestamp())",
-        )
+               AND CASE WHEN lease_owner IS NULL OR lease_owner = $2
+                             OR lease_expires_at IS NULL OR lease_expires_at <= clock_timestamp()
+                        THEN TRUE
+                        ELSE {LEASE_OWNER_DEAD} END"
+        )))
         .bind(session_id)
         .bind(owner)
         .bind(lease_ttl_millis(ttl))
@@ -960,6 +995,49 @@ impl Storage for PostgresStorage {
             self.ensure_session(session_id).await?;
         }
         Ok(())
+    }
+
+    #[instrument(skip(self))]
+    async fn hold_liveness(&self, owner: &str) -> Result<Liveness> {
+        // A connection of its own, outside the pool's count, that lives as long as the token.
+        let mut conn = self.pool.acquire().await.map_err(Error::database)?.detach();
+        let lock_key = i64::try_from(uuid::Uuid::new_v4().as_u64_pair().0 >> 2).unwrap_or(1);
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(lock_key)
+            .execute(&mut conn)
+            .await
+            .map_err(Error::database)?;
+        sqlx::query(
+            "INSERT INTO runtime_owners (owner, lock_key, started_at) VALUES ($1, $2, $3)
+             ON CONFLICT (owner) DO UPDATE SET lock_key = EXCLUDED.lock_key, started_at = EXCLUDED.started_at",
+        )
+        .bind(owner)
+        .bind(lock_key)
+        .bind(Timestamp::now().as_millis())
+        .execute(&self.pool)
+        .await
+        .map_err(Error::database)?;
+        sqlx::query(FORGET_DEAD_OWNERS)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::database)?;
+        Ok(Liveness::new(conn))
+    }
+
+    #[instrument(skip(self))]
+    async fn orphaned_sessions(&self, limit: usize) -> Result<Vec<String>> {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT id FROM sessions
+             WHERE status = $1
+               AND (lease_owner IS NULL OR lease_expires_at IS NULL
+                    OR lease_expires_at <= clock_timestamp() OR {LEASE_OWNER_DEAD})
+             LIMIT $2"
+        )))
+        .bind(SessionStatus::Running.as_str())
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::database)
     }
 }
 

@@ -30,8 +30,9 @@ use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params, params_from_iter};
 use serde_json::Value;
 
+use super::liveness::{LockFileRegistry, OwnerRegistry};
 use super::support::{SessionCursor, check_commit, check_page_limit, counted_messages};
-use super::{Commit, Committed, SCHEMA_VERSION, SessionPage, SessionQuery, Storage};
+use super::{Commit, Committed, Liveness, SCHEMA_VERSION, SessionPage, SessionQuery, Storage};
 use crate::approval::{Approval, ApprovalStatus, RequestType};
 use crate::error::{Error, Result};
 use crate::protocol::{Event, EventPayload, Plan};
@@ -39,7 +40,13 @@ use crate::session::{AgentSwitch, Message, NewSession, Role, Session, SessionSta
 use crate::time::Timestamp;
 
 /// The migrations, in order: `(version, SQL)`. The last version is [`SCHEMA_VERSION`].
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../../migrations/sqlite/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../../migrations/sqlite/0001_init.sql")),
+    (
+        2,
+        include_str!("../../../migrations/sqlite/0002_owner_liveness.sql"),
+    ),
+];
 
 /// How long a connection waits for another connection's write lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -68,6 +75,26 @@ struct Inner {
     readers: Mutex<Vec<Connection>>,
     /// One permit per read connection.
     read_slots: tokio::sync::Semaphore,
+    /// Which lease owners are alive.
+    owners: Arc<Owners>,
+}
+
+/// Who can tell whether a lease owner is alive: lock files beside a database file (any process
+/// may open the file), or this process alone (an in-memory database).
+#[derive(Debug)]
+enum Owners {
+    Files(LockFileRegistry),
+    InProcess(OwnerRegistry),
+}
+
+impl Owners {
+    /// Blocking for lock files: call it on the writer thread.
+    fn is_dead(&self, owner: &str) -> bool {
+        match self {
+            Owners::Files(r) => r.is_dead(owner),
+            Owners::InProcess(r) => r.is_dead(owner),
+        }
+    }
 }
 
 impl std::fmt::Debug for SqliteStorage {
@@ -200,8 +227,13 @@ impl SqliteStorage {
         .map_err(db)?;
         configure(&conn, path.is_some()).map_err(db)?;
         migrate(&mut conn)?;
+        let owners = match &path {
+            Some(p) => Owners::Files(LockFileRegistry::beside(p)),
+            None => Owners::InProcess(OwnerRegistry::default()),
+        };
         Ok(SqliteStorage {
             inner: Arc::new(Inner {
+                owners: Arc::new(owners),
                 path,
                 writer: writer::Writer::start(conn)?,
                 readers: Mutex::new(Vec::new()),
@@ -713,6 +745,30 @@ fn lease_update(conn: &Connection, session_id: &str, sql: &str, args: impl rusql
 const ACQUIRE_LEASE: &str = "UPDATE sessions SET lease_owner = ?2, lease_expires_at = ?3
      WHERE id = ?1 AND (lease_owner IS NULL OR lease_owner = ?2 OR lease_expires_at <= ?4)";
 
+/// Takes the lease from `?4`, a dead owner, if it still holds it: `?1` id, `?2` owner, `?3` new expiry.
+const TAKE_OVER_LEASE: &str = "UPDATE sessions SET lease_owner = ?2, lease_expires_at = ?3
+     WHERE id = ?1 AND lease_owner = ?4";
+
+/// [`ACQUIRE_LEASE`], or else [`TAKE_OVER_LEASE`] if the holder is dead (on the writer thread).
+fn acquire(conn: &Connection, owners: &Owners, id: &str, owner: &str, ttl: Duration) -> Result<bool> {
+    let now = Timestamp::now().as_millis();
+    let expires = now.saturating_add(ttl_millis(ttl));
+    if lease_update(conn, id, ACQUIRE_LEASE, params![id, owner, expires, now])? {
+        return Ok(true);
+    }
+    let holder: Option<String> = conn
+        .prepare_cached("SELECT lease_owner FROM sessions WHERE id = ?1")
+        .and_then(|mut s| s.query_row(params![id], |r| r.get(0)))
+        .map_err(db)?;
+    match holder {
+        Some(dead) if owners.is_dead(&dead) => {
+            tracing::info!(session_id = id, dead_owner = %dead, "taking over the lease of a dead owner");
+            lease_update(conn, id, TAKE_OVER_LEASE, params![id, owner, expires, dead])
+        }
+        _ => Ok(false),
+    }
+}
+
 fn ttl_millis(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
 }
@@ -924,31 +980,24 @@ impl Storage for SqliteStorage {
 
     #[tracing::instrument(level = "debug", skip(self))]
     async fn acquire_lease(&self, session_id: &str, owner: &str, ttl: Duration) -> Result<bool> {
-        let (id, owner) = (session_id.to_string(), owner.to_string());
-        self.write(move |c| {
-            let now = Timestamp::now().as_millis();
-            lease_update(
-                c,
-                &id,
-                ACQUIRE_LEASE,
-                params![id, owner, now.saturating_add(ttl_millis(ttl)), now],
-            )
-        })
-        .await
+        let (id, owner, owners) = (
+            session_id.to_string(),
+            owner.to_string(),
+            self.inner.owners.clone(),
+        );
+        self.write(move |c| acquire(c, &owners, &id, &owner, ttl)).await
     }
 
     #[tracing::instrument(level = "debug", skip(self))]
     async fn lease_session(&self, session_id: &str, owner: &str, ttl: Duration) -> Result<Option<Session>> {
         // One job on the writer thread: no read connection hand-off after taking the lease.
-        let (id, owner) = (session_id.to_string(), owner.to_string());
+        let (id, owner, owners) = (
+            session_id.to_string(),
+            owner.to_string(),
+            self.inner.owners.clone(),
+        );
         self.write(move |c| {
-            let now = Timestamp::now().as_millis();
-            let taken = lease_update(
-                c,
-                &id,
-                ACQUIRE_LEASE,
-                params![id, owner, now.saturating_add(ttl_millis(ttl)), now],
-            )?;
+            let taken = acquire(c, &owners, &id, &owner, ttl)?;
             taken.then(|| read_session(c, &id)).transpose()
         })
         .await
@@ -980,6 +1029,54 @@ impl Storage for SqliteStorage {
                 params![id, owner],
             )
             .map(|_| ())
+        })
+        .await
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn hold_liveness(&self, owner: &str) -> Result<Liveness> {
+        let registry = match self.inner.owners.as_ref() {
+            Owners::InProcess(r) => return Ok(r.hold(owner)),
+            Owners::Files(r) => r.clone(),
+        };
+        let owner = owner.to_string();
+        // On the writer thread: the sweep reads which owners still hold leases.
+        self.write(move |c| {
+            let held = registry.hold(&owner)?;
+            let holders: Vec<String> = query_list(
+                c,
+                "SELECT DISTINCT lease_owner FROM sessions WHERE lease_owner IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )?;
+            registry.sweep(|o| holders.iter().any(|h| h == o));
+            Ok(held)
+        })
+        .await
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn orphaned_sessions(&self, limit: usize) -> Result<Vec<String>> {
+        let owners = self.inner.owners.clone();
+        // On the writer thread: the lock files are checked beside the rows they judge.
+        self.write(move |c| {
+            let now = Timestamp::now().as_millis();
+            let running: Vec<(String, Option<String>, Option<i64>)> = query_list(
+                c,
+                "SELECT id, lease_owner, lease_expires_at FROM sessions WHERE status = ?1",
+                params![SessionStatus::Running.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?;
+            Ok(running
+                .into_iter()
+                .filter(|(_, owner, expires)| match (owner, expires) {
+                    (Some(o), Some(e)) => *e <= now || owners.is_dead(o),
+                    (Some(o), None) => owners.is_dead(o),
+                    (None, _) => true,
+                })
+                .map(|(id, _, _)| id)
+                .take(limit)
+                .collect())
         })
         .await
     }

@@ -1,0 +1,119 @@
+//! Several server processes on one database: when one is SIGKILLed mid-turn, a live one notices at
+//! once (no lease expiry wait) and the session takes new messages there, on Postgres and SQLite.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+mod fault_support;
+
+use std::time::{Duration, Instant};
+
+use agent_runtime_core::llm::Script;
+use agent_runtime_core::llm::mock::{MockLlmServer, MockResponse};
+use common::*;
+use fault_support::*;
+use serde_json::{Value, json};
+
+/// The default 30 s lease: recovery must not wait for it.
+const ENV: &[(&str, &str)] = &[("AGENT_RUNTIME__AUTO_AGENT_SWITCHING", "false")];
+
+/// A long answer streamed slowly, so the process can be killed mid-stream.
+fn slow_answer() -> MockResponse {
+    let text: String = (0..400).map(|w| format!("w{w} ")).collect();
+    MockResponse::script(&Script::text(text.trim_end()))
+        .split_every(8)
+        .drip(Duration::from_millis(20))
+}
+
+/// Kills the replica running a turn and checks the other one takes the session over; returns how
+/// long that took.
+async fn a_replica_takes_over_from_a_killed_one(database_url: &str) -> Duration {
+    let (la, lb) = (
+        MockLlmServer::start().await.unwrap(),
+        MockLlmServer::start().await.unwrap(),
+    );
+    let doomed = Server::start_with(&la.url(), Some(database_url), ENV).await;
+    let survivor = Server::start_with(&lb.url(), Some(database_url), ENV).await;
+    let id = survivor.session(json!({})).await;
+
+    la.push(slow_answer());
+    let r = doomed
+        .post(
+            "/agent/message/stream",
+            json!({"session_id": id, "message": {"type": "user_message", "content": "long one"}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut rec = Recorder::new(r);
+    for _ in 0..5 {
+        rec.next().await.expect("tokens before the kill");
+    }
+    let busy = survivor
+        .post(
+            "/agent/message/stream",
+            json!({"session_id": id, "message": {"type": "user_message", "content": "too early"}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_of(busy).await,
+        (409, err_busy(&id)),
+        "the live turn holds the session"
+    );
+
+    drop(doomed); // SIGKILL
+    let killed = Instant::now();
+    let mut status = Value::Null;
+    while killed.elapsed() < Duration::from_secs(10) {
+        status = survivor.get_json(&format!("/sessions/{id}")).await["status"].clone();
+        if status != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = killed.elapsed();
+    assert_eq!(
+        status,
+        "idle",
+        "recovered well before the 30 s lease expires\n{}",
+        survivor.logs()
+    );
+
+    lb.push(MockResponse::script(&Script::text("back again")));
+    let events = survivor
+        .send(&id, json!({"type": "user_message", "content": "still there?"}))
+        .await;
+    assert_eq!(kinds(&events), ["assistant_final", "done:completed"]);
+
+    let stored = stored(&survivor, &id).await;
+    assert_eq!(user_texts(&stored.messages), ["long one", "still there?"]);
+    assert_eq!(
+        kinds(&stored.events),
+        ["error", "done:error", "assistant_final", "done:completed"],
+        "the killed turn is closed with an error, then the new one runs"
+    );
+    took
+}
+
+fn err_busy(id: &str) -> Value {
+    json!({"error": {"code": "SESSION_BUSY", "message": format!("session '{id}' is busy: a turn is already running")}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_postgres_a_live_replica_recovers_a_killed_ones_turn_at_once() {
+    let Some((_guard, url)) = postgres_url().await else {
+        return;
+    };
+    let took = a_replica_takes_over_from_a_killed_one(&url).await;
+    eprintln!("postgres: recovered {took:?} after the SIGKILL");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_sqlite_a_live_process_recovers_a_killed_ones_turn_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("shared.db").display());
+    let took = a_replica_takes_over_from_a_killed_one(&url).await;
+    eprintln!("sqlite: recovered {took:?} after the SIGKILL");
+}
