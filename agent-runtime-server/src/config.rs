@@ -91,8 +91,24 @@ pub fn flag_name(var: &str) -> String {
         .replace('_', "-")
 }
 
+/// The `--help` line of a core variable.
+fn core_help(var: &str) -> &'static str {
+    match var {
+        "ROUTING_TIMEOUT_SECS" => {
+            "seconds the routing call waits for the model's first byte before keywords decide (default 5)"
+        }
+        "LLM_FIRST_BYTE_TIMEOUT_SECS" => {
+            "seconds a model call waits for the first piece of the answer (default 60)"
+        }
+        "LLM_CONTEXT_TOKENS" => {
+            "the model's context size (default: asked of the model server); bounds MAX_CONTEXT_TOKENS"
+        }
+        _ => "see API.md §8",
+    }
+}
+
 fn all_variables() -> Vec<(&'static str, &'static str)> {
-    let mut vars: Vec<(&str, &str)> = VARIABLES.iter().map(|v| (*v, "see API.md §8")).collect();
+    let mut vars: Vec<(&str, &str)> = VARIABLES.iter().map(|v| (*v, core_help(v))).collect();
     vars.extend_from_slice(SERVER_VARIABLES);
     vars
 }
@@ -276,6 +292,8 @@ mod tests {
             (vec!["--database-url", "mysql://x"], "DATABASE_URL"),
             (vec!["--log-format", "xml"], "LOG_FORMAT"),
             (vec!["--max-request-bytes", "-1"], "MAX_REQUEST_BYTES"),
+            (vec!["--routing-timeout-secs", "0"], "ROUTING_TIMEOUT_SECS"),
+            (vec!["--llm-context-tokens", "many"], "LLM_CONTEXT_TOKENS"),
         ] {
             let err = load_with(&args, &[]).unwrap_err();
             assert!(err.0.starts_with(&format!("{var}: ")), "{err}");
