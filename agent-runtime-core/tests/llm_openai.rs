@@ -491,6 +491,13 @@ mod llm {
                 r#"{"model_info":{"general.architecture":"qwen2","qwen2.context_length":32768}}"#,
                 Some(ModelContext::new(32768, "Ollama's /api/show context_length")),
             ),
+            // Not Ollama (no GET /api/version): /api/show is never asked.
+            (
+                "POST",
+                "/api/show",
+                r#"{"model_info":{"qwen2.context_length":32768}}"#,
+                None,
+            ),
             // llama-cpp-python's list says nothing of the context.
             (
                 "GET",
@@ -502,6 +509,13 @@ mod llm {
         for (method, path, body, expected) in cases {
             let mock = MockLlmServer::start().await.unwrap();
             mock.answer(method, path, MockResponse::status(200, body));
+            if path == "/api/show" && expected.is_some() {
+                mock.answer(
+                    "GET",
+                    "/api/version",
+                    MockResponse::status(200, r#"{"version":"0.5.7"}"#),
+                );
+            }
             let backend = backend(mock.url());
             assert_eq!(backend.context_size().await, Ok(expected), "{method} {path}");
         }

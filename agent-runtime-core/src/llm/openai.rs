@@ -425,8 +425,9 @@ impl LlmBackend for OpenAiBackend {
 
     /// Asks the server at once, within [`DISCOVERY_TIMEOUT`] in all, where each kind says it:
     /// llama.cpp's `GET /props` (`default_generation_settings.n_ctx`), vLLM's `GET /v1/models`
-    /// (`max_model_len` of this model), Ollama's `POST /api/show` (`num_ctx` among the
-    /// parameters, else the model's `*.context_length`). The first that answers, in that order.
+    /// (`max_model_len` of this model), Ollama's `POST /api/show` once `GET /api/version` said
+    /// it is Ollama (`num_ctx` among the parameters, else the model's `*.context_length`). The
+    /// first that answers, in that order.
     #[tracing::instrument(name = "llm.context_size", skip_all)]
     async fn context_size(&self) -> Result<Option<ModelContext>> {
         let props = async {
@@ -450,6 +451,10 @@ impl LlmBackend for OpenAiBackend {
             ))
         };
         let ollama = async {
+            // Only a server that says it is Ollama gets the POST (another would take it for a
+            // chat request, or log an odd one).
+            let version = self.get_json(&format!("{}/api/version", self.base)).await?;
+            version.get("version")?.as_str()?;
             let request = self
                 .client
                 .post(format!("{}/api/show", self.base))
