@@ -47,6 +47,12 @@ pub struct LlmSettings {
     /// `LLM_FORCED_TOOL_STEPS`: for a model that cannot choose tools itself (no auto tool
     /// choice), how many tool results it may gather after the user's message before it must answer.
     pub forced_tool_steps: u32,
+    /// `LLM_FIRST_BYTE_TIMEOUT_SECS`: how long a model call waits for the first piece of the
+    /// answer (prompt processing included) before the turn ends with `LLM_ERROR`.
+    pub first_byte_timeout: Duration,
+    /// `LLM_CONTEXT_TOKENS`: the model's context size, when the model server does not tell it
+    /// (llama.cpp's `/props`, vLLM's `/v1/models`, Ollama's `/api/show` do; this setting wins).
+    pub context_tokens: Option<usize>,
 }
 
 /// Every setting the core reads.
@@ -60,7 +66,8 @@ pub struct RuntimeConfig {
     pub hitl_enabled: bool,
     /// `HITL_DANGEROUS_TOOLS`.
     pub hitl_dangerous_tools: Vec<String>,
-    /// `MAX_CONTEXT_TOKENS`.
+    /// `MAX_CONTEXT_TOKENS`: bounded at start-up by the model's context size (see
+    /// [`LlmSettings::context_tokens`]).
     pub max_context_tokens: usize,
     /// `MAX_CONTEXT_MESSAGES`.
     pub max_context_messages: usize,
@@ -92,6 +99,9 @@ pub struct RuntimeConfig {
     pub temperature: Option<f32>,
     /// How long a turn's session lease lasts without renewal (`SESSION_LEASE_SECS`).
     pub lease_ttl: Duration,
+    /// `ROUTING_TIMEOUT_SECS`: how long the orchestrator's routing call waits for the model's
+    /// first byte before the keyword classifier decides instead.
+    pub routing_timeout: Duration,
 }
 
 impl Default for RuntimeConfig {
@@ -105,6 +115,8 @@ impl Default for RuntimeConfig {
                 capabilities: Capabilities::default(),
                 max_tokens: None,
                 forced_tool_steps: 1,
+                first_byte_timeout: Duration::from_secs(60),
+                context_tokens: None,
             },
             hitl_enabled: true,
             hitl_dangerous_tools: vec![
@@ -127,6 +139,7 @@ impl Default for RuntimeConfig {
             max_tool_output_bytes: 32 * 1024,
             temperature: None,
             lease_ttl: Duration::from_secs(30),
+            routing_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -141,6 +154,8 @@ pub const VARIABLES: &[&str] = &[
     "LLM_CAPABILITIES",
     "LLM_MAX_TOKENS",
     "LLM_FORCED_TOOL_STEPS",
+    "LLM_FIRST_BYTE_TIMEOUT_SECS",
+    "LLM_CONTEXT_TOKENS",
     "HITL_ENABLED",
     "HITL_DANGEROUS_TOOLS",
     "MAX_CONTEXT_TOKENS",
@@ -157,6 +172,7 @@ pub const VARIABLES: &[&str] = &[
     "MAX_TURN_ITERATIONS",
     "MAX_TOOL_OUTPUT_BYTES",
     "SESSION_LEASE_SECS",
+    "ROUTING_TIMEOUT_SECS",
 ];
 
 fn bad(var: &str, value: &str, expected: &str) -> Error {
@@ -250,6 +266,12 @@ impl RuntimeConfig {
         if let Some(v) = get("LLM_FORCED_TOOL_STEPS") {
             c.llm.forced_tool_steps = parse_num("LLM_FORCED_TOOL_STEPS", &v, 0)?;
         }
+        if let Some(v) = get("LLM_FIRST_BYTE_TIMEOUT_SECS") {
+            c.llm.first_byte_timeout = Duration::from_secs(parse_num("LLM_FIRST_BYTE_TIMEOUT_SECS", &v, 1)?);
+        }
+        if let Some(v) = get("LLM_CONTEXT_TOKENS") {
+            c.llm.context_tokens = Some(parse_num("LLM_CONTEXT_TOKENS", &v, 256)?);
+        }
         if let Some(v) = get("HITL_ENABLED") {
             c.hitl_enabled = parse_bool("HITL_ENABLED", &v)?;
         }
@@ -306,6 +328,9 @@ impl RuntimeConfig {
         if let Some(v) = get("SESSION_LEASE_SECS") {
             c.lease_ttl = Duration::from_secs(parse_num("SESSION_LEASE_SECS", &v, 1)?);
         }
+        if let Some(v) = get("ROUTING_TIMEOUT_SECS") {
+            c.routing_timeout = Duration::from_secs(parse_num("ROUTING_TIMEOUT_SECS", &v, 1)?);
+        }
         Ok(c)
     }
 }
@@ -353,6 +378,20 @@ mod tests {
     }
 
     #[test]
+    fn model_deadlines_and_context_size_are_read() {
+        let c = from(&[
+            ("ROUTING_TIMEOUT_SECS", "2"),
+            ("LLM_FIRST_BYTE_TIMEOUT_SECS", "30"),
+            ("LLM_CONTEXT_TOKENS", "4096"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.routing_timeout, c.llm.first_byte_timeout, c.llm.context_tokens),
+            (Duration::from_secs(2), Duration::from_secs(30), Some(4096))
+        );
+    }
+
+    #[test]
     fn a_bad_value_names_its_variable() {
         for (var, value) in [
             ("MAX_CONTEXT_TOKENS", "lots"),
@@ -362,6 +401,9 @@ mod tests {
             ("LLM_CAPABILITIES", "telepathy"),
             ("LLM_MAX_TOKENS", "0"),
             ("MAX_TURN_ITERATIONS", "0"),
+            ("ROUTING_TIMEOUT_SECS", "0"),
+            ("LLM_FIRST_BYTE_TIMEOUT_SECS", "soon"),
+            ("LLM_CONTEXT_TOKENS", "100"),
         ] {
             let err = from(&[(var, value)]).unwrap_err();
             assert!(err.to_string().starts_with(&format!("{var}: ")), "{err}");

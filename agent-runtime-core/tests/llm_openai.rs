@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use agent_runtime_core::Error;
 use agent_runtime_core::llm::mock::{MockLlmServer, MockResponse};
+use agent_runtime_core::llm::wire::EMPTY_STREAM;
 use agent_runtime_core::llm::{
     Capabilities, ChatMessage, ChatRequest, ChatToolCall, Chunk, Completion, FinishReason, LlmBackend,
-    OpenAiBackend, OpenAiConfig, Script, ScriptedBackend, ToolChoice,
+    ModelContext, OpenAiBackend, OpenAiConfig, Script, ScriptedBackend, ToolChoice,
 };
 use agent_runtime_core::protocol::ToolSpec;
 use agent_runtime_core::session::Usage;
@@ -80,6 +81,14 @@ fn llm_error(result: Result<Completion, Error>) -> String {
         Err(Error::Llm(message)) => message,
         other => panic!("expected an Llm error, got {other:?}"),
     }
+}
+
+/// `message` with the seconds of its `(after N attempts, X s in all)` replaced by `N`.
+fn mask_seconds(message: &str) -> (String, f64) {
+    let at = message.rfind(" s in all").unwrap();
+    let start = message[..at].rfind(' ').unwrap() + 1;
+    let seconds: f64 = message[start..at].parse().unwrap();
+    (format!("{}N{}", &message[..start], &message[at..]), seconds)
 }
 
 /// The fixture up to (not including) the event holding `marker`: a stream cut after some tokens.
@@ -272,13 +281,33 @@ mod llm {
     }
 
     #[tokio::test]
-    async fn an_empty_200_body_is_an_error() {
+    async fn llama_cpp_pythons_empty_answer_to_a_long_prompt_is_context_too_large() {
         let mock = MockLlmServer::start().await.unwrap();
         let backend = backend(mock.url());
+        let captured = include_str!("fixtures/llm-wire/llama-cpp-python-context-overflow.response");
+        let head = captured.replace("connection: keep-alive", "connection: close");
+        mock.push(MockResponse::raw(format!("{head}0\r\n\r\n")));
         mock.push(MockResponse::empty());
+        for _ in 0..2 {
+            assert_eq!(
+                backend.complete(ask()).await,
+                Err(Error::ContextTooLarge(EMPTY_STREAM.to_string()))
+            );
+        }
+        assert_eq!(mock.request_count(), 2, "not retried");
+    }
+
+    #[tokio::test]
+    async fn a_context_length_error_status_is_context_too_large_and_not_retried() {
+        let mock = MockLlmServer::start().await.unwrap();
+        let backend = backend(mock.url());
+        let body = r#"{"error":{"message":"This model's maximum context length is 4096 tokens. However, you requested 5030 tokens.","type":"invalid_request_error","code":"context_length_exceeded"}}"#;
+        mock.push(MockResponse::status(400, body));
         assert_eq!(
-            llm_error(backend.complete(ask()).await),
-            "model server sent an empty stream (no [DONE] or finish_reason)"
+            backend.complete(ask()).await,
+            Err(Error::ContextTooLarge(format!(
+                "the model server refused the prompt as longer than its context (400 Bad Request): {body}"
+            )))
         );
         assert_eq!(mock.request_count(), 1);
     }
@@ -292,8 +321,10 @@ mod llm {
         ));
         mock.push(MockResponse::sse("data: {\"choices\": [{\"delta\": \n\n"));
         assert_eq!(
-            llm_error(backend.complete(ask()).await),
-            "model server error: Requested tokens exceed context window"
+            backend.complete(ask()).await,
+            Err(Error::ContextTooLarge(
+                "the model server refused the prompt as longer than its context: Requested tokens exceed context window".into()
+            ))
         );
         let message = llm_error(backend.complete(ask()).await);
         assert!(message.starts_with("invalid JSON in stream:"), "{message}");
@@ -322,10 +353,12 @@ mod llm {
         .unwrap();
         mock.push(MockResponse::status(503, "loading model"));
         mock.push(MockResponse::status(502, "bad gateway"));
+        let (message, seconds) = mask_seconds(&llm_error(backend.complete(ask()).await));
         assert_eq!(
-            llm_error(backend.complete(ask()).await),
-            "model server answered 502 Bad Gateway: bad gateway (after 2 attempts)"
+            message,
+            "model server answered 502 Bad Gateway: bad gateway (after 2 attempts, N s in all)"
         );
+        assert!(seconds < 5.0, "{seconds}");
         mock.push(MockResponse::status(
             400,
             r#"{"error":{"message":"bad request"}}"#,
@@ -351,10 +384,10 @@ mod llm {
             listener.local_addr().unwrap()
         };
         let down = backend(format!("http://{closed}"));
-        let message = llm_error(down.complete(ask()).await);
+        let (message, _) = mask_seconds(&llm_error(down.complete(ask()).await));
         assert!(
             message.starts_with("cannot connect to the model server: ")
-                && message.ends_with("(after 4 attempts)"),
+                && message.ends_with("(after 4 attempts, N s in all)"),
             "{message}"
         );
         assert!(down.health().await.is_err());
@@ -404,9 +437,107 @@ mod llm {
         mock.push(MockResponse::hang());
         assert_eq!(
             llm_error(backend.complete(ask()).await),
-            "model server sent nothing within 0.3 s"
+            "the model server accepted the request but sent nothing within 0.3 s (LLM_FIRST_BYTE_TIMEOUT_SECS)"
         );
         assert_eq!(mock.request_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn health_gives_up_on_a_server_that_accepts_and_never_answers_within_its_own_deadline() {
+        let mock = MockLlmServer::start().await.unwrap();
+        mock.answer("GET", "/v1/models", MockResponse::hang());
+        let backend = backend(mock.url());
+        let started = std::time::Instant::now();
+        assert_eq!(
+            backend.health().await,
+            Err(Error::Llm(
+                "the model server did not answer GET /v1/models within 2 s".into()
+            ))
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn the_context_size_is_read_where_each_kind_of_server_states_it() {
+        let cases = [
+            (
+                "GET",
+                "/props",
+                r#"{"default_generation_settings":{"n_ctx":4096,"params":{}},"total_slots":1}"#,
+                Some(ModelContext::new(4096, "llama.cpp server's /props n_ctx")),
+            ),
+            (
+                "GET",
+                "/v1/models",
+                r#"{"object":"list","data":[{"id":"other","max_model_len":1024},{"id":"smollm2-135m-instruct","object":"model","max_model_len":32768}]}"#,
+                Some(ModelContext::new(
+                    32768,
+                    "the model server's /v1/models max_model_len",
+                )),
+            ),
+            (
+                "POST",
+                "/api/show",
+                r#"{"parameters":"stop \"<|im_end|>\"\nnum_ctx 8192","model_info":{"qwen2.context_length":32768}}"#,
+                Some(ModelContext::new(8192, "Ollama's /api/show num_ctx")),
+            ),
+            (
+                "POST",
+                "/api/show",
+                r#"{"model_info":{"general.architecture":"qwen2","qwen2.context_length":32768}}"#,
+                Some(ModelContext::new(32768, "Ollama's /api/show context_length")),
+            ),
+            // Not Ollama (no GET /api/version): /api/show is never asked.
+            (
+                "POST",
+                "/api/show",
+                r#"{"model_info":{"qwen2.context_length":32768}}"#,
+                None,
+            ),
+            // llama-cpp-python's list says nothing of the context.
+            (
+                "GET",
+                "/v1/models",
+                r#"{"object":"list","data":[{"id":"smollm2-135m-instruct","object":"model","owned_by":"me","permissions":[]}]}"#,
+                None,
+            ),
+        ];
+        for (method, path, body, expected) in cases {
+            let mock = MockLlmServer::start().await.unwrap();
+            mock.answer(method, path, MockResponse::status(200, body));
+            if path == "/api/show" && expected.is_some() {
+                mock.answer(
+                    "GET",
+                    "/api/version",
+                    MockResponse::status(200, r#"{"version":"0.5.7"}"#),
+                );
+            }
+            let backend = backend(mock.url());
+            assert_eq!(backend.context_size().await, Ok(expected), "{method} {path}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_server_that_hangs_when_asked_its_context_size_delays_start_up_only_briefly() {
+        let mock = MockLlmServer::start().await.unwrap();
+        mock.answer("GET", "/props", MockResponse::hang());
+        let backend = backend(mock.url());
+        let started = std::time::Instant::now();
+        assert_eq!(
+            backend.context_size().await,
+            Err(Error::Llm(
+                "the model server did not say its context size within 3 s".into()
+            ))
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]

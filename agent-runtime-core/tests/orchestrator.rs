@@ -8,7 +8,11 @@ use std::time::Duration;
 
 use agent_runtime_core::approval::ApprovalStatus;
 use agent_runtime_core::config::{RuntimeConfig, ToolExecution};
-use agent_runtime_core::llm::{Script, ScriptedBackend, ToolChoice};
+use agent_runtime_core::llm::mock::{MockLlmServer, MockResponse};
+use agent_runtime_core::llm::wire::EMPTY_STREAM;
+use agent_runtime_core::llm::{
+    ModelContext, OpenAiBackend, OpenAiConfig, Script, ScriptedBackend, ToolChoice,
+};
 use agent_runtime_core::orchestrator::{CancelOutcome, CreateSession, Follow, Orchestrator, Submission};
 use agent_runtime_core::protocol::{
     AssistantMessage, ClientMessage, EventPayload, HitlDecision, StopReason, ToolError,
@@ -270,7 +274,7 @@ async fn keyword_classifier_decides_when_the_route_call_fails() {
         switched(
             "orchestrator",
             "debug",
-            "Keyword routing: the request is about an error"
+            "Keyword routing (router failed: boom): the request is about an error"
         )
     );
     assert_eq!(stop(&events), StopReason::Completed);
@@ -290,7 +294,7 @@ async fn route_call_answering_nonsense_falls_back_to_keywords() {
         switched(
             "orchestrator",
             "coder",
-            "Keyword routing: the request asks for code"
+            "Keyword routing (the router's answer named no agent): the request asks for code"
         )
     );
 }
@@ -1648,4 +1652,274 @@ async fn the_sessions_usage_includes_the_routing_call_and_matches_done() {
     let events = h.say(&s, "what is rust?").await;
     assert_eq!(payload_usage(&events), usage(300, 30));
     assert_eq!(h.rt.usage(&s).await.unwrap(), usage(300, 30));
+}
+
+/// A runtime over a real local HTTP model server (the OpenAI backend, short timeouts).
+async fn over_http(llm: &MockLlmServer, first_byte: Duration, config: RuntimeConfig) -> Harness {
+    let db = tempfile::tempdir().unwrap();
+    let db_url = format!("sqlite://{}", db.path().join("rt.db").display());
+    let store = storage::open(&db_url).await.unwrap();
+    let backend = OpenAiBackend::new(OpenAiConfig {
+        base_url: llm.url(),
+        model: "mock-model".into(),
+        first_byte_timeout: first_byte,
+        max_retries: 0,
+        breaker_threshold: 0,
+        ..OpenAiConfig::default()
+    })
+    .unwrap();
+    let rt = Orchestrator::builder(store, Arc::new(backend))
+        .config(config)
+        .discover_model_context()
+        .await
+        .build()
+        .unwrap();
+    Harness {
+        project: tempfile::tempdir().unwrap(),
+        _db: db,
+        db_url,
+        llm: Arc::new(ScriptedBackend::new(vec![])),
+        rt,
+    }
+}
+
+/// `message` with the seconds before `unit` replaced by `N` (they depend on the machine's pace).
+fn mask_seconds(message: &str, unit: &str) -> (String, f64) {
+    let at = message.find(unit).unwrap();
+    let start = message[..at].rfind(' ').unwrap() + 1;
+    let seconds: f64 = message[start..at].parse().unwrap();
+    (format!("{}N{}", &message[..start], &message[at..]), seconds)
+}
+
+#[tokio::test]
+async fn a_router_that_never_answers_gives_way_to_keywords_at_the_routing_deadline_and_says_so() {
+    let llm = MockLlmServer::start().await.unwrap();
+    llm.push(MockResponse::hang());
+    llm.push(MockResponse::script(&Script::text("Готово")));
+    let h = over_http(
+        &llm,
+        Duration::from_secs(30),
+        RuntimeConfig {
+            routing_timeout: Duration::from_secs(1),
+            ..RuntimeConfig::default()
+        },
+    )
+    .await;
+    let s = h.session().await;
+    let started = std::time::Instant::now();
+    let events = h.say(&s, "Создай новый виджет профиля").await;
+    assert_eq!(
+        payloads(&events),
+        vec![
+            switched(
+                "orchestrator",
+                "coder",
+                "Keyword routing (router unreachable: no answer within 1 s): the request asks for code"
+            ),
+            token("Готово"),
+            complete("Готово"),
+            EventPayload::Done {
+                stop_reason: StopReason::Completed,
+                usage: payload_usage(&events)
+            },
+        ]
+    );
+    assert_eq!(llm.request_count(), 2, "the route call, then the coder's");
+    // Generous: far below the 30 s first-byte limit the route call would otherwise have waited.
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_model_server_that_never_answers_ends_the_turn_with_an_llm_error_stating_the_real_wait() {
+    let llm = MockLlmServer::start().await.unwrap();
+    llm.push(MockResponse::hang());
+    llm.push(MockResponse::hang());
+    let h = over_http(
+        &llm,
+        Duration::from_secs(2),
+        RuntimeConfig {
+            routing_timeout: Duration::from_secs(1),
+            ..RuntimeConfig::default()
+        },
+    )
+    .await;
+    let s = h.session().await;
+    let started = std::time::Instant::now();
+    let events = h.say(&s, "Найди причину ошибки").await;
+    let mut got = payloads(&events);
+    let Some(EventPayload::Error { message, .. }) = got.get_mut(1) else {
+        panic!("no error event second: {got:?}");
+    };
+    let (masked, seconds) = mask_seconds(message, " s in all");
+    *message = masked;
+    assert_eq!(
+        got,
+        vec![
+            switched(
+                "orchestrator",
+                "debug",
+                "Keyword routing (router unreachable: no answer within 1 s): the request is about an error"
+            ),
+            EventPayload::Error {
+                code: "LLM_ERROR".into(),
+                message: "the model server accepted the request but sent nothing within 2 s \
+                          (LLM_FIRST_BYTE_TIMEOUT_SECS); the turn ran N s in all"
+                    .into()
+            },
+            EventPayload::Done {
+                stop_reason: StopReason::Error,
+                usage: payload_usage(&events)
+            },
+        ]
+    );
+    // The wait it states is the routing deadline plus the first-byte limit, not more.
+    assert!((3.0..15.0).contains(&seconds), "{seconds}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(h.rt.get_session(&s).await.unwrap().status, SessionStatus::Idle);
+}
+
+#[tokio::test]
+async fn the_window_is_bounded_by_the_context_size_llama_cpp_states_at_start_up() {
+    let llm = MockLlmServer::start().await.unwrap();
+    llm.answer(
+        "GET",
+        "/props",
+        MockResponse::status(
+            200,
+            r#"{"default_generation_settings":{"n_ctx":4096},"total_slots":1}"#,
+        ),
+    );
+    let h = over_http(&llm, Duration::from_secs(5), RuntimeConfig::default()).await;
+    assert_eq!(
+        (h.rt.config().max_context_tokens, h.rt.model_context()),
+        (
+            3072,
+            Some(&ModelContext::new(4096, "llama.cpp server's /props n_ctx"))
+        )
+    );
+    // A smaller MAX_CONTEXT_TOKENS is kept; LLM_CONTEXT_TOKENS wins over what the server says.
+    let small = over_http(
+        &llm,
+        Duration::from_secs(5),
+        RuntimeConfig {
+            max_context_tokens: 2000,
+            ..RuntimeConfig::default()
+        },
+    )
+    .await;
+    assert_eq!(small.rt.config().max_context_tokens, 2000);
+    let mut config = RuntimeConfig::default();
+    config.llm.context_tokens = Some(2048);
+    let set = over_http(&llm, Duration::from_secs(5), config).await;
+    assert_eq!(
+        (set.rt.config().max_context_tokens, set.rt.model_context()),
+        (1536, Some(&ModelContext::new(2048, "LLM_CONTEXT_TOKENS")))
+    );
+}
+
+/// llama-cpp-python's answer to a prompt longer than its context: 200, an empty event stream.
+fn context_overflow() -> MockResponse {
+    let captured = include_str!("fixtures/llm-wire/llama-cpp-python-context-overflow.response");
+    let head = captured.replace("connection: keep-alive", "connection: close");
+    MockResponse::raw(format!("{head}0\r\n\r\n"))
+}
+
+/// A session on the `ask` agent with three long exchanges already stored.
+async fn long_session(h: &Harness, llm: &MockLlmServer) -> String {
+    let s = h.session().await;
+    for n in 0..3 {
+        llm.push(MockResponse::script(&Script::text("noted")));
+        let events = h
+            .say_to(
+                &s,
+                "ask",
+                &format!("{n}: {}", "an old paragraph about gardening. ".repeat(120)),
+            )
+            .await;
+        assert_eq!(stop(&events), StopReason::Completed);
+    }
+    s
+}
+
+#[tokio::test]
+async fn a_prompt_the_model_server_refuses_as_too_long_is_trimmed_and_sent_once_more() {
+    let llm = MockLlmServer::start().await.unwrap();
+    let h = over_http(&llm, Duration::from_secs(5), RuntimeConfig::default()).await;
+    let s = long_session(&h, &llm).await;
+    llm.push(context_overflow());
+    llm.push(MockResponse::script(&Script::text("Короче")));
+    let events = h.say(&s, "and now?").await;
+    assert_eq!(
+        payloads(&events),
+        vec![
+            token("Короче"),
+            complete("Короче"),
+            EventPayload::Done {
+                stop_reason: StopReason::Completed,
+                usage: payload_usage(&events)
+            },
+        ]
+    );
+    let requests = llm.requests();
+    let refused = requests[3]["messages"].as_array().unwrap();
+    // The refused prompt: the system prompt and all 7 messages. The retry fits half of that
+    // window: the system prompt and the newest 4 (one long paragraph instead of three).
+    assert_eq!(refused.len(), 8);
+    let mut trimmed = vec![refused[0].clone()];
+    trimmed.extend_from_slice(&refused[4..]);
+    assert_eq!(requests[4]["messages"], json!(trimmed));
+}
+
+#[tokio::test]
+async fn a_prompt_refused_twice_ends_the_turn_naming_the_models_context_size() {
+    let llm = MockLlmServer::start().await.unwrap();
+    let mut config = RuntimeConfig::default();
+    config.llm.context_tokens = Some(4096);
+    let h = over_http(&llm, Duration::from_secs(5), config).await;
+    let s = long_session(&h, &llm).await;
+    llm.push(context_overflow());
+    llm.push(context_overflow());
+    let events = h.say(&s, "and now?").await;
+    let refused = llm.requests();
+    let tokens_of_retry = {
+        let tokenizer = agent_runtime_core::context::O200kTokenizer;
+        use agent_runtime_core::context::Tokenizer;
+        refused[4]["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| tokenizer.count(m["content"].as_str().unwrap()) + 4)
+            .sum::<usize>()
+    };
+    assert_eq!(
+        payloads(&events),
+        vec![
+            EventPayload::Error {
+                code: "CONTEXT_TOO_LARGE".into(),
+                message: format!(
+                    "the model server refused the prompt as longer than its context; it refused again \
+                     with the window trimmed to {tokens_of_retry} tokens: {EMPTY_STREAM}. The model's \
+                     context is 4096 tokens (LLM_CONTEXT_TOKENS); lower MAX_CONTEXT_TOKENS (now 3072) \
+                     or serve the model with a larger context"
+                )
+            },
+            EventPayload::Done {
+                stop_reason: StopReason::Error,
+                usage: payload_usage(&events)
+            },
+        ]
+    );
+    assert_eq!(
+        llm.request_count(),
+        5,
+        "three answered, then one refusal and one retry"
+    );
 }

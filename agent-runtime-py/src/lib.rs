@@ -145,6 +145,9 @@ fn settings_json(c: &RuntimeConfig) -> Value {
         "max_turn_iterations": c.max_turn_iterations,
         "max_tool_output_bytes": c.max_tool_output_bytes,
         "session_lease_secs": c.lease_ttl.as_secs(),
+        "routing_timeout_secs": c.routing_timeout.as_secs(),
+        "llm_first_byte_timeout_secs": c.llm.first_byte_timeout.as_secs(),
+        "llm_context_tokens": c.llm.context_tokens,
     })
 }
 
@@ -226,6 +229,8 @@ impl Runtime {
             let store = storage::open(&config.database_url).await?;
             let orchestrator = Orchestrator::builder(store, Arc::new(llm))
                 .config(config)
+                .discover_model_context()
+                .await
                 .build()?;
             orchestrator.recover_interrupted().await?;
             Ok(orchestrator)

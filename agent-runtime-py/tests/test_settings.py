@@ -31,6 +31,9 @@ DEFAULTS = {
     "max_turn_iterations": 25,
     "max_tool_output_bytes": 32768,
     "session_lease_secs": 30,
+    "routing_timeout_secs": 5,
+    "llm_first_byte_timeout_secs": 60,
+    "llm_context_tokens": None,
 }
 
 
@@ -75,6 +78,23 @@ def test_keyword_arguments_set_the_variables(tmp_path):
     assert rt.environment()["AGENT_RUNTIME__MULTI_AGENT_ENABLED"] == "false"
     assert rt.environment()["INTERNAL_API_KEY"] == "k"
     assert "secret" not in repr(rt)
+
+
+def test_the_model_deadlines_and_context_size_are_keyword_arguments_and_bound_the_window():
+    rt = agent_runtime.Runtime(
+        database_url="sqlite::memory:",
+        routing_timeout_secs=2,
+        llm_first_byte_timeout_secs=30,
+        llm_context_tokens=4096,
+    )
+
+    assert rt.settings == {
+        **DEFAULTS,
+        "routing_timeout_secs": 2,
+        "llm_first_byte_timeout_secs": 30,
+        "llm_context_tokens": 4096,
+        "max_context_tokens": 3072,  # three quarters of the model's context
+    }
 
 
 @pytest.mark.parametrize(

@@ -60,6 +60,21 @@ pub const SETTINGS_HELP: &[(&str, &str, &str)] = &[
         "unset",
     ),
     (
+        "LLM_CONTEXT_TOKENS",
+        "the model's context size; bounds MAX_CONTEXT_TOKENS to three quarters of it",
+        "unset: asked of the model server at start-up",
+    ),
+    (
+        "LLM_FIRST_BYTE_TIMEOUT_SECS",
+        "seconds a model call waits for the first piece of the answer",
+        "60",
+    ),
+    (
+        "ROUTING_TIMEOUT_SECS",
+        "seconds the routing call waits for the model's first byte before keywords decide",
+        "5",
+    ),
+    (
         "LLM_FORCED_TOOL_STEPS",
         "for a model without auto tool choice: tool results gathered before it must answer",
         "1",
@@ -411,6 +426,8 @@ mod tests {
             (vec!["--database-url", "mysql://x"], "DATABASE_URL"),
             (vec!["--log-format", "xml"], "LOG_FORMAT"),
             (vec!["--max-request-bytes", "-1"], "MAX_REQUEST_BYTES"),
+            (vec!["--routing-timeout-secs", "0"], "ROUTING_TIMEOUT_SECS"),
+            (vec!["--llm-context-tokens", "many"], "LLM_CONTEXT_TOKENS"),
         ] {
             let err = load_with(&args, &[]).unwrap_err();
             assert!(err.0.starts_with(&format!("{var}: ")), "{err}");

@@ -254,4 +254,10 @@ impl LlmBackend for MeteredBackend {
     async fn health(&self) -> agent_runtime_core::Result<()> {
         self.inner.health().await
     }
+
+    async fn context_size(
+        &self,
+    ) -> agent_runtime_core::Result<Option<agent_runtime_core::llm::ModelContext>> {
+        self.inner.context_size().await
+    }
 }

@@ -36,6 +36,8 @@ pub async fn runtime(config: &ServerConfig, metrics: &Arc<Metrics>) -> Result<Or
     let llm: Arc<dyn LlmBackend> = Arc::new(MeteredBackend::new(Arc::new(llm), metrics.clone()));
     Orchestrator::builder(store, llm)
         .config(config.runtime.clone())
+        .discover_model_context()
+        .await
         .build()
         .map_err(|e| e.to_string())
 }

@@ -110,7 +110,6 @@ async fn persistent_faults_end_with_llm_error() {
             "JSON of the wrong shape",
             vec![MockResponse::sse("data: {\"choices\": 5}\n\n")],
         ),
-        ("empty 200", vec![MockResponse::empty()]),
         (
             "cut mid-answer",
             vec![MockResponse::sse(half_answer()).then_abort()],
@@ -174,6 +173,102 @@ async fn endless_server(comments_only: bool) -> String {
         }
     });
     format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn an_empty_200_is_read_as_a_prompt_longer_than_the_context() {
+    let llm = MockLlmServer::start().await.unwrap();
+    llm.push(MockResponse::empty());
+    let b = backend(&llm.url());
+    assert_eq!(
+        call(&b).await,
+        Err((
+            "CONTEXT_TOO_LARGE".to_string(),
+            agent_runtime_core::llm::wire::EMPTY_STREAM.to_string()
+        ))
+    );
+    assert_eq!(llm.request_count(), 1, "not retried");
+}
+
+/// The events of a stream without what varies from run to run (`seq`, timestamps, usage).
+fn steady(events: &[serde_json::Value]) -> Vec<serde_json::Value> {
+    events
+        .iter()
+        .map(|e| {
+            let mut e = e.clone();
+            if let Some(o) = e.as_object_mut() {
+                for k in ["seq", "timestamp", "usage", "session_id", "event_id"] {
+                    o.remove(k);
+                }
+            }
+            e
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_server_that_accepts_and_never_answers_costs_seconds_not_minutes_and_says_so() {
+    let llm = MockLlmServer::start().await.unwrap();
+    let s = Server::start_with(
+        &llm.url(),
+        None,
+        &[
+            ("ROUTING_TIMEOUT_SECS", "1"),
+            ("LLM_FIRST_BYTE_TIMEOUT_SECS", "2"),
+        ],
+    )
+    .await;
+    let id = s.session(json!({})).await;
+    llm.push(MockResponse::hang());
+    llm.push(MockResponse::hang());
+    let started = std::time::Instant::now();
+    let events = s
+        .send(
+            &id,
+            json!({"type": "user_message", "content": "Implement a login form"}),
+        )
+        .await;
+    let elapsed = started.elapsed();
+    let mut got = steady(&events);
+    let message = got[1]["message"].as_str().unwrap_or_default().to_string();
+    let at = message.rfind(" s in all").unwrap_or(0);
+    let start = message[..at].rfind(' ').map_or(0, |i| i + 1);
+    let seconds: f64 = message[start..at].parse().unwrap_or(-1.0);
+    got[1]["message"] = json!(format!("{}N{}", &message[..start], &message[at..]));
+    assert_eq!(
+        got,
+        vec![
+            json!({"type": "agent_switched", "from_agent": "orchestrator", "to_agent": "coder", "is_final": false,
+                   "reason": "Keyword routing (router unreachable: no answer within 1 s): the request asks for code"}),
+            json!({"type": "error", "code": "LLM_ERROR", "is_final": true,
+                   "message": "the model server accepted the request but sent nothing within 2 s (LLM_FIRST_BYTE_TIMEOUT_SECS); the turn ran N s in all"}),
+            json!({"type": "done", "stop_reason": "error", "is_final": true}),
+        ],
+        "{events:#?}"
+    );
+    // The wait it states is the routing deadline plus the first-byte limit; the client's the same.
+    assert!((3.0..BOUND.as_secs_f64()).contains(&seconds), "{seconds}");
+    assert!(elapsed < BOUND, "{elapsed:?}");
+    assert_eq!(llm.request_count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_reports_a_model_server_that_accepts_and_never_answers_within_about_two_seconds() {
+    let llm = MockLlmServer::start().await.unwrap();
+    llm.answer("GET", "/v1/models", MockResponse::hang());
+    let s = Server::start(&llm.url()).await;
+    // Serving for sure (start-up asked the same hanging server for its context size first).
+    s.session(json!({})).await;
+    let started = std::time::Instant::now();
+    let health: serde_json::Value = s.get_json("/health").await;
+    let elapsed = started.elapsed();
+    assert_eq!(
+        health,
+        json!({"status": "degraded", "service": "agent-runtime", "version": env!("CARGO_PKG_VERSION"),
+               "dependencies": {"sqlite": "connected", "llm_proxy": "unavailable"},
+               "multi_agent": {"enabled": true, "default_agent": "orchestrator", "agents_count": 5}})
+    );
+    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
 }
 
 #[tokio::test]

@@ -1,5 +1,6 @@
 //! A mock OpenAI-compatible model server on 127.0.0.1 for tests and benches: a small hand-written
-//! HTTP/1.1 responder serving `/v1/chat/completions` from a queue of canned responses.
+//! HTTP/1.1 responder serving `/v1/chat/completions` from a queue of canned responses, and other
+//! paths (`/v1/models`, llama.cpp's `/props`, ...) from fixed answers.
 //!
 //! Hand-written rather than hyper so a response can misbehave the way real servers do: a body cut
 //! at any byte, dripped slowly, a stall, a dropped connection, an empty 200.
@@ -69,6 +70,8 @@ pub enum MockResponse {
     Hang,
     /// `200 text/event-stream` with an empty body (llama-cpp-python on some errors).
     Empty,
+    /// These bytes exactly (a captured response: head and body), then the connection closes.
+    Raw(Vec<u8>),
 }
 
 /// How an SSE body is cut into writes (see [`MockResponse::split_every`]).
@@ -117,6 +120,11 @@ impl MockResponse {
     /// `200` with an empty event stream.
     pub fn empty() -> Self {
         MockResponse::Empty
+    }
+
+    /// A captured response written byte for byte (head and body), then the connection closed.
+    pub fn raw(bytes: impl Into<Vec<u8>>) -> Self {
+        MockResponse::Raw(bytes.into())
     }
 
     /// Adds a header to a [`MockResponse::Status`] answer.
@@ -190,6 +198,8 @@ impl RecordedRequest {
 #[derive(Debug, Default)]
 struct Shared {
     queue: Mutex<VecDeque<MockResponse>>,
+    /// Fixed answers by method and path (every request gets the same one).
+    fixed: Mutex<Vec<(String, String, MockResponse)>>,
     requests: Mutex<Vec<RecordedRequest>>,
     count: AtomicUsize,
 }
@@ -230,6 +240,15 @@ impl MockLlmServer {
     /// a 500 saying so.
     pub fn push(&self, response: MockResponse) {
         lock(&self.shared.queue).push_back(response);
+    }
+
+    /// Answers every `method` request for `path` (query string ignored) with `response` from now
+    /// on: a model server's `/props` or `/api/show`, or a `/v1/models` that hangs
+    /// ([`MockResponse::hang`]) instead of the built-in list naming `mock-model`.
+    pub fn answer(&self, method: &str, path: &str, response: MockResponse) {
+        let mut fixed = lock(&self.shared.fixed);
+        fixed.retain(|(m, p, _)| !(m == method && p == path));
+        fixed.push((method.to_string(), path.to_string(), response));
     }
 
     /// The JSON bodies of the chat-completions requests received, oldest first.
@@ -284,27 +303,48 @@ async fn serve(mut socket: TcpStream, shared: Arc<Shared>, stop: CancellationTok
     let Some(request) = read_request(&mut socket).await? else {
         return Ok(());
     };
-    if request.method == "GET" && request.path.ends_with("/models") {
+    let path = request.path.split('?').next().unwrap_or_default();
+    let fixed = lock(&shared.fixed)
+        .iter()
+        .find(|(m, p, _)| *m == request.method && p == path)
+        .map(|(_, _, r)| r.clone());
+    if let Some(response) = fixed {
+        return respond(&mut socket, Some(response), &stop).await;
+    }
+    if request.method == "GET" && path.ends_with("/models") {
         let body = r#"{"object":"list","data":[{"id":"mock-model","object":"model"}]}"#;
         return write_status(&mut socket, 200, &[], body).await;
     }
-    if request.method != "POST" || !request.path.ends_with("/chat/completions") {
+    if request.method != "POST" || !path.ends_with("/chat/completions") {
         return write_status(&mut socket, 404, &[], r#"{"error":{"message":"not found"}}"#).await;
     }
     shared.count.fetch_add(1, Ordering::SeqCst);
     lock(&shared.requests).push(request);
     let response = lock(&shared.queue).pop_front();
+    respond(&mut socket, response, &stop).await
+}
+
+/// Writes one canned answer (`None`: the queue ran dry).
+async fn respond(
+    socket: &mut TcpStream,
+    response: Option<MockResponse>,
+    stop: &CancellationToken,
+) -> std::io::Result<()> {
     match response {
         None => {
             let body = r#"{"error":{"message":"mock: no canned response left"}}"#;
-            write_status(&mut socket, 500, &[], body).await
+            write_status(socket, 500, &[], body).await
         }
         Some(MockResponse::Status {
             status,
             headers,
             body,
-        }) => write_status(&mut socket, status, &headers, &body).await,
+        }) => write_status(socket, status, &headers, &body).await,
         Some(MockResponse::Reset) => Ok(()),
+        Some(MockResponse::Raw(bytes)) => {
+            socket.write_all(&bytes).await?;
+            socket.flush().await
+        }
         Some(MockResponse::Hang) => {
             stop.cancelled().await;
             Ok(())

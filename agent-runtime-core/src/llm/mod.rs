@@ -3,8 +3,10 @@
 //!
 //! A backend yields text deltas, tool-call deltas (assembled by index with [`ToolCallAssembler`]),
 //! usage when the server reports it, and exactly one [`Chunk::Finish`] as the last item. A stream
-//! that ends any other way is an [`Error::Llm`]. When [`Completion::usage`] is `None` the server did
-//! not report usage and the caller counts tokens itself with its tokenizer (API.md §9.9).
+//! that ends any other way is an [`Error::Llm`], except a refusal of a prompt longer than the
+//! model's context: [`Error::ContextTooLarge`], which the engine answers by trimming the window.
+//! When [`Completion::usage`] is `None` the server did not report usage and the caller counts
+//! tokens itself with its tokenizer (API.md §9.9).
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -358,9 +360,41 @@ pub trait LlmBackend: Send + Sync + std::fmt::Debug {
         "unknown"
     }
 
-    /// Whether the backend answers at all (for `GET /health`).
+    /// Whether the backend answers at all (for `GET /health`), within a short deadline of its own.
     async fn health(&self) -> Result<()> {
         Ok(())
+    }
+
+    /// The model's context size as its server states it; `Ok(None)` when it does not say (the
+    /// default). Asked once, at start-up, to bound the context window.
+    async fn context_size(&self) -> Result<Option<ModelContext>> {
+        Ok(None)
+    }
+}
+
+/// How many tokens the model takes in one call (prompt and answer), and who said so.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelContext {
+    /// The context size in the model's own tokens.
+    pub tokens: u64,
+    /// Where it was read (`"llama.cpp server's /props n_ctx"`, `"LLM_CONTEXT_TOKENS"`, ...).
+    pub source: String,
+}
+
+impl ModelContext {
+    /// A context of `tokens` read from `source`.
+    pub fn new(tokens: u64, source: impl Into<String>) -> Self {
+        ModelContext {
+            tokens,
+            source: source.into(),
+        }
+    }
+
+    /// The `MAX_CONTEXT_TOKENS` this context allows: three quarters of it. The window is counted
+    /// with `o200k_base`, which most local models' tokenizers need more tokens than for the same
+    /// text, and the answer needs room too.
+    pub fn window_bound(&self) -> usize {
+        usize::try_from(self.tokens - self.tokens / 4).unwrap_or(usize::MAX)
     }
 }
 

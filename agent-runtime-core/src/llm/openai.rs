@@ -19,15 +19,18 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::breaker::{Breaker, Permit};
-use super::wire::{ChunkDecoder, excerpt, request_body};
-use super::{Capabilities, ChatRequest, Chunk, ChunkStream, LlmBackend, secs};
+use super::wire::{ChunkDecoder, excerpt, is_context_overflow, request_body};
+use super::{Capabilities, ChatRequest, Chunk, ChunkStream, LlmBackend, ModelContext, secs};
 use crate::error::{Error, Result};
 
 /// The longest `Retry-After` waited for; a server asking for more fails the call instead of
 /// holding the user's turn.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
-/// How long `health` waits for `GET /v1/models`.
-const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long `health` waits for `GET /v1/models` in all (connecting included): a model server that
+/// accepts and never answers is reported unavailable this soon.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the start-up question "what is your context size?" may take in all.
+pub const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Settings of an [`OpenAiBackend`]. Plain data; only [`OpenAiConfig::from_env`] reads the
 /// environment.
@@ -63,13 +66,15 @@ pub struct OpenAiConfig {
 
 impl OpenAiConfig {
     /// The configuration the runtime's settings describe (`LLM_PROXY_URL`, `LLM_MODEL`,
-    /// `LLM_API_KEY`, `LLM_CAPABILITIES`), with the default timeouts, retries and breaker.
+    /// `LLM_API_KEY`, `LLM_CAPABILITIES`, `LLM_FIRST_BYTE_TIMEOUT_SECS`), with the default idle
+    /// timeout, retries and breaker.
     pub fn from_settings(settings: &crate::config::LlmSettings) -> Self {
         OpenAiConfig {
             base_url: settings.proxy_url.clone(),
             model: settings.model.clone(),
             api_key: settings.api_key.clone(),
             capabilities: settings.capabilities,
+            first_byte_timeout: settings.first_byte_timeout,
             ..OpenAiConfig::default()
         }
     }
@@ -158,6 +163,7 @@ fn parse_base(url: &str) -> std::result::Result<String, String> {
 pub struct OpenAiBackend {
     config: OpenAiConfig,
     client: reqwest::Client,
+    base: String,
     chat_url: String,
     models_url: String,
     breaker: Breaker,
@@ -207,6 +213,7 @@ impl OpenAiBackend {
         Ok(OpenAiBackend {
             chat_url: format!("{base}/v1/chat/completions"),
             models_url: format!("{base}/v1/models"),
+            base,
             breaker: Breaker::new(config.breaker_threshold, config.breaker_cooldown),
             usage_missing: Arc::new(AtomicBool::new(false)),
             client,
@@ -224,7 +231,8 @@ impl OpenAiBackend {
         let deadline = Instant::now() + self.config.first_byte_timeout;
         let first_byte = || {
             Error::Llm(format!(
-                "model server sent nothing within {}",
+                "the model server accepted the request but sent nothing within {} \
+                 (LLM_FIRST_BYTE_TIMEOUT_SECS)",
                 secs(self.config.first_byte_timeout)
             ))
         };
@@ -260,6 +268,12 @@ impl OpenAiBackend {
                 .ok()
                 .and_then(|r| r.ok())
                 .unwrap_or_default();
+            if is_context_overflow(&text) {
+                return Err(AttemptError::answered(Error::ContextTooLarge(format!(
+                    "the model server refused the prompt as longer than its context ({status}): {}",
+                    excerpt(text.trim(), 300)
+                ))));
+            }
             let error = Error::Llm(format!(
                 "model server answered {status}: {}",
                 excerpt(text.trim(), 300)
@@ -339,6 +353,7 @@ impl LlmBackend for OpenAiBackend {
         let permit: Permit = self.breaker.acquire()?;
         let include_usage = self.capabilities().usage_reporting;
         let body = request_body(&self.config.model, &request, include_usage);
+        let started = Instant::now();
         let mut attempt = 0;
         loop {
             match self.attempt(&body, include_usage).await {
@@ -358,10 +373,13 @@ impl LlmBackend for OpenAiBackend {
                     } else {
                         permit.success();
                     }
+                    // The caller's real wait: every attempt and every backoff between them.
                     let error = match failed.error {
-                        Error::Llm(m) if attempt > 0 => {
-                            Error::Llm(format!("{m} (after {} attempts)", attempt + 1))
-                        }
+                        Error::Llm(m) if attempt > 0 => Error::Llm(format!(
+                            "{m} (after {} attempts, {} in all)",
+                            attempt + 1,
+                            secs(started.elapsed())
+                        )),
                         other => other,
                     };
                     tracing::warn!(%error, "model call failed");
@@ -385,14 +403,16 @@ impl LlmBackend for OpenAiBackend {
 
     #[tracing::instrument(name = "llm.health", skip_all)]
     async fn health(&self) -> Result<()> {
-        let mut request = self.client.get(&self.models_url).timeout(HEALTH_TIMEOUT);
-        if let Some(key) = &self.config.api_key {
-            request = request.bearer_auth(key);
-        }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| Error::Llm(format!("model server unreachable: {}", describe(&e))))?;
+        let response = match self.get(&self.models_url, HEALTH_TIMEOUT).await {
+            Ok(r) => r,
+            Err(e) if e.is_timeout() => {
+                return Err(Error::Llm(format!(
+                    "the model server did not answer GET /v1/models within {}",
+                    secs(HEALTH_TIMEOUT)
+                )));
+            }
+            Err(e) => return Err(Error::Llm(format!("model server unreachable: {}", describe(&e)))),
+        };
         if response.status().is_success() {
             Ok(())
         } else {
@@ -401,6 +421,98 @@ impl LlmBackend for OpenAiBackend {
                 response.status()
             )))
         }
+    }
+
+    /// Asks the server at once, within [`DISCOVERY_TIMEOUT`] in all, where each kind says it:
+    /// llama.cpp's `GET /props` (`default_generation_settings.n_ctx`), vLLM's `GET /v1/models`
+    /// (`max_model_len` of this model), Ollama's `POST /api/show` once `GET /api/version` said
+    /// it is Ollama (`num_ctx` among the parameters, else the model's `*.context_length`). The
+    /// first that answers, in that order.
+    #[tracing::instrument(name = "llm.context_size", skip_all)]
+    async fn context_size(&self) -> Result<Option<ModelContext>> {
+        let props = async {
+            let v = self.get_json(&format!("{}/props", self.base)).await?;
+            let n = v
+                .pointer("/default_generation_settings/n_ctx")
+                .or_else(|| v.get("n_ctx"))?;
+            Some(ModelContext::new(n.as_u64()?, "llama.cpp server's /props n_ctx"))
+        };
+        let models = async {
+            let v = self.get_json(&self.models_url).await?;
+            let models = v.get("data")?.as_array()?;
+            let model = models
+                .iter()
+                .find(|m| m.get("id").and_then(Value::as_str) == Some(self.config.model.as_str()))
+                .or(if models.len() == 1 { models.first() } else { None })?;
+            let n = model.get("max_model_len")?.as_u64()?;
+            Some(ModelContext::new(
+                n,
+                "the model server's /v1/models max_model_len",
+            ))
+        };
+        let ollama = async {
+            // Only a server that says it is Ollama gets the POST (another would take it for a
+            // chat request, or log an odd one).
+            let version = self.get_json(&format!("{}/api/version", self.base)).await?;
+            version.get("version")?.as_str()?;
+            let request = self
+                .client
+                .post(format!("{}/api/show", self.base))
+                .json(&serde_json::json!({"model": self.config.model}));
+            let v: Value = request
+                .send()
+                .await
+                .ok()?
+                .error_for_status()
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let num_ctx = v.get("parameters").and_then(Value::as_str).and_then(|p| {
+                p.lines().find_map(|l| {
+                    let mut words = l.split_whitespace();
+                    (words.next() == Some("num_ctx")).then(|| words.next()?.parse::<u64>().ok())?
+                })
+            });
+            if let Some(n) = num_ctx {
+                return Some(ModelContext::new(n, "Ollama's /api/show num_ctx"));
+            }
+            let info = v.get("model_info")?.as_object()?;
+            let n = info
+                .iter()
+                .find(|(k, _)| k.ends_with(".context_length"))
+                .and_then(|(_, n)| n.as_u64())?;
+            Some(ModelContext::new(n, "Ollama's /api/show context_length"))
+        };
+        let asked = async {
+            let (props, models, ollama) = tokio::join!(props, models, ollama);
+            props.or(models).or(ollama)
+        };
+        match tokio::time::timeout(DISCOVERY_TIMEOUT, asked).await {
+            Ok(found) => Ok(found.filter(|c| c.tokens > 0)),
+            Err(_) => Err(Error::Llm(format!(
+                "the model server did not say its context size within {}",
+                secs(DISCOVERY_TIMEOUT)
+            ))),
+        }
+    }
+}
+
+impl OpenAiBackend {
+    /// `GET url` with the API key, within `limit` in all.
+    async fn get(&self, url: &str, limit: Duration) -> reqwest::Result<reqwest::Response> {
+        let mut request = self.client.get(url).timeout(limit);
+        if let Some(key) = &self.config.api_key {
+            request = request.bearer_auth(key);
+        }
+        request.send().await
+    }
+
+    /// The JSON of a successful `GET url`; `None` for anything else.
+    async fn get_json(&self, url: &str) -> Option<Value> {
+        // The caller bounds the whole question; a request of its own ends only after that.
+        let response = self.get(url, DISCOVERY_TIMEOUT * 2).await.ok()?;
+        response.error_for_status().ok()?.json().await.ok()
     }
 }
 

@@ -4,6 +4,8 @@
 //! Quirks handled: explicit `null` everywhere, a final chunk with empty `choices` and `usage` (plus
 //! extras like `timings`), id and name repeated in every tool-call chunk, the legacy
 //! `function_call` field (ignored when `tool_calls` is present), an empty body without `[DONE]`.
+//! A server refusing a prompt longer than its context is told apart as
+//! [`Error::ContextTooLarge`], so the engine can trim the window and try again.
 
 use std::collections::VecDeque;
 
@@ -138,6 +140,30 @@ struct WireUsage {
     completion_tokens: Option<u64>,
 }
 
+/// What an empty `200` event stream means: llama-cpp-python answers so when the prompt is longer
+/// than its context (its log says `Requested tokens (N) exceed context window of M`).
+pub const EMPTY_STREAM: &str = "the model server sent an empty stream (no [DONE] or finish_reason), \
+     which is how llama-cpp-python refuses a prompt longer than its context";
+
+/// Whether a model server's error text (message, `code` or `type`) says the prompt does not fit
+/// its context: OpenAI's and vLLM's `context_length_exceeded` / "maximum context length",
+/// llama.cpp's `exceed_context_size_error`, llama-cpp-python's "exceed context window".
+pub fn is_context_overflow(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    [
+        "context_length_exceeded",
+        "maximum context length",
+        "exceed_context_size",
+        "exceeds the available context",
+        "exceed context window",
+        "context window of",
+        "context length exceeded",
+        "prompt is too long",
+    ]
+    .iter()
+    .any(|p| t.contains(p))
+}
+
 /// Decodes a streamed chat completion: body bytes in, [`Chunk`]s out.
 ///
 /// The finish is held back until `[DONE]` or the end of the body (the usage chunk comes after the
@@ -200,9 +226,7 @@ impl ChunkDecoder {
                 out.push_back(Chunk::Finish(reason));
                 Ok(out.into())
             }
-            None if self.sse.bytes_seen() == 0 => Err(Error::Llm(
-                "model server sent an empty stream (no [DONE] or finish_reason)".to_string(),
-            )),
+            None if self.sse.bytes_seen() == 0 => Err(Error::ContextTooLarge(EMPTY_STREAM.to_string())),
             None => Err(Error::Llm(
                 "stream ended without [DONE] or finish_reason".to_string(),
             )),
@@ -228,6 +252,12 @@ impl ChunkDecoder {
                 .and_then(Value::as_str)
                 .map(str::to_string)
                 .unwrap_or_else(|| error.to_string());
+            let code = error.get("code").and_then(Value::as_str).unwrap_or_default();
+            if is_context_overflow(code) || is_context_overflow(&message) {
+                return Err(Error::ContextTooLarge(format!(
+                    "the model server refused the prompt as longer than its context: {message}"
+                )));
+            }
             return Err(Error::Llm(format!("model server error: {message}")));
         }
         // Only the first choice is ours (we never ask for n > 1).
@@ -403,17 +433,11 @@ mod tests {
     }
 
     #[test]
-    fn a_cut_stream_an_empty_body_bad_json_and_error_events_are_llm_errors() {
+    fn a_cut_stream_bad_json_and_error_events_are_llm_errors() {
         let cut = "data: {\"choices\":[{\"delta\":{\"content\":\"The\"},\"finish_reason\":null}]}\n\n";
         assert_eq!(
             decode_body(cut.as_bytes()),
             Err(Error::Llm("stream ended without [DONE] or finish_reason".into()))
-        );
-        assert_eq!(
-            decode_body(b""),
-            Err(Error::Llm(
-                "model server sent an empty stream (no [DONE] or finish_reason)".into()
-            ))
         );
         let bad = decode_body(b"data: {\"choices\": [\n\n");
         assert!(
@@ -421,8 +445,22 @@ mod tests {
             "{bad:?}"
         );
         assert_eq!(
-            decode_body(b"data: {\"error\": {\"message\": \"context overflow\", \"code\": 400}}\n\n"),
-            Err(Error::Llm("model server error: context overflow".into()))
+            decode_body(b"data: {\"error\": {\"message\": \"out of memory\", \"code\": 500}}\n\n"),
+            Err(Error::Llm("model server error: out of memory".into()))
+        );
+    }
+
+    #[test]
+    fn an_empty_body_and_a_context_error_event_are_context_too_large() {
+        assert_eq!(decode_body(b""), Err(Error::ContextTooLarge(EMPTY_STREAM.into())));
+        let event = br#"data: {"error": {"message": "Requested tokens (5030) exceed context window of 4096", "code": 400}}
+
+"#;
+        assert_eq!(
+            decode_body(event),
+            Err(Error::ContextTooLarge(
+                "the model server refused the prompt as longer than its context: Requested tokens (5030) exceed context window of 4096".into()
+            ))
         );
     }
 

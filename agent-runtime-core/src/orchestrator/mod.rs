@@ -16,7 +16,7 @@ use crate::config::{RuntimeConfig, ToolExecution};
 use crate::context::{Tokenizer, default_tokenizer};
 use crate::error::{Error, Result};
 use crate::events::{BusEventKind, BusFilter, EventBus, Subscription};
-use crate::llm::LlmBackend;
+use crate::llm::{LlmBackend, ModelContext};
 use crate::protocol::ClientMessage;
 use crate::session::{AgentSwitch, Message, NewSession, Session, Usage};
 use crate::storage::{SessionPage, SessionQuery, Storage};
@@ -120,9 +120,33 @@ pub struct OrchestratorBuilder {
     policy: Option<Arc<dyn ApprovalPolicy>>,
     bus: Option<EventBus>,
     tokenizer: Option<Arc<dyn Tokenizer>>,
+    model_context: Option<ModelContext>,
 }
 
 impl OrchestratorBuilder {
+    /// Asks the model server for its context size (briefly: see [`LlmBackend::context_size`]),
+    /// unless `LLM_CONTEXT_TOKENS` already says it; [`OrchestratorBuilder::build`] then bounds
+    /// `MAX_CONTEXT_TOKENS` by it. A server that does not say, or does not answer, changes
+    /// nothing (logged).
+    pub async fn discover_model_context(mut self) -> Self {
+        if self.config.llm.context_tokens.is_some() {
+            return self;
+        }
+        match self.llm.context_size().await {
+            Ok(found) => self.model_context = found,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot learn the model's context size; set LLM_CONTEXT_TOKENS")
+            }
+        }
+        self
+    }
+
+    /// The model's context size as known so far, for tests and embedders that learn it elsewhere.
+    pub fn model_context(mut self, context: ModelContext) -> Self {
+        self.model_context = Some(context);
+        self
+    }
+
     /// Settings (default: [`RuntimeConfig::default`]).
     pub fn config(mut self, config: RuntimeConfig) -> Self {
         self.config = config;
@@ -179,6 +203,12 @@ impl OrchestratorBuilder {
                 self.agents.types().join(", ")
             )));
         }
+        let model_context = match self.config.llm.context_tokens {
+            Some(n) => Some(ModelContext::new(n as u64, "LLM_CONTEXT_TOKENS")),
+            None => self.model_context.take(),
+        };
+        self.config.max_context_tokens = bound_window(self.config.max_context_tokens, model_context.as_ref());
+        let c = &self.config;
         let tokenizer = self.tokenizer.unwrap_or_else(default_tokenizer);
         // Loading the BPE ranks takes a moment: pay it here, not in the first turns.
         let _ = tokenizer.count("warm up");
@@ -201,6 +231,7 @@ impl OrchestratorBuilder {
             hubs: Arc::new(stream::Hubs::default()),
             config: self.config,
             offers: HashMap::new(),
+            model_context,
         };
         // Agents and tools are fixed from here on: what each agent's calls offer is too.
         inner.offers = (inner.agents.list().iter())
@@ -229,6 +260,39 @@ pub(crate) struct Inner {
     pub hubs: Arc<stream::Hubs>,
     /// Per agent type, what its model calls offer (computed once in `build`).
     pub offers: HashMap<String, Arc<Offer>>,
+    /// The model's context size, when known (`LLM_CONTEXT_TOKENS` or the model server).
+    pub model_context: Option<ModelContext>,
+}
+
+/// `MAX_CONTEXT_TOKENS` bounded by the model's context (see [`ModelContext::window_bound`]),
+/// logged either way so an operator sees the window in force.
+fn bound_window(configured: usize, model: Option<&ModelContext>) -> usize {
+    let Some(model) = model else {
+        tracing::info!(
+            max_context_tokens = configured,
+            "context window: MAX_CONTEXT_TOKENS; the model's context size is unknown (set LLM_CONTEXT_TOKENS)"
+        );
+        return configured;
+    };
+    let bound = model.window_bound().max(1);
+    if configured > bound {
+        tracing::warn!(
+            max_context_tokens = bound,
+            configured,
+            model_context = model.tokens,
+            source = %model.source,
+            "context window lowered to three quarters of the model's context"
+        );
+        bound
+    } else {
+        tracing::info!(
+            max_context_tokens = configured,
+            model_context = model.tokens,
+            source = %model.source,
+            "context window: MAX_CONTEXT_TOKENS fits the model's context"
+        );
+        configured
+    }
 }
 
 /// What an agent's model calls offer: its tools' specs and the window those leave for history.
@@ -350,12 +414,18 @@ impl Orchestrator {
             policy: None,
             bus: None,
             tokenizer: None,
+            model_context: None,
         }
     }
 
-    /// The settings in force.
+    /// The settings in force (`MAX_CONTEXT_TOKENS` as bounded by the model's context).
     pub fn config(&self) -> &RuntimeConfig {
         &self.inner.config
+    }
+
+    /// The model's context size, when `LLM_CONTEXT_TOKENS` or the model server said it.
+    pub fn model_context(&self) -> Option<&ModelContext> {
+        self.inner.model_context.as_ref()
     }
 
     /// The store.

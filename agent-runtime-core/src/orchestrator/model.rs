@@ -1,13 +1,19 @@
 //! Talking to the model within a turn: stream an answer (tokens become events as they arrive),
 //! and help weak models — a tool call written as JSON text is recognised, and a backend that
 //! ignores `tool_choice: auto` gets a forced "next step" choice followed by a forced tool call.
+//! The routing call gets its own short first-byte deadline; a prompt the model server refuses as
+//! too long is trimmed and tried once more.
 
 use futures::{FutureExt, StreamExt};
 use serde_json::{Value, json};
+use tracing::warn;
 
-use super::{Turn, cancelled};
-use crate::error::Result;
+use super::{Turn, cancelled, chat, to_chat};
+use crate::agent::AgentDefinition;
+use crate::context::{Window, build_window};
+use crate::error::{Error, Result};
 use crate::llm::{ChatRequest, ChatRole, ChatToolCall, Chunk, Completion, ToolCallAssembler, ToolChoice};
+use crate::orchestrator::routing::{ROUTE_TOOL, RouterFailure};
 use crate::protocol::{AssistantMessage, EventPayload, ToolSpec};
 use crate::session::Usage;
 use crate::storage::Commit;
@@ -27,6 +33,118 @@ pub(super) struct Answer {
 }
 
 impl Turn {
+    /// One model step over the newest messages that fit `agent`'s window. When the model server
+    /// refuses the prompt as longer than its context, the window is halved and the step tried
+    /// once more; a second refusal ends the turn with `CONTEXT_TOO_LARGE` naming the context size.
+    pub(super) async fn ask_within_window(&mut self, agent: &AgentDefinition) -> Result<(Answer, Window)> {
+        let offer = self.rt.offer(agent);
+        let mut limits = offer.limits;
+        let recent = self
+            .rt
+            .storage
+            .recent_messages(self.id(), limits.max_messages)
+            .await?;
+        let mut trimmed = false;
+        loop {
+            let window = match build_window(self.rt.tokenizer.as_ref(), limits, &agent.system_prompt, &recent)
+            {
+                Err(Error::ContextTooLarge(m)) if trimmed => {
+                    return Err(self.too_long(&format!("trimmed to fit, {m}")));
+                }
+                other => other?,
+            };
+            let mut messages = vec![chat(ChatRole::System, agent.system_prompt.clone())];
+            messages.extend(window.messages.iter().map(to_chat));
+            let req = ChatRequest {
+                messages,
+                tools: offer.tools.clone(),
+                tool_choice: ToolChoice::Auto,
+                temperature: self.rt.config.temperature,
+                max_tokens: self.rt.config.llm.max_tokens,
+            };
+            match self.ask_model(req).await {
+                Err(Error::ContextTooLarge(why)) if trimmed => {
+                    return Err(self.too_long(&format!(
+                        "it refused again with the window trimmed to {} tokens: {why}",
+                        window.tokens
+                    )));
+                }
+                Err(Error::ContextTooLarge(why)) => {
+                    warn!(%why, window_tokens = window.tokens, "the model server refused the prompt as too long; trying once with half the window");
+                    limits.max_tokens = (window.tokens / 2).max(1);
+                    trimmed = true;
+                }
+                other => return other.map(|answer| (answer, window)),
+            }
+        }
+    }
+
+    /// The error that ends a turn whose prompt the model server refused even trimmed: what
+    /// happened, the model's context size (or that it is unknown) and the settings that fix it.
+    fn too_long(&self, what: &str) -> Error {
+        let configured = self.rt.config.max_context_tokens;
+        let context = match &self.rt.model_context {
+            Some(c) => format!(
+                "The model's context is {} tokens ({}); lower MAX_CONTEXT_TOKENS (now {configured}) \
+                 or serve the model with a larger context",
+                c.tokens, c.source
+            ),
+            None => format!(
+                "The model's context size is unknown: set LLM_CONTEXT_TOKENS to it, or lower \
+                 MAX_CONTEXT_TOKENS (now {configured})"
+            ),
+        };
+        Error::ContextTooLarge(format!(
+            "the model server refused the prompt as longer than its context; {what}. {context}"
+        ))
+    }
+
+    /// The orchestrator's forced `route` call, whose first byte must come within
+    /// `ROUTING_TIMEOUT_SECS` (the rest streams under the backend's own timeouts). Its tokens
+    /// count toward the turn's usage. `Err` only when the turn was cancelled.
+    pub(super) async fn route_call(
+        &mut self,
+        system: String,
+        user: &str,
+        spec: crate::protocol::ToolSpec,
+        max_tokens: u32,
+    ) -> Result<std::result::Result<String, RouterFailure>> {
+        let req = ChatRequest {
+            messages: vec![
+                chat(ChatRole::System, system),
+                chat(ChatRole::User, user.to_string()),
+            ],
+            tools: vec![spec],
+            tool_choice: ToolChoice::Function(ROUTE_TOOL.into()),
+            temperature: Some(0.0),
+            max_tokens: Some(max_tokens),
+        };
+        let limit = self.rt.config.routing_timeout;
+        let started = tokio::select! {
+            s = tokio::time::timeout(limit, self.rt.llm.stream(req.clone())) => s,
+            _ = self.cancel.cancelled() => return Err(cancelled()),
+        };
+        let stream = match started {
+            Err(_) => return Ok(Err(RouterFailure::NoAnswer(limit))),
+            Ok(Err(e)) => return Ok(Err(RouterFailure::Failed(e.to_string()))),
+            Ok(Ok(stream)) => stream,
+        };
+        let completed = tokio::select! {
+            c = crate::llm::collect(stream) => c,
+            _ = self.cancel.cancelled() => return Err(cancelled()),
+        };
+        match completed {
+            Ok(c) => {
+                let usage = c
+                    .usage
+                    .unwrap_or_else(|| self.count_usage(&req, &c.text, &c.tool_calls));
+                self.add_usage(usage);
+                Ok(Ok(arguments_of(&c, ROUTE_TOOL)))
+            }
+            Err(e) => Ok(Err(RouterFailure::Failed(e.to_string()))),
+        }
+    }
+
     /// One model step of the loop, in the way the backend can do it.
     pub(super) async fn ask_model(&mut self, req: ChatRequest) -> Result<Answer> {
         let caps = self.rt.llm.capabilities();
@@ -82,6 +200,10 @@ impl Turn {
                     None => {
                         ended = true;
                         break;
+                    }
+                    // Once part of the answer was streamed, trimming and asking again would repeat it.
+                    Some(Err(Error::ContextTooLarge(m))) if !text.is_empty() || !assembler.is_empty() => {
+                        return Err(Error::Llm(m));
                     }
                     Some(Err(e)) => return Err(e),
                     Some(Ok(Chunk::Text(t))) if !t.is_empty() => {

@@ -1,5 +1,7 @@
 //! Routing (API.md §5.1): the orchestrator's forced `route` function call, the keyword classifier
-//! that decides when the model cannot, and the `switch_agent` hand-over tool.
+//! that decides when the model cannot (saying why in the switch's reason), and `switch_agent`.
+
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -255,25 +257,55 @@ const ASK_WORDS: &[&str] = &[
     "?",
 ];
 
-/// The keyword classifier (Russian and English) used when the routing call fails. Debugging
-/// words win over design words, design over coding, coding over questions; questions are the default.
+/// The keyword classifier (Russian and English) used when the routing call fails: the agent and
+/// what the keywords said. Debugging words win over design words, design over coding, coding over
+/// questions; questions are the default.
 pub fn classify_by_keywords(text: &str) -> (&'static str, &'static str) {
     let t = text.to_lowercase();
     let hit = |words: &[&str]| words.iter().any(|w| t.contains(w));
     if hit(DEBUG_WORDS) {
-        ("debug", "Keyword routing: the request is about an error")
+        ("debug", "the request is about an error")
     } else if hit(ARCHITECT_WORDS) {
-        ("architect", "Keyword routing: the request is about design")
+        ("architect", "the request is about design")
     } else if hit(CODER_WORDS) {
-        ("coder", "Keyword routing: the request asks for code")
+        ("coder", "the request asks for code")
     } else if hit(ASK_WORDS) {
-        ("ask", "Keyword routing: the request is a question")
+        ("ask", "the request is a question")
     } else {
-        (
-            "ask",
-            "Keyword routing: no specialist matched; answering as a question",
-        )
+        ("ask", "no specialist matched; answering as a question")
     }
+}
+
+/// Why the routing call did not choose an agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouterFailure {
+    /// No first byte within `ROUTING_TIMEOUT_SECS`: the model server is unreachable or stuck.
+    NoAnswer(Duration),
+    /// The call failed (the backend's error text).
+    Failed(String),
+    /// The answer named no known agent (or a plan that could not be made).
+    Unusable,
+}
+
+/// The keyword classifier's choice for `text`, with a reason that says the router did not decide
+/// and why: `Keyword routing (router unreachable: no answer within 5 s): the request asks for code`.
+pub fn keyword_fallback(text: &str, failure: &RouterFailure) -> (&'static str, String) {
+    let (agent, said) = classify_by_keywords(text);
+    let why = match failure {
+        RouterFailure::NoAnswer(limit) => format!(
+            "router unreachable: no answer within {}",
+            crate::llm::secs(*limit)
+        ),
+        RouterFailure::Failed(error) => {
+            let mut error = error.clone();
+            if error.chars().count() > 160 {
+                error = error.chars().take(160).collect::<String>() + "…";
+            }
+            format!("router failed: {error}")
+        }
+        RouterFailure::Unusable => "the router's answer named no agent".to_string(),
+    };
+    (agent, format!("Keyword routing ({why}): {said}"))
 }
 
 #[cfg(test)]
@@ -293,6 +325,33 @@ mod tests {
         assert_eq!(
             classify_by_keywords("Why does this crash with a traceback").0,
             "debug"
+        );
+    }
+
+    #[test]
+    fn the_fallback_reason_says_why_the_router_did_not_decide() {
+        assert_eq!(
+            keyword_fallback("Создай виджет", &RouterFailure::NoAnswer(Duration::from_secs(5))),
+            (
+                "coder",
+                "Keyword routing (router unreachable: no answer within 5 s): the request asks for code"
+                    .to_string()
+            )
+        );
+        assert_eq!(
+            keyword_fallback("why?", &RouterFailure::Failed("boom".into())),
+            (
+                "ask",
+                "Keyword routing (router failed: boom): the request is a question".to_string()
+            )
+        );
+        assert_eq!(
+            keyword_fallback("hello", &RouterFailure::Unusable),
+            (
+                "ask",
+                "Keyword routing (the router's answer named no agent): no specialist matched; answering as a question"
+                    .to_string()
+            )
         );
     }
 

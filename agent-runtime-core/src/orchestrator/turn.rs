@@ -26,7 +26,7 @@ use crate::approval::{
     policy::canonical_tool_name,
 };
 use crate::config::ToolExecution;
-use crate::context::{build_window, truncate_output};
+use crate::context::truncate_output;
 use crate::error::{Error, Result};
 use crate::events::BusEventKind;
 use crate::llm::{ChatMessage, ChatRequest, ChatRole, ChatToolCall, ToolChoice};
@@ -312,15 +312,15 @@ impl Turn {
         if plans {
             choices.push(routing::PLAN_CHOICE.to_string());
         }
-        let args = self
-            .forced_call(
+        let answered = self
+            .route_call(
                 routing::route_prompt(&described, plans),
                 content,
                 routing::route_spec(&choices),
                 ROUTE_MAX_TOKENS,
             )
-            .await;
-        let decision = args.and_then(|a| routing::parse_route(&a, &choices));
+            .await?;
+        let decision = (answered.as_ref().ok()).and_then(|a| routing::parse_route(a, &choices));
         if let Some((choice, _)) = &decision
             && choice == routing::PLAN_CHOICE
             && self.propose_plan(content, &candidates).await?
@@ -337,8 +337,10 @@ impl Turn {
                 },
             ),
             _ => {
-                let (a, r) = routing::classify_by_keywords(content);
-                (a.to_string(), r.to_string())
+                let failure = answered.err().unwrap_or(routing::RouterFailure::Unusable);
+                warn!(?failure, "the router did not decide; keywords do");
+                let (a, r) = routing::keyword_fallback(content, &failure);
+                (a.to_string(), r)
             }
         };
         if !self.rt.agents.contains(&agent) {
@@ -381,24 +383,7 @@ impl Turn {
             .get(&agent_type)
             .cloned()
             .ok_or_else(|| Error::Internal(format!("session agent '{agent_type}' is not registered")))?;
-        let offer = self.rt.offer(&agent);
-        let (tools, limits) = (offer.tools.clone(), offer.limits);
-        let recent = self
-            .rt
-            .storage
-            .recent_messages(self.id(), limits.max_messages)
-            .await?;
-        let window = build_window(self.rt.tokenizer.as_ref(), limits, &agent.system_prompt, &recent)?;
-        let mut messages = vec![chat(ChatRole::System, agent.system_prompt.clone())];
-        messages.extend(window.messages.iter().map(to_chat));
-        let req = ChatRequest {
-            messages,
-            tools,
-            tool_choice: ToolChoice::Auto,
-            temperature: self.rt.config.temperature,
-            max_tokens: self.rt.config.llm.max_tokens,
-        };
-        let answer = self.ask_model(req).await?;
+        let (answer, window) = self.ask_within_window(&agent).await?;
         self.state.iterations += 1;
         self.add_usage(answer.usage);
         let (text, calls) = (answer.text, answer.calls);
@@ -972,6 +957,7 @@ impl Turn {
     }
 
     async fn run(mut self, next: Next) {
+        let started = std::time::Instant::now();
         let outcome = match next {
             Next::Nothing => return self.release().await,
             Next::Run { route } => {
@@ -991,6 +977,15 @@ impl Turn {
                 }
             }
         };
+        // A model failure says how long the client really waited (routing included), not only
+        // the last call's limit.
+        let outcome = outcome.map_err(|e| match e {
+            Error::Llm(m) => Error::Llm(format!(
+                "{m}; the turn ran {} in all",
+                crate::llm::secs(started.elapsed())
+            )),
+            other => other,
+        });
         // The final commit gives the lease up; only if it failed must the lease be released apart.
         let (last, released) = match self.finish(outcome).await {
             Ok(events) => (events, true),
