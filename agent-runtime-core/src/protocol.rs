@@ -144,7 +144,8 @@ pub enum EventPayload {
     PlanProposed(Plan),
     /// A plan's subtask started or ended.
     PlanUpdated(Plan),
-    /// The turn failed; `done` follows.
+    /// The turn failed; `done` follows. On the wire it also carries `content`, the same text as
+    /// `message`, for clients of the earlier runtime.
     Error {
         /// A code of API.md §1.1.
         code: String,
@@ -204,6 +205,9 @@ struct EventWire<'a> {
     payload: &'a EventPayload,
     seq: u64,
     is_final: bool,
+    /// `error` events also carry their message as `content` (API.md §9.22).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
 }
 
 #[derive(Deserialize)]
@@ -219,6 +223,10 @@ impl Serialize for Event {
             payload: &self.payload,
             seq: self.seq,
             is_final: self.payload.is_final(),
+            content: match &self.payload {
+                EventPayload::Error { message, .. } => Some(message),
+                _ => None,
+            },
         }
         .serialize(s)
     }
@@ -340,6 +348,23 @@ mod tests {
             let e = Event { seq: 1, payload: p };
             assert_eq!(round_trip(&e), e);
         }
+    }
+
+    #[test]
+    fn an_error_event_carries_its_message_also_as_content() {
+        let e = Event {
+            seq: 5,
+            payload: EventPayload::Error {
+                code: "LLM_ERROR".into(),
+                message: "the model server did not answer".into(),
+            },
+        };
+        assert_eq!(
+            serde_json::to_value(&e).unwrap(),
+            json!({"type": "error", "code": "LLM_ERROR", "message": "the model server did not answer",
+                   "content": "the model server did not answer", "seq": 5, "is_final": true})
+        );
+        assert_eq!(round_trip(&e), e);
     }
 
     #[test]

@@ -286,7 +286,8 @@ impl Runtime {
         convert::to_py(py, &session_json(&s))
     }
 
-    /// Sessions, newest activity first: `{"sessions": [...], "next_cursor": str | None}`.
+    /// Sessions, newest activity first: `{"sessions": [...], "next_cursor": str | None, "total":
+    /// int}` (`total`: the sessions matching `user_id` across all pages).
     /// `limit` must be 1–1000; pass `next_cursor` back as `cursor` for the next page.
     #[pyo3(signature = (user_id=None, limit=100, cursor=None))]
     fn list_sessions(
@@ -306,7 +307,7 @@ impl Runtime {
         let sessions: Vec<Value> = page.sessions.iter().map(session_json).collect();
         convert::to_py(
             py,
-            &json!({"sessions": sessions, "next_cursor": page.next_cursor}),
+            &json!({"sessions": sessions, "next_cursor": page.next_cursor, "total": page.total}),
         )
     }
 

@@ -720,6 +720,7 @@ impl App {
                 ok(&SessionList {
                     sessions: page.sessions.iter().map(SessionView::from).collect(),
                     next_cursor: page.next_cursor,
+                    total: page.total,
                 })
             }
             (Method::GET, Route::Session(id)) => ok(&SessionView::from(&rt.get_session(&id).await?)),
@@ -730,14 +731,10 @@ impl App {
                 })
             }
             (Method::GET, Route::Messages(id)) => {
-                rt.get_session(&id).await?;
-                let messages = rt
-                    .messages(&id, query.number("after", 0)?, query.number("limit", 1000)?)
+                let history = rt
+                    .history(&id, query.number("after", 0)?, query.number("limit", 1000)?)
                     .await?;
-                ok(&MessageList {
-                    session_id: id,
-                    messages: messages.iter().map(MessageView::from).collect(),
-                })
+                ok(&MessageList::from(&history))
             }
             (Method::GET, Route::Events(id)) => {
                 let after = match req.headers().get("last-event-id") {

@@ -4,7 +4,7 @@
 use agent_runtime_core::Session;
 use agent_runtime_core::agent::AgentInfo;
 use agent_runtime_core::approval::Approval;
-use agent_runtime_core::orchestrator::{AgentRef, CurrentAgent};
+use agent_runtime_core::orchestrator::{AgentRef, CurrentAgent, SessionHistory};
 use agent_runtime_core::session::{AgentSwitch, Message};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -114,6 +114,8 @@ pub struct SessionList {
     pub sessions: Vec<SessionView>,
     /// Pass as `cursor` for the next page; `null` on the last page.
     pub next_cursor: Option<String>,
+    /// Sessions matching the filter (`user_id`) across all pages.
+    pub total: u64,
 }
 
 /// A tool call in a stored assistant message.
@@ -178,6 +180,27 @@ pub struct MessageList {
     pub session_id: String,
     /// Oldest first.
     pub messages: Vec<MessageView>,
+    /// Stored user, assistant and tool messages of the whole session.
+    pub message_count: u64,
+    /// The agent that answers next.
+    pub current_agent: String,
+    /// RFC 3339 UTC.
+    pub last_activity: String,
+    /// Every switch of the session's agent, oldest first.
+    pub agent_history: Vec<SwitchView>,
+}
+
+impl From<&SessionHistory> for MessageList {
+    fn from(h: &SessionHistory) -> Self {
+        MessageList {
+            session_id: h.session.id.clone(),
+            messages: h.messages.iter().map(MessageView::from).collect(),
+            message_count: h.session.message_count,
+            current_agent: h.session.current_agent.clone(),
+            last_activity: h.session.last_activity.to_rfc3339(),
+            agent_history: h.agent_history.iter().map(SwitchView::from).collect(),
+        }
+    }
 }
 
 /// `GET /agents`.

@@ -174,7 +174,11 @@ async fn sessions_have_the_documented_shapes() {
     );
 
     let messages: Value = s.get_json("/sessions/s-1/history").await;
-    assert_eq!(messages, json!({"session_id": "s-1", "messages": []}));
+    assert_eq!(
+        messages,
+        json!({"session_id": "s-1", "messages": [], "message_count": 0, "current_agent": "orchestrator",
+               "last_activity": created_at, "agent_history": []})
+    );
     let approvals: Value = s.get_json("/sessions/s-1/pending-approvals").await;
     assert_eq!(approvals, json!({"pending_approvals": []}));
     let cancel: Value = s

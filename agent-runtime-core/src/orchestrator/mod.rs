@@ -100,6 +100,18 @@ pub struct CurrentAgent {
     pub switch_history: Vec<AgentSwitch>,
 }
 
+/// A session's stored conversation with the session and its switches, as
+/// `GET /sessions/{id}/history` serves them (API.md §9.22).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionHistory {
+    /// The session as stored (its `message_count`, `current_agent`, `last_activity`).
+    pub session: Session,
+    /// Stored messages with seq > `after`, oldest first.
+    pub messages: Vec<Message>,
+    /// Every switch of the session's agent, oldest first.
+    pub agent_history: Vec<AgentSwitch>,
+}
+
 /// What `cancel` found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -563,6 +575,19 @@ impl Orchestrator {
             return Err(Error::InvalidRequest("limit must be between 1 and 1000".into()));
         }
         self.inner.storage.messages_after(session_id, after, limit).await
+    }
+
+    /// Stored messages with seq > `after` (at most `limit`, 1–1000), with the session and every
+    /// switch of its agent. `SESSION_NOT_FOUND` if absent.
+    pub async fn history(&self, session_id: &str, after: u64, limit: usize) -> Result<SessionHistory> {
+        let session = self.inner.storage.get_session(session_id).await?;
+        let messages = self.messages(session_id, after, limit).await?;
+        let agent_history = self.inner.storage.switch_history(session_id).await?;
+        Ok(SessionHistory {
+            session,
+            messages,
+            agent_history,
+        })
     }
 
     /// The session's agent, the one before, and every switch.

@@ -270,43 +270,28 @@ async fn start(
     let request_id = sub.request_id.clone();
     let (next, first) = match sub.message {
         ClientMessage::UserMessage { content, agent_type } => {
-            let paused = matches!(
-                turn.session.status,
-                SessionStatus::AwaitingApproval | SessionStatus::AwaitingToolResult
-            );
-            if paused {
-                let why = "cancelled: the user sent a new message";
-                turn.close_open_calls(why, "CANCELLED").await?;
-                turn.abandon_plan(why).await?;
-            }
-            turn.state = TurnState::fresh();
             check_fits(rt, &turn.session, agent_type.as_deref(), &content)?;
-            let mut first = None;
+            let first_seq = turn.session.last_event_seq + 1;
+            cancel_paused_turn(&mut turn, request_id).await?;
+            turn.state = TurnState::fresh();
             if let Some(t) = &agent_type {
                 let c = explicit_switch(&turn, t, "User requested agent switch");
-                first = Some(
-                    turn.commit(
-                        Commit {
-                            request_id: request_id.clone(),
-                            session: running.clone(),
-                            ..c
-                        },
-                        true,
-                    )
-                    .await?,
-                );
+                turn.commit(
+                    Commit {
+                        session: running.clone(),
+                        ..c
+                    },
+                    true,
+                )
+                .await?;
             }
             let agent = turn.agent();
             let c = Commit {
                 messages: vec![NewMessage::user(content.clone(), Some(agent.clone()))],
-                request_id: if first.is_none() { request_id } else { None },
                 session: running,
                 ..Commit::default()
             };
-            let committed = turn.commit(c, true).await?;
-            let first_seq = first
-                .and_then(|c| c.events.first().map(|e| e.seq))
-                .unwrap_or(committed.session.last_event_seq + 1);
+            turn.commit(c, true).await?;
             let route = agent_type.is_none()
                 && agent == rt.config.default_agent
                 && rt.config.multi_agent_enabled
@@ -325,33 +310,23 @@ async fn start(
             reason,
         } => {
             let reason = reason.unwrap_or_else(|| "User requested agent switch".into());
-            let paused = matches!(
-                turn.session.status,
-                SessionStatus::AwaitingApproval | SessionStatus::AwaitingToolResult
-            );
-            if paused && content.is_some() {
-                let why = "cancelled: the user sent a new message";
-                turn.close_open_calls(why, "CANCELLED").await?;
-                turn.abandon_plan(why).await?;
-            }
             if let Some(text) = &content {
                 check_fits(rt, &turn.session, Some(&agent_type), text)?;
             }
-            let mut c = explicit_switch(&turn, &agent_type, &reason);
-            c.request_id = request_id;
+            let first = turn.session.last_event_seq + 1;
             match content {
                 Some(text) => {
+                    cancel_paused_turn(&mut turn, request_id).await?;
+                    let c = explicit_switch(&turn, &agent_type, &reason);
                     turn.state = TurnState::fresh();
-                    let committed = turn
-                        .commit(
-                            Commit {
-                                session: running,
-                                ..c
-                            },
-                            true,
-                        )
-                        .await?;
-                    let first = committed.events.first().map(|e| e.seq).unwrap_or(1);
+                    turn.commit(
+                        Commit {
+                            session: running,
+                            ..c
+                        },
+                        true,
+                    )
+                    .await?;
                     turn.commit(
                         Commit {
                             messages: vec![NewMessage::user(text, Some(agent_type))],
@@ -363,6 +338,8 @@ async fn start(
                     (Next::Run { route: None }, first)
                 }
                 None => {
+                    let mut c = explicit_switch(&turn, &agent_type, &reason);
+                    c.request_id = request_id;
                     c.events.push(EventPayload::Done {
                         stop_reason: StopReason::Completed,
                         usage: Usage::default(),
@@ -423,6 +400,26 @@ async fn start(
         ClientMessage::HitlDecision(d) => decide(&mut turn, d, request_id).await?,
     };
     Ok((turn, next, first))
+}
+
+/// A new message ends a paused turn: its pending approvals and open calls are cancelled. Their
+/// events are the first of the new message's stream (API.md §9.20), so the submission's
+/// `request_id` rides on the first commit made from here on.
+async fn cancel_paused_turn(turn: &mut Turn, request_id: Option<String>) -> Result<()> {
+    turn.defer(Commit {
+        request_id,
+        ..Commit::default()
+    });
+    let paused = matches!(
+        turn.session.status,
+        SessionStatus::AwaitingApproval | SessionStatus::AwaitingToolResult
+    );
+    if paused {
+        let why = "cancelled: the user sent a new message";
+        turn.close_open_calls(why, "CANCELLED").await?;
+        turn.abandon_plan(why).await?;
+    }
+    Ok(())
 }
 
 /// The newest message alone must fit the window (API.md §9.1: an HTTP error, not an event).

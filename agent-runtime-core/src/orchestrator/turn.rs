@@ -561,20 +561,29 @@ impl Turn {
         Ok(())
     }
 
+    /// Answers a call refused before it runs (API.md §9.2).
     async fn refuse(&mut self, call: &OpenCall, failure: ToolFailure) -> Result<()> {
-        let tool_call = EventPayload::ToolCall {
-            call_id: call.call_id.clone(),
-            tool_name: call.tool_name.clone(),
-            arguments: call.arguments.clone(),
-            requires_approval: false,
-            reason: None,
-        };
-        let extra = Commit {
-            events: vec![tool_call],
-            ..Commit::default()
-        };
+        let extra = self.refused_call(call);
         self.finish_call(&call.call_id, Err(failure.to_tool_error()), extra)
             .await
+    }
+
+    /// What goes out before a refused call's result: its `tool_call` in runtime mode, nothing in
+    /// client mode, where clients execute every `tool_call` they see (API.md §9.2).
+    fn refused_call(&self, call: &OpenCall) -> Commit {
+        if self.mode() == ToolExecution::Client {
+            return Commit::default();
+        }
+        Commit {
+            events: vec![EventPayload::ToolCall {
+                call_id: call.call_id.clone(),
+                tool_name: call.tool_name.clone(),
+                arguments: call.arguments.clone(),
+                requires_approval: false,
+                reason: None,
+            }],
+            ..Commit::default()
+        }
     }
 
     fn set_state(&mut self, call_id: &str, state: CallState) {
@@ -716,6 +725,15 @@ impl Turn {
             .and_then(Value::as_str)
             .unwrap_or("Agent hand-over")
             .to_string();
+        if self.state.auto_switches >= self.rt.config.max_agent_switches {
+            let refusal = ToolError {
+                code: "AGENT_SWITCH_LIMIT".into(),
+                message: "agent switch limit reached".into(),
+            };
+            let extra = self.refused_call(call);
+            self.finish_call(&call.call_id, Err(refusal), extra).await?;
+            return self.switch_to(&target, &reason, true).await;
+        }
         let tool_call = EventPayload::ToolCall {
             call_id: call.call_id.clone(),
             tool_name: call.tool_name.clone(),
@@ -723,22 +741,6 @@ impl Turn {
             requires_approval: false,
             reason: None,
         };
-        if self.state.auto_switches >= self.rt.config.max_agent_switches {
-            let refusal = ToolError {
-                code: "AGENT_SWITCH_LIMIT".into(),
-                message: "agent switch limit reached".into(),
-            };
-            self.finish_call(
-                &call.call_id,
-                Err(refusal),
-                Commit {
-                    events: vec![tool_call],
-                    ..Commit::default()
-                },
-            )
-            .await?;
-            return self.switch_to(&target, &reason, true).await;
-        }
         self.emit(tool_call).await?;
         self.switch_to(&target, &reason, true).await?;
         self.finish_call(

@@ -39,6 +39,7 @@ macro_rules! storage_conformance_suite {
             taken_id_is_session_exists,
             missing_session_is_not_found_everywhere,
             list_pages_with_cursor_and_filters,
+            list_total_counts_the_filter_across_all_pages,
             concurrent_commits_get_gap_free_contiguous_seqs,
             reads_after_and_recent_respect_limits,
             failed_commit_leaves_nothing_behind,
@@ -391,6 +392,59 @@ pub async fn list_pages_with_cursor_and_filters(a: Arc<dyn Storage>, b: Arc<dyn 
             })
             .await;
         assert!(matches!(r, Err(Error::InvalidRequest(_))), "{limit}: {r:?}");
+    }
+}
+
+/// `total` is the number of sessions matching the filters on every page, whatever the cursor
+/// and the page size.
+pub async fn list_total_counts_the_filter_across_all_pages(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
+    let empty = b
+        .list_sessions(SessionQuery {
+            limit: 10,
+            ..SessionQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (empty.sessions.len(), empty.next_cursor, empty.total),
+        (0, None, 0)
+    );
+    for (i, user) in ["u1", "u2", "u1", "u1", "u2"].into_iter().enumerate() {
+        a.create_session(new_session(&format!("s{i}"), Some(user), i as i64))
+            .await
+            .unwrap();
+    }
+    a.create_session(new_session("anonymous", None, 9)).await.unwrap();
+    let mut c = at(10);
+    c.session.status = Some(SessionStatus::Running);
+    a.commit("s3", c).await.unwrap();
+
+    // (user, status, limit) → the `total` of every page, and how many pages there are.
+    type Case = (Option<&'static str>, Option<SessionStatus>, usize, u64, usize);
+    let cases: [Case; 5] = [
+        (None, None, 4, 6, 2),
+        (Some("u1"), None, 1, 3, 3),
+        (Some("u2"), None, 1000, 2, 1),
+        (Some("nobody"), None, 5, 0, 1),
+        (Some("u1"), Some(SessionStatus::Running), 1, 1, 1),
+    ];
+    for (user, status, limit, total, pages) in cases {
+        let mut query = SessionQuery {
+            user_id: user.map(String::from),
+            status,
+            limit,
+            cursor: None,
+        };
+        let mut totals = vec![];
+        loop {
+            let page = b.list_sessions(query.clone()).await.unwrap();
+            totals.push(page.total);
+            match page.next_cursor {
+                Some(c) => query.cursor = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(totals, vec![total; pages], "{user:?} {status:?} limit {limit}");
     }
 }
 

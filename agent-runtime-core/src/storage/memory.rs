@@ -244,11 +244,13 @@ impl Storage for MemoryStorage {
         check_page_limit(query.limit)?;
         let cursor = query.cursor.as_deref().map(SessionCursor::decode).transpose()?;
         let sessions = self.lock();
-        let mut matching: Vec<&Session> = sessions
+        let filtered = sessions
             .values()
             .map(|d| &d.session)
             .filter(|s| query.user_id.is_none() || s.user_id == query.user_id)
-            .filter(|s| query.status.is_none_or(|st| s.status == st))
+            .filter(|s| query.status.is_none_or(|st| s.status == st));
+        let total = filtered.clone().count() as u64;
+        let mut matching: Vec<&Session> = filtered
             .filter(|s| match &cursor {
                 None => true,
                 Some(c) => (s.last_activity.as_millis(), s.id.as_str()) < (c.last_activity, c.id.as_str()),
@@ -264,6 +266,7 @@ impl Storage for MemoryStorage {
         Ok(SessionPage {
             sessions: page,
             next_cursor,
+            total,
         })
     }
 

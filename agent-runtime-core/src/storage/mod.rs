@@ -38,6 +38,8 @@ pub struct SessionPage {
     pub sessions: Vec<Session>,
     /// Opaque cursor for the next page, `None` on the last page.
     pub next_cursor: Option<String>,
+    /// How many sessions match the query's filters across all pages (the cursor aside).
+    pub total: u64,
 }
 
 /// Changes to a session's own fields that ride along with a commit.

@@ -722,14 +722,24 @@ impl Storage for PostgresStorage {
     async fn list_sessions(&self, query: SessionQuery) -> Result<SessionPage> {
         check_page_limit(query.limit)?;
         let after = query.cursor.as_deref().map(SessionCursor::decode).transpose()?;
-        let mut q: QueryBuilder<Postgres> =
-            QueryBuilder::new(format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE TRUE"));
-        if let Some(user_id) = &query.user_id {
-            q.push(" AND user_id = ").push_bind(user_id.clone());
-        }
-        if let Some(status) = query.status {
-            q.push(" AND status = ").push_bind(status.as_str());
-        }
+        let filtered = |select: &str| {
+            let mut q: QueryBuilder<Postgres> =
+                QueryBuilder::new(format!("SELECT {select} FROM sessions WHERE TRUE"));
+            if let Some(user_id) = &query.user_id {
+                q.push(" AND user_id = ").push_bind(user_id.clone());
+            }
+            if let Some(status) = query.status {
+                q.push(" AND status = ").push_bind(status.as_str());
+            }
+            q
+        };
+        // Counted over the filters alone, on the (user_id | status, last_activity, id) indexes.
+        let total: i64 = filtered("COUNT(*)")
+            .build_query_scalar()
+            .fetch_one(&self.pool)
+            .await
+            .map_err(Error::database)?;
+        let mut q = filtered(SESSION_COLUMNS);
         if let Some(after) = after {
             q.push(" AND (last_activity, id) < (")
                 .push_bind(after.last_activity)
@@ -752,6 +762,7 @@ impl Storage for PostgresStorage {
         Ok(SessionPage {
             sessions,
             next_cursor,
+            total: u64::try_from(total).unwrap_or_default(),
         })
     }
 

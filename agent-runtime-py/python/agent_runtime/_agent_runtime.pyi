@@ -125,7 +125,7 @@ class Runtime:
     def list_sessions(
         self, user_id: Optional[str] = None, limit: int = 100, cursor: Optional[str] = None
     ) -> Dict[str, Any]:
-        """``{"sessions": [...], "next_cursor": str | None}``, newest activity first."""
+        """``{"sessions": [...], "next_cursor": str | None, "total": int}``, newest activity first."""
     def delete_session(self, session_id: str) -> None:
         """Deletes a session and everything of it, cancelling its running turn first."""
     def messages(

@@ -686,6 +686,16 @@ fn list_blocking(
         clauses.push("status = ?");
         args.push(Sql::Text(status.as_str().to_string()));
     }
+    // Counted over the filters alone, on the (user_id | status, last_activity, id) indexes.
+    let count_filter = if clauses.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", clauses.join(" AND "))
+    };
+    let total: i64 = conn
+        .prepare_cached(&format!("SELECT COUNT(*) FROM sessions {count_filter}"))
+        .and_then(|mut stmt| stmt.query_row(params_from_iter(args.iter()), |r| r.get(0)))
+        .map_err(db)?;
     if let Some(c) = cursor {
         clauses.push("(last_activity, id) < (?, ?)");
         args.push(Sql::Integer(c.last_activity));
@@ -717,6 +727,7 @@ fn list_blocking(
     Ok(SessionPage {
         sessions,
         next_cursor,
+        total: u64::try_from(total).unwrap_or_default(),
     })
 }
 
