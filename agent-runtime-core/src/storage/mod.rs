@@ -248,6 +248,7 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+mod commit;
 #[cfg(feature = "test-utils")]
 pub mod conformance;
 pub mod memory;
