@@ -217,3 +217,54 @@ fn numbered_messages(new: Vec<NewMessage>, last_seq: u64, at: Timestamp) -> Vec<
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Steps whose head never comes: a backend that wrongly waits.
+    struct Waits;
+
+    impl CommitSteps for Waits {
+        async fn head(&mut self) -> Result<Option<Head>> {
+            std::future::pending().await
+        }
+        async fn put_approval(&mut self, _: &Approval) -> Result<()> {
+            Ok(())
+        }
+        async fn decide(&mut self, _: &ApprovalResolution) -> Result<bool> {
+            Ok(true)
+        }
+        async fn approval_exists(&mut self, _: &str) -> Result<bool> {
+            Ok(true)
+        }
+        async fn insert_messages(&mut self, _: &[Message]) -> Result<()> {
+            Ok(())
+        }
+        async fn insert_events(&mut self, _: &[Event], _: Timestamp) -> Result<()> {
+            Ok(())
+        }
+        async fn remember_request(&mut self, _: &str, _: u64) -> Result<()> {
+            Ok(())
+        }
+        async fn insert_switches(&mut self, _: &[AgentSwitch]) -> Result<()> {
+            Ok(())
+        }
+        async fn put_plan(&mut self, _: &Plan) -> Result<()> {
+            Ok(())
+        }
+        async fn update_session(&mut self, _: SessionChange) -> Result<Session> {
+            Err(Error::Internal("never reached".into()))
+        }
+    }
+
+    #[test]
+    fn a_blocking_commit_whose_step_waits_is_an_internal_error_not_a_hang() {
+        assert_eq!(
+            run_blocking(&mut Waits, "s", Commit::now()).map(|_| ()),
+            Err(Error::Internal(
+                "a blocking storage backend's commit step waited".into()
+            ))
+        );
+    }
+}
