@@ -2,8 +2,8 @@
 //! that need no durability. Same semantics as the SQL backends (it passes the conformance suite).
 //!
 //! Every operation takes the lock, works on plain data and lets go before returning; nothing is
-//! awaited while the lock is held. A commit validates everything against the current state (and a
-//! copy of the session's approvals) before it changes anything, which is what makes it atomic.
+//! awaited while the lock is held. A commit runs the shared commit steps against the current state,
+//! staging its changes, and applies them only once every step has passed: that makes it atomic.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use super::commit::{self, CommitSteps, Head, SessionChange};
 use super::liveness::OwnerRegistry;
-use super::support::{SessionCursor, check_commit, check_page_limit, counted_messages};
+use super::support::{SessionCursor, check_commit, check_page_limit};
 use super::{Commit, Committed, Liveness, SessionPage, SessionQuery, Storage};
-use crate::approval::{Approval, ApprovalStatus};
+use crate::approval::{Approval, ApprovalResolution, ApprovalStatus};
 use crate::error::{Error, Result};
 use crate::protocol::{Event, Plan};
 use crate::session::{AgentSwitch, Message, NewSession, Session, SessionStatus, Usage};
@@ -83,112 +84,140 @@ fn page<T: Clone>(items: &[T], after: u64, limit: usize) -> Vec<T> {
     items[start..].iter().take(limit).cloned().collect()
 }
 
+/// One commit's steps on a session: they read the session's data and stage every change here;
+/// only a commit that got through all of them is applied ([`Staged::apply`]), which makes it
+/// atomic.
+struct MemoryCommit<'d> {
+    data: &'d SessionData,
+    staged: Staged,
+}
+
+/// What a commit changes, until it is applied.
+#[derive(Default)]
+struct Staged {
+    /// The session's approvals with this commit's puts and decisions, if it has any.
+    approvals: Option<Vec<Approval>>,
+    messages: Vec<Message>,
+    events: Vec<Event>,
+    request: Option<(String, u64)>,
+    switches: Vec<AgentSwitch>,
+    plans: Vec<Plan>,
+    session: Option<Session>,
+    release_lease: bool,
+}
+
+impl MemoryCommit<'_> {
+    fn approvals(&mut self) -> &mut Vec<Approval> {
+        self.staged
+            .approvals
+            .get_or_insert_with(|| self.data.approvals.clone())
+    }
+}
+
+impl CommitSteps for MemoryCommit<'_> {
+    async fn head(&mut self) -> Result<Option<Head>> {
+        Ok(Some(Head {
+            last_message_seq: self.data.session.last_message_seq,
+            last_event_seq: self.data.session.last_event_seq,
+            lease_owner: self.data.lease.as_ref().map(|l| l.owner.clone()),
+        }))
+    }
+
+    async fn put_approval(&mut self, approval: &Approval) -> Result<()> {
+        let approvals = self.approvals();
+        match approvals.iter_mut().find(|x| x.call_id == approval.call_id) {
+            Some(slot) => *slot = approval.clone(),
+            None => approvals.push(approval.clone()),
+        }
+        Ok(())
+    }
+
+    async fn decide(&mut self, r: &ApprovalResolution) -> Result<bool> {
+        let pending = self
+            .approvals()
+            .iter_mut()
+            .find(|x| x.call_id == r.call_id && x.status == ApprovalStatus::Pending);
+        let Some(slot) = pending else {
+            return Ok(false);
+        };
+        slot.status = r.status;
+        slot.feedback = r.feedback.clone();
+        slot.modified_arguments = r.modified_arguments.clone();
+        slot.decided_at = Some(r.decided_at);
+        Ok(true)
+    }
+
+    async fn approval_exists(&mut self, call_id: &str) -> Result<bool> {
+        Ok(self.approvals().iter().any(|x| x.call_id == call_id))
+    }
+
+    async fn insert_messages(&mut self, messages: &[Message]) -> Result<()> {
+        self.staged.messages = messages.to_vec();
+        Ok(())
+    }
+
+    async fn insert_events(&mut self, events: &[Event], _at: Timestamp) -> Result<()> {
+        self.staged.events = events.to_vec();
+        Ok(())
+    }
+
+    async fn remember_request(&mut self, request_id: &str, first_event_seq: u64) -> Result<()> {
+        self.staged.request = Some((request_id.to_string(), first_event_seq));
+        Ok(())
+    }
+
+    async fn insert_switches(&mut self, switches: &[AgentSwitch]) -> Result<()> {
+        self.staged.switches = switches.to_vec();
+        Ok(())
+    }
+
+    async fn put_plan(&mut self, plan: &Plan) -> Result<()> {
+        self.staged.plans.push(plan.clone());
+        Ok(())
+    }
+
+    async fn update_session(&mut self, change: SessionChange) -> Result<Session> {
+        let mut session = self.data.session.clone();
+        self.staged.release_lease = change.release_lease;
+        change.apply_to(&mut session);
+        self.staged.session = Some(session.clone());
+        Ok(session)
+    }
+}
+
+impl Staged {
+    fn apply(self, data: &mut SessionData) {
+        if let Some(approvals) = self.approvals {
+            data.approvals = approvals;
+        }
+        data.messages.extend(self.messages);
+        data.events.extend(self.events);
+        if let Some((request_id, first_event_seq)) = self.request {
+            // A reused request id keeps the turn it first started.
+            data.requests.entry(request_id).or_insert(first_event_seq);
+        }
+        data.switches.extend(self.switches);
+        for p in self.plans {
+            data.plans.insert(p.plan_id.clone(), p);
+        }
+        if let Some(session) = self.session {
+            data.session = session;
+        }
+        if self.release_lease {
+            data.lease = None;
+        }
+    }
+}
+
 fn apply_commit(data: &mut SessionData, session_id: &str, commit: Commit) -> Result<Committed> {
-    let now = Timestamp::now();
-    let at = commit.at.unwrap_or(now);
-    if let Some(owner) = &commit.lease_owner
-        && !data.lease_held_by(owner)
-    {
-        return Err(Error::SessionBusy(session_id.to_string()));
-    }
-
-    let counted = counted_messages(&commit);
-    // Approvals first, then resolutions (which may decide an approval put by this same commit),
-    // on a copy: a failed resolution drops the copy and nothing has changed.
-    let approvals = if commit.approvals.is_empty() && commit.resolutions.is_empty() {
-        None
-    } else {
-        let mut staged = data.approvals.clone();
-        for a in commit.approvals {
-            match staged.iter_mut().find(|x| x.call_id == a.call_id) {
-                Some(slot) => *slot = a,
-                None => staged.push(a),
-            }
-        }
-        for r in commit.resolutions {
-            let slot = staged
-                .iter_mut()
-                .find(|x| x.call_id == r.call_id)
-                .ok_or_else(|| Error::ApprovalNotFound(r.call_id.clone()))?;
-            if slot.status != ApprovalStatus::Pending {
-                return Err(Error::ApprovalAlreadyDecided(r.call_id));
-            }
-            slot.status = r.status;
-            slot.feedback = r.feedback;
-            slot.modified_arguments = r.modified_arguments;
-            slot.decided_at = Some(r.decided_at);
-        }
-        Some(staged)
+    let mut steps = MemoryCommit {
+        data,
+        staged: Staged::default(),
     };
-
-    // Nothing below can fail.
-    let s = &mut data.session;
-    let first_event_seq = s.last_event_seq + 1;
-    let messages: Vec<Message> = commit
-        .messages
-        .into_iter()
-        .enumerate()
-        .map(|(i, m)| Message {
-            seq: s.last_message_seq + i as u64 + 1,
-            role: m.role,
-            content: m.content,
-            agent: m.agent,
-            tool_calls: m.tool_calls,
-            tool_call_id: m.tool_call_id,
-            created_at: at,
-        })
-        .collect();
-    let events: Vec<Event> = commit
-        .events
-        .into_iter()
-        .enumerate()
-        .map(|(i, payload)| Event {
-            seq: first_event_seq + i as u64,
-            payload,
-        })
-        .collect();
-    s.last_message_seq += messages.len() as u64;
-    s.last_event_seq += events.len() as u64;
-    s.message_count += counted;
-    s.last_activity = at;
-    if let Some(last) = commit.switches.last() {
-        s.current_agent = last.to_agent.clone();
-    }
-    if let Some(agent) = commit.session.current_agent {
-        s.current_agent = agent;
-    }
-    if let Some(status) = commit.session.status {
-        s.status = status;
-    }
-    if commit.release_lease && commit.lease_owner.is_some() {
-        data.lease = None;
-    }
-    if let Some(turn_state) = commit.session.turn_state {
-        s.turn_state = turn_state;
-    }
-    if let Some(usage) = commit.usage {
-        s.usage += usage;
-    }
-    let session = s.clone();
-
-    data.messages.extend(messages.iter().cloned());
-    data.events.extend(events.iter().cloned());
-    if let Some(staged) = approvals {
-        data.approvals = staged;
-    }
-    data.switches.extend(commit.switches);
-    for p in commit.plans {
-        data.plans.insert(p.plan_id.clone(), p);
-    }
-    if let Some(request_id) = commit.request_id {
-        // A reused request id keeps the turn it first started.
-        data.requests.entry(request_id).or_insert(first_event_seq);
-    }
-    Ok(Committed {
-        messages,
-        events,
-        session,
-    })
+    let committed = commit::run_blocking(&mut steps, session_id, commit)?;
+    let staged = steps.staged;
+    staged.apply(data);
+    Ok(committed)
 }
 
 #[async_trait]

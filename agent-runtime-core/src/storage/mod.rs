@@ -265,6 +265,7 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+mod commit;
 #[cfg(feature = "test-utils")]
 pub mod conformance;
 mod liveness;

@@ -1,10 +1,10 @@
 //! Postgres storage through sqlx: sessions shared by several server processes, with gap-free seqs
 //! from counters on the session row and leases judged by the database's clock.
 //!
-//! Every [`Commit`] is one transaction that first locks the session row (`FOR NO KEY UPDATE`), so
-//! two processes appending to one session at once are serialized by Postgres and their seqs stay
-//! strictly increasing and gap-free. Appending inserts new rows only: its cost does not depend on
-//! the session's length.
+//! Every [`Commit`] is one transaction running the shared commit steps (`storage::commit`), whose
+//! first step locks the session row (`FOR NO KEY UPDATE`), so two processes appending to one
+//! session at once are serialized by Postgres and their seqs stay strictly increasing and gap-free.
+//! Appending inserts new rows only: its cost does not depend on the session's length.
 //!
 //! Times are stored as BIGINT milliseconds (the exact value of a [`Timestamp`]); JSON values as
 //! TEXT holding serde_json's output, which comes back byte for byte (JSONB would refuse `\u0000`);
@@ -18,17 +18,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Executor, Postgres, QueryBuilder, Row, Transaction};
 use tracing::instrument;
 
-use super::support::{SessionCursor, check_commit, check_page_limit, counted_messages};
+use super::commit::{self, CommitSteps, Head, SessionChange};
+use super::support::{SessionCursor, check_commit, check_page_limit};
 use super::{Commit, Committed, Liveness, SCHEMA_VERSION, SessionPage, SessionQuery, Storage, redact_url};
 use crate::approval::{Approval, ApprovalResolution, ApprovalStatus, RequestType};
 use crate::error::{Error, Result};
 use crate::protocol::{Event, Plan};
 use crate::session::{AgentSwitch, Message, NewSession, Role, Session, SessionStatus, ToolCall, Usage};
 use crate::time::Timestamp;
+
+type PgQuery<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
 
 /// The migrations, in order: (version, SQL). The last version is [`SCHEMA_VERSION`].
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -388,206 +391,228 @@ impl PostgresStorage {
         }
     }
 
-    async fn commit_in(
-        tx: &mut Transaction<'static, Postgres>,
-        session_id: &str,
-        commit: Commit,
-    ) -> Result<Committed> {
-        let at = commit.at.unwrap_or_else(Timestamp::now).as_millis();
+    /// The rows a read of one session's children returns; if there are none, `SessionNotFound`
+    /// when that is because the session is gone.
+    async fn session_rows(&self, session_id: &str, query: PgQuery<'_>) -> Result<Vec<PgRow>> {
+        let rows = query.fetch_all(&self.pool).await.map_err(Error::database)?;
+        if rows.is_empty() {
+            self.ensure_session(session_id).await?;
+        }
+        Ok(rows)
+    }
+}
 
+/// One commit's steps in its transaction (dropped un-committed on error: Postgres rolls it back).
+struct PgCommit<'t, 's> {
+    tx: &'t mut Transaction<'static, Postgres>,
+    session_id: &'s str,
+    /// The session's recorded switches, read with its head: the next switch's seq follows it.
+    switch_count: i64,
+}
+
+impl CommitSteps for PgCommit<'_, '_> {
+    async fn head(&mut self) -> Result<Option<Head>> {
         // The row lock serializes every commit of this session, across processes, and with
         // `acquire_lease`: the owner holds the lease until another owner has taken it.
         let row = sqlx::query(
-            "SELECT last_message_seq, last_event_seq, switch_count,
-                    (lease_owner IS NOT NULL AND lease_owner = $2) AS lease_held
+            "SELECT last_message_seq, last_event_seq, switch_count, lease_owner
              FROM sessions WHERE id = $1 FOR NO KEY UPDATE",
         )
-        .bind(session_id)
-        .bind(commit.lease_owner.as_deref())
-        .fetch_optional(&mut **tx)
+        .bind(self.session_id)
+        .fetch_optional(&mut **self.tx)
+        .await
+        .map_err(Error::database)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        self.switch_count = get(&row, "switch_count")?;
+        Ok(Some(Head {
+            last_message_seq: to_u64(get(&row, "last_message_seq")?, "last_message_seq")?,
+            last_event_seq: to_u64(get(&row, "last_event_seq")?, "last_event_seq")?,
+            lease_owner: get(&row, "lease_owner")?,
+        }))
+    }
+
+    async fn put_approval(&mut self, a: &Approval) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO approvals (session_id, call_id, tool_name, arguments, reason,
+                 request_type, status, created_at, decided_at, feedback, modified_arguments)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+             ON CONFLICT (session_id, call_id) DO UPDATE SET
+                 tool_name = EXCLUDED.tool_name, arguments = EXCLUDED.arguments,
+                 reason = EXCLUDED.reason, request_type = EXCLUDED.request_type,
+                 status = EXCLUDED.status, created_at = EXCLUDED.created_at,
+                 decided_at = EXCLUDED.decided_at, feedback = EXCLUDED.feedback,
+                 modified_arguments = EXCLUDED.modified_arguments",
+        )
+        .bind(self.session_id)
+        .bind(&a.call_id)
+        .bind(&a.tool_name)
+        .bind(to_json_text(&a.arguments)?)
+        .bind(a.reason.as_bytes())
+        .bind(request_type_str(a.request_type))
+        .bind(a.status.as_str())
+        .bind(a.created_at.as_millis())
+        .bind(a.decided_at.map(Timestamp::as_millis))
+        .bind(a.feedback.as_deref().map(str::as_bytes))
+        .bind(a.modified_arguments.as_ref().map(to_json_text).transpose()?)
+        .execute(&mut **self.tx)
+        .await
+        .map_err(Error::database)?;
+        Ok(())
+    }
+
+    async fn decide(&mut self, r: &ApprovalResolution) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE approvals SET status = $3, feedback = $4, modified_arguments = $5,
+                 decided_at = $6
+             WHERE session_id = $1 AND call_id = $2 AND status = 'pending'",
+        )
+        .bind(self.session_id)
+        .bind(&r.call_id)
+        .bind(r.status.as_str())
+        .bind(r.feedback.as_deref().map(str::as_bytes))
+        .bind(r.modified_arguments.as_ref().map(to_json_text).transpose()?)
+        .bind(r.decided_at.as_millis())
+        .execute(&mut **self.tx)
         .await
         .map_err(Error::database)?
-        .ok_or_else(|| Error::SessionNotFound(session_id.to_string()))?;
-        if commit.lease_owner.is_some() && !get::<bool>(&row, "lease_held")? {
-            return Err(Error::SessionBusy(session_id.to_string()));
-        }
-        let last_message_seq: i64 = get(&row, "last_message_seq")?;
-        let last_event_seq: i64 = get(&row, "last_event_seq")?;
-        let switch_count: i64 = get(&row, "switch_count")?;
+        .rows_affected();
+        Ok(done == 1)
+    }
 
-        // Approvals first, so a commit may insert an approval and resolve it.
-        for a in &commit.approvals {
-            sqlx::query(
-                "INSERT INTO approvals (session_id, call_id, tool_name, arguments, reason,
-                     request_type, status, created_at, decided_at, feedback, modified_arguments)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-                 ON CONFLICT (session_id, call_id) DO UPDATE SET
-                     tool_name = EXCLUDED.tool_name, arguments = EXCLUDED.arguments,
-                     reason = EXCLUDED.reason, request_type = EXCLUDED.request_type,
-                     status = EXCLUDED.status, created_at = EXCLUDED.created_at,
-                     decided_at = EXCLUDED.decided_at, feedback = EXCLUDED.feedback,
-                     modified_arguments = EXCLUDED.modified_arguments",
-            )
-            .bind(session_id)
-            .bind(&a.call_id)
-            .bind(&a.tool_name)
-            .bind(to_json_text(&a.arguments)?)
-            .bind(a.reason.as_bytes())
-            .bind(request_type_str(a.request_type))
-            .bind(a.status.as_str())
-            .bind(a.created_at.as_millis())
-            .bind(a.decided_at.map(Timestamp::as_millis))
-            .bind(a.feedback.as_deref().map(str::as_bytes))
-            .bind(a.modified_arguments.as_ref().map(to_json_text).transpose()?)
-            .execute(&mut **tx)
-            .await
-            .map_err(Error::database)?;
-        }
+    async fn approval_exists(&mut self, call_id: &str) -> Result<bool> {
+        let exists: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM approvals WHERE session_id = $1 AND call_id = $2")
+                .bind(self.session_id)
+                .bind(call_id)
+                .fetch_optional(&mut **self.tx)
+                .await
+                .map_err(Error::database)?;
+        Ok(exists.is_some())
+    }
 
-        for r in &commit.resolutions {
-            Self::resolve(tx, session_id, r).await?;
-        }
-
-        // Messages: seqs continue the session's counter, inserted in one statement.
-        let counted = to_i64(counted_messages(&commit), "message count")?;
-        let mut messages = Vec::with_capacity(commit.messages.len());
-        for (i, m) in commit.messages.into_iter().enumerate() {
-            let seq = last_message_seq + 1 + i as i64;
-            messages.push(Message {
-                seq: to_u64(seq, "message seq")?,
-                role: m.role,
-                content: m.content,
-                agent: m.agent,
-                tool_calls: m.tool_calls,
-                tool_call_id: m.tool_call_id,
-                created_at: Timestamp::from_millis(at),
+    async fn insert_messages(&mut self, messages: &[Message]) -> Result<()> {
+        let Some(first) = messages.first() else {
+            return Ok(());
+        };
+        // One statement for all of them; they share the commit's time.
+        let mut seqs = Vec::with_capacity(messages.len());
+        let mut roles = Vec::with_capacity(messages.len());
+        let mut contents = Vec::with_capacity(messages.len());
+        let mut agents = Vec::with_capacity(messages.len());
+        let mut tool_calls = Vec::with_capacity(messages.len());
+        let mut tool_call_ids = Vec::with_capacity(messages.len());
+        for m in messages {
+            seqs.push(to_i64(m.seq, "message seq")?);
+            roles.push(m.role.as_str());
+            contents.push(m.content.as_bytes());
+            agents.push(m.agent.as_deref());
+            tool_calls.push(if m.tool_calls.is_empty() {
+                None
+            } else {
+                Some(to_json_text(&m.tool_calls)?)
             });
+            tool_call_ids.push(m.tool_call_id.as_deref());
         }
-        if !messages.is_empty() {
-            let mut seqs = Vec::with_capacity(messages.len());
-            let mut roles = Vec::with_capacity(messages.len());
-            let mut contents = Vec::with_capacity(messages.len());
-            let mut agents = Vec::with_capacity(messages.len());
-            let mut tool_calls = Vec::with_capacity(messages.len());
-            let mut tool_call_ids = Vec::with_capacity(messages.len());
-            for m in &messages {
-                seqs.push(to_i64(m.seq, "message seq")?);
-                roles.push(m.role.as_str().to_string());
-                contents.push(m.content.as_bytes().to_vec());
-                agents.push(m.agent.clone());
-                tool_calls.push(if m.tool_calls.is_empty() {
-                    None
-                } else {
-                    Some(to_json_text(&m.tool_calls)?)
-                });
-                tool_call_ids.push(m.tool_call_id.clone());
-            }
-            sqlx::query(
-                "INSERT INTO messages (session_id, seq, role, content, agent, tool_calls,
-                     tool_call_id, created_at)
-                 SELECT $1, t.seq, t.role, t.content, t.agent, t.tool_calls, t.tool_call_id, $8
-                 FROM UNNEST($2::BIGINT[], $3::TEXT[], $4::BYTEA[], $5::TEXT[], $6::TEXT[],
-                             $7::TEXT[]) AS t(seq, role, content, agent, tool_calls, tool_call_id)",
-            )
-            .bind(session_id)
-            .bind(seqs)
-            .bind(roles)
-            .bind(contents)
-            .bind(agents)
-            .bind(tool_calls)
-            .bind(tool_call_ids)
-            .bind(at)
-            .execute(&mut **tx)
-            .await
-            .map_err(Error::database)?;
-        }
+        sqlx::query(
+            "INSERT INTO messages (session_id, seq, role, content, agent, tool_calls,
+                 tool_call_id, created_at)
+             SELECT $1, t.seq, t.role, t.content, t.agent, t.tool_calls, t.tool_call_id, $8
+             FROM UNNEST($2::BIGINT[], $3::TEXT[], $4::BYTEA[], $5::TEXT[], $6::TEXT[],
+                         $7::TEXT[]) AS t(seq, role, content, agent, tool_calls, tool_call_id)",
+        )
+        .bind(self.session_id)
+        .bind(seqs)
+        .bind(roles)
+        .bind(contents)
+        .bind(agents)
+        .bind(tool_calls)
+        .bind(tool_call_ids)
+        .bind(first.created_at.as_millis())
+        .execute(&mut **self.tx)
+        .await
+        .map_err(Error::database)?;
+        Ok(())
+    }
 
-        let events: Vec<Event> = commit
-            .events
-            .into_iter()
-            .enumerate()
-            .map(|(i, payload)| {
-                Ok(Event {
-                    seq: to_u64(last_event_seq + 1 + i as i64, "event seq")?,
-                    payload,
-                })
-            })
-            .collect::<Result<_>>()?;
-        if !events.is_empty() {
-            let mut seqs = Vec::with_capacity(events.len());
-            let mut kinds = Vec::with_capacity(events.len());
-            let mut payloads = Vec::with_capacity(events.len());
-            for e in &events {
-                seqs.push(to_i64(e.seq, "event seq")?);
-                kinds.push(e.payload.kind().to_string());
-                payloads.push(to_json_text(&e.payload)?);
-            }
-            sqlx::query(
-                "INSERT INTO events (session_id, seq, kind, payload, created_at)
-                 SELECT $1, t.seq, t.kind, t.payload, $5
-                 FROM UNNEST($2::BIGINT[], $3::TEXT[], $4::TEXT[]) AS t(seq, kind, payload)",
-            )
-            .bind(session_id)
-            .bind(seqs)
-            .bind(kinds)
-            .bind(payloads)
-            .bind(at)
-            .execute(&mut **tx)
-            .await
-            .map_err(Error::database)?;
+    async fn insert_events(&mut self, events: &[Event], at: Timestamp) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
         }
-
-        if let Some(request_id) = &commit.request_id {
-            // The first event of this commit (or the next one, if it has none).
-            sqlx::query(
-                "INSERT INTO requests (session_id, request_id, event_seq) VALUES ($1, $2, $3)
-                 ON CONFLICT (session_id, request_id) DO NOTHING",
-            )
-            .bind(session_id)
-            .bind(request_id)
-            .bind(last_event_seq + 1)
-            .execute(&mut **tx)
-            .await
-            .map_err(Error::database)?;
+        let mut seqs = Vec::with_capacity(events.len());
+        let mut kinds = Vec::with_capacity(events.len());
+        let mut payloads = Vec::with_capacity(events.len());
+        for e in events {
+            seqs.push(to_i64(e.seq, "event seq")?);
+            kinds.push(e.payload.kind());
+            payloads.push(to_json_text(&e.payload)?);
         }
+        sqlx::query(
+            "INSERT INTO events (session_id, seq, kind, payload, created_at)
+             SELECT $1, t.seq, t.kind, t.payload, $5
+             FROM UNNEST($2::BIGINT[], $3::TEXT[], $4::TEXT[]) AS t(seq, kind, payload)",
+        )
+        .bind(self.session_id)
+        .bind(seqs)
+        .bind(kinds)
+        .bind(payloads)
+        .bind(at.as_millis())
+        .execute(&mut **self.tx)
+        .await
+        .map_err(Error::database)?;
+        Ok(())
+    }
 
-        for (i, s) in commit.switches.iter().enumerate() {
+    async fn remember_request(&mut self, request_id: &str, first_event_seq: u64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO requests (session_id, request_id, event_seq) VALUES ($1, $2, $3)
+             ON CONFLICT (session_id, request_id) DO NOTHING",
+        )
+        .bind(self.session_id)
+        .bind(request_id)
+        .bind(to_i64(first_event_seq, "event seq")?)
+        .execute(&mut **self.tx)
+        .await
+        .map_err(Error::database)?;
+        Ok(())
+    }
+
+    async fn insert_switches(&mut self, switches: &[AgentSwitch]) -> Result<()> {
+        for (seq, s) in (self.switch_count + 1..).zip(switches) {
             sqlx::query(
                 "INSERT INTO switches (session_id, seq, from_agent, to_agent, reason, at)
                  VALUES ($1, $2, $3, $4, $5, $6)",
             )
-            .bind(session_id)
-            .bind(switch_count + 1 + i as i64)
+            .bind(self.session_id)
+            .bind(seq)
             .bind(&s.from_agent)
             .bind(&s.to_agent)
             .bind(&s.reason)
             .bind(s.timestamp.as_millis())
-            .execute(&mut **tx)
+            .execute(&mut **self.tx)
             .await
             .map_err(Error::database)?;
         }
+        Ok(())
+    }
 
-        for p in &commit.plans {
-            sqlx::query(
-                "INSERT INTO plans (session_id, plan_id, plan) VALUES ($1, $2, $3)
-                 ON CONFLICT (session_id, plan_id) DO UPDATE SET plan = EXCLUDED.plan",
-            )
-            .bind(session_id)
-            .bind(&p.plan_id)
-            .bind(to_json_text(p)?)
-            .execute(&mut **tx)
-            .await
-            .map_err(Error::database)?;
-        }
+    async fn put_plan(&mut self, p: &Plan) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO plans (session_id, plan_id, plan) VALUES ($1, $2, $3)
+             ON CONFLICT (session_id, plan_id) DO UPDATE SET plan = EXCLUDED.plan",
+        )
+        .bind(self.session_id)
+        .bind(&p.plan_id)
+        .bind(to_json_text(p)?)
+        .execute(&mut **self.tx)
+        .await
+        .map_err(Error::database)?;
+        Ok(())
+    }
 
-        // An explicit current agent wins over the switches' last target.
-        let current_agent = commit
-            .session
-            .current_agent
-            .clone()
-            .or_else(|| commit.switches.last().map(|s| s.to_agent.clone()));
-        let usage = commit.usage.unwrap_or_default();
-        let (set_turn_state, turn_state) = match &commit.session.turn_state {
+    async fn update_session(&mut self, change: SessionChange) -> Result<Session> {
+        let (set_turn_state, turn_state) = match &change.turn_state {
             None => (false, None),
             Some(v) => (true, v.as_ref().map(to_json_text).transpose()?),
         };
@@ -608,64 +633,23 @@ impl PostgresStorage {
              WHERE id = $1
              RETURNING {SESSION_COLUMNS}"
         )))
-        .bind(session_id)
-        .bind(messages.len() as i64)
-        .bind(events.len() as i64)
-        .bind(counted)
-        .bind(commit.switches.len() as i64)
-        .bind(to_i64(usage.prompt_tokens, "prompt_tokens")?)
-        .bind(to_i64(usage.completion_tokens, "completion_tokens")?)
-        .bind(at)
-        .bind(commit.session.status.map(SessionStatus::as_str))
-        .bind(current_agent)
+        .bind(self.session_id)
+        .bind(to_i64(change.messages, "message count")?)
+        .bind(to_i64(change.events, "event count")?)
+        .bind(to_i64(change.counted_messages, "message count")?)
+        .bind(to_i64(change.switches, "switch count")?)
+        .bind(to_i64(change.usage.prompt_tokens, "prompt_tokens")?)
+        .bind(to_i64(change.usage.completion_tokens, "completion_tokens")?)
+        .bind(change.at.as_millis())
+        .bind(change.status.map(SessionStatus::as_str))
+        .bind(change.current_agent)
         .bind(set_turn_state)
         .bind(turn_state)
-        .bind(commit.release_lease && commit.lease_owner.is_some())
-        .fetch_one(&mut **tx)
+        .bind(change.release_lease)
+        .fetch_one(&mut **self.tx)
         .await
         .map_err(Error::database)?;
-        Ok(Committed {
-            messages,
-            events,
-            session: session_from_row(&row)?,
-        })
-    }
-
-    /// Compare-and-set pending → decided; the caller rolls back the commit on error.
-    async fn resolve(
-        tx: &mut Transaction<'static, Postgres>,
-        session_id: &str,
-        r: &ApprovalResolution,
-    ) -> Result<()> {
-        let done = sqlx::query(
-            "UPDATE approvals SET status = $3, feedback = $4, modified_arguments = $5,
-                 decided_at = $6
-             WHERE session_id = $1 AND call_id = $2 AND status = 'pending'",
-        )
-        .bind(session_id)
-        .bind(&r.call_id)
-        .bind(r.status.as_str())
-        .bind(r.feedback.as_deref().map(str::as_bytes))
-        .bind(r.modified_arguments.as_ref().map(to_json_text).transpose()?)
-        .bind(r.decided_at.as_millis())
-        .execute(&mut **tx)
-        .await
-        .map_err(Error::database)?
-        .rows_affected();
-        if done == 1 {
-            return Ok(());
-        }
-        let exists: Option<i32> =
-            sqlx::query_scalar("SELECT 1 FROM approvals WHERE session_id = $1 AND call_id = $2")
-                .bind(session_id)
-                .bind(&r.call_id)
-                .fetch_optional(&mut **tx)
-                .await
-                .map_err(Error::database)?;
-        Err(match exists {
-            Some(_) => Error::ApprovalAlreadyDecided(r.call_id.clone()),
-            None => Error::ApprovalNotFound(r.call_id.clone()),
-        })
+        session_from_row(&row)
     }
 }
 
@@ -789,61 +773,51 @@ impl Storage for PostgresStorage {
         check_commit(session_id, &commit)?;
         let mut tx = self.pool.begin().await.map_err(Error::database)?;
         // On error `tx` is dropped un-committed: Postgres rolls the whole commit back.
-        let committed = Self::commit_in(&mut tx, session_id, commit).await?;
+        let mut steps = PgCommit {
+            tx: &mut tx,
+            session_id,
+            switch_count: 0,
+        };
+        let committed = commit::run(&mut steps, session_id, commit).await?;
         tx.commit().await.map_err(Error::database)?;
         Ok(committed)
     }
 
     #[instrument(skip(self))]
     async fn messages_after(&self, session_id: &str, after: u64, limit: usize) -> Result<Vec<Message>> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let query = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = $1 AND seq > $2
              ORDER BY seq LIMIT $3"
         )))
         .bind(session_id)
         .bind(i64::try_from(after).unwrap_or(i64::MAX))
-        .bind(sql_limit(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(Error::database)?;
-        if rows.is_empty() {
-            self.ensure_session(session_id).await?;
-        }
+        .bind(sql_limit(limit));
+        let rows = self.session_rows(session_id, query).await?;
         rows.iter().map(message_from_row).collect()
     }
 
     #[instrument(skip(self))]
     async fn recent_messages(&self, session_id: &str, limit: usize) -> Result<Vec<Message>> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let query = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = $1
              ORDER BY seq DESC LIMIT $2"
         )))
         .bind(session_id)
-        .bind(sql_limit(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(Error::database)?;
-        if rows.is_empty() {
-            self.ensure_session(session_id).await?;
-        }
+        .bind(sql_limit(limit));
+        let rows = self.session_rows(session_id, query).await?;
         rows.iter().rev().map(message_from_row).collect()
     }
 
     #[instrument(skip(self))]
     async fn events_after(&self, session_id: &str, after: u64, limit: usize) -> Result<Vec<Event>> {
-        let rows = sqlx::query(
+        let query = sqlx::query(
             "SELECT seq, payload FROM events WHERE session_id = $1 AND seq > $2
              ORDER BY seq LIMIT $3",
         )
         .bind(session_id)
         .bind(i64::try_from(after).unwrap_or(i64::MAX))
-        .bind(sql_limit(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(Error::database)?;
-        if rows.is_empty() {
-            self.ensure_session(session_id).await?;
-        }
+        .bind(sql_limit(limit));
+        let rows = self.session_rows(session_id, query).await?;
         rows.iter().map(event_from_row).collect()
     }
 
@@ -886,33 +860,23 @@ impl Storage for PostgresStorage {
 
     #[instrument(skip(self))]
     async fn pending_approvals(&self, session_id: &str) -> Result<Vec<Approval>> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let query = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE session_id = $1 AND status = 'pending'
              ORDER BY created_at, ord"
         )))
-        .bind(session_id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(Error::database)?;
-        if rows.is_empty() {
-            self.ensure_session(session_id).await?;
-        }
+        .bind(session_id);
+        let rows = self.session_rows(session_id, query).await?;
         rows.iter().map(approval_from_row).collect()
     }
 
     #[instrument(skip(self))]
     async fn switch_history(&self, session_id: &str) -> Result<Vec<AgentSwitch>> {
-        let rows = sqlx::query(
+        let query = sqlx::query(
             "SELECT from_agent, to_agent, reason, at FROM switches WHERE session_id = $1
              ORDER BY seq",
         )
-        .bind(session_id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(Error::database)?;
-        if rows.is_empty() {
-            self.ensure_session(session_id).await?;
-        }
+        .bind(session_id);
+        let rows = self.session_rows(session_id, query).await?;
         rows.iter()
             .map(|row| {
                 Ok(AgentSwitch {

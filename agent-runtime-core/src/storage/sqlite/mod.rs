@@ -13,11 +13,12 @@
 //!
 //! # Commits
 //!
-//! A commit reads the session's seq counters, inserts its rows with the next seqs, bumps the
-//! counters and updates the session, all inside the writer's `BEGIN IMMEDIATE` transaction (which
-//! takes the write lock first, so two writers never read the same counter) and its own savepoint.
-//! Resolutions are compare-and-set updates (`WHERE status = 'pending'`); a failed one returns an
-//! error, and the writer rolls the commit back to its savepoint.
+//! A commit runs the shared commit steps (`storage::commit`): it reads the session's seq counters,
+//! inserts its rows with the next seqs, bumps the counters and updates the session, all inside the
+//! writer's `BEGIN IMMEDIATE` transaction (which takes the write lock first, so two writers never
+//! read the same counter) and its own savepoint. Resolutions are compare-and-set updates
+//! (`WHERE status = 'pending'`); a failed one returns an error, and the writer rolls the commit
+//! back to its savepoint.
 
 mod writer;
 
@@ -30,10 +31,11 @@ use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params, params_from_iter};
 use serde_json::Value;
 
+use super::commit::{self, CommitSteps, Head, SessionChange};
 use super::liveness::{LockFileRegistry, OwnerRegistry};
-use super::support::{SessionCursor, check_commit, check_page_limit, counted_messages};
+use super::support::{SessionCursor, check_commit, check_page_limit};
 use super::{Commit, Committed, Liveness, SCHEMA_VERSION, SessionPage, SessionQuery, Storage};
-use crate::approval::{Approval, ApprovalStatus, RequestType};
+use crate::approval::{Approval, ApprovalResolution, ApprovalStatus, RequestType};
 use crate::error::{Error, Result};
 use crate::protocol::{Event, EventPayload, Plan};
 use crate::session::{AgentSwitch, Message, NewSession, Role, Session, SessionStatus, ToolCall, Usage};
@@ -447,80 +449,34 @@ fn sql_seq(seq: u64) -> i64 {
     i64::try_from(seq).unwrap_or(i64::MAX)
 }
 
-/// Applies `commit` on the writer's connection (inside its transaction; an error rolls it back).
-fn commit_blocking(tx: &Connection, session_id: &str, commit: Commit) -> Result<Committed> {
-    let now = Timestamp::now();
-    let at = commit.at.unwrap_or(now);
-    let counted = counted_messages(&commit);
-    let head: Option<(u64, u64, Option<String>)> = query_row(
-        tx,
-        "SELECT last_message_seq, last_event_seq, lease_owner FROM sessions WHERE id = ?1",
-        [session_id],
-        |r| Ok((u64_col(r, 0)?, u64_col(r, 1)?, r.get(2)?)),
-    )
-    .optional()
-    .map_err(db)?;
-    let Some((last_message_seq, last_event_seq, lease_owner)) = head else {
-        return Err(Error::SessionNotFound(session_id.to_string()));
-    };
-    // The owner holds the lease until another owner has taken it (expired or not).
-    if let Some(owner) = &commit.lease_owner
-        && lease_owner.as_deref() != Some(owner.as_str())
-    {
-        return Err(Error::SessionBusy(session_id.to_string()));
+/// One commit's steps on the writer's connection, inside its transaction (an error rolls the
+/// commit back to the writer's savepoint). `BEGIN IMMEDIATE` has taken the write lock already.
+struct SqliteCommit<'c> {
+    tx: &'c Connection,
+    session_id: &'c str,
+}
+
+impl CommitSteps for SqliteCommit<'_> {
+    async fn head(&mut self) -> Result<Option<Head>> {
+        query_row(
+            self.tx,
+            "SELECT last_message_seq, last_event_seq, lease_owner FROM sessions WHERE id = ?1",
+            [self.session_id],
+            |r| {
+                Ok(Head {
+                    last_message_seq: u64_col(r, 0)?,
+                    last_event_seq: u64_col(r, 1)?,
+                    lease_owner: r.get(2)?,
+                })
+            },
+        )
+        .optional()
+        .map_err(db)
     }
 
-    let mut messages = Vec::with_capacity(commit.messages.len());
-    {
-        let mut insert = tx
-            .prepare_cached(
-                "INSERT INTO messages (session_id, seq, role, content, agent, tool_calls, tool_call_id, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )
-            .map_err(db)?;
-        for (i, m) in commit.messages.iter().enumerate() {
-            let seq = last_message_seq + i as u64 + 1;
-            insert
-                .execute(params![
-                    session_id,
-                    sql_seq(seq),
-                    m.role.as_str(),
-                    m.content,
-                    m.agent,
-                    to_json(&m.tool_calls)?,
-                    m.tool_call_id,
-                    at.as_millis()
-                ])
-                .map_err(db)?;
-            messages.push(Message {
-                seq,
-                role: m.role,
-                content: m.content.clone(),
-                agent: m.agent.clone(),
-                tool_calls: m.tool_calls.clone(),
-                tool_call_id: m.tool_call_id.clone(),
-                created_at: at,
-            });
-        }
-    }
-
-    let first_event_seq = last_event_seq + 1;
-    let mut events = Vec::with_capacity(commit.events.len());
-    {
-        let mut insert = tx
-            .prepare_cached("INSERT INTO events (session_id, seq, payload) VALUES (?1, ?2, ?3)")
-            .map_err(db)?;
-        for (i, payload) in commit.events.into_iter().enumerate() {
-            let seq = first_event_seq + i as u64;
-            insert
-                .execute(params![session_id, sql_seq(seq), to_json(&payload)?])
-                .map_err(db)?;
-            events.push(Event { seq, payload });
-        }
-    }
-
-    for a in &commit.approvals {
-        tx.prepare_cached(
+    async fn put_approval(&mut self, a: &Approval) -> Result<()> {
+        execute(
+            self.tx,
             "INSERT INTO approvals (session_id, call_id, tool_name, arguments, reason, request_type, status,
                                     created_at, decided_at, feedback, modified_arguments)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
@@ -530,144 +486,176 @@ fn commit_blocking(tx: &Connection, session_id: &str, commit: Commit) -> Result<
                  status = excluded.status, created_at = excluded.created_at,
                  decided_at = excluded.decided_at, feedback = excluded.feedback,
                  modified_arguments = excluded.modified_arguments",
+            params![
+                self.session_id,
+                a.call_id,
+                a.tool_name,
+                to_json(&a.arguments)?,
+                a.reason,
+                request_type_str(a.request_type),
+                a.status.as_str(),
+                a.created_at.as_millis(),
+                a.decided_at.map(Timestamp::as_millis),
+                a.feedback,
+                a.modified_arguments.as_ref().map(to_json).transpose()?,
+            ],
         )
-        .map_err(db)?
-        .execute(params![
-            session_id,
-            a.call_id,
-            a.tool_name,
-            to_json(&a.arguments)?,
-            a.reason,
-            request_type_str(a.request_type),
-            a.status.as_str(),
-            a.created_at.as_millis(),
-            a.decided_at.map(Timestamp::as_millis),
-            a.feedback,
-            a.modified_arguments.as_ref().map(to_json).transpose()?,
-        ])
         .map_err(db)?;
+        Ok(())
     }
 
-    for r in &commit.resolutions {
-        let changed = tx
-            .prepare_cached(
-                "UPDATE approvals SET status = ?3, feedback = ?4, modified_arguments = ?5, decided_at = ?6
-                 WHERE session_id = ?1 AND call_id = ?2 AND status = 'pending'",
-            )
-            .map_err(db)?
-            .execute(params![
-                session_id,
+    async fn decide(&mut self, r: &ApprovalResolution) -> Result<bool> {
+        let changed = execute(
+            self.tx,
+            "UPDATE approvals SET status = ?3, feedback = ?4, modified_arguments = ?5, decided_at = ?6
+             WHERE session_id = ?1 AND call_id = ?2 AND status = 'pending'",
+            params![
+                self.session_id,
                 r.call_id,
                 r.status.as_str(),
                 r.feedback,
                 r.modified_arguments.as_ref().map(to_json).transpose()?,
                 r.decided_at.as_millis(),
-            ])
-            .map_err(db)?;
-        if changed == 0 {
-            let exists = query_row(
-                tx,
-                "SELECT 1 FROM approvals WHERE session_id = ?1 AND call_id = ?2",
-                params![session_id, r.call_id],
-                |_| Ok(()),
+            ],
+        )
+        .map_err(db)?;
+        Ok(changed > 0)
+    }
+
+    async fn approval_exists(&mut self, call_id: &str) -> Result<bool> {
+        let found = query_row(
+            self.tx,
+            "SELECT 1 FROM approvals WHERE session_id = ?1 AND call_id = ?2",
+            params![self.session_id, call_id],
+            |_| Ok(()),
+        )
+        .optional()
+        .map_err(db)?;
+        Ok(found.is_some())
+    }
+
+    async fn insert_messages(&mut self, messages: &[Message]) -> Result<()> {
+        let mut insert = self
+            .tx
+            .prepare_cached(
+                "INSERT INTO messages (session_id, seq, role, content, agent, tool_calls, tool_call_id, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )
-            .optional()
-            .map_err(db)?
-            .is_some();
-            // Returning an error rolls back everything above (the writer's savepoint).
-            return Err(if exists {
-                Error::ApprovalAlreadyDecided(r.call_id.clone())
-            } else {
-                Error::ApprovalNotFound(r.call_id.clone())
-            });
+            .map_err(db)?;
+        for m in messages {
+            insert
+                .execute(params![
+                    self.session_id,
+                    sql_seq(m.seq),
+                    m.role.as_str(),
+                    m.content,
+                    m.agent,
+                    to_json(&m.tool_calls)?,
+                    m.tool_call_id,
+                    m.created_at.as_millis()
+                ])
+                .map_err(db)?;
         }
+        Ok(())
     }
 
-    for s in &commit.switches {
-        tx.prepare_cached(
-            "INSERT INTO agent_switches (session_id, from_agent, to_agent, reason, at)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-        )
-        .map_err(db)?
-        .execute(params![
-            session_id,
-            s.from_agent,
-            s.to_agent,
-            s.reason,
-            s.timestamp.as_millis()
-        ])
-        .map_err(db)?;
+    async fn insert_events(&mut self, events: &[Event], _at: Timestamp) -> Result<()> {
+        let mut insert = self
+            .tx
+            .prepare_cached("INSERT INTO events (session_id, seq, payload) VALUES (?1, ?2, ?3)")
+            .map_err(db)?;
+        for e in events {
+            insert
+                .execute(params![self.session_id, sql_seq(e.seq), to_json(&e.payload)?])
+                .map_err(db)?;
+        }
+        Ok(())
     }
 
-    for p in &commit.plans {
-        tx.prepare_cached(
-            "INSERT INTO plans (session_id, plan_id, body) VALUES (?1, ?2, ?3)
-             ON CONFLICT (session_id, plan_id) DO UPDATE SET body = excluded.body",
-        )
-        .map_err(db)?
-        .execute(params![session_id, p.plan_id, to_json(p)?])
-        .map_err(db)?;
-    }
-
-    if let Some(request_id) = &commit.request_id {
-        // A reused request id keeps the turn it first started.
+    async fn remember_request(&mut self, request_id: &str, first_event_seq: u64) -> Result<()> {
         execute(
-            tx,
+            self.tx,
             "INSERT INTO requests (session_id, request_id, first_event_seq, created_at)
              VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
-            params![session_id, request_id, sql_seq(first_event_seq), now.as_millis()],
+            params![
+                self.session_id,
+                request_id,
+                sql_seq(first_event_seq),
+                Timestamp::now().as_millis()
+            ],
         )
         .map_err(db)?;
+        Ok(())
     }
 
-    let usage = commit.usage.unwrap_or_default();
-    let current_agent = commit
-        .session
-        .current_agent
-        .clone()
-        .or_else(|| commit.switches.last().map(|s| s.to_agent.clone()));
-    let (set_turn_state, turn_state) = match &commit.session.turn_state {
-        None => (false, None),
-        Some(None) => (true, None),
-        Some(Some(v)) => (true, Some(to_json(v)?)),
-    };
-    tx.prepare_cached(
-        "UPDATE sessions SET
-             last_message_seq = last_message_seq + ?2,
-             last_event_seq = last_event_seq + ?3,
-             message_count = message_count + ?4,
-             last_activity = ?5,
-             prompt_tokens = prompt_tokens + ?6,
-             completion_tokens = completion_tokens + ?7,
-             current_agent = COALESCE(?8, current_agent),
-             status = COALESCE(?9, status),
-             turn_state = CASE WHEN ?10 THEN ?11 ELSE turn_state END,
-             lease_owner = CASE WHEN ?12 THEN NULL ELSE lease_owner END,
-             lease_expires_at = CASE WHEN ?12 THEN NULL ELSE lease_expires_at END
-         WHERE id = ?1",
-    )
-    .map_err(db)?
-    .execute(params![
-        session_id,
-        sql_seq(messages.len() as u64),
-        sql_seq(events.len() as u64),
-        sql_seq(counted),
-        at.as_millis(),
-        sql_seq(usage.prompt_tokens),
-        sql_seq(usage.completion_tokens),
-        current_agent,
-        commit.session.status.map(SessionStatus::as_str),
-        set_turn_state,
-        turn_state,
-        commit.release_lease && commit.lease_owner.is_some(),
-    ])
-    .map_err(db)?;
-    let session = read_session(tx, session_id)?;
-    Ok(Committed {
-        messages,
-        events,
-        session,
-    })
+    async fn insert_switches(&mut self, switches: &[AgentSwitch]) -> Result<()> {
+        for s in switches {
+            execute(
+                self.tx,
+                "INSERT INTO agent_switches (session_id, from_agent, to_agent, reason, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    self.session_id,
+                    s.from_agent,
+                    s.to_agent,
+                    s.reason,
+                    s.timestamp.as_millis()
+                ],
+            )
+            .map_err(db)?;
+        }
+        Ok(())
+    }
+
+    async fn put_plan(&mut self, p: &Plan) -> Result<()> {
+        execute(
+            self.tx,
+            "INSERT INTO plans (session_id, plan_id, body) VALUES (?1, ?2, ?3)
+             ON CONFLICT (session_id, plan_id) DO UPDATE SET body = excluded.body",
+            params![self.session_id, p.plan_id, to_json(p)?],
+        )
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn update_session(&mut self, change: SessionChange) -> Result<Session> {
+        let (set_turn_state, turn_state) = match &change.turn_state {
+            None => (false, None),
+            Some(v) => (true, v.as_ref().map(to_json).transpose()?),
+        };
+        execute(
+            self.tx,
+            "UPDATE sessions SET
+                 last_message_seq = last_message_seq + ?2,
+                 last_event_seq = last_event_seq + ?3,
+                 message_count = message_count + ?4,
+                 last_activity = ?5,
+                 prompt_tokens = prompt_tokens + ?6,
+                 completion_tokens = completion_tokens + ?7,
+                 current_agent = COALESCE(?8, current_agent),
+                 status = COALESCE(?9, status),
+                 turn_state = CASE WHEN ?10 THEN ?11 ELSE turn_state END,
+                 lease_owner = CASE WHEN ?12 THEN NULL ELSE lease_owner END,
+                 lease_expires_at = CASE WHEN ?12 THEN NULL ELSE lease_expires_at END
+             WHERE id = ?1",
+            params![
+                self.session_id,
+                sql_seq(change.messages),
+                sql_seq(change.events),
+                sql_seq(change.counted_messages),
+                change.at.as_millis(),
+                sql_seq(change.usage.prompt_tokens),
+                sql_seq(change.usage.completion_tokens),
+                change.current_agent,
+                change.status.map(SessionStatus::as_str),
+                set_turn_state,
+                turn_state,
+                change.release_lease,
+            ],
+        )
+        .map_err(db)?;
+        read_session(self.tx, self.session_id)
+    }
 }
 
 fn list_blocking(
@@ -850,7 +838,14 @@ impl Storage for SqliteStorage {
     async fn commit(&self, session_id: &str, commit: Commit) -> Result<Committed> {
         check_commit(session_id, &commit)?;
         let id = session_id.to_string();
-        self.write(move |c| commit_blocking(c, &id, commit)).await
+        self.write(move |c| {
+            let mut steps = SqliteCommit {
+                tx: c,
+                session_id: &id,
+            };
+            commit::run_blocking(&mut steps, &id, commit)
+        })
+        .await
     }
 
     async fn messages_after(&self, session_id: &str, after: u64, limit: usize) -> Result<Vec<Message>> {

@@ -1,0 +1,270 @@
+//! The one commit algorithm: the order in which every backend stores a [`Commit`], and what its
+//! rows are given (seqs, times, the session's new counters). Backends supply only the steps.
+//!
+//! A commit, inside one backend transaction:
+//!
+//! 1. reads the session's head (its seq counters and lease owner; SQL backends lock the row here),
+//!    `SessionNotFound` if it is gone, `SessionBusy` if the commit is fenced by a lease another
+//!    owner holds;
+//! 2. puts its approvals, then applies its resolutions as compare-and-set (pending → decided), so a
+//!    commit may put an approval and decide it; a failed one is `ApprovalNotFound` or
+//!    `ApprovalAlreadyDecided`;
+//! 3. appends its messages and events with the session's next seqs, all stamped `at`;
+//! 4. remembers its `request_id` with the seq of its first event (a reused id keeps its first
+//!    turn), then records its switches and puts its plans;
+//! 5. updates the session row ([`SessionChange`]) and returns the session as stored.
+//!
+//! Any error leaves the transaction to the backend to roll back, so nothing of the commit stays.
+
+use std::future::Future;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+
+use serde_json::Value;
+
+use super::support::counted_messages;
+use super::{Commit, Committed};
+use crate::approval::{Approval, ApprovalResolution};
+use crate::error::{Error, Result};
+use crate::protocol::{Event, Plan};
+use crate::session::{AgentSwitch, Message, NewMessage, Session, SessionStatus, Usage};
+use crate::time::Timestamp;
+
+/// What a commit needs to know of its session before it writes anything.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Head {
+    /// The seq of the session's last message (0 if none).
+    pub last_message_seq: u64,
+    /// The seq of the session's last event (0 if none).
+    pub last_event_seq: u64,
+    /// Who holds the session's lease, expired or not (the owner holds it until another takes it).
+    pub lease_owner: Option<String>,
+}
+
+/// How a commit changes the session row.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct SessionChange {
+    /// Messages appended: `last_message_seq` grows by this.
+    pub messages: u64,
+    /// Events appended: `last_event_seq` grows by this.
+    pub events: u64,
+    /// Messages that count in `message_count` (all but system notes).
+    pub counted_messages: u64,
+    /// Switches recorded.
+    pub switches: u64,
+    /// Tokens to add.
+    pub usage: Usage,
+    /// The new `last_activity`.
+    pub at: Timestamp,
+    /// New status, if any.
+    pub status: Option<SessionStatus>,
+    /// New current agent, if any: the commit's explicit one, else its last switch's target.
+    pub current_agent: Option<String>,
+    /// `Some(None)` clears the turn state, `Some(Some(v))` sets it.
+    pub turn_state: Option<Option<Value>>,
+    /// Whether the lease is given up (only a fenced commit can give it up).
+    pub release_lease: bool,
+}
+
+impl SessionChange {
+    /// What `commit` does to its session row; its turn state is taken out of it, not copied.
+    fn of(commit: &mut Commit, at: Timestamp) -> SessionChange {
+        SessionChange {
+            messages: commit.messages.len() as u64,
+            events: commit.events.len() as u64,
+            counted_messages: counted_messages(commit),
+            switches: commit.switches.len() as u64,
+            usage: commit.usage.unwrap_or_default(),
+            at,
+            status: commit.session.status,
+            // An explicit current agent wins over the switches' last target.
+            current_agent: commit
+                .session
+                .current_agent
+                .clone()
+                .or_else(|| commit.switches.last().map(|s| s.to_agent.clone())),
+            turn_state: commit.session.turn_state.take(),
+            release_lease: commit.release_lease && commit.lease_owner.is_some(),
+        }
+    }
+
+    /// The change applied to a session value (what the SQL backends' `UPDATE` does to the row).
+    pub(crate) fn apply_to(self, s: &mut Session) {
+        s.last_message_seq += self.messages;
+        s.last_event_seq += self.events;
+        s.message_count += self.counted_messages;
+        s.usage += self.usage;
+        s.last_activity = self.at;
+        if let Some(status) = self.status {
+            s.status = status;
+        }
+        if let Some(agent) = self.current_agent {
+            s.current_agent = agent;
+        }
+        if let Some(turn_state) = self.turn_state {
+            s.turn_state = turn_state;
+        }
+    }
+}
+
+/// A backend's steps of one commit, inside its transaction, on one session. [`run`] calls them in
+/// order; a step that fails ends the commit, and the backend rolls its transaction back.
+pub(crate) trait CommitSteps {
+    /// The session's head, locking it against other commits; `None` if there is no session.
+    async fn head(&mut self) -> Result<Option<Head>>;
+    /// Inserts the approval, or replaces the one with its call id.
+    async fn put_approval(&mut self, approval: &Approval) -> Result<()>;
+    /// Decides the approval if it is pending: `false` if it is absent or already decided.
+    async fn decide(&mut self, resolution: &ApprovalResolution) -> Result<bool>;
+    /// Whether an approval with this call id exists (to tell why [`decide`](Self::decide) failed).
+    async fn approval_exists(&mut self, call_id: &str) -> Result<bool>;
+    /// Appends messages whose seqs and times are set.
+    async fn insert_messages(&mut self, messages: &[Message]) -> Result<()>;
+    /// Appends events whose seqs are set, happening `at` (events carry no time of their own).
+    async fn insert_events(&mut self, events: &[Event], at: Timestamp) -> Result<()>;
+    /// Remembers the turn's request id with its first event seq, unless the id is known already.
+    async fn remember_request(&mut self, request_id: &str, first_event_seq: u64) -> Result<()>;
+    /// Records switches after the session's earlier ones.
+    async fn insert_switches(&mut self, switches: &[AgentSwitch]) -> Result<()>;
+    /// Inserts the plan, or replaces the one with its plan id.
+    async fn put_plan(&mut self, plan: &Plan) -> Result<()>;
+    /// Applies the change to the session row and returns the session as stored.
+    async fn update_session(&mut self, change: SessionChange) -> Result<Session>;
+}
+
+/// Stores `commit` through `steps`, in the order the module documents.
+pub(crate) async fn run<S: CommitSteps>(
+    steps: &mut S,
+    session_id: &str,
+    mut commit: Commit,
+) -> Result<Committed> {
+    let at = commit.at.unwrap_or_else(Timestamp::now);
+    let head = steps
+        .head()
+        .await?
+        .ok_or_else(|| Error::SessionNotFound(session_id.to_string()))?;
+    if let Some(owner) = &commit.lease_owner
+        && head.lease_owner.as_deref() != Some(owner.as_str())
+    {
+        return Err(Error::SessionBusy(session_id.to_string()));
+    }
+
+    for a in &commit.approvals {
+        steps.put_approval(a).await?;
+    }
+    for r in &commit.resolutions {
+        if !steps.decide(r).await? {
+            return Err(if steps.approval_exists(&r.call_id).await? {
+                Error::ApprovalAlreadyDecided(r.call_id.clone())
+            } else {
+                Error::ApprovalNotFound(r.call_id.clone())
+            });
+        }
+    }
+
+    let change = SessionChange::of(&mut commit, at);
+    let messages = numbered_messages(commit.messages, head.last_message_seq, at);
+    steps.insert_messages(&messages).await?;
+    let first_event_seq = head.last_event_seq + 1;
+    let events: Vec<Event> = (first_event_seq..)
+        .zip(commit.events)
+        .map(|(seq, payload)| Event { seq, payload })
+        .collect();
+    steps.insert_events(&events, at).await?;
+    if let Some(request_id) = &commit.request_id {
+        // The first event of this commit (or of the next one, if it has none).
+        steps.remember_request(request_id, first_event_seq).await?;
+    }
+    steps.insert_switches(&commit.switches).await?;
+    for p in &commit.plans {
+        steps.put_plan(p).await?;
+    }
+    let session = steps.update_session(change).await?;
+    Ok(Committed {
+        messages,
+        events,
+        session,
+    })
+}
+
+/// [`run`] for a backend whose steps never wait (they block or work in memory): runs it to the
+/// end on the calling thread. `Internal` if a step did wait, which would be a backend bug.
+pub(crate) fn run_blocking<S: CommitSteps>(
+    steps: &mut S,
+    session_id: &str,
+    commit: Commit,
+) -> Result<Committed> {
+    let mut future = pin!(run(steps, session_id, commit));
+    match future.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(out) => out,
+        Poll::Pending => Err(Error::Internal(
+            "a blocking storage backend's commit step waited".into(),
+        )),
+    }
+}
+
+fn numbered_messages(new: Vec<NewMessage>, last_seq: u64, at: Timestamp) -> Vec<Message> {
+    (last_seq + 1..)
+        .zip(new)
+        .map(|(seq, m)| Message {
+            seq,
+            role: m.role,
+            content: m.content,
+            agent: m.agent,
+            tool_calls: m.tool_calls,
+            tool_call_id: m.tool_call_id,
+            created_at: at,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Steps whose head never comes: a backend that wrongly waits.
+    struct Waits;
+
+    impl CommitSteps for Waits {
+        async fn head(&mut self) -> Result<Option<Head>> {
+            std::future::pending().await
+        }
+        async fn put_approval(&mut self, _: &Approval) -> Result<()> {
+            Ok(())
+        }
+        async fn decide(&mut self, _: &ApprovalResolution) -> Result<bool> {
+            Ok(true)
+        }
+        async fn approval_exists(&mut self, _: &str) -> Result<bool> {
+            Ok(true)
+        }
+        async fn insert_messages(&mut self, _: &[Message]) -> Result<()> {
+            Ok(())
+        }
+        async fn insert_events(&mut self, _: &[Event], _: Timestamp) -> Result<()> {
+            Ok(())
+        }
+        async fn remember_request(&mut self, _: &str, _: u64) -> Result<()> {
+            Ok(())
+        }
+        async fn insert_switches(&mut self, _: &[AgentSwitch]) -> Result<()> {
+            Ok(())
+        }
+        async fn put_plan(&mut self, _: &Plan) -> Result<()> {
+            Ok(())
+        }
+        async fn update_session(&mut self, _: SessionChange) -> Result<Session> {
+            Err(Error::Internal("never reached".into()))
+        }
+    }
+
+    #[test]
+    fn a_blocking_commit_whose_step_waits_is_an_internal_error_not_a_hang() {
+        assert_eq!(
+            run_blocking(&mut Waits, "s", Commit::now()).map(|_| ()),
+            Err(Error::Internal(
+                "a blocking storage backend's commit step waited".into()
+            ))
+        );
+    }
+}
