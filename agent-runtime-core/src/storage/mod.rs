@@ -250,6 +250,7 @@ pub fn redact_url(url: &str) -> String {
 
 #[cfg(feature = "test-utils")]
 pub mod conformance;
+mod diagnose;
 pub mod memory;
 #[cfg(all(feature = "postgres", feature = "test-utils"))]
 pub mod pg_testing;
