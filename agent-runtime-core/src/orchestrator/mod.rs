@@ -23,10 +23,13 @@ use crate::storage::{SessionPage, SessionQuery, Storage};
 use crate::time::Timestamp;
 use crate::tools::ToolRegistry;
 
+mod assemble;
+mod health;
 pub mod routing;
 mod stream;
 mod turn;
 
+pub use health::Health;
 pub use stream::{EventStream, Follow};
 
 /// What creating a session takes (every field optional).
@@ -200,6 +203,7 @@ impl OrchestratorBuilder {
             hubs: Arc::new(stream::Hubs::default()),
             config: self.config,
             offers: HashMap::new(),
+            model_check: health::ModelCheck::default(),
         };
         // Agents and tools are fixed from here on: what each agent's calls offer is too.
         inner.offers = (inner.agents.list().iter())
@@ -225,6 +229,8 @@ pub(crate) struct Inner {
     pub hubs: Arc<stream::Hubs>,
     /// Per agent type, what its model calls offer (computed once in `build`).
     pub offers: HashMap<String, Arc<Offer>>,
+    /// The last `/health` model check.
+    pub model_check: health::ModelCheck,
 }
 
 /// What an agent's model calls offer: its tools' specs and the window those leave for history.
