@@ -79,6 +79,16 @@ impl Error {
         }
     }
 
+    /// The full text for whoever runs this process (start-up failures, logs): unlike
+    /// [`Error::public_message`] it keeps a storage failure's cause, without the `database
+    /// error:` prefix that its code already says.
+    pub fn operator_message(&self) -> String {
+        match self {
+            Error::Database(m) => m.clone(),
+            other => other.to_string(),
+        }
+    }
+
     /// Shorthand for a storage failure from any displayable driver error.
     pub fn database(e: impl std::fmt::Display) -> Self {
         Error::Database(e.to_string())
@@ -116,6 +126,18 @@ mod tests {
         for (err, code) in all {
             assert_eq!(err.code(), code);
         }
+    }
+
+    #[test]
+    fn an_operator_reads_the_storage_cause_that_a_client_does_not() {
+        let e = Error::Database("directory /nope does not exist".into());
+        assert_eq!(
+            (e.public_message(), e.operator_message()),
+            (
+                "storage failed".to_string(),
+                "directory /nope does not exist".to_string()
+            )
+        );
     }
 
     #[test]

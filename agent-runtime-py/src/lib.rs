@@ -5,12 +5,11 @@
 //! while Rust works, so Python threads can drive different sessions at once.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use agent_runtime_core::Session;
 use agent_runtime_core::config::{self, RuntimeConfig};
 use agent_runtime_core::events::{BusEventKind, BusFilter};
-use agent_runtime_core::llm::{OpenAiBackend, OpenAiConfig};
 use agent_runtime_core::orchestrator::{CreateSession, Follow, Orchestrator, Submission};
 use agent_runtime_core::protocol::{ClientMessage, HitlDecision};
 use agent_runtime_core::storage::{self, SessionQuery};
@@ -224,16 +223,8 @@ impl Runtime {
             ))));
         }
         let config = RuntimeConfig::from_lookup(|name| env.get(name).cloned()).py()?;
-        let llm = OpenAiBackend::new(OpenAiConfig::from_settings(&config.llm)).py()?;
         let orchestrator = block_on(py, async move {
-            let store = storage::open(&config.database_url).await?;
-            let orchestrator = Orchestrator::builder(store, Arc::new(llm))
-                .config(config)
-                .discover_model_context()
-                .await
-                .build()?;
-            orchestrator.recover_interrupted().await?;
-            Ok(orchestrator)
+            Orchestrator::from_config(config).await?.start().await
         })?;
         Ok(Runtime {
             orchestrator,

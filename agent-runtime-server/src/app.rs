@@ -19,7 +19,6 @@ use serde::de::DeserializeOwned;
 use tracing::Instrument;
 
 use crate::error::{ApiError, HttpError};
-use crate::health::HealthCheck;
 use crate::metrics::Metrics;
 use crate::views::*;
 
@@ -41,8 +40,6 @@ pub struct App {
     pub request_timeout: Duration,
     /// Counters for `/metrics`.
     pub metrics: Arc<Metrics>,
-    /// The cached health checks.
-    pub health: HealthCheck,
 }
 
 /// A known route, with its path parameter. Which paths give which route is [`ROUTES`]' business.
@@ -680,7 +677,7 @@ impl App {
         let rt = &self.rt;
         match (req.method().clone(), route) {
             (Method::GET, Route::Health) => {
-                let (view, storage_ok) = self.health.check(rt).await;
+                let (view, storage_ok) = crate::health::check(rt).await;
                 let status = if storage_ok {
                     StatusCode::OK
                 } else {

@@ -1,13 +1,11 @@
-//! Start-up and shutdown: open storage, build the runtime, recover interrupted turns, serve HTTP/1
-//! and HTTP/2 until SIGTERM or SIGINT, then stop accepting, stop running turns, drain, close.
+//! Start-up and shutdown: build the runtime (storage open, interrupted turns closed), only then
+//! say `listening on`; serve HTTP/1 and HTTP/2 until SIGTERM or SIGINT, then stop turns, drain.
 
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agent_runtime_core::llm::{LlmBackend, OpenAiBackend, OpenAiConfig};
 use agent_runtime_core::orchestrator::Orchestrator;
-use agent_runtime_core::storage;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -16,43 +14,39 @@ use tokio::net::TcpListener;
 
 use crate::app::App;
 use crate::config::ServerConfig;
-use crate::health::HealthCheck;
 use crate::metrics::{MeteredBackend, Metrics};
 
 /// How long open connections (e.g. `?follow=true` streams) get to finish after turns stopped.
 const DRAIN: Duration = Duration::from_secs(3);
 
-/// How often this process looks for turns of dead processes sharing its database (a cheap read of
-/// the running sessions): the bound on how long such a turn stays stranded.
-const STOPPED_TURNS_POLL: Duration = Duration::from_millis(250);
-
-/// Builds the runtime the configuration describes.
+/// Builds the runtime the configuration describes and makes it ready to serve (storage open,
+/// migrations applied, interrupted turns closed). Errors are for the operator: the setting at
+/// fault, the cause and the fix.
 pub async fn runtime(config: &ServerConfig, metrics: &Arc<Metrics>) -> Result<Orchestrator, String> {
-    let store = storage::open(&config.runtime.database_url)
+    let metrics = metrics.clone();
+    Orchestrator::from_config(config.runtime.clone())
         .await
-        .map_err(|e| format!("DATABASE_URL: cannot open storage: {}", e.public_message()))?;
-    let llm = OpenAiBackend::new(OpenAiConfig::from_settings(&config.runtime.llm))
-        .map_err(|e| format!("LLM_PROXY_URL: {e}"))?;
-    let llm: Arc<dyn LlmBackend> = Arc::new(MeteredBackend::new(Arc::new(llm), metrics.clone()));
-    Orchestrator::builder(store, llm)
-        .config(config.runtime.clone())
-        .discover_model_context()
+        .map_err(|e| e.operator_message())?
+        .wrap_llm(|llm| Arc::new(MeteredBackend::new(llm, metrics)))
+        .start()
         .await
-        .build()
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.operator_message())
 }
 
-/// Serves until a shutdown signal. Prints `listening on ADDR` as the first line of stdout.
+/// Serves until a shutdown signal. Prints `listening on ADDR` as the first line of stdout once
+/// the server can serve, never before a failing start-up.
 pub async fn run(config: ServerConfig) -> Result<(), String> {
+    // Bind first: a taken port stops start-up before anything touches the database.
     let listener = TcpListener::bind(config.addr)
         .await
         .map_err(|e| format!("HOST/PORT: cannot listen on {}: {e}", config.addr))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let ready = Ready::new(config).await?;
     // Tests and scripts read the bound address (PORT=0 picks a free port) from this line.
     let mut out = std::io::stdout();
     let _ = writeln!(out, "listening on {addr}");
     let _ = out.flush();
-    serve(config, listener, shutdown_signal()).await
+    serve_ready(ready, listener, shutdown_signal()).await
 }
 
 /// Serves on an already bound `listener` until `stop` completes (its value names the reason in
@@ -63,17 +57,33 @@ pub async fn serve(
     listener: TcpListener,
     stop: impl std::future::Future<Output = &'static str>,
 ) -> Result<(), String> {
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let metrics = Arc::new(Metrics::default());
-    let rt = runtime(&config, &metrics).await?;
-    match rt.recover_interrupted().await {
-        Ok(0) => {}
-        Ok(n) => tracing::warn!(turns = n, "marked turns interrupted by the previous stop"),
-        Err(e) => return Err(format!("cannot recover interrupted turns: {e}")),
+    serve_ready(Ready::new(config).await?, listener, stop).await
+}
+
+/// A server whose runtime is ready: what is left is accepting connections.
+struct Ready {
+    config: ServerConfig,
+    rt: Orchestrator,
+    metrics: Arc<Metrics>,
+}
+
+impl Ready {
+    async fn new(config: ServerConfig) -> Result<Ready, String> {
+        let metrics = Arc::new(Metrics::default());
+        let rt = runtime(&config, &metrics).await?;
+        metrics.follow_bus(&rt);
+        Ok(Ready { config, rt, metrics })
     }
-    // Other processes on the same database may die too: their turns are recovered here at once.
-    rt.watch_for_stopped_turns(STOPPED_TURNS_POLL);
-    metrics.follow_bus(&rt);
+}
+
+/// Serves the ready runtime on `listener` until `stop`, then shuts down gracefully.
+async fn serve_ready(
+    ready: Ready,
+    listener: TcpListener,
+    stop: impl std::future::Future<Output = &'static str>,
+) -> Result<(), String> {
+    let Ready { config, rt, metrics } = ready;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(%addr, storage = rt.storage().backend(), auth = config.internal_api_key.is_some(), "serving");
     let app = Arc::new(App {
         rt: rt.clone(),
@@ -82,7 +92,6 @@ pub async fn serve(
         keep_alive: config.keep_alive,
         request_timeout: config.request_timeout,
         metrics,
-        health: HealthCheck::default(),
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // A client that trickles its request head in gets a bounded time, then the connection closes.

@@ -64,22 +64,6 @@ pub struct OpenAiConfig {
     pub capabilities: Capabilities,
 }
 
-impl OpenAiConfig {
-    /// The configuration the runtime's settings describe (`LLM_PROXY_URL`, `LLM_MODEL`,
-    /// `LLM_API_KEY`, `LLM_CAPABILITIES`, `LLM_FIRST_BYTE_TIMEOUT_SECS`), with the default idle
-    /// timeout, retries and breaker.
-    pub fn from_settings(settings: &crate::config::LlmSettings) -> Self {
-        OpenAiConfig {
-            base_url: settings.proxy_url.clone(),
-            model: settings.model.clone(),
-            api_key: settings.api_key.clone(),
-            capabilities: settings.capabilities,
-            first_byte_timeout: settings.first_byte_timeout,
-            ..OpenAiConfig::default()
-        }
-    }
-}
-
 impl Default for OpenAiConfig {
     fn default() -> Self {
         OpenAiConfig {

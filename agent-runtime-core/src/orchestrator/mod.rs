@@ -23,10 +23,13 @@ use crate::storage::{SessionPage, SessionQuery, Storage};
 use crate::time::Timestamp;
 use crate::tools::ToolRegistry;
 
+mod assemble;
+mod health;
 pub mod routing;
 mod stream;
 mod turn;
 
+pub use health::Health;
 pub use stream::{EventStream, Follow};
 
 /// What creating a session takes (every field optional).
@@ -244,6 +247,7 @@ impl OrchestratorBuilder {
             config: self.config,
             offers: HashMap::new(),
             model_context,
+            model_check: health::ModelCheck::default(),
         };
         // Agents and tools are fixed from here on: what each agent's calls offer is too.
         inner.offers = (inner.agents.list().iter())
@@ -274,6 +278,8 @@ pub(crate) struct Inner {
     pub offers: HashMap<String, Arc<Offer>>,
     /// The model's context size, when known (`LLM_CONTEXT_TOKENS` or the model server).
     pub model_context: Option<ModelContext>,
+    /// The last `/health` model check.
+    pub model_check: health::ModelCheck,
 }
 
 /// `MAX_CONTEXT_TOKENS` bounded by the model's context (see [`ModelContext::window_bound`]),

@@ -268,6 +268,7 @@ pub fn redact_url(url: &str) -> String {
 mod commit;
 #[cfg(feature = "test-utils")]
 pub mod conformance;
+mod diagnose;
 mod liveness;
 pub mod memory;
 #[cfg(all(feature = "postgres", feature = "test-utils"))]

@@ -149,27 +149,22 @@ impl PostgresStorage {
                 })
             });
         }
-        let cannot_connect = |e: &dyn std::fmt::Display| {
-            Error::Database(format!(
-                "cannot connect to postgres at '{}': {e}",
-                redact_url(url)
-            ))
-        };
+        let target = super::diagnose::PgTarget::of(&connect_options);
         // One direct connection first: the pool would only report "timed out" after
-        // `acquire_timeout`, where this says "connection refused" or "password authentication
-        // failed" at once.
+        // `acquire_timeout`, where this says "connection refused" or "database does not exist"
+        // at once.
         let probe = tokio::time::timeout(
             options.acquire_timeout,
             PgConnection::connect_with(&connect_options),
         )
         .await
-        .map_err(|_| cannot_connect(&"timed out"))?
-        .map_err(|e| cannot_connect(&e))?;
+        .map_err(|_| target.timed_out(options.acquire_timeout.as_secs()))?
+        .map_err(|e| target.connect_failed(&e))?;
         let _ = probe.close().await;
         let pool = pool_options
             .connect_with(connect_options)
             .await
-            .map_err(|e| cannot_connect(&e))?;
+            .map_err(|e| target.connect_failed(&e))?;
         migrate(&pool, schema.as_deref()).await?;
         Ok(PostgresStorage { pool })
     }

@@ -222,12 +222,16 @@ impl SqliteStorage {
     }
 
     fn open_blocking(path: Option<PathBuf>) -> Result<Self> {
+        let cannot_open = |e: rusqlite::Error| match &path {
+            Some(p) => super::diagnose::sqlite_open(p, &e),
+            None => db(e),
+        };
         let mut conn = match &path {
             Some(p) => Connection::open(p),
             None => Connection::open_in_memory(),
         }
-        .map_err(db)?;
-        configure(&conn, path.is_some()).map_err(db)?;
+        .map_err(cannot_open)?;
+        configure(&conn, path.is_some()).map_err(cannot_open)?;
         migrate(&mut conn)?;
         let owners = match &path {
             Some(p) => Owners::Files(LockFileRegistry::beside(p)),
