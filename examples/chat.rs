@@ -9,14 +9,17 @@
 //!
 //!     cargo run -p agent-runtime-examples --bin chat -- --server http://127.0.0.1:8001 --project "$PWD"
 //!
-//! Offline, with a mock model and an in-process server (`--drop-after 3` also cuts the first stream
-//! after three events, to show the reconnect):
+//! Offline, with a demo model and an in-process server (`--drop-after 3` also cuts the first stream
+//! after three events, to show the reconnect). The demo model reacts to what is typed: a question
+//! goes to the ask agent, which reads the project; a request to create or change a file goes to the
+//! coder, whose `write_file` waits for your approval:
 //!
 //!     cargo run -p agent-runtime-examples --bin chat -- --demo
-//!     printf 'Создай новый виджет профиля\napprove\n/quit\n' | cargo run -p agent-runtime-examples --bin chat -- --demo --drop-after 3
+//!     printf 'Создай src/ProfileWidget.tsx: виджет профиля\napprove\n/quit\n' | cargo run -p agent-runtime-examples --bin chat -- --demo --drop-after 3
 //!
 //! Commands: a line of text is a message; `/agent TYPE [text]` switches agent; `/agents` lists them;
-//! `/pending` decides pending approvals; `/cancel` stops the turn; `/quit` (or end of input) leaves.
+//! `/pending` decides pending approvals; `/cancel` stops the turn; `/quit` (or end of input) leaves,
+//! at every prompt, the approval prompt included.
 
 #[path = "support/demo.rs"]
 mod demo;
@@ -351,6 +354,8 @@ impl Chat {
             let (verb, rest) = answer.trim().split_once(' ').unwrap_or((answer.trim(), ""));
             let call_id = approval["call_id"].clone();
             let decision = match verb {
+                // Leaves chat; the approval stays pending (`--session ID` picks it up again).
+                "/quit" | "/exit" => return Ok(false),
                 "approve" | "a" | "y" | "yes" => json!({"call_id": call_id, "decision": "approve"}),
                 "edit" | "e" => match edit(&approval["arguments"]).await? {
                     Some(args) => json!({"call_id": call_id, "decision": "edit", "modified_arguments": args}),
@@ -364,8 +369,9 @@ impl Chat {
                     d
                 }
                 _ => {
-                    self.screen
-                        .line("answer approve, edit or reject (reject may add feedback: `reject use .ts`)");
+                    self.screen.line(
+                        "answer approve, edit or reject (reject may add feedback: `reject use .ts`), or /quit",
+                    );
                     continue;
                 }
             };
@@ -424,8 +430,13 @@ async fn edit(current: &Value) -> Result<Option<Value>, Failure> {
                 Ok(_) => println!("the arguments must be a JSON object"),
                 Err(e) => println!("not valid JSON: {e}"),
             }
-            if read_line("press Enter to edit again ").await.is_none() {
-                return Ok(None);
+            match read_line("press Enter to edit again (/quit leaves) ")
+                .await
+                .as_deref()
+                .map(str::trim)
+            {
+                None | Some("/quit" | "/exit") => return Ok(None),
+                Some(_) => {}
             }
         }
     }
@@ -434,6 +445,9 @@ async fn edit(current: &Value) -> Result<Option<Value>, Failure> {
         let Some(line) = read_line("new arguments (one JSON object; empty keeps them): ").await else {
             return Ok(None);
         };
+        if matches!(line.trim(), "/quit" | "/exit") {
+            return Ok(None);
+        }
         if line.trim().is_empty() {
             return Ok(Some(current.clone()));
         }
@@ -472,7 +486,7 @@ const HELP: &str = "type a message, or: /agent TYPE [text] · /agents · /pendin
 async fn main() -> Result<(), Failure> {
     let args = Args::parse();
     let stand = if args.demo {
-        let stand = demo::start(demo::widget_script(Duration::from_millis(25))).await?;
+        let stand = demo::start(demo::listening_model(Duration::from_millis(25))).await?;
         eprintln!(
             "[demo] server {} · mock model {} · project {}",
             stand.base,

@@ -120,7 +120,7 @@ async fn main() -> Result<(), Failure> {
             (api, project, None)
         }
         None => {
-            let stand = demo::start(demo::widget_script(Duration::ZERO)).await?;
+            let stand = demo::start(demo::listening_model(Duration::ZERO)).await?;
             println!(
                 "offline stand: server {}, mock model {}",
                 stand.base,
@@ -152,7 +152,7 @@ async fn main() -> Result<(), Failure> {
     let events = api
         .stream(
             "/api/v1/agent/message/stream",
-            json!({"session_id": sid, "message": {"type": "user_message", "content": "Создай новый виджет профиля"}}),
+            json!({"session_id": sid, "message": {"type": "user_message", "content": "Создай src/ProfileWidget.tsx: виджет профиля"}}),
         )
         .await?;
 

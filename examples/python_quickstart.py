@@ -7,7 +7,7 @@ offline: the model is the test suite's standard-library mock of an OpenAI-compat
 
 Run (from the repository root, after `pip install ./agent-runtime-py`):
 
-    python examples/python_quickstart.py
+    python3 examples/python_quickstart.py
 """
 
 from __future__ import annotations

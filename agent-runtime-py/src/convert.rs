@@ -74,7 +74,7 @@ pub fn from_py(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Value> {
             .ok_or_else(|| PyValueError::new_err(format!("{what}: NaN and infinity are not JSON")));
     }
     if let Ok(s) = obj.cast::<PyString>() {
-        return Ok(Value::String(s.to_str()?.to_owned()));
+        return Ok(Value::String(s.to_cow()?.into_owned()));
     }
     if let Ok(list) = obj.cast::<PyList>() {
         return list.iter().map(|item| from_py(&item, what)).collect();
@@ -88,7 +88,7 @@ pub fn from_py(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Value> {
             let key = k.cast::<PyString>().map_err(|_| {
                 PyTypeError::new_err(format!("{what}: dict keys must be str, not {}", type_name(&k)))
             })?;
-            map.insert(key.to_str()?.to_owned(), from_py(&v, what)?);
+            map.insert(key.to_cow()?.into_owned(), from_py(&v, what)?);
         }
         return Ok(Value::Object(map));
     }

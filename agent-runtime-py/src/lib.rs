@@ -86,7 +86,7 @@ fn setting_text(key: &str, value: &Bound<'_, PyAny>) -> PyResult<String> {
         return Ok(if b.is_true() { "true" } else { "false" }.into());
     }
     if let Ok(s) = value.cast::<PyString>() {
-        return Ok(s.to_str()?.to_owned());
+        return Ok(s.to_cow()?.into_owned());
     }
     if value.cast::<PyList>().is_ok() || value.cast::<PyTuple>().is_ok() {
         let parts = value
@@ -100,7 +100,7 @@ fn setting_text(key: &str, value: &Bound<'_, PyAny>) -> PyResult<String> {
         return os.call_method1("fsdecode", (value,))?.extract();
     }
     if value.is_instance_of::<pyo3::types::PyInt>() || value.is_instance_of::<pyo3::types::PyFloat>() {
-        return Ok(value.str()?.to_str()?.to_owned());
+        return Ok(value.str()?.to_cow()?.into_owned());
     }
     Err(PyTypeError::new_err(format!(
         "setting '{key}': expected str, int, float, bool, a path or a list, not {}",

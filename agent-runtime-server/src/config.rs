@@ -264,7 +264,9 @@ pub fn command() -> clap::Command {
     cmd
 }
 
-/// Parses flags over `env`; flags win. Errors name the variable.
+/// Parses flags over `env`; flags win. A bad value's error names it as the user gave it: the flag
+/// (`--port: invalid value 'x' ...`) when it came from the command line, else the variable (or
+/// the alias, e.g. `RUST_LOG`) it was read from.
 pub fn load(
     args: impl IntoIterator<Item = String>,
     env: impl Fn(&str) -> Option<String>,
@@ -283,6 +285,8 @@ pub fn load(
         Err(e) => return Err(ConfigError(e.to_string())),
     };
     let mut values: HashMap<&str, String> = HashMap::new();
+    // Where each value came from, as the user typed it: `--flag` or the variable's name.
+    let mut sources: Vec<(&str, String)> = Vec::new();
     let aliases: &[(&str, &[&str])] = &[
         ("INTERNAL_API_KEY", &["AGENT_RUNTIME__INTERNAL_API_KEY"]),
         ("LOG_LEVEL", &["RUST_LOG"]),
@@ -296,12 +300,28 @@ pub fn load(
                         .filter(|(v, _)| *v == var)
                         .flat_map(|(_, a)| a.iter().copied()),
                 )
-                .find_map(&env)
+                .find_map(|name| env(name).map(|v| (name.to_string(), v)))
         };
-        if let Some(v) = matches.get_one::<String>(var).cloned().or_else(from_env) {
+        let flag = matches
+            .get_one::<String>(var)
+            .map(|v| (format!("--{}", flag_name(var)), v.clone()));
+        if let Some((source, v)) = flag.or_else(from_env) {
             values.insert(var, v);
+            sources.push((var, source));
         }
     }
+    parse_values(&values).map_err(|ConfigError(message)| {
+        // The messages start with the variable's name: say it as the user gave it.
+        let renamed = sources.iter().find_map(|(var, source)| {
+            let rest = message.strip_prefix(var)?.strip_prefix(": ")?;
+            Some(format!("{source}: {rest}"))
+        });
+        ConfigError(renamed.unwrap_or(message))
+    })
+}
+
+/// The settings from their raw values (by variable); errors start with the variable's name.
+fn parse_values(values: &HashMap<&str, String>) -> Result<ServerConfig, ConfigError> {
     let get = |k: &str| {
         values
             .get(k)
@@ -419,19 +439,62 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_value_names_its_variable() {
-        for (args, var) in [
-            (vec!["--port", "eighty"], "PORT"),
-            (vec!["--max-context-tokens", "lots"], "MAX_CONTEXT_TOKENS"),
-            (vec!["--database-url", "mysql://x"], "DATABASE_URL"),
-            (vec!["--log-format", "xml"], "LOG_FORMAT"),
-            (vec!["--max-request-bytes", "-1"], "MAX_REQUEST_BYTES"),
-            (vec!["--routing-timeout-secs", "0"], "ROUTING_TIMEOUT_SECS"),
-            (vec!["--llm-context-tokens", "many"], "LLM_CONTEXT_TOKENS"),
-        ] {
-            let err = load_with(&args, &[]).unwrap_err();
-            assert!(err.0.starts_with(&format!("{var}: ")), "{err}");
-        }
+    fn a_bad_flag_value_names_the_flag_the_user_typed() {
+        let errors: Vec<String> = [
+            vec!["--port", "eighty"],
+            vec!["--max-context-tokens", "lots"],
+            vec!["--database-url", "mysql://x"],
+            vec!["--log-format", "xml"],
+            vec!["--max-request-bytes", "-1"],
+            vec!["--routing-timeout-secs", "0"],
+            vec!["--llm-context-tokens", "many"],
+        ]
+        .iter()
+        .map(|args| load_with(args, &[]).unwrap_err().0)
+        .collect();
+        assert_eq!(
+            errors,
+            [
+                "--port: invalid value 'eighty' (expected 0-65535)".to_string(),
+                "--max-context-tokens: invalid value 'lots' (expected a whole number)".into(),
+                load_with(&[], &[("DATABASE_URL", "mysql://x")])
+                    .unwrap_err()
+                    .0
+                    .replacen("DATABASE_URL", "--database-url", 1),
+                "--log-format: invalid value 'xml' (expected text or json)".into(),
+                "--max-request-bytes: invalid value '-1' (expected a whole number of at least 1)".into(),
+                load_with(&[], &[("ROUTING_TIMEOUT_SECS", "0")])
+                    .unwrap_err()
+                    .0
+                    .replacen("ROUTING_TIMEOUT_SECS", "--routing-timeout-secs", 1),
+                load_with(&[], &[("LLM_CONTEXT_TOKENS", "many")])
+                    .unwrap_err()
+                    .0
+                    .replacen("LLM_CONTEXT_TOKENS", "--llm-context-tokens", 1),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bad_environment_value_names_the_variable_it_was_read_from() {
+        let errors: Vec<String> = [
+            ("PORT", "eighty"),
+            ("MAX_CONTEXT_TOKENS", "lots"),
+            ("LOG_FORMAT", "xml"),
+            ("RUST_LOG", "[["),
+        ]
+        .iter()
+        .map(|var| load_with(&[], &[*var]).unwrap_err().0)
+        .collect();
+        assert_eq!(
+            errors,
+            [
+                "PORT: invalid value 'eighty' (expected 0-65535)",
+                "MAX_CONTEXT_TOKENS: invalid value 'lots' (expected a whole number)",
+                "LOG_FORMAT: invalid value 'xml' (expected text or json)",
+                "RUST_LOG: invalid value '[[' (expected a level or a tracing filter)",
+            ]
+        );
     }
 
     #[test]

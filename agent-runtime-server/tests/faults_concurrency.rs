@@ -257,10 +257,12 @@ async fn racing_messages_to_one_session_get_session_busy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
 async fn two_processes_on_one_postgres_keep_one_turn_per_session() {
-    let Some((_guard, url)) = postgres_url().await else {
-        return;
-    };
+    let (_guard, url) = postgres_url().await;
     let (la, lb) = (
         MockLlmServer::start().await.unwrap(),
         MockLlmServer::start().await.unwrap(),

@@ -312,9 +312,11 @@ async fn sqlite_survives_sigkill_at_random_points() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
 async fn postgres_survives_sigkill_at_random_points() {
-    let Some((_guard, url)) = postgres_url().await else {
-        return;
-    };
+    let (_guard, url) = postgres_url().await;
     crash_run(&url, "postgres_survives_sigkill_at_random_points", 9002).await;
 }

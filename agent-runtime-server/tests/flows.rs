@@ -179,8 +179,13 @@ async fn a_rejected_write_is_not_performed_and_the_model_is_told() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
 async fn the_approval_flow_runs_on_postgres() {
-    approval_flow(Some("postgres://postgres@127.0.0.1:5432/test"), "edit").await;
+    let url = agent_runtime_core::storage::pg_testing::database_url();
+    approval_flow(Some(&url), "edit").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -2,8 +2,8 @@
 //! SmolLM2-135M-Instruct at temperature 0 behind the real llama-cpp-python server, started and
 //! stopped by `examples/real-model/model-server.sh`; HTTP + SSE on 127.0.0.1 only.
 //!
-//! Gated like `agent-runtime-core/tests/real_model.rs`: under `CI=true` a model server that does
-//! not start is a failure, otherwise each test prints SKIPPED. By default the binary's backend
+//! Ignored by default like `agent-runtime-core/tests/real_model.rs`: run with `-- --ignored` after
+//! `model-server.sh setup`; a model server that does not start fails them. By default the binary's backend
 //! assumes full capabilities, so tools go out under `tool_choice: auto`, which this model ignores
 //! and its agents answer in plain text; the `read_file` case sets `LLM_CAPABILITIES` to the
 //! model's real ones (the engine then forces the call) and adds an agent with
@@ -24,13 +24,11 @@ use serde_json::{Value, json};
 /// The longest a whole turn may take before the test calls it a hang.
 const TURN_LIMIT: Duration = Duration::from_secs(180);
 
-macro_rules! model_server_or_skip {
-    ($test:expr) => {{
+/// The model server, held alone for the test (one per process).
+macro_rules! model_server {
+    () => {{
         let lock = SERVER_LOCK.lock().await;
-        match ModelServer::start($test) {
-            Some(server) => (lock, server),
-            None => return,
-        }
+        (lock, ModelServer::start())
     }};
 }
 
@@ -75,8 +73,9 @@ fn tokens(events: &[Value]) -> Vec<String> {
 }
 
 #[tokio::test]
+#[ignore = "needs the model server: examples/real-model/model-server.sh setup"]
 async fn tokens_arrive_as_separate_sse_events_then_done() {
-    let (_lock, model) = model_server_or_skip!("tokens_arrive_as_separate_sse_events_then_done");
+    let (_lock, model) = model_server!();
     let rt = runtime(&model, &[]).await;
     let s = session(&rt).await;
 
@@ -106,9 +105,9 @@ async fn tokens_arrive_as_separate_sse_events_then_done() {
 }
 
 #[tokio::test]
+#[ignore = "needs the model server: examples/real-model/model-server.sh setup"]
 async fn the_routing_call_returns_a_valid_agent_through_the_forced_function() {
-    let (_lock, model) =
-        model_server_or_skip!("the_routing_call_returns_a_valid_agent_through_the_forced_function");
+    let (_lock, model) = model_server!();
     // Plans off: with `plan` offered, the model's route arguments are invalid JSON (see the core
     // test `the_routing_call_with_plans_enabled_returns_a_valid_agent`).
     let rt = runtime(&model, &[("AGENT_RUNTIME__PLANS_ENABLED", "false")]).await;
@@ -178,9 +177,9 @@ async fn seed_long_history(rt: &Server, session: &str, pairs: usize) {
 }
 
 #[tokio::test]
+#[ignore = "needs the model server: examples/real-model/model-server.sh setup"]
 async fn a_conversation_longer_than_the_model_context_is_trimmed_and_answered() {
-    let (_lock, model) =
-        model_server_or_skip!("a_conversation_longer_than_the_model_context_is_trimmed_and_answered");
+    let (_lock, model) = model_server!();
     // o200k_base undercounts SmolLM2's tokens and the window leaves no room for tool schemas or
     // the answer: 1,500 keeps everything inside 4,096.
     let rt = runtime(&model, &[("MAX_CONTEXT_TOKENS", "1500")]).await;
@@ -198,9 +197,9 @@ async fn a_conversation_longer_than_the_model_context_is_trimmed_and_answered() 
 }
 
 #[tokio::test]
+#[ignore = "needs the model server: examples/real-model/model-server.sh setup"]
 async fn a_request_the_model_server_chokes_on_ends_in_a_clean_llm_error() {
-    let (_lock, model) =
-        model_server_or_skip!("a_request_the_model_server_chokes_on_ends_in_a_clean_llm_error");
+    let (_lock, model) = model_server!();
     // A window far larger than the model's context: the model server answers 200 with an empty
     // body (fixture `llama-cpp-python-context-overflow.response`).
     let rt = runtime(
@@ -231,10 +230,9 @@ async fn a_request_the_model_server_chokes_on_ends_in_a_clean_llm_error() {
 /// cannot choose on its own, then asks for the answer without tools. The real file content is the
 /// tool result, and the answer streams.
 #[tokio::test]
+#[ignore = "needs the model server: examples/real-model/model-server.sh setup"]
 async fn a_read_file_call_through_the_binary_gets_the_real_content_and_the_answer_streams() {
-    let (_lock, model) = model_server_or_skip!(
-        "a_read_file_call_through_the_binary_gets_the_real_content_and_the_answer_streams"
-    );
+    let (_lock, model) = model_server!();
     let agents = tempfile::tempdir().unwrap();
     let agents_file = agents.path().join("agents.json");
     std::fs::write(

@@ -90,6 +90,10 @@ fn a_file_that_is_not_a_sqlite_database_is_named() {
 }
 
 #[test]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs a Postgres server: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
 fn a_missing_postgres_database_is_named_with_the_command_that_creates_it() {
     let failed = assert_refused(
         "postgres://postgres:hunter2@127.0.0.1:5432/agent_runtime_no_such_db",
@@ -99,6 +103,10 @@ fn a_missing_postgres_database_is_named_with_the_command_that_creates_it() {
 }
 
 #[test]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs a Postgres server: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
 fn an_unknown_postgres_role_is_named_without_its_password() {
     let failed = assert_refused(
         "postgres://agent_runtime_no_such_role:hunter2@127.0.0.1:5432/test",

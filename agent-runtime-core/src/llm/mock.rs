@@ -195,13 +195,28 @@ impl RecordedRequest {
     }
 }
 
-#[derive(Debug, Default)]
+/// Answers a chat-completions request body when no canned answer is queued.
+pub type Responder = Arc<dyn Fn(&Value) -> MockResponse + Send + Sync>;
+
+#[derive(Default)]
 struct Shared {
     queue: Mutex<VecDeque<MockResponse>>,
     /// Fixed answers by method and path (every request gets the same one).
     fixed: Mutex<Vec<(String, String, MockResponse)>>,
     requests: Mutex<Vec<RecordedRequest>>,
     count: AtomicUsize,
+    responder: Mutex<Option<Responder>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("queue", &self.queue)
+            .field("requests", &self.requests)
+            .field("count", &self.count)
+            .field("responder", &lock(&self.responder).is_some())
+            .finish()
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -249,6 +264,12 @@ impl MockLlmServer {
         let mut fixed = lock(&self.shared.fixed);
         fixed.retain(|(m, p, _)| !(m == method && p == path));
         fixed.push((method.to_string(), path.to_string(), response));
+    }
+
+    /// Answers every request that finds the queue empty by calling `responder` with its JSON body:
+    /// a model that reacts to what it is sent (the `chat --demo` stand).
+    pub fn respond_with(&self, responder: impl Fn(&Value) -> MockResponse + Send + Sync + 'static) {
+        *lock(&self.shared.responder) = Some(Arc::new(responder));
     }
 
     /// The JSON bodies of the chat-completions requests received, oldest first.
@@ -319,8 +340,11 @@ async fn serve(mut socket: TcpStream, shared: Arc<Shared>, stop: CancellationTok
         return write_status(&mut socket, 404, &[], r#"{"error":{"message":"not found"}}"#).await;
     }
     shared.count.fetch_add(1, Ordering::SeqCst);
+    let body = request.body.clone();
     lock(&shared.requests).push(request);
-    let response = lock(&shared.queue).pop_front();
+    let queued = lock(&shared.queue).pop_front();
+    let responder = lock(&shared.responder).clone();
+    let response = queued.or_else(|| responder.map(|answer| answer(&body)));
     respond(&mut socket, response, &stop).await
 }
 

@@ -2,9 +2,9 @@
 //! llama-cpp-python's OpenAI-compatible server, started and stopped through
 //! `examples/real-model/model-server.sh`. Used by the core's and the server's `real_model` tests.
 //!
-//! Gated: under `CI=true` a model server that does not start is a test failure; otherwise
-//! [`ModelServer::start`] prints SKIPPED and the test returns. `AGENT_RUNTIME_MODEL_URL` points the
-//! tests at a server that is already running instead.
+//! The tests that use it are `#[ignore]`d with the reason (so `cargo test` lists them as ignored)
+//! and run with `-- --ignored`; a model server that does not start then fails them with the set-up
+//! command. `AGENT_RUNTIME_MODEL_URL` points the tests at a server that is already running instead.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -33,18 +33,18 @@ fn run_script(args: &[&str]) -> std::io::Result<Output> {
 }
 
 impl ModelServer {
-    /// Starts the model server on a free port (or reuses one already running). `None` (after
-    /// printing SKIPPED for `test`) when it cannot start outside CI.
+    /// Starts the model server on a free port (or reuses one already running).
     ///
     /// # Panics
-    /// Under `CI=true` when the server cannot start: there the real model is part of the suite.
-    #[allow(clippy::panic)] // test support: a model that cannot start fails the test under CI
-    pub fn start(test: &str) -> Option<ModelServer> {
+    /// When the server cannot start, naming the cause and the set-up command: a test that asked
+    /// for the real model fails without it, it never passes.
+    #[allow(clippy::panic)] // test support: a model that cannot start fails the test
+    pub fn start() -> ModelServer {
         if let Ok(url) = std::env::var("AGENT_RUNTIME_MODEL_URL") {
-            return Some(ModelServer {
+            return ModelServer {
                 base_url: url,
                 started_here: false,
-            });
+            };
         }
         let already = run_script(&["status"]).is_ok_and(|o| o.status.success());
         let started = std::net::TcpListener::bind("127.0.0.1:0")
@@ -52,10 +52,10 @@ impl ModelServer {
             .and_then(|a| run_script(&["start", &a.port().to_string()]));
         let why = match started {
             Ok(out) if out.status.success() => {
-                return Some(ModelServer {
+                return ModelServer {
                     base_url: String::from_utf8_lossy(&out.stdout).trim().to_string(),
                     started_here: !already,
-                });
+                };
             }
             Ok(out) => format!(
                 "model-server.sh start failed ({}): {}",
@@ -64,11 +64,11 @@ impl ModelServer {
             ),
             Err(e) => format!("cannot run model-server.sh: {e}"),
         };
-        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-            panic!("{why}");
-        }
-        eprintln!("SKIPPED {test}: {why} (run examples/real-model/model-server.sh setup)");
-        None
+        panic!(
+            "the real model is not available: {why}\n\
+             set it up once with `examples/real-model/model-server.sh setup` (~6 min), \
+             or point AGENT_RUNTIME_MODEL_URL at a running server"
+        );
     }
 }
 

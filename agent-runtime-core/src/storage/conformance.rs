@@ -30,11 +30,12 @@ use crate::storage::{Commit, SessionQuery, SessionUpdate, Storage};
 use crate::time::Timestamp;
 
 /// Expands to one `#[tokio::test]` per conformance case, each calling `$open_pair().await` for two
-/// handles `(Arc<dyn Storage>, Arc<dyn Storage>)` on the same fresh database.
+/// handles `(Arc<dyn Storage>, Arc<dyn Storage>)` on the same fresh database. Attributes after the
+/// path go on every case (e.g. a `cfg_attr(..., ignore = "...")` for a backend that needs a server).
 #[macro_export]
 macro_rules! storage_conformance_suite {
-    ($open_pair:path) => {
-        $crate::storage_conformance_suite!(@cases $open_pair;
+    ($open_pair:path $(, #[$attr:meta])* $(,)?) => {
+        $crate::storage_conformance_suite!(@cases $open_pair; [$(#[$attr])*];
             session_round_trip,
             taken_id_is_session_exists,
             missing_session_is_not_found_everywhere,
@@ -62,14 +63,16 @@ macro_rules! storage_conformance_suite {
             last_activity_moves_forward_on_commit,
         );
     };
-    (@cases $open_pair:path; $($case:ident),* $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $case() {
-                let (a, b) = $open_pair().await;
-                $crate::storage::conformance::$case(a, b).await;
-            }
-        )*
+    (@cases $open_pair:path; $attrs:tt; $($case:ident),* $(,)?) => {
+        $( $crate::storage_conformance_suite!(@case $open_pair; $attrs; $case); )*
+    };
+    (@case $open_pair:path; [$(#[$attr:meta])*]; $case:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        $(#[$attr])*
+        async fn $case() {
+            let (a, b) = $open_pair().await;
+            $crate::storage::conformance::$case(a, b).await;
+        }
     };
 }
 

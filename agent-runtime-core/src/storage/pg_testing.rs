@@ -1,7 +1,8 @@
 //! Fresh Postgres schemas for tests (feature `test-utils`): each test gets its own schema on the
 //! real server (`TEST_DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`), dropped
-//! with everything in it when the last handle goes. Under `CI=true` an unreachable server is a
-//! failure, never a skip.
+//! with everything in it when the last handle goes. The Postgres tests are ignored unless
+//! `TEST_DATABASE_URL` is set when they are built (cfg `postgres_tests`, from the build script);
+//! once asked for, a server or database that is not there fails them with the cause and the fix.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test support: failing loudly is the point
 
 use std::sync::Arc;
@@ -17,13 +18,45 @@ use crate::storage::postgres::{PgOptions, PostgresStorage};
 use crate::storage::{self, Commit, SessionQuery, Storage};
 use crate::{Session, Timestamp};
 
+/// The test database: `TEST_DATABASE_URL`, or `postgres://postgres@127.0.0.1:5432/test`.
 pub fn database_url() -> String {
     std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+        .ok()
+        .filter(|url| !url.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_string())
 }
 
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+/// Why connecting to `url` failed, and what fixes it: a missing database, a refused role and a
+/// server that does not answer each get their own advice.
+pub fn connect_failure_hint(url: &str, error: &sqlx::Error) -> String {
+    use std::str::FromStr;
+    let shown = storage::redact_url(url);
+    let Ok(options) = sqlx::postgres::PgConnectOptions::from_str(url) else {
+        return format!("TEST_DATABASE_URL {shown} is not a Postgres URL ({error})");
+    };
+    let (host, port, user) = (options.get_host(), options.get_port(), options.get_username());
+    let database = options.get_database().unwrap_or(user);
+    let code = match error {
+        sqlx::Error::Database(e) => e.code().map(|c| c.into_owned()),
+        _ => None,
+    };
+    match (code.as_deref(), error) {
+        (Some("3D000"), _) => format!(
+            "the Postgres server at {host}:{port} has no database \"{database}\": \
+             create it with `createdb -h {host} -p {port} -U {user} {database}` \
+             (or set TEST_DATABASE_URL to one that exists)"
+        ),
+        (Some(c), _) if c.starts_with("28") => format!(
+            "the Postgres server at {host}:{port} refused the role \"{user}\" ({error}): \
+             set TEST_DATABASE_URL to a role and password it accepts"
+        ),
+        (_, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut) => format!(
+            "nothing answers at {host}:{port} ({error}): start Postgres, e.g. \
+             `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, \
+             or set TEST_DATABASE_URL to a server that runs"
+        ),
+        _ => format!("cannot connect to {shown} ({error})"),
+    }
 }
 
 /// A fresh schema for one test, dropped (with everything in it) when the last holder lets go.
@@ -98,34 +131,26 @@ async fn sweep_stale_schemas(conn: &mut PgConnection) {
     }
 }
 
-/// A fresh, not yet created schema name and its guard; `None` (with a notice) when Postgres is
-/// unreachable outside CI.
-pub async fn fresh_schema() -> Option<Arc<SchemaGuard>> {
+/// A fresh, not yet created schema name and its guard.
+///
+/// # Panics
+/// When the test database cannot be reached, with [`connect_failure_hint`]'s cause and fix: a
+/// Postgres test that runs needs Postgres.
+pub async fn fresh_schema() -> Arc<SchemaGuard> {
     let url = database_url();
     match PgConnection::connect(&url).await {
         Ok(mut conn) => {
             sweep_stale_schemas(&mut conn).await;
             let _ = conn.close().await;
         }
-        Err(e) => {
-            let msg = format!(
-                "Postgres at {} is unreachable ({e}); start it with \
-                 `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`",
-                storage::redact_url(&url)
-            );
-            if in_ci() {
-                panic!("{msg}");
-            }
-            eprintln!("SKIPPED: {msg}");
-            return None;
-        }
+        Err(e) => panic!("Postgres test database: {}", connect_failure_hint(&url, &e)),
     }
     let schema = format!(
         "art_test_{}_{}",
         Timestamp::now().as_millis() / 1000,
         uuid::Uuid::new_v4().simple()
     );
-    Some(Arc::new(SchemaGuard { url, schema }))
+    Arc::new(SchemaGuard { url, schema })
 }
 
 impl SchemaGuard {

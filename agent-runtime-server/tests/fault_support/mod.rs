@@ -23,10 +23,10 @@ pub fn rng(test: &str, default_seed: u64) -> fastrand::Rng {
     fastrand::Rng::with_seed(seed)
 }
 
-/// A fresh Postgres schema and a `DATABASE_URL` that makes a server process use it; `None` (the
-/// test skips) when Postgres is unreachable outside CI.
-pub async fn postgres_url() -> Option<(Arc<SchemaGuard>, String)> {
-    let guard = pg_testing::fresh_schema().await?;
+/// A fresh Postgres schema and a `DATABASE_URL` that makes a server process use it (fails the
+/// test, naming the cause, when the test database is not there).
+pub async fn postgres_url() -> (Arc<SchemaGuard>, String) {
+    let guard = pg_testing::fresh_schema().await;
     // Opening it once creates the schema; the server's own `open` then uses the URL's search_path.
     drop(pg_testing::open_in(&guard).await);
     let url = format!(
@@ -34,7 +34,7 @@ pub async fn postgres_url() -> Option<(Arc<SchemaGuard>, String)> {
         guard.tagged_url(),
         guard.schema()
     );
-    Some((guard, url))
+    (guard, url)
 }
 
 /// An SSE reader that records every complete event it received and treats a cut connection (the
