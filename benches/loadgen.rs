@@ -13,13 +13,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::convert::Infallible;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use agent_runtime_core::llm::Script;
+use agent_runtime_core::test_kit::{EventStream, ServerProcess};
 use bytes::Bytes;
-use futures::StreamExt;
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
@@ -82,18 +81,9 @@ async fn start_model() -> String {
     format!("http://{addr}")
 }
 
-/// Reads an SSE body to the end; returns the events.
+/// Reads the runtime's event stream to the end; returns the events.
 async fn events(r: reqwest::Response) -> Vec<Value> {
-    assert_eq!(r.status(), 200);
-    let mut buf = String::new();
-    let mut stream = r.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        buf.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
-    }
-    buf.split("\n\n")
-        .filter_map(|f| f.lines().find_map(|l| l.strip_prefix("data: ")))
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect()
+    EventStream::new(r).all().await
 }
 
 async fn scenario(c: &reqwest::Client, base: &str) -> [Duration; 5] {
@@ -237,7 +227,8 @@ async fn main() {
     let model_url = start_model().await;
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}", dir.path().join("bench.db").display());
-    let mut child = Command::new(&bin)
+    let mut command = Command::new(&bin);
+    command
         .args([
             "--port",
             "0",
@@ -248,15 +239,11 @@ async fn main() {
             "--internal-api-key",
             "bench",
         ])
-        .args(["--auto-agent-switching", "false", "--log-level", "error"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {bin}: {e} (build it first)"));
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let base = format!("http://{}", line.trim().trim_start_matches("listening on "));
+        .args(["--auto-agent-switching", "false", "--log-level", "error"]);
+    let server = ServerProcess::start(command)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let base = server.base.clone();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(1024)
         .build()
@@ -309,12 +296,10 @@ async fn main() {
         }
     }
     if let Some(n) = arg("--open-streams").map(|n| n.parse::<usize>().unwrap()) {
-        hold_open_streams(&client, &base, n, child.id()).await;
+        hold_open_streams(&client, &base, n, server.child.id()).await;
     }
     println!(
         "server peak RSS: {:.1} MiB",
-        peak_rss_kib(child.id()) as f64 / 1024.0
+        peak_rss_kib(server.child.id()) as f64 / 1024.0
     );
-    let _ = child.kill();
-    let _ = child.wait();
 }

@@ -20,6 +20,7 @@ use agent_runtime_core::llm::{
 use agent_runtime_core::orchestrator::{CreateSession, Orchestrator, Submission};
 use agent_runtime_core::protocol::{AssistantMessage, EventPayload};
 use agent_runtime_core::storage;
+use agent_runtime_core::test_kit::SseReader;
 use futures::StreamExt;
 use serde_json::Value;
 
@@ -83,29 +84,20 @@ async fn direct(client: &reqwest::Client, url: &str) -> BoxResult<Duration> {
     // include_usage as the backend sends it on its first call (the server ignores it).
     let body = request_body(MODEL, &request(), true);
     let started = Instant::now();
-    let mut stream = client
+    let response = client
         .post(format!("{url}/chat/completions"))
         .json(&body)
         .send()
         .await?
-        .error_for_status()?
-        .bytes_stream();
-    let mut buf = String::new();
+        .error_for_status()?;
+    let mut reader = SseReader::new(response);
     let mut first = None;
-    while let Some(bytes) = stream.next().await {
-        buf.push_str(&String::from_utf8_lossy(&bytes?));
-        while let Some(end) = buf.find("\n\n") {
-            let frame: String = buf.drain(..end + 2).collect();
-            let Some(data) = frame.trim().strip_prefix("data:") else {
-                continue;
-            };
-            let data = data.trim();
-            if first.is_none() && data != "[DONE]" {
-                let v: Value = serde_json::from_str(data)?;
-                let text = v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
-                if !text.is_empty() {
-                    first = Some(started.elapsed());
-                }
+    while let Some(event) = reader.next().await? {
+        if first.is_none() && event.data != "[DONE]" {
+            let v: Value = serde_json::from_str(&event.data)?;
+            let text = v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
+            if !text.is_empty() {
+                first = Some(started.elapsed());
             }
         }
     }

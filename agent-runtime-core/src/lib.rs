@@ -27,6 +27,8 @@ pub mod orchestrator;
 pub mod protocol;
 pub mod session;
 pub mod storage;
+#[cfg(feature = "test-utils")]
+pub mod test_kit;
 pub mod time;
 pub mod tools;
 

@@ -10,7 +10,7 @@ use agent_runtime_core::protocol::{ClientMessage, HitlDecision};
 use agent_runtime_core::storage::SessionQuery;
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -18,6 +18,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::Instrument;
 
+use crate::body::BodyLimits;
 use crate::error::{ApiError, HttpError};
 use crate::metrics::Metrics;
 use crate::views::*;
@@ -555,17 +556,16 @@ fn ok<T: Serialize>(value: &T) -> Result<Response<Body>, ApiError> {
     Ok(json(StatusCode::OK, value))
 }
 
-/// Reads the body within the limit and parses it; an empty body is `{}` when `empty_ok`.
+/// Reads the body within the limit and parses it; an empty body is `{}` when `empty_ok`. A declared
+/// `Content-Length` over the limit is refused before anything is read.
 async fn read_json<T: DeserializeOwned>(
     app: &App,
     req: Request<Incoming>,
     empty_ok: bool,
 ) -> Result<T, ApiError> {
-    let too_large = || {
-        ApiError::http(
-            HttpError::PayloadTooLarge,
-            format!("request body over {} bytes", app.max_request_bytes),
-        )
+    let limits = BodyLimits {
+        max_bytes: app.max_request_bytes,
+        timeout: app.request_timeout,
     };
     let declared = req
         .headers()
@@ -573,40 +573,9 @@ async fn read_json<T: DeserializeOwned>(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > app.max_request_bytes as u64) {
-        return Err(too_large());
+        return Err(limits.too_large());
     }
-    // A body that trickles in holds a task and a connection: bounded like the head.
-    let collected = tokio::time::timeout(
-        app.request_timeout,
-        Limited::new(req.into_body(), app.max_request_bytes).collect(),
-    )
-    .await
-    .map_err(|_| {
-        ApiError::invalid(format!(
-            "request body not received within {} s",
-            app.request_timeout.as_secs()
-        ))
-    })?;
-    let bytes = collected
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                too_large()
-            } else {
-                ApiError::invalid(format!("cannot read the request body: {e}"))
-            }
-        })?
-        .to_bytes();
-    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) && empty_ok {
-        b"{}"
-    } else {
-        &bytes
-    };
-    // serde's derived structs also accept a JSON array (fields by position): `[]` would be an
-    // empty create-session request. Bodies are objects (docs/API.md, Basics).
-    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(ApiError::invalid("invalid JSON body: expected a JSON object"));
-    }
-    serde_json::from_slice(bytes).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+    crate::body::read_json(req.into_body(), limits, empty_ok).await
 }
 
 fn stream(

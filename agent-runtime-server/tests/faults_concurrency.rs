@@ -80,7 +80,9 @@ async fn two_hundred_sessions_at_once_each_get_one_whole_turn() {
             let id = s.session(json!({"session_id": format!("many-{n}")})).await;
             let r = submit(&s, &id, &format!("question {n}"), None).await;
             assert_eq!(r.status(), 200);
-            let events = Recorder::new(r).rest_within(Duration::from_secs(120)).await;
+            let events = EventStream::cut_tolerant(r)
+                .rest_within(Duration::from_secs(120))
+                .await;
             assert_eq!(kinds(&events), ["assistant_final", "done:completed"], "{id}");
             let stored = stored(&s, &id).await;
             assert_eq!(events, stored.events, "{id}");
@@ -114,7 +116,9 @@ async fn duplicate_submissions_run_one_turn_and_all_get_its_events() {
             tasks.push(tokio::spawn(async move {
                 let r = submit(&s, &id, "only once", Some(&request_id)).await;
                 assert_eq!(r.status(), 200, "{:?}", r.text().await);
-                Recorder::new(r).rest_within(Duration::from_secs(60)).await
+                EventStream::cut_tolerant(r)
+                    .rest_within(Duration::from_secs(60))
+                    .await
             }));
         }
         let mut streams = Vec::new();
@@ -130,7 +134,7 @@ async fn duplicate_submissions_run_one_turn_and_all_get_its_events() {
         }
         assert_eq!(user_texts(&stored.messages), ["only once"], "round {round}");
         // Later, the same id still replays and starts nothing.
-        let again = Recorder::new(submit(&s, &id, "only once", Some(&request_id)).await)
+        let again = EventStream::cut_tolerant(submit(&s, &id, "only once", Some(&request_id)).await)
             .rest_within(Duration::from_secs(10))
             .await;
         assert_eq!(again, stored.events);
@@ -173,7 +177,7 @@ async fn racing(servers: &[Arc<Server>], llms: &[MockLlmServer], id: &str) {
     }
     assert_eq!((winners.len(), busy), (1, RACERS - 1), "one turn at a time");
     let (r, at) = winners.pop().unwrap();
-    let mut rec = Recorder::new(r);
+    let mut rec = EventStream::cut_tolerant(r);
     let cancel: Value = servers[at]
         .post(&format!("/sessions/{id}/cancel"), json!({}))
         .send()
@@ -191,7 +195,7 @@ async fn racing(servers: &[Arc<Server>], llms: &[MockLlmServer], id: &str) {
         if llm.remaining() > 0 {
             let other = s.session(json!({})).await;
             let r = submit(s, &other, "drain", None).await;
-            let mut rec = Recorder::new(r);
+            let mut rec = EventStream::cut_tolerant(r);
             while llm.remaining() > 0 {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -218,7 +222,11 @@ async fn racing(servers: &[Arc<Server>], llms: &[MockLlmServer], id: &str) {
             tasks.push(tokio::spawn(async move {
                 let r = submit(&s, &id, &format!("round {round} racer {n}"), None).await;
                 if r.status() == 200 {
-                    Some(Recorder::new(r).rest_within(Duration::from_secs(60)).await)
+                    Some(
+                        EventStream::cut_tolerant(r)
+                            .rest_within(Duration::from_secs(60))
+                            .await,
+                    )
                 } else {
                     let (status, body) = error_of(r).await;
                     assert_eq!(
@@ -283,10 +291,10 @@ async fn two_processes_on_one_postgres_keep_one_turn_per_session() {
     for round in 0..5 {
         let id = b.session(json!({})).await;
         la.push(answer(40));
-        let first = Recorder::new(submit(&a, &id, "once", Some("shared-req")).await)
+        let first = EventStream::cut_tolerant(submit(&a, &id, "once", Some("shared-req")).await)
             .rest_within(Duration::from_secs(60))
             .await;
-        let second = Recorder::new(submit(&b, &id, "once", Some("shared-req")).await)
+        let second = EventStream::cut_tolerant(submit(&b, &id, "once", Some("shared-req")).await)
             .rest_within(Duration::from_secs(60))
             .await;
         assert_eq!(first, second, "round {round}");

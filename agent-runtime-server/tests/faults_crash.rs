@@ -59,7 +59,7 @@ fn slow_text(tag: &str, words: usize) -> MockResponse {
 /// The first message of a fresh session: never `SESSION_BUSY`. (It once was, under heavy load: the
 /// 1 s lease had expired before the turn's first commit, which the fence then refused; an owner now
 /// keeps an expired lease until someone else takes it.)
-async fn open_stream(s: &Server, id: &str, content: &str) -> Recorder {
+async fn open_stream(s: &Server, id: &str, content: &str) -> EventStream {
     let r = s
         .post(
             "/agent/message/stream",
@@ -70,7 +70,7 @@ async fn open_stream(s: &Server, id: &str, content: &str) -> Recorder {
         .unwrap();
     let status = r.status();
     assert_eq!(status, 200, "{content}: {:?}\n{}", r.text().await, s.logs());
-    Recorder::new(r)
+    EventStream::cut_tolerant(r)
 }
 
 fn note(t: &mut Tracked, events: Vec<Value>) {
@@ -147,7 +147,7 @@ async fn drive(
             // The decision's stream is read by a task until the kill cuts it.
             let task = tokio::spawn(async move {
                 match req.send().await {
-                    Ok(r) if r.status() == 200 => Recorder::new(r).rest().await,
+                    Ok(r) if r.status() == 200 => EventStream::cut_tolerant(r).rest().await,
                     _ => Vec::new(),
                 }
             });
@@ -193,7 +193,9 @@ async fn check_after_restart(s: &Server, llm: &MockLlmServer, t: &mut Tracked, t
             "{ctx}: decide after restart: {:?}",
             r.text().await
         );
-        let events = Recorder::new(r).rest_within(Duration::from_secs(30)).await;
+        let events = EventStream::cut_tolerant(r)
+            .rest_within(Duration::from_secs(30))
+            .await;
         assert_eq!(
             kinds(&events),
             [
@@ -217,7 +219,7 @@ async fn check_after_restart(s: &Server, llm: &MockLlmServer, t: &mut Tracked, t
     )
     .await;
     assert_eq!(r.status(), 200, "{ctx}: new message: {:?}", r.text().await);
-    let events = Recorder::new(r)
+    let events = EventStream::cut_tolerant(r)
         .rest_within_ctx(Duration::from_secs(30), &format!("{ctx}: new message"))
         .await;
     t.sent.push(content);

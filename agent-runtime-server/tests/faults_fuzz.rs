@@ -1,18 +1,28 @@
-//! Property fuzzing (proptest; cargo-fuzz needs a nightly toolchain with sanitizers, which CI does
-//! not build): the model-stream parser (SSE lines, chunk decoding, tool-call delta assembly), the
-//! request parsers, and path confinement. Fixed case counts keep each under a few seconds; failures
-//! are persisted to `proptest-regressions/` beside this file and replayed first on every run.
+//! Property fuzzing (proptest; the coverage-guided targets are in `fuzz/`): the model-stream parser
+//! (SSE lines, chunk decoding, tool-call delta assembly), the server's request-body reading (the
+//! handlers' own function, against the documented outcomes), and path confinement. Fixed case
+//! counts keep each under a few seconds; failures are persisted to `proptest-regressions/` beside
+//! this file and replayed first on every run.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::convert::Infallible;
 use std::path::Path;
+use std::time::Duration;
 
 use agent_runtime_core::llm::sse::SseDecoder;
 use agent_runtime_core::llm::wire::{ChunkDecoder, decode_body};
 use agent_runtime_core::llm::{Chunk, Script, ToolCallAssembler};
 use agent_runtime_core::protocol::ClientMessage;
 use agent_runtime_core::tools::sandbox;
+use agent_runtime_server::body::{self, BodyLimits};
+use agent_runtime_server::error::ApiError;
 use agent_runtime_server::views::{CreateSessionRequest, HitlDecisionRequest, StreamRequest};
+use bytes::Bytes;
+use http_body_util::StreamBody;
+use hyper::body::Frame;
 use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 /// Cases per property (`PROPTEST_CASES` overrides).
@@ -222,33 +232,132 @@ fn json_value() -> impl Strategy<Value = Value> {
     })
 }
 
-/// Parses like the server's body reader: either a value or a clean error, never a panic.
-fn parse_all(bytes: &[u8]) {
-    let _ = serde_json::from_slice::<ClientMessage>(bytes);
-    let _ = serde_json::from_slice::<StreamRequest>(bytes);
-    let _ = serde_json::from_slice::<CreateSessionRequest>(bytes);
-    let _ = serde_json::from_slice::<HitlDecisionRequest>(bytes);
+/// The body limit of the properties: small, so that random bodies cross it.
+const LIMIT: usize = 512;
+
+/// The server's own body reading (`body::read_json`: limit, collect, parse) over `bytes` streamed
+/// in the given pieces.
+fn read<T: DeserializeOwned>(bytes: &[u8], cuts: &[usize], empty_ok: bool) -> Result<T, ApiError> {
+    let frames = pieces(bytes, cuts)
+        .into_iter()
+        .map(|p| Ok::<_, Infallible>(Frame::data(Bytes::from(p))));
+    let body = StreamBody::new(futures::stream::iter(frames));
+    let limits = BodyLimits {
+        max_bytes: LIMIT,
+        timeout: Duration::from_secs(10),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(body::read_json(body, limits, empty_ok))
+}
+
+/// An outcome: the request's `Debug` text (the request types have no `PartialEq`), or the error's
+/// status and code.
+type Outcome = Result<String, (u16, &'static str)>;
+
+/// What API.md §1 promises for a body, worked out without the server's code: over the limit is
+/// `413 PAYLOAD_TOO_LARGE`; a JSON object of the request's shape (or a blank body where every
+/// field is optional) is that request; anything else is `400 INVALID_REQUEST`.
+fn documented<T: DeserializeOwned + std::fmt::Debug>(bytes: &[u8], empty_ok: bool) -> Outcome {
+    if bytes.len() > LIMIT {
+        return Err((413, "PAYLOAD_TOO_LARGE"));
+    }
+    let value = if empty_ok && bytes.iter().all(u8::is_ascii_whitespace) {
+        Some(json!({}))
+    } else {
+        serde_json::from_slice::<Value>(bytes)
+            .ok()
+            .filter(Value::is_object)
+    };
+    value
+        .and_then(|v| serde_json::from_value::<T>(v).ok())
+        .map(|t| format!("{t:?}"))
+        .ok_or((400, "INVALID_REQUEST"))
+}
+
+/// The server's outcome for `bytes` read as a request of type `T`.
+fn outcome<T: DeserializeOwned + std::fmt::Debug>(bytes: &[u8], cuts: &[usize], empty_ok: bool) -> Outcome {
+    read::<T>(bytes, cuts, empty_ok)
+        .map(|t| format!("{t:?}"))
+        .map_err(|e| (e.status().as_u16(), e.code))
+}
+
+/// Runs `bytes` through the server's reading as each request body type: each outcome is the
+/// documented one (so never a panic, never a 5xx).
+fn check_all_requests(bytes: &[u8], cuts: &[usize]) -> Result<(), TestCaseError> {
+    prop_assert_eq!(
+        outcome::<CreateSessionRequest>(bytes, cuts, true),
+        documented::<CreateSessionRequest>(bytes, true)
+    );
+    prop_assert_eq!(
+        outcome::<StreamRequest>(bytes, cuts, false),
+        documented::<StreamRequest>(bytes, false)
+    );
+    prop_assert_eq!(
+        outcome::<HitlDecisionRequest>(bytes, cuts, false),
+        documented::<HitlDecisionRequest>(bytes, false)
+    );
+    Ok(())
+}
+
+/// A valid `POST /agent/message/stream` body for each kind of message, padded with whitespace:
+/// the JSON sent and the body's text.
+fn valid_stream_request() -> impl Strategy<Value = (Value, String)> {
+    let message = prop_oneof![
+        "\\PC{0,40}".prop_map(|c| json!({"type": "user_message", "content": c})),
+        "[a-z]{1,8}".prop_map(|a| json!({"type": "switch_agent", "agent_type": a})),
+        ("[a-z0-9_]{1,12}", "\\PC{0,40}")
+            .prop_map(|(id, r)| json!({"type": "tool_result", "call_id": id, "result": r})),
+        ("[a-z0-9_]{1,12}", prop_oneof![Just("approve"), Just("reject")])
+            .prop_map(|(id, d)| json!({"type": "hitl_decision", "call_id": id, "decision": d})),
+    ];
+    (message, "[a-z0-9-]{1,20}", "[ \t\r\n]{0,3}").prop_map(|(message, session_id, pad)| {
+        let body = json!({"session_id": session_id, "message": message});
+        (body.clone(), format!("{pad}{body}{pad}"))
+    })
 }
 
 proptest! {
     #![proptest_config(config(3000))]
 
     #[test]
-    fn request_bodies_parse_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
-        parse_all(&bytes);
+    fn request_bodies_get_the_documented_outcome(
+        bytes in proptest::collection::vec(any::<u8>(), 0..(LIMIT + 100)),
+        cuts in proptest::collection::vec(any::<usize>(), 0..6),
+    ) {
+        check_all_requests(&bytes, &cuts)?;
     }
 
     #[test]
-    fn json_shaped_request_bodies_parse_or_fail_cleanly(v in json_value()) {
+    fn json_shaped_request_bodies_get_the_documented_outcome(
+        v in json_value(),
+        cuts in proptest::collection::vec(any::<usize>(), 0..6),
+    ) {
         let bytes = serde_json::to_vec(&v).unwrap();
-        parse_all(&bytes);
+        check_all_requests(&bytes, &cuts)?;
         let wrapped = serde_json::to_vec(&json!({"session_id": "s", "message": v})).unwrap();
-        parse_all(&wrapped);
+        check_all_requests(&wrapped, &cuts)?;
         // A parsed message serializes back to something that parses to the same message.
         if let Ok(m) = serde_json::from_slice::<ClientMessage>(&bytes) {
             let again: ClientMessage = serde_json::from_value(serde_json::to_value(&m).unwrap()).unwrap();
             prop_assert_eq!(again, m);
         }
+    }
+
+    #[test]
+    fn valid_stream_requests_are_read_as_sent_however_they_arrive(
+        (sent, body) in valid_stream_request(),
+        cuts in proptest::collection::vec(any::<usize>(), 0..6),
+    ) {
+        let read = read::<StreamRequest>(body.as_bytes(), &cuts, false)
+            .unwrap_or_else(|e| panic!("{body:?} refused: {e:?}"));
+        let message: ClientMessage = serde_json::from_value(sent["message"].clone()).unwrap();
+        prop_assert_eq!(
+            (read.session_id, read.request_id, read.message),
+            (sent["session_id"].as_str().unwrap().to_string(), None, message)
+        );
     }
 }
 

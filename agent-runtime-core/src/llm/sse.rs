@@ -1,8 +1,42 @@
 //! An incremental `text/event-stream` decoder: bytes in (split anywhere, even inside a UTF-8
 //! character or a CRLF), the `data` of each complete event out.
 //!
-//! Lines end with LF, CRLF or CR. `:` comment lines, `event:`, `id:` and `retry:` fields are
-//! skipped; the data lines of one event are joined with `\n` (the SSE rules).
+//! Lines end with LF, CRLF or CR. `event:` and `retry:` fields are skipped; the data lines of one
+//! event are joined with `\n` (the SSE rules). [`SseDecoder::push`] gives the data only (what a model
+//! stream needs); [`SseDecoder::push_frames`] also gives each event's `id:` and the `:` comments.
+
+use std::fmt;
+
+/// One complete piece of a stream, as [`SseDecoder::push_frames`] delivers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SseFrame {
+    /// An event: its `id:` field, if it had one, and its data lines joined with `\n`.
+    Event {
+        /// The `id:` field's value.
+        id: Option<String>,
+        /// The data.
+        data: String,
+    },
+    /// A comment line, without its `:` (`: keep-alive` is `" keep-alive"`).
+    Comment(String),
+}
+
+impl fmt::Display for SseFrame {
+    /// The frame as it is written on the wire, without the blank line that ends it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SseFrame::Comment(text) => write!(f, ":{text}"),
+            SseFrame::Event { id, data } => {
+                if let Some(id) = id {
+                    writeln!(f, "id: {id}")?;
+                }
+                let mut lines = data.split('\n');
+                write!(f, "data: {}", lines.next().unwrap_or_default())?;
+                lines.try_for_each(|line| write!(f, "\ndata: {line}"))
+            }
+        }
+    }
+}
 
 /// Decodes SSE events from byte pieces as they arrive.
 #[derive(Debug, Default)]
@@ -14,6 +48,8 @@ pub struct SseDecoder {
     after_cr: bool,
     /// Data lines of the current event.
     data: Option<String>,
+    /// The `id:` of the current event.
+    id: Option<String>,
     /// Bytes seen so far.
     seen: usize,
 }
@@ -31,8 +67,19 @@ impl SseDecoder {
 
     /// Feeds a piece of the body; returns the data of every event it completed.
     pub fn push(&mut self, bytes: &[u8]) -> Vec<String> {
+        data_only(self.push_frames(bytes))
+    }
+
+    /// The end of the body: an event whose blank line never came is still delivered (servers that
+    /// close right after `data: [DONE]` exist); a half-written one then fails to parse upstream.
+    pub fn finish(&mut self) -> Vec<String> {
+        data_only(self.finish_frames())
+    }
+
+    /// [`SseDecoder::push`] with every frame: events with their `id:`, and comments.
+    pub fn push_frames(&mut self, bytes: &[u8]) -> Vec<SseFrame> {
         self.seen += bytes.len();
-        let mut events = Vec::new();
+        let mut frames = Vec::new();
         for &b in bytes {
             if self.after_cr {
                 self.after_cr = false;
@@ -41,56 +88,77 @@ impl SseDecoder {
                 }
             }
             match b {
-                b'\n' => self.end_line(&mut events),
+                b'\n' => self.end_line(&mut frames),
                 b'\r' => {
                     self.after_cr = true;
-                    self.end_line(&mut events);
+                    self.end_line(&mut frames);
                 }
                 _ => self.line.push(b),
             }
         }
-        events
+        frames
     }
 
-    /// The end of the body: an event whose blank line never came is still delivered (servers that
-    /// close right after `data: [DONE]` exist); a half-written one then fails to parse upstream.
-    pub fn finish(&mut self) -> Vec<String> {
-        let mut events = Vec::new();
+    /// [`SseDecoder::finish`] with every frame.
+    pub fn finish_frames(&mut self) -> Vec<SseFrame> {
+        let mut frames = Vec::new();
         if !self.line.is_empty() {
-            self.end_line(&mut events);
+            self.end_line(&mut frames);
         }
+        let id = self.id.take();
         if let Some(data) = self.data.take() {
-            events.push(data);
+            frames.push(SseFrame::Event { id, data });
         }
-        events
+        frames
     }
 
-    fn end_line(&mut self, events: &mut Vec<String>) {
+    /// Part of a frame came whose end did not: a line without its end, or an event without its
+    /// blank line. At the end of a body this is a frame cut short.
+    pub fn is_mid_frame(&self) -> bool {
+        !self.line.is_empty() || self.data.is_some() || self.id.is_some()
+    }
+
+    fn end_line(&mut self, frames: &mut Vec<SseFrame>) {
         let line = String::from_utf8_lossy(&self.line).into_owned();
         self.line.clear();
         if line.is_empty() {
+            let id = self.id.take();
             if let Some(data) = self.data.take() {
-                events.push(data);
+                frames.push(SseFrame::Event { id, data });
             }
             return;
         }
-        if line.starts_with(':') {
+        if let Some(comment) = line.strip_prefix(':') {
+            frames.push(SseFrame::Comment(comment.to_string()));
             return;
         }
         let (field, value) = match line.split_once(':') {
             Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
             None => (line.as_str(), ""),
         };
-        if field == "data" {
-            match &mut self.data {
+        match field {
+            "data" => match &mut self.data {
                 Some(data) => {
                     data.push('\n');
                     data.push_str(value);
                 }
                 None => self.data = Some(value.to_string()),
-            }
+            },
+            "id" => self.id = Some(value.to_string()),
+            _ => {}
         }
     }
+}
+
+/// The data of the events among `frames`.
+fn data_only(frames: Vec<SseFrame>) -> Vec<String> {
+    frames
+        .into_iter()
+        .filter_map(|f| match f {
+            SseFrame::Event { data, .. } => Some(data),
+            SseFrame::Comment(_) => None,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -138,6 +206,30 @@ mod tests {
             decode_bytewise(body),
             vec!["{\"content\":\"Привет, мир\"}".to_string()]
         );
+    }
+
+    #[test]
+    fn frames_carry_ids_and_comments_and_print_as_on_the_wire() {
+        let body = b": keep-alive\n\nid: 7\ndata: a\ndata: b\n\ndata: x\n\nid: 8";
+        let mut d = SseDecoder::new();
+        let frames = d.push_frames(body);
+        let expected = vec![
+            SseFrame::Comment(" keep-alive".into()),
+            SseFrame::Event {
+                id: Some("7".into()),
+                data: "a\nb".into(),
+            },
+            SseFrame::Event {
+                id: None,
+                data: "x".into(),
+            },
+        ];
+        assert_eq!(frames, expected);
+        let printed: Vec<String> = frames.iter().map(ToString::to_string).collect();
+        assert_eq!(printed, [": keep-alive", "id: 7\ndata: a\ndata: b", "data: x"]);
+        assert!(d.is_mid_frame(), "the last id line has not ended");
+        assert_eq!(d.finish_frames(), vec![]);
+        assert!(!d.is_mid_frame());
     }
 
     #[test]

@@ -1,47 +1,21 @@
-//! Black-box harness: the real server binary on an ephemeral port, a reqwest client, SSE reading.
+//! Black-box harness: the real server binary on an ephemeral port (core's test kit runs the process
+//! and reads the streams), a reqwest client, the server's auth token.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 
-use futures::StreamExt;
+pub use agent_runtime_core::test_kit::EventStream as Sse;
+use agent_runtime_core::test_kit::ServerProcess;
 use serde_json::{Value, json};
 
 pub const TOKEN: &str = "test-token-123";
 
-/// The server process; killed when dropped.
+/// The server process (killed when dropped), its temp dir, a client.
 pub struct Server {
-    pub child: Child,
+    pub process: ServerProcess,
     pub base: String,
     pub dir: tempfile::TempDir,
     pub client: reqwest::Client,
-    /// Everything the server wrote to stderr so far (its logs), read by a thread so that a chatty
-    /// server never blocks on a full pipe. `AGENT_RUNTIME_TEST_LOGS=1` also echoes it as it comes.
-    pub logs: Arc<Mutex<String>>,
-}
-
-/// Reads the child's stderr to its end on a thread of its own.
-fn drain_stderr(child: &mut Child) -> Arc<Mutex<String>> {
-    let logs = Arc::new(Mutex::new(String::new()));
-    if let Some(stderr) = child.stderr.take() {
-        let (sink, echo) = (
-            logs.clone(),
-            std::env::var_os("AGENT_RUNTIME_TEST_LOGS").is_some(),
-        );
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if echo {
-                    eprintln!("[server] {line}");
-                }
-                let mut s = sink.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-    }
-    logs
 }
 
 /// What the server starts with.
@@ -51,18 +25,23 @@ pub struct Options {
     pub env: Vec<(String, String)>,
 }
 
-pub fn spawn_raw(args: &[&str], env: &[(&str, &str)]) -> Child {
+/// The server binary with `args` and only `env` (and `PATH`) in its environment.
+fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_agent-runtime-server"));
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .args(args)
+        .envs(env.iter().copied());
+    cmd
+}
+
+pub fn spawn_raw(args: &[&str], env: &[(&str, &str)]) -> Child {
+    command(args, env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.spawn().expect("server binary starts")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("server binary starts")
 }
 
 impl Server {
@@ -87,25 +66,10 @@ impl Server {
             ("LOG_LEVEL", "warn"),
         ];
         env.extend_from_slice(extra);
-        let mut child = spawn_raw(&[], &env);
-        let stdout = child.stdout.take().unwrap();
-        let line = tokio::task::spawn_blocking(move || {
-            let mut line = String::new();
-            BufReader::new(stdout).read_line(&mut line).unwrap();
-            line
-        })
-        .await
-        .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
-        let logs = drain_stderr(&mut child);
+        let process = ServerProcess::start(command(&[], &env)).await.unwrap();
         Server {
-            child,
-            logs,
-            base: format!("http://{addr}"),
+            base: process.base.clone(),
+            process,
             dir,
             client: reqwest::Client::new(),
         }
@@ -161,94 +125,12 @@ impl Server {
 
     /// What the server logged so far.
     pub fn logs(&self) -> String {
-        self.logs.lock().unwrap().clone()
+        self.process.logs()
     }
 
     /// Stops the server with SIGTERM and waits; returns whether it exited successfully.
     pub fn terminate(&mut self) -> bool {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        self.child.wait().unwrap().success()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// An SSE response read incrementally.
-pub struct Sse {
-    stream: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
-    buf: String,
-    /// Every frame seen, comments included, raw.
-    pub frames: Vec<String>,
-}
-
-impl Sse {
-    pub fn new(r: reqwest::Response) -> Sse {
-        assert_eq!(r.headers()["content-type"], "text/event-stream");
-        assert_eq!(r.headers()["cache-control"], "no-cache");
-        assert_eq!(r.headers()["x-accel-buffering"], "no");
-        Sse {
-            stream: r.bytes_stream().boxed(),
-            buf: String::new(),
-            frames: Vec::new(),
-        }
-    }
-
-    /// The next frame (event or comment), `None` at the end of the body.
-    pub async fn next_frame(&mut self) -> Option<String> {
-        loop {
-            if let Some(end) = self.buf.find("\n\n") {
-                let frame = self.buf[..end].to_string();
-                self.buf.drain(..end + 2);
-                self.frames.push(frame.clone());
-                return Some(frame);
-            }
-            match self.stream.next().await {
-                Some(Ok(b)) => self.buf.push_str(std::str::from_utf8(&b).unwrap()),
-                Some(Err(e)) => panic!("stream failed: {e}"),
-                None => {
-                    assert!(self.buf.is_empty(), "trailing bytes {:?}", self.buf);
-                    return None;
-                }
-            }
-        }
-    }
-
-    /// The next event (comments skipped); checks `id:` equals the event's seq.
-    pub async fn next(&mut self) -> Option<Value> {
-        loop {
-            let frame = self.next_frame().await?;
-            if frame.starts_with(':') {
-                continue;
-            }
-            let mut lines = frame.lines();
-            let id: u64 = lines
-                .next()
-                .unwrap()
-                .strip_prefix("id: ")
-                .unwrap()
-                .parse()
-                .unwrap();
-            let data = lines.next().unwrap().strip_prefix("data: ").unwrap();
-            assert_eq!(lines.next(), None);
-            let v: Value = serde_json::from_str(data).unwrap();
-            assert_eq!(v["seq"], id);
-            return Some(v);
-        }
-    }
-
-    /// Every remaining event.
-    pub async fn all(mut self) -> Vec<Value> {
-        let mut out = Vec::new();
-        while let Some(e) = self.next().await {
-            out.push(e);
-        }
-        out
+        self.process.terminate()
     }
 }
 

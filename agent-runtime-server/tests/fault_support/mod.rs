@@ -1,5 +1,5 @@
-//! Shared pieces of the fault tests: a seeded RNG that prints its seed, an SSE reader that survives
-//! a server being killed under it, Postgres URLs a server process can open, history invariants.
+//! Shared pieces of the fault tests: a seeded RNG that prints its seed, the kit's event stream that
+//! survives a server being killed under it, Postgres URLs a server process can open, history invariants.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agent_runtime_core::storage::pg_testing::{self, SchemaGuard};
-use futures::StreamExt;
+pub use agent_runtime_core::test_kit::EventStream;
 use serde_json::Value;
 
 use crate::common::Server;
@@ -37,94 +37,6 @@ pub async fn postgres_url() -> (Arc<SchemaGuard>, String) {
     (guard, url)
 }
 
-/// An SSE reader that records every complete event it received and treats a cut connection (the
-/// server killed, the client leaving) as the end of the stream, never as a test failure.
-pub struct Recorder {
-    stream: Option<futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>>,
-    buf: Vec<u8>,
-    /// Every complete event received, in order.
-    pub events: Vec<Value>,
-}
-
-impl Recorder {
-    pub fn new(r: reqwest::Response) -> Recorder {
-        assert_eq!(r.status(), 200);
-        assert_eq!(r.headers()["content-type"], "text/event-stream");
-        Recorder {
-            stream: Some(r.bytes_stream().boxed()),
-            buf: Vec::new(),
-            events: Vec::new(),
-        }
-    }
-
-    /// The next event; `None` when the stream ended or was cut.
-    pub async fn next(&mut self) -> Option<Value> {
-        loop {
-            if let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
-                let frame = String::from_utf8(self.buf[..end].to_vec()).expect("frames are UTF-8");
-                self.buf.drain(..end + 2);
-                if frame.starts_with(':') {
-                    continue;
-                }
-                let mut lines = frame.lines();
-                let id: u64 = lines
-                    .next()
-                    .unwrap()
-                    .strip_prefix("id: ")
-                    .unwrap()
-                    .parse()
-                    .unwrap();
-                let data = lines.next().unwrap().strip_prefix("data: ").unwrap();
-                let v: Value = serde_json::from_str(data).unwrap();
-                assert_eq!(v["seq"], id, "id line and seq differ");
-                self.events.push(v.clone());
-                return Some(v);
-            }
-            let stream = self.stream.as_mut()?;
-            match stream.next().await {
-                Some(Ok(b)) => self.buf.extend_from_slice(&b),
-                Some(Err(_)) | None => {
-                    // A partial frame at a cut was never received as an event.
-                    self.stream = None;
-                    return None;
-                }
-            }
-        }
-    }
-
-    /// Reads until an event of `kind` (returned) or the end.
-    pub async fn until(&mut self, kind: &str) -> Option<Value> {
-        while let Some(e) = self.next().await {
-            if e["type"] == kind {
-                return Some(e);
-            }
-        }
-        None
-    }
-
-    /// Reads to the end; returns everything received.
-    pub async fn rest(mut self) -> Vec<Value> {
-        while self.next().await.is_some() {}
-        self.events
-    }
-
-    /// Reads to the end, bounded: a stream that does not end in `limit` fails the test.
-    pub async fn rest_within(self, limit: Duration) -> Vec<Value> {
-        self.rest_within_ctx(limit, "").await
-    }
-
-    /// [`Recorder::rest_within`], naming `ctx` (and the events so far) when the stream hangs.
-    pub async fn rest_within_ctx(mut self, limit: Duration, ctx: &str) -> Vec<Value> {
-        let ended = tokio::time::timeout(limit, async { while self.next().await.is_some() {} }).await;
-        assert!(
-            ended.is_ok(),
-            "{ctx}: the stream did not end within {limit:?}; received {:?}",
-            self.events
-        );
-        self.events
-    }
-}
-
 /// Everything stored for a session: replayed events and messages.
 pub struct Stored {
     pub events: Vec<Value>,
@@ -137,7 +49,9 @@ pub async fn stored(s: &Server, id: &str) -> Stored {
         .send()
         .await
         .unwrap();
-    let events = Recorder::new(r).rest_within(Duration::from_secs(20)).await;
+    let events = EventStream::cut_tolerant(r)
+        .rest_within(Duration::from_secs(20))
+        .await;
     let messages: Value = s.get_json(&format!("/sessions/{id}/messages?limit=1000")).await;
     Stored {
         events,
