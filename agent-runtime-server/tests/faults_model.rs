@@ -235,13 +235,16 @@ async fn a_model_server_that_accepts_and_never_answers_costs_seconds_not_minutes
     let start = message[..at].rfind(' ').map_or(0, |i| i + 1);
     let seconds: f64 = message[start..at].parse().unwrap_or(-1.0);
     got[1]["message"] = json!(format!("{}N{}", &message[..start], &message[at..]));
+    assert_eq!(got[1]["content"], json!(message), "older clients read the same text as content");
+    got[1]["content"] = got[1]["message"].clone();
     assert_eq!(
         got,
         vec![
             json!({"type": "agent_switched", "from_agent": "orchestrator", "to_agent": "coder", "is_final": false,
                    "reason": "Keyword routing (router unreachable: no answer within 1 s): the request asks for code"}),
             json!({"type": "error", "code": "LLM_ERROR", "is_final": true,
-                   "message": "the model server accepted the request but sent nothing within 2 s (LLM_FIRST_BYTE_TIMEOUT_SECS); the turn ran N s in all"}),
+                   "message": "the model server accepted the request but sent nothing within 2 s (LLM_FIRST_BYTE_TIMEOUT_SECS); the turn ran N s in all",
+                   "content": "the model server accepted the request but sent nothing within 2 s (LLM_FIRST_BYTE_TIMEOUT_SECS); the turn ran N s in all"}),
             json!({"type": "done", "stop_reason": "error", "is_final": true}),
         ],
         "{events:#?}"
