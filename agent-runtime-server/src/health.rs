@@ -72,6 +72,7 @@ impl HealthCheck {
                 default_agent: c.default_agent.clone(),
                 agents_count: rt.agents().len(),
             },
+            sandbox: rt.sandbox_status(),
         };
         (view, storage_ok)
     }

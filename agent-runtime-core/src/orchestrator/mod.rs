@@ -399,7 +399,7 @@ impl Orchestrator {
 
     /// Creates a session on the default agent. `INVALID_REQUEST` for a bad id, a metadata value
     /// that is not an object, a `project_path` that is not an existing absolute directory (inside
-    /// `WORKSPACE_ROOTS` when set), or an unknown `tool_execution`; `SESSION_EXISTS` for a taken id.
+    /// `PROJECT_ROOTS` when set, symlinks resolved), or an unknown `tool_execution`; `SESSION_EXISTS` for a taken id.
     #[tracing::instrument(skip_all)]
     pub async fn create_session(&self, req: CreateSession) -> Result<Session> {
         let id = match req.session_id {
