@@ -312,8 +312,8 @@ impl RuntimeConfig {
             }
         }
         if let Some(v) = get("SANDBOX") {
-            c.sandbox.mode = SandboxMode::parse(&v)
-                .ok_or_else(|| bad("SANDBOX", &v, "expected enforce or off"))?;
+            c.sandbox.mode =
+                SandboxMode::parse(&v).ok_or_else(|| bad("SANDBOX", &v, "expected enforce or off"))?;
         }
         if let Some(v) = get("SANDBOX_READ_PATHS") {
             c.sandbox.read_paths = absolute_paths("SANDBOX_READ_PATHS", &v)?;

@@ -120,10 +120,19 @@ async fn commands_cannot_write_outside_the_project_by_any_path() {
         ("absolute path", format!("echo x > {o}/abs.txt")),
         ("dot-dot", "echo x > ../escape.txt".to_string()),
         ("symlink planted inside", "echo x > link/sym.txt".to_string()),
-        ("overwrite through a symlink", "echo pwned > link/target.txt".to_string()),
-        ("hard link", format!("ln {o}/target.txt hard && echo pwned > hard")),
+        (
+            "overwrite through a symlink",
+            "echo pwned > link/target.txt".to_string(),
+        ),
+        (
+            "hard link",
+            format!("ln {o}/target.txt hard && echo pwned > hard"),
+        ),
         ("/proc/self/root", format!("echo x > /proc/self/root{o}/proc.txt")),
-        ("/proc/self/cwd", format!("cd {o} && echo x > /proc/self/cwd/cwd.txt")),
+        (
+            "/proc/self/cwd",
+            format!("cd {o} && echo x > /proc/self/cwd/cwd.txt"),
+        ),
         ("a shell that cds out", format!("cd {o} && echo x > cd.txt")),
         ("rename out", format!("mv main.txt {o}/moved.txt")),
         ("the server's database", "echo x >> ../rt.db".to_string()),
@@ -179,14 +188,22 @@ async fn commands_cannot_open_ip_connections_unless_their_agent_is_allowed() {
     );
     // Unix sockets stay allowed.
     let r = t
-        .run(&format!("{PY} -c \"import socket; a, b = socket.socketpair(); a.send(b'u'); print(b.recv(1))\""))
+        .run(&format!(
+            "{PY} -c \"import socket; a, b = socket.socketpair(); a.send(b'u'); print(b.recv(1))\""
+        ))
         .await;
-    assert_eq!((r["exit_code"].clone(), r["stdout"].clone()), (json!(0), json!("b'u'\n")));
+    assert_eq!(
+        (r["exit_code"].clone(), r["stdout"].clone()),
+        (json!(0), json!("b'u'\n"))
+    );
 
     // The same command from an agent listed in SANDBOX_NETWORK_AGENTS connects.
     let t = setup("coder", &[("SANDBOX_NETWORK_AGENTS", "coder")]).await;
     let r = t.run(&connect(port)).await;
-    assert_eq!((r["exit_code"].clone(), r["stdout"].clone()), (json!(0), json!("connected\n")));
+    assert_eq!(
+        (r["exit_code"].clone(), r["stdout"].clone()),
+        (json!(0), json!("connected\n"))
+    );
     assert!(listener.accept().is_ok(), "the allowed connection arrived");
 }
 
@@ -230,7 +247,11 @@ async fn a_command_cannot_lift_its_sandbox_nor_can_a_grandchild_after_its_parent
          r.append((l.prctl(38, 0, 0, 0, 0), ctypes.get_errno())); print(r)\""
     );
     let r = t.run(&probe).await;
-    assert_eq!(r["stdout"], json!("[(-1, 1), (-1, 1), (-1, 1), (-1, 22)]\n"), "{r}");
+    assert_eq!(
+        r["stdout"],
+        json!("[(-1, 1), (-1, 1), (-1, 1), (-1, 22)]\n"),
+        "{r}"
+    );
     // A grandchild in a session of its own survives the command, then tries a user namespace
     // (root inside it) and a plain write.
     let r = t
@@ -260,8 +281,15 @@ async fn the_coder_still_builds_and_commits_inside_its_root() {
              git log --format=%s && mkdir -p build/deep && cp out.txt build/deep/"
         ))
         .await;
-    assert_eq!((r["exit_code"].clone(), r["stdout"].clone()), (json!(0), json!("build\n")), "{r}");
-    assert_eq!(std::fs::read_to_string(t.project.join("out.txt")).unwrap(), "42\n");
+    assert_eq!(
+        (r["exit_code"].clone(), r["stdout"].clone()),
+        (json!(0), json!("build\n")),
+        "{r}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(t.project.join("out.txt")).unwrap(),
+        "42\n"
+    );
     assert_eq!(
         std::fs::read_to_string(t.project.join("build/deep/out.txt")).unwrap(),
         "42\n"
@@ -273,14 +301,26 @@ async fn the_coder_still_builds_and_commits_inside_its_root() {
         json!({"message": "tool commit"}),
     )));
     t.llm.push(MockResponse::script(&Script::text("done")));
-    let events = t.s.send(&t.id, json!({"type": "user_message", "content": "go"})).await;
+    let events =
+        t.s.send(&t.id, json!({"type": "user_message", "content": "go"}))
+            .await;
     let result = &find(&events, "tool_result")["result"];
-    assert!(result["commit"].as_str().is_some_and(|c| c.len() == 40), "{result}");
+    assert!(
+        result["commit"].as_str().is_some_and(|c| c.len() == 40),
+        "{result}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn health_and_agents_report_the_sandbox() {
-    let t = setup("coder", &[("SANDBOX_NETWORK_AGENTS", "debug"), ("SANDBOX_READ_PATHS", "/tmp")]).await;
+    let t = setup(
+        "coder",
+        &[
+            ("SANDBOX_NETWORK_AGENTS", "debug"),
+            ("SANDBOX_READ_PATHS", "/tmp"),
+        ],
+    )
+    .await;
     let health = t.s.get_json("/health").await;
     let abi = health["sandbox"]["landlock_abi"].as_i64().unwrap();
     assert!(abi >= 1, "this machine's kernel offers Landlock: {health}");
@@ -293,7 +333,12 @@ async fn health_and_agents_report_the_sandbox() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|a| (a["type"].as_str().unwrap().to_string(), a["command_rights"].clone()))
+        .map(|a| {
+            (
+                a["type"].as_str().unwrap().to_string(),
+                a["command_rights"].clone(),
+            )
+        })
         .collect();
     let r = |project: &str, network: bool| {
         json!({"sandbox": "enforce", "project": project, "network": network,

@@ -465,7 +465,11 @@ impl Orchestrator {
             return Err(Error::InvalidRequest(format!(
                 "project_path '{p}' (real path '{}') is not inside any folder of PROJECT_ROOTS ({}); open a project under one of them or add its folder to PROJECT_ROOTS",
                 real.display(),
-                roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
+                roots
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
         Ok(real)

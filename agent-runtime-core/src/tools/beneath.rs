@@ -21,7 +21,13 @@ pub(crate) fn openat2_available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(|| {
         !matches!(
-            rustix::fs::openat2(CWD, "/", OFlags::PATH | OFlags::CLOEXEC, Mode::empty(), ResolveFlags::empty()),
+            rustix::fs::openat2(
+                CWD,
+                "/",
+                OFlags::PATH | OFlags::CLOEXEC,
+                Mode::empty(),
+                ResolveFlags::empty()
+            ),
             Err(rustix::io::Errno::NOSYS)
         )
     })
@@ -65,21 +71,34 @@ impl Beneath {
     }
 
     fn at(&self, rel: &Path, flags: OFlags, mode: Mode) -> io::Result<OwnedFd> {
-        let rel = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
+        let rel = if rel.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            rel
+        };
         match &self.fd {
-            Some(fd) => Ok(rustix::fs::openat2(fd, rel, flags | OFlags::CLOEXEC, mode, RESOLVE)?),
-            None => Ok(rustix::fs::open(self.root.join(rel), flags | OFlags::CLOEXEC, mode)?),
+            Some(fd) => Ok(rustix::fs::openat2(
+                fd,
+                rel,
+                flags | OFlags::CLOEXEC,
+                mode,
+                RESOLVE,
+            )?),
+            None => Ok(rustix::fs::open(
+                self.root.join(rel),
+                flags | OFlags::CLOEXEC,
+                mode,
+            )?),
         }
     }
 
     /// Opens `rel` for reading.
     pub(crate) fn read(&self, rel: &Path) -> io::Result<File> {
-        Ok(File::from(self.at(rel, OFlags::RDONLY | OFlags::NOCTTY, Mode::empty())?))
-    }
-
-    /// Opens the directory `rel` (for listing).
-    pub(crate) fn dir(&self, rel: &Path) -> io::Result<OwnedFd> {
-        self.at(rel, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())
+        Ok(File::from(self.at(
+            rel,
+            OFlags::RDONLY | OFlags::NOCTTY,
+            Mode::empty(),
+        )?))
     }
 
     /// Creates the missing parents of `rel` and opens it for writing, created or truncated.
@@ -126,6 +145,9 @@ impl Beneath {
             .file_name()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EISDIR))?;
         let parent = rel.parent().unwrap_or(Path::new(""));
-        Ok((self.at(parent, OFlags::PATH | OFlags::DIRECTORY, Mode::empty())?, name))
+        Ok((
+            self.at(parent, OFlags::PATH | OFlags::DIRECTORY, Mode::empty())?,
+            name,
+        ))
     }
 }

@@ -104,7 +104,15 @@ impl Tool for ExecuteCommand {
             .unwrap_or(ctx.command_timeout);
         let mut cmd = Command::new("sh");
         cmd.arg("-c").arg(&args.command).current_dir(&root);
-        let out = run_captured(cmd, &ctx.sandbox, &root, timeout, ctx.max_output_bytes, &ctx.cancel).await?;
+        let out = run_captured(
+            cmd,
+            &ctx.sandbox,
+            &root,
+            timeout,
+            ctx.max_output_bytes,
+            &ctx.cancel,
+        )
+        .await?;
         Ok(json!({
             "exit_code": out.exit_code,
             "stdout": out.stdout,

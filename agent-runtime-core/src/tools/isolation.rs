@@ -29,9 +29,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use landlock::{
-    ABI, Access, AccessFs, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, Scope,
-};
+use landlock::{ABI, Access, AccessFs, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, Scope};
 use serde::{Deserialize, Serialize};
 use tokio::process::Command;
 
@@ -200,8 +198,7 @@ const TARGET_ABI: ABI = ABI::V6;
 
 /// System paths every sandboxed command may read and execute.
 const SYSTEM_READ: &[&str] = &[
-    "/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin", "/etc", "/opt", "/proc", "/sys",
-    "/dev",
+    "/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin", "/etc", "/opt", "/proc", "/sys", "/dev",
 ];
 
 /// Devices every sandboxed command may write.
@@ -257,7 +254,9 @@ impl Confinement {
         let scratch = tempfile::Builder::new()
             .prefix("agent-runtime-cmd-")
             .tempdir()
-            .map_err(|e| ToolFailure::Failed(format!("cannot create the command's scratch directory: {e}")))?;
+            .map_err(|e| {
+                ToolFailure::Failed(format!("cannot create the command's scratch directory: {e}"))
+            })?;
         let ruleset = ruleset(policy, root, scratch.path()).map_err(|e| {
             ToolFailure::Failed(format!("cannot prepare the command's Landlock ruleset: {e}"))
         })?;
@@ -288,14 +287,19 @@ impl Confinement {
 fn ruleset(policy: &CommandSandbox, root: &Path, scratch: &Path) -> Result<Option<OwnedFd>, String> {
     let all = AccessFs::from_all(TARGET_ABI);
     let read = AccessFs::from_read(TARGET_ABI);
-    let mut rules: Vec<(PathBuf, landlock::BitFlags<AccessFs>)> = SYSTEM_READ
-        .iter()
-        .map(|p| (PathBuf::from(p), read))
-        .collect();
+    let mut rules: Vec<(PathBuf, landlock::BitFlags<AccessFs>)> =
+        SYSTEM_READ.iter().map(|p| (PathBuf::from(p), read)).collect();
     rules.push((PathBuf::from("/dev"), read | AccessFs::IoctlDev));
-    rules.extend(DEVICES_WRITE.iter().map(|p| (PathBuf::from(p), read | AccessFs::WriteFile)));
+    rules.extend(
+        DEVICES_WRITE
+            .iter()
+            .map(|p| (PathBuf::from(p), read | AccessFs::WriteFile)),
+    );
     rules.extend(policy.read_paths.iter().map(|p| (p.clone(), read)));
-    rules.push((root.to_path_buf(), if policy.project_writable { all } else { read }));
+    rules.push((
+        root.to_path_buf(),
+        if policy.project_writable { all } else { read },
+    ));
     rules.push((scratch.to_path_buf(), all));
     rules.extend(policy.write_paths.iter().map(|p| (p.clone(), all)));
 

@@ -46,8 +46,8 @@ use tokio_util::sync::CancellationToken;
 use crate::protocol::{ToolError, ToolSpec};
 
 pub use command::MAX_COMMAND_TIMEOUT_SECS;
-pub use isolation::{CommandRights, CommandSandbox, SandboxMode, SandboxSettings, SandboxStatus};
 pub use fs::MAX_LIST_ENTRIES;
+pub use isolation::{CommandRights, CommandSandbox, SandboxMode, SandboxSettings, SandboxStatus};
 pub use search::MAX_SEARCH_MATCHES;
 
 /// Default `COMMAND_TIMEOUT_SECS` (API.md §6).

@@ -37,12 +37,23 @@ pub(super) fn landlock_abi() -> i32 {
 /// Landlock ruleset `ruleset_fd` (when given), then the seccomp `filter`. The descriptor must stay
 /// open until the command is spawned (the caller owns it); it is close-on-exec, so the command never
 /// holds it.
-pub(super) fn enter_before_exec(cmd: &mut Command, ruleset_fd: Option<RawFd>, filter: Arc<Vec<libc::sock_filter>>) {
+pub(super) fn enter_before_exec(
+    cmd: &mut Command,
+    ruleset_fd: Option<RawFd>,
+    filter: Arc<Vec<libc::sock_filter>>,
+) {
     let child = move || -> io::Result<()> {
         // SAFETY: plain system calls on integers and on `filter`, which the closure keeps alive; no
         // allocation, no lock, nothing that is not async-signal-safe.
         unsafe {
-            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) != 0 {
+            if libc::prctl(
+                libc::PR_SET_NO_NEW_PRIVS,
+                1 as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+            ) != 0
+            {
                 return Err(io::Error::last_os_error());
             }
             if let Some(fd) = ruleset_fd
