@@ -88,7 +88,7 @@ impl SandboxSettings {
         CommandSandbox {
             mode: self.mode,
             project_writable: agent.path_rule == crate::agent::PathRule::Any,
-            network: self.network_agents.iter().any(|a| *a == agent.agent_type),
+            network: self.network_agents.contains(&agent.agent_type),
             read_paths: self.read_paths.clone(),
             write_paths: self.write_paths.clone(),
         }
