@@ -330,6 +330,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_sandbox_confines_a_command_unless_it_is_off() {
+        let (_d, mut ctx) = ctx();
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("x.txt");
+        let cmd = json!({"command": format!("echo x > {}", target.display())});
+        let out = ExecuteCommand.run(&ctx, cmd.clone()).await.unwrap();
+        assert_eq!(
+            (out["exit_code"].clone(), target.exists()),
+            (json!(2), false),
+            "{out}"
+        );
+        assert!(
+            out["stderr"].as_str().unwrap().contains("Permission denied"),
+            "{out}"
+        );
+        ctx.sandbox.mode = crate::tools::SandboxMode::Off;
+        let out = ExecuteCommand.run(&ctx, cmd).await.unwrap();
+        assert_eq!(
+            (
+                out["exit_code"].clone(),
+                std::fs::read_to_string(&target).unwrap()
+            ),
+            (json!(0), "x\n".to_string())
+        );
+    }
+
+    #[tokio::test]
     async fn stdout_and_stderr_are_read_concurrently() {
         let (_d, ctx) = ctx();
         // 200 KB on stderr before anything on stdout: a sequential reader would deadlock here.
