@@ -253,15 +253,25 @@ async fn a_command_cannot_lift_its_sandbox_nor_can_a_grandchild_after_its_parent
         "{r}"
     );
     // A grandchild in a session of its own survives the command, then tries a user namespace
-    // (root inside it) and a plain write.
+    // (root inside it) and a plain write, and leaves a mark in the project to show it ran. The
+    // command waits until `setsid` ran, or the group kill at its end would take the grandchild too.
     let r = t
         .run(&format!(
-            "setsid sh -c 'sleep 1; unshare -Ur sh -c \"echo x > {o}/userns.txt\"; echo x > {o}/grand.txt' \
-             > /dev/null 2>&1 < /dev/null & echo started"
+            "setsid sh -c 'sleep 1; unshare -Ur sh -c \"echo x > {o}/userns.txt\"; echo x > {o}/grand.txt; \
+             echo ran > alive.txt' > /dev/null 2>&1 < /dev/null & sleep 0.5; echo started"
         ))
         .await;
     assert_eq!(r["stdout"], "started\n");
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    let alive = t.project.join("alive.txt");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !alive.exists() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        std::fs::read_to_string(&alive).unwrap(),
+        "ran\n",
+        "the grandchild ran"
+    );
     assert_eq!(
         tree(t.out()),
         vec![
