@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::llm::Capabilities;
+use crate::tools::{SandboxMode, SandboxSettings};
 
 /// Where tools run (API.md §6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,8 +88,12 @@ pub struct RuntimeConfig {
     pub agents_file: Option<PathBuf>,
     /// `TOOL_EXECUTION`: the default for sessions that do not say.
     pub tool_execution: ToolExecution,
-    /// `WORKSPACE_ROOTS`: if non-empty, every `project_path` must be inside one of these.
-    pub workspace_roots: Vec<PathBuf>,
+    /// `PROJECT_ROOTS` (alias `WORKSPACE_ROOTS`): if non-empty, every `project_path` must be inside
+    /// one of these folders once symlinks are resolved.
+    pub project_roots: Vec<PathBuf>,
+    /// The process sandbox of tool commands (`SANDBOX`, `SANDBOX_READ_PATHS`, `SANDBOX_WRITE_PATHS`,
+    /// `SANDBOX_NETWORK_AGENTS`).
+    pub sandbox: SandboxSettings,
     /// `COMMAND_TIMEOUT_SECS`.
     pub command_timeout: Duration,
     /// `MAX_TURN_ITERATIONS`: model calls per turn.
@@ -133,7 +138,8 @@ impl Default for RuntimeConfig {
             plans_enabled: true,
             agents_file: None,
             tool_execution: ToolExecution::Runtime,
-            workspace_roots: vec![],
+            project_roots: vec![],
+            sandbox: SandboxSettings::default(),
             command_timeout: Duration::from_secs(120),
             max_turn_iterations: 25,
             max_tool_output_bytes: 32 * 1024,
@@ -167,7 +173,12 @@ pub const VARIABLES: &[&str] = &[
     "AGENT_RUNTIME__PLANS_ENABLED",
     "AGENT_RUNTIME__AGENTS_FILE",
     "TOOL_EXECUTION",
+    "PROJECT_ROOTS",
     "WORKSPACE_ROOTS",
+    "SANDBOX",
+    "SANDBOX_READ_PATHS",
+    "SANDBOX_WRITE_PATHS",
+    "SANDBOX_NETWORK_AGENTS",
     "COMMAND_TIMEOUT_SECS",
     "MAX_TURN_ITERATIONS",
     "MAX_TOOL_OUTPUT_BYTES",
@@ -207,6 +218,15 @@ fn list(v: &str) -> Vec<String> {
         .filter(|s| !s.is_empty())
         .map(String::from)
         .collect()
+}
+
+/// A comma list of absolute paths.
+fn absolute_paths(var: &str, v: &str) -> Result<Vec<PathBuf>> {
+    let paths: Vec<PathBuf> = list(v).into_iter().map(PathBuf::from).collect();
+    if let Some(rel) = paths.iter().find(|p| !p.is_absolute()) {
+        return Err(bad(var, &rel.display().to_string(), "paths must be absolute"));
+    }
+    Ok(paths)
 }
 
 impl RuntimeConfig {
@@ -306,15 +326,25 @@ impl RuntimeConfig {
             c.tool_execution = ToolExecution::parse(&v)
                 .ok_or_else(|| bad("TOOL_EXECUTION", &v, "expected runtime or client"))?;
         }
-        if let Some(v) = get("WORKSPACE_ROOTS") {
-            c.workspace_roots = list(&v).into_iter().map(PathBuf::from).collect();
-            if let Some(rel) = c.workspace_roots.iter().find(|p| !p.is_absolute()) {
-                return Err(bad(
-                    "WORKSPACE_ROOTS",
-                    &rel.display().to_string(),
-                    "paths must be absolute",
-                ));
+        // `WORKSPACE_ROOTS` is the earlier name; `PROJECT_ROOTS` wins when both are set.
+        for var in ["PROJECT_ROOTS", "WORKSPACE_ROOTS"] {
+            if let Some(v) = get(var) {
+                c.project_roots = absolute_paths(var, &v)?;
+                break;
             }
+        }
+        if let Some(v) = get("SANDBOX") {
+            c.sandbox.mode =
+                SandboxMode::parse(&v).ok_or_else(|| bad("SANDBOX", &v, "expected enforce or off"))?;
+        }
+        if let Some(v) = get("SANDBOX_READ_PATHS") {
+            c.sandbox.read_paths = absolute_paths("SANDBOX_READ_PATHS", &v)?;
+        }
+        if let Some(v) = get("SANDBOX_WRITE_PATHS") {
+            c.sandbox.write_paths = absolute_paths("SANDBOX_WRITE_PATHS", &v)?;
+        }
+        if let Some(v) = get("SANDBOX_NETWORK_AGENTS") {
+            c.sandbox.network_agents = list(&v);
         }
         if let Some(v) = get("COMMAND_TIMEOUT_SECS") {
             c.command_timeout = Duration::from_secs(parse_num("COMMAND_TIMEOUT_SECS", &v, 1)?);
@@ -392,6 +422,32 @@ mod tests {
     }
 
     #[test]
+    fn sandbox_and_project_roots_are_parsed_with_the_old_name_as_alias() {
+        let c = from(&[
+            ("WORKSPACE_ROOTS", "/srv/a, /srv/b"),
+            ("SANDBOX", "off"),
+            ("SANDBOX_READ_PATHS", "/opt/cache"),
+            ("SANDBOX_WRITE_PATHS", "/var/cache/x"),
+            ("SANDBOX_NETWORK_AGENTS", "coder, debug"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.project_roots, c.sandbox),
+            (
+                vec![PathBuf::from("/srv/a"), PathBuf::from("/srv/b")],
+                SandboxSettings {
+                    mode: SandboxMode::Off,
+                    read_paths: vec![PathBuf::from("/opt/cache")],
+                    write_paths: vec![PathBuf::from("/var/cache/x")],
+                    network_agents: vec!["coder".into(), "debug".into()],
+                }
+            )
+        );
+        let c = from(&[("WORKSPACE_ROOTS", "/old"), ("PROJECT_ROOTS", "/new")]).unwrap();
+        assert_eq!(c.project_roots, [PathBuf::from("/new")]);
+    }
+
+    #[test]
     fn a_bad_value_names_its_variable() {
         for (var, value) in [
             ("MAX_CONTEXT_TOKENS", "lots"),
@@ -404,6 +460,9 @@ mod tests {
             ("ROUTING_TIMEOUT_SECS", "0"),
             ("LLM_FIRST_BYTE_TIMEOUT_SECS", "soon"),
             ("LLM_CONTEXT_TOKENS", "100"),
+            ("PROJECT_ROOTS", "relative/dir"),
+            ("SANDBOX", "maybe"),
+            ("SANDBOX_READ_PATHS", "~/.cargo"),
         ] {
             let err = from(&[(var, value)]).unwrap_err();
             assert!(err.to_string().starts_with(&format!("{var}: ")), "{err}");

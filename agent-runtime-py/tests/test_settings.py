@@ -26,7 +26,11 @@ DEFAULTS = {
     "auto_agent_switching": True,
     "max_agent_switches": 10,
     "tool_execution": "runtime",
-    "workspace_roots": [],
+    "project_roots": [],
+    "sandbox": "enforce",
+    "sandbox_read_paths": [],
+    "sandbox_write_paths": [],
+    "sandbox_network_agents": [],
     "command_timeout_secs": 120,
     "max_turn_iterations": 25,
     "max_tool_output_bytes": 32768,
@@ -54,7 +58,9 @@ def test_keyword_arguments_set_the_variables(tmp_path):
         default_agent="coder",
         max_agent_switches=3,
         tool_execution="client",
-        workspace_roots=[str(tmp_path)],
+        workspace_roots=[str(tmp_path)],  # the earlier name of project_roots
+        sandbox="off",
+        sandbox_network_agents=["coder"],
         COMMAND_TIMEOUT_SECS=5,
         internal_api_key="k",
     )
@@ -72,7 +78,9 @@ def test_keyword_arguments_set_the_variables(tmp_path):
         "default_agent": "coder",
         "max_agent_switches": 3,
         "tool_execution": "client",
-        "workspace_roots": [str(tmp_path)],
+        "project_roots": [str(tmp_path)],
+        "sandbox": "off",
+        "sandbox_network_agents": ["coder"],
         "command_timeout_secs": 5,
     }
     assert rt.environment()["AGENT_RUNTIME__MULTI_AGENT_ENABLED"] == "false"

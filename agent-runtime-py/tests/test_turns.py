@@ -128,7 +128,14 @@ def test_the_five_agents_are_listed_in_order(rt):
 
     assert [a["type"] for a in agents] == ["orchestrator", "coder", "architect", "debug", "ask"]
     assert agents[1]["tools"] == ["read_file", "write_file", "list_files", "search_in_code", "execute_command", "git_diff", "git_commit", "delete_file"]
-    assert set(agents[0]) == {"type", "name", "description", "emoji", "tools", "restrictions"}
+    assert set(agents[0]) == {"type", "name", "description", "emoji", "tools", "restrictions", "command_rights"}
+    assert agents[3]["command_rights"] == {
+        "sandbox": "enforce",
+        "project": "read_only",
+        "network": False,
+        "extra_read_paths": [],
+        "extra_write_paths": [],
+    }
 
 
 def test_cancel_with_nothing_running_is_idle(rt, session):

@@ -136,9 +136,36 @@ pub const SETTINGS_HELP: &[(&str, &str, &str)] = &[
         "runtime",
     ),
     (
+        "PROJECT_ROOTS",
+        "comma list of absolute paths; when set, every project_path must be inside one after \
+         symlinks are resolved (alias WORKSPACE_ROOTS)",
+        "unset: any absolute folder",
+    ),
+    (
         "WORKSPACE_ROOTS",
-        "comma list of absolute paths; when set, every project_path must be inside one",
+        "the earlier name of PROJECT_ROOTS; PROJECT_ROOTS wins when both are set",
         "unset",
+    ),
+    (
+        "SANDBOX",
+        "enforce: every process a tool starts runs under Landlock and seccomp; off: with the \
+         server's own rights",
+        "enforce",
+    ),
+    (
+        "SANDBOX_READ_PATHS",
+        "comma list of absolute paths commands may also read (tool caches)",
+        "unset",
+    ),
+    (
+        "SANDBOX_WRITE_PATHS",
+        "comma list of absolute paths commands may also write",
+        "unset",
+    ),
+    (
+        "SANDBOX_NETWORK_AGENTS",
+        "comma list of agent types whose commands may open IP sockets",
+        "unset: none",
     ),
     (
         "COMMAND_TIMEOUT_SECS",

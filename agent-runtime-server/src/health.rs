@@ -41,6 +41,7 @@ pub async fn check(rt: &Orchestrator) -> (HealthView, bool) {
             default_agent: c.default_agent.clone(),
             agents_count: rt.agents().len(),
         },
+        sandbox: rt.sandbox_status(),
     };
     (view, health.storage_connected)
 }

@@ -420,6 +420,9 @@ pub struct HealthView {
     pub dependencies: std::collections::BTreeMap<String, String>,
     /// Multi-agent settings.
     pub multi_agent: MultiAgentView,
+    /// The process sandbox of tool commands: mode, the kernel's Landlock ABI, seccomp, and how the
+    /// file tools open paths (`openat2` or `path_walk`).
+    pub sandbox: agent_runtime_core::tools::SandboxStatus,
 }
 
 /// The `multi_agent` part of `GET /health`.

@@ -265,11 +265,14 @@ async fn health_reports_a_model_server_that_accepts_and_never_answers_within_abo
     let started = std::time::Instant::now();
     let health: serde_json::Value = s.get_json("/health").await;
     let elapsed = started.elapsed();
+    // The sandbox's figures are the kernel's (http_api.rs checks them); the rest is this test's.
+    assert_eq!(health["sandbox"]["mode"], "enforce");
     assert_eq!(
         health,
         json!({"status": "degraded", "service": "agent-runtime", "version": env!("CARGO_PKG_VERSION"),
                "dependencies": {"sqlite": "connected", "llm_proxy": "unavailable"},
-               "multi_agent": {"enabled": true, "default_agent": "orchestrator", "agents_count": 5}})
+               "multi_agent": {"enabled": true, "default_agent": "orchestrator", "agents_count": 5},
+               "sandbox": health["sandbox"].clone()})
     );
     assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
 }

@@ -19,11 +19,14 @@ async fn public_routes_need_no_token_and_answer_under_both_prefixes() {
         let r = s.client.get(s.url(path)).send().await.unwrap();
         assert_eq!(r.status(), 200);
         let v: Value = r.json().await.unwrap();
+        // The Landlock ABI is the kernel's; tests/sandbox.rs checks it is at least 1.
+        let abi = v["sandbox"]["landlock_abi"].clone();
         assert_eq!(
             v,
             json!({"status": "healthy", "service": "agent-runtime", "version": env!("CARGO_PKG_VERSION"),
                    "dependencies": {"sqlite": "connected", "llm_proxy": "available"},
-                   "multi_agent": {"enabled": true, "default_agent": "orchestrator", "agents_count": 5}})
+                   "multi_agent": {"enabled": true, "default_agent": "orchestrator", "agents_count": 5},
+                   "sandbox": {"mode": "enforce", "landlock_abi": abi, "seccomp": true, "file_tools": "openat2"}})
         );
     }
     let doc: Value = s
@@ -225,7 +228,15 @@ async fn agents_are_the_five_of_the_product_in_order() {
     let keys: Vec<&String> = agents[0].as_object().unwrap().keys().collect();
     assert_eq!(
         keys,
-        ["description", "emoji", "name", "restrictions", "tools", "type"]
+        [
+            "command_rights",
+            "description",
+            "emoji",
+            "name",
+            "restrictions",
+            "tools",
+            "type"
+        ]
     );
 }
 

@@ -73,6 +73,9 @@ pub struct AgentInfo {
     pub tools: Vec<String>,
     /// Its restrictions as the product states them.
     pub restrictions: Vec<String>,
+    /// What the processes its tools start may do (the process sandbox); set by the runtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_rights: Option<crate::tools::CommandRights>,
 }
 
 impl AgentDefinition {
@@ -85,6 +88,7 @@ impl AgentDefinition {
             emoji: self.emoji.clone(),
             tools: self.tools.clone(),
             restrictions: self.restrictions.clone(),
+            command_rights: None,
         }
     }
 

@@ -313,6 +313,23 @@ fn bound_window(configured: usize, model: Option<&ModelContext>) -> usize {
     }
 }
 
+impl Inner {
+    /// The sandbox of `agent_type`'s commands; an unknown agent gets a read-only project.
+    pub(crate) fn command_sandbox(&self, agent_type: &str) -> crate::tools::CommandSandbox {
+        let settings = &self.config.sandbox;
+        match self.agents.get(agent_type) {
+            Some(a) => settings.for_agent(a),
+            None => crate::tools::CommandSandbox {
+                mode: settings.mode,
+                project_writable: false,
+                network: false,
+                read_paths: settings.read_paths.clone(),
+                write_paths: settings.write_paths.clone(),
+            },
+        }
+    }
+}
+
 /// What an agent's model calls offer: its tools' specs and the window those leave for history.
 pub(crate) struct Offer {
     pub tools: Vec<crate::protocol::ToolSpec>,
@@ -461,9 +478,22 @@ impl Orchestrator {
         &self.inner.agents
     }
 
-    /// The agents as `GET /agents` lists them.
+    /// The agents as `GET /agents` lists them, each with its command rights.
     pub fn agents(&self) -> Vec<AgentInfo> {
-        self.inner.agents.list().iter().map(|a| a.info()).collect()
+        self.inner
+            .agents
+            .list()
+            .iter()
+            .map(|a| AgentInfo {
+                command_rights: Some(self.inner.config.sandbox.for_agent(a).rights()),
+                ..a.info()
+            })
+            .collect()
+    }
+
+    /// The process sandbox as the kernel allows it (`GET /health`).
+    pub fn sandbox_status(&self) -> crate::tools::SandboxStatus {
+        crate::tools::isolation::status(self.inner.config.sandbox.mode)
     }
 
     /// Subscribes to the EventBus.
@@ -478,7 +508,7 @@ impl Orchestrator {
 
     /// Creates a session on the default agent. `INVALID_REQUEST` for a bad id, a metadata value
     /// that is not an object, a `project_path` that is not an existing absolute directory (inside
-    /// `WORKSPACE_ROOTS` when set), or an unknown `tool_execution`; `SESSION_EXISTS` for a taken id.
+    /// `PROJECT_ROOTS` when set, symlinks resolved), or an unknown `tool_execution`; `SESSION_EXISTS` for a taken id.
     #[tracing::instrument(skip_all)]
     pub async fn create_session(&self, req: CreateSession) -> Result<Session> {
         let id = match req.session_id {
@@ -535,14 +565,20 @@ impl Orchestrator {
         let real = path.canonicalize().ok().filter(|r| r.is_dir()).ok_or_else(|| {
             Error::InvalidRequest(format!("project_path '{p}' is not an existing directory"))
         })?;
-        let roots = &self.inner.config.workspace_roots;
+        let roots = &self.inner.config.project_roots;
         if !roots.is_empty()
             && !roots
                 .iter()
                 .any(|r| r.canonicalize().is_ok_and(|r| real.starts_with(r)))
         {
             return Err(Error::InvalidRequest(format!(
-                "project_path '{p}' is outside WORKSPACE_ROOTS"
+                "project_path '{p}' (real path '{}') is not inside any folder of PROJECT_ROOTS ({}); open a project under one of them or add its folder to PROJECT_ROOTS",
+                real.display(),
+                roots
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
         Ok(real)

@@ -174,6 +174,7 @@ impl Turn {
             command_timeout: self.rt.config.command_timeout,
             max_output_bytes: self.rt.config.max_tool_output_bytes,
             cancel: self.cancel.child_token(),
+            sandbox: self.rt.command_sandbox(&self.agent()),
         })
     }
 
@@ -510,6 +511,7 @@ impl Turn {
                     command_timeout: self.rt.config.command_timeout,
                     max_output_bytes: self.rt.config.max_tool_output_bytes,
                     cancel: CancellationToken::new(),
+                    sandbox: Default::default(),
                 };
                 match tool.check(&ctx, arguments) {
                     Err(ToolFailure::Invalid(m)) if !m.contains("outside") => Err(ToolFailure::Invalid(m)),

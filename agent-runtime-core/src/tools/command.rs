@@ -8,7 +8,12 @@
 //! the call, beyond the runtime's control, and hold the output pipes open. A process that leaves the
 //! group on purpose (`setsid`) escapes the kill; the runner then stops reading after a short grace so
 //! the call still returns.
+//!
+//! Every process also runs in its agent's sandbox ([`super::isolation`]), entered before its first
+//! instruction; a command the sandbox blocks fails like any other (its stderr says "Permission
+//! denied" or "Operation not permitted") and the turn goes on.
 
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -20,6 +25,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
+use super::isolation::{CommandSandbox, Confinement};
 use super::sandbox::project_root;
 use super::{Tool, ToolContext, ToolFailure, bounded_text, no_nul, parse_args, schema_of};
 use crate::protocol::ToolSpec;
@@ -98,7 +104,15 @@ impl Tool for ExecuteCommand {
             .unwrap_or(ctx.command_timeout);
         let mut cmd = Command::new("sh");
         cmd.arg("-c").arg(&args.command).current_dir(&root);
-        let out = run_captured(cmd, timeout, ctx.max_output_bytes, &ctx.cancel).await?;
+        let out = run_captured(
+            cmd,
+            &ctx.sandbox,
+            &root,
+            timeout,
+            ctx.max_output_bytes,
+            &ctx.cancel,
+        )
+        .await?;
         Ok(json!({
             "exit_code": out.exit_code,
             "stdout": out.stdout,
@@ -139,10 +153,13 @@ impl Drop for GroupKiller {
     }
 }
 
-/// Runs `cmd` (its program, args and cwd already set) in a new process group with stdin closed;
-/// returns on exit or timeout, or fails with "cancelled" when `cancel` fires.
+/// Runs `cmd` (its program, args and cwd already set) in a new process group with stdin closed, in
+/// `sandbox` for the project `root` (canonical); returns on exit or timeout, or fails with "cancelled"
+/// when `cancel` fires.
 pub(crate) async fn run_captured(
     mut cmd: Command,
+    sandbox: &CommandSandbox,
+    root: &Path,
     timeout: Duration,
     max_output_bytes: usize,
     cancel: &CancellationToken,
@@ -152,9 +169,17 @@ pub(crate) async fn run_captured(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| ToolFailure::Failed(format!("cannot start the command: {e}")))?;
+    // Held until the command ended: the scratch directory is removed when it is dropped.
+    let confinement = Confinement::prepare(sandbox, root)?;
+    if let Some(c) = &confinement {
+        c.apply(&mut cmd);
+    }
+    let mut child = cmd.spawn().map_err(|e| {
+        ToolFailure::Failed(match &confinement {
+            Some(_) => format!("cannot start the command in its sandbox: {e}"),
+            None => format!("cannot start the command: {e}"),
+        })
+    })?;
     let pid = child
         .id()
         .and_then(|id| i32::try_from(id).ok())
@@ -203,6 +228,7 @@ pub(crate) async fn run_captured(
     let stderr = collect(stderr).await;
     grace.abort();
 
+    drop(confinement);
     match end {
         End::Cancelled => {
             tracing::debug!("command cancelled");
@@ -300,6 +326,33 @@ mod tests {
         assert_eq!(
             t.check(&ctx, &json!({"command": "true", "timeout_secs": 5})),
             Ok(())
+        );
+    }
+
+    #[tokio::test]
+    async fn the_sandbox_confines_a_command_unless_it_is_off() {
+        let (_d, mut ctx) = ctx();
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("x.txt");
+        let cmd = json!({"command": format!("echo x > {}", target.display())});
+        let out = ExecuteCommand.run(&ctx, cmd.clone()).await.unwrap();
+        assert_eq!(
+            (out["exit_code"].clone(), target.exists()),
+            (json!(2), false),
+            "{out}"
+        );
+        assert!(
+            out["stderr"].as_str().unwrap().contains("Permission denied"),
+            "{out}"
+        );
+        ctx.sandbox.mode = crate::tools::SandboxMode::Off;
+        let out = ExecuteCommand.run(&ctx, cmd).await.unwrap();
+        assert_eq!(
+            (
+                out["exit_code"].clone(),
+                std::fs::read_to_string(&target).unwrap()
+            ),
+            (json!(0), "x\n".to_string())
         );
     }
 

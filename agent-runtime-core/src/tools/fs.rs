@@ -1,7 +1,12 @@
 //! The file tools: `read_file`, `write_file`, `delete_file` and `list_files`, confined to the project
 //! root by [`super::sandbox`]. Blocking file-system work runs on tokio's blocking pool.
+//!
+//! Reads, writes and deletes open the checked path relative to the root's descriptor with `openat2`
+//! ([`super::beneath`]), so a directory swapped for a symlink after the check cannot redirect them.
+//! `list_files` still walks the checked path (a swap in that window can show names from outside, never
+//! contents).
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
@@ -9,6 +14,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::beneath::{Beneath, describe};
 use super::sandbox::{display_relative, project_root, resolve_for_write, resolve_in};
 use super::{Tool, ToolContext, ToolFailure, join_failure, parse_args, schema_of};
 use crate::protocol::ToolSpec;
@@ -34,7 +40,10 @@ pub(crate) struct ReadFileArgs {
 pub(crate) struct ReadFile;
 
 impl ReadFile {
-    fn prepare(ctx: &ToolContext, arguments: &Value) -> Result<(PathBuf, ReadFileArgs), ToolFailure> {
+    fn prepare(
+        ctx: &ToolContext,
+        arguments: &Value,
+    ) -> Result<(PathBuf, PathBuf, ReadFileArgs), ToolFailure> {
         let args: ReadFileArgs = parse_args("read_file", arguments)?;
         if args.start_line == Some(0) || args.end_line == Some(0) {
             return Err(ToolFailure::Invalid(
@@ -50,7 +59,7 @@ impl ReadFile {
         }
         let root = project_root(&ctx.project_root)?;
         let real = resolve_in(&root, &args.path)?;
-        Ok((real, args))
+        Ok((root, real, args))
     }
 }
 
@@ -76,35 +85,46 @@ impl Tool for ReadFile {
 
     #[tracing::instrument(name = "read_file", skip_all)]
     async fn run(&self, ctx: &ToolContext, arguments: Value) -> Result<Value, ToolFailure> {
-        let (real, args) = Self::prepare(ctx, &arguments)?;
+        let (root, real, args) = Self::prepare(ctx, &arguments)?;
         let max = ctx.max_output_bytes;
-        tokio::task::spawn_blocking(move || read_lines(&real, &args, max))
-            .await
-            .map_err(|e| join_failure("read_file", e))?
+        tokio::task::spawn_blocking(move || {
+            let file = open_for_read(&root, &real, &args.path)?;
+            read_lines(file, &args, max)
+        })
+        .await
+        .map_err(|e| join_failure("read_file", e))?
     }
 }
 
-/// A regular file at `real`, or the failure that says why not (API.md §9.19).
-fn require_file(real: &Path, shown: &str) -> Result<(), ToolFailure> {
-    match std::fs::metadata(real) {
+/// `real` (inside `root`) relative to it, as [`Beneath`] takes it.
+fn relative<'a>(root: &Path, real: &'a Path) -> &'a Path {
+    real.strip_prefix(root).unwrap_or(Path::new(""))
+}
+
+/// The regular file at `real` opened beneath `root`, or the failure that says why not (API.md §9.19).
+fn open_for_read(root: &Path, real: &Path, shown: &str) -> Result<std::fs::File, ToolFailure> {
+    let failed = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::NotFound => ToolFailure::Failed(format!("no such file: '{shown}'")),
+        _ => ToolFailure::Failed(format!("cannot read '{shown}': {}", describe(&e))),
+    };
+    let file = Beneath::open(root)
+        .and_then(|b| b.read(relative(root, real)))
+        .map_err(failed)?;
+    match file.metadata() {
         Ok(m) if m.is_dir() => Err(ToolFailure::Failed(format!(
             "'{shown}' is a directory, not a file"
         ))),
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Err(ToolFailure::Failed(format!("no such file: '{shown}'")))
-        }
-        Err(e) => Err(ToolFailure::Failed(format!("cannot read '{shown}': {e}"))),
+        Ok(_) => Ok(file),
+        Err(e) => Err(failed(e)),
     }
 }
 
 /// Scans the file once with bounded memory: counts its lines and keeps the requested ones up to `max`
 /// bytes (a file of one huge line is cut, not loaded).
-fn read_lines(real: &Path, args: &ReadFileArgs, max: usize) -> Result<Value, ToolFailure> {
+fn read_lines(file: impl Read, args: &ReadFileArgs, max: usize) -> Result<Value, ToolFailure> {
     let shown = args.path.as_str();
-    require_file(real, shown)?;
     let io_err = |e: std::io::Error| ToolFailure::Failed(format!("cannot read '{shown}': {e}"));
-    let mut reader = BufReader::new(std::fs::File::open(real).map_err(io_err)?);
+    let mut reader = BufReader::new(file);
     let start = args.start_line.unwrap_or(1);
     let end = args.end_line.unwrap_or(u64::MAX);
     let mut line: u64 = 1;
@@ -209,19 +229,19 @@ impl Tool for WriteFile {
     async fn run(&self, ctx: &ToolContext, arguments: Value) -> Result<Value, ToolFailure> {
         let (root, real, args) = Self::prepare(ctx, &arguments)?;
         let shown = display_relative(&root, &real);
-        let failed = |e: std::io::Error| ToolFailure::Failed(format!("cannot write '{shown}': {e}"));
-        if tokio::fs::metadata(&real).await.is_ok_and(|m| m.is_dir()) {
-            return Err(ToolFailure::Failed(format!(
-                "'{shown}' is a directory, not a file"
-            )));
-        }
-        if let Some(parent) = real.parent() {
-            tokio::fs::create_dir_all(parent).await.map_err(failed)?;
-        }
-        tokio::fs::write(&real, args.content.as_bytes())
-            .await
-            .map_err(failed)?;
-        Ok(json!({"path": shown, "bytes_written": args.content.len()}))
+        tokio::task::spawn_blocking(move || {
+            let failed = |e: std::io::Error| match e.raw_os_error() {
+                Some(libc::EISDIR) => ToolFailure::Failed(format!("'{shown}' is a directory, not a file")),
+                _ => ToolFailure::Failed(format!("cannot write '{shown}': {}", describe(&e))),
+            };
+            let mut file = Beneath::open(&root)
+                .and_then(|b| b.create(relative(&root, &real)))
+                .map_err(failed)?;
+            file.write_all(args.content.as_bytes()).map_err(failed)?;
+            Ok(json!({"path": shown, "bytes_written": args.content.len()}))
+        })
+        .await
+        .map_err(|e| join_failure("write_file", e))?
     }
 }
 
@@ -267,11 +287,25 @@ impl Tool for DeleteFile {
     async fn run(&self, ctx: &ToolContext, arguments: Value) -> Result<Value, ToolFailure> {
         let (root, real) = Self::prepare(ctx, &arguments)?;
         let shown = display_relative(&root, &real);
-        require_file(&real, &shown)?;
-        tokio::fs::remove_file(&real)
-            .await
-            .map_err(|e| ToolFailure::Failed(format!("cannot delete '{shown}': {e}")))?;
-        Ok(json!({"deleted": shown}))
+        tokio::task::spawn_blocking(move || {
+            let failed =
+                |e: std::io::Error| ToolFailure::Failed(format!("cannot delete '{shown}': {}", describe(&e)));
+            let rel = relative(&root, &real);
+            let beneath = Beneath::open(&root).map_err(failed)?;
+            match beneath.kind(rel).map_err(failed)? {
+                None => return Err(ToolFailure::Failed(format!("no such file: '{shown}'"))),
+                Some(rustix::fs::FileType::Directory) => {
+                    return Err(ToolFailure::Failed(format!(
+                        "'{shown}' is a directory, not a file"
+                    )));
+                }
+                Some(_) => {}
+            }
+            beneath.remove_file(rel).map_err(failed)?;
+            Ok(json!({"deleted": shown}))
+        })
+        .await
+        .map_err(|e| join_failure("delete_file", e))?
     }
 }
 
@@ -413,7 +447,7 @@ mod tests {
             start_line: start,
             end_line: end,
         };
-        read_lines(&p, &args, max)
+        read_lines(std::fs::File::open(&p).unwrap(), &args, max)
     }
 
     #[test]

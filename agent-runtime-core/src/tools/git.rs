@@ -5,6 +5,7 @@
 //! other programs: hooks off (`core.hooksPath=/dev/null`), no fsmonitor, no external diff or textconv;
 //! tools also refuse to write inside `.git` (see [`super::sandbox`]). Pathspecs are literal
 //! (`--literal-pathspecs`) and follow `--`, so a path can be neither an option nor pathspec magic.
+//! git runs in the agent's process sandbox like any command ([`super::isolation`]).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -43,8 +44,16 @@ fn git(root: &Path) -> Command {
 }
 
 /// Runs a git command; a non-zero exit or a timeout is a failure carrying git's own message.
-async fn run_git(ctx: &ToolContext, what: &str, cmd: Command) -> Result<Captured, ToolFailure> {
-    let out = run_captured(cmd, ctx.command_timeout, ctx.max_output_bytes, &ctx.cancel).await?;
+async fn run_git(ctx: &ToolContext, root: &Path, what: &str, cmd: Command) -> Result<Captured, ToolFailure> {
+    let out = run_captured(
+        cmd,
+        &ctx.sandbox,
+        root,
+        ctx.command_timeout,
+        ctx.max_output_bytes,
+        &ctx.cancel,
+    )
+    .await?;
     if out.timed_out {
         return Err(ToolFailure::Failed(format!("{what} timed out")));
     }
@@ -134,7 +143,7 @@ impl Tool for GitDiff {
         if let Some(p) = &path {
             cmd.arg("--").arg(pathspec(&root, p));
         }
-        let out = run_git(ctx, "git diff", cmd).await?;
+        let out = run_git(ctx, &root, "git diff", cmd).await?;
         Ok(Value::String(out.stdout))
     }
 }
@@ -205,7 +214,7 @@ impl Tool for GitCommit {
         } else {
             add.args(paths.iter().map(|p| pathspec(&root, p)));
         }
-        run_git(ctx, "git add", add).await?;
+        run_git(ctx, &root, "git add", add).await?;
 
         let mut commit = git(&root);
         // A machine without a configured identity still gets a commit, under the runtime's name.
@@ -215,16 +224,16 @@ impl Tool for GitCommit {
         ] {
             let mut get = git(&root);
             get.args(["config", "--get", key]);
-            if run_git(ctx, "git config", get).await.is_err() {
+            if run_git(ctx, &root, "git config", get).await.is_err() {
                 commit.arg("-c").arg(format!("{key}={fallback}"));
             }
         }
         commit.args(["commit", "--no-verify", "-m"]).arg(&message);
-        run_git(ctx, "git commit", commit).await?;
+        run_git(ctx, &root, "git commit", commit).await?;
 
         let mut head = git(&root);
         head.args(["rev-parse", "HEAD"]);
-        let out = run_git(ctx, "git rev-parse", head).await?;
+        let out = run_git(ctx, &root, "git rev-parse", head).await?;
         Ok(json!({"commit": out.stdout.trim()}))
     }
 }

@@ -23,9 +23,11 @@
 //! | `git_commit` | `{"commit": "<sha>"}` |
 //! | `delete_file` | `{"deleted": "path"}` |
 
+mod beneath;
 mod command;
 mod fs;
 mod git;
+pub mod isolation;
 pub mod sandbox;
 mod search;
 
@@ -45,6 +47,7 @@ use crate::protocol::{ToolError, ToolSpec};
 
 pub use command::MAX_COMMAND_TIMEOUT_SECS;
 pub use fs::MAX_LIST_ENTRIES;
+pub use isolation::{CommandRights, CommandSandbox, SandboxMode, SandboxSettings, SandboxStatus};
 pub use search::MAX_SEARCH_MATCHES;
 
 /// Default `COMMAND_TIMEOUT_SECS` (API.md §6).
@@ -63,16 +66,20 @@ pub struct ToolContext {
     pub max_output_bytes: usize,
     /// Cancelled when the turn is cancelled: a running command is killed with its process group.
     pub cancel: CancellationToken,
+    /// The sandbox of the processes the call starts (its agent's rights).
+    pub sandbox: CommandSandbox,
 }
 
 impl ToolContext {
-    /// A context for `project_root` with the default limits and a fresh cancellation token.
+    /// A context for `project_root` with the default limits, a fresh cancellation token and the
+    /// default sandbox (enforced, project writable, no network).
     pub fn new(project_root: impl Into<PathBuf>) -> Self {
         ToolContext {
             project_root: project_root.into(),
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
             max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
             cancel: CancellationToken::new(),
+            sandbox: CommandSandbox::default(),
         }
     }
 }

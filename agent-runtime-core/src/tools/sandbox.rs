@@ -13,11 +13,10 @@
 //! - `..` is refused only when the *final* real path is outside (`../<root name>/x` is inside);
 //! - a path that does not exist is not refused here: the tool reports it as a failure.
 //!
-//! Limitation (TOCTOU): the check and the use are separate system calls. A process that swaps a
-//! directory for a symlink between [`resolve`] and the tool's `open` (e.g. a command the user approved,
-//! still running in the background) could redirect a write outside. The tools run commands to
-//! completion and kill their process groups, which narrows this window but does not close it; closing
-//! it needs `openat2(RESOLVE_BENEATH)` or a mount namespace, which this crate does not use.
+//! The check and the use are separate system calls: a process that swaps a directory for a symlink in
+//! between could redirect the use. The file tools therefore open the checked path relative to a
+//! descriptor of the root with `openat2(RESOLVE_BENEATH)` ([`super::beneath`]), which the kernel
+//! refuses if it would leave the root; `list_files` and `search_in_code` still walk the checked path.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
