@@ -11,13 +11,9 @@ use tracing::warn;
 
 use super::routing::{self, SWITCH_TOOL};
 
-#[path = "guard.rs"]
 mod guard;
-#[path = "model.rs"]
 mod model;
-#[path = "plan.rs"]
 mod plan;
-#[path = "submit.rs"]
 mod submit;
 
 use super::Inner;
