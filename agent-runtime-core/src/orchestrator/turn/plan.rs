@@ -9,7 +9,7 @@ use crate::approval::{Approval, ApprovalResolution, ApprovalStatus, RequestType}
 use crate::error::{Error, Result};
 use crate::events::BusEventKind;
 use crate::orchestrator::routing;
-use crate::protocol::{EventPayload, HitlDecision, Plan, StopReason, Subtask};
+use crate::protocol::{Decision, EventPayload, HitlDecision, Plan, StopReason, Subtask};
 use crate::session::{NewMessage, SessionStatus};
 use crate::storage::{Commit, SessionUpdate};
 use crate::time::Timestamp;
@@ -261,18 +261,17 @@ pub(super) async fn decide_plan(turn: &mut Turn, d: HitlDecision, request_id: Op
         return Err(Error::ApprovalAlreadyDecided(d.call_id));
     }
     let agents = turn.rt.agents.types();
-    let (status, kind, plans) = match d.decision.as_str() {
-        "approve" => (ApprovalStatus::Approved, BusEventKind::ApprovalApproved, vec![]),
-        "edit" => {
-            let args = d.modified_arguments.clone().unwrap_or(Value::Null);
-            let plan = plan_from_arguments(&args, &agents, &d.call_id).map_err(Error::InvalidTool)?;
+    let (status, kind, plans) = match &d.decision {
+        Decision::Approve => (ApprovalStatus::Approved, BusEventKind::ApprovalApproved, vec![]),
+        Decision::Edit { arguments } => {
+            let plan = plan_from_arguments(arguments, &agents, &d.call_id).map_err(Error::InvalidTool)?;
             turn.state.plan = Some(PlanRun {
                 plan: plan.clone(),
                 current: None,
             });
             (ApprovalStatus::Edited, BusEventKind::ApprovalApproved, vec![plan])
         }
-        _ => {
+        Decision::Reject { .. } => {
             turn.state.plan = None;
             (ApprovalStatus::Rejected, BusEventKind::ApprovalRejected, vec![])
         }
@@ -282,7 +281,7 @@ pub(super) async fn decide_plan(turn: &mut Turn, d: HitlDecision, request_id: Op
         plans,
         events: vec![EventPayload::ApprovalResolved {
             call_id: d.call_id.clone(),
-            decision: d.decision.clone(),
+            decision: d.decision.verb().into(),
         }],
         request_id,
         session: SessionUpdate {
@@ -295,7 +294,7 @@ pub(super) async fn decide_plan(turn: &mut Turn, d: HitlDecision, request_id: Op
     turn.rt.bus.publish(
         kind,
         turn.id(),
-        json!({"call_id": d.call_id, "decision": d.decision, "request_type": "plan"}),
+        json!({"call_id": d.call_id, "decision": d.decision.verb(), "request_type": "plan"}),
     );
     Ok(committed.events.first().map(|e| e.seq).unwrap_or(1))
 }

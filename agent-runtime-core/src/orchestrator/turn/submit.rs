@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::events::BusEventKind;
 use crate::orchestrator::stream::{EventStream, Follow};
 use crate::orchestrator::{CancelOutcome, Inner, Submission};
-use crate::protocol::{ClientMessage, EventPayload, HitlDecision, StopReason, ToolError};
+use crate::protocol::{ClientMessage, Decision, EventPayload, HitlDecision, StopReason, ToolError};
 use crate::session::{AgentSwitch, Message, NewMessage, Role, Session, SessionStatus, ToolCall, Usage};
 use crate::storage::{Commit, SessionQuery, SessionUpdate};
 use crate::time::Timestamp;
@@ -232,18 +232,8 @@ fn validate(rt: &Arc<Inner>, session: &Session, m: &ClientMessage) -> Result<()>
                 return Err(Error::ToolCallNotFound(call_id.clone()));
             }
         }
-        ClientMessage::HitlDecision(d) => {
-            if !matches!(d.decision.as_str(), "approve" | "edit" | "reject") {
-                return Err(Error::InvalidRequest(
-                    "decision must be approve, edit or reject".into(),
-                ));
-            }
-            if d.decision == "edit" && !d.modified_arguments.as_ref().is_some_and(Value::is_object) {
-                return Err(Error::InvalidRequest(
-                    "an edit needs modified_arguments as a JSON object".into(),
-                ));
-            }
-        }
+        // Its verb and arguments were checked when it was parsed.
+        ClientMessage::HitlDecision(_) => {}
     }
     Ok(())
 }
@@ -486,28 +476,29 @@ async fn decide(turn: &mut Turn, d: HitlDecision, request_id: Option<String>) ->
     if !open {
         return Err(Error::ApprovalAlreadyDecided(d.call_id));
     }
-    let (status, state, kind) = match d.decision.as_str() {
-        "approve" => (
+    let (status, state, kind) = match &d.decision {
+        Decision::Approve => (
             ApprovalStatus::Approved,
             CallState::Ready {
                 run_arguments: approval.arguments.clone(),
             },
             BusEventKind::ApprovalApproved,
         ),
-        "edit" => {
-            let args = d.modified_arguments.clone().unwrap_or(Value::Null);
-            turn.check_call(&approval.tool_name, &args)
+        Decision::Edit { arguments } => {
+            turn.check_call(&approval.tool_name, arguments)
                 .map_err(|f| Error::InvalidTool(f.message().to_string()))?;
             (
                 ApprovalStatus::Edited,
-                CallState::Ready { run_arguments: args },
+                CallState::Ready {
+                    run_arguments: arguments.clone(),
+                },
                 BusEventKind::ApprovalApproved,
             )
         }
-        _ => (
+        Decision::Reject { feedback } => (
             ApprovalStatus::Rejected,
             CallState::Rejected {
-                feedback: d.feedback.clone(),
+                feedback: feedback.clone(),
             },
             BusEventKind::ApprovalRejected,
         ),
@@ -520,7 +511,7 @@ async fn decide(turn: &mut Turn, d: HitlDecision, request_id: Option<String>) ->
         .any(|c| c.state == CallState::AwaitingApproval);
     let mut events = vec![EventPayload::ApprovalResolved {
         call_id: d.call_id.clone(),
-        decision: d.decision.clone(),
+        decision: d.decision.verb().into(),
     }];
     let status_after = if still_pending {
         events.push(EventPayload::Done {
@@ -545,7 +536,7 @@ async fn decide(turn: &mut Turn, d: HitlDecision, request_id: Option<String>) ->
     turn.rt.bus.publish(
         kind,
         turn.id(),
-        json!({"call_id": d.call_id, "decision": d.decision}),
+        json!({"call_id": d.call_id, "decision": d.decision.verb()}),
     );
     let first = committed.events.first().map(|e| e.seq).unwrap_or(1);
     // While other approvals are pending the turn stays paused: this stream ends with its `done`.
