@@ -11,9 +11,12 @@ use tracing::warn;
 
 use super::routing::{self, SWITCH_TOOL};
 
+mod decide;
 mod guard;
 mod model;
 mod plan;
+mod recover;
+mod start;
 mod submit;
 
 use super::Inner;
@@ -31,8 +34,9 @@ use crate::session::{AgentSwitch, Message, NewMessage, Role, Session, SessionSta
 use crate::storage::{Commit, Committed, SessionUpdate};
 use crate::time::Timestamp;
 use crate::tools::{ToolContext, ToolFailure};
+pub(super) use recover::{cancel, recover_interrupted};
 use submit::give_back;
-pub(super) use submit::{cancel, recover_interrupted, submit};
+pub(super) use submit::submit;
 
 /// Where an open tool call of the paused or running turn stands.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
