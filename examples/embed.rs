@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use agent_runtime_core::llm::{Script, ScriptedBackend};
 use agent_runtime_core::orchestrator::{CreateSession, EventStream, Orchestrator, Submission};
-use agent_runtime_core::protocol::{ClientMessage, EventPayload, HitlDecision, StopReason};
+use agent_runtime_core::protocol::{ClientMessage, Decision, EventPayload, HitlDecision, StopReason};
 use agent_runtime_core::{Error, Result, storage};
 use futures::StreamExt;
 use serde_json::json;
@@ -72,9 +72,7 @@ async fn main() -> Result<()> {
         );
         let decision = ClientMessage::HitlDecision(HitlDecision {
             call_id: approval.call_id.clone(),
-            decision: "approve".into(),
-            modified_arguments: None,
-            feedback: None,
+            decision: Decision::Approve,
         });
         let events = rt.submit(&session.id, Submission::new(decision)).await?;
         print_events(events).await?;

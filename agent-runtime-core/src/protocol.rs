@@ -281,19 +281,98 @@ pub enum ClientMessage {
     HitlDecision(HitlDecision),
 }
 
+/// What a human decided on a pending approval (API.md §5.3). On the wire it is the verb
+/// `approve`, `edit` or `reject` with `modified_arguments` (edit) and `feedback` (reject) beside it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Run the call (or plan) as proposed.
+    Approve,
+    /// Run it with these arguments (a JSON object), checked again against the agent's rules.
+    Edit {
+        /// The arguments to run with.
+        arguments: Value,
+    },
+    /// Do not run it; the model is told, with the human's words if any.
+    Reject {
+        /// The human's words to the model.
+        feedback: Option<String>,
+    },
+}
+
+impl Decision {
+    /// The wire verb, as `approval_resolved.decision` repeats it.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Decision::Approve => "approve",
+            Decision::Edit { .. } => "edit",
+            Decision::Reject { .. } => "reject",
+        }
+    }
+
+    /// The decision a verb and its companions describe; the error names what is wrong.
+    pub fn parse(
+        verb: &str,
+        modified_arguments: Option<Value>,
+        feedback: Option<String>,
+    ) -> Result<Decision, String> {
+        match verb {
+            "approve" => Ok(Decision::Approve),
+            "edit" => match modified_arguments {
+                Some(arguments @ Value::Object(_)) => Ok(Decision::Edit { arguments }),
+                _ => Err("an edit needs modified_arguments as a JSON object".into()),
+            },
+            "reject" => Ok(Decision::Reject { feedback }),
+            other => Err(format!("decision must be approve, edit or reject, not '{other}'")),
+        }
+    }
+}
+
 /// A decision on a pending approval (API.md §5.3).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "HitlDecisionWire", into = "HitlDecisionWire")]
 pub struct HitlDecision {
     /// The approval's call id (or plan id).
     pub call_id: String,
-    /// `approve`, `edit` or `reject`.
-    pub decision: String,
-    /// For `edit`: the arguments to run with.
+    /// What was decided.
+    pub decision: Decision,
+}
+
+/// [`HitlDecision`] as the wire writes it.
+#[derive(Serialize, Deserialize)]
+struct HitlDecisionWire {
+    call_id: String,
+    decision: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub modified_arguments: Option<Value>,
-    /// The human's words to the model.
+    modified_arguments: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub feedback: Option<String>,
+    feedback: Option<String>,
+}
+
+impl TryFrom<HitlDecisionWire> for HitlDecision {
+    type Error = String;
+    fn try_from(w: HitlDecisionWire) -> Result<Self, String> {
+        Ok(HitlDecision {
+            call_id: w.call_id,
+            decision: Decision::parse(&w.decision, w.modified_arguments, w.feedback)?,
+        })
+    }
+}
+
+impl From<HitlDecision> for HitlDecisionWire {
+    fn from(d: HitlDecision) -> Self {
+        let verb = d.decision.verb().to_string();
+        let (modified_arguments, feedback) = match d.decision {
+            Decision::Approve => (None, None),
+            Decision::Edit { arguments } => (Some(arguments), None),
+            Decision::Reject { feedback } => (None, feedback),
+        };
+        HitlDecisionWire {
+            call_id: d.call_id,
+            decision: verb,
+            modified_arguments,
+            feedback,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -386,15 +465,63 @@ mod tests {
             m,
             ClientMessage::HitlDecision(HitlDecision {
                 call_id: "c1".into(),
-                decision: "reject".into(),
-                modified_arguments: None,
-                feedback: Some("no".into())
+                decision: Decision::Reject {
+                    feedback: Some("no".into())
+                },
             })
         );
         assert!(serde_json::from_value::<ClientMessage>(json!({"type": "dance"})).is_err());
         assert!(
             serde_json::from_value::<ClientMessage>(json!({"type": "user_message", "content": 5})).is_err()
         );
+    }
+
+    #[test]
+    fn decisions_keep_their_wire_verbs_and_an_unknown_verb_does_not_parse() {
+        let cases = [
+            (json!({"call_id": "c1", "decision": "approve"}), Decision::Approve),
+            (
+                json!({"call_id": "c1", "decision": "edit", "modified_arguments": {"path": "a.md"}}),
+                Decision::Edit {
+                    arguments: json!({"path": "a.md"}),
+                },
+            ),
+            (
+                json!({"call_id": "c1", "decision": "reject", "feedback": "not now"}),
+                Decision::Reject {
+                    feedback: Some("not now".into()),
+                },
+            ),
+        ];
+        for (wire, decision) in cases {
+            let parsed: HitlDecision = serde_json::from_value(wire.clone()).unwrap();
+            assert_eq!(
+                parsed,
+                HitlDecision {
+                    call_id: "c1".into(),
+                    decision
+                }
+            );
+            assert_eq!(serde_json::to_value(&parsed).unwrap(), wire);
+        }
+        let refused = [
+            (
+                json!({"call_id": "c1", "decision": "maybe"}),
+                "decision must be approve, edit or reject, not 'maybe'",
+            ),
+            (
+                json!({"call_id": "c1", "decision": "edit"}),
+                "an edit needs modified_arguments as a JSON object",
+            ),
+            (
+                json!({"call_id": "c1", "decision": "edit", "modified_arguments": [1]}),
+                "an edit needs modified_arguments as a JSON object",
+            ),
+        ];
+        for (wire, why) in refused {
+            let err = serde_json::from_value::<HitlDecision>(wire).unwrap_err();
+            assert_eq!(err.to_string(), why);
+        }
     }
 
     #[test]

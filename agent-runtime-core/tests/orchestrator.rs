@@ -15,7 +15,7 @@ use agent_runtime_core::llm::{
 };
 use agent_runtime_core::orchestrator::{CancelOutcome, CreateSession, Follow, Orchestrator, Submission};
 use agent_runtime_core::protocol::{
-    AssistantMessage, ClientMessage, EventPayload, HitlDecision, StopReason, ToolError,
+    AssistantMessage, ClientMessage, Decision, EventPayload, HitlDecision, StopReason, ToolError,
 };
 use agent_runtime_core::session::{Role, SessionStatus};
 use agent_runtime_core::storage::{self, Storage};
@@ -110,9 +110,7 @@ impl Harness {
             session,
             ClientMessage::HitlDecision(HitlDecision {
                 call_id: call_id.into(),
-                decision: decision.into(),
-                modified_arguments: args,
-                feedback: feedback.map(String::from),
+                decision: Decision::parse(decision, args, feedback.map(String::from)).unwrap(),
             }),
         )
         .await
@@ -586,9 +584,7 @@ async fn a_reused_call_id_never_collides_with_an_earlier_approval() {
 fn hitl(call_id: &str, decision: &str) -> ClientMessage {
     ClientMessage::HitlDecision(HitlDecision {
         call_id: call_id.into(),
-        decision: decision.into(),
-        modified_arguments: None,
-        feedback: None,
+        decision: Decision::parse(decision, None, None).unwrap(),
     })
 }
 
@@ -608,9 +604,9 @@ async fn edit_runs_the_modified_arguments_and_can_never_escalate() {
             &s,
             Submission::new(ClientMessage::HitlDecision(HitlDecision {
                 call_id: id.clone(),
-                decision: "edit".into(),
-                modified_arguments: Some(json!({"path": "src/evil.rs", "content": "x"})),
-                feedback: None,
+                decision: Decision::Edit {
+                    arguments: json!({"path": "src/evil.rs", "content": "x"}),
+                },
             })),
         )
         .await
@@ -621,9 +617,9 @@ async fn edit_runs_the_modified_arguments_and_can_never_escalate() {
             &s,
             Submission::new(ClientMessage::HitlDecision(HitlDecision {
                 call_id: id.clone(),
-                decision: "edit".into(),
-                modified_arguments: Some(json!({"path": "../../escape.md", "content": "x"})),
-                feedback: None,
+                decision: Decision::Edit {
+                    arguments: json!({"path": "../../escape.md", "content": "x"}),
+                },
             })),
         )
         .await
@@ -1378,11 +1374,9 @@ async fn an_edited_plan_runs_as_edited_and_a_rejected_one_is_answered_without() 
             &s,
             Submission::new(ClientMessage::HitlDecision(HitlDecision {
                 call_id: plan_id.clone(),
-                decision: "edit".into(),
-                modified_arguments: Some(
-                    json!({"goal": "x", "subtasks": [{"description": "d", "agent": "pirate"}]}),
-                ),
-                feedback: None,
+                decision: Decision::Edit {
+                    arguments: json!({"goal": "x", "subtasks": [{"description": "d", "agent": "pirate"}]}),
+                },
             })),
         )
         .await

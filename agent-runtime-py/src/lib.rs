@@ -11,7 +11,7 @@ use agent_runtime_core::Session;
 use agent_runtime_core::config::{self, RuntimeConfig};
 use agent_runtime_core::events::{BusEventKind, BusFilter};
 use agent_runtime_core::orchestrator::{CreateSession, Follow, Orchestrator, Submission};
-use agent_runtime_core::protocol::{ClientMessage, HitlDecision};
+use agent_runtime_core::protocol::{ClientMessage, Decision, HitlDecision};
 use agent_runtime_core::storage::{self, SessionQuery};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
@@ -426,12 +426,9 @@ impl Runtime {
             .filter(|a| !a.is_none())
             .map(|a| convert::from_py(a, "modified_arguments"))
             .transpose()?;
-        let message = ClientMessage::HitlDecision(HitlDecision {
-            call_id,
-            decision,
-            modified_arguments,
-            feedback,
-        });
+        let decision = Decision::parse(&decision, modified_arguments, feedback)
+            .map_err(|e| errors::to_py(agent_runtime_core::Error::InvalidRequest(e)))?;
+        let message = ClientMessage::HitlDecision(HitlDecision { call_id, decision });
         self.stream(py, session_id, Submission { request_id, message })
     }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent_runtime_core::orchestrator::{CancelOutcome, CreateSession, Follow, Orchestrator, Submission};
-use agent_runtime_core::protocol::{ClientMessage, HitlDecision};
+use agent_runtime_core::protocol::ClientMessage;
 use agent_runtime_core::storage::SessionQuery;
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -726,16 +726,10 @@ impl App {
                 pending_approvals: rt.pending_approvals(&id).await?.iter().map(Into::into).collect(),
             }),
             (Method::POST, Route::HitlDecision(id)) => {
-                let body: HitlDecisionRequest = read_json(self, req, false).await?;
-                let message = ClientMessage::HitlDecision(HitlDecision {
-                    call_id: body.call_id,
-                    decision: body.decision,
-                    modified_arguments: body.modified_arguments,
-                    feedback: body.feedback,
-                });
+                let body: HitlDecisionBody = read_json(self, req, false).await?;
                 let submission = Submission {
                     request_id: body.request_id,
-                    message,
+                    message: ClientMessage::HitlDecision(body.decision),
                 };
                 stream(self, rt.submit(&id, submission).await?)
             }

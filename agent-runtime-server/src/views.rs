@@ -407,6 +407,19 @@ pub struct HitlDecisionRequest {
     pub request_id: Option<String>,
 }
 
+/// `POST /sessions/{session_id}/hitl-decision` as the handler parses it: core's decision (an
+/// unknown verb or an edit without arguments fails here, as 400) and the idempotency key.
+/// [`HitlDecisionRequest`] documents the same body.
+#[derive(Debug, Deserialize)]
+pub struct HitlDecisionBody {
+    /// The decision.
+    #[serde(flatten)]
+    pub decision: agent_runtime_core::protocol::HitlDecision,
+    /// Idempotency key.
+    #[serde(default)]
+    pub request_id: Option<String>,
+}
+
 /// `GET /health`.
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct HealthView {

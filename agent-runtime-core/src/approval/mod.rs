@@ -108,11 +108,13 @@ impl ApprovalResolution {
         ApprovalResolution {
             call_id: d.call_id.clone(),
             status,
-            feedback: d.feedback.clone(),
-            modified_arguments: if d.decision == "edit" {
-                d.modified_arguments.clone()
-            } else {
-                None
+            feedback: match &d.decision {
+                crate::protocol::Decision::Reject { feedback } => feedback.clone(),
+                _ => None,
+            },
+            modified_arguments: match &d.decision {
+                crate::protocol::Decision::Edit { arguments } => Some(arguments.clone()),
+                _ => None,
             },
             decided_at: Timestamp::now(),
         }

@@ -27,6 +27,11 @@ mod assemble;
 mod health;
 pub mod routing;
 mod stream;
+/// One turn as a state machine. `turn/mod.rs`: Turn, TurnState and the run loop, with each
+/// call's checks; `submit`: from a submission to a running turn (lease, checks, replays);
+/// `start`: the first, stored part, one function per message kind; `decide`: decisions on tool
+/// calls and plans; `model`: talking to the model; `plan`: plans; `guard`: loop guards;
+/// `recover`: turns interrupted by a crash or cancelled while paused.
 mod turn;
 
 pub use health::Health;

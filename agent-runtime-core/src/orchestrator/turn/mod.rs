@@ -11,13 +11,12 @@ use tracing::warn;
 
 use super::routing::{self, SWITCH_TOOL};
 
-#[path = "guard.rs"]
+mod decide;
 mod guard;
-#[path = "model.rs"]
 mod model;
-#[path = "plan.rs"]
 mod plan;
-#[path = "submit.rs"]
+mod recover;
+mod start;
 mod submit;
 
 use super::Inner;
@@ -35,8 +34,9 @@ use crate::session::{AgentSwitch, Message, NewMessage, Role, Session, SessionSta
 use crate::storage::{Commit, Committed, SessionUpdate};
 use crate::time::Timestamp;
 use crate::tools::{ToolContext, ToolFailure};
+pub(super) use recover::{cancel, recover_interrupted};
 use submit::give_back;
-pub(super) use submit::{cancel, recover_interrupted, submit};
+pub(super) use submit::submit;
 
 /// Where an open tool call of the paused or running turn stands.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -640,70 +640,79 @@ impl Turn {
                 arguments: &call.arguments,
             });
             match requirement {
-                ApprovalRequirement::Ask(reason) => {
-                    self.set_state(&call.call_id, CallState::AwaitingApproval);
-                    let approval = Approval {
-                        call_id: call.call_id.clone(),
-                        session_id: self.id().to_string(),
-                        tool_name: call.tool_name.clone(),
-                        arguments: call.arguments.clone(),
-                        reason: reason.clone(),
-                        request_type: RequestType::Tool,
-                        status: ApprovalStatus::Pending,
-                        created_at: Timestamp::now(),
-                        decided_at: None,
-                        feedback: None,
-                        modified_arguments: None,
-                    };
-                    let c = Commit {
-                        approvals: vec![approval],
-                        events: vec![EventPayload::ToolCall {
-                            call_id: call.call_id.clone(),
-                            tool_name: call.tool_name.clone(),
-                            arguments: call.arguments.clone(),
-                            requires_approval: true,
-                            reason: Some(reason.clone()),
-                        }],
-                        ..Commit::default()
-                    };
-                    self.commit(c, true).await?;
-                    self.rt.bus.publish(
-                        BusEventKind::ApprovalRequested,
-                        self.id(),
-                        json!({"call_id": call.call_id, "tool_name": call.tool_name, "reason": reason, "request_type": "tool"}),
-                    );
-                }
-                ApprovalRequirement::Run => {
-                    let state = if self.mode() == ToolExecution::Client {
-                        CallState::AwaitingClient
-                    } else {
-                        CallState::Ready {
-                            run_arguments: call.arguments.clone(),
-                        }
-                    };
-                    let for_client = state == CallState::AwaitingClient;
-                    self.set_state(&call.call_id, state);
-                    let c = Commit {
-                        events: vec![EventPayload::ToolCall {
-                            call_id: call.call_id.clone(),
-                            tool_name: call.tool_name.clone(),
-                            arguments: call.arguments.clone(),
-                            requires_approval: false,
-                            reason: None,
-                        }],
-                        ..Commit::default()
-                    };
-                    if for_client {
-                        // The turn pauses next: the call goes out with that commit.
-                        self.defer(c);
-                    } else {
-                        // Streamed before the tool runs, so the client sees what is running.
-                        self.commit(c, true).await?;
-                    }
-                }
+                ApprovalRequirement::Ask(reason) => self.ask_approval(&call, reason).await?,
+                ApprovalRequirement::Run => self.clear_to_run(&call).await?,
             }
         }
         Ok(())
+    }
+
+    /// A call the policy asks a human about: stored as a pending approval and streamed as a
+    /// `tool_call` with `requires_approval: true`.
+    async fn ask_approval(&mut self, call: &OpenCall, reason: String) -> Result<()> {
+        self.set_state(&call.call_id, CallState::AwaitingApproval);
+        let approval = Approval {
+            call_id: call.call_id.clone(),
+            session_id: self.id().to_string(),
+            tool_name: call.tool_name.clone(),
+            arguments: call.arguments.clone(),
+            reason: reason.clone(),
+            request_type: RequestType::Tool,
+            status: ApprovalStatus::Pending,
+            created_at: Timestamp::now(),
+            decided_at: None,
+            feedback: None,
+            modified_arguments: None,
+        };
+        let c = Commit {
+            approvals: vec![approval],
+            events: vec![EventPayload::ToolCall {
+                call_id: call.call_id.clone(),
+                tool_name: call.tool_name.clone(),
+                arguments: call.arguments.clone(),
+                requires_approval: true,
+                reason: Some(reason.clone()),
+            }],
+            ..Commit::default()
+        };
+        self.commit(c, true).await?;
+        self.rt.bus.publish(
+            BusEventKind::ApprovalRequested,
+            self.id(),
+            json!({"call_id": call.call_id, "tool_name": call.tool_name, "reason": reason, "request_type": "tool"}),
+        );
+        Ok(())
+    }
+
+    /// A call cleared to run: streamed as `tool_call`, then run here or handed to the client.
+    async fn clear_to_run(&mut self, call: &OpenCall) -> Result<()> {
+        let state = if self.mode() == ToolExecution::Client {
+            CallState::AwaitingClient
+        } else {
+            CallState::Ready {
+                run_arguments: call.arguments.clone(),
+            }
+        };
+        let for_client = state == CallState::AwaitingClient;
+        self.set_state(&call.call_id, state);
+        let c = Commit {
+            events: vec![EventPayload::ToolCall {
+                call_id: call.call_id.clone(),
+                tool_name: call.tool_name.clone(),
+                arguments: call.arguments.clone(),
+                requires_approval: false,
+                reason: None,
+            }],
+            ..Commit::default()
+        };
+        if for_client {
+            // The turn pauses next: the call goes out with that commit.
+            self.defer(c);
+            Ok(())
+        } else {
+            // Streamed before the tool runs, so the client sees what is running.
+            self.commit(c, true).await.map(|_| ())
+        }
     }
 
     /// The runtime's `switch_agent` tool: the new agent continues the turn.

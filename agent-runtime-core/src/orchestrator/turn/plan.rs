@@ -9,9 +9,9 @@ use crate::approval::{Approval, ApprovalResolution, ApprovalStatus, RequestType}
 use crate::error::{Error, Result};
 use crate::events::BusEventKind;
 use crate::orchestrator::routing;
-use crate::protocol::{EventPayload, HitlDecision, Plan, StopReason, Subtask};
-use crate::session::{NewMessage, SessionStatus};
-use crate::storage::{Commit, SessionUpdate};
+use crate::protocol::{EventPayload, Plan, StopReason, Subtask};
+use crate::session::NewMessage;
+use crate::storage::Commit;
 use crate::time::Timestamp;
 
 /// An approved (or proposed) plan and which subtask is in progress.
@@ -247,55 +247,4 @@ impl Turn {
         self.state.plan = None;
         Ok(())
     }
-}
-
-/// A decision on a plan approval: approve runs it, edit runs the modified plan, reject lets the
-/// orchestrator answer without it.
-pub(super) async fn decide_plan(turn: &mut Turn, d: HitlDecision, request_id: Option<String>) -> Result<u64> {
-    let proposed = turn
-        .state
-        .plan
-        .as_ref()
-        .is_some_and(|r| r.plan.plan_id == d.call_id && r.current.is_none());
-    if !proposed {
-        return Err(Error::ApprovalAlreadyDecided(d.call_id));
-    }
-    let agents = turn.rt.agents.types();
-    let (status, kind, plans) = match d.decision.as_str() {
-        "approve" => (ApprovalStatus::Approved, BusEventKind::ApprovalApproved, vec![]),
-        "edit" => {
-            let args = d.modified_arguments.clone().unwrap_or(Value::Null);
-            let plan = plan_from_arguments(&args, &agents, &d.call_id).map_err(Error::InvalidTool)?;
-            turn.state.plan = Some(PlanRun {
-                plan: plan.clone(),
-                current: None,
-            });
-            (ApprovalStatus::Edited, BusEventKind::ApprovalApproved, vec![plan])
-        }
-        _ => {
-            turn.state.plan = None;
-            (ApprovalStatus::Rejected, BusEventKind::ApprovalRejected, vec![])
-        }
-    };
-    let c = Commit {
-        resolutions: vec![ApprovalResolution::of_decision(&d, status)],
-        plans,
-        events: vec![EventPayload::ApprovalResolved {
-            call_id: d.call_id.clone(),
-            decision: d.decision.clone(),
-        }],
-        request_id,
-        session: SessionUpdate {
-            status: Some(SessionStatus::Running),
-            ..SessionUpdate::default()
-        },
-        ..Commit::default()
-    };
-    let committed = turn.commit(c, true).await?;
-    turn.rt.bus.publish(
-        kind,
-        turn.id(),
-        json!({"call_id": d.call_id, "decision": d.decision, "request_type": "plan"}),
-    );
-    Ok(committed.events.first().map(|e| e.seq).unwrap_or(1))
 }

@@ -1,0 +1,235 @@
+//! How a submission becomes a turn: the checks made before anything is stored, the session
+//! lease, idempotent replays, and the turn's task (its first part is in `start`).
+
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info_span, warn};
+
+use super::start::start;
+use super::{CallState, TurnState};
+use crate::error::{Error, Result};
+use crate::orchestrator::stream::{EventStream, Follow};
+use crate::orchestrator::{Inner, Submission};
+use crate::protocol::ClientMessage;
+use crate::session::{Session, SessionStatus};
+
+/// Takes the session for a turn in this process and in storage, and returns it as stored once
+/// taken; `SESSION_BUSY` otherwise.
+pub(super) async fn take_session(
+    rt: &Arc<Inner>,
+    session_id: &str,
+) -> Result<(crate::orchestrator::stream::RunningTurn, Session)> {
+    let running = match rt.hubs.start_turn(session_id) {
+        Some(r) => r,
+        None => {
+            // A turn that already stored its end may still be letting go of the session.
+            let winding_down = rt.storage.get_session(session_id).await?.status != SessionStatus::Running;
+            if let Some(t) = rt.hubs.running(session_id).filter(|_| winding_down) {
+                let finished = t.finished.notified();
+                tokio::pin!(finished);
+                finished.as_mut().enable();
+                if rt.hubs.running(session_id).is_some() {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), finished).await;
+                }
+            }
+            rt.hubs
+                .start_turn(session_id)
+                .ok_or_else(|| Error::SessionBusy(session_id.into()))?
+        }
+    };
+    rt.prove_alive().await;
+    match rt
+        .storage
+        .lease_session(session_id, &rt.owner, rt.config.lease_ttl)
+        .await
+    {
+        Ok(Some(session)) => Ok((running, session)),
+        Ok(None) => {
+            rt.hubs.finish_turn(session_id);
+            Err(Error::SessionBusy(session_id.into()))
+        }
+        Err(e) => {
+            rt.hubs.finish_turn(session_id);
+            Err(e)
+        }
+    }
+}
+
+pub(super) async fn give_back(rt: &Arc<Inner>, session_id: &str) {
+    let _ = rt.storage.release_lease(session_id, &rt.owner).await;
+    rt.hubs.finish_turn(session_id);
+}
+
+/// Renews the lease while the turn runs; a lost lease cancels the turn.
+fn keep_lease(
+    rt: Arc<Inner>,
+    session_id: String,
+    cancel: CancellationToken,
+    finished: Arc<tokio::sync::Notify>,
+) {
+    let every = (rt.config.lease_ttl / 3).max(Duration::from_millis(100));
+    tokio::spawn(async move {
+        let done = finished.notified();
+        tokio::pin!(done);
+        done.as_mut().enable();
+        loop {
+            tokio::select! {
+                _ = &mut done => return,
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            match rt
+                .storage
+                .renew_lease(&session_id, &rt.owner, rt.config.lease_ttl)
+                .await
+            {
+                Ok(true) => {}
+                _ => {
+                    warn!(session_id, "session lease lost; cancelling the turn");
+                    cancel.cancel();
+                    return;
+                }
+            }
+        }
+    });
+}
+
+/// `submit` of the facade.
+pub(in crate::orchestrator) async fn submit(
+    rt: Arc<Inner>,
+    session_id: &str,
+    sub: Submission,
+) -> Result<EventStream> {
+    let session = rt.storage.get_session(session_id).await?;
+    validate(&rt, &session, &sub.message)?;
+    let rid = sub.request_id.as_deref();
+    if let Some(replay) = replay_request(&rt, session_id, rid).await? {
+        return Ok(replay);
+    }
+    let (running, session) = match take_session(&rt, session_id).await {
+        Ok(r) => r,
+        Err(Error::SessionBusy(id)) => {
+            // A duplicate of a submission still starting: wait for its first commit and replay it.
+            if rid.is_some() {
+                for _ in 0..50 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if let Some(replay) = replay_request(&rt, session_id, rid).await? {
+                        return Ok(replay);
+                    }
+                }
+            }
+            return Err(Error::SessionBusy(id));
+        }
+        Err(e) => return Err(e),
+    };
+    // Looked up again now that the session is ours: the original may have run and ended
+    // between the first look and taking the session.
+    match replay_request(&rt, session_id, rid).await {
+        Ok(None) => {}
+        Ok(Some(replay)) => {
+            give_back(&rt, session_id).await;
+            return Ok(replay);
+        }
+        Err(e) => {
+            give_back(&rt, session_id).await;
+            return Err(e);
+        }
+    }
+    // Subscribed before the first commit: the turn's events all arrive live, none is read back.
+    let subscribed =
+        EventStream::subscribe(rt.storage.clone(), rt.hubs.clone(), session_id, Follow::UntilDone);
+    match start(&rt, session, sub, running.cancel.clone()).await {
+        Ok((turn, next, first_seq)) => {
+            let stream = subscribed.after(first_seq.saturating_sub(1));
+            keep_lease(
+                rt.clone(),
+                session_id.to_string(),
+                running.cancel.clone(),
+                running.finished.clone(),
+            );
+            let span = info_span!("turn", session_id, turn_id = %turn.state.turn_id);
+            tokio::spawn(turn.run(next).instrument(span));
+            Ok(stream)
+        }
+        Err(e) => {
+            give_back(&rt, session_id).await;
+            Err(e)
+        }
+    }
+}
+
+/// The stream replaying the turn a `request_id` already started, if one did.
+async fn replay_request(
+    rt: &Arc<Inner>,
+    session_id: &str,
+    request_id: Option<&str>,
+) -> Result<Option<EventStream>> {
+    let Some(rid) = request_id else { return Ok(None) };
+    let first = rt.storage.find_request(session_id, rid).await?;
+    Ok(first.map(|first| {
+        EventStream::new(
+            rt.storage.clone(),
+            rt.hubs.clone(),
+            session_id,
+            first.saturating_sub(1),
+            Follow::UntilDone,
+        )
+    }))
+}
+
+/// Checks what can be checked before anything is stored.
+fn validate(rt: &Arc<Inner>, session: &Session, m: &ClientMessage) -> Result<()> {
+    let agent_ok = |t: &str| {
+        if !rt.config.multi_agent_enabled && t != rt.config.default_agent {
+            return Err(Error::InvalidRequest(
+                "multi-agent mode is disabled: sessions stay on the default agent".into(),
+            ));
+        }
+        if rt.agents.contains(t) {
+            Ok(())
+        } else {
+            Err(Error::InvalidRequest(format!(
+                "unknown agent type '{t}' (known: {})",
+                rt.agents.types().join(", ")
+            )))
+        }
+    };
+    match m {
+        ClientMessage::UserMessage { content, agent_type } => {
+            if content.trim().is_empty() {
+                return Err(Error::InvalidRequest("content must be a non-empty string".into()));
+            }
+            if let Some(t) = agent_type {
+                agent_ok(t)?;
+            }
+        }
+        ClientMessage::SwitchAgent {
+            agent_type, content, ..
+        } => {
+            agent_ok(agent_type)?;
+            if content.as_deref().is_some_and(|c| c.trim().is_empty()) {
+                return Err(Error::InvalidRequest(
+                    "content must be a non-empty string when given".into(),
+                ));
+            }
+        }
+        ClientMessage::ToolResult { call_id, .. } => {
+            let open = TurnState::load(session).open_calls.iter().any(|c| {
+                c.call_id == *call_id
+                    && matches!(c.state, CallState::AwaitingClient | CallState::AwaitingApproval)
+            });
+            if !open
+                || !matches!(
+                    session.status,
+                    SessionStatus::AwaitingToolResult | SessionStatus::AwaitingApproval
+                )
+            {
+                return Err(Error::ToolCallNotFound(call_id.clone()));
+            }
+        }
+        // Its verb and arguments were checked when it was parsed.
+        ClientMessage::HitlDecision(_) => {}
+    }
+    Ok(())
+}
