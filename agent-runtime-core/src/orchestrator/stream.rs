@@ -229,7 +229,18 @@ impl Follower {
                     continue;
                 }
                 if self.follow == Follow::UntilIdle && !self.running().await {
-                    return None;
+                    // The turn may have committed its end between the read above and the status:
+                    // read once more, now that no turn runs, before ending.
+                    let tail = self
+                        .storage
+                        .events_after(&self.session_id, self.last, REPLAY_PAGE)
+                        .await
+                        .ok()?;
+                    if tail.is_empty() {
+                        return None;
+                    }
+                    self.buffer.extend(tail);
+                    continue;
                 }
             }
             tokio::select! {
