@@ -12,10 +12,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use agent_runtime_core::approval::{Approval, ApprovalResolution, ApprovalStatus, RequestType};
 use agent_runtime_core::protocol::{AssistantMessage, EventPayload, Plan};
-use agent_runtime_core::session::{AgentSwitch, NewMessage, NewSession};
+use agent_runtime_core::session::{AgentSwitch, NewMessage, NewSession, Usage};
 use agent_runtime_core::storage::pg_testing::{Guarded, fresh_schema, open_in};
 use agent_runtime_core::storage::postgres::{PgOptions, PostgresStorage};
 use agent_runtime_core::storage::{self, Commit, SessionUpdate, Storage};
@@ -324,5 +325,67 @@ async fn nul_characters_in_text_and_json_round_trip() {
             decided_at: Some(Timestamp::from_millis(3)),
             ..approval
         }
+    );
+}
+
+/// Every commit with events, from any handle, reaches every listener as a notice naming its owner
+/// and session, once it is committed; a commit without events or one that fails sends none.
+#[tokio::test]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
+async fn commits_with_events_are_noticed_by_listeners_of_other_handles() {
+    use futures::StreamExt;
+    let (guard, writer) = fresh_store!();
+    let reader = open_in(&guard).await;
+    let mut notices = reader
+        .commit_notices()
+        .await
+        .unwrap()
+        .expect("postgres has notices");
+    writer
+        .create_session(new_session("noticed", None, 1))
+        .await
+        .unwrap();
+    assert!(
+        writer
+            .acquire_lease("noticed", "owner_a", Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+
+    let mut quiet = Commit::now();
+    quiet.usage = Some(Usage {
+        prompt_tokens: 1,
+        completion_tokens: 1,
+    });
+    writer.commit("noticed", quiet).await.unwrap();
+    let mut fenced = Commit::now();
+    fenced.lease_owner = Some("someone_else".into());
+    fenced
+        .events
+        .push(EventPayload::AssistantMessage(AssistantMessage::Token {
+            token: "never".into(),
+        }));
+    assert!(writer.commit("noticed", fenced).await.is_err());
+    let mut loud = Commit::now();
+    loud.lease_owner = Some("owner_a".into());
+    loud.events
+        .push(EventPayload::AssistantMessage(AssistantMessage::Token {
+            token: "hi".into(),
+        }));
+    writer.commit("noticed", loud).await.unwrap();
+
+    let first = tokio::time::timeout(Duration::from_secs(10), notices.next())
+        .await
+        .expect("a notice within 10 s");
+    assert_eq!(
+        first,
+        Some(storage::CommitNotice {
+            owner: "owner_a".into(),
+            session_id: "noticed".into()
+        }),
+        "the first notice is the commit with events: the quiet and the failed ones sent none"
     );
 }

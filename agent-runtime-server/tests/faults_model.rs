@@ -235,7 +235,11 @@ async fn a_model_server_that_accepts_and_never_answers_costs_seconds_not_minutes
     let start = message[..at].rfind(' ').map_or(0, |i| i + 1);
     let seconds: f64 = message[start..at].parse().unwrap_or(-1.0);
     got[1]["message"] = json!(format!("{}N{}", &message[..start], &message[at..]));
-    assert_eq!(got[1]["content"], json!(message), "older clients read the same text as content");
+    assert_eq!(
+        got[1]["content"],
+        json!(message),
+        "older clients read the same text as content"
+    );
     got[1]["content"] = got[1]["message"].clone();
     assert_eq!(
         got,

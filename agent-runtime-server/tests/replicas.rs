@@ -119,3 +119,102 @@ async fn on_sqlite_a_live_process_recovers_a_killed_ones_turn_at_once() {
     let took = a_replica_takes_over_from_a_killed_one(&url).await;
     eprintln!("sqlite: recovered {took:?} after the SIGKILL");
 }
+
+/// Events of `rec` with the instant each arrived, by seq.
+async fn timed(mut rec: EventStream) -> Vec<(u64, Instant)> {
+    let mut out = Vec::new();
+    while let Some(e) = rec.next().await {
+        out.push((e["seq"].as_u64().unwrap(), Instant::now()));
+    }
+    out
+}
+
+/// 64 sessions whose turns run on one replica, each followed on another: every follower gets
+/// exactly the stored events, live. Prints how long after the turn's own stream each event reached
+/// the other replica's follower (Postgres wakes followers with LISTEN/NOTIFY; without it they
+/// would poll every 0.5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
+async fn on_postgres_followers_on_another_replica_see_each_event_as_it_happens() {
+    const SESSIONS: usize = 64;
+    let (_guard, url) = postgres_url().await;
+    let (la, lb) = (
+        MockLlmServer::start().await.unwrap(),
+        MockLlmServer::start().await.unwrap(),
+    );
+    let runner = std::sync::Arc::new(Server::start_with(&la.url(), Some(&url), ENV).await);
+    let follower = std::sync::Arc::new(Server::start_with(&lb.url(), Some(&url), ENV).await);
+    let mut tasks = Vec::new();
+    for n in 0..SESSIONS {
+        let (runner, follower) = (runner.clone(), follower.clone());
+        let id = runner.session(json!({})).await;
+        let text: String = (0..30).map(|w| format!("s{n}w{w} ")).collect();
+        la.push(
+            MockResponse::script(&Script::text(text.trim_end()))
+                .split_every(6)
+                .drip(Duration::from_millis(25)),
+        );
+        tasks.push(tokio::spawn(async move {
+            let r = runner
+                .post(
+                    "/agent/message/stream",
+                    json!({"session_id": id, "message": {"type": "user_message", "content": "go"}}),
+                )
+                .send()
+                .await
+                .unwrap();
+            let mut own = EventStream::cut_tolerant(r);
+            let first = own.next().await.expect("a first event");
+            let followed = EventStream::cut_tolerant(
+                follower
+                    .get(&format!("/sessions/{id}/events?after=0"))
+                    .send()
+                    .await
+                    .unwrap(),
+            );
+            let (own_times, followed_times) = tokio::join!(
+                async {
+                    let mut t = vec![(first["seq"].as_u64().unwrap(), Instant::now())];
+                    t.extend(timed(own).await);
+                    t
+                },
+                timed(followed)
+            );
+            let stored = stored(&follower, &id).await;
+            let seqs: Vec<u64> = stored.events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+            assert_eq!(
+                own_times.iter().map(|t| t.0).collect::<Vec<_>>(),
+                seqs,
+                "{id}: own stream"
+            );
+            assert_eq!(
+                followed_times.iter().map(|t| t.0).collect::<Vec<_>>(),
+                seqs,
+                "{id}: follower"
+            );
+            // Delays of the events committed once the follower was surely live (after a few).
+            own_times
+                .iter()
+                .zip(&followed_times)
+                .skip(4)
+                .map(|(o, f)| f.1.saturating_duration_since(o.1))
+                .collect::<Vec<_>>()
+        }));
+    }
+    let mut delays: Vec<Duration> = Vec::new();
+    for t in tasks {
+        delays.extend(t.await.unwrap());
+    }
+    delays.sort();
+    let at = |q: f64| delays[((delays.len() - 1) as f64 * q) as usize];
+    eprintln!(
+        "cross-replica follow delay over {} events of {SESSIONS} sessions: p50 {:?}, p99 {:?}, max {:?}",
+        delays.len(),
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    );
+}

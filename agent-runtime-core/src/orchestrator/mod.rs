@@ -248,6 +248,7 @@ impl OrchestratorBuilder {
             tokenizer,
             owner: format!("runtime_{}", uuid::Uuid::new_v4().simple()),
             liveness: tokio::sync::OnceCell::new(),
+            notices: tokio::sync::OnceCell::new(),
             hubs: Arc::new(stream::Hubs::default()),
             config: self.config,
             offers: HashMap::new(),
@@ -278,6 +279,8 @@ pub(crate) struct Inner {
     /// Held from the first lease on: while it lives (and the process runs), other processes
     /// wait for this owner's leases to expire; once it is gone they take them at once.
     pub liveness: tokio::sync::OnceCell<crate::storage::Liveness>,
+    /// Set once the store's commit notices (if it has any) wake this process's followers.
+    pub notices: tokio::sync::OnceCell<()>,
     pub hubs: Arc<stream::Hubs>,
     /// Per agent type, what its model calls offer (computed once in `build`).
     pub offers: HashMap<String, Arc<Offer>>,
@@ -342,6 +345,35 @@ pub(crate) struct Offer {
 }
 
 impl Inner {
+    /// From the first follower on, wakes this process's followers when another process commits
+    /// to their session (Postgres LISTEN/NOTIFY); without notices they poll the store.
+    pub(crate) async fn listen_for_commits(&self) {
+        self.notices
+            .get_or_init(|| async {
+                let notices = match self.storage.commit_notices().await {
+                    Ok(Some(n)) => n,
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot listen for commits of other processes; followers poll");
+                        return;
+                    }
+                };
+                let (hubs, own) = (Arc::downgrade(&self.hubs), self.owner.clone());
+                tokio::spawn(async move {
+                    use futures::StreamExt;
+                    let mut notices = notices;
+                    while let Some(n) = notices.next().await {
+                        let Some(hubs) = hubs.upgrade() else { return };
+                        // This process's own commits reach its followers through the hub.
+                        if n.owner != own {
+                            hubs.wake(&n.session_id);
+                        }
+                    }
+                });
+            })
+            .await;
+    }
+
     /// Registers this owner as alive before it takes its first lease. A store that cannot
     /// register it (say, a read-only folder for SQLite's lock files) is logged and retried at the
     /// next lease: its leases are then judged by expiry alone, as before liveness existed.
@@ -694,6 +726,7 @@ impl Orchestrator {
     /// The session's events with seq > `after`: replayed, then followed as `follow` says.
     pub async fn events(&self, session_id: &str, after: u64, follow: Follow) -> Result<EventStream> {
         self.inner.storage.get_session(session_id).await?;
+        self.inner.listen_for_commits().await;
         Ok(EventStream::new(
             self.inner.storage.clone(),
             self.inner.hubs.clone(),

@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::Stream;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::{Event, EventPayload};
@@ -17,6 +17,10 @@ use crate::storage::Storage;
 
 const HUB_CAPACITY: usize = 128;
 const REPLAY_PAGE: usize = 512;
+
+/// How often a follower re-reads the store when nothing woke it: the bound on the delay of an
+/// event committed by another process whose notice was lost (or that has no notices at all).
+const POLL: Duration = Duration::from_millis(500);
 
 /// A turn running in this process.
 #[derive(Debug, Clone)]
@@ -28,6 +32,8 @@ pub(crate) struct RunningTurn {
 #[derive(Debug)]
 struct Hub {
     tx: broadcast::Sender<Event>,
+    /// Bumped when another process committed events of the session: followers re-read the store.
+    wake: watch::Sender<u64>,
     running: Option<RunningTurn>,
 }
 
@@ -46,13 +52,26 @@ impl Hubs {
     fn hub<'a>(map: &'a mut HashMap<String, Hub>, session_id: &str) -> &'a mut Hub {
         map.entry(session_id.to_string()).or_insert_with(|| Hub {
             tx: broadcast::channel(HUB_CAPACITY).0,
+            wake: watch::channel(0).0,
             running: None,
         })
     }
 
-    /// Subscribes to the session's live events.
-    pub fn subscribe(&self, session_id: &str) -> broadcast::Receiver<Event> {
-        self.with(|m| Self::hub(m, session_id).tx.subscribe())
+    /// Subscribes to the session's live events and to its wake-ups.
+    pub fn subscribe(&self, session_id: &str) -> (broadcast::Receiver<Event>, watch::Receiver<u64>) {
+        self.with(|m| {
+            let hub = Self::hub(m, session_id);
+            (hub.tx.subscribe(), hub.wake.subscribe())
+        })
+    }
+
+    /// Wakes the session's followers, if any, to read the store: another process committed.
+    pub fn wake(&self, session_id: &str) {
+        self.with(|m| {
+            if let Some(hub) = m.get(session_id) {
+                hub.wake.send_modify(|n| *n = n.wrapping_add(1));
+            }
+        })
     }
 
     /// Sends committed events to live followers.
@@ -154,12 +173,12 @@ struct Follower {
     hubs: Arc<Hubs>,
     session_id: String,
     rx: broadcast::Receiver<Event>,
+    wake: watch::Receiver<u64>,
     last: u64,
     buffer: VecDeque<Event>,
     follow: Follow,
     catch_up: bool,
     finished: bool,
-    poll: Duration,
 }
 
 impl Drop for Follower {
@@ -193,6 +212,8 @@ impl Follower {
                 return None;
             }
             if self.catch_up {
+                // Marked seen before the read: a wake-up after it is not lost.
+                self.wake.borrow_and_update();
                 let page = self
                     .storage
                     .events_after(&self.session_id, self.last, REPLAY_PAGE)
@@ -208,7 +229,18 @@ impl Follower {
                     continue;
                 }
                 if self.follow == Follow::UntilIdle && !self.running().await {
-                    return None;
+                    // The turn may have committed its end between the read above and the status:
+                    // read once more, now that no turn runs, before ending.
+                    let tail = self
+                        .storage
+                        .events_after(&self.session_id, self.last, REPLAY_PAGE)
+                        .await
+                        .ok()?;
+                    if tail.is_empty() {
+                        return None;
+                    }
+                    self.buffer.extend(tail);
+                    continue;
                 }
             }
             tokio::select! {
@@ -219,10 +251,17 @@ impl Follower {
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => self.catch_up = true,
                     Err(broadcast::error::RecvError::Closed) => {
                         self.catch_up = true;
-                        self.rx = self.hubs.subscribe(&self.session_id);
+                        (self.rx, self.wake) = self.hubs.subscribe(&self.session_id);
                     }
                 },
-                _ = tokio::time::sleep(self.poll) => self.catch_up = true,
+                // Another process committed (a notice from the store); or the fallback poll.
+                r = self.wake.changed() => {
+                    self.catch_up = true;
+                    if r.is_err() {
+                        (self.rx, self.wake) = self.hubs.subscribe(&self.session_id);
+                    }
+                }
+                _ = tokio::time::sleep(POLL) => self.catch_up = true,
             }
         }
     }
@@ -265,18 +304,18 @@ impl EventStream {
         session_id: &str,
         follow: Follow,
     ) -> Subscribed {
-        let rx = hubs.subscribe(session_id);
+        let (rx, wake) = hubs.subscribe(session_id);
         Subscribed(Follower {
             storage,
             hubs,
             session_id: session_id.to_string(),
             rx,
+            wake,
             last: 0,
             buffer: VecDeque::new(),
             follow,
             catch_up: true,
             finished: false,
-            poll: Duration::from_millis(500),
         })
     }
 

@@ -224,7 +224,27 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// expired, or held by a dead owner. At most `limit`, in no particular order. Cheap enough to
     /// ask every fraction of a second: it reads only running sessions.
     async fn orphaned_sessions(&self, limit: usize) -> Result<Vec<String>>;
+
+    /// Commits with events, by any process, as they happen, where the backend can tell (Postgres:
+    /// LISTEN/NOTIFY). `Ok(None)`: it cannot, and followers of turns in other processes poll. A
+    /// notice is a wake-up, not data: the stored rows stay the truth, and a missed notice costs
+    /// latency, never an event.
+    async fn commit_notices(&self) -> Result<Option<CommitNotices>> {
+        Ok(None)
+    }
 }
+
+/// That a commit with events happened: who committed (the lease owner, `-` if none) and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitNotice {
+    /// The committing lease owner, `-` for a commit made without a lease.
+    pub owner: String,
+    /// The session whose events grew.
+    pub session_id: String,
+}
+
+/// A stream of [`CommitNotice`]s.
+pub type CommitNotices = futures::stream::BoxStream<'static, CommitNotice>;
 
 /// Opens the storage a `DATABASE_URL` names: `sqlite://PATH`, `sqlite::memory:`, `memory://`,
 /// `postgres://...` or `postgresql://...`. Migrations are applied on open.

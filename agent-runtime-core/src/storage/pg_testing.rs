@@ -260,6 +260,9 @@ impl Storage for Guarded {
     async fn orphaned_sessions(&self, limit: usize) -> crate::Result<Vec<String>> {
         self.store.orphaned_sessions(limit).await
     }
+    async fn commit_notices(&self) -> crate::Result<Option<super::CommitNotices>> {
+        self.store.commit_notices().await
+    }
 }
 
 /// A store on a fresh schema that keeps the schema alive while it lives.

@@ -24,7 +24,10 @@ use tracing::instrument;
 
 use super::commit::{self, CommitSteps, Head, SessionChange};
 use super::support::{SessionCursor, check_commit, check_page_limit};
-use super::{Commit, Committed, Liveness, SCHEMA_VERSION, SessionPage, SessionQuery, Storage, redact_url};
+use super::{
+    Commit, CommitNotice, CommitNotices, Committed, Liveness, SCHEMA_VERSION, SessionPage, SessionQuery,
+    Storage, redact_url,
+};
 use crate::approval::{Approval, ApprovalResolution, ApprovalStatus, RequestType};
 use crate::error::{Error, Result};
 use crate::protocol::{Event, Plan};
@@ -41,6 +44,9 @@ const MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../../migrations/postgres/0002_owner_liveness.sql"),
     ),
 ];
+
+/// The LISTEN/NOTIFY channel of commits with events; the payload is `<lease owner or -> <session id>`.
+const COMMITS_CHANNEL: &str = "agent_runtime_commits";
 
 /// True while the owner `r` (a `runtime_owners` row) holds its advisory lock. A bigint advisory
 /// lock shows in `pg_locks` with its high half in `classid`, its low half in `objid`, `objsubid` 1.
@@ -766,6 +772,8 @@ impl Storage for PostgresStorage {
     ))]
     async fn commit(&self, session_id: &str, commit: Commit) -> Result<Committed> {
         check_commit(session_id, &commit)?;
+        let notice = (!commit.events.is_empty())
+            .then(|| format!("{} {session_id}", commit.lease_owner.as_deref().unwrap_or("-")));
         let mut tx = self.pool.begin().await.map_err(Error::database)?;
         // On error `tx` is dropped un-committed: Postgres rolls the whole commit back.
         let mut steps = PgCommit {
@@ -774,6 +782,15 @@ impl Storage for PostgresStorage {
             switch_count: 0,
         };
         let committed = commit::run(&mut steps, session_id, commit).await?;
+        if let Some(payload) = notice {
+            // Delivered to listeners (other processes' followers) when, and only if, it commits.
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(COMMITS_CHANNEL)
+                .bind(payload)
+                .execute(&mut *tx)
+                .await
+                .map_err(Error::database)?;
+        }
         tx.commit().await.map_err(Error::database)?;
         Ok(committed)
     }
@@ -992,6 +1009,36 @@ impl Storage for PostgresStorage {
             .await
             .map_err(Error::database)?;
         Ok(Liveness::new(conn))
+    }
+
+    async fn commit_notices(&self) -> Result<Option<CommitNotices>> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool)
+            .await
+            .map_err(Error::database)?;
+        listener.listen(COMMITS_CHANNEL).await.map_err(Error::database)?;
+        // `recv` reconnects after a lost connection (notices sent meanwhile are lost: followers'
+        // polling covers them); the stream ends only if reconnecting fails.
+        let notices = futures::stream::unfold(listener, |mut l| async move {
+            loop {
+                match l.recv().await {
+                    Ok(n) => match n.payload().split_once(' ') {
+                        Some((owner, session)) => {
+                            let notice = CommitNotice {
+                                owner: owner.to_string(),
+                                session_id: session.to_string(),
+                            };
+                            return Some((notice, l));
+                        }
+                        None => continue,
+                    },
+                    Err(e) => {
+                        tracing::warn!(error = %e, "commit notices: listener failed; followers poll");
+                        return None;
+                    }
+                }
+            }
+        });
+        Ok(Some(Box::pin(notices)))
     }
 
     #[instrument(skip(self))]

@@ -74,7 +74,11 @@ pub(in crate::orchestrator) async fn recover_interrupted(rt: Arc<Inner>) -> Resu
         if rt.hubs.running(&id).is_some() {
             continue;
         }
-        match rt.storage.acquire_lease(&id, &rt.owner, rt.config.lease_ttl).await {
+        match rt
+            .storage
+            .acquire_lease(&id, &rt.owner, rt.config.lease_ttl)
+            .await
+        {
             Ok(true) => {}
             Ok(false) | Err(Error::SessionNotFound(_)) => continue, // another process was quicker
             Err(e) => return Err(e),

@@ -167,6 +167,9 @@ async fn replay_request(
 ) -> Result<Option<EventStream>> {
     let Some(rid) = request_id else { return Ok(None) };
     let first = rt.storage.find_request(session_id, rid).await?;
+    if first.is_some() {
+        rt.listen_for_commits().await; // the turn may run in another process
+    }
     Ok(first.map(|first| {
         EventStream::new(
             rt.storage.clone(),
