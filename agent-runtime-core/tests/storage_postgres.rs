@@ -243,11 +243,9 @@ async fn connection_errors_never_show_the_password() {
     assert_eq!(err.code(), "DATABASE_ERROR");
     let text = err.to_string();
     assert!(!text.contains("hunter2secret"), "{text}");
-    assert!(
-        text.starts_with(
-            "database error: cannot connect to postgres at 'postgres://postgres:***@127.0.0.1:1/test': "
-        ),
-        "{text}"
+    assert_eq!(
+        text,
+        "database error: cannot connect to 127.0.0.1:1 (connection refused) — is PostgreSQL running there?"
     );
     assert_eq!(
         PostgresStorage::connect("mysql://x@127.0.0.1/test")
@@ -377,9 +375,18 @@ async fn commits_with_events_are_noticed_by_listeners_of_other_handles() {
         }));
     writer.commit("noticed", loud).await.unwrap();
 
-    let first = tokio::time::timeout(Duration::from_secs(10), notices.next())
-        .await
-        .expect("a notice within 10 s");
+    // The channel is shared by every schema of the database (other tests commit too): the first
+    // notice naming this session is the one to check.
+    let first = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(n) = notices.next().await {
+            if n.session_id == "noticed" {
+                return Some(n);
+            }
+        }
+        None
+    })
+    .await
+    .expect("a notice within 10 s");
     assert_eq!(
         first,
         Some(storage::CommitNotice {
