@@ -23,10 +23,12 @@ use crate::storage::{SessionPage, SessionQuery, Storage};
 use crate::time::Timestamp;
 use crate::tools::ToolRegistry;
 
+mod preview;
 pub mod routing;
 mod stream;
 mod turn;
 
+pub use preview::{ApprovalPreview, FileChange, MAX_PREVIEW_FILE_BYTES};
 pub use stream::{EventStream, Follow};
 
 /// What creating a session takes (every field optional).
