@@ -671,6 +671,20 @@ impl App {
         let started = Instant::now();
         let method = req.method().clone();
         let route = Route::resolve(req.uri().path());
+        // The console's files are public and static: served before auth. Only paths no API route
+        // matches are looked up, so API requests do no extra work.
+        if route.is_none()
+            && let Some(found) = crate::console::resolve(req.uri().path())
+        {
+            let response = crate::console::serve(&method, req.uri().path(), found);
+            self.metrics.observe(
+                crate::console::LABEL,
+                method.as_str(),
+                response.status().as_u16(),
+                started.elapsed(),
+            );
+            return Ok(response);
+        }
         let label = route.as_ref().map_or("unmatched", Route::label);
         let span = tracing::info_span!("request", %method, route = label);
         let response = async {
