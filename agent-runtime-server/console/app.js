@@ -198,12 +198,13 @@ function sessionsView(container) {
     });
     return el("li", { class: "session", "data-session-id": s.session_id, "data-status": s.status },
       el("a", { href: `#/session/${enc(s.session_id)}`, class: "sid" }, s.session_id),
-      el("dl", {},
-        el("dt", {}, "User"), el("dd", {}, s.user_id ?? "—"),
-        el("dt", {}, "Status"), el("dd", { class: "status" }, STATUS_TEXT[s.status] ?? s.status),
-        el("dt", {}, "Agent"), el("dd", {}, s.current_agent),
-        el("dt", {}, "Last activity"), el("dd", {}, time(s.last_activity)),
-        el("dt", {}, "Pending approvals"), el("dd", { class: "pending" }, String(pending))),
+      el("dl", {}, [
+        ["User", s.user_id ?? "—"],
+        ["Status", STATUS_TEXT[s.status] ?? s.status, "status"],
+        ["Agent", s.current_agent],
+        ["Last activity", time(s.last_activity)],
+        ["Pending approvals", String(pending), "pending"],
+      ].map(([name, value, cls]) => el("div", {}, el("dt", {}, name), el("dd", { class: cls }, value)))),
       del);
   }
 
@@ -386,6 +387,7 @@ function sessionView(container, id) {
   const live = el("span", { class: "live", id: "live" }, "connecting");
   const timelineList = el("ol", { class: "timeline", id: "timeline", "aria-live": "polite" });
   const approvalsBox = el("div", { class: "cards", id: "approvals" });
+  const approvalsNote = el("p", { class: "quiet" }, "Nothing waits for a decision.");
   const actionError = problem("");
   actionError.hidden = true;
   const report = (text) => {
@@ -402,6 +404,10 @@ function sessionView(container, id) {
   const cards = new ApprovalCards(approvalsBox, { onEvent: (_, e) => timeline.add(e) });
 
   const agentSelect = el("select", { id: "agent-select", "aria-label": "Agent" });
+  let agentPicked = false;
+  agentSelect.addEventListener("change", () => {
+    agentPicked = true;
+  });
   const switchButton = el("button", { type: "button", id: "switch" }, "Switch agent");
   const cancelButton = el("button", { type: "button", id: "cancel", class: "danger" }, "Cancel turn");
   const text = el("textarea", { id: "message", rows: 3, placeholder: "Message (Ctrl+Enter sends)", "aria-label": "Message" });
@@ -414,6 +420,7 @@ function sessionView(container, id) {
       el("span", { class: "quiet" }, "Stream: ", live)),
     actionError,
     el("h3", {}, "Approvals"),
+    approvalsNote,
     approvalsBox,
     el("h3", {}, "Timeline"),
     timelineList,
@@ -426,7 +433,8 @@ function sessionView(container, id) {
       facts.textContent = `Status: ${STATUS_TEXT[s.status] ?? s.status} · agent: ${s.current_agent} · user: ${s.user_id ?? "—"} · ${where} · last activity ${time(s.last_activity)}`;
       facts.setAttribute("data-status", s.status);
       if (!timeline.agent) timeline.agent = s.current_agent;
-      if (agentSelect.value !== s.current_agent && document.activeElement !== agentSelect) agentSelect.value = s.current_agent;
+      // The picker follows the session's agent only until someone picks another one.
+      if (!agentPicked) agentSelect.value = s.current_agent;
     } catch (e) {
       if (signedOut(e)) return;
       facts.textContent = `Cannot read the session: ${describe(e)}`;
@@ -437,6 +445,7 @@ function sessionView(container, id) {
     try {
       const r = await api.get(`/sessions/${enc(id)}/pending-approvals`);
       cards.sync(r.pending_approvals.map((approval) => ({ sessionId: id, approval })));
+      approvalsNote.hidden = cards.cards.size > 0;
     } catch (e) {
       signedOut(e);
     }
@@ -463,7 +472,10 @@ function sessionView(container, id) {
   text.addEventListener("keydown", (ev) => {
     if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) composer.requestSubmit();
   });
-  switchButton.addEventListener("click", () => send({ type: "switch_agent", agent_type: agentSelect.value }));
+  switchButton.addEventListener("click", () => {
+    agentPicked = false;
+    send({ type: "switch_agent", agent_type: agentSelect.value });
+  });
   cancelButton.addEventListener("click", async () => {
     try {
       const r = await api.post(`/sessions/${enc(id)}/cancel`);
