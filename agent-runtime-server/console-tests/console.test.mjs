@@ -30,6 +30,8 @@ let work;
 let project;
 let sessionId;
 let proxy;
+/** Uncaught errors and content-security-policy violations seen by the main page. */
+const pageErrors = [];
 
 async function startServer() {
   const child = spawn(SERVER, [], {
@@ -111,7 +113,10 @@ before(async () => {
   base = proxy.base;
   browser = await chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox"] });
   page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
-  page.on("pageerror", (e) => console.error(`page error: ${e.message}`));
+  page.on("pageerror", (e) => pageErrors.push(e.message));
+  page.on("console", (m) => {
+    if (m.text().includes("Content Security Policy")) pageErrors.push(m.text());
+  });
 });
 
 after(async () => {
@@ -336,4 +341,8 @@ test("on a phone-sized screen the session fits one column", async () => {
   } finally {
     await phone.close();
   }
+});
+
+test("the page threw nothing and broke none of its content security policy", () => {
+  assert.deepEqual(pageErrors, []);
 });
