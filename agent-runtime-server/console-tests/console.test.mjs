@@ -201,6 +201,15 @@ test("reloading in the middle of a stream continues the timeline without a gap o
   assert.deepEqual(messages, ["Привет, я кодер.", tokens.join("")]);
   assert.deepEqual(got, Array.from({ length: got.length }, (_, i) => i + 1));
   assert.equal(got.length, 8 + tokens.length + 2);
+  // The user's messages are not events: after the reload the stored conversation shows them.
+  await page.locator("#history summary", { hasText: "(4 messages)" }).waitFor();
+  const history = await page.$$eval("#history li", (lis) => lis.map((li) => li.textContent));
+  assert.deepEqual(history, [
+    "user (orchestrator): Создай виджет профиля",
+    "assistant (coder): Привет, я кодер.",
+    "user (coder): Расскажи подробнее",
+    `assistant (coder): ${tokens.join("")}`,
+  ]);
 });
 
 test("after a dropped connection the timeline resumes with Last-Event-ID, missing nothing", async () => {

@@ -388,6 +388,10 @@ function sessionView(container, id) {
   const timelineList = el("ol", { class: "timeline", id: "timeline", "aria-live": "polite" });
   const approvalsBox = el("div", { class: "cards", id: "approvals" });
   const approvalsNote = el("p", { class: "quiet" }, "Nothing waits for a decision.");
+  // The stored messages: the user's own messages are not events, so after a reload they are here.
+  const historyList = el("ol", { class: "history" });
+  const historySummary = el("summary", {}, "Stored conversation");
+  const history = el("details", { id: "history" }, historySummary, historyList);
   const actionError = problem("");
   actionError.hidden = true;
   const report = (text) => {
@@ -399,6 +403,7 @@ function sessionView(container, id) {
     onEvent: (e) => {
       if (e.type === "tool_call" || e.type === "approval_resolved" || e.type === "done" || e.type === "plan_proposed") refreshApprovals();
       if (e.type === "done" || e.type === "agent_switched") refreshFacts();
+      if (e.type === "done") refreshHistory();
     },
   });
   const cards = new ApprovalCards(approvalsBox, { onEvent: (_, e) => timeline.add(e) });
@@ -423,6 +428,7 @@ function sessionView(container, id) {
     approvalsNote,
     approvalsBox,
     el("h3", {}, "Timeline"),
+    history,
     timelineList,
     composer);
 
@@ -438,6 +444,20 @@ function sessionView(container, id) {
     } catch (e) {
       if (signedOut(e)) return;
       facts.textContent = `Cannot read the session: ${describe(e)}`;
+    }
+  }
+
+  async function refreshHistory() {
+    try {
+      const r = await api.get(`/sessions/${enc(id)}/messages?limit=1000`);
+      historySummary.textContent = `Stored conversation (${r.messages.length} messages)`;
+      historyList.replaceChildren(...r.messages.map((m) => {
+        const calls = (m.tool_calls ?? []).map((c) => `calls ${c.name}`).join(", ");
+        const content = m.content || calls || "";
+        return el("li", { "data-role": m.role }, el("strong", {}, `${m.role}${m.agent ? ` (${m.agent})` : ""}: `), content);
+      }));
+    } catch (e) {
+      signedOut(e);
     }
   }
 
@@ -486,6 +506,7 @@ function sessionView(container, id) {
     refreshFacts();
   });
 
+  refreshHistory();
   api.get("/agents").then((r) => {
     agentSelect.replaceChildren(...r.agents.map((a) => el("option", { value: a.type }, `${a.emoji ?? ""} ${a.name} (${a.type})`.trim())));
     refreshFacts();
