@@ -29,7 +29,7 @@ modules = sorted(
 )
 expected = sorted([
     "agents/get_current_agent", "agents/list_agents",
-    "approvals/decide_approval", "approvals/list_pending_approvals",
+    "approvals/decide_approval", "approvals/list_pending_approvals", "approvals/preview_approval",
     "messages/cancel_turn", "messages/list_messages", "messages/stream_events", "messages/stream_message",
     "sessions/create_session", "sessions/delete_session", "sessions/get_session", "sessions/list_sessions",
     "system/get_health", "system/get_metrics", "system/get_open_api",

@@ -5,7 +5,9 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent_runtime_core::orchestrator::{CancelOutcome, CreateSession, Follow, Orchestrator, Submission};
+use agent_runtime_core::orchestrator::{
+    ApprovalPreview, CancelOutcome, CreateSession, Follow, Orchestrator, Submission,
+};
 use agent_runtime_core::protocol::ClientMessage;
 use agent_runtime_core::storage::SessionQuery;
 use bytes::Bytes;
@@ -66,6 +68,8 @@ pub enum Route {
     HitlDecision(String),
     /// `/sessions/{id}/cancel`
     Cancel(String),
+    /// `/sessions/{id}/approvals/{call_id}/preview`: session id, call id
+    ApprovalPreview(String, String),
     /// `/agents`
     Agents,
     /// `/agents/{id}/current`
@@ -167,6 +171,15 @@ pub struct Operation {
     pub query: &'static [(&'static str, &'static str)],
 }
 
+/// The parameters a path template captures (empty when the template has none).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PathParams {
+    /// `{session_id}`
+    pub session_id: String,
+    /// `{call_id}`
+    pub call_id: String,
+}
+
 /// One route: its path, the other spelling it answers, and its operations.
 #[derive(Debug)]
 pub struct RouteSpec {
@@ -177,8 +190,8 @@ pub struct RouteSpec {
     pub alias: Option<&'static str>,
     /// Served without a token.
     pub public: bool,
-    /// The route of a matching path, given its `{session_id}` (empty when the path has none).
-    make: fn(String) -> Route,
+    /// The route of a matching path, given its parameters.
+    make: fn(PathParams) -> Route,
     /// One per method the route answers.
     pub operations: &'static [Operation],
 }
@@ -269,7 +282,7 @@ pub static ROUTES: &[RouteSpec] = &[
         path: "/sessions/{session_id}",
         alias: None,
         public: false,
-        make: Route::Session,
+        make: |p| Route::Session(p.session_id),
         operations: &[
             Operation {
                 method: Method::GET,
@@ -297,7 +310,7 @@ pub static ROUTES: &[RouteSpec] = &[
         path: "/sessions/{session_id}/messages",
         alias: Some("/sessions/{session_id}/history"),
         public: false,
-        make: Route::Messages,
+        make: |p| Route::Messages(p.session_id),
         operations: &[Operation {
             method: Method::GET,
             id: "listMessages",
@@ -313,7 +326,7 @@ pub static ROUTES: &[RouteSpec] = &[
         path: "/sessions/{session_id}/events",
         alias: None,
         public: false,
-        make: Route::Events,
+        make: |p| Route::Events(p.session_id),
         operations: &[Operation {
             method: Method::GET,
             id: "streamEvents",
@@ -329,7 +342,7 @@ pub static ROUTES: &[RouteSpec] = &[
         path: "/sessions/{session_id}/pending-approvals",
         alias: None,
         public: false,
-        make: Route::PendingApprovals,
+        make: |p| Route::PendingApprovals(p.session_id),
         operations: &[Operation {
             method: Method::GET,
             id: "listPendingApprovals",
@@ -345,7 +358,7 @@ pub static ROUTES: &[RouteSpec] = &[
         path: "/sessions/{session_id}/hitl-decision",
         alias: None,
         public: false,
-        make: Route::HitlDecision,
+        make: |p| Route::HitlDecision(p.session_id),
         operations: &[Operation {
             method: Method::POST,
             id: "decideApproval",
@@ -361,7 +374,7 @@ pub static ROUTES: &[RouteSpec] = &[
         path: "/sessions/{session_id}/cancel",
         alias: None,
         public: false,
-        make: Route::Cancel,
+        make: |p| Route::Cancel(p.session_id),
         operations: &[Operation {
             method: Method::POST,
             id: "cancelTurn",
@@ -370,6 +383,22 @@ pub static ROUTES: &[RouteSpec] = &[
             request: None,
             answer: Answer::Json(200, schema::<StatusReply>),
             errors: ID_ERRORS,
+            query: &[],
+        }],
+    },
+    RouteSpec {
+        path: "/sessions/{session_id}/approvals/{call_id}/preview",
+        alias: None,
+        public: false,
+        make: |p| Route::ApprovalPreview(p.session_id, p.call_id),
+        operations: &[Operation {
+            method: Method::GET,
+            id: "previewApproval",
+            tag: Tag::Approvals,
+            summary: "The unified diff a pending write_file or delete_file approval would make to the file now",
+            request: None,
+            answer: Answer::Json(200, schema::<ApprovalPreview>),
+            errors: &[400, 401, 404, 409],
             query: &[],
         }],
     },
@@ -393,7 +422,7 @@ pub static ROUTES: &[RouteSpec] = &[
         path: "/agents/{session_id}/current",
         alias: None,
         public: false,
-        make: Route::CurrentAgent,
+        make: |p| Route::CurrentAgent(p.session_id),
         operations: &[Operation {
             method: Method::GET,
             id: "getCurrentAgent",
@@ -423,19 +452,20 @@ pub static ROUTES: &[RouteSpec] = &[
     },
 ];
 
-/// Whether the path's segments match a template's (`{session_id}` matches any one segment);
-/// the id when it does (empty for templates without one).
-fn matches_template(template: &str, segs: &[String]) -> Option<String> {
+/// Whether the path's segments match a template's (`{session_id}` and `{call_id}` match any one
+/// segment); the parameters when it does.
+fn matches_template(template: &str, segs: &[String]) -> Option<PathParams> {
     let mut parts = template.split('/').filter(|s| !s.is_empty());
-    let mut id = String::new();
+    let mut params = PathParams::default();
     for seg in segs {
         match parts.next()? {
-            "{session_id}" => id.clone_from(seg),
+            "{session_id}" => params.session_id.clone_from(seg),
+            "{call_id}" => params.call_id.clone_from(seg),
             literal if literal == seg => {}
             _ => return None,
         }
     }
-    parts.next().is_none().then_some(id)
+    parts.next().is_none().then_some(params)
 }
 
 impl Route {
@@ -463,7 +493,7 @@ impl Route {
         let kind = std::mem::discriminant(self);
         ROUTES
             .iter()
-            .find(|spec| std::mem::discriminant(&(spec.make)(String::new())) == kind)
+            .find(|spec| std::mem::discriminant(&(spec.make)(PathParams::default())) == kind)
     }
 
     /// The route's template, as metrics and logs name it.
@@ -607,6 +637,20 @@ impl App {
         let started = Instant::now();
         let method = req.method().clone();
         let route = Route::resolve(req.uri().path());
+        // The console's files are public and static: served before auth. Only paths no API route
+        // matches are looked up, so API requests do no extra work.
+        if route.is_none()
+            && let Some(found) = crate::console::resolve(req.uri().path())
+        {
+            let response = crate::console::serve(&method, req.uri().path(), found);
+            self.metrics.observe(
+                crate::console::LABEL,
+                method.as_str(),
+                response.status().as_u16(),
+                started.elapsed(),
+            );
+            return Ok(response);
+        }
         let label = route.as_ref().map_or("unmatched", Route::label);
         let span = tracing::info_span!("request", %method, route = label);
         let response = async {
@@ -742,6 +786,9 @@ impl App {
                     status: status.into(),
                 })
             }
+            (Method::GET, Route::ApprovalPreview(id, call_id)) => {
+                ok(&rt.approval_preview(&id, &call_id).await?)
+            }
             (Method::GET, Route::Agents) => ok(&AgentList { agents: rt.agents() }),
             (Method::GET, Route::CurrentAgent(id)) => {
                 ok(&CurrentAgentView::from(&rt.current_agent(&id).await?))
@@ -803,7 +850,10 @@ mod tests {
         let got: Vec<(&str, Option<&str>)> = ROUTES
             .iter()
             .map(|spec| {
-                let path = spec.path.replace("{session_id}", "s-1");
+                let path = spec
+                    .path
+                    .replace("{session_id}", "s-1")
+                    .replace("{call_id}", "c-1");
                 (spec.path, Route::resolve(&path).map(|r| r.label()))
             })
             .collect();

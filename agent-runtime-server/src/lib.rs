@@ -5,6 +5,7 @@ pub mod app;
 pub mod auth;
 pub mod body;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod health;
 pub mod metrics;

@@ -47,6 +47,9 @@ fn operation(spec: &RouteSpec, op: &Operation, error: &Value, g: &mut SchemaGene
             json!({"name": "session_id", "in": "path", "required": true, "schema": {"type": "string"}}),
         );
     }
+    if spec.path.contains("{call_id}") {
+        params.push(json!({"name": "call_id", "in": "path", "required": true, "schema": {"type": "string"}}));
+    }
     for (name, ty) in op.query {
         params.push(json!({"name": name, "in": "query", "required": false, "schema": {"type": ty}}));
     }

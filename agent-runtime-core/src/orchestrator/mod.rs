@@ -25,6 +25,7 @@ use crate::tools::ToolRegistry;
 
 mod assemble;
 mod health;
+mod preview;
 pub mod routing;
 mod stream;
 /// One turn as a state machine. `turn/mod.rs`: Turn, TurnState and the run loop, with each
@@ -35,6 +36,7 @@ mod stream;
 mod turn;
 
 pub use health::Health;
+pub use preview::{ApprovalPreview, FileChange, MAX_PREVIEW_FILE_BYTES};
 pub use stream::{EventStream, Follow};
 
 /// What creating a session takes (every field optional).
