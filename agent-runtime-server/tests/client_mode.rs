@@ -3,13 +3,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
+mod fault_support;
 
 use agent_runtime_core::llm::Script;
 use agent_runtime_core::llm::mock::{MockLlmServer, MockResponse};
 use common::*;
+use fault_support::postgres_url;
 use serde_json::{Value, json};
-
-const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 /// A server, its mock model, and one session in the given tool execution mode.
 struct Setup {
@@ -156,8 +156,13 @@ async fn a_tool_the_agent_may_not_use_is_only_a_tool_result_on_sqlite() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
 async fn a_tool_the_agent_may_not_use_is_only_a_tool_result_on_postgres() {
-    a_tool_the_agent_may_not_use(Some(POSTGRES)).await;
+    let (_guard, url) = postgres_url().await;
+    a_tool_the_agent_may_not_use(Some(&url)).await;
 }
 
 async fn a_write_outside_the_path_rule(db: Option<&str>) {
@@ -177,8 +182,13 @@ async fn a_write_outside_the_path_rule_is_only_a_tool_result_on_sqlite() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
 async fn a_write_outside_the_path_rule_is_only_a_tool_result_on_postgres() {
-    a_write_outside_the_path_rule(Some(POSTGRES)).await;
+    let (_guard, url) = postgres_url().await;
+    a_write_outside_the_path_rule(Some(&url)).await;
 }
 
 async fn a_path_outside_the_project(db: Option<&str>) {
@@ -198,8 +208,13 @@ async fn a_path_outside_the_project_is_only_a_tool_result_on_sqlite() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
 async fn a_path_outside_the_project_is_only_a_tool_result_on_postgres() {
-    a_path_outside_the_project(Some(POSTGRES)).await;
+    let (_guard, url) = postgres_url().await;
+    a_path_outside_the_project(Some(&url)).await;
 }
 
 async fn arguments_that_are_not_json(db: Option<&str>) {
@@ -219,8 +234,13 @@ async fn arguments_that_are_not_json_are_only_a_tool_result_on_sqlite() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
 async fn arguments_that_are_not_json_are_only_a_tool_result_on_postgres() {
-    arguments_that_are_not_json(Some(POSTGRES)).await;
+    let (_guard, url) = postgres_url().await;
+    arguments_that_are_not_json(Some(&url)).await;
 }
 
 async fn an_unknown_tool(db: Option<&str>) {
@@ -240,8 +260,13 @@ async fn an_unknown_tool_is_only_a_tool_result_on_sqlite() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
 async fn an_unknown_tool_is_only_a_tool_result_on_postgres() {
-    an_unknown_tool(Some(POSTGRES)).await;
+    let (_guard, url) = postgres_url().await;
+    an_unknown_tool(Some(&url)).await;
 }
 
 /// The same call a third time in a turn: the first two go to the client, the third is refused
@@ -318,8 +343,13 @@ async fn a_call_stopped_by_the_loop_guard_is_only_a_tool_result_on_sqlite() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
 async fn a_call_stopped_by_the_loop_guard_is_only_a_tool_result_on_postgres() {
-    a_call_stopped_by_the_loop_guard(Some(POSTGRES)).await;
+    let (_guard, url) = postgres_url().await;
+    a_call_stopped_by_the_loop_guard(Some(&url)).await;
 }
 
 /// In runtime mode nothing changed: the refused call is streamed as `tool_call`, then its result.
@@ -436,8 +466,13 @@ async fn a_new_message_streams_the_approvals_it_cancels_first_on_sqlite() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
 async fn a_new_message_streams_the_approvals_it_cancels_first_on_postgres() {
-    a_new_message_streams_the_approvals_it_cancels_first(Some(POSTGRES)).await;
+    let (_guard, url) = postgres_url().await;
+    a_new_message_streams_the_approvals_it_cancels_first(Some(&url)).await;
 }
 
 /// A `switch_agent` with content cancels like a new message: the cancellations come first, then
@@ -473,8 +508,13 @@ async fn a_switch_with_content_streams_the_approvals_it_cancels_first_on_sqlite(
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
 async fn a_switch_with_content_streams_the_approvals_it_cancels_first_on_postgres() {
-    a_switch_with_content_streams_the_approvals_it_cancels_first(Some(POSTGRES)).await;
+    let (_guard, url) = postgres_url().await;
+    a_switch_with_content_streams_the_approvals_it_cancels_first(Some(&url)).await;
 }
 
 /// A client tool call still awaiting its result is cancelled by a new message; its `CANCELLED`
@@ -538,8 +578,13 @@ async fn a_new_message_streams_the_client_calls_it_cancels_first_on_sqlite() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
 async fn a_new_message_streams_the_client_calls_it_cancels_first_on_postgres() {
-    a_new_message_streams_the_client_calls_it_cancels_first(Some(POSTGRES)).await;
+    let (_guard, url) = postgres_url().await;
+    a_new_message_streams_the_client_calls_it_cancels_first(Some(&url)).await;
 }
 
 /// `/history` (and `/messages`) also return `message_count`, `current_agent`, `last_activity` and
@@ -592,8 +637,13 @@ async fn history_carries_what_older_clients_read_on_sqlite() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
 async fn history_carries_what_older_clients_read_on_postgres() {
-    history_carries_what_older_clients_read(Some(POSTGRES)).await;
+    let (_guard, url) = postgres_url().await;
+    history_carries_what_older_clients_read(Some(&url)).await;
 }
 
 /// `GET /sessions` reports `total`: the sessions matching the filter across all pages.
@@ -650,6 +700,11 @@ async fn the_session_list_reports_the_total_of_its_filter_on_sqlite() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
 async fn the_session_list_reports_the_total_of_its_filter_on_postgres() {
-    the_session_list_reports_the_total_of_its_filter(Some(POSTGRES)).await;
+    let (_guard, url) = postgres_url().await;
+    the_session_list_reports_the_total_of_its_filter(Some(&url)).await;
 }
