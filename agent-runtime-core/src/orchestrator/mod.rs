@@ -39,6 +39,7 @@ pub use stream::{EventStream, Follow};
 
 /// What creating a session takes (every field optional).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CreateSession {
     /// The owner.
     #[serde(default)]
@@ -80,6 +81,7 @@ impl Submission {
 
 /// An agent as `GET /agents/{id}/current` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct AgentRef {
     /// The agent type.
     #[serde(rename = "type")]
@@ -95,6 +97,7 @@ pub struct AgentRef {
 
 /// The session's agent and how it got there (API.md §3).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CurrentAgent {
     /// The session.
     pub session_id: String,
