@@ -240,7 +240,7 @@ mod tests {
                 "AgentSwitch",
                 "ClientMessage",
                 "CommandRights",
-                "CreateSession",
+                "CreateSessionRequest",
                 "CreatedSession",
                 "CurrentAgent",
                 "ErrorBody",

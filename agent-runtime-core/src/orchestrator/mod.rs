@@ -40,6 +40,8 @@ pub use stream::{EventStream, Follow};
 /// What creating a session takes (every field optional).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+// The API has always called this body `CreateSessionRequest`; generated clients name their model so.
+#[cfg_attr(feature = "schema", schemars(rename = "CreateSessionRequest"))]
 pub struct CreateSession {
     /// The owner.
     #[serde(default)]
