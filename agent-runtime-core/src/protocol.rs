@@ -245,6 +245,7 @@ impl<'de> Deserialize<'de> for Event {
 /// A message a client sends into a session (the `message` of `POST /agent/message/stream`).
 /// Unknown fields are ignored (clients of the earlier runtime send extra ones).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientMessage {
     /// The user's message; runs a turn (after switching to `agent_type` if given).
@@ -329,6 +330,7 @@ impl Decision {
 
 /// A decision on a pending approval (API.md §5.3).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(try_from = "HitlDecisionWire", into = "HitlDecisionWire")]
 pub struct HitlDecision {
     /// The approval's call id (or plan id).
@@ -337,13 +339,18 @@ pub struct HitlDecision {
     pub decision: Decision,
 }
 
-/// [`HitlDecision`] as the wire writes it.
+/// [`HitlDecision`] as the wire writes it (its schema is the one `HitlDecision` shows).
 #[derive(Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 struct HitlDecisionWire {
+    /// The approval's call id (or plan id).
     call_id: String,
+    /// `approve`, `edit` or `reject`.
     decision: String,
+    /// For `edit`: the arguments to run with (a JSON object).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     modified_arguments: Option<Value>,
+    /// The human's words to the model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     feedback: Option<String>,
 }

@@ -167,6 +167,39 @@ impl Handover {
     }
 }
 
+/// The `#[pymethods]` of a class that reads a [`Channel`] in its `channel` field: `for` and
+/// `async for` (both read the one channel, in order), `close` with its docstring, then the
+/// class's own methods. One block, since a class has one `#[pymethods]` impl.
+macro_rules! channel_methods {
+    ($class:ty, $close_doc:literal, { $($own:tt)* }) => {
+        #[pymethods]
+        impl $class {
+            fn __iter__(slf: Py<Self>) -> Py<Self> {
+                slf
+            }
+
+            fn __next__(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+                next_blocking(py, &self.channel.shared)
+            }
+
+            fn __aiter__(slf: Py<Self>) -> Py<Self> {
+                slf
+            }
+
+            fn __anext__(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+                next_async(py, &self.channel.shared)
+            }
+
+            #[doc = $close_doc]
+            fn close(&self) {
+                self.channel.stop.notify_one();
+            }
+
+            $($own)*
+        }
+    };
+}
+
 /// The events of a turn (or a replay) as dicts shaped like the SSE `data` JSON of API.md §4.
 ///
 /// Iterate with `for event in stream` (blocks, GIL released, Ctrl-C interrupts) or
@@ -191,38 +224,20 @@ impl EventStream {
     }
 }
 
-#[pymethods]
-impl EventStream {
-    fn __iter__(slf: Py<Self>) -> Py<Self> {
-        slf
-    }
-
-    fn __next__(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
-        next_blocking(py, &self.channel.shared)
-    }
-
-    fn __aiter__(slf: Py<Self>) -> Py<Self> {
-        slf
-    }
-
-    fn __anext__(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        next_async(py, &self.channel.shared)
-    }
-
-    /// Stops reading: iteration ends after what is already buffered. The turn goes on.
-    fn close(&self) {
-        self.channel.stop.notify_one();
-    }
-
-    /// Reads the stream to its end and returns every event as a list.
-    fn collect(&self, py: Python<'_>) -> PyResult<Vec<Py<PyAny>>> {
-        let mut out = Vec::new();
-        while let Some(event) = next_blocking(py, &self.channel.shared)? {
-            out.push(event);
+channel_methods!(
+    EventStream,
+    "Stops reading: iteration ends after what is already buffered. The turn goes on.",
+    {
+        /// Reads the stream to its end and returns every event as a list.
+        fn collect(&self, py: Python<'_>) -> PyResult<Vec<Py<PyAny>>> {
+            let mut out = Vec::new();
+            while let Some(event) = next_blocking(py, &self.channel.shared)? {
+                out.push(event);
+            }
+            Ok(out)
         }
-        Ok(out)
     }
-}
+);
 
 /// A subscription to the runtime's EventBus: dicts `{"kind", "session_id", "at", "data"}`
 /// (`kind` such as `approval.requested`, `turn.completed`). A subscriber that fell behind gets
@@ -251,53 +266,35 @@ impl Subscription {
     }
 }
 
-#[pymethods]
-impl Subscription {
-    fn __iter__(slf: Py<Self>) -> Py<Self> {
-        slf
-    }
-
-    fn __next__(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
-        next_blocking(py, &self.channel.shared)
-    }
-
-    fn __aiter__(slf: Py<Self>) -> Py<Self> {
-        slf
-    }
-
-    fn __anext__(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        next_async(py, &self.channel.shared)
-    }
-
-    /// The next event, or `None` if none arrives within `timeout` seconds.
-    #[pyo3(signature = (timeout=None))]
-    fn next(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Py<PyAny>>> {
-        let Some(secs) = timeout else {
-            return next_blocking(py, &self.channel.shared);
-        };
-        let deadline = std::time::Instant::now() + Duration::from_secs_f64(secs.max(0.0));
-        let rt = runtime()?;
-        loop {
-            let wait = deadline
-                .saturating_duration_since(std::time::Instant::now())
-                .min(SIGNAL_POLL);
-            let shared = self.channel.shared.clone();
-            let got = py.detach(move || {
-                rt.block_on(async move {
-                    tokio::time::timeout(wait, async { shared.lock().await.next().await }).await
-                })
-            });
-            match got {
-                Ok(Some(value)) => return convert::to_py(py, &value).map(Some),
-                Ok(None) => return Ok(None),
-                Err(_elapsed) if std::time::Instant::now() >= deadline => return Ok(None),
-                Err(_elapsed) => py.check_signals()?,
+channel_methods!(
+    Subscription,
+    "Stops the subscription; iteration ends after what is already buffered.",
+    {
+        /// The next event, or `None` if none arrives within `timeout` seconds.
+        #[pyo3(signature = (timeout=None))]
+        fn next(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Py<PyAny>>> {
+            let Some(secs) = timeout else {
+                return next_blocking(py, &self.channel.shared);
+            };
+            let deadline = std::time::Instant::now() + Duration::from_secs_f64(secs.max(0.0));
+            let rt = runtime()?;
+            loop {
+                let wait = deadline
+                    .saturating_duration_since(std::time::Instant::now())
+                    .min(SIGNAL_POLL);
+                let shared = self.channel.shared.clone();
+                let got = py.detach(move || {
+                    rt.block_on(async move {
+                        tokio::time::timeout(wait, async { shared.lock().await.next().await }).await
+                    })
+                });
+                match got {
+                    Ok(Some(value)) => return convert::to_py(py, &value).map(Some),
+                    Ok(None) => return Ok(None),
+                    Err(_elapsed) if std::time::Instant::now() >= deadline => return Ok(None),
+                    Err(_elapsed) => py.check_signals()?,
+                }
             }
         }
     }
-
-    /// Stops the subscription; iteration ends after what is already buffered.
-    fn close(&self) {
-        self.channel.stop.notify_one();
-    }
-}
+);

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent_runtime_core::orchestrator::{
-    ApprovalPreview, CancelOutcome, CreateSession, Follow, Orchestrator, Submission,
+    ApprovalPreview, CancelOutcome, CreateSession, CurrentAgent, Follow, Orchestrator, Submission,
 };
 use agent_runtime_core::protocol::ClientMessage;
 use agent_runtime_core::storage::SessionQuery;
@@ -271,7 +271,7 @@ pub static ROUTES: &[RouteSpec] = &[
                 id: "createSession",
                 tag: Tag::Sessions,
                 summary: "Create a session",
-                request: Some(schema::<CreateSessionRequest>),
+                request: Some(schema::<CreateSession>),
                 answer: Answer::Json(201, schema::<CreatedSession>),
                 errors: &[400, 401, 409, 413],
                 query: &[],
@@ -429,7 +429,7 @@ pub static ROUTES: &[RouteSpec] = &[
             tag: Tag::Agents,
             summary: "The session's agent and its switches",
             request: None,
-            answer: Answer::Json(200, schema::<CurrentAgentView>),
+            answer: Answer::Json(200, schema::<CurrentAgent>),
             errors: ID_ERRORS,
             query: &[],
         }],
@@ -708,14 +708,8 @@ impl App {
                 Ok(r)
             }
             (Method::POST, Route::Sessions) => {
-                let body: CreateSessionRequest = read_json(self, req, true).await?;
-                let session = rt
-                    .create_session(CreateSession {
-                        user_id: body.user_id,
-                        metadata: body.metadata,
-                        session_id: body.session_id,
-                    })
-                    .await?;
+                let body: CreateSession = read_json(self, req, true).await?;
+                let session = rt.create_session(body).await?;
                 Ok(json(StatusCode::CREATED, &CreatedSession::from(&session)))
             }
             (Method::GET, Route::Sessions) => {
@@ -770,7 +764,7 @@ impl App {
                 pending_approvals: rt.pending_approvals(&id).await?.iter().map(Into::into).collect(),
             }),
             (Method::POST, Route::HitlDecision(id)) => {
-                let body: HitlDecisionBody = read_json(self, req, false).await?;
+                let body: HitlDecisionRequest = read_json(self, req, false).await?;
                 let submission = Submission {
                     request_id: body.request_id,
                     message: ClientMessage::HitlDecision(body.decision),
@@ -790,9 +784,7 @@ impl App {
                 ok(&rt.approval_preview(&id, &call_id).await?)
             }
             (Method::GET, Route::Agents) => ok(&AgentList { agents: rt.agents() }),
-            (Method::GET, Route::CurrentAgent(id)) => {
-                ok(&CurrentAgentView::from(&rt.current_agent(&id).await?))
-            }
+            (Method::GET, Route::CurrentAgent(id)) => ok(&rt.current_agent(&id).await?),
             (Method::POST, Route::MessageStream) => {
                 let body: StreamRequest = read_json(self, req, false).await?;
                 let submission = Submission {

@@ -214,4 +214,86 @@ mod tests {
             json!({"$ref": "#/components/schemas/CreatedSession"})
         );
     }
+
+    /// `v` without the `description`s (prose, free to change) at any depth.
+    fn shape(v: &Value) -> Value {
+        match v {
+            Value::Object(m) => Value::Object(
+                m.iter()
+                    .filter(|(k, _)| *k != "description")
+                    .map(|(k, v)| (k.clone(), shape(v)))
+                    .collect(),
+            ),
+            Value::Array(a) => Value::Array(a.iter().map(shape).collect()),
+            other => other.clone(),
+        }
+    }
+
+    #[test]
+    fn bodies_that_are_core_types_are_described_by_the_core_types_themselves() {
+        let doc = document();
+        let mut names: Vec<&String> = doc["components"]["schemas"].as_object().unwrap().keys().collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "AgentInfo",
+                "AgentList",
+                "AgentRef",
+                "AgentSwitch",
+                "ClientMessage",
+                "CommandRights",
+                "CreateSessionRequest",
+                "CreatedSession",
+                "CurrentAgent",
+                "ErrorBody",
+                "ErrorDetail",
+                "HealthView",
+                "HitlDecision",
+                "HitlDecisionRequest",
+                "Message",
+                "MessageList",
+                "MultiAgentView",
+                "PendingApprovalView",
+                "PendingApprovals",
+                "RequestType",
+                "Role",
+                "SandboxMode",
+                "SandboxStatus",
+                "SessionList",
+                "SessionStatus",
+                "SessionView",
+                "StatusReply",
+                "StreamRequest",
+                "ToolCall",
+            ]
+        );
+        let body = |path: &str| {
+            doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"].clone()
+        };
+        assert_eq!(
+            body("/agent/message/stream"),
+            json!({"$ref": "#/components/schemas/StreamRequest"})
+        );
+        assert_eq!(
+            doc["components"]["schemas"]["StreamRequest"]["properties"]["message"],
+            json!({"$ref": "#/components/schemas/ClientMessage", "description": "The message."})
+        );
+        // The decision as the wire writes it (core's `HitlDecision` parses through that shape),
+        // with the request's idempotency key beside it.
+        assert_eq!(
+            shape(&doc["components"]["schemas"]["HitlDecisionRequest"]),
+            json!({
+                "type": "object",
+                "properties": {
+                    "call_id": {"type": "string"},
+                    "decision": {"type": "string"},
+                    "modified_arguments": {},
+                    "feedback": {"type": ["string", "null"]},
+                    "request_id": {"type": ["string", "null"], "default": null},
+                },
+                "required": ["call_id", "decision"],
+            })
+        );
+    }
 }

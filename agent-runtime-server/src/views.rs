@@ -1,28 +1,20 @@
-//! The request and response bodies of the API as Rust types: what handlers parse and serialize,
-//! and what `GET /openapi.json` describes (schemars), so the document cannot drift from the code.
+//! The API bodies that are not core types as they stand: what handlers parse and serialize, and
+//! what `GET /openapi.json` describes (schemars), so the document cannot drift from the code.
+//!
+//! Core's wire types (`ClientMessage`, `HitlDecision`, `Message`, `AgentSwitch`, `CurrentAgent`,
+//! `CreateSession`, ...) describe themselves (core's `schema` feature); a type lives here only when
+//! the API reshapes core's: a session answers with `session_id` and without its internal seqs and
+//! turn state, a list wraps its items, an approval leaves out its decision fields.
 
 use agent_runtime_core::Session;
+use agent_runtime_core::SessionStatus;
 use agent_runtime_core::agent::AgentInfo;
-use agent_runtime_core::approval::Approval;
-use agent_runtime_core::orchestrator::{AgentRef, CurrentAgent, SessionHistory};
+use agent_runtime_core::approval::{Approval, RequestType};
+use agent_runtime_core::orchestrator::SessionHistory;
 use agent_runtime_core::session::{AgentSwitch, Message};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-
-/// `POST /sessions` (every field optional; an empty body is valid).
-#[derive(Debug, Default, Deserialize, JsonSchema)]
-pub struct CreateSessionRequest {
-    /// The owner.
-    #[serde(default)]
-    pub user_id: Option<String>,
-    /// Free JSON object; `project_path` and `tool_execution` are read by the runtime.
-    #[serde(default)]
-    pub metadata: Option<Value>,
-    /// A client-chosen id (1–128 chars of `[A-Za-z0-9_.:-]`).
-    #[serde(default)]
-    pub session_id: Option<String>,
-}
 
 /// `201` answer of `POST /sessions`.
 #[derive(Debug, Serialize, JsonSchema)]
@@ -51,20 +43,6 @@ impl From<&Session> for CreatedSession {
     }
 }
 
-/// What a session is doing.
-#[derive(Debug, Serialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum StatusView {
-    /// Takes new messages.
-    Idle,
-    /// A turn is streaming.
-    Running,
-    /// Paused until approvals are decided.
-    AwaitingApproval,
-    /// Paused until the client sends tool results.
-    AwaitingToolResult,
-}
-
 /// `GET /sessions/{session_id}`.
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct SessionView {
@@ -83,12 +61,11 @@ pub struct SessionView {
     /// Stored user, assistant and tool messages.
     pub message_count: u64,
     /// `idle`, `running`, `awaiting_approval` or `awaiting_tool_result`.
-    pub status: StatusView,
+    pub status: SessionStatus,
 }
 
 impl From<&Session> for SessionView {
     fn from(s: &Session) -> Self {
-        use agent_runtime_core::SessionStatus as S;
         SessionView {
             session_id: s.id.clone(),
             user_id: s.user_id.clone(),
@@ -97,12 +74,7 @@ impl From<&Session> for SessionView {
             metadata: s.metadata.clone(),
             current_agent: s.current_agent.clone(),
             message_count: s.message_count,
-            status: match s.status {
-                S::Idle => StatusView::Idle,
-                S::Running => StatusView::Running,
-                S::AwaitingApproval => StatusView::AwaitingApproval,
-                S::AwaitingToolResult => StatusView::AwaitingToolResult,
-            },
+            status: s.status,
         }
     }
 }
@@ -118,68 +90,13 @@ pub struct SessionList {
     pub total: u64,
 }
 
-/// A tool call in a stored assistant message.
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct ToolCallView {
-    /// The call id.
-    pub id: String,
-    /// The tool.
-    pub name: String,
-    /// Its arguments.
-    pub arguments: Value,
-}
-
-/// A stored message.
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct MessageView {
-    /// Per-session sequence number.
-    pub seq: u64,
-    /// `user`, `assistant`, `tool` or `system`.
-    pub role: String,
-    /// The text.
-    pub content: String,
-    /// The agent that produced it (or was current).
-    pub agent: Option<String>,
-    /// Tool calls of an assistant message.
-    // `default` marks it optional in the schema: it is left out when empty.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub tool_calls: Vec<ToolCallView>,
-    /// The call a tool message answers.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tool_call_id: Option<String>,
-    /// RFC 3339 UTC.
-    pub created_at: String,
-}
-
-impl From<&Message> for MessageView {
-    fn from(m: &Message) -> Self {
-        MessageView {
-            seq: m.seq,
-            role: m.role.as_str().to_string(),
-            content: m.content.clone(),
-            agent: m.agent.clone(),
-            tool_calls: m
-                .tool_calls
-                .iter()
-                .map(|c| ToolCallView {
-                    id: c.id.clone(),
-                    name: c.name.clone(),
-                    arguments: c.arguments.clone(),
-                })
-                .collect(),
-            tool_call_id: m.tool_call_id.clone(),
-            created_at: m.created_at.to_rfc3339(),
-        }
-    }
-}
-
 /// `GET /sessions/{session_id}/messages` (and `/history`).
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct MessageList {
     /// The session.
     pub session_id: String,
     /// Oldest first.
-    pub messages: Vec<MessageView>,
+    pub messages: Vec<Message>,
     /// Stored user, assistant and tool messages of the whole session.
     pub message_count: u64,
     /// The agent that answers next.
@@ -187,18 +104,18 @@ pub struct MessageList {
     /// RFC 3339 UTC.
     pub last_activity: String,
     /// Every switch of the session's agent, oldest first.
-    pub agent_history: Vec<SwitchView>,
+    pub agent_history: Vec<AgentSwitch>,
 }
 
 impl From<&SessionHistory> for MessageList {
     fn from(h: &SessionHistory) -> Self {
         MessageList {
             session_id: h.session.id.clone(),
-            messages: h.messages.iter().map(MessageView::from).collect(),
+            messages: h.messages.clone(),
             message_count: h.session.message_count,
             current_agent: h.session.current_agent.clone(),
             last_activity: h.session.last_activity.to_rfc3339(),
-            agent_history: h.agent_history.iter().map(SwitchView::from).collect(),
+            agent_history: h.agent_history.clone(),
         }
     }
 }
@@ -208,83 +125,6 @@ impl From<&SessionHistory> for MessageList {
 pub struct AgentList {
     /// In display order.
     pub agents: Vec<AgentInfo>,
-}
-
-/// An agent in `GET /agents/{session_id}/current`.
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct AgentRefView {
-    /// The agent type.
-    #[serde(rename = "type")]
-    pub agent_type: String,
-    /// Display name.
-    pub name: String,
-    /// Emoji.
-    pub emoji: String,
-    /// When the session switched to it (current agent only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub switched_at: Option<String>,
-}
-
-impl From<&AgentRef> for AgentRefView {
-    fn from(a: &AgentRef) -> Self {
-        AgentRefView {
-            agent_type: a.agent_type.clone(),
-            name: a.name.clone(),
-            emoji: a.emoji.clone(),
-            switched_at: a.switched_at.map(|t| t.to_rfc3339()),
-        }
-    }
-}
-
-/// One switch of a session's agent.
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct SwitchView {
-    /// The agent before.
-    pub from_agent: String,
-    /// The agent after.
-    pub to_agent: String,
-    /// Why.
-    pub reason: String,
-    /// RFC 3339 UTC.
-    pub timestamp: String,
-}
-
-impl From<&AgentSwitch> for SwitchView {
-    fn from(s: &AgentSwitch) -> Self {
-        SwitchView {
-            from_agent: s.from_agent.clone(),
-            to_agent: s.to_agent.clone(),
-            reason: s.reason.clone(),
-            timestamp: s.timestamp.to_rfc3339(),
-        }
-    }
-}
-
-/// `GET /agents/{session_id}/current`.
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct CurrentAgentView {
-    /// The session.
-    pub session_id: String,
-    /// The agent now.
-    pub current_agent: AgentRefView,
-    /// The agent before the last switch (`null` if none).
-    pub previous_agent: Option<AgentRefView>,
-    /// Switches in the session.
-    pub switch_count: usize,
-    /// Every switch, oldest first.
-    pub switch_history: Vec<SwitchView>,
-}
-
-impl From<&CurrentAgent> for CurrentAgentView {
-    fn from(c: &CurrentAgent) -> Self {
-        CurrentAgentView {
-            session_id: c.session_id.clone(),
-            current_agent: (&c.current_agent).into(),
-            previous_agent: c.previous_agent.as_ref().map(Into::into),
-            switch_count: c.switch_count,
-            switch_history: c.switch_history.iter().map(Into::into).collect(),
-        }
-    }
 }
 
 /// A pending approval.
@@ -299,24 +139,19 @@ pub struct PendingApprovalView {
     /// Why approval is needed.
     pub reason: String,
     /// `tool` or `plan`.
-    pub request_type: String,
+    pub request_type: RequestType,
     /// RFC 3339 UTC.
     pub created_at: String,
 }
 
 impl From<&Approval> for PendingApprovalView {
     fn from(a: &Approval) -> Self {
-        use agent_runtime_core::approval::RequestType;
         PendingApprovalView {
             call_id: a.call_id.clone(),
             tool_name: a.tool_name.clone(),
             arguments: a.arguments.clone(),
             reason: a.reason.clone(),
-            request_type: match a.request_type {
-                RequestType::Tool => "tool",
-                RequestType::Plan => "plan",
-            }
-            .to_string(),
+            request_type: a.request_type,
             created_at: a.created_at.to_rfc3339(),
         }
     }
@@ -336,46 +171,6 @@ pub struct StatusReply {
     pub status: String,
 }
 
-/// A message sent into a session (the `message` of `POST /agent/message/stream`).
-///
-/// Parsed by the core's `ClientMessage`; this type documents it.
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum ClientMessageDoc {
-    /// The user's message; runs a turn.
-    UserMessage {
-        /// Non-empty text.
-        content: String,
-        /// Switch to this agent first.
-        #[serde(default)]
-        agent_type: Option<String>,
-    },
-    /// An explicit switch; with `content`, runs a turn on the new agent.
-    SwitchAgent {
-        /// The agent to switch to.
-        agent_type: String,
-        /// A message for the new agent.
-        #[serde(default)]
-        content: Option<String>,
-        /// Why.
-        #[serde(default)]
-        reason: Option<String>,
-    },
-    /// The result of a tool the client executed.
-    ToolResult {
-        /// The call it answers.
-        call_id: String,
-        /// The result.
-        #[serde(default)]
-        result: Option<Value>,
-        /// Or the failure.
-        #[serde(default)]
-        error: Option<String>,
-    },
-    /// A decision on a pending approval.
-    HitlDecision(HitlDecisionRequest),
-}
-
 /// `POST /agent/message/stream`.
 #[derive(Debug, Deserialize, JsonSchema)]
 pub struct StreamRequest {
@@ -385,33 +180,13 @@ pub struct StreamRequest {
     #[serde(default)]
     pub request_id: Option<String>,
     /// The message.
-    #[schemars(with = "ClientMessageDoc")]
     pub message: agent_runtime_core::protocol::ClientMessage,
 }
 
-/// `POST /sessions/{session_id}/hitl-decision`.
+/// `POST /sessions/{session_id}/hitl-decision`: core's decision (an unknown verb or an edit
+/// without arguments fails at parsing, as 400) and the idempotency key.
 #[derive(Debug, Deserialize, JsonSchema)]
 pub struct HitlDecisionRequest {
-    /// The approval's call id (or plan id).
-    pub call_id: String,
-    /// `approve`, `edit` or `reject`.
-    pub decision: String,
-    /// For `edit`: the arguments to run with.
-    #[serde(default)]
-    pub modified_arguments: Option<Value>,
-    /// The human's words to the model.
-    #[serde(default)]
-    pub feedback: Option<String>,
-    /// Idempotency key.
-    #[serde(default)]
-    pub request_id: Option<String>,
-}
-
-/// `POST /sessions/{session_id}/hitl-decision` as the handler parses it: core's decision (an
-/// unknown verb or an edit without arguments fails here, as 400) and the idempotency key.
-/// [`HitlDecisionRequest`] documents the same body.
-#[derive(Debug, Deserialize)]
-pub struct HitlDecisionBody {
     /// The decision.
     #[serde(flatten)]
     pub decision: agent_runtime_core::protocol::HitlDecision,

@@ -12,11 +12,12 @@ use std::time::Duration;
 use agent_runtime_core::llm::sse::SseDecoder;
 use agent_runtime_core::llm::wire::{ChunkDecoder, decode_body};
 use agent_runtime_core::llm::{Chunk, Script, ToolCallAssembler};
+use agent_runtime_core::orchestrator::CreateSession;
 use agent_runtime_core::protocol::ClientMessage;
 use agent_runtime_core::tools::sandbox;
 use agent_runtime_server::body::{self, BodyLimits};
 use agent_runtime_server::error::ApiError;
-use agent_runtime_server::views::{CreateSessionRequest, HitlDecisionRequest, StreamRequest};
+use agent_runtime_server::views::{HitlDecisionRequest, StreamRequest};
 use bytes::Bytes;
 use http_body_util::StreamBody;
 use hyper::body::Frame;
@@ -288,8 +289,8 @@ fn outcome<T: DeserializeOwned + std::fmt::Debug>(bytes: &[u8], cuts: &[usize], 
 /// documented one (so never a panic, never a 5xx).
 fn check_all_requests(bytes: &[u8], cuts: &[usize]) -> Result<(), TestCaseError> {
     prop_assert_eq!(
-        outcome::<CreateSessionRequest>(bytes, cuts, true),
-        documented::<CreateSessionRequest>(bytes, true)
+        outcome::<CreateSession>(bytes, cuts, true),
+        documented::<CreateSession>(bytes, true)
     );
     prop_assert_eq!(
         outcome::<StreamRequest>(bytes, cuts, false),

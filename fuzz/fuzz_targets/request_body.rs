@@ -2,10 +2,11 @@
 //! request type: a body parses only when it is a JSON object, and anything else is `400 INVALID_REQUEST`.
 #![no_main]
 
+use agent_runtime_core::orchestrator::CreateSession;
 use agent_runtime_core::protocol::ClientMessage;
 use agent_runtime_server::body::parse_json;
 use agent_runtime_server::error::ApiError;
-use agent_runtime_server::views::{CreateSessionRequest, HitlDecisionRequest, StreamRequest};
+use agent_runtime_server::views::{HitlDecisionRequest, StreamRequest};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
@@ -30,7 +31,7 @@ fn check<T>(outcome: &Result<T, ApiError>, body: &[u8], empty_ok: bool) -> bool 
 }
 
 fuzz_target!(|body: &[u8]| {
-    check(&parse_json::<CreateSessionRequest>(body, true), body, true);
+    check(&parse_json::<CreateSession>(body, true), body, true);
     check(&parse_json::<HitlDecisionRequest>(body, false), body, false);
     let stream = parse_json::<StreamRequest>(body, false);
     check(&stream, body, false);

@@ -11,6 +11,7 @@ use crate::time::Timestamp;
 
 /// What is being approved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RequestType {
     /// One tool call.

@@ -41,6 +41,9 @@ pub use stream::{EventStream, Follow};
 
 /// What creating a session takes (every field optional).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+// The API has always called this body `CreateSessionRequest`; generated clients name their model so.
+#[cfg_attr(feature = "schema", schemars(rename = "CreateSessionRequest"))]
 pub struct CreateSession {
     /// The owner.
     #[serde(default)]
@@ -82,6 +85,7 @@ impl Submission {
 
 /// An agent as `GET /agents/{id}/current` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct AgentRef {
     /// The agent type.
     #[serde(rename = "type")]
@@ -97,6 +101,7 @@ pub struct AgentRef {
 
 /// The session's agent and how it got there (API.md §3).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CurrentAgent {
     /// The session.
     pub session_id: String,

@@ -8,6 +8,7 @@ use crate::time::Timestamp;
 
 /// What a session is doing right now (API.md §2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum SessionStatus {
     /// No turn is running; the session takes a new message.
@@ -115,6 +116,7 @@ pub struct NewSession {
 
 /// Who wrote a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// The human.
@@ -152,6 +154,7 @@ impl Role {
 
 /// A tool call the model made, as it stands in the history.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ToolCall {
     /// The call id, unique within the session.
     pub id: String,
@@ -164,6 +167,7 @@ pub struct ToolCall {
 
 /// A message of the conversation as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Message {
     /// Per-session sequence number, from 1, strictly increasing, gap-free.
     pub seq: u64,
@@ -235,6 +239,7 @@ impl NewMessage {
 
 /// One change of a session's agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct AgentSwitch {
     /// The agent before.
     pub from_agent: String,
