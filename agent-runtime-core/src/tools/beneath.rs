@@ -70,6 +70,11 @@ impl Beneath {
         })
     }
 
+    /// Whether the root is held as a descriptor (the kernel has `openat2`).
+    pub(crate) fn confined(&self) -> bool {
+        self.fd.is_some()
+    }
+
     fn at(&self, rel: &Path, flags: OFlags, mode: Mode) -> io::Result<OwnedFd> {
         let rel = if rel.as_os_str().is_empty() {
             Path::new(".")
@@ -99,6 +104,16 @@ impl Beneath {
             OFlags::RDONLY | OFlags::NOCTTY,
             Mode::empty(),
         )?))
+    }
+
+    /// Opens `rel` for reading without blocking on a FIFO or device (`O_NONBLOCK`), whatever it is:
+    /// the walks of `list_files` and `search_in_code` start from it and ask `fstat` what they got.
+    pub(crate) fn open_any(&self, rel: &Path) -> io::Result<OwnedFd> {
+        self.at(
+            rel,
+            OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY,
+            Mode::empty(),
+        )
     }
 
     /// Creates the missing parents of `rel` and opens it for writing, created or truncated.
