@@ -5,8 +5,9 @@
 //! process that swaps a directory for a symlink after the check could redirect the tool's `open`. Here
 //! the open is done by the kernel relative to the root's descriptor and refused (`EXDEV`, `ELOOP`) if
 //! resolving ever leaves the root, whatever changed in between. Parent directories are created one
-//! component at a time, each opened the same way. Kernels before 5.6 have no `openat2`; there the tools
-//! fall back to the checked path (the walk), and `/health` says which is in use.
+//! component at a time, each opened the same way; listings start from [`Beneath::open_any`] and go on
+//! from descriptor to descriptor ([`super::walk`]). Kernels before 5.6 have no `openat2`; there the
+//! tools fall back to the checked path (the walk), and `/health` says which is in use.
 
 use std::fs::File;
 use std::io;
