@@ -5,8 +5,9 @@
 //! process that swaps a directory for a symlink after the check could redirect the tool's `open`. Here
 //! the open is done by the kernel relative to the root's descriptor and refused (`EXDEV`, `ELOOP`) if
 //! resolving ever leaves the root, whatever changed in between. Parent directories are created one
-//! component at a time, each opened the same way. Kernels before 5.6 have no `openat2`; there the tools
-//! fall back to the checked path (the walk), and `/health` says which is in use.
+//! component at a time, each opened the same way; listings start from [`Beneath::open_any`] and go on
+//! from descriptor to descriptor ([`super::walk`]). Kernels before 5.6 have no `openat2`; there the
+//! tools fall back to the checked path (the walk), and `/health` says which is in use.
 
 use std::fs::File;
 use std::io;
@@ -70,6 +71,11 @@ impl Beneath {
         })
     }
 
+    /// Whether the root is held as a descriptor (the kernel has `openat2`).
+    pub(crate) fn confined(&self) -> bool {
+        self.fd.is_some()
+    }
+
     fn at(&self, rel: &Path, flags: OFlags, mode: Mode) -> io::Result<OwnedFd> {
         let rel = if rel.as_os_str().is_empty() {
             Path::new(".")
@@ -99,6 +105,16 @@ impl Beneath {
             OFlags::RDONLY | OFlags::NOCTTY,
             Mode::empty(),
         )?))
+    }
+
+    /// Opens `rel` for reading without blocking on a FIFO or device (`O_NONBLOCK`), whatever it is:
+    /// the walks of `list_files` and `search_in_code` start from it and ask `fstat` what they got.
+    pub(crate) fn open_any(&self, rel: &Path) -> io::Result<OwnedFd> {
+        self.at(
+            rel,
+            OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY,
+            Mode::empty(),
+        )
     }
 
     /// Creates the missing parents of `rel` and opens it for writing, created or truncated.

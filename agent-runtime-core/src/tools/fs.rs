@@ -3,10 +3,11 @@
 //!
 //! Reads, writes and deletes open the checked path relative to the root's descriptor with `openat2`
 //! ([`super::beneath`]), so a directory swapped for a symlink after the check cannot redirect them.
-//! `list_files` still walks the checked path (a swap in that window can show names from outside, never
-//! contents).
+//! `list_files` walks through descriptors the same way ([`super::walk`]), so it never lists a folder
+//! outside the project either.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
@@ -16,6 +17,7 @@ use serde_json::{Value, json};
 
 use super::beneath::{Beneath, describe};
 use super::sandbox::{display_relative, project_root, resolve_for_write, resolve_in};
+use super::walk::{Kind, walk};
 use super::{Tool, ToolContext, ToolFailure, join_failure, parse_args, schema_of};
 use crate::protocol::ToolSpec;
 
@@ -368,37 +370,42 @@ impl Tool for ListFiles {
 
 fn list(root: &Path, dir: &Path, recursive: bool) -> Result<Value, ToolFailure> {
     let shown = display_relative(root, dir);
-    match std::fs::metadata(dir) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => {
+    let mut entries = Vec::new();
+    let mut truncated = false;
+    let mut not_a_dir = false;
+    // Entries that vanish or change during the walk are skipped: a listing is a best effort view.
+    let walked = walk(root, dir, if recursive { None } else { Some(1) }, &mut |entry| {
+        if entry.depth == 0 {
+            not_a_dir = entry.kind != Kind::Dir;
+            return ControlFlow::Continue(());
+        }
+        if entries.len() == MAX_LIST_ENTRIES {
+            truncated = true;
+            return ControlFlow::Break(());
+        }
+        let mut name = entry.rel.to_string_lossy().into_owned();
+        if entry.kind == Kind::Dir {
+            name.push('/');
+        }
+        entries.push(name);
+        ControlFlow::Continue(())
+    });
+    match walked {
+        Ok(()) if not_a_dir => {
             return Err(ToolFailure::Failed(format!(
                 "'{shown}' is a file, not a directory"
             )));
         }
+        Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(ToolFailure::Failed(format!("no such directory: '{shown}'")));
         }
-        Err(e) => return Err(ToolFailure::Failed(format!("cannot list '{shown}': {e}"))),
-    }
-    let walker = walker(dir)
-        .max_depth(if recursive { None } else { Some(1) })
-        .build();
-    let mut entries = Vec::new();
-    let mut truncated = false;
-    // Unreadable entries (permissions, races) are skipped: a listing is a best effort view.
-    for entry in walker.flatten() {
-        if entry.depth() == 0 {
-            continue;
+        Err(e) => {
+            return Err(ToolFailure::Failed(format!(
+                "cannot list '{shown}': {}",
+                describe(&e)
+            )));
         }
-        if entries.len() == MAX_LIST_ENTRIES {
-            truncated = true;
-            break;
-        }
-        let mut name = display_relative(root, entry.path());
-        if entry.file_type().is_some_and(|t| t.is_dir()) {
-            name.push('/');
-        }
-        entries.push(name);
     }
     entries.sort();
     let mut result = json!({ "entries": entries });
@@ -408,21 +415,6 @@ fn list(root: &Path, dir: &Path, recursive: bool) -> Result<Value, ToolFailure> 
         ));
     }
     Ok(result)
-}
-
-/// A walker over `dir` that honours `.gitignore` (also outside a git repository), `.ignore` and git's
-/// excludes, shows dotfiles, never enters `.git`, and does not follow symlinks.
-pub(crate) fn walker(dir: &Path) -> ignore::WalkBuilder {
-    let mut b = ignore::WalkBuilder::new(dir);
-    b.hidden(false)
-        .git_ignore(true)
-        .git_exclude(true)
-        .git_global(true)
-        .require_git(false)
-        .follow_links(false)
-        .filter_entry(|e| e.file_name() != ".git")
-        .sort_by_file_name(|a, b| a.cmp(b));
-    b
 }
 
 /// The `path` argument, if the arguments hold one as a string.

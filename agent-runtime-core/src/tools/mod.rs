@@ -30,6 +30,7 @@ mod git;
 pub mod isolation;
 pub mod sandbox;
 mod search;
+mod walk;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -16,7 +16,8 @@
 //! The check and the use are separate system calls: a process that swaps a directory for a symlink in
 //! between could redirect the use. The file tools therefore open the checked path relative to a
 //! descriptor of the root with `openat2(RESOLVE_BENEATH)` ([`super::beneath`]), which the kernel
-//! refuses if it would leave the root; `list_files` and `search_in_code` still walk the checked path.
+//! refuses if it would leave the root; `list_files` and `search_in_code` walk through descriptors the
+//! same way ([`super::walk`]).
 
 use std::collections::VecDeque;
 use std::ffi::OsString;

@@ -1,7 +1,9 @@
 //! `search_in_code`: a regex over the project's text files, honouring `.gitignore` like ripgrep.
-//! The walk is the `ignore` crate's (ripgrep's); matching is the `regex` crate's, on bytes.
+//! The walk and every file it reads go through descriptors beneath the root ([`super::walk`]);
+//! matching is the `regex` crate's, on bytes.
 
 use std::io::Read;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
@@ -12,8 +14,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::fs::walker;
+use super::beneath::describe;
 use super::sandbox::{display_relative, project_root, resolve_in};
+use super::walk::{Kind, walk};
 use super::{Tool, ToolContext, ToolFailure, join_failure, parse_args, schema_of};
 use crate::protocol::ToolSpec;
 
@@ -117,33 +120,28 @@ impl Tool for SearchInCode {
 }
 
 fn search(p: &Prepared, max_bytes: usize, cancel: &CancellationToken) -> Result<Value, ToolFailure> {
-    if !p.start.exists() {
-        return Err(ToolFailure::Failed(format!(
-            "no such file or directory: '{}'",
-            display_relative(&p.root, &p.start)
-        )));
-    }
     let mut matches: Vec<String> = Vec::new();
     let mut bytes = 0usize;
     let mut cut = false;
-    'files: for entry in walker(&p.start).build().flatten() {
+    let mut cancelled = false;
+    let walked = walk(&p.root, &p.start, None, &mut |entry| {
         if cancel.is_cancelled() {
-            return Err(ToolFailure::Failed("cancelled: the search was stopped".into()));
+            cancelled = true;
+            return ControlFlow::Break(());
         }
-        if !entry.file_type().is_some_and(|t| t.is_file()) {
-            continue;
+        if entry.kind != Kind::File {
+            return ControlFlow::Continue(());
         }
-        let path = entry.path();
-        let rel = display_relative(&p.root, path);
+        let rel = display_relative(Path::new(""), &entry.rel);
         // The glob filters after the walk (not as a walker override), so it can never un-ignore a
         // file that .gitignore hides.
         if let Some(g) = &p.glob
             && !g.matched(Path::new(&rel), false).is_whitelist()
         {
-            continue;
+            return ControlFlow::Continue(());
         }
-        let Some(content) = read_text(path) else {
-            continue;
+        let Some(content) = entry.open_file().ok().and_then(read_text) else {
+            return ControlFlow::Continue(());
         };
         for (i, line) in content.split(|&b| b == b'\n').enumerate() {
             if !p.regex.is_match(line) {
@@ -151,7 +149,7 @@ fn search(p: &Prepared, max_bytes: usize, cancel: &CancellationToken) -> Result<
             }
             if matches.len() == MAX_SEARCH_MATCHES || bytes >= max_bytes {
                 cut = true;
-                break 'files;
+                return ControlFlow::Break(());
             }
             let text = String::from_utf8_lossy(line.strip_suffix(b"\r").unwrap_or(line));
             let text = text.trim_end();
@@ -163,6 +161,18 @@ fn search(p: &Prepared, max_bytes: usize, cancel: &CancellationToken) -> Result<
             bytes += m.len();
             matches.push(m);
         }
+        ControlFlow::Continue(())
+    });
+    if let Err(e) = walked {
+        let shown = display_relative(&p.root, &p.start);
+        return Err(ToolFailure::Failed(if e.kind() == std::io::ErrorKind::NotFound {
+            format!("no such file or directory: '{shown}'")
+        } else {
+            format!("cannot search '{shown}': {}", describe(&e))
+        }));
+    }
+    if cancelled {
+        return Err(ToolFailure::Failed("cancelled: the search was stopped".into()));
     }
     let mut result = json!({ "matches": matches });
     if cut {
@@ -174,8 +184,7 @@ fn search(p: &Prepared, max_bytes: usize, cancel: &CancellationToken) -> Result<
 
 /// The file's bytes, or `None` for what is not worth searching: unreadable, too large, or binary
 /// (a NUL byte in its first 8 KiB, git's own heuristic).
-fn read_text(path: &Path) -> Option<Vec<u8>> {
-    let file = std::fs::File::open(path).ok()?;
+fn read_text(file: std::fs::File) -> Option<Vec<u8>> {
     if file.metadata().ok()?.len() > MAX_FILE_BYTES {
         return None;
     }
