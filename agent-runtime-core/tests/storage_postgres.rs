@@ -389,3 +389,44 @@ async fn commits_with_events_are_noticed_by_listeners_of_other_handles() {
         "the first notice is the commit with events: the quiet and the failed ones sent none"
     );
 }
+
+/// A cancel request reaches every listener of the cancel channel as a notice naming the lease
+/// owner asked and the session; a request nobody can be asked (no lease) sends none.
+#[tokio::test]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
+async fn cancel_requests_are_noticed_by_listeners_of_other_handles() {
+    use futures::StreamExt;
+    let (guard, asker) = fresh_store!();
+    let owner = open_in(&guard).await;
+    let mut notices = owner
+        .cancel_notices()
+        .await
+        .unwrap()
+        .expect("postgres has cancel notices");
+    for id in ["unleased", "leased"] {
+        asker.create_session(new_session(id, None, 1)).await.unwrap();
+    }
+    assert!(
+        owner
+            .acquire_lease("leased", "owner_a", Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    assert_eq!(asker.request_cancel("unleased").await, Ok(None));
+    assert_eq!(asker.request_cancel("leased").await, Ok(Some("owner_a".into())));
+
+    let first = tokio::time::timeout(Duration::from_secs(10), notices.next())
+        .await
+        .expect("a notice within 10 s");
+    assert_eq!(
+        first,
+        Some(storage::CommitNotice {
+            owner: "owner_a".into(),
+            session_id: "leased".into()
+        }),
+        "the first notice is the leased session's: the unleased one sent none"
+    );
+}

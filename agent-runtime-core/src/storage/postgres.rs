@@ -637,7 +637,8 @@ impl CommitSteps for PgCommit<'_, '_> {
                  current_agent = COALESCE($10, current_agent),
                  turn_state = CASE WHEN $11 THEN $12 ELSE turn_state END,
                  lease_owner = CASE WHEN $13 THEN NULL ELSE lease_owner END,
-                 lease_expires_at = CASE WHEN $13 THEN NULL ELSE lease_expires_at END
+                 lease_expires_at = CASE WHEN $13 THEN NULL ELSE lease_expires_at END,
+                 cancel_requested_at = CASE WHEN $13 THEN NULL ELSE cancel_requested_at END
              WHERE id = $1
              RETURNING {SESSION_COLUMNS}"
         )))

@@ -644,7 +644,8 @@ impl CommitSteps for SqliteCommit<'_> {
                  status = COALESCE(?9, status),
                  turn_state = CASE WHEN ?10 THEN ?11 ELSE turn_state END,
                  lease_owner = CASE WHEN ?12 THEN NULL ELSE lease_owner END,
-                 lease_expires_at = CASE WHEN ?12 THEN NULL ELSE lease_expires_at END
+                 lease_expires_at = CASE WHEN ?12 THEN NULL ELSE lease_expires_at END,
+                 cancel_requested_at = CASE WHEN ?12 THEN NULL ELSE cancel_requested_at END
              WHERE id = ?1",
             params![
                 self.session_id,
