@@ -339,11 +339,13 @@ async fn commits_with_events_are_noticed_by_listeners_of_other_handles() {
     use futures::StreamExt;
     let (guard, writer) = fresh_store!();
     let reader = open_in(&guard).await;
+    // The channel is the database's: other tests' schemas notify on it too.
     let mut notices = reader
         .commit_notices()
         .await
         .unwrap()
-        .expect("postgres has notices");
+        .expect("postgres has notices")
+        .filter(|n| futures::future::ready(n.session_id == "noticed"));
     writer
         .create_session(new_session("noticed", None, 1))
         .await
@@ -401,22 +403,28 @@ async fn cancel_requests_are_noticed_by_listeners_of_other_handles() {
     use futures::StreamExt;
     let (guard, asker) = fresh_store!();
     let owner = open_in(&guard).await;
+    // The channel is the database's: other tests' schemas notify on it too.
+    let ours = ["cancel_unleased", "cancel_leased"];
     let mut notices = owner
         .cancel_notices()
         .await
         .unwrap()
-        .expect("postgres has cancel notices");
-    for id in ["unleased", "leased"] {
+        .expect("postgres has cancel notices")
+        .filter(move |n| futures::future::ready(ours.contains(&n.session_id.as_str())));
+    for id in ours {
         asker.create_session(new_session(id, None, 1)).await.unwrap();
     }
     assert!(
         owner
-            .acquire_lease("leased", "owner_a", Duration::from_secs(60))
+            .acquire_lease("cancel_leased", "owner_a", Duration::from_secs(60))
             .await
             .unwrap()
     );
-    assert_eq!(asker.request_cancel("unleased").await, Ok(None));
-    assert_eq!(asker.request_cancel("leased").await, Ok(Some("owner_a".into())));
+    assert_eq!(asker.request_cancel("cancel_unleased").await, Ok(None));
+    assert_eq!(
+        asker.request_cancel("cancel_leased").await,
+        Ok(Some("owner_a".into()))
+    );
 
     let first = tokio::time::timeout(Duration::from_secs(10), notices.next())
         .await
@@ -425,7 +433,7 @@ async fn cancel_requests_are_noticed_by_listeners_of_other_handles() {
         first,
         Some(storage::CommitNotice {
             owner: "owner_a".into(),
-            session_id: "leased".into()
+            session_id: "cancel_leased".into()
         }),
         "the first notice is the leased session's: the unleased one sent none"
     );
