@@ -382,3 +382,46 @@ async fn on_sqlite_a_delete_sent_to_another_process_stops_the_turn_and_removes_t
     let took = a_delete_on_another_replica_stops_the_turn_and_removes_the_session(&url).await;
     eprintln!("sqlite: the owner's stream ended {took:?} after a delete sent to another process");
 }
+
+/// Sends `signal` (`STOP`, `CONT`) to the server's process.
+fn signal(s: &Server, signal: &str) {
+    let pid = s.process.child.id().to_string();
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// The cancel request is durable: a cancel for a turn whose process is frozen (alive, but not
+/// running) answers `SESSION_BUSY` after its 10 s wait, and once the process runs again it finds
+/// the request and ends the turn cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_sqlite_a_frozen_owner_cancels_its_turn_once_it_runs_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("shared.db").display());
+    let (owner, other, _llms, id, rec) = a_turn_running_on_one_of_two_replicas(&url).await;
+    signal(&owner, "STOP");
+    let asked = Instant::now();
+    let r = other
+        .post(&format!("/sessions/{id}/cancel"), json!({}))
+        .send()
+        .await
+        .unwrap();
+    let waited = asked.elapsed();
+    assert_eq!(error_of(r).await, (409, err_busy(&id)));
+    assert!(
+        (Duration::from_secs(10)..Duration::from_secs(15)).contains(&waited),
+        "the cancel waited {waited:?} for the frozen owner"
+    );
+    signal(&owner, "CONT");
+    let reader = read_to_end(rec);
+    let (events, _) = reader.await.unwrap();
+    assert_eq!(
+        kinds(&events),
+        ["done:cancelled"],
+        "the request outlived the wait\n{}",
+        owner.logs()
+    );
+    assert_eq!(other.get_json(&format!("/sessions/{id}")).await["status"], "idle");
+}
