@@ -337,11 +337,13 @@ async fn commits_with_events_are_noticed_by_listeners_of_other_handles() {
     use futures::StreamExt;
     let (guard, writer) = fresh_store!();
     let reader = open_in(&guard).await;
+    // The channel is the database's: other tests' schemas notify on it too.
     let mut notices = reader
         .commit_notices()
         .await
         .unwrap()
-        .expect("postgres has notices");
+        .expect("postgres has notices")
+        .filter(|n| futures::future::ready(n.session_id == "noticed"));
     writer
         .create_session(new_session("noticed", None, 1))
         .await
@@ -394,5 +396,52 @@ async fn commits_with_events_are_noticed_by_listeners_of_other_handles() {
             session_id: "noticed".into()
         }),
         "the first notice is the commit with events: the quiet and the failed ones sent none"
+    );
+}
+
+/// A cancel request reaches every listener of the cancel channel as a notice naming the lease
+/// owner asked and the session; a request nobody can be asked (no lease) sends none.
+#[tokio::test]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
+async fn cancel_requests_are_noticed_by_listeners_of_other_handles() {
+    use futures::StreamExt;
+    let (guard, asker) = fresh_store!();
+    let owner = open_in(&guard).await;
+    // The channel is the database's: other tests' schemas notify on it too.
+    let ours = ["cancel_unleased", "cancel_leased"];
+    let mut notices = owner
+        .cancel_notices()
+        .await
+        .unwrap()
+        .expect("postgres has cancel notices")
+        .filter(move |n| futures::future::ready(ours.contains(&n.session_id.as_str())));
+    for id in ours {
+        asker.create_session(new_session(id, None, 1)).await.unwrap();
+    }
+    assert!(
+        owner
+            .acquire_lease("cancel_leased", "owner_a", Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    assert_eq!(asker.request_cancel("cancel_unleased").await, Ok(None));
+    assert_eq!(
+        asker.request_cancel("cancel_leased").await,
+        Ok(Some("owner_a".into()))
+    );
+
+    let first = tokio::time::timeout(Duration::from_secs(10), notices.next())
+        .await
+        .expect("a notice within 10 s");
+    assert_eq!(
+        first,
+        Some(storage::CommitNotice {
+            owner: "owner_a".into(),
+            session_id: "cancel_leased".into()
+        }),
+        "the first notice is the leased session's: the unleased one sent none"
     );
 }

@@ -256,6 +256,7 @@ impl OrchestratorBuilder {
             owner: format!("runtime_{}", uuid::Uuid::new_v4().simple()),
             liveness: tokio::sync::OnceCell::new(),
             notices: tokio::sync::OnceCell::new(),
+            cancel_watch: tokio::sync::OnceCell::new(),
             hubs: Arc::new(stream::Hubs::default()),
             config: self.config,
             offers: HashMap::new(),
@@ -288,6 +289,8 @@ pub(crate) struct Inner {
     pub liveness: tokio::sync::OnceCell<crate::storage::Liveness>,
     /// Set once the store's commit notices (if it has any) wake this process's followers.
     pub notices: tokio::sync::OnceCell<()>,
+    /// Set once this process watches for requests of other processes to cancel its turns.
+    pub cancel_watch: tokio::sync::OnceCell<()>,
     pub hubs: Arc<stream::Hubs>,
     /// Per agent type, what its model calls offer (computed once in `build`).
     pub offers: HashMap<String, Arc<Offer>>,
@@ -379,6 +382,73 @@ impl Inner {
                 });
             })
             .await;
+    }
+
+    /// From the first turn on, cancels this process's turns that another process asked to cancel
+    /// ([`Storage::request_cancel`]): woken by the store's cancel notices (Postgres), and looking
+    /// every [`CANCEL_POLL`] while turns run here (every [`CANCEL_POLL_NOTIFIED`] with notices,
+    /// which cover a lost notice).
+    pub(crate) async fn watch_cancel_requests(self: &Arc<Self>) {
+        self.cancel_watch
+            .get_or_init(|| async {
+                let notices = match self.storage.cancel_notices().await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot listen for cancel requests of other processes; polling for them");
+                        None
+                    }
+                };
+                let every = if notices.is_some() { CANCEL_POLL_NOTIFIED } else { CANCEL_POLL };
+                let weak = Arc::downgrade(self);
+                tokio::spawn(async move {
+                    use futures::StreamExt;
+                    let mut notices = notices;
+                    loop {
+                        let woken = async {
+                            match notices.as_mut() {
+                                Some(n) => n.next().await,
+                                None => std::future::pending().await,
+                            }
+                        };
+                        let notice = tokio::select! {
+                            n = woken => match n {
+                                Some(n) => Some(n),
+                                None => {
+                                    notices = None; // the listener is gone: poll from now on
+                                    None
+                                }
+                            },
+                            _ = tokio::time::sleep(every) => None,
+                        };
+                        let Some(rt) = weak.upgrade() else { return };
+                        if notice.as_ref().is_some_and(|n| n.owner != rt.owner) {
+                            continue;
+                        }
+                        if rt.hubs.all_running().is_empty() {
+                            continue;
+                        }
+                        rt.cancel_requested_turns().await;
+                    }
+                });
+            })
+            .await;
+    }
+
+    /// Cancels the turns running here whose sessions carry a cancel request for this owner.
+    async fn cancel_requested_turns(&self) {
+        match self.storage.cancel_requests(&self.owner).await {
+            Ok(ids) => {
+                for id in ids {
+                    if let Some(turn) = self.hubs.running(&id) {
+                        if !turn.cancel.is_cancelled() {
+                            tracing::info!(session_id = %id, "another process asked to cancel this turn");
+                        }
+                        turn.cancel.cancel();
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "looking for cancel requests failed"),
+        }
     }
 
     /// Registers this owner as alive before it takes its first lease. A store that cannot
@@ -641,12 +711,19 @@ impl Orchestrator {
         self.inner.storage.list_sessions(query).await
     }
 
-    /// Deletes a session and everything of it, cancelling its running turn first.
+    /// Deletes a session and everything of it, cancelling its running turn first (wherever it
+    /// runs: see [`Orchestrator::cancel`]).
     #[tracing::instrument(skip(self))]
     pub async fn delete_session(&self, id: &str) -> Result<()> {
-        self.inner.storage.get_session(id).await?;
+        let session = self.inner.storage.get_session(id).await?;
         if let Some(turn) = self.inner.hubs.running(id) {
             stop_turn(&turn).await;
+        } else if session.status == crate::session::SessionStatus::Running {
+            // Running on another process: stopped there first, so it writes nothing after the
+            // delete. If it does not stop in time, the delete goes ahead; its later commits fail.
+            if let Err(e) = turn::cancel(self.inner.clone(), id).await {
+                tracing::warn!(session_id = id, error = %e, "deleting a session whose turn did not stop");
+            }
         }
         self.inner.storage.delete_session(id).await?;
         self.inner
@@ -743,7 +820,9 @@ impl Orchestrator {
         ))
     }
 
-    /// Cancels the running or paused turn of the session.
+    /// Cancels the running or paused turn of the session, wherever it runs: a turn running on
+    /// another process sharing the store is asked to stop through the store, and this returns once
+    /// it has stored its end (`SESSION_BUSY` if it has not within 10 s).
     pub async fn cancel(&self, session_id: &str) -> Result<CancelOutcome> {
         turn::cancel(self.inner.clone(), session_id).await
     }
@@ -796,6 +875,13 @@ fn submission_kind(m: &ClientMessage) -> &'static str {
         ClientMessage::HitlDecision(_) => "hitl_decision",
     }
 }
+
+/// How often a process with running turns looks for requests to cancel them when the store
+/// cannot notify it (SQLite): the bound on how late a cancel from another process arrives.
+const CANCEL_POLL: Duration = Duration::from_millis(20);
+
+/// The same when the store notifies (Postgres): it only covers a lost notice.
+const CANCEL_POLL_NOTIFIED: Duration = Duration::from_millis(250);
 
 /// Cancels a turn running here and waits (bounded) until it has committed its end.
 async fn stop_turn(turn: &stream::RunningTurn) {

@@ -60,6 +60,7 @@ macro_rules! storage_conformance_suite {
             orphaned_sessions_are_running_ones_nobody_can_run,
             commit_is_fenced_by_lease_owner,
             last_commit_of_a_turn_releases_the_lease,
+            cancel_requests_reach_the_lease_owner_until_the_lease_changes_hands,
             last_activity_moves_forward_on_commit,
         );
     };
@@ -272,6 +273,7 @@ pub async fn missing_session_is_not_found_everywhere(a: Arc<dyn Storage>, _b: Ar
     assert_eq!(a.acquire_lease("nope", "o", ttl).await, Err(nf()));
     assert_eq!(a.renew_lease("nope", "o", ttl).await, Err(nf()));
     assert_eq!(a.release_lease("nope", "o").await, Err(nf()));
+    assert_eq!(a.request_cancel("nope").await, Err(nf()));
     // Nothing was created on the way.
     assert_eq!(a.get_session("nope").await, Err(nf()));
 }
@@ -1282,6 +1284,55 @@ pub async fn last_commit_of_a_turn_releases_the_lease(a: Arc<dyn Storage>, b: Ar
     unfenced.release_lease = true;
     a.commit("released", unfenced).await.unwrap();
     assert!(!a.acquire_lease("released", "o1", ttl).await.unwrap());
+}
+
+/// A cancel request marks the session for its lease owner, seen from every handle; renewing keeps
+/// the mark, and releasing the lease (directly or by a turn's last commit) or taking it again
+/// clears it. Without a lease holder nothing is marked.
+pub async fn cancel_requests_reach_the_lease_owner_until_the_lease_changes_hands(
+    a: Arc<dyn Storage>,
+    b: Arc<dyn Storage>,
+) {
+    let ttl = Duration::from_secs(60);
+    let none: Vec<String> = vec![];
+    create(&*a, "cancel").await;
+    create(&*a, "other").await;
+    assert_eq!(b.request_cancel("cancel").await, Ok(None));
+    assert_eq!(a.cancel_requests("o1").await, Ok(none.clone()));
+
+    assert!(a.acquire_lease("cancel", "o1", ttl).await.unwrap());
+    assert!(a.acquire_lease("other", "o1", ttl).await.unwrap());
+    assert_eq!(b.request_cancel("cancel").await, Ok(Some("o1".into())));
+    assert_eq!(a.cancel_requests("o1").await, Ok(vec!["cancel".to_string()]));
+    assert_eq!(a.cancel_requests("o2").await, Ok(none.clone()));
+    assert!(a.renew_lease("cancel", "o1", ttl).await.unwrap());
+    assert_eq!(b.cancel_requests("o1").await, Ok(vec!["cancel".to_string()]));
+
+    // Released: the mark goes, and a later turn of the same owner does not see it.
+    a.release_lease("cancel", "o1").await.unwrap();
+    assert_eq!(b.cancel_requests("o1").await, Ok(none.clone()));
+    assert!(a.acquire_lease("cancel", "o1", ttl).await.unwrap());
+    assert_eq!(b.cancel_requests("o1").await, Ok(none.clone()));
+
+    // Taking the lease (a new turn) clears a mark meant for the turn before.
+    assert_eq!(b.request_cancel("cancel").await, Ok(Some("o1".into())));
+    assert!(a.acquire_lease("cancel", "o1", ttl).await.unwrap());
+    assert_eq!(b.cancel_requests("o1").await, Ok(none.clone()));
+
+    // The turn's last commit releases the lease and the mark with it.
+    assert_eq!(b.request_cancel("cancel").await, Ok(Some("o1".into())));
+    let mut last = Commit::now();
+    last.lease_owner = Some("o1".into());
+    last.release_lease = true;
+    last.events.push(token("done"));
+    a.commit("cancel", last).await.unwrap();
+    assert_eq!(b.cancel_requests("o1").await, Ok(none.clone()));
+    assert_eq!(b.request_cancel("cancel").await, Ok(None));
+
+    // Deleting a marked session leaves no mark behind.
+    assert_eq!(b.request_cancel("other").await, Ok(Some("o1".into())));
+    a.delete_session("other").await.unwrap();
+    assert_eq!(b.cancel_requests("o1").await, Ok(none));
 }
 
 /// A commit naming a lease owner succeeds only while that owner holds the lease.

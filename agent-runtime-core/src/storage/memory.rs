@@ -48,6 +48,8 @@ struct SessionData {
 struct Lease {
     owner: String,
     expires_at: Timestamp,
+    /// Another caller asked the owner to cancel its turn (`Storage::request_cancel`).
+    cancel_requested: bool,
 }
 
 impl SessionData {
@@ -376,6 +378,7 @@ impl Storage for MemoryStorage {
                 d.lease = Some(Lease {
                     owner: owner.to_string(),
                     expires_at: now.plus(ttl),
+                    cancel_requested: false,
                 });
             }
             Ok(free)
@@ -387,10 +390,9 @@ impl Storage for MemoryStorage {
             if !d.lease_held_by(owner) {
                 return Ok(false);
             }
-            d.lease = Some(Lease {
-                owner: owner.to_string(),
-                expires_at: Timestamp::now().plus(ttl),
-            });
+            if let Some(l) = &mut d.lease {
+                l.expires_at = Timestamp::now().plus(ttl);
+            }
             Ok(true)
         })
     }
@@ -402,6 +404,24 @@ impl Storage for MemoryStorage {
             }
             Ok(())
         })
+    }
+
+    async fn request_cancel(&self, session_id: &str) -> Result<Option<String>> {
+        self.with_session(session_id, |d| {
+            Ok(d.lease.as_mut().map(|l| {
+                l.cancel_requested = true;
+                l.owner.clone()
+            }))
+        })
+    }
+
+    async fn cancel_requests(&self, owner: &str) -> Result<Vec<String>> {
+        Ok(self
+            .lock()
+            .iter()
+            .filter(|(_, d)| matches!(&d.lease, Some(l) if l.owner == owner && l.cancel_requested))
+            .map(|(id, _)| id.clone())
+            .collect())
     }
 
     async fn hold_liveness(&self, owner: &str) -> Result<Liveness> {

@@ -16,7 +16,7 @@ use crate::time::Timestamp;
 pub use liveness::Liveness;
 
 /// The schema version this build writes. A database stamped with a higher version is refused.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Which sessions to list and where to start.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -232,9 +232,29 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     async fn commit_notices(&self) -> Result<Option<CommitNotices>> {
         Ok(None)
     }
+
+    /// Asks the owner of the session's lease to cancel its turn: marks the session until the
+    /// lease is next taken or released, and wakes the owner where the backend can (Postgres:
+    /// [`cancel_notices`](Storage::cancel_notices)). Returns the owner asked, `None` if nobody
+    /// holds the lease (nothing is marked then). `SessionNotFound` if absent.
+    async fn request_cancel(&self, session_id: &str) -> Result<Option<String>>;
+
+    /// Ids of the sessions whose lease `owner` holds and whose turn another process asked to
+    /// cancel ([`request_cancel`](Storage::request_cancel)). Cheap enough to ask every few
+    /// milliseconds: it reads only `owner`'s sessions.
+    async fn cancel_requests(&self, owner: &str) -> Result<Vec<String>>;
+
+    /// Cancel requests, by any process, as they are made, where the backend can tell (Postgres:
+    /// LISTEN/NOTIFY): each notice names the lease owner asked and the session. `Ok(None)`: it
+    /// cannot, and owners poll [`cancel_requests`](Storage::cancel_requests). A wake-up, not
+    /// data: the mark on the session stays the truth.
+    async fn cancel_notices(&self) -> Result<Option<CommitNotices>> {
+        Ok(None)
+    }
 }
 
 /// That a commit with events happened: who committed (the lease owner, `-` if none) and where.
+/// [`Storage::cancel_notices`] uses it too: the owner asked to cancel and the session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommitNotice {
     /// The committing lease owner, `-` for a commit made without a lease.

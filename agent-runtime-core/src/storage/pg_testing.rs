@@ -263,6 +263,15 @@ impl Storage for Guarded {
     async fn commit_notices(&self) -> crate::Result<Option<super::CommitNotices>> {
         self.store.commit_notices().await
     }
+    async fn request_cancel(&self, session_id: &str) -> crate::Result<Option<String>> {
+        self.store.request_cancel(session_id).await
+    }
+    async fn cancel_requests(&self, owner: &str) -> crate::Result<Vec<String>> {
+        self.store.cancel_requests(owner).await
+    }
+    async fn cancel_notices(&self) -> crate::Result<Option<super::CommitNotices>> {
+        self.store.cancel_notices().await
+    }
 }
 
 /// A store on a fresh schema that keeps the schema alive while it lives.

@@ -43,10 +43,17 @@ const MIGRATIONS: &[(i64, &str)] = &[
         2,
         include_str!("../../migrations/postgres/0002_owner_liveness.sql"),
     ),
+    (
+        3,
+        include_str!("../../migrations/postgres/0003_cancel_requests.sql"),
+    ),
 ];
 
 /// The LISTEN/NOTIFY channel of commits with events; the payload is `<lease owner or -> <session id>`.
 const COMMITS_CHANNEL: &str = "agent_runtime_commits";
+
+/// The LISTEN/NOTIFY channel of cancel requests; the payload is `<lease owner asked> <session id>`.
+const CANCELS_CHANNEL: &str = "agent_runtime_cancels";
 
 /// True while the owner `r` (a `runtime_owners` row) holds its advisory lock. A bigint advisory
 /// lock shows in `pg_locks` with its high half in `classid`, its low half in `objid`, `objsubid` 1.
@@ -630,7 +637,8 @@ impl CommitSteps for PgCommit<'_, '_> {
                  current_agent = COALESCE($10, current_agent),
                  turn_state = CASE WHEN $11 THEN $12 ELSE turn_state END,
                  lease_owner = CASE WHEN $13 THEN NULL ELSE lease_owner END,
-                 lease_expires_at = CASE WHEN $13 THEN NULL ELSE lease_expires_at END
+                 lease_expires_at = CASE WHEN $13 THEN NULL ELSE lease_expires_at END,
+                 cancel_requested_at = CASE WHEN $13 THEN NULL ELSE cancel_requested_at END
              WHERE id = $1
              RETURNING {SESSION_COLUMNS}"
         )))
@@ -923,7 +931,8 @@ impl Storage for PostgresStorage {
         let taken = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE sessions
              SET lease_owner = $2,
-                 lease_expires_at = clock_timestamp() + $3 * INTERVAL '1 millisecond'
+                 lease_expires_at = clock_timestamp() + $3 * INTERVAL '1 millisecond',
+                 cancel_requested_at = NULL
              WHERE id = $1
                AND CASE WHEN lease_owner IS NULL OR lease_owner = $2
                              OR lease_expires_at IS NULL OR lease_expires_at <= clock_timestamp()
@@ -969,7 +978,7 @@ impl Storage for PostgresStorage {
     #[instrument(skip(self))]
     async fn release_lease(&self, session_id: &str, owner: &str) -> Result<()> {
         let released = sqlx::query(
-            "UPDATE sessions SET lease_owner = NULL, lease_expires_at = NULL
+            "UPDATE sessions SET lease_owner = NULL, lease_expires_at = NULL, cancel_requested_at = NULL
              WHERE id = $1 AND lease_owner = $2",
         )
         .bind(session_id)
@@ -1012,33 +1021,50 @@ impl Storage for PostgresStorage {
     }
 
     async fn commit_notices(&self) -> Result<Option<CommitNotices>> {
-        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool)
+        listen(&self.pool, COMMITS_CHANNEL).await.map(Some)
+    }
+
+    #[instrument(skip(self))]
+    async fn request_cancel(&self, session_id: &str) -> Result<Option<String>> {
+        let mut tx = self.pool.begin().await.map_err(Error::database)?;
+        let owner: Option<String> = sqlx::query_scalar(
+            "UPDATE sessions SET cancel_requested_at = $2
+             WHERE id = $1 AND lease_owner IS NOT NULL RETURNING lease_owner",
+        )
+        .bind(session_id)
+        .bind(Timestamp::now().as_millis())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(Error::database)?;
+        let Some(owner) = owner else {
+            drop(tx);
+            self.ensure_session(session_id).await?;
+            return Ok(None);
+        };
+        // Delivered to the owner when, and only if, the mark commits.
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CANCELS_CHANNEL)
+            .bind(format!("{owner} {session_id}"))
+            .execute(&mut *tx)
             .await
             .map_err(Error::database)?;
-        listener.listen(COMMITS_CHANNEL).await.map_err(Error::database)?;
-        // `recv` reconnects after a lost connection (notices sent meanwhile are lost: followers'
-        // polling covers them); the stream ends only if reconnecting fails.
-        let notices = futures::stream::unfold(listener, |mut l| async move {
-            loop {
-                match l.recv().await {
-                    Ok(n) => match n.payload().split_once(' ') {
-                        Some((owner, session)) => {
-                            let notice = CommitNotice {
-                                owner: owner.to_string(),
-                                session_id: session.to_string(),
-                            };
-                            return Some((notice, l));
-                        }
-                        None => continue,
-                    },
-                    Err(e) => {
-                        tracing::warn!(error = %e, "commit notices: listener failed; followers poll");
-                        return None;
-                    }
-                }
-            }
-        });
-        Ok(Some(Box::pin(notices)))
+        tx.commit().await.map_err(Error::database)?;
+        Ok(Some(owner))
+    }
+
+    #[instrument(skip(self))]
+    async fn cancel_requests(&self, owner: &str) -> Result<Vec<String>> {
+        sqlx::query_scalar(
+            "SELECT id FROM sessions WHERE lease_owner = $1 AND cancel_requested_at IS NOT NULL",
+        )
+        .bind(owner)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::database)
+    }
+
+    async fn cancel_notices(&self) -> Result<Option<CommitNotices>> {
+        listen(&self.pool, CANCELS_CHANNEL).await.map(Some)
     }
 
     #[instrument(skip(self))]
@@ -1056,6 +1082,37 @@ impl Storage for PostgresStorage {
         .await
         .map_err(Error::database)
     }
+}
+
+/// The notices of `channel` (payload `<owner> <session id>`), on a listening connection of their
+/// own. `recv` reconnects after a lost connection (notices sent meanwhile are lost: listeners'
+/// polling covers them); the stream ends only if reconnecting fails.
+async fn listen(pool: &PgPool, channel: &'static str) -> Result<CommitNotices> {
+    let mut listener = sqlx::postgres::PgListener::connect_with(pool)
+        .await
+        .map_err(Error::database)?;
+    listener.listen(channel).await.map_err(Error::database)?;
+    let notices = futures::stream::unfold(listener, move |mut l| async move {
+        loop {
+            match l.recv().await {
+                Ok(n) => match n.payload().split_once(' ') {
+                    Some((owner, session)) => {
+                        let notice = CommitNotice {
+                            owner: owner.to_string(),
+                            session_id: session.to_string(),
+                        };
+                        return Some((notice, l));
+                    }
+                    None => continue,
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, channel, "notices: listener failed; listeners poll");
+                    return None;
+                }
+            }
+        }
+    });
+    Ok(Box::pin(notices))
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! by the next message) and one cancelled while paused.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -93,20 +94,65 @@ pub(in crate::orchestrator) async fn recover_interrupted(rt: Arc<Inner>) -> Resu
     Ok(recovered)
 }
 
-/// `cancel` of the facade.
+/// How long `cancel` waits for a turn running on another process to store its end.
+const REMOTE_CANCEL_WAIT: Duration = Duration::from_secs(10);
+
+/// How often `cancel` looks whether a turn on another process has stored its end.
+const REMOTE_CANCEL_CHECK: Duration = Duration::from_millis(5);
+
+/// How long `cancel` trusts its request to a live owner before it asks again (the lease may have
+/// changed hands meanwhile, say after the owner died).
+const REMOTE_CANCEL_REASK: Duration = Duration::from_secs(1);
+
+/// `cancel` of the facade. A turn running here is stopped at once; one paused, or orphaned by a
+/// dead process, is ended here under a lease taken for the purpose; one running on another live
+/// process is asked to stop through the store (see [`Storage::request_cancel`]), and the answer
+/// waits (bounded) until that turn has stored its end.
+///
+/// [`Storage::request_cancel`]: crate::storage::Storage::request_cancel
 pub(in crate::orchestrator) async fn cancel(rt: Arc<Inner>, session_id: &str) -> Result<CancelOutcome> {
-    let session = rt.storage.get_session(session_id).await?;
-    if let Some(t) = rt.hubs.running(session_id) {
-        crate::orchestrator::stop_turn(&t).await;
-        return Ok(CancelOutcome::Cancelled);
+    let deadline = Instant::now() + REMOTE_CANCEL_WAIT;
+    let mut asked: Option<Instant> = None;
+    loop {
+        let session = rt.storage.get_session(session_id).await?;
+        if let Some(t) = rt.hubs.running(session_id) {
+            crate::orchestrator::stop_turn(&t).await;
+            return Ok(CancelOutcome::Cancelled);
+        }
+        match session.status {
+            SessionStatus::Idle if asked.is_some() => return Ok(CancelOutcome::Cancelled),
+            SessionStatus::Idle => return Ok(CancelOutcome::Idle),
+            // Asked recently: the owner is stopping its turn.
+            SessionStatus::Running if asked.is_some_and(|at| at.elapsed() < REMOTE_CANCEL_REASK) => {}
+            _ => match end_here(&rt, session_id).await {
+                Err(Error::SessionBusy(_)) => {
+                    if rt.storage.request_cancel(session_id).await?.is_some() {
+                        asked = Some(Instant::now());
+                    }
+                }
+                Ok(CancelOutcome::Idle) if asked.is_some() => return Ok(CancelOutcome::Cancelled),
+                other => return other,
+            },
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::SessionBusy(session_id.into()));
+        }
+        tokio::time::sleep(REMOTE_CANCEL_CHECK).await;
     }
+}
+
+/// Ends the session's paused or orphaned turn as cancelled in this process; `SESSION_BUSY` if
+/// another live process holds the session.
+async fn end_here(rt: &Arc<Inner>, session_id: &str) -> Result<CancelOutcome> {
+    let (running, session) = take_session(rt, session_id).await?;
     if session.status == SessionStatus::Idle {
+        // The turn ended between the first look and taking the session.
+        give_back(rt, session_id).await;
         return Ok(CancelOutcome::Idle);
     }
-    let (running, session) = take_session(&rt, session_id).await?;
     let mut turn = Turn::new(rt.clone(), session, running.cancel.clone());
     let result = turn.finish(Err(cancelled())).await;
-    give_back(&rt, session_id).await;
+    give_back(rt, session_id).await;
     if let Ok(events) = &result {
         rt.hubs.publish(session_id, events);
     }

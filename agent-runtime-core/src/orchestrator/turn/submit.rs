@@ -39,6 +39,7 @@ pub(super) async fn take_session(
         }
     };
     rt.prove_alive().await;
+    rt.watch_cancel_requests().await;
     match rt
         .storage
         .lease_session(session_id, &rt.owner, rt.config.lease_ttl)

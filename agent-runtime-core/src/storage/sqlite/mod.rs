@@ -48,6 +48,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         2,
         include_str!("../../../migrations/sqlite/0002_owner_liveness.sql"),
     ),
+    (
+        3,
+        include_str!("../../../migrations/sqlite/0003_cancel_requests.sql"),
+    ),
 ];
 
 /// How long a connection waits for another connection's write lock before failing.
@@ -640,7 +644,8 @@ impl CommitSteps for SqliteCommit<'_> {
                  status = COALESCE(?9, status),
                  turn_state = CASE WHEN ?10 THEN ?11 ELSE turn_state END,
                  lease_owner = CASE WHEN ?12 THEN NULL ELSE lease_owner END,
-                 lease_expires_at = CASE WHEN ?12 THEN NULL ELSE lease_expires_at END
+                 lease_expires_at = CASE WHEN ?12 THEN NULL ELSE lease_expires_at END,
+                 cancel_requested_at = CASE WHEN ?12 THEN NULL ELSE cancel_requested_at END
              WHERE id = ?1",
             params![
                 self.session_id,
@@ -745,11 +750,13 @@ fn lease_update(conn: &Connection, session_id: &str, sql: &str, args: impl rusql
 
 /// Takes the lease if free, expired, or already the owner's: `?1` id, `?2` owner, `?3` new expiry,
 /// `?4` now (milliseconds).
-const ACQUIRE_LEASE: &str = "UPDATE sessions SET lease_owner = ?2, lease_expires_at = ?3
+const ACQUIRE_LEASE: &str = "UPDATE sessions
+     SET lease_owner = ?2, lease_expires_at = ?3, cancel_requested_at = NULL
      WHERE id = ?1 AND (lease_owner IS NULL OR lease_owner = ?2 OR lease_expires_at <= ?4)";
 
 /// Takes the lease from `?4`, a dead owner, if it still holds it: `?1` id, `?2` owner, `?3` new expiry.
-const TAKE_OVER_LEASE: &str = "UPDATE sessions SET lease_owner = ?2, lease_expires_at = ?3
+const TAKE_OVER_LEASE: &str = "UPDATE sessions
+     SET lease_owner = ?2, lease_expires_at = ?3, cancel_requested_at = NULL
      WHERE id = ?1 AND lease_owner = ?4";
 
 /// [`ACQUIRE_LEASE`], or else [`TAKE_OVER_LEASE`] if the holder is dead (on the writer thread).
@@ -1029,13 +1036,50 @@ impl Storage for SqliteStorage {
     }
 
     #[tracing::instrument(level = "debug", skip(self))]
+    async fn request_cancel(&self, session_id: &str) -> Result<Option<String>> {
+        let id = session_id.to_string();
+        self.write(move |c| {
+            let now = Timestamp::now().as_millis();
+            let owner: Option<String> = c
+                .prepare_cached(
+                    "UPDATE sessions SET cancel_requested_at = ?2
+                     WHERE id = ?1 AND lease_owner IS NOT NULL RETURNING lease_owner",
+                )
+                .and_then(|mut s| s.query_row(params![id, now], |r| r.get(0)))
+                .optional()
+                .map_err(db)?;
+            if owner.is_none() {
+                ensure_session(c, &id)?;
+            }
+            Ok(owner)
+        })
+        .await
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn cancel_requests(&self, owner: &str) -> Result<Vec<String>> {
+        let owner = owner.to_string();
+        self.read(move |c| {
+            let mut s = c
+                .prepare_cached(
+                    "SELECT id FROM sessions WHERE lease_owner = ?1 AND cancel_requested_at IS NOT NULL",
+                )
+                .map_err(db)?;
+            let rows = s.query_map(params![owner], |r| r.get(0)).map_err(db)?;
+            rows.collect::<rusqlite::Result<Vec<String>>>().map_err(db)
+        })
+        .await
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
     async fn release_lease(&self, session_id: &str, owner: &str) -> Result<()> {
         let (id, owner) = (session_id.to_string(), owner.to_string());
         self.write(move |c| {
             lease_update(
                 c,
                 &id,
-                "UPDATE sessions SET lease_owner = NULL, lease_expires_at = NULL WHERE id = ?1 AND lease_owner = ?2",
+                "UPDATE sessions SET lease_owner = NULL, lease_expires_at = NULL, cancel_requested_at = NULL
+                 WHERE id = ?1 AND lease_owner = ?2",
                 params![id, owner],
             )
             .map(|_| ())
