@@ -42,6 +42,7 @@ pub async fn check(rt: &Orchestrator) -> (HealthView, bool) {
             agents_count: rt.agents().len(),
         },
         sandbox: rt.sandbox_status(),
+        process: rt.process(),
     };
     (view, health.storage_connected)
 }

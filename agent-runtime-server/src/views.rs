@@ -211,6 +211,8 @@ pub struct HealthView {
     /// The process sandbox of tool commands: mode, the kernel's Landlock ABI, seccomp, and how the
     /// file tools open paths (`openat2` or `path_walk`).
     pub sandbox: agent_runtime_core::tools::SandboxStatus,
+    /// This process: its lease owner id and how many turns it runs now.
+    pub process: agent_runtime_core::orchestrator::ProcessInfo,
 }
 
 /// The `multi_agent` part of `GET /health`.

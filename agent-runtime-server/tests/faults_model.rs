@@ -276,7 +276,8 @@ async fn health_reports_a_model_server_that_accepts_and_never_answers_within_abo
         json!({"status": "degraded", "service": "agent-runtime", "version": env!("CARGO_PKG_VERSION"),
                "dependencies": {"sqlite": "connected", "llm_proxy": "unavailable"},
                "multi_agent": {"enabled": true, "default_agent": "orchestrator", "agents_count": 5},
-               "sandbox": health["sandbox"].clone()})
+               "sandbox": health["sandbox"].clone(),
+               "process": {"id": health["process"]["id"].clone(), "turns": 0}})
     );
     assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
 }

@@ -21,12 +21,16 @@ async fn public_routes_need_no_token_and_answer_under_both_prefixes() {
         let v: Value = r.json().await.unwrap();
         // The Landlock ABI is the kernel's; tests/sandbox.rs checks it is at least 1.
         let abi = v["sandbox"]["landlock_abi"].clone();
+        // The process id is this runtime's lease owner id, fresh per process.
+        let id = v["process"]["id"].clone();
+        assert!(id.as_str().unwrap().starts_with("runtime_"), "{id}");
         assert_eq!(
             v,
             json!({"status": "healthy", "service": "agent-runtime", "version": env!("CARGO_PKG_VERSION"),
                    "dependencies": {"sqlite": "connected", "llm_proxy": "available"},
                    "multi_agent": {"enabled": true, "default_agent": "orchestrator", "agents_count": 5},
-                   "sandbox": {"mode": "enforce", "landlock_abi": abi, "seccomp": true, "file_tools": "openat2"}})
+                   "sandbox": {"mode": "enforce", "landlock_abi": abi, "seccomp": true, "file_tools": "openat2"},
+                   "process": {"id": id, "turns": 0}})
         );
     }
     let doc: Value = s

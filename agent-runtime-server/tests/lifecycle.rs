@@ -30,15 +30,11 @@ fn a_public_address_without_a_real_token_is_refused() {
 }
 
 #[test]
-fn a_bad_value_stops_start_up_naming_the_variable() {
+fn a_bad_value_stops_start_up_naming_the_flag_or_variable_the_user_set() {
     for (args, env, var) in [
-        (vec!["--port", "http"], vec![], "PORT"),
+        (vec!["--port", "http"], vec![], "--port"),
         (vec![], vec![("MAX_CONTEXT_TOKENS", "lots")], "MAX_CONTEXT_TOKENS"),
-        (
-            vec!["--default-agent", "pirate"],
-            vec![],
-            "AGENT_RUNTIME__DEFAULT_AGENT",
-        ),
+        (vec!["--default-agent", "pirate"], vec![], "--default-agent"),
         (vec![], vec![("DATABASE_URL", "mysql://x")], "DATABASE_URL"),
     ] {
         let (code, stderr) = refused(&args, &env);

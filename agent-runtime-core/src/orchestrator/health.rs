@@ -33,6 +33,15 @@ impl Health {
     }
 }
 
+/// This process as `GET /health` shows it, to tell replicas apart behind a load balancer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
+pub struct ProcessInfo {
+    /// The lease owner id of this runtime (`runtime_<hex>`), as stored on the sessions it runs.
+    pub id: String,
+    /// How many turns run in this process right now.
+    pub turns: usize,
+}
+
 /// The last model check: when, and whether the model answered.
 #[derive(Debug, Default)]
 pub(crate) struct ModelCheck(Mutex<Option<(Instant, bool)>>);
@@ -54,6 +63,14 @@ impl Orchestrator {
             storage_backend: storage.backend(),
             storage_connected,
             model_available,
+        }
+    }
+
+    /// This process's lease owner id and how many turns it runs now.
+    pub fn process(&self) -> ProcessInfo {
+        ProcessInfo {
+            id: self.inner.owner.clone(),
+            turns: self.inner.hubs.all_running().len(),
         }
     }
 

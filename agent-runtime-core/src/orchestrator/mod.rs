@@ -35,7 +35,7 @@ mod stream;
 /// `recover`: turns interrupted by a crash or cancelled while paused.
 mod turn;
 
-pub use health::Health;
+pub use health::{Health, ProcessInfo};
 pub use preview::{ApprovalPreview, FileChange, MAX_PREVIEW_FILE_BYTES};
 pub use stream::{EventStream, Follow};
 
