@@ -261,7 +261,9 @@ fn current_rss_kib(pid: u32) -> u64 {
 
 /// CPU time the process has used so far (user + system, all threads), in clock ticks.
 fn cpu_ticks(pid: &str) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_else(|e| {
+        panic!("cannot read the CPU time of process {pid} ({e}): is it running? (check --target-pid)")
+    });
     // The fields after the command name (which may hold spaces) start after its closing ')':
     // state is field 3, utime field 14 and stime field 15.
     let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
