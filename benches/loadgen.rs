@@ -1,15 +1,28 @@
-//! HTTP load generator: starts the server binary and a zero-latency mock model server, then runs
-//! per virtual user: create session → text turn → tool-call turn (client mode) → tool_result turn
-//! → history read, at each concurrency level, and prints scenarios/s, p50/p95/p99 per step and
-//! the server's peak RSS.
+//! HTTP load generator: runs per virtual user create session → text turn → tool-call turn (client
+//! mode) → tool_result turn → history read, and prints scenarios/s, p50/p95/p99 per step and CPU.
 //!
 //! ```text
-//! cargo build --release -p agent-runtime-server
-//! cargo run --release -p agent-runtime-benches --bin loadgen -- [--levels 1,8,64,512] [--secs 5] [--warmup 1] [--open-streams 1000]
+//! cargo build --release -p agent-runtime-server -p agent-runtime-benches --bin agent-runtime-server --bin relay --bin loadgen
+//! target/release/loadgen [--levels 1,8,64,512] [--secs 5] [--warmup 1] [--open-streams 1000]
+//!                        [--database-url URL] [--no-relay] [--model-port PORT]
+//! target/release/loadgen --target URL [--target-pid PID] [--model-port PORT] [--levels ...]
 //! ```
+//! By default it starts a zero-latency mock model, the server binary (SQLite in a temporary
+//! directory, or `--database-url`) and the bare relay (`benches/relay.rs`, the physical limit: the
+//! same routes and stream with nothing stored), checks that both answer one scenario with the same
+//! events, then runs each level on both, alternating which goes first, and prints per level our
+//! scenarios/s and CPU per scenario as a ratio to the relay's. CPU is each process's utime + stime
+//! from `/proc/<pid>/stat` over the measured window, per measured scenario; `drv ms/sc` is the load
+//! generator's own (the mock model runs inside it).
+//!
+//! `--target URL` drives an already running server that speaks the compatibility routes (ours,
+//! the relay, or another runtime) instead; point it at the mock model printed first (fix its port
+//! with `--model-port`); `--target-pid` adds that server's CPU.
+//!
 //! Each level first runs `--warmup` seconds unmeasured (the users open their connections, the
 //! server's pools fill), then `--secs` measured: only scenarios started in the measured window count.
-//! `AGENT_RUNTIME_SERVER_BIN` overrides the server binary (default `target/release/agent-runtime-server`).
+//! `AGENT_RUNTIME_SERVER_BIN` and `AGENT_RUNTIME_RELAY_BIN` override the binaries (defaults
+//! `target/release/agent-runtime-server`, `target/release/relay`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::convert::Infallible;
@@ -63,8 +76,8 @@ async fn model(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Byte
     Ok(r)
 }
 
-async fn start_model() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+async fn start_model(port: u16) -> String {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
@@ -86,8 +99,29 @@ async fn events(r: reqwest::Response) -> Vec<Value> {
     EventStream::new(r).all().await
 }
 
-async fn scenario(c: &reqwest::Client, base: &str) -> [Duration; 5] {
+/// The shape of one scenario's answers: per stream, its events as `type[:detail]`; then the
+/// history's roles. The relay must answer the same shape as the server.
+type Shape = Vec<Vec<String>>;
+
+fn kinds(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| {
+            let kind = e["type"].as_str().unwrap_or("?");
+            match kind {
+                "assistant_message" if e["is_final"] == true => format!("{kind}:final"),
+                "assistant_message" => format!("{kind}:token"),
+                "done" => format!("done:{}", e["stop_reason"].as_str().unwrap_or("?")),
+                _ => kind.to_string(),
+            }
+        })
+        .collect()
+}
+
+/// One scenario: the five steps' times, and its shape when `record` is set.
+async fn scenario(c: &reqwest::Client, base: &str, record: bool) -> ([Duration; 5], Option<Shape>) {
     let mut t = [Duration::ZERO; 5];
+    let mut shape = Vec::new();
     let post = |path: &str, body: Value| {
         c.post(format!("{base}{path}"))
             .header("x-internal-auth", "bench")
@@ -104,7 +138,7 @@ async fn scenario(c: &reqwest::Client, base: &str) -> [Duration; 5] {
     let id = created["session_id"].as_str().unwrap().to_string();
     t[0] = s.elapsed();
     let s = Instant::now();
-    events(
+    let ev = events(
         post(
             "/agent/message/stream",
             json!({"session_id": id, "message": {"type": "user_message", "content": "hello"}}),
@@ -114,6 +148,9 @@ async fn scenario(c: &reqwest::Client, base: &str) -> [Duration; 5] {
     )
     .await;
     t[1] = s.elapsed();
+    if record {
+        shape.push(kinds(&ev));
+    }
     let s = Instant::now();
     let ev = events(
         post(
@@ -125,10 +162,16 @@ async fn scenario(c: &reqwest::Client, base: &str) -> [Duration; 5] {
     )
     .await;
     t[2] = s.elapsed();
+    if record {
+        shape.push(kinds(&ev));
+    }
     let call = ev.iter().find(|e| e["type"] == "tool_call").expect("a tool call")["call_id"].clone();
     let s = Instant::now();
-    events(post("/agent/message/stream", json!({"session_id": id, "message": {"type": "tool_result", "call_id": call, "result": "# readme"}})).await.unwrap()).await;
+    let ev = events(post("/agent/message/stream", json!({"session_id": id, "message": {"type": "tool_result", "call_id": call, "result": "# readme"}})).await.unwrap()).await;
     t[3] = s.elapsed();
+    if record {
+        shape.push(kinds(&ev));
+    }
     let s = Instant::now();
     let h = c
         .get(format!("{base}/sessions/{id}/history"))
@@ -137,9 +180,18 @@ async fn scenario(c: &reqwest::Client, base: &str) -> [Duration; 5] {
         .await
         .unwrap();
     assert_eq!(h.status(), 200);
-    h.bytes().await.unwrap();
+    let body = h.bytes().await.unwrap();
     t[4] = s.elapsed();
-    t
+    if record {
+        let h: Value = serde_json::from_slice(&body).unwrap();
+        let roles = h["messages"].as_array().into_iter().flatten();
+        shape.push(
+            roles
+                .map(|m| m["role"].as_str().unwrap_or("?").to_string())
+                .collect(),
+        );
+    }
+    (t, record.then_some(shape))
 }
 
 fn pct(sorted: &[Duration], p: f64) -> f64 {
@@ -160,8 +212,9 @@ fn peak_rss_kib(pid: u32) -> u64 {
 
 /// Opens `n` SSE streams (`GET /sessions/{id}/events?follow=true`, one session each), holds them
 /// all open at once, and prints the server's RSS while they are open.
-async fn hold_open_streams(c: &reqwest::Client, base: &str, n: usize, server_pid: u32) {
-    let before = current_rss_kib(server_pid);
+async fn hold_open_streams(c: &reqwest::Client, base: &str, n: usize, server_pid: Option<u32>) {
+    let rss = |pid: Option<u32>| pid.map_or(0, current_rss_kib);
+    let before = rss(server_pid);
     let mut streams = Vec::with_capacity(n);
     for _ in 0..n {
         let created: Value = c
@@ -185,7 +238,7 @@ async fn hold_open_streams(c: &reqwest::Client, base: &str, n: usize, server_pid
         streams.push(r);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let open = current_rss_kib(server_pid);
+    let open = rss(server_pid);
     println!(
         "{n} open SSE streams: server RSS {:.1} MiB (before opening them: {:.1} MiB)",
         open as f64 / 1024.0,
@@ -206,6 +259,123 @@ fn current_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time the process has used so far (user + system, all threads), in clock ticks.
+fn cpu_ticks(pid: &str) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_else(|e| {
+        panic!("cannot read the CPU time of process {pid} ({e}): is it running? (check --target-pid)")
+    });
+    // The fields after the command name (which may hold spaces) start after its closing ')':
+    // state is field 3, utime field 14 and stime field 15.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    field(14) + field(15)
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux when it cannot be asked).
+fn ticks_per_sec() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// A server under load: what the table calls it, its base URL, its process when known.
+struct Target {
+    name: String,
+    base: String,
+    pid: Option<u32>,
+}
+
+/// One level's result on one target.
+struct LevelResult {
+    rate: f64,
+    /// The target's CPU per scenario (ms) over the measured window; `None` without its pid.
+    cpu_ms: Option<f64>,
+    /// The load generator's own CPU per scenario (ms), the mock model included.
+    driver_ms: f64,
+}
+
+/// Runs `vus` users against `target` for `warmup` + `secs`, prints the level's rows.
+async fn run_level(
+    client: &reqwest::Client,
+    target: &Target,
+    vus: usize,
+    secs: u64,
+    warmup: f64,
+    tick: f64,
+) -> LevelResult {
+    let measured_from = Instant::now() + Duration::from_secs_f64(warmup);
+    let deadline = measured_from + Duration::from_secs(secs);
+    let tasks: Vec<_> = (0..vus)
+        .map(|_| {
+            let (c, base) = (client.clone(), target.base.clone());
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                loop {
+                    let at = Instant::now();
+                    if at >= deadline {
+                        break out;
+                    }
+                    let (times, _) = scenario(&c, &base, false).await;
+                    if at >= measured_from {
+                        out.push(times);
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep_until(measured_from.into()).await;
+    let target_from = target.pid.map(|p| cpu_ticks(&p.to_string()));
+    let driver_from = cpu_ticks("self");
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let driver_ticks = cpu_ticks("self") - driver_from;
+    let target_ticks = target
+        .pid
+        .zip(target_from)
+        .map(|(p, from)| cpu_ticks(&p.to_string()) - from);
+    let elapsed = measured_from.elapsed().as_secs_f64();
+    let n = all.len().max(1) as f64;
+    let per_scenario = |ticks: u64| ticks as f64 / tick * 1000.0 / n;
+    let result = LevelResult {
+        rate: all.len() as f64 / elapsed,
+        cpu_ms: target_ticks.map(per_scenario),
+        driver_ms: per_scenario(driver_ticks),
+    };
+    let cpu = result.cpu_ms.map_or("n/a".to_string(), |c| format!("{c:.2}"));
+    for (i, step) in STEPS.iter().enumerate() {
+        let mut d: Vec<Duration> = all.iter().map(|t| t[i]).collect();
+        d.sort();
+        let head = if i == 0 {
+            format!(
+                "{:>8} {vus:>5} {:>12.1} {cpu:>9} {:>9.2}",
+                target.name, result.rate, result.driver_ms
+            )
+        } else {
+            format!("{:>8} {:>5} {:>12} {:>9} {:>9}", "", "", "", "", "")
+        };
+        println!(
+            "{head} {step:>18} {:>8.2} {:>8.2} {:>8.2}",
+            pct(&d, 0.5),
+            pct(&d, 0.95),
+            pct(&d, 0.99)
+        );
+    }
+    result
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -215,6 +385,7 @@ async fn main() {
             .and_then(|i| args.get(i + 1))
             .cloned()
     };
+    let flag = |name: &str| args.iter().any(|a| a == name);
     let levels: Vec<usize> = arg("--levels")
         .unwrap_or("1,8,64,512".into())
         .split(',')
@@ -222,84 +393,137 @@ async fn main() {
         .collect();
     let secs: u64 = arg("--secs").map_or(5, |s| s.parse().unwrap());
     let warmup: f64 = arg("--warmup").map_or(1.0, |s| s.parse().unwrap());
-    let bin =
-        std::env::var("AGENT_RUNTIME_SERVER_BIN").unwrap_or("target/release/agent-runtime-server".into());
-    let model_url = start_model().await;
+    let tick = ticks_per_sec();
+    let model_url = start_model(arg("--model-port").map_or(0, |p| p.parse().unwrap())).await;
     let dir = tempfile::tempdir().unwrap();
-    let db = format!("sqlite://{}", dir.path().join("bench.db").display());
-    let mut command = Command::new(&bin);
-    command
-        .args([
-            "--port",
-            "0",
-            "--database-url",
-            &db,
-            "--llm-proxy-url",
-            &model_url,
-            "--internal-api-key",
-            "bench",
-        ])
-        .args(["--auto-agent-switching", "false", "--log-level", "error"]);
-    let server = ServerProcess::start(command)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let base = server.base.clone();
+    // Kept alive for the whole run: dropping one stops its process.
+    let mut processes = Vec::new();
+    let mut targets = Vec::new();
+    if let Some(url) = arg("--target") {
+        println!("mock model at {model_url}");
+        targets.push(Target {
+            name: "target".into(),
+            base: url.trim_end_matches('/').to_string(),
+            pid: arg("--target-pid").map(|p| p.parse().unwrap()),
+        });
+    } else {
+        let bin =
+            std::env::var("AGENT_RUNTIME_SERVER_BIN").unwrap_or("target/release/agent-runtime-server".into());
+        let db = arg("--database-url")
+            .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("bench.db").display()));
+        let mut command = Command::new(&bin);
+        command
+            .args([
+                "--port",
+                "0",
+                "--database-url",
+                &db,
+                "--llm-proxy-url",
+                &model_url,
+                "--internal-api-key",
+                "bench",
+            ])
+            .args(["--auto-agent-switching", "false", "--log-level", "error"]);
+        let server = ServerProcess::start(command)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        if !flag("--no-relay") {
+            let relay_bin = std::env::var("AGENT_RUNTIME_RELAY_BIN").unwrap_or("target/release/relay".into());
+            let mut command = Command::new(&relay_bin);
+            command.args([
+                "--port",
+                "0",
+                "--llm-proxy-url",
+                &model_url,
+                "--internal-api-key",
+                "bench",
+            ]);
+            let relay = ServerProcess::start(command).await.unwrap_or_else(|e| {
+                panic!("{e} (build it: cargo build --release -p agent-runtime-benches --bin relay)")
+            });
+            targets.push(Target {
+                name: "relay".into(),
+                base: relay.base.clone(),
+                pid: Some(relay.child.id()),
+            });
+            processes.push(relay);
+        }
+        targets.push(Target {
+            name: "ours".into(),
+            base: server.base.clone(),
+            pid: Some(server.child.id()),
+        });
+        processes.push(server);
+    }
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(1024)
         .build()
         .unwrap();
+    // The same scenario must get the same answers from every target, or the comparison is void.
+    let mut shapes = Vec::new();
+    for target in &targets {
+        let (_, shape) = scenario(&client, &target.base, true).await;
+        shapes.push(shape.unwrap());
+    }
+    println!("answers of one scenario (text turn | tool-call turn | tool-result turn | history roles):");
     println!(
-        "{:>5} {:>12} {:>18} {:>10} {:>10} {:>10}",
-        "vus", "scenarios/s", "step", "p50 ms", "p95 ms", "p99 ms"
+        "  {}",
+        shapes[0]
+            .iter()
+            .map(|s| s.join(" "))
+            .collect::<Vec<_>>()
+            .join(" | ")
     );
-    for &vus in &levels {
-        let measured_from = Instant::now() + Duration::from_secs_f64(warmup);
-        let deadline = measured_from + Duration::from_secs(secs);
-        let tasks: Vec<_> = (0..vus)
-            .map(|_| {
-                let (c, base) = (client.clone(), base.clone());
-                tokio::spawn(async move {
-                    let mut out = Vec::new();
-                    loop {
-                        let at = Instant::now();
-                        if at >= deadline {
-                            break out;
-                        }
-                        let times = scenario(&c, &base).await;
-                        if at >= measured_from {
-                            out.push(times);
-                        }
-                    }
-                })
-            })
-            .collect();
-        let mut all = Vec::new();
-        for t in tasks {
-            all.extend(t.await.unwrap());
+    for (target, shape) in targets.iter().zip(&shapes).skip(1) {
+        assert_eq!(
+            shape, &shapes[0],
+            "{} answers the scenario differently from {}",
+            target.name, targets[0].name
+        );
+    }
+    println!("load average at start: {}", load_average());
+    println!(
+        "{:>8} {:>5} {:>12} {:>9} {:>9} {:>18} {:>8} {:>8} {:>8}",
+        "target", "vus", "scenarios/s", "cpu ms/sc", "drv ms/sc", "step", "p50 ms", "p95 ms", "p99 ms"
+    );
+    for (li, &vus) in levels.iter().enumerate() {
+        // Alternate which target goes first so that a drift of the machine's speed favours neither.
+        let order: Vec<usize> = if li % 2 == 0 {
+            (0..targets.len()).collect()
+        } else {
+            (0..targets.len()).rev().collect()
+        };
+        let mut results: Vec<Option<LevelResult>> = (0..targets.len()).map(|_| None).collect();
+        for i in order {
+            results[i] = Some(run_level(&client, &targets[i], vus, secs, warmup, tick).await);
         }
-        let elapsed = measured_from.elapsed().as_secs_f64();
-        let rate = all.len() as f64 / elapsed;
-        for (i, step) in STEPS.iter().enumerate() {
-            let mut d: Vec<Duration> = all.iter().map(|t| t[i]).collect();
-            d.sort();
-            let head = if i == 0 {
-                format!("{vus:>5} {rate:>12.1}")
-            } else {
-                format!("{:>5} {:>12}", "", "")
+        if let [Some(relay), Some(ours)] = results.as_slice()
+            && targets[0].name == "relay"
+        {
+            let cpu = match (ours.cpu_ms, relay.cpu_ms) {
+                (Some(o), Some(r)) if r > 0.0 => format!("{:.2}x", o / r),
+                _ => "n/a".into(),
             };
             println!(
-                "{head} {step:>18} {:>10.2} {:>10.2} {:>10.2}",
-                pct(&d, 0.5),
-                pct(&d, 0.95),
-                pct(&d, 0.99)
+                "{:>8} {vus:>5} ours/relay: scenarios/s {:.2}x, server CPU per scenario {cpu} (load average {})",
+                "",
+                ours.rate / relay.rate,
+                load_average()
             );
         }
     }
+    let ours = targets.last().unwrap();
     if let Some(n) = arg("--open-streams").map(|n| n.parse::<usize>().unwrap()) {
-        hold_open_streams(&client, &base, n, server.child.id()).await;
+        hold_open_streams(&client, &ours.base, n, ours.pid).await;
     }
-    println!(
-        "server peak RSS: {:.1} MiB",
-        peak_rss_kib(server.child.id()) as f64 / 1024.0
-    );
+    for target in &targets {
+        if let Some(pid) = target.pid {
+            println!(
+                "{} peak RSS: {:.1} MiB",
+                target.name,
+                peak_rss_kib(pid) as f64 / 1024.0
+            );
+        }
+    }
+    drop(processes);
 }
