@@ -251,6 +251,23 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     /// The core's settings.
     pub runtime: RuntimeConfig,
+    /// For each variable that was set, how the user set it: `--flag` or the variable's name.
+    pub sources: Vec<(String, String)>,
+}
+
+impl ServerConfig {
+    /// `message` (which starts with a variable's name, as every settings error does) with that
+    /// name as the user gave it: a value found bad only at start-up (say, an unknown default
+    /// agent) is reported under `--default-agent` when that flag set it.
+    pub fn as_typed(&self, message: &str) -> String {
+        self.sources
+            .iter()
+            .find_map(|(var, source)| {
+                let rest = message.strip_prefix(var.as_str())?.strip_prefix(": ")?;
+                Some(format!("{source}: {rest}"))
+            })
+            .unwrap_or_else(|| message.to_string())
+    }
 }
 
 /// A start-up failure, its message naming the variable.
@@ -337,14 +354,17 @@ pub fn load(
             sources.push((var, source));
         }
     }
-    parse_values(&values).map_err(|ConfigError(message)| {
+    let typed: Vec<(String, String)> = sources.iter().map(|(v, s)| (v.to_string(), s.clone())).collect();
+    let mut config = parse_values(&values).map_err(|ConfigError(message)| {
         // The messages start with the variable's name: say it as the user gave it.
         let renamed = sources.iter().find_map(|(var, source)| {
             let rest = message.strip_prefix(var)?.strip_prefix(": ")?;
             Some(format!("{source}: {rest}"))
         });
         ConfigError(renamed.unwrap_or(message))
-    })
+    })?;
+    config.sources = typed;
+    Ok(config)
 }
 
 /// The settings from their raw values (by variable); errors start with the variable's name.
@@ -421,6 +441,7 @@ fn parse_values(values: &HashMap<&str, String>) -> Result<ServerConfig, ConfigEr
         shutdown_grace,
         request_timeout,
         runtime,
+        sources: Vec::new(),
     })
 }
 

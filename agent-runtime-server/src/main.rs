@@ -48,7 +48,9 @@ fn main() {
             std::process::exit(1);
         }
     };
+    let typed = config.clone();
     if let Err(e) = runtime.block_on(agent_runtime_server::server::run(config)) {
+        let e = typed.as_typed(&e);
         tracing::error!(error = %e, "start-up failed");
         eprintln!("agent-runtime-server: {e}");
         std::process::exit(2);

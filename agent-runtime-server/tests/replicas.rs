@@ -65,8 +65,14 @@ async fn a_replica_takes_over_from_a_killed_one(database_url: &str) -> Duration 
     );
 
     // /health tells the replicas apart and counts the turns each runs.
-    let (d, s) = (doomed.get_json("/health").await, survivor.get_json("/health").await);
-    assert_eq!((&d["process"]["turns"], &s["process"]["turns"]), (&json!(1), &json!(0)));
+    let (d, s) = (
+        doomed.get_json("/health").await,
+        survivor.get_json("/health").await,
+    );
+    assert_eq!(
+        (&d["process"]["turns"], &s["process"]["turns"]),
+        (&json!(1), &json!(0))
+    );
     assert_ne!(d["process"]["id"], s["process"]["id"]);
 
     drop(doomed); // SIGKILL
