@@ -124,11 +124,11 @@ pub struct PostgresStorage {
     notices: tokio::sync::mpsc::UnboundedSender<String>,
 }
 
-/// Sends commit notices in batches, off the commits' path. A NOTIFY inside a commit would make
-/// Postgres serialize every notifying commit, fsync included (its notify queue takes a
-/// database-wide lock until the transaction ends): at 64 users that capped the server at about a
-/// tenth of its throughput. Sent afterwards, a notice costs one short statement per batch, and
-/// listeners still read the committed rows (a notice is only a wake-up).
+/// Sends commit notices in batches, off the commits' path. A NOTIFY inside a commit makes Postgres
+/// serialize the commits that notify (its notify queue takes a database-wide lock until the
+/// transaction ends): measured at 64 users, 167–170 scenarios/s that way against 177–188 batched
+/// and 180–187 with no notices at all. Sent afterwards, a notice costs one short statement per
+/// batch, and listeners still read the committed rows (a notice is only a wake-up).
 async fn send_notices(pool: PgPool, mut rx: tokio::sync::mpsc::UnboundedReceiver<String>) {
     let mut batch: Vec<String> = Vec::new();
     while let Some(first) = rx.recv().await {
