@@ -17,39 +17,10 @@ use serde_json::{Value, json};
 /// The default 30 s lease: recovery must not wait for it.
 const ENV: &[(&str, &str)] = &[("AGENT_RUNTIME__AUTO_AGENT_SWITCHING", "false")];
 
-/// A long answer streamed slowly, so the process can be killed mid-stream.
-fn slow_answer() -> MockResponse {
-    let text: String = (0..400).map(|w| format!("w{w} ")).collect();
-    MockResponse::script(&Script::text(text.trim_end()))
-        .split_every(8)
-        .drip(Duration::from_millis(20))
-}
-
 /// Kills the replica running a turn and checks the other one takes the session over; returns how
 /// long that took.
 async fn a_replica_takes_over_from_a_killed_one(database_url: &str) -> Duration {
-    let (la, lb) = (
-        MockLlmServer::start().await.unwrap(),
-        MockLlmServer::start().await.unwrap(),
-    );
-    let doomed = Server::start_with(&la.url(), Some(database_url), ENV).await;
-    let survivor = Server::start_with(&lb.url(), Some(database_url), ENV).await;
-    let id = survivor.session(json!({})).await;
-
-    la.push(slow_answer());
-    let r = doomed
-        .post(
-            "/agent/message/stream",
-            json!({"session_id": id, "message": {"type": "user_message", "content": "long one"}}),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let mut rec = EventStream::cut_tolerant(r);
-    for _ in 0..5 {
-        rec.next().await.expect("tokens before the kill");
-    }
+    let (doomed, survivor, [_la, lb], id, _rec) = a_turn_running_on_one_of_two_replicas(database_url).await;
     let busy = survivor
         .post(
             "/agent/message/stream",
