@@ -260,14 +260,19 @@ impl ServerConfig {
     /// name as the user gave it: a value found bad only at start-up (say, an unknown default
     /// agent) is reported under `--default-agent` when that flag set it.
     pub fn as_typed(&self, message: &str) -> String {
-        self.sources
-            .iter()
-            .find_map(|(var, source)| {
-                let rest = message.strip_prefix(var.as_str())?.strip_prefix(": ")?;
-                Some(format!("{source}: {rest}"))
-            })
-            .unwrap_or_else(|| message.to_string())
+        as_typed(&self.sources, message)
     }
+}
+
+/// `message`, whose leading `VARIABLE: ` is replaced by how `sources` says the user set it.
+fn as_typed(sources: &[(String, String)], message: &str) -> String {
+    sources
+        .iter()
+        .find_map(|(var, source)| {
+            let rest = message.strip_prefix(var.as_str())?.strip_prefix(": ")?;
+            Some(format!("{source}: {rest}"))
+        })
+        .unwrap_or_else(|| message.to_string())
 }
 
 /// A start-up failure, its message naming the variable.
@@ -355,14 +360,9 @@ pub fn load(
         }
     }
     let typed: Vec<(String, String)> = sources.iter().map(|(v, s)| (v.to_string(), s.clone())).collect();
-    let mut config = parse_values(&values).map_err(|ConfigError(message)| {
-        // The messages start with the variable's name: say it as the user gave it.
-        let renamed = sources.iter().find_map(|(var, source)| {
-            let rest = message.strip_prefix(var)?.strip_prefix(": ")?;
-            Some(format!("{source}: {rest}"))
-        });
-        ConfigError(renamed.unwrap_or(message))
-    })?;
+    // The messages start with the variable's name: say it as the user gave it.
+    let mut config =
+        parse_values(&values).map_err(|ConfigError(message)| ConfigError(as_typed(&typed, &message)))?;
     config.sources = typed;
     Ok(config)
 }
