@@ -352,6 +352,54 @@ async fn a_call_stopped_by_the_loop_guard_is_only_a_tool_result_on_postgres() {
     a_call_stopped_by_the_loop_guard(Some(&url)).await;
 }
 
+/// An agent handing over in client mode: the runtime runs its own `switch_agent`, so the client
+/// sees only `agent_switched` (a `tool_call` would tell it to run the switch); the model is still
+/// told the switch happened.
+async fn a_hand_over_is_only_an_agent_switch(db: Option<&str>) {
+    let t = Setup::new(db, "client", false).await;
+    t.script(Script::tool_call(
+        "switch_agent",
+        json!({"agent_type": "architect", "reason": "design question"}),
+    ));
+    t.script(Script::text("Проектирую."));
+    let live = t
+        .send(json!({"type": "user_message", "content": "Спроектируй авторизацию", "agent_type": "coder"}))
+        .await;
+    let [token, complete] = answer("Проектирую.");
+    let expected = numbered(
+        1,
+        vec![
+            switched("orchestrator", "coder"),
+            json!({"type": "agent_switched", "from_agent": "coder", "to_agent": "architect",
+                   "reason": "design question"}),
+            token,
+            complete,
+            done("completed", &live),
+        ],
+    );
+    assert_eq!(live, expected);
+    assert_eq!(t.replay().await, expected);
+    assert_eq!(
+        t.last_tool_message(),
+        "Switched to the architect agent, which continues."
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hand_over_is_only_an_agent_switch_on_sqlite() {
+    a_hand_over_is_only_an_agent_switch(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
+async fn a_hand_over_is_only_an_agent_switch_on_postgres() {
+    let (_guard, url) = postgres_url().await;
+    a_hand_over_is_only_an_agent_switch(Some(&url)).await;
+}
+
 /// In runtime mode nothing changed: the refused call is streamed as `tool_call`, then its result.
 #[tokio::test(flavor = "multi_thread")]
 async fn in_runtime_mode_a_refused_call_is_still_streamed_as_tool_call_then_result() {

@@ -745,6 +745,13 @@ impl Turn {
             self.finish_call(&call.call_id, Err(refusal), extra).await?;
             return self.switch_to(&target, &reason, true).await;
         }
+        let told = format!("Switched to the {target} agent, which continues.");
+        if self.mode() == ToolExecution::Client {
+            // Clients execute every `tool_call` they see (API.md §9.2): the runtime's own
+            // hand-over shows only as `agent_switched`; the model still gets its call answered.
+            self.switch_to(&target, &reason, true).await?;
+            return self.answer_unseen(&call.call_id, told).await;
+        }
         let tool_call = EventPayload::ToolCall {
             call_id: call.call_id.clone(),
             tool_name: call.tool_name.clone(),
@@ -754,12 +761,18 @@ impl Turn {
         };
         self.emit(tool_call).await?;
         self.switch_to(&target, &reason, true).await?;
-        self.finish_call(
-            &call.call_id,
-            Ok(json!(format!("Switched to the {target} agent, which continues."))),
-            Commit::default(),
-        )
-        .await
+        self.finish_call(&call.call_id, Ok(json!(told)), Commit::default())
+            .await
+    }
+
+    /// Stores one call's answer for the model only (no event) and closes it.
+    async fn answer_unseen(&mut self, call_id: &str, content: String) -> Result<()> {
+        self.state.open_calls.retain(|c| c.call_id != call_id);
+        let c = Commit {
+            messages: vec![NewMessage::tool(call_id, content, Some(self.agent()))],
+            ..Commit::default()
+        };
+        self.commit(c, true).await.map(|_| ())
     }
 
     /// Runs cleared calls, reports rejections, and tells whether the turn must pause.
