@@ -432,6 +432,26 @@ async fn writes_into_git_metadata_are_refused() {
     assert!(!f.root.join(".git/hooks/pre-commit").exists());
 }
 
+/// A FIFO in the project (nobody writes to it) would block a plain `open` for ever: `read_file`
+/// answers at once that it reads regular files only.
+#[tokio::test]
+async fn reading_a_fifo_fails_at_once_instead_of_hanging() {
+    let f = fixture();
+    let fifo = f.root.join("pipe");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        f.call("read_file", json!({"path": "pipe"})),
+    )
+    .await
+    .expect("read_file blocked on a FIFO");
+    assert_eq!(
+        failed(answer),
+        "'pipe' is not a regular file (a FIFO, socket or device): it is not read"
+    );
+}
+
 #[tokio::test]
 async fn missing_files_and_directories_where_files_are_needed_fail() {
     let f = fixture();

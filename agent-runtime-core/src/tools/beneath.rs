@@ -98,17 +98,9 @@ impl Beneath {
         }
     }
 
-    /// Opens `rel` for reading.
-    pub(crate) fn read(&self, rel: &Path) -> io::Result<File> {
-        Ok(File::from(self.at(
-            rel,
-            OFlags::RDONLY | OFlags::NOCTTY,
-            Mode::empty(),
-        )?))
-    }
-
     /// Opens `rel` for reading without blocking on a FIFO or device (`O_NONBLOCK`), whatever it is:
-    /// the walks of `list_files` and `search_in_code` start from it and ask `fstat` what they got.
+    /// `read_file` and the walks of `list_files` and `search_in_code` start from it and ask `fstat`
+    /// what they got.
     pub(crate) fn open_any(&self, rel: &Path) -> io::Result<OwnedFd> {
         self.at(
             rel,

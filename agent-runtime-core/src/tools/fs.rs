@@ -109,12 +109,18 @@ fn open_for_read(root: &Path, real: &Path, shown: &str) -> Result<std::fs::File,
         std::io::ErrorKind::NotFound => ToolFailure::Failed(format!("no such file: '{shown}'")),
         _ => ToolFailure::Failed(format!("cannot read '{shown}': {}", describe(&e))),
     };
+    // Opened without blocking, so a FIFO or a device in the project cannot hang the tool; only a
+    // regular file is read (O_NONBLOCK changes nothing for one).
     let file = Beneath::open(root)
-        .and_then(|b| b.read(relative(root, real)))
+        .and_then(|b| b.open_any(relative(root, real)))
+        .map(std::fs::File::from)
         .map_err(failed)?;
     match file.metadata() {
         Ok(m) if m.is_dir() => Err(ToolFailure::Failed(format!(
             "'{shown}' is a directory, not a file"
+        ))),
+        Ok(m) if !m.is_file() => Err(ToolFailure::Failed(format!(
+            "'{shown}' is not a regular file (a FIFO, socket or device): it is not read"
         ))),
         Ok(_) => Ok(file),
         Err(e) => Err(failed(e)),
