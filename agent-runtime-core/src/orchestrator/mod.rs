@@ -937,6 +937,9 @@ impl Orchestrator {
             let _ = tokio::time::timeout(grace, stop_turn(t)).await;
         });
         futures::future::join_all(waits).await;
+        if let Some(mcp) = &self.inner.mcp {
+            mcp.shutdown().await;
+        }
     }
 }
 

@@ -47,11 +47,15 @@ impl ClientHandler for Handler {
 
     async fn list_roots(&self, _context: RequestContext<RoleClient>) -> Result<ListRootsResult, ErrorData> {
         let roots = match self.slot.upgrade() {
-            Some(slot) => slot
-                .roots
-                .read()
-                .map(|r| r.iter().map(|u| Root::new(u.clone())).collect())
-                .unwrap_or_default(),
+            Some(slot) => {
+                let (generation, uris) = slot.roots.read().map(|r| r.clone()).unwrap_or_default();
+                slot.roots_served.send_if_modified(|g| {
+                    let newer = generation > *g;
+                    *g = (*g).max(generation);
+                    newer
+                });
+                uris.into_iter().map(Root::new).collect()
+            }
             None => Vec::new(),
         };
         Ok(ListRootsResult::new(roots))
@@ -321,22 +325,33 @@ pub(super) async fn call(
     }
 }
 
-/// Makes the session's project root the server's root, telling it when that changed.
+/// Makes the session's project root the server's root. When that changed, the server is told
+/// and given up to [`ROOTS_WAIT`] to ask for the new list (a server without roots never asks).
 async fn offer_root(slot: &Arc<Slot>, peer: &rmcp::Peer<RoleClient>, root: &std::path::Path) {
-    let uri = file_uri(root);
-    let changed = {
-        let mut roots = slot.roots.write().unwrap_or_else(|p| p.into_inner());
-        if roots.len() == 1 && roots[0] == uri {
-            false
-        } else {
-            *roots = vec![uri];
-            true
-        }
-    };
-    if changed {
-        let _ = tokio::time::timeout(Duration::from_secs(2), peer.notify_roots_list_changed()).await;
+    if root.as_os_str().is_empty() {
+        return;
     }
+    let uri = file_uri(root);
+    let generation = {
+        let mut roots = slot.roots.write().unwrap_or_else(|p| p.into_inner());
+        if roots.1.len() == 1 && roots.1[0] == uri {
+            return;
+        }
+        roots.0 += 1;
+        roots.1 = vec![uri];
+        roots.0
+    };
+    let mut served = slot.roots_served.subscribe();
+    let _ = tokio::time::timeout(ROOTS_WAIT, async {
+        if peer.notify_roots_list_changed().await.is_ok() {
+            let _ = served.wait_for(|g| *g >= generation).await;
+        }
+    })
+    .await;
 }
+
+/// How long a call waits for the server to fetch changed roots before it is sent.
+const ROOTS_WAIT: Duration = Duration::from_secs(1);
 
 /// A `tools/call` result as our `tool_result`: the text blocks joined (other blocks summarized);
 /// with `structuredContent`, `{"text", "structured_content"}`. `isError` is a failure with the text.

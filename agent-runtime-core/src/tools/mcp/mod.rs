@@ -60,7 +60,7 @@ impl Default for McpLimits {
 }
 
 /// A server's state, as `/health` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum McpServerState {
     /// Connecting and listing its tools.
@@ -74,7 +74,7 @@ pub enum McpServerState {
 }
 
 /// One server in `/health`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct McpServerHealth {
     /// Its name.
     pub name: String,
@@ -109,8 +109,11 @@ pub(crate) struct Slot {
     pub config: McpServerConfig,
     pub limits: McpLimits,
     pub state: RwLock<SlotState>,
-    /// The roots offered to the server (`file://` URIs): the project root of the latest call.
-    pub roots: RwLock<Vec<String>>,
+    /// The roots offered to the server (`file://` URIs): the project root of the latest call,
+    /// with a generation bumped on every change.
+    pub roots: RwLock<(u64, Vec<String>)>,
+    /// The roots generation the server last asked for (`roots/list`).
+    pub roots_served: tokio::sync::watch::Sender<u64>,
     pub calls: AtomicU64,
     pub errors: AtomicU64,
     /// Bumped on every state change, for [`McpServers::wait_started`].
@@ -176,7 +179,8 @@ impl McpServers {
                         peer: None,
                         restarts: 0,
                     }),
-                    roots: RwLock::new(Vec::new()),
+                    roots: RwLock::new((0, Vec::new())),
+                    roots_served: tokio::sync::watch::channel(0).0,
                     calls: AtomicU64::new(0),
                     errors: AtomicU64::new(0),
                     changed: tokio::sync::watch::channel(0).0,
