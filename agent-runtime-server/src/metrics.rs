@@ -269,7 +269,9 @@ pub fn render_mcp(rt: &agent_runtime_core::orchestrator::Orchestrator) -> String
     };
     let counts = mcp.counts();
     let mut out = String::new();
-    out.push_str("# HELP mcp_tool_calls_total MCP tool calls, by server.\n# TYPE mcp_tool_calls_total counter\n");
+    out.push_str(
+        "# HELP mcp_tool_calls_total MCP tool calls, by server.\n# TYPE mcp_tool_calls_total counter\n",
+    );
     for c in &counts {
         let _ = writeln!(out, "mcp_tool_calls_total{{server=\"{}\"}} {}", c.server, c.calls);
     }
@@ -278,7 +280,11 @@ pub fn render_mcp(rt: &agent_runtime_core::orchestrator::Orchestrator) -> String
          # TYPE mcp_tool_errors_total counter\n",
     );
     for c in &counts {
-        let _ = writeln!(out, "mcp_tool_errors_total{{server=\"{}\"}} {}", c.server, c.errors);
+        let _ = writeln!(
+            out,
+            "mcp_tool_errors_total{{server=\"{}\"}} {}",
+            c.server, c.errors
+        );
     }
     out
 }

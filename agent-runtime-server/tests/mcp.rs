@@ -69,11 +69,7 @@ fn setup(servers: impl FnOnce(&Path) -> Value) -> Setup {
     let project = project.canonicalize().unwrap();
     let config = dir.path().join("mcp.json");
     std::fs::write(&config, json!({"mcpServers": servers(&project)}).to_string()).unwrap();
-    Setup {
-        dir,
-        project,
-        config,
-    }
+    Setup { dir, project, config }
 }
 
 fn fs_servers(project: &Path) -> Value {
@@ -131,20 +127,30 @@ async fn the_coder_lists_and_reads_through_the_filesystem_server_with_an_edited_
     let st = setup(fs_servers);
     let s = start(&llm, &st, &[]).await;
     let project = st.project.to_str().unwrap();
-    let id = s
-        .session(json!({"metadata": {"project_path": project}}))
-        .await;
+    let id = s.session(json!({"metadata": {"project_path": project}})).await;
     llm.push(route("coder"));
     llm.push(call("fs__list_directory", json!({"path": project})));
-    llm.push(call("fs__read_text_file", json!({"path": format!("{project}/notes.txt")})));
+    llm.push(call(
+        "fs__read_text_file",
+        json!({"path": format!("{project}/notes.txt")}),
+    ));
     llm.push(MockResponse::script(&Script::text("Прочитал.")));
 
     let first = s
-        .send(&id, json!({"type": "user_message", "content": "Прочитай заметки в проекте"}))
+        .send(
+            &id,
+            json!({"type": "user_message", "content": "Прочитай заметки в проекте"}),
+        )
         .await;
     assert_eq!(
         kinds(&first),
-        ["agent_switched", "tool_call", "tool_result", "tool_call", "done:awaiting_approval"]
+        [
+            "agent_switched",
+            "tool_call",
+            "tool_result",
+            "tool_call",
+            "done:awaiting_approval"
+        ]
     );
     assert_eq!(
         results(&first),
@@ -166,7 +172,12 @@ async fn the_coder_lists_and_reads_through_the_filesystem_server_with_an_edited_
     // The coder's model call offered the server's tools, the denied ones never.
     let tools = offered(&llm, 1);
     assert!(tools.contains(&"fs__read_text_file".to_string()), "{tools:?}");
-    assert!(!tools.iter().any(|t| t == "fs__write_file" || t == "fs__edit_file"), "{tools:?}");
+    assert!(
+        !tools
+            .iter()
+            .any(|t| t == "fs__write_file" || t == "fs__edit_file"),
+        "{tools:?}"
+    );
 
     let call_id = ask["call_id"].as_str().unwrap();
     let r = s
@@ -182,7 +193,12 @@ async fn the_coder_lists_and_reads_through_the_filesystem_server_with_an_edited_
     let second = Sse::new(r).all().await;
     assert_eq!(
         kinds(&second),
-        ["approval_resolved", "tool_result", "assistant_final", "done:completed"]
+        [
+            "approval_resolved",
+            "tool_result",
+            "assistant_final",
+            "done:completed"
+        ]
     );
     assert_eq!(
         results(&second),
@@ -230,8 +246,14 @@ async fn the_coder_lists_and_reads_through_the_filesystem_server_with_an_edited_
     );
     assert_eq!(tools_of("architect"), Vec::<String>::new());
     let metrics = s.get("/metrics").send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("mcp_tool_calls_total{server=\"fs\"} 2\n"), "{metrics}");
-    assert!(metrics.contains("mcp_tool_errors_total{server=\"fs\"} 0\n"), "{metrics}");
+    assert!(
+        metrics.contains("mcp_tool_calls_total{server=\"fs\"} 2\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("mcp_tool_errors_total{server=\"fs\"} 0\n"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -240,16 +262,23 @@ async fn a_rejected_mcp_call_never_reaches_the_server_and_the_model_reads_the_fe
     let st = setup(fs_servers);
     let s = start(&llm, &st, &[]).await;
     let project = st.project.to_str().unwrap();
-    let id = s
-        .session(json!({"metadata": {"project_path": project}}))
-        .await;
+    let id = s.session(json!({"metadata": {"project_path": project}})).await;
     llm.push(route("coder"));
-    llm.push(call("fs__read_text_file", json!({"path": format!("{project}/notes.txt")})));
+    llm.push(call(
+        "fs__read_text_file",
+        json!({"path": format!("{project}/notes.txt")}),
+    ));
     llm.push(MockResponse::script(&Script::text("Хорошо, не читаю.")));
     let first = s
-        .send(&id, json!({"type": "user_message", "content": "Прочитай заметки"}))
+        .send(
+            &id,
+            json!({"type": "user_message", "content": "Прочитай заметки"}),
+        )
         .await;
-    assert_eq!(kinds(&first), ["agent_switched", "tool_call", "done:awaiting_approval"]);
+    assert_eq!(
+        kinds(&first),
+        ["agent_switched", "tool_call", "done:awaiting_approval"]
+    );
     let call_id = find(&first, "tool_call")["call_id"].as_str().unwrap().to_string();
     let r = s
         .post(
@@ -269,7 +298,10 @@ async fn a_rejected_mcp_call_never_reaches_the_server_and_the_model_reads_the_fe
         )]
     );
     let metrics = s.get("/metrics").send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("mcp_tool_calls_total{server=\"fs\"} 0\n"), "{metrics}");
+    assert!(
+        metrics.contains("mcp_tool_calls_total{server=\"fs\"} 0\n"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -278,15 +310,22 @@ async fn an_mcp_approval_pending_across_a_restart_runs_on_the_new_server_once_ap
     let st = setup(fs_servers);
     let s = start(&llm, &st, &[]).await;
     let project = st.project.to_str().unwrap().to_string();
-    let id = s
-        .session(json!({"metadata": {"project_path": project}}))
-        .await;
+    let id = s.session(json!({"metadata": {"project_path": project}})).await;
     llm.push(route("coder"));
-    llm.push(call("fs__read_text_file", json!({"path": format!("{project}/notes.txt")})));
+    llm.push(call(
+        "fs__read_text_file",
+        json!({"path": format!("{project}/notes.txt")}),
+    ));
     let first = s
-        .send(&id, json!({"type": "user_message", "content": "Прочитай заметки"}))
+        .send(
+            &id,
+            json!({"type": "user_message", "content": "Прочитай заметки"}),
+        )
         .await;
-    assert_eq!(kinds(&first), ["agent_switched", "tool_call", "done:awaiting_approval"]);
+    assert_eq!(
+        kinds(&first),
+        ["agent_switched", "tool_call", "done:awaiting_approval"]
+    );
     let call_id = find(&first, "tool_call")["call_id"].as_str().unwrap().to_string();
 
     let Server { mut process, dir, .. } = s;
@@ -323,14 +362,15 @@ async fn an_agent_not_given_a_server_is_refused_its_tools_and_a_denied_tool_is_u
     let st = setup(fs_servers);
     let s = start(&llm, &st, &[]).await;
     let project = st.project.to_str().unwrap();
-    let id = s
-        .session(json!({"metadata": {"project_path": project}}))
-        .await;
+    let id = s.session(json!({"metadata": {"project_path": project}})).await;
     llm.push(route("architect"));
     llm.push(call("fs__list_directory", json!({"path": project})));
     llm.push(MockResponse::script(&Script::text("Нельзя.")));
     let events = s
-        .send(&id, json!({"type": "user_message", "content": "Опиши архитектуру"}))
+        .send(
+            &id,
+            json!({"type": "user_message", "content": "Опиши архитектуру"}),
+        )
         .await;
     assert_eq!(
         results(&events),
@@ -342,11 +382,12 @@ async fn an_agent_not_given_a_server_is_refused_its_tools_and_a_denied_tool_is_u
     );
     assert!(offered(&llm, 1).iter().all(|t| !t.starts_with("fs__")));
 
-    let id = s
-        .session(json!({"metadata": {"project_path": project}}))
-        .await;
+    let id = s.session(json!({"metadata": {"project_path": project}})).await;
     llm.push(route("coder"));
-    llm.push(call("fs__write_file", json!({"path": format!("{project}/x.txt"), "content": "x"})));
+    llm.push(call(
+        "fs__write_file",
+        json!({"path": format!("{project}/x.txt"), "content": "x"}),
+    ));
     llm.push(MockResponse::script(&Script::text("Нет такого.")));
     let events = s
         .send(&id, json!({"type": "user_message", "content": "Запиши файл"}))
@@ -368,9 +409,7 @@ async fn arguments_that_break_the_servers_schema_are_refused_before_approval() {
     let st = setup(fs_servers);
     let s = start(&llm, &st, &[]).await;
     let project = st.project.to_str().unwrap();
-    let id = s
-        .session(json!({"metadata": {"project_path": project}}))
-        .await;
+    let id = s.session(json!({"metadata": {"project_path": project}})).await;
     llm.push(route("coder"));
     llm.push(call("fs__read_text_file", json!({"path": 7})));
     llm.push(MockResponse::script(&Script::text("Ошибся.")));
@@ -394,23 +433,21 @@ async fn arguments_that_break_the_servers_schema_are_refused_before_approval() {
 #[tokio::test]
 async fn a_hostile_server_ends_every_call_in_bounded_time_and_the_turn_goes_on() {
     let llm = MockLlmServer::start().await.unwrap();
-    let st = setup(|_| {
-        json!({"evil": {"command": "python3", "args": [hostile_server_py()], "approval": "never"}})
-    });
+    let st = setup(
+        |_| json!({"evil": {"command": "python3", "args": [hostile_server_py()], "approval": "never"}}),
+    );
     let s = start(&llm, &st, &[("MCP_TOOL_TIMEOUT_SECS", "2")]).await;
     let project = st.project.to_str().unwrap();
     let health = s.get_json("/health").await;
     assert_eq!(
         health["mcp_servers"],
         json!([{"name": "evil", "transport": "stdio", "state": "running", "tools": 7, "restarts": 0,
-                "skipped_tools": [
-                    "'broken': its input schema is not a valid JSON Schema: \"no-such-type\" is not valid under any of the schemas listed in the 'anyOf' keyword",
-                    "'bad name!': a tool name must be A-Z a-z 0-9 _ - and at most 64 characters with its server prefix"
-                ]}])
+        "skipped_tools": [
+            "'broken': its input schema is not a valid JSON Schema: \"no-such-type\" is not valid under any of the schemas listed in the 'anyOf' keyword",
+            "'bad name!': a tool name must be A-Z a-z 0-9 _ - and at most 64 characters with its server prefix"
+        ]}])
     );
-    let id = s
-        .session(json!({"metadata": {"project_path": project}}))
-        .await;
+    let id = s.session(json!({"metadata": {"project_path": project}})).await;
     llm.push(route("coder"));
     for t in ["hang", "garbage", "huge", "fail", "broken", "change", "die", "ok"] {
         llm.push(call(&format!("evil__{t}"), json!({})));
@@ -418,7 +455,10 @@ async fn a_hostile_server_ends_every_call_in_bounded_time_and_the_turn_goes_on()
     llm.push(MockResponse::script(&Script::text("Выжил.")));
     let began = Instant::now();
     let events = s
-        .send(&id, json!({"type": "user_message", "content": "Проверь злой сервер"}))
+        .send(
+            &id,
+            json!({"type": "user_message", "content": "Проверь злой сервер"}),
+        )
         .await;
     assert!(began.elapsed() < Duration::from_secs(60), "{:?}", began.elapsed());
     let timeout = json!({"code": "TOOL_EXECUTION_FAILED", "message":
@@ -428,13 +468,17 @@ async fn a_hostile_server_ends_every_call_in_bounded_time_and_the_turn_goes_on()
     let died = got.iter_mut().find(|r| r.0 == "evil__die").unwrap();
     let msg = died.2["message"].take();
     assert!(
-        msg.as_str().unwrap().starts_with("evil__die (MCP server 'evil'): the call failed: "),
+        msg.as_str()
+            .unwrap()
+            .starts_with("evil__die (MCP server 'evil'): the call failed: "),
         "{msg}"
     );
     let after = got.iter_mut().find(|r| r.0 == "evil__ok").unwrap();
     let msg = after.2["message"].take();
     assert!(
-        msg.as_str().unwrap().starts_with("evil__ok (MCP server 'evil'): the server is not running"),
+        msg.as_str()
+            .unwrap()
+            .starts_with("evil__ok (MCP server 'evil'): the server is not running"),
         "{msg}"
     );
     let with = |name: &str| {
@@ -483,7 +527,10 @@ async fn a_hostile_server_ends_every_call_in_bounded_time_and_the_turn_goes_on()
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(
-        (&health["mcp_servers"][0]["state"], &health["mcp_servers"][0]["restarts"]),
+        (
+            &health["mcp_servers"][0]["state"],
+            &health["mcp_servers"][0]["restarts"]
+        ),
         (&json!("running"), &json!(1))
     );
     llm.push(call("evil__ok", json!({})));
@@ -496,8 +543,14 @@ async fn a_hostile_server_ends_every_call_in_bounded_time_and_the_turn_goes_on()
         [("evil__ok".to_string(), json!("fine ok"), Value::Null)]
     );
     let metrics = s.get("/metrics").send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("mcp_tool_calls_total{server=\"evil\"} 8\n"), "{metrics}");
-    assert!(metrics.contains("mcp_tool_errors_total{server=\"evil\"} 6\n"), "{metrics}");
+    assert!(
+        metrics.contains("mcp_tool_calls_total{server=\"evil\"} 8\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("mcp_tool_errors_total{server=\"evil\"} 6\n"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -509,9 +562,7 @@ async fn a_tool_list_change_mid_session_is_offered_at_the_next_model_call() {
     });
     let s = start(&llm, &st, &[]).await;
     let project = st.project.to_str().unwrap();
-    let id = s
-        .session(json!({"metadata": {"project_path": project}}))
-        .await;
+    let id = s.session(json!({"metadata": {"project_path": project}})).await;
     llm.push(route("coder"));
     llm.push(call("evil__change", json!({})));
     llm.push(MockResponse::script(&Script::text("Изменил.")));
@@ -593,23 +644,28 @@ async fn a_streamable_http_server_answers_text_structured_content_and_sees_the_p
         json!([{"name": "web", "transport": "http", "state": "running", "tools": 4, "restarts": 0}])
     );
     let project = st.project.to_str().unwrap();
-    let id = s
-        .session(json!({"metadata": {"project_path": project}}))
-        .await;
+    let id = s.session(json!({"metadata": {"project_path": project}})).await;
     llm.push(route("coder"));
     llm.push(call("web__echo", json!({"message": "привет"})));
     llm.push(call("web__get-sum", json!({"a": 2, "b": 3})));
     llm.push(call("web__get-roots-list", json!({})));
     llm.push(MockResponse::script(&Script::text("Всё ответило.")));
     let events = s
-        .send(&id, json!({"type": "user_message", "content": "Проверь веб-сервер"}))
+        .send(
+            &id,
+            json!({"type": "user_message", "content": "Проверь веб-сервер"}),
+        )
         .await;
     let got = results(&events);
     assert_eq!(
         got[..2],
         [
             ("web__echo".to_string(), json!("Echo: привет"), Value::Null),
-            ("web__get-sum".to_string(), json!("The sum of 2 and 3 is 5."), Value::Null),
+            (
+                "web__get-sum".to_string(),
+                json!("The sum of 2 and 3 is 5."),
+                Value::Null
+            ),
         ]
     );
     let roots = got[2].1.as_str().unwrap_or_default();
@@ -631,7 +687,10 @@ fn children_of(pid: u32) -> Vec<u32> {
         };
         // "pid (comm) state ppid ...": comm may hold spaces, so read after the last ')'.
         let after = &stat[stat.rfind(')').unwrap_or(0) + 1..];
-        let ppid = after.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok());
+        let ppid = after
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok());
         if ppid == Some(pid) {
             found.push(child);
         }
@@ -661,5 +720,8 @@ async fn a_stdio_server_dies_with_the_runtime_even_when_it_is_killed() {
     while alive(child) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(!alive(child), "the MCP server {child} outlived the SIGKILLed runtime");
+    assert!(
+        !alive(child),
+        "the MCP server {child} outlived the SIGKILLed runtime"
+    );
 }

@@ -238,7 +238,8 @@ impl OrchestratorBuilder {
                     .map_err(|e| Error::InvalidRequest(format!("MCP_SERVERS_FILE: {e}")))?;
                 if tokio::runtime::Handle::try_current().is_err() {
                     return Err(Error::InvalidRequest(
-                        "MCP_SERVERS_FILE: build the runtime inside a Tokio runtime to start MCP servers".into(),
+                        "MCP_SERVERS_FILE: build the runtime inside a Tokio runtime to start MCP servers"
+                            .into(),
                     ));
                 }
                 let limits = McpLimits {

@@ -438,7 +438,10 @@ impl Turn {
     /// Whether the approval policy asks a human about this call (it will be asked again, with the
     /// same request, when the call runs).
     fn may_ask(&self, tool_name: &str, arguments: &Value) -> bool {
-        matches!(self.requirement(tool_name, arguments), ApprovalRequirement::Ask(_))
+        matches!(
+            self.requirement(tool_name, arguments),
+            ApprovalRequirement::Ask(_)
+        )
     }
 
     /// Whether this call waits for a human: an MCP tool by its server's `approval`/`tool_approval`

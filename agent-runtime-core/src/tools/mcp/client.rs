@@ -10,8 +10,8 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use rmcp::model::{
-    CallToolRequestParams, CallToolResult, ClientCapabilities, ClientConfig, Implementation,
-    ListRootsResult, Root,
+    CallToolRequestParams, CallToolResult, ClientCapabilities, ClientConfig, Implementation, ListRootsResult,
+    Root,
 };
 use rmcp::service::{NotificationContext, RequestContext, RunningService};
 use rmcp::transport::StreamableHttpClientTransport;
@@ -67,7 +67,9 @@ impl ClientHandler for Handler {
             tokio::spawn(async move {
                 match tokio::time::timeout(slot.limits.startup_timeout, list_tools(&slot, &peer)).await {
                     Ok(Ok(())) => tracing::info!(server = %slot.config.name, "MCP tool list refreshed"),
-                    Ok(Err(e)) => tracing::warn!(server = %slot.config.name, error = %e, "MCP tool list refresh failed"),
+                    Ok(Err(e)) => {
+                        tracing::warn!(server = %slot.config.name, error = %e, "MCP tool list refresh failed")
+                    }
                     Err(_) => tracing::warn!(server = %slot.config.name, "MCP tool list refresh timed out"),
                 }
             });
@@ -215,8 +217,7 @@ async fn connect(slot: &Arc<Slot>) -> Result<Connection, String> {
             for (k, v) in headers {
                 let name = http::HeaderName::from_bytes(k.as_bytes())
                     .map_err(|e| format!("header name '{k}': {e}"))?;
-                let value = http::HeaderValue::from_str(v)
-                    .map_err(|e| format!("header '{k}' value: {e}"))?;
+                let value = http::HeaderValue::from_str(v).map_err(|e| format!("header '{k}' value: {e}"))?;
                 custom.insert(name, value);
             }
             let config = StreamableHttpClientTransportConfig::with_uri(url.as_str())
@@ -301,7 +302,10 @@ pub(super) async fn call(
         let why = error.map(|e| format!(" (last error: {e})")).unwrap_or_default();
         return Err(ToolFailure::Failed(format!(
             "the server is not running, state {}{why}; it is restarted with backoff, try again later",
-            serde_json::to_value(&state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+            serde_json::to_value(&state)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default()
         )));
     };
     offer_root(slot, &peer, &ctx.project_root).await;
@@ -381,7 +385,11 @@ pub(crate) fn map_result(r: CallToolResult) -> Result<Value, ToolFailure> {
     }
     let text = parts.join("\n");
     if r.is_error == Some(true) {
-        let text = if text.is_empty() { "the tool reported an error without text".to_string() } else { text };
+        let text = if text.is_empty() {
+            "the tool reported an error without text".to_string()
+        } else {
+            text
+        };
         return Err(ToolFailure::Failed(text));
     }
     Ok(match r.structured_content {

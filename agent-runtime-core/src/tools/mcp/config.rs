@@ -119,8 +119,8 @@ struct RawServer {
 impl McpServersConfig {
     /// Reads and parses the file at `path`; errors name the file and, for bad JSON, line and column.
     pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
@@ -175,7 +175,9 @@ fn server(name: String, s: RawServer) -> Result<McpServerConfig, String> {
     let valid_name = !name.is_empty()
         && name.len() <= 32
         && !name.contains("__")
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
     if !valid_name {
         return Err(format!(
             "server name '{name}': use 1-32 characters of A-Z a-z 0-9 _ - without \"__\" \
@@ -307,10 +309,12 @@ mod tests {
         let e = McpServersConfig::parse("{\"mcpServers\": {\"fs\": {\"command\": \"x\",\n \"agnets\": []}}}");
         assert_eq!(
             e,
-            Err("line 2 column 10: at `mcpServers.fs`: unknown field `agnets`, expected one of \
+            Err(
+                "line 2 column 10: at `mcpServers.fs`: unknown field `agnets`, expected one of \
                  `type`, `command`, `args`, `env`, `cwd`, `url`, `headers`, `agents`, `tools`, \
                  `deny`, `approval`, `tool_approval`"
-                .into())
+                    .into()
+            )
         );
     }
 
@@ -326,7 +330,10 @@ mod tests {
     #[test]
     fn servers_without_or_with_both_transports_and_bad_names_are_refused() {
         let cases = [
-            (r#"{"mcpServers": {"a": {}}}"#, "server 'a': missing `command` (stdio) or `url` (Streamable HTTP)"),
+            (
+                r#"{"mcpServers": {"a": {}}}"#,
+                "server 'a': missing `command` (stdio) or `url` (Streamable HTTP)",
+            ),
             (
                 r#"{"mcpServers": {"a": {"command": "x", "url": "http://h"}}}"#,
                 "server 'a': give either `command` (stdio) or `url` (Streamable HTTP), not both",
@@ -370,10 +377,7 @@ mod tests {
             (s.approval_of("r"), s.approval_of("other")),
             (McpApproval::Never, McpApproval::Always)
         );
-        assert_eq!(
-            c.check_agents(&["coder".into()]),
-            Ok(())
-        );
+        assert_eq!(c.check_agents(&["coder".into()]), Ok(()));
         let c2 = McpServersConfig::parse(r#"{"mcpServers": {"a": {"command": "x", "agents": ["nobody"]}}}"#)
             .unwrap_or_default();
         assert_eq!(

@@ -154,7 +154,10 @@ pub struct McpServers {
 impl std::fmt::Debug for McpServers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("McpServers")
-            .field("servers", &self.slots.iter().map(|s| &s.config.name).collect::<Vec<_>>())
+            .field(
+                "servers",
+                &self.slots.iter().map(|s| &s.config.name).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -345,7 +348,9 @@ impl McpTool {
         let name = format!("{}__{tool}", slot.config.name);
         let fits = !tool.is_empty()
             && name.len() <= 64
-            && tool.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            && tool
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
         if !fits {
             return Err(format!(
                 "'{}': a tool name must be A-Z a-z 0-9 _ - and at most 64 characters with its server prefix",
@@ -364,11 +369,7 @@ impl McpTool {
             tool,
             spec: ToolSpec {
                 name,
-                description: listed
-                    .description
-                    .as_deref()
-                    .unwrap_or_default()
-                    .to_string(),
+                description: listed.description.as_deref().unwrap_or_default().to_string(),
                 parameters: schema,
             },
             validator,
