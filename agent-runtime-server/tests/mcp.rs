@@ -725,3 +725,126 @@ async fn a_stdio_server_dies_with_the_runtime_even_when_it_is_killed() {
         "the MCP server {child} outlived the SIGKILLed runtime"
     );
 }
+
+/// A start-up with `MCP_SERVERS_FILE` holding `text`: its exit code, stdout and operator lines.
+fn start_up_with_servers_file(text: &str) -> (i32, String, Vec<String>) {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mcp.json");
+    std::fs::write(&file, text).unwrap();
+    let db = format!("sqlite://{}", dir.path().join("rt.db").display());
+    let mut child = spawn_raw(
+        &["--port", "0"],
+        &[
+            ("DATABASE_URL", db.as_str()),
+            ("MCP_SERVERS_FILE", file.to_str().unwrap()),
+        ],
+    );
+    let status = child.wait().unwrap();
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    let lines = stderr
+        .lines()
+        .filter(|l| l.starts_with("agent-runtime-server: "))
+        .map(|l| l.replace(&file.display().to_string(), "FILE"))
+        .collect();
+    (status.code().unwrap(), stdout, lines)
+}
+
+#[test]
+fn a_servers_file_that_does_not_parse_or_has_an_unknown_key_stops_start_up_with_the_place() {
+    assert_eq!(
+        start_up_with_servers_file("{\"mcpServers\": {\n  \"fs\": {\"command\": \"x\",}\n}}"),
+        (
+            2,
+            String::new(),
+            vec![
+                "agent-runtime-server: MCP_SERVERS_FILE: FILE: line 2 column 25: trailing comma".to_string()
+            ]
+        )
+    );
+    assert_eq!(
+        start_up_with_servers_file(r#"{"mcpServers": {"fs": {"command": "x", "deny": [], "aproval": "never"}}}"#),
+        (
+            2,
+            String::new(),
+            vec!["agent-runtime-server: MCP_SERVERS_FILE: FILE: line 1 column 60: at `mcpServers.fs.aproval`: unknown field `aproval`, \
+                  expected one of `type`, `command`, `args`, `env`, `cwd`, `url`, `headers`, `agents`, `tools`, `deny`, \
+                  `approval`, `tool_approval`"
+                .to_string()]
+        )
+    );
+    assert_eq!(
+        start_up_with_servers_file(r#"{"mcpServers": {"fs": {"command": "x", "agents": ["codr"]}}}"#),
+        (
+            2,
+            String::new(),
+            vec![
+                "agent-runtime-server: MCP_SERVERS_FILE: server 'fs': unknown agent 'codr' in `agents` \
+                  (known: orchestrator, coder, architect, debug, ask)"
+                    .to_string()
+            ]
+        )
+    );
+}
+
+#[tokio::test]
+async fn a_server_that_cannot_start_is_reported_and_its_tools_are_not_offered() {
+    let llm = MockLlmServer::start().await.unwrap();
+    let st = setup(|project| {
+        let mut servers = fs_servers(project);
+        servers["gone"] = json!({"command": "/nonexistent/mcp-server"});
+        servers
+    });
+    let s = start(&llm, &st, &[]).await;
+    let health = s.get_json("/health").await;
+    assert_eq!(health["status"], "healthy");
+    let mut servers = health["mcp_servers"].clone();
+    let restarts = servers[1]["restarts"].take();
+    assert!(restarts.as_u64().is_some(), "{health}");
+    assert_eq!(
+        servers,
+        json!([
+            {"name": "fs", "transport": "stdio", "state": "running", "tools": 10, "restarts": 0},
+            {"name": "gone", "transport": "stdio", "state": servers[1]["state"], "restarts": null, "tools": 0,
+             "error": "cannot start `/nonexistent/mcp-server`: No such file or directory (os error 2)"}
+        ])
+    );
+    assert!(["restarting", "starting"].contains(&servers[1]["state"].as_str().unwrap()));
+}
+
+#[tokio::test]
+async fn mcp_calls_run_in_the_runtime_in_a_client_mode_session() {
+    let llm = MockLlmServer::start().await.unwrap();
+    let st = setup(fs_servers);
+    let s = start(&llm, &st, &[]).await;
+    let project = st.project.to_str().unwrap();
+    let id = s
+        .session(json!({"metadata": {"project_path": project, "tool_execution": "client"}}))
+        .await;
+    llm.push(route("coder"));
+    llm.push(call("fs__list_directory", json!({"path": project})));
+    llm.push(MockResponse::script(&Script::text("Готово.")));
+    let events = s
+        .send(&id, json!({"type": "user_message", "content": "Что в проекте?"}))
+        .await;
+    assert_eq!(
+        kinds(&events),
+        [
+            "agent_switched",
+            "tool_call",
+            "tool_result",
+            "assistant_final",
+            "done:completed"
+        ]
+    );
+    assert_eq!(
+        results(&events),
+        [(
+            "fs__list_directory".to_string(),
+            json!({"text": "[FILE] notes.txt\n[FILE] other.txt", "structured_content": {"content": "[FILE] notes.txt\n[FILE] other.txt"}}),
+            Value::Null
+        )]
+    );
+}

@@ -133,7 +133,11 @@ impl McpServersConfig {
             let path = e.path().to_string();
             let at = format!("line {} column {}", inner.line(), inner.column());
             let msg = strip_position(&inner.to_string());
-            if path == "." {
+            let syntax = matches!(
+                inner.classify(),
+                serde_json::error::Category::Syntax | serde_json::error::Category::Eof
+            );
+            if path == "." || syntax {
                 format!("{at}: {msg}")
             } else {
                 format!("{at}: at `{path}`: {msg}")
@@ -310,7 +314,7 @@ mod tests {
         assert_eq!(
             e,
             Err(
-                "line 2 column 10: at `mcpServers.fs`: unknown field `agnets`, expected one of \
+                "line 2 column 9: at `mcpServers.fs.agnets`: unknown field `agnets`, expected one of \
                  `type`, `command`, `args`, `env`, `cwd`, `url`, `headers`, `agents`, `tools`, \
                  `deny`, `approval`, `tool_approval`"
                     .into()
@@ -321,10 +325,7 @@ mod tests {
     #[test]
     fn a_file_that_does_not_parse_names_line_and_column() {
         let e = McpServersConfig::parse("{\"mcpServers\": {\n  \"fs\": {\"command\": \"x\",}\n}}");
-        assert_eq!(
-            e,
-            Err("line 2 column 26: at `mcpServers.fs`: trailing comma".into())
-        );
+        assert_eq!(e, Err("line 2 column 25: trailing comma".into()));
     }
 
     #[test]
@@ -349,7 +350,7 @@ mod tests {
             ),
             (
                 r#"{"mcpServers": {"a": {"command": "x", "approval": "sometimes"}}}"#,
-                "line 1 column 56: at `mcpServers.a.approval`: unknown variant `sometimes`, expected `always` or `never`",
+                "line 1 column 61: at `mcpServers.a.approval`: unknown variant `sometimes`, expected `always` or `never`",
             ),
         ];
         for (text, want) in cases {
