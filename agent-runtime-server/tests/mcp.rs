@@ -377,7 +377,7 @@ async fn an_agent_not_given_a_server_is_refused_its_tools_and_a_denied_tool_is_u
         [(
             "fs__list_directory".to_string(),
             Value::Null,
-            json!({"code": "INVALID_TOOL", "message": "the Architect Agent agent may not use the tool 'fs__list_directory'; its MCP server is not given to this agent"})
+            json!({"code": "INVALID_TOOL", "message": "the architect agent may not use the tool 'fs__list_directory'; its MCP server is not given to this agent"})
         )]
     );
     assert!(offered(&llm, 1).iter().all(|t| !t.starts_with("fs__")));

@@ -533,7 +533,7 @@ impl Turn {
             if !self.rt.mcp.as_ref().is_some_and(|m| m.serves(&agent_type, name)) {
                 return Err(ToolFailure::Invalid(format!(
                     "the {} agent may not use the tool '{name}'; its MCP server is not given to this agent",
-                    agent.name
+                    agent.agent_type
                 )));
             }
             return tool.check(&self.mcp_context(), arguments);
