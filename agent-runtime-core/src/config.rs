@@ -96,6 +96,10 @@ pub struct RuntimeConfig {
     pub sandbox: SandboxSettings,
     /// `COMMAND_TIMEOUT_SECS`.
     pub command_timeout: Duration,
+    /// `MCP_SERVERS_FILE`: the MCP servers whose tools the agents get (`{"mcpServers": {..}}`).
+    pub mcp_servers_file: Option<PathBuf>,
+    /// `MCP_TOOL_TIMEOUT_SECS`: the bound of one MCP tool call.
+    pub mcp_tool_timeout: Duration,
     /// `MAX_TURN_ITERATIONS`: model calls per turn.
     pub max_turn_iterations: u32,
     /// `MAX_TOOL_OUTPUT_BYTES`.
@@ -141,6 +145,8 @@ impl Default for RuntimeConfig {
             project_roots: vec![],
             sandbox: SandboxSettings::default(),
             command_timeout: Duration::from_secs(120),
+            mcp_servers_file: None,
+            mcp_tool_timeout: crate::tools::mcp::DEFAULT_MCP_TOOL_TIMEOUT,
             max_turn_iterations: 25,
             max_tool_output_bytes: 32 * 1024,
             temperature: None,
@@ -180,6 +186,8 @@ pub const VARIABLES: &[&str] = &[
     "SANDBOX_WRITE_PATHS",
     "SANDBOX_NETWORK_AGENTS",
     "COMMAND_TIMEOUT_SECS",
+    "MCP_SERVERS_FILE",
+    "MCP_TOOL_TIMEOUT_SECS",
     "MAX_TURN_ITERATIONS",
     "MAX_TOOL_OUTPUT_BYTES",
     "SESSION_LEASE_SECS",
@@ -348,6 +356,14 @@ impl RuntimeConfig {
         }
         if let Some(v) = get("COMMAND_TIMEOUT_SECS") {
             c.command_timeout = Duration::from_secs(parse_num("COMMAND_TIMEOUT_SECS", &v, 1)?);
+        }
+        if let Some(v) = get("MCP_SERVERS_FILE")
+            && !v.trim().is_empty()
+        {
+            c.mcp_servers_file = Some(PathBuf::from(v.trim()));
+        }
+        if let Some(v) = get("MCP_TOOL_TIMEOUT_SECS") {
+            c.mcp_tool_timeout = Duration::from_secs(parse_num("MCP_TOOL_TIMEOUT_SECS", &v, 1)?);
         }
         if let Some(v) = get("MAX_TURN_ITERATIONS") {
             c.max_turn_iterations = parse_num("MAX_TURN_ITERATIONS", &v, 1)?;

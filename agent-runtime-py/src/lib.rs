@@ -13,6 +13,7 @@ use agent_runtime_core::events::{BusEventKind, BusFilter};
 use agent_runtime_core::orchestrator::{CreateSession, Follow, Orchestrator, Submission};
 use agent_runtime_core::protocol::{ClientMessage, Decision, HitlDecision};
 use agent_runtime_core::storage::{self, SessionQuery};
+use agent_runtime_core::tools::mcp::{McpLimits, McpServers, McpServersConfig};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyList, PyString, PyTuple};
@@ -122,6 +123,17 @@ fn session_json(s: &Session) -> Value {
     })
 }
 
+/// `mcp_servers=` as a servers config: `{"fs": {...}}` or the file's whole `{"mcpServers": {...}}`.
+fn mcp_config(value: Value) -> agent_runtime_core::Result<McpServersConfig> {
+    let whole = if value.get("mcpServers").is_some() {
+        value
+    } else {
+        json!({"mcpServers": value})
+    };
+    McpServersConfig::parse(&whole.to_string())
+        .map_err(|e| agent_runtime_core::Error::InvalidRequest(format!("mcp_servers: {e}")))
+}
+
 /// The settings in force, keyed like the keyword arguments; the API key is masked.
 fn settings_json(c: &RuntimeConfig) -> Value {
     json!({
@@ -145,6 +157,8 @@ fn settings_json(c: &RuntimeConfig) -> Value {
         "sandbox_write_paths": c.sandbox.write_paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         "sandbox_network_agents": c.sandbox.network_agents,
         "command_timeout_secs": c.command_timeout.as_secs(),
+        "mcp_servers_file": c.mcp_servers_file.as_ref().map(|p| p.display().to_string()),
+        "mcp_tool_timeout_secs": c.mcp_tool_timeout.as_secs(),
         "max_turn_iterations": c.max_turn_iterations,
         "max_tool_output_bytes": c.max_tool_output_bytes,
         "session_lease_secs": c.lease_ttl.as_secs(),
@@ -163,7 +177,8 @@ fn settings_json(c: &RuntimeConfig) -> Value {
 /// with the server's defaults and validation: a bad value raises `InvalidRequest` naming the
 /// variable. The process environment is not read. `database_url` may also be a path object
 /// (`pathlib.Path`), meaning a SQLite file. Opening the store also closes turns a previous
-/// process left running (their open tool calls get an "interrupted" result).
+/// process left running (their open tool calls get an "interrupted" result). MCP servers come
+/// from `mcp_servers_file="/path/mcp.json"` or `mcp_servers={"fs": {"command": ..., "args": [...]}}`.
 #[pyclass(module = "agent_runtime", subclass, frozen)]
 pub struct Runtime {
     orchestrator: Orchestrator,
@@ -191,6 +206,7 @@ impl Runtime {
         settings: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
         let mut env = BTreeMap::new();
+        let mut mcp_servers: Option<Value> = None;
         if let Some(url) = database_url.filter(|u| !u.is_none()) {
             let mut text = setting_text("database_url", url)?;
             if !url.is_instance_of::<PyString>() {
@@ -211,6 +227,13 @@ impl Runtime {
         if let Some(settings) = settings {
             for (key, value) in settings.iter() {
                 let key: String = key.extract()?;
+                if key == "mcp_servers" {
+                    // The servers themselves (a dict), instead of a file: see `mcp_servers_file`.
+                    if !value.is_none() {
+                        mcp_servers = Some(convert::from_py(&value, "mcp_servers")?);
+                    }
+                    continue;
+                }
                 let var = variable_for(&key).ok_or_else(|| {
                     PyTypeError::new_err(format!("Runtime() got an unexpected setting '{key}'"))
                 })?;
@@ -227,8 +250,17 @@ impl Runtime {
             ))));
         }
         let config = RuntimeConfig::from_lookup(|name| env.get(name).cloned()).py()?;
+        let mcp = mcp_servers.map(mcp_config).transpose().py()?;
+        let limits = McpLimits {
+            tool_timeout: config.mcp_tool_timeout,
+            ..McpLimits::default()
+        };
         let orchestrator = block_on(py, async move {
-            Orchestrator::from_config(config).await?.start().await
+            let mut builder = Orchestrator::from_config(config).await?;
+            if let Some(servers) = mcp {
+                builder = builder.mcp_servers(McpServers::start(servers, limits));
+            }
+            builder.start().await
         })?;
         Ok(Runtime {
             orchestrator,

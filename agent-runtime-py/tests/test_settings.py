@@ -32,6 +32,8 @@ DEFAULTS = {
     "sandbox_write_paths": [],
     "sandbox_network_agents": [],
     "command_timeout_secs": 120,
+    "mcp_servers_file": None,
+    "mcp_tool_timeout_secs": 60,
     "max_turn_iterations": 25,
     "max_tool_output_bytes": 32768,
     "session_lease_secs": 30,

@@ -700,7 +700,12 @@ impl App {
             }
             (Method::GET, Route::OpenApi) => ok(&crate::openapi::document()),
             (Method::GET, Route::Metrics) => {
-                let mut r = Response::new(Full::new(Bytes::from(self.metrics.render())).boxed_unsync());
+                let mut r = Response::new(
+                    Full::new(Bytes::from(
+                        self.metrics.render() + &crate::metrics::render_mcp(&self.rt),
+                    ))
+                    .boxed_unsync(),
+                );
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

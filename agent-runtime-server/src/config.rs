@@ -172,6 +172,17 @@ pub const SETTINGS_HELP: &[(&str, &str, &str)] = &[
         "execute_command's time limit; the command and its children are killed",
         "120",
     ),
+    (
+        "MCP_SERVERS_FILE",
+        "a JSON file {\"mcpServers\": {..}} of MCP servers whose tools the agents get as \
+         <server>__<tool> (README \"MCP servers\")",
+        "unset: none",
+    ),
+    (
+        "MCP_TOOL_TIMEOUT_SECS",
+        "an MCP tool call's time limit; past it the call fails with TOOL_EXECUTION_FAILED",
+        "60",
+    ),
     ("MAX_TURN_ITERATIONS", "model calls in one turn", "25"),
     (
         "MAX_TOOL_OUTPUT_BYTES",

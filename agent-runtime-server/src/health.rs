@@ -43,6 +43,7 @@ pub async fn check(rt: &Orchestrator) -> (HealthView, bool) {
         },
         sandbox: rt.sandbox_status(),
         process: rt.process(),
+        mcp_servers: rt.mcp_servers().map(|m| m.health()).unwrap_or_default(),
     };
     (view, health.storage_connected)
 }

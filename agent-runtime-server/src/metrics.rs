@@ -261,3 +261,30 @@ impl LlmBackend for MeteredBackend {
         self.inner.context_size().await
     }
 }
+
+/// The MCP servers' counters in Prometheus text: calls and failed calls per server.
+pub fn render_mcp(rt: &agent_runtime_core::orchestrator::Orchestrator) -> String {
+    let Some(mcp) = rt.mcp_servers() else {
+        return String::new();
+    };
+    let counts = mcp.counts();
+    let mut out = String::new();
+    out.push_str(
+        "# HELP mcp_tool_calls_total MCP tool calls, by server.\n# TYPE mcp_tool_calls_total counter\n",
+    );
+    for c in &counts {
+        let _ = writeln!(out, "mcp_tool_calls_total{{server=\"{}\"}} {}", c.server, c.calls);
+    }
+    out.push_str(
+        "# HELP mcp_tool_errors_total MCP tool calls that failed (isError, timeout, server down), by server.\n\
+         # TYPE mcp_tool_errors_total counter\n",
+    );
+    for c in &counts {
+        let _ = writeln!(
+            out,
+            "mcp_tool_errors_total{{server=\"{}\"}} {}",
+            c.server, c.errors
+        );
+    }
+    out
+}

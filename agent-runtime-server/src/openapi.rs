@@ -253,6 +253,8 @@ mod tests {
                 "HealthView",
                 "HitlDecision",
                 "HitlDecisionRequest",
+                "McpServerHealth",
+                "McpServerState",
                 "Message",
                 "MessageList",
                 "MultiAgentView",

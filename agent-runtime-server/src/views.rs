@@ -213,6 +213,10 @@ pub struct HealthView {
     pub sandbox: agent_runtime_core::tools::SandboxStatus,
     /// This process: its lease owner id and how many turns it runs now.
     pub process: agent_runtime_core::orchestrator::ProcessInfo,
+    /// Each MCP server (`MCP_SERVERS_FILE`): its state, tools, restarts and last error; absent
+    /// when none is configured. A server that is down does not make the runtime degraded.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mcp_servers: Vec<agent_runtime_core::tools::mcp::McpServerHealth>,
 }
 
 /// The `multi_agent` part of `GET /health`.

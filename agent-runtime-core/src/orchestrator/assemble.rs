@@ -49,6 +49,10 @@ impl OrchestratorBuilder {
     /// is ready to serve. Needs a Tokio runtime.
     pub async fn start(self) -> Result<Orchestrator> {
         let rt = self.build()?;
+        if let Some(mcp) = rt.mcp_servers() {
+            // MCP tools are offered from the first turn on, unless a server is slow (bounded).
+            mcp.wait_started(crate::tools::mcp::MCP_STARTUP_TIMEOUT).await;
+        }
         match rt.recover_interrupted().await {
             Ok(0) => {}
             Ok(n) => tracing::warn!(turns = n, "marked turns interrupted by the previous stop"),

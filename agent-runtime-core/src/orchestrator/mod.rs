@@ -22,6 +22,7 @@ use crate::session::{AgentSwitch, Message, NewSession, Session, Usage};
 use crate::storage::{SessionPage, SessionQuery, Storage};
 use crate::time::Timestamp;
 use crate::tools::ToolRegistry;
+use crate::tools::mcp::{McpLimits, McpServers, McpServersConfig};
 
 mod assemble;
 mod health;
@@ -144,6 +145,7 @@ pub struct OrchestratorBuilder {
     config: RuntimeConfig,
     agents: AgentRegistry,
     tools: Option<Arc<ToolRegistry>>,
+    mcp: Option<Arc<McpServers>>,
     policy: Option<Arc<dyn ApprovalPolicy>>,
     bus: Option<EventBus>,
     tokenizer: Option<Arc<dyn Tokenizer>>,
@@ -192,6 +194,13 @@ impl OrchestratorBuilder {
         self
     }
 
+    /// MCP servers already started (e.g. from [`McpServersConfig`] with [`McpServers::start`]);
+    /// without it, `MCP_SERVERS_FILE` (if set) is read and its servers are started in `build`.
+    pub fn mcp_servers(mut self, servers: Arc<McpServers>) -> Self {
+        self.mcp = Some(servers);
+        self
+    }
+
     /// The approval policy (default: HITL settings of the config).
     pub fn policy(mut self, policy: Arc<dyn ApprovalPolicy>) -> Self {
         self.policy = Some(policy);
@@ -222,6 +231,34 @@ impl OrchestratorBuilder {
                 .load_file(path, &known)
                 .map_err(|e| Error::InvalidRequest(format!("AGENT_RUNTIME__AGENTS_FILE: {e}")))?;
         }
+        let mcp = match (self.mcp.take(), &self.config.mcp_servers_file) {
+            (Some(m), _) => Some(m),
+            (None, Some(path)) => {
+                let config = McpServersConfig::load(path)
+                    .map_err(|e| Error::InvalidRequest(format!("MCP_SERVERS_FILE: {e}")))?;
+                if tokio::runtime::Handle::try_current().is_err() {
+                    return Err(Error::InvalidRequest(
+                        "MCP_SERVERS_FILE: build the runtime inside a Tokio runtime to start MCP servers"
+                            .into(),
+                    ));
+                }
+                let limits = McpLimits {
+                    tool_timeout: self.config.mcp_tool_timeout,
+                    ..McpLimits::default()
+                };
+                Some(McpServers::start(config, limits))
+            }
+            (None, None) => None,
+        };
+        if let Some(m) = &mcp {
+            let known = self.agents.types();
+            let configs = McpServersConfig {
+                servers: m.configs().into_iter().cloned().collect(),
+            };
+            configs
+                .check_agents(&known)
+                .map_err(|e| Error::InvalidRequest(format!("MCP_SERVERS_FILE: {e}")))?;
+        }
         let c = &self.config;
         if !self.agents.contains(&c.default_agent) {
             return Err(Error::InvalidRequest(format!(
@@ -250,6 +287,7 @@ impl OrchestratorBuilder {
             llm: self.llm,
             agents: self.agents,
             tools,
+            mcp,
             policy,
             bus: self.bus.unwrap_or_default(),
             tokenizer,
@@ -278,6 +316,8 @@ pub(crate) struct Inner {
     pub llm: Arc<dyn LlmBackend>,
     pub agents: AgentRegistry,
     pub tools: Arc<ToolRegistry>,
+    /// The MCP servers and their tools (changing while the runtime runs).
+    pub mcp: Option<Arc<McpServers>>,
     pub policy: Arc<dyn ApprovalPolicy>,
     pub bus: EventBus,
     pub tokenizer: Arc<dyn Tokenizer>,
@@ -470,6 +510,16 @@ impl Inner {
 
     /// What `agent`'s model calls offer (tool schemas are generated and counted once, in `build`).
     pub(crate) fn offer(&self, agent: &crate::agent::AgentDefinition) -> Arc<Offer> {
+        if let Some(mcp) = &self.mcp {
+            let extra = mcp.specs(&agent.agent_type);
+            if !extra.is_empty() {
+                // MCP tools change while the runtime runs: their offer is computed per call.
+                let mut tools = self.tool_specs(agent);
+                tools.extend(extra);
+                let limits = self.context_limits(&tools);
+                return Arc::new(Offer { tools, limits });
+            }
+        }
         match self.offers.get(&agent.agent_type) {
             Some(o) => o.clone(),
             None => Arc::new(self.compute_offer(agent)),
@@ -491,6 +541,18 @@ impl Inner {
             tools.push(routing::switch_spec(&self.agents.types()));
         }
         tools
+    }
+
+    /// The tool called `name`: a built-in one, else an offered MCP tool.
+    pub(crate) fn tool(&self, name: &str) -> Option<Arc<dyn crate::tools::Tool>> {
+        self.tools
+            .get(name)
+            .or_else(|| self.mcp.as_ref().and_then(|m| m.get(name)))
+    }
+
+    /// Whether `name` is an MCP tool (`<server>__<tool>` of a configured server, not a built-in).
+    pub(crate) fn is_mcp(&self, name: &str) -> bool {
+        self.tools.get(name).is_none() && self.mcp.as_ref().is_some_and(|m| m.owns(name))
     }
 
     /// Whether agents may switch on their own (routing and the `switch_agent` tool).
@@ -560,6 +622,7 @@ impl Orchestrator {
             config: RuntimeConfig::default(),
             agents: AgentRegistry::defaults(),
             tools: None,
+            mcp: None,
             policy: None,
             bus: None,
             tokenizer: None,
@@ -598,11 +661,22 @@ impl Orchestrator {
             .agents
             .list()
             .iter()
-            .map(|a| AgentInfo {
-                command_rights: Some(self.inner.config.sandbox.for_agent(a).rights()),
-                ..a.info()
+            .map(|a| {
+                let mut info = AgentInfo {
+                    command_rights: Some(self.inner.config.sandbox.for_agent(a).rights()),
+                    ..a.info()
+                };
+                if let Some(mcp) = &self.inner.mcp {
+                    info.tools.extend(mcp.tool_names(&a.agent_type));
+                }
+                info
             })
             .collect()
+    }
+
+    /// The MCP servers, when any are configured (`/health`, `/metrics`).
+    pub fn mcp_servers(&self) -> Option<&Arc<McpServers>> {
+        self.inner.mcp.as_ref()
     }
 
     /// The process sandbox as the kernel allows it (`GET /health`).
@@ -864,6 +938,9 @@ impl Orchestrator {
             let _ = tokio::time::timeout(grace, stop_turn(t)).await;
         });
         futures::future::join_all(waits).await;
+        if let Some(mcp) = &self.inner.mcp {
+            mcp.shutdown().await;
+        }
     }
 }
 

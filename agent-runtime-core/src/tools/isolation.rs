@@ -204,6 +204,11 @@ const SYSTEM_READ: &[&str] = &[
 /// Devices every sandboxed command may write.
 const DEVICES_WRITE: &[&str] = &["/dev/null", "/dev/zero", "/dev/full", "/dev/tty"];
 
+/// Makes the child of `cmd` get SIGKILL when the runtime dies (`PR_SET_PDEATHSIG`).
+pub(crate) fn die_with_parent(cmd: &mut Command) {
+    sys::die_with_parent(cmd);
+}
+
 /// A command's sandbox, ready for `spawn`: the ruleset's descriptor, the seccomp program and the
 /// scratch directory (removed when this is dropped, after the command ended).
 #[derive(Debug)]

@@ -28,6 +28,7 @@ mod command;
 mod fs;
 mod git;
 pub mod isolation;
+pub mod mcp;
 pub mod sandbox;
 mod search;
 mod walk;

@@ -103,8 +103,11 @@ class Runtime:
         llm_url: Optional[str] = None,
         model: Optional[str] = None,
         api_key: Optional[str] = None,
-        **settings: Union[str, int, float, bool, Sequence[str], PathLike[str], None],
-    ) -> None: ...
+        **settings: Union[str, int, float, bool, Sequence[str], PathLike[str], Dict[str, Any], None],
+    ) -> None:
+        """Settings as keyword arguments (API.md settings, lower-cased). MCP servers come from
+        `mcp_servers_file="/path/mcp.json"` or `mcp_servers={"fs": {"command": "node", "args": [...]}}`
+        (the file's `mcpServers` object, with `agents`, `tools`, `deny`, `approval`, `tool_approval`)."""
     @property
     def settings(self) -> Dict[str, Any]:
         """The settings in force (defaults filled in), keyed like the keyword arguments."""

@@ -438,14 +438,45 @@ impl Turn {
     /// Whether the approval policy asks a human about this call (it will be asked again, with the
     /// same request, when the call runs).
     fn may_ask(&self, tool_name: &str, arguments: &Value) -> bool {
+        matches!(
+            self.requirement(tool_name, arguments),
+            ApprovalRequirement::Ask(_)
+        )
+    }
+
+    /// Whether this call waits for a human: an MCP tool by its server's `approval`/`tool_approval`
+    /// (a server's own hints are untrusted), every other tool by the approval policy.
+    fn requirement(&self, tool_name: &str, arguments: &Value) -> ApprovalRequirement {
+        let name = canonical_tool_name(tool_name);
+        if self.rt.is_mcp(name)
+            && let Some(approval) = self.rt.mcp.as_ref().and_then(|m| m.approval_of(name))
+        {
+            return match approval {
+                crate::tools::mcp::McpApproval::Always => {
+                    ApprovalRequirement::ask(format!("The MCP tool '{name}' requires approval"))
+                }
+                crate::tools::mcp::McpApproval::Never => ApprovalRequirement::Run,
+            };
+        }
         let agent = self.agent();
-        let requirement = self.rt.policy.evaluate(&ToolRequest {
+        self.rt.policy.evaluate(&ToolRequest {
             session_id: self.id(),
             agent: &agent,
-            tool_name: canonical_tool_name(tool_name),
+            tool_name: name,
             arguments,
-        });
-        matches!(requirement, ApprovalRequirement::Ask(_))
+        })
+    }
+
+    /// Where an MCP call runs: the session's project root when it has one (offered to the server
+    /// as its root), else no root.
+    fn mcp_context(&self) -> ToolContext {
+        self.tool_context().unwrap_or_else(|| ToolContext {
+            project_root: std::path::PathBuf::new(),
+            command_timeout: self.rt.config.command_timeout,
+            max_output_bytes: self.rt.config.max_tool_output_bytes,
+            cancel: self.cancel.child_token(),
+            sandbox: Default::default(),
+        })
     }
 
     /// The model's id when it is unique in the session, else `call_<uuid>`. Ids are compared with
@@ -490,14 +521,22 @@ impl Turn {
             .ok_or_else(|| ToolFailure::Invalid(format!("unknown agent '{agent_type}'")))?;
         let tool = self
             .rt
-            .tools
-            .get(name)
+            .tool(name)
             .ok_or_else(|| ToolFailure::Invalid(format!("unknown tool '{tool_name}'")))?;
         if !arguments.is_object() {
             return Err(ToolFailure::Invalid(format!(
                 "the arguments of '{tool_name}' are not a JSON object: {}",
                 truncate_output(&arguments.to_string(), 200)
             )));
+        }
+        if self.rt.is_mcp(name) {
+            if !self.rt.mcp.as_ref().is_some_and(|m| m.serves(&agent_type, name)) {
+                return Err(ToolFailure::Invalid(format!(
+                    "the {} agent may not use the tool '{name}'; its MCP server is not given to this agent",
+                    agent.agent_type
+                )));
+            }
+            return tool.check(&self.mcp_context(), arguments);
         }
         agent
             .authorize(name, &tool.touched_paths(arguments))
@@ -631,14 +670,7 @@ impl Turn {
                 self.refuse(&call, ToolFailure::Invalid(e.to_string())).await?;
                 return Err(e);
             }
-            let agent = self.agent();
-            let name = canonical_tool_name(&call.tool_name).to_string();
-            let requirement = self.rt.policy.evaluate(&ToolRequest {
-                session_id: self.id(),
-                agent: &agent,
-                tool_name: &name,
-                arguments: &call.arguments,
-            });
+            let requirement = self.requirement(&call.tool_name, &call.arguments);
             match requirement {
                 ApprovalRequirement::Ask(reason) => self.ask_approval(&call, reason).await?,
                 ApprovalRequirement::Run => self.clear_to_run(&call).await?,
@@ -686,7 +718,8 @@ impl Turn {
 
     /// A call cleared to run: streamed as `tool_call`, then run here or handed to the client.
     async fn clear_to_run(&mut self, call: &OpenCall) -> Result<()> {
-        let state = if self.mode() == ToolExecution::Client {
+        // MCP tools run in the runtime in both execution modes.
+        let state = if self.mode() == ToolExecution::Client && !self.rt.is_mcp(&call.tool_name) {
             CallState::AwaitingClient
         } else {
             CallState::Ready {
@@ -785,7 +818,7 @@ impl Turn {
             match call.state {
                 CallState::Ready {
                     run_arguments: arguments,
-                } if self.mode() == ToolExecution::Client => {
+                } if self.mode() == ToolExecution::Client && !self.rt.is_mcp(&call.tool_name) => {
                     // Approved: streamed again for the client to execute.
                     self.set_state(&call.call_id, CallState::AwaitingClient);
                     self.commit(
@@ -844,13 +877,25 @@ impl Turn {
 
     async fn execute(&self, tool_name: &str, arguments: Value) -> std::result::Result<Value, ToolError> {
         let name = canonical_tool_name(tool_name);
+        if self.rt.is_mcp(name) {
+            let Some(tool) = self.rt.tool(name) else {
+                return Err(ToolFailure::Failed(format!(
+                    "the MCP tool '{tool_name}' is no longer offered by its server"
+                ))
+                .to_tool_error());
+            };
+            return tool
+                .run(&self.mcp_context(), arguments)
+                .await
+                .map_err(|f| f.to_tool_error());
+        }
         let Some(ctx) = self.tool_context() else {
             return Err(ToolFailure::Failed(
                 "this session has no metadata.project_path, so the runtime cannot run tools".into(),
             )
             .to_tool_error());
         };
-        let Some(tool) = self.rt.tools.get(name) else {
+        let Some(tool) = self.rt.tool(name) else {
             return Err(ToolFailure::Invalid(format!("unknown tool '{tool_name}'")).to_tool_error());
         };
         tool.run(&ctx, arguments).await.map_err(|f| f.to_tool_error())

@@ -1,5 +1,5 @@
 //! The only `unsafe` code of the crate: entering the sandbox in a forked child before `exec`, and
-//! asking the kernel which Landlock ABI it offers.
+//! asking the kernel which Landlock ABI it offers, and tying an MCP server's life to the runtime's.
 //!
 //! Between `fork` and `exec` a child of a multi-threaded process may only make async-signal-safe
 //! calls: no allocation, no locks. Everything is therefore prepared in the parent (the Landlock
@@ -79,6 +79,31 @@ pub(super) fn enter_before_exec(
         Ok(())
     };
     // SAFETY: the closure only makes async-signal-safe system calls (see above).
+    unsafe {
+        cmd.pre_exec(child);
+    }
+}
+
+/// Makes the child of `cmd` receive SIGKILL when the thread that started it ends (the runtime's
+/// worker threads live as long as the runtime), so an MCP server dies with a SIGKILLed runtime.
+pub(super) fn die_with_parent(cmd: &mut Command) {
+    let child = || -> io::Result<()> {
+        // SAFETY: one prctl on integers: async-signal-safe, no allocation, no lock.
+        unsafe {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    };
+    // SAFETY: the closure only makes an async-signal-safe system call (see above).
     unsafe {
         cmd.pre_exec(child);
     }
