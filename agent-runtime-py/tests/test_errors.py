@@ -24,6 +24,7 @@ CODES = {
     "APPROVAL_ALREADY_DECIDED": agent_runtime.ApprovalAlreadyDecided,
     "TOOL_CALL_NOT_FOUND": agent_runtime.ToolCallNotFound,
     "AGENT_SWITCH_LIMIT": agent_runtime.AgentSwitchLimit,
+    "SHUTTING_DOWN": agent_runtime.ShuttingDown,
     "INTERNAL": agent_runtime.InternalError,
 }
 

@@ -147,6 +147,13 @@ pub trait Tool: Send + Sync {
 
     /// Checks again, then executes.
     async fn run(&self, ctx: &ToolContext, arguments: Value) -> Result<Value, ToolFailure>;
+
+    /// Whether running it changes anything (files, the repository, the world): a call of such a
+    /// tool that was in flight when its process stopped is never run again on takeover; a
+    /// read-only one is. Tools that do not say are taken to have side effects.
+    fn has_side_effects(&self) -> bool {
+        true
+    }
 }
 
 /// The name a tool is registered under: `run_command` (the earlier runtime's name, API.md §5.3) is

@@ -64,6 +64,9 @@ class ToolCallNotFound(AgentRuntimeError):
 class AgentSwitchLimit(AgentRuntimeError):
     """``max_agent_switches`` automatic switches were reached in one turn."""
 
+class ShuttingDown(AgentRuntimeError):
+    """The runtime is draining (``drain``): it takes no new turns."""
+
 class InternalError(AgentRuntimeError):
     """A bug in the runtime; the message carries no internals."""
 
