@@ -455,7 +455,11 @@ mod tests {
     fn turn_recovery_is_resume_unless_set_to_interrupt() {
         let read = |v: &str| from(&[("TURN_RECOVERY", v)]).map(|c| c.turn_recovery);
         assert_eq!(
-            (from(&[]).unwrap().turn_recovery, read("interrupt"), read(" Resume ")),
+            (
+                from(&[]).unwrap().turn_recovery,
+                read("interrupt"),
+                read(" Resume ")
+            ),
             (
                 TurnRecovery::Resume,
                 Ok(TurnRecovery::Interrupt),

@@ -53,7 +53,11 @@ impl Setup {
     }
 
     /// A runtime on the shared database answering with `scripts`.
-    async fn runtime(&self, scripts: Vec<Script>, config: RuntimeConfig) -> (Orchestrator, Arc<ScriptedBackend>) {
+    async fn runtime(
+        &self,
+        scripts: Vec<Script>,
+        config: RuntimeConfig,
+    ) -> (Orchestrator, Arc<ScriptedBackend>) {
         let store = storage::open(&self.db_url).await.unwrap();
         let llm = Arc::new(ScriptedBackend::new(scripts));
         let rt = Orchestrator::builder(store, llm.clone())
@@ -133,7 +137,11 @@ async fn until_idle(rt: &Orchestrator, session: &str) -> Vec<Event> {
 
 fn payloads(events: &[Event]) -> Vec<EventPayload> {
     let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
-    assert_eq!(seqs, (1..=events.len() as u64).collect::<Vec<_>>(), "gap-free seqs");
+    assert_eq!(
+        seqs,
+        (1..=events.len() as u64).collect::<Vec<_>>(),
+        "gap-free seqs"
+    );
     events.iter().map(|e| e.payload.clone()).collect()
 }
 
@@ -341,7 +349,10 @@ async fn a_draining_runtime_hands_its_turn_over_and_another_resumes_it() {
     // The stream ends without `done`: its client reconnects elsewhere.
     seen.extend(stream.collect::<Vec<_>>().await);
     assert!(
-        seen.iter().all(|e| matches!(e.payload, EventPayload::AssistantMessage(AssistantMessage::Token { .. }))),
+        seen.iter().all(|e| matches!(
+            e.payload,
+            EventPayload::AssistantMessage(AssistantMessage::Token { .. })
+        )),
         "{seen:?}"
     );
     assert_eq!(
@@ -352,7 +363,11 @@ async fn a_draining_runtime_hands_its_turn_over_and_another_resumes_it() {
                 .into()
         )
     );
-    assert_eq!(a.recover_interrupted().await.unwrap(), 0, "a draining runtime takes no turn over");
+    assert_eq!(
+        a.recover_interrupted().await.unwrap(),
+        0,
+        "a draining runtime takes no turn over"
+    );
     let session = b.get_session(&s).await.unwrap();
     assert_eq!(
         session.status,
@@ -375,7 +390,10 @@ async fn a_draining_runtime_hands_its_turn_over_and_another_resumes_it() {
         complete("resumed"),
         done(StopReason::Completed, USAGE),
     ]);
-    assert!((2..=3).contains(&cut), "A streamed 2 or 3 tokens before it handed over: {all:?}");
+    assert!(
+        (2..=3).contains(&cut),
+        "A streamed 2 or 3 tokens before it handed over: {all:?}"
+    );
     assert_eq!(payloads(&all), expected);
     assert_eq!(
         all[..seen.len()].to_vec(),

@@ -133,8 +133,11 @@ async fn serve_ready(
     // (another replica, or this process restarted, resumes them); streams end without `done`...
     let report = rt.drain(config.drain_timeout).await;
     if report.still_running > 0 {
-        tracing::warn!(handed_over = report.handed_over, still_running = report.still_running,
-            "DRAIN_TIMEOUT_SECS passed with turns still running; they are resumed elsewhere once this process exits");
+        tracing::warn!(
+            handed_over = report.handed_over,
+            still_running = report.still_running,
+            "DRAIN_TIMEOUT_SECS passed with turns still running; they are resumed elsewhere once this process exits"
+        );
     } else {
         tracing::info!(handed_over = report.handed_over, "turns handed over");
     }

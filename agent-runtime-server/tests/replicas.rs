@@ -86,7 +86,11 @@ async fn a_replica_takes_over_from_a_killed_one(database_url: &str) -> Duration 
         "the killed turn is resumed and completed on the survivor, then the new one runs"
     );
     assert_eq!(
-        stored.events.iter().find(|e| e["type"] == "turn_resumed").unwrap()["reason"],
+        stored
+            .events
+            .iter()
+            .find(|e| e["type"] == "turn_resumed")
+            .unwrap()["reason"],
         "owner_stopped"
     );
     took

@@ -113,7 +113,11 @@ fn assembled_text(events: &[Value]) -> String {
 async fn assert_client_saw_the_store(s: &Server, id: &str, received: &[Value], ctx: &str) {
     let stored = stored(s, id).await;
     assert_received_are_stored(received, &stored.events, ctx);
-    assert_eq!(received, stored.events.as_slice(), "{ctx}: what the client assembled");
+    assert_eq!(
+        received,
+        stored.events.as_slice(),
+        "{ctx}: what the client assembled"
+    );
     assert_history_valid(&stored.messages, ctx);
 }
 
@@ -275,7 +279,9 @@ async fn a_sigterm_hands_the_turn_over_to_the_live_replica(db: &str) {
     );
     let mut received = reader.await.unwrap();
     assert!(
-        received.iter().all(|e| e["type"] == "assistant_message" && e["is_final"] == false),
+        received
+            .iter()
+            .all(|e| e["type"] == "assistant_message" && e["is_final"] == false),
         "A's stream ends without done: {received:?}"
     );
     let rest = reconnect(&b, &id, last_seq(&received)).await;
@@ -329,11 +335,22 @@ async fn a_draining_process_lets_a_running_command_finish_and_refuses_new_messag
     let mut rec = start_stream(&a, &id, "run it").await;
     rec.until("tool_call").await.expect("tool_call streamed");
     // A connection of its own, open before the signal: the draining server still answers on it.
-    let client = reqwest::Client::builder().pool_max_idle_per_host(1).build().unwrap();
-    let warm = client.get(a.url("/health")).header("x-internal-auth", TOKEN).send().await.unwrap();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .build()
+        .unwrap();
+    let warm = client
+        .get(a.url("/health"))
+        .header("x-internal-auth", TOKEN)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(warm.status(), 200);
     let pid = a.process.child.id().to_string();
-    let signalled = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let signalled = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
     assert!(signalled.success());
     tokio::time::sleep(Duration::from_millis(300)).await;
     let refused = client

@@ -1070,7 +1070,10 @@ impl Turn {
             ..Commit::default()
         };
         match self.commit(c, true).await {
-            Ok(_) => tracing::info!(session_id = self.id(), "turn handed over: this process is draining"),
+            Ok(_) => tracing::info!(
+                session_id = self.id(),
+                "turn handed over: this process is draining"
+            ),
             Err(e) => {
                 warn!(error = %e, session_id = self.id(), "could not store a turn handed over; it resumes as if its process died");
                 let _ = self

@@ -63,7 +63,12 @@ pub(in crate::orchestrator) async fn resume_orphan(
         return Err(e);
     }
     tracing::info!(session_id = %id, reason, "resumed a turn of a stopped process");
-    keep_lease(rt.clone(), id.clone(), running.cancel.clone(), running.finished.clone());
+    keep_lease(
+        rt.clone(),
+        id.clone(),
+        running.cancel.clone(),
+        running.finished.clone(),
+    );
     let span = tracing::info_span!("turn", session_id = %id, turn_id = %turn.state.turn_id, resumed = reason);
     tokio::spawn(tracing::Instrument::instrument(turn.run(Next::Resume), span));
     Ok(())
@@ -84,7 +89,9 @@ async fn take_over(turn: &mut Turn, reason: &str) -> Result<()> {
     )
     .await?;
     for call in turn.state.open_calls.clone() {
-        if !matches!(call.state, CallState::Ready { .. }) || turn.mode() == crate::config::ToolExecution::Client {
+        if !matches!(call.state, CallState::Ready { .. })
+            || turn.mode() == crate::config::ToolExecution::Client
+        {
             continue;
         }
         let read_only = (turn.rt.tools.get(&call.tool_name)).is_some_and(|t| !t.has_side_effects());
@@ -200,7 +207,9 @@ pub(in crate::orchestrator) async fn recover_interrupted(rt: Arc<Inner>) -> Resu
                 Ok(Some(fresh)) if fresh.status == SessionStatus::Running => {
                     match resume_orphan(&rt, fresh, running).await {
                         Ok(()) => recovered += 1,
-                        Err(e) => tracing::warn!(session_id = %id, error = %e, "resuming a stopped turn failed"),
+                        Err(e) => {
+                            tracing::warn!(session_id = %id, error = %e, "resuming a stopped turn failed")
+                        }
                     }
                 }
                 Ok(Some(_)) => give_back(&rt, &id).await,
