@@ -387,6 +387,18 @@ mod tests {
     }
 
     #[test]
+    fn only_the_read_only_built_in_tools_may_run_again_after_a_takeover() {
+        let r = ToolRegistry::builtin();
+        let with_side_effects: Vec<&str> = (r.names().into_iter())
+            .filter(|n| r.get(n).is_some_and(|t| t.has_side_effects()))
+            .collect();
+        assert_eq!(
+            with_side_effects,
+            ["delete_file", "execute_command", "git_commit", "write_file"]
+        );
+    }
+
+    #[test]
     fn tool_failure_maps_to_codes_and_errors() {
         let f = ToolFailure::Invalid("bad".into());
         assert_eq!(
