@@ -346,6 +346,7 @@ async fn a_draining_process_lets_a_running_command_finish_and_refuses_new_messag
         .await
         .unwrap();
     assert_eq!(warm.status(), 200);
+    warm.text().await.unwrap(); // read to its end: the connection goes back to the pool
     let pid = a.process.child.id().to_string();
     let signalled = std::process::Command::new("kill")
         .args(["-TERM", &pid])
