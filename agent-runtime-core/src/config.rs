@@ -31,6 +31,28 @@ impl ToolExecution {
     }
 }
 
+/// What a live process does with a turn whose process stopped mid-turn (`TURN_RECOVERY`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TurnRecovery {
+    /// Continue it from its last committed step: a model call in flight is asked again, a
+    /// read-only tool in flight runs again, one with side effects gets an "interrupted" result.
+    Resume,
+    /// End it at once: open calls get "interrupted", then `error` and `done`.
+    Interrupt,
+}
+
+impl TurnRecovery {
+    /// Parses `resume` / `interrupt`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "resume" => Some(TurnRecovery::Resume),
+            "interrupt" => Some(TurnRecovery::Interrupt),
+            _ => None,
+        }
+    }
+}
+
 /// The model endpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlmSettings {
@@ -111,6 +133,8 @@ pub struct RuntimeConfig {
     /// `ROUTING_TIMEOUT_SECS`: how long the orchestrator's routing call waits for the model's
     /// first byte before the keyword classifier decides instead.
     pub routing_timeout: Duration,
+    /// `TURN_RECOVERY`: what happens to a turn whose process stopped (default: resume).
+    pub turn_recovery: TurnRecovery,
 }
 
 impl Default for RuntimeConfig {
@@ -152,6 +176,7 @@ impl Default for RuntimeConfig {
             temperature: None,
             lease_ttl: Duration::from_secs(30),
             routing_timeout: Duration::from_secs(5),
+            turn_recovery: TurnRecovery::Resume,
         }
     }
 }
@@ -192,6 +217,7 @@ pub const VARIABLES: &[&str] = &[
     "MAX_TOOL_OUTPUT_BYTES",
     "SESSION_LEASE_SECS",
     "ROUTING_TIMEOUT_SECS",
+    "TURN_RECOVERY",
 ];
 
 fn bad(var: &str, value: &str, expected: &str) -> Error {
@@ -377,6 +403,10 @@ impl RuntimeConfig {
         if let Some(v) = get("ROUTING_TIMEOUT_SECS") {
             c.routing_timeout = Duration::from_secs(parse_num("ROUTING_TIMEOUT_SECS", &v, 1)?);
         }
+        if let Some(v) = get("TURN_RECOVERY") {
+            c.turn_recovery = TurnRecovery::parse(&v)
+                .ok_or_else(|| bad("TURN_RECOVERY", &v, "expected resume or interrupt"))?;
+        }
         Ok(c)
     }
 }
@@ -434,6 +464,29 @@ mod tests {
         assert_eq!(
             (c.routing_timeout, c.llm.first_byte_timeout, c.llm.context_tokens),
             (Duration::from_secs(2), Duration::from_secs(30), Some(4096))
+        );
+    }
+
+    #[test]
+    fn turn_recovery_is_resume_unless_set_to_interrupt() {
+        let read = |v: &str| from(&[("TURN_RECOVERY", v)]).map(|c| c.turn_recovery);
+        assert_eq!(
+            (
+                from(&[]).unwrap().turn_recovery,
+                read("interrupt"),
+                read(" Resume ")
+            ),
+            (
+                TurnRecovery::Resume,
+                Ok(TurnRecovery::Interrupt),
+                Ok(TurnRecovery::Resume)
+            )
+        );
+        assert_eq!(
+            read("retry"),
+            Err(Error::InvalidRequest(
+                "TURN_RECOVERY: invalid value 'retry' (expected resume or interrupt)".into()
+            ))
         );
     }
 

@@ -43,6 +43,10 @@ pub enum Error {
     /// `MAX_AGENT_SWITCHES` automatic switches were reached in this turn.
     #[error("{0}")]
     AgentSwitchLimit(String),
+    /// This process is shutting down (draining): it takes no new turns; another replica, or
+    /// this one restarted, does.
+    #[error("{0}")]
+    ShuttingDown(String),
     /// A bug. The message is for logs; clients see a generic text.
     #[error("internal error: {0}")]
     Internal(String),
@@ -65,6 +69,7 @@ impl Error {
             Error::ApprovalAlreadyDecided(_) => "APPROVAL_ALREADY_DECIDED",
             Error::ToolCallNotFound(_) => "TOOL_CALL_NOT_FOUND",
             Error::AgentSwitchLimit(_) => "AGENT_SWITCH_LIMIT",
+            Error::ShuttingDown(_) => "SHUTTING_DOWN",
             Error::Internal(_) => "INTERNAL",
         }
     }
@@ -121,6 +126,7 @@ mod tests {
             ),
             (Error::ToolCallNotFound("c".into()), "TOOL_CALL_NOT_FOUND"),
             (Error::AgentSwitchLimit("x".into()), "AGENT_SWITCH_LIMIT"),
+            (Error::ShuttingDown("x".into()), "SHUTTING_DOWN"),
             (Error::Internal("x".into()), "INTERNAL"),
         ];
         for (err, code) in all {

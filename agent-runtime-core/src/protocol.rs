@@ -152,6 +152,16 @@ pub enum EventPayload {
         /// What went wrong.
         message: String,
     },
+    /// Another process took the running turn over (its process stopped, or handed it over while
+    /// shutting down) and continues it: `assistant_message` tokens with a seq greater than
+    /// `after_seq` that precede this event are void (the model is asked again); the final
+    /// `assistant_message` with `content` stays the truth.
+    TurnResumed {
+        /// Tokens streamed after this seq, and before this event, are void.
+        after_seq: u64,
+        /// `owner_stopped` (the process running it died) or `handed_over` (it was draining).
+        reason: String,
+    },
     /// The last event of every stream.
     Done {
         /// Why the stream ended.
@@ -183,6 +193,7 @@ impl EventPayload {
             EventPayload::PlanProposed(_) => "plan_proposed",
             EventPayload::PlanUpdated(_) => "plan_updated",
             EventPayload::Error { .. } => "error",
+            EventPayload::TurnResumed { .. } => "turn_resumed",
             EventPayload::Done { .. } => "done",
         }
     }
@@ -392,6 +403,21 @@ mod tests {
     }
 
     #[test]
+    fn a_resumed_turn_says_after_which_seq_tokens_are_void() {
+        let e = Event {
+            seq: 9,
+            payload: EventPayload::TurnResumed {
+                after_seq: 4,
+                reason: "handed_over".into(),
+            },
+        };
+        assert_eq!(
+            serde_json::to_value(&e).unwrap(),
+            json!({"type": "turn_resumed", "after_seq": 4, "reason": "handed_over", "seq": 9, "is_final": false})
+        );
+    }
+
+    #[test]
     fn token_event_serializes_as_the_documented_line() {
         let e = Event {
             seq: 42,
@@ -577,6 +603,10 @@ mod tests {
             },
             EventPayload::PlanProposed(plan.clone()),
             EventPayload::PlanUpdated(plan),
+            EventPayload::TurnResumed {
+                after_seq: 4,
+                reason: "owner_stopped".into(),
+            },
         ];
         for p in payloads {
             assert!(!p.is_final());

@@ -1064,11 +1064,18 @@ async fn replay_after_a_seq_gives_exactly_the_missing_events() {
 }
 
 #[tokio::test]
-async fn recover_interrupted_closes_a_turn_left_running_by_a_crash() {
-    let h = harness(vec![
-        Script::tool_call("list_files", json!({})).delay_per_chunk(Duration::from_millis(20)),
-        Script::text("x"),
-    ])
+async fn with_turn_recovery_interrupt_recover_interrupted_closes_a_turn_left_running_by_a_crash() {
+    let config = RuntimeConfig {
+        turn_recovery: agent_runtime_core::config::TurnRecovery::Interrupt,
+        ..RuntimeConfig::default()
+    };
+    let h = harness_with(
+        vec![
+            Script::tool_call("list_files", json!({})).delay_per_chunk(Duration::from_millis(20)),
+            Script::text("x"),
+        ],
+        config,
+    )
     .await;
     let s = h.session().await;
     // Simulate a crash: the store says running with an open call, and nobody holds the lease.

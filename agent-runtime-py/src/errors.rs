@@ -39,6 +39,7 @@ subclasses! {
     ApprovalAlreadyDecided => "APPROVAL_ALREADY_DECIDED": "The approval is no longer pending.",
     ToolCallNotFound => "TOOL_CALL_NOT_FOUND": "A tool result for a call that is not open.",
     AgentSwitchLimit => "AGENT_SWITCH_LIMIT": "`max_agent_switches` automatic switches were reached in one turn.",
+    ShuttingDown => "SHUTTING_DOWN": "The runtime is draining (`drain`): it takes no new turns.",
     InternalError => "INTERNAL": "A bug in the runtime; the message carries no internals.",
 }
 
@@ -77,6 +78,7 @@ pub fn to_py(error: Error) -> PyErr {
         Error::ApprovalAlreadyDecided(_) => ApprovalAlreadyDecided::new_err(message.clone()),
         Error::ToolCallNotFound(_) => ToolCallNotFound::new_err(message.clone()),
         Error::AgentSwitchLimit(_) => AgentSwitchLimit::new_err(message.clone()),
+        Error::ShuttingDown(_) => ShuttingDown::new_err(message.clone()),
         Error::Internal(_) => InternalError::new_err(message.clone()),
     };
     Python::attach(|py| {

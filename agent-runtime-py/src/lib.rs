@@ -549,6 +549,19 @@ impl Runtime {
         Ok(())
     }
 
+    /// Drains this runtime for a restart (see the core's `Orchestrator::drain`): no new turn
+    /// starts (`ShuttingDown`), running turns are handed over at their next step boundary for
+    /// another runtime on the same database to resume, streams end. Waits up to `timeout`
+    /// seconds; returns `{"handed_over": n, "still_running": m}`.
+    #[pyo3(signature = (timeout=10.0))]
+    fn drain(&self, py: Python<'_>, timeout: f64) -> PyResult<Py<PyAny>> {
+        let timeout = std::time::Duration::from_secs_f64(timeout.max(0.0));
+        let o = &self.orchestrator;
+        let rt = runtime()?;
+        let report = py.detach(|| rt.block_on(o.drain(timeout)));
+        convert::serialize_to_py(py, &report)
+    }
+
     fn __repr__(&self) -> String {
         let c = self.orchestrator.config();
         format!(

@@ -24,6 +24,7 @@ CODES = {
     "APPROVAL_ALREADY_DECIDED": agent_runtime.ApprovalAlreadyDecided,
     "TOOL_CALL_NOT_FOUND": agent_runtime.ToolCallNotFound,
     "AGENT_SWITCH_LIMIT": agent_runtime.AgentSwitchLimit,
+    "SHUTTING_DOWN": agent_runtime.ShuttingDown,
     "INTERNAL": agent_runtime.InternalError,
 }
 
@@ -129,3 +130,10 @@ def test_metadata_that_is_not_json_is_a_type_error(rt):
     with pytest.raises(TypeError, match="metadata: set is not JSON-serializable"):
         rt.create_session(metadata={"tags": {1, 2}})
     assert rt.list_sessions()["sessions"] == []
+
+
+def test_a_drained_runtime_refuses_new_turns_with_shutting_down(rt):
+    session = rt.create_session()["session_id"]
+    assert rt.drain(timeout=1.0) == {"handed_over": 0, "still_running": 0}
+    e = _raises(agent_runtime.ShuttingDown, rt.send_message, session, "hi")
+    assert e.message.startswith("this server is shutting down and takes no new turns")

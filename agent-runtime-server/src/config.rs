@@ -19,6 +19,7 @@ pub const SERVER_VARIABLES: &[&str] = &[
     "LOG_LEVEL",
     "LOG_FORMAT",
     "SSE_KEEPALIVE_SECS",
+    "DRAIN_TIMEOUT_SECS",
     "SHUTDOWN_GRACE_SECS",
     "REQUEST_TIMEOUT_SECS",
 ];
@@ -211,8 +212,20 @@ pub const SETTINGS_HELP: &[(&str, &str, &str)] = &[
         "15",
     ),
     (
+        "TURN_RECOVERY",
+        "a turn whose process stopped: resume (continue it from its last stored step) or \
+         interrupt (end it with an error)",
+        "resume",
+    ),
+    (
+        "DRAIN_TIMEOUT_SECS",
+        "on SIGTERM/SIGINT, how long running turns get to reach a step boundary and be handed \
+         over to another process before this one exits",
+        "10",
+    ),
+    (
         "SHUTDOWN_GRACE_SECS",
-        "on SIGTERM/SIGINT, how long running turns get to stop",
+        "the earlier name of DRAIN_TIMEOUT_SECS, which wins when both are set",
         "10",
     ),
     (
@@ -255,8 +268,9 @@ pub struct ServerConfig {
     pub log_format: LogFormat,
     /// SSE keep-alive interval.
     pub keep_alive: Duration,
-    /// Grace period for running turns at shutdown.
-    pub shutdown_grace: Duration,
+    /// How long running turns get to be handed over at shutdown (`DRAIN_TIMEOUT_SECS`, alias
+    /// `SHUTDOWN_GRACE_SECS`).
+    pub drain_timeout: Duration,
     /// Time a client gets to send a request's head, and again its body (slow clients hold a
     /// connection and a task; past this they get an error and the connection closes).
     pub request_timeout: Duration,
@@ -414,7 +428,12 @@ fn parse_values(values: &HashMap<&str, String>) -> Result<ServerConfig, ConfigEr
     let max_request_bytes = usize::try_from(num("MAX_REQUEST_BYTES", 1024 * 1024, 1)?)
         .map_err(|_| ConfigError("MAX_REQUEST_BYTES: too large".into()))?;
     let keep_alive = Duration::from_secs(num("SSE_KEEPALIVE_SECS", 15, 1)?);
-    let shutdown_grace = Duration::from_secs(num("SHUTDOWN_GRACE_SECS", 10, 0)?);
+    // `SHUTDOWN_GRACE_SECS` is the earlier name; `DRAIN_TIMEOUT_SECS` wins when both are set.
+    let drain_timeout = match get("DRAIN_TIMEOUT_SECS") {
+        Some(_) => num("DRAIN_TIMEOUT_SECS", 10, 0)?,
+        None => num("SHUTDOWN_GRACE_SECS", 10, 0)?,
+    };
+    let drain_timeout = Duration::from_secs(drain_timeout);
     let request_timeout = Duration::from_secs(num("REQUEST_TIMEOUT_SECS", 30, 1)?);
     let log_format = match get("LOG_FORMAT").map(|v| v.to_ascii_lowercase()).as_deref() {
         None | Some("text") => LogFormat::Text,
@@ -449,7 +468,7 @@ fn parse_values(values: &HashMap<&str, String>) -> Result<ServerConfig, ConfigEr
         log_filter,
         log_format,
         keep_alive,
-        shutdown_grace,
+        drain_timeout,
         request_timeout,
         runtime,
         sources: Vec::new(),
@@ -465,6 +484,23 @@ mod tests {
         let args =
             std::iter::once("agent-runtime-server".to_string()).chain(args.iter().map(|a| a.to_string()));
         load(args, |k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn the_drain_timeout_takes_its_earlier_name_which_it_overrides() {
+        let secs = |env: &[(&str, &str)]| load_with(&[], env).unwrap().drain_timeout;
+        assert_eq!(
+            (
+                secs(&[]),
+                secs(&[("SHUTDOWN_GRACE_SECS", "4")]),
+                secs(&[("SHUTDOWN_GRACE_SECS", "4"), ("DRAIN_TIMEOUT_SECS", "7")])
+            ),
+            (
+                Duration::from_secs(10),
+                Duration::from_secs(4),
+                Duration::from_secs(7)
+            )
+        );
     }
 
     #[test]

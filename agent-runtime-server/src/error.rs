@@ -22,6 +22,7 @@ pub fn status_of(e: &Error) -> StatusCode {
         Error::ToolExecutionFailed(_) | Error::Database(_) | Error::Internal(_) => {
             StatusCode::INTERNAL_SERVER_ERROR
         }
+        Error::ShuttingDown(_) => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 
@@ -160,6 +161,7 @@ mod tests {
             Error::ApprovalAlreadyDecided("c".into()),
             Error::ToolCallNotFound("c".into()),
             Error::AgentSwitchLimit("x".into()),
+            Error::ShuttingDown("x".into()),
             Error::Internal("x".into()),
         ];
         let core = core.iter().map(|e| (e.code(), status_of(e).as_u16()));
@@ -185,6 +187,7 @@ mod tests {
                 ("APPROVAL_ALREADY_DECIDED", 409),
                 ("TOOL_CALL_NOT_FOUND", 404),
                 ("AGENT_SWITCH_LIMIT", 409),
+                ("SHUTTING_DOWN", 503),
                 ("INTERNAL", 500),
                 ("UNAUTHORIZED", 401),
                 ("PAYLOAD_TOO_LARGE", 413),

@@ -1,5 +1,5 @@
-//! Start-up and shutdown: build the runtime (storage open, interrupted turns closed), only then
-//! say `listening on`; serve HTTP/1 and HTTP/2 until SIGTERM or SIGINT, then stop turns, drain.
+//! Start-up and shutdown: build the runtime (storage open, interrupted turns taken over), only
+//! then say `listening on`; serve HTTP/1 and HTTP/2 until SIGTERM or SIGINT, then drain.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -16,8 +16,12 @@ use crate::app::App;
 use crate::config::ServerConfig;
 use crate::metrics::{MeteredBackend, Metrics};
 
-/// How long open connections (e.g. `?follow=true` streams) get to finish after turns stopped.
+/// How long open connections get to finish once turns were handed over and streams ended (at
+/// most; never past the drain timeout, but at least `FLUSH`).
 const DRAIN: Duration = Duration::from_secs(3);
+
+/// The least time open connections get to flush their last bytes.
+const FLUSH: Duration = Duration::from_millis(200);
 
 /// Builds the runtime the configuration describes and makes it ready to serve (storage open,
 /// migrations applied, interrupted turns closed). Errors are for the operator: the setting at
@@ -50,7 +54,8 @@ pub async fn run(config: ServerConfig) -> Result<(), String> {
 }
 
 /// Serves on an already bound `listener` until `stop` completes (its value names the reason in
-/// the log), then shuts down gracefully: running turns stop at a pause point, connections drain.
+/// the log), then drains ([`Orchestrator::drain`]): running turns are handed over at their next
+/// step boundary, streams end, connections close.
 /// Embedders (the Python module, examples) use this to pick the address and the stop themselves.
 pub async fn serve(
     config: ServerConfig,
@@ -123,12 +128,24 @@ async fn serve_ready(
         }
     }
     drop(listener);
-    // Running turns stop at their next pause point (streams end with `done: cancelled`)...
-    rt.shutdown(config.shutdown_grace).await;
+    let started = std::time::Instant::now();
+    // New turns get 503 SHUTTING_DOWN; running ones reach a step boundary and are handed over
+    // (another replica, or this process restarted, resumes them); streams end without `done`...
+    let report = rt.drain(config.drain_timeout).await;
+    if report.still_running > 0 {
+        tracing::warn!(
+            handed_over = report.handed_over,
+            still_running = report.still_running,
+            "DRAIN_TIMEOUT_SECS passed with turns still running; they are resumed elsewhere once this process exits"
+        );
+    } else {
+        tracing::info!(handed_over = report.handed_over, "turns handed over");
+    }
     // ...then open connections get a short while to flush.
+    let left = config.drain_timeout.saturating_sub(started.elapsed());
     tokio::select! {
         _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(DRAIN) => tracing::warn!("closing connections still open"),
+        _ = tokio::time::sleep(left.clamp(FLUSH, DRAIN)) => tracing::warn!("closing connections still open"),
     }
     drop(app);
     drop(rt);

@@ -2,7 +2,8 @@
 //! a turn (mid-stream, mid-tool, awaiting approval, mid-decision), restarted on the same database,
 //! and checked: every event a client received is stored under the same seq, no user message is lost
 //! or doubled, every tool call has exactly one result, pending approvals are listed and decidable,
-//! and the session takes a new message. SQLite and Postgres, `KILLS` kills each.
+//! and the session takes a new message. SQLite and Postgres, `KILLS` kills each, with
+//! `TURN_RECOVERY=interrupt` (the interrupted turn ends with an error; resuming: takeover.rs).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -27,6 +28,9 @@ const ENV: &[(&str, &str)] = &[
     // execute_command runs without approval (the "mid-tool" point); write_file needs one.
     ("HITL_DANGEROUS_TOOLS", "write_file,delete_file"),
     // The default 30 s lease: a restarted process must not wait for a dead one's leases to lapse.
+    // The earlier outcome, which these checks expect: an interrupted turn is ended, not resumed
+    // (resuming is proven in takeover.rs).
+    ("TURN_RECOVERY", "interrupt"),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq)]

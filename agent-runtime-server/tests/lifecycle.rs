@@ -1,10 +1,12 @@
-//! Start-up and shutdown of the real binary: refused configurations, SIGTERM with a running turn.
+//! Start-up and shutdown of the real binary: refused configurations, SIGTERM with a running turn
+//! (handed over, and resumed by the restarted server).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
 use std::io::Read;
 
+use agent_runtime_core::llm::Script;
 use agent_runtime_core::llm::mock::{MockLlmServer, MockResponse};
 use common::*;
 use serde_json::{Value, json};
@@ -44,7 +46,7 @@ fn a_bad_value_stops_start_up_naming_the_flag_or_variable_the_user_set() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn sigterm_ends_running_turns_and_the_data_survives_a_restart() {
+async fn sigterm_hands_a_running_turn_over_and_the_restarted_server_resumes_it() {
     let llm = MockLlmServer::start().await.unwrap();
     let mut s = Server::start_with(
         &llm.url(),
@@ -74,14 +76,26 @@ async fn sigterm_ends_running_turns_and_the_data_survives_a_restart() {
     while let Some(e) = sse.next().await {
         events.push(e);
     }
-    assert_eq!(kinds(&events).last().unwrap(), "done:cancelled");
+    assert_eq!(
+        events,
+        Vec::<Value>::new(),
+        "the stream ends without done: the turn goes on elsewhere"
+    );
     let (ok, old) = stopped.await.unwrap();
     assert!(ok, "the server exits 0 after SIGTERM");
     let db = format!("sqlite://{}", old.dir.path().join("rt.db").display());
+    llm.push(MockResponse::script(&Script::text("resumed")));
     let s = Server::start_with(&llm.url(), Some(&db), &[]).await;
+    let r = s.get("/sessions/kept/events?after=0").send().await.unwrap();
+    let resumed = Sse::new(r).all().await;
+    assert_eq!(
+        kinds(&resumed),
+        ["turn_resumed", "assistant_final", "done:completed"]
+    );
+    assert_eq!(resumed[0]["reason"], "handed_over");
     let session: Value = s.get_json("/sessions/kept").await;
     assert_eq!(
         (session["status"].as_str(), session["message_count"].as_u64()),
-        (Some("idle"), Some(1))
+        (Some("idle"), Some(2))
     );
 }

@@ -1,5 +1,5 @@
 //! Several server processes on one database: when one is SIGKILLed mid-turn, a live one notices at
-//! once (no lease expiry wait) and the session takes new messages there; a cancel or delete sent
+//! once (no lease expiry wait), resumes the turn and the session takes new messages there; a cancel or delete sent
 //! to one process stops the turn running on another at once; on Postgres and SQLite.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -46,6 +46,7 @@ async fn a_replica_takes_over_from_a_killed_one(database_url: &str) -> Duration 
     );
     assert_ne!(d["process"]["id"], s["process"]["id"]);
 
+    lb.push(MockResponse::script(&Script::text("resumed here")));
     drop(doomed); // SIGKILL
     let killed = Instant::now();
     let mut status = Value::Null;
@@ -60,9 +61,10 @@ async fn a_replica_takes_over_from_a_killed_one(database_url: &str) -> Duration 
     assert_eq!(
         status,
         "idle",
-        "recovered well before the 30 s lease expires\n{}",
+        "resumed and completed well before the 30 s lease expires\n{}",
         survivor.logs()
     );
+    assert_eq!(lb.request_count(), 1, "the survivor asked the model again, once");
 
     lb.push(MockResponse::script(&Script::text("back again")));
     let events = survivor
@@ -74,8 +76,22 @@ async fn a_replica_takes_over_from_a_killed_one(database_url: &str) -> Duration 
     assert_eq!(user_texts(&stored.messages), ["long one", "still there?"]);
     assert_eq!(
         kinds(&stored.events),
-        ["error", "done:error", "assistant_final", "done:completed"],
-        "the killed turn is closed with an error, then the new one runs"
+        [
+            "turn_resumed",
+            "assistant_final",
+            "done:completed",
+            "assistant_final",
+            "done:completed"
+        ],
+        "the killed turn is resumed and completed on the survivor, then the new one runs"
+    );
+    assert_eq!(
+        stored
+            .events
+            .iter()
+            .find(|e| e["type"] == "turn_resumed")
+            .unwrap()["reason"],
+        "owner_stopped"
     );
     took
 }
@@ -89,18 +105,18 @@ fn err_busy(id: &str) -> Value {
     not(postgres_tests),
     ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
 )]
-async fn on_postgres_a_live_replica_recovers_a_killed_ones_turn_at_once() {
+async fn on_postgres_a_live_replica_resumes_a_killed_ones_turn_at_once() {
     let (_guard, url) = postgres_url().await;
     let took = a_replica_takes_over_from_a_killed_one(&url).await;
-    eprintln!("postgres: recovered {took:?} after the SIGKILL");
+    eprintln!("postgres: resumed and completed {took:?} after the SIGKILL");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn on_sqlite_a_live_process_recovers_a_killed_ones_turn_at_once() {
+async fn on_sqlite_a_live_process_resumes_a_killed_ones_turn_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("shared.db").display());
     let took = a_replica_takes_over_from_a_killed_one(&url).await;
-    eprintln!("sqlite: recovered {took:?} after the SIGKILL");
+    eprintln!("sqlite: resumed and completed {took:?} after the SIGKILL");
 }
 
 /// Events of `rec` with the instant each arrived, by seq.

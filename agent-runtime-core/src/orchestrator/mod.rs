@@ -128,6 +128,15 @@ pub struct SessionHistory {
     pub agent_history: Vec<AgentSwitch>,
 }
 
+/// What [`Orchestrator::drain`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainReport {
+    /// Turns that stopped in time: handed over at a step boundary (or ended meanwhile).
+    pub handed_over: usize,
+    /// Turns still running when the time was up (resumed elsewhere once this process exits).
+    pub still_running: usize,
+}
+
 /// What `cancel` found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -295,6 +304,7 @@ impl OrchestratorBuilder {
             liveness: tokio::sync::OnceCell::new(),
             notices: tokio::sync::OnceCell::new(),
             cancel_watch: tokio::sync::OnceCell::new(),
+            draining: std::sync::atomic::AtomicBool::new(false),
             hubs: Arc::new(stream::Hubs::default()),
             config: self.config,
             offers: HashMap::new(),
@@ -331,6 +341,8 @@ pub(crate) struct Inner {
     pub notices: tokio::sync::OnceCell<()>,
     /// Set once this process watches for requests of other processes to cancel its turns.
     pub cancel_watch: tokio::sync::OnceCell<()>,
+    /// Set by [`Orchestrator::drain`]: no new turn starts here, none is taken over.
+    pub draining: std::sync::atomic::AtomicBool,
     pub hubs: Arc<stream::Hubs>,
     /// Per agent type, what its model calls offer (computed once in `build`).
     pub offers: HashMap<String, Arc<Offer>>,
@@ -395,6 +407,11 @@ pub(crate) struct Offer {
 }
 
 impl Inner {
+    /// Whether [`Orchestrator::drain`] has begun.
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// From the first follower on, wakes this process's followers when another process commits
     /// to their session (Postgres LISTEN/NOTIFY); without notices they poll the store.
     pub(crate) async fn listen_for_commits(&self) {
@@ -928,6 +945,41 @@ impl Orchestrator {
                 }
             }
         })
+    }
+
+    /// Drains this process for a restart or a scale-down, losing nothing: from now on it starts
+    /// no turn (`SHUTTING_DOWN`) and takes over none; each turn running here stops at its next
+    /// step boundary (after its current commit: a tool that runs finishes, a streaming model
+    /// answer is cut) and is handed over — its state stored, the session still `running`, its
+    /// lease released — so another process on the same database (or this one restarted)
+    /// resumes it at once (`turn_resumed` with reason `handed_over`). Then every event stream
+    /// of this process ends without `done`, so clients reconnect elsewhere with
+    /// `Last-Event-ID`. Waits at most `timeout` for the turns; a turn still running then (a
+    /// long tool) is resumed elsewhere once this process exits, as if it had died.
+    pub async fn drain(&self, timeout: Duration) -> DrainReport {
+        self.inner
+            .draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let running = self.inner.hubs.all_running();
+        let waits = running.iter().map(|t| async move {
+            let finished = t.finished.notified();
+            tokio::pin!(finished);
+            finished.as_mut().enable();
+            t.handover.cancel();
+            finished.await;
+        });
+        let _ = tokio::time::timeout(timeout, futures::future::join_all(waits)).await;
+        let still_running = self.inner.hubs.all_running().len();
+        self.inner.hubs.close();
+        DrainReport {
+            handed_over: running.len().saturating_sub(still_running),
+            still_running,
+        }
+    }
+
+    /// Whether [`Orchestrator::drain`] has begun.
+    pub fn is_draining(&self) -> bool {
+        self.inner.is_draining()
     }
 
     /// Stops every turn running in this process (graceful shutdown): each ends with `done`

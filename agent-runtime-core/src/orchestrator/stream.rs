@@ -26,6 +26,8 @@ const POLL: Duration = Duration::from_millis(500);
 #[derive(Debug, Clone)]
 pub(crate) struct RunningTurn {
     pub cancel: CancellationToken,
+    /// Asks the turn to stop at its next step boundary and hand itself over (a drain).
+    pub handover: CancellationToken,
     pub finished: Arc<tokio::sync::Notify>,
 }
 
@@ -41,6 +43,9 @@ struct Hub {
 #[derive(Debug, Default)]
 pub(crate) struct Hubs {
     map: Mutex<HashMap<String, Hub>>,
+    /// Cancelled when this process stops serving streams (the end of a drain): every follower
+    /// ends without `done`, and its client reconnects elsewhere with `Last-Event-ID`.
+    closing: CancellationToken,
 }
 
 impl Hubs {
@@ -94,6 +99,7 @@ impl Hubs {
             }
             let turn = RunningTurn {
                 cancel: CancellationToken::new(),
+                handover: CancellationToken::new(),
                 finished: Arc::new(tokio::sync::Notify::new()),
             };
             hub.running = Some(turn.clone());
@@ -123,6 +129,11 @@ impl Hubs {
     /// Every turn running here.
     pub fn all_running(&self) -> Vec<RunningTurn> {
         self.with(|m| m.values().filter_map(|h| h.running.clone()).collect())
+    }
+
+    /// Ends every follower of this process, now and from now on (see `closing`).
+    pub fn close(&self) {
+        self.closing.cancel();
     }
 
     fn release(&self, session_id: &str) {
@@ -208,7 +219,7 @@ impl Follower {
                 }
                 return Some(e);
             }
-            if self.finished {
+            if self.finished || self.hubs.closing.is_cancelled() {
                 return None;
             }
             if self.catch_up {
@@ -262,6 +273,7 @@ impl Follower {
                     }
                 }
                 _ = tokio::time::sleep(POLL) => self.catch_up = true,
+                _ = self.hubs.closing.cancelled() => return None,
             }
         }
     }

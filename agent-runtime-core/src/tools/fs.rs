@@ -67,6 +67,10 @@ impl ReadFile {
 
 #[async_trait]
 impl Tool for ReadFile {
+    fn has_side_effects(&self) -> bool {
+        false
+    }
+
     fn spec(&self) -> ToolSpec {
         ToolSpec {
             name: "read_file".into(),
@@ -344,6 +348,10 @@ impl ListFiles {
 
 #[async_trait]
 impl Tool for ListFiles {
+    fn has_side_effects(&self) -> bool {
+        false
+    }
+
     fn spec(&self) -> ToolSpec {
         ToolSpec {
             name: "list_files".into(),

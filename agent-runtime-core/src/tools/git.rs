@@ -106,6 +106,10 @@ impl GitDiff {
 
 #[async_trait]
 impl Tool for GitDiff {
+    fn has_side_effects(&self) -> bool {
+        false
+    }
+
     fn spec(&self) -> ToolSpec {
         ToolSpec {
             name: "git_diff".into(),

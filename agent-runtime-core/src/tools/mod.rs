@@ -148,6 +148,13 @@ pub trait Tool: Send + Sync {
 
     /// Checks again, then executes.
     async fn run(&self, ctx: &ToolContext, arguments: Value) -> Result<Value, ToolFailure>;
+
+    /// Whether running it changes anything (files, the repository, the world): a call of such a
+    /// tool that was in flight when its process stopped is never run again on takeover; a
+    /// read-only one is. Tools that do not say are taken to have side effects.
+    fn has_side_effects(&self) -> bool {
+        true
+    }
 }
 
 /// The name a tool is registered under: `run_command` (the earlier runtime's name, API.md §5.3) is
@@ -377,6 +384,18 @@ mod tests {
         assert_eq!(
             r.get("run_command").map(|t| t.spec().name),
             Some("execute_command".into())
+        );
+    }
+
+    #[test]
+    fn only_the_read_only_built_in_tools_may_run_again_after_a_takeover() {
+        let r = ToolRegistry::builtin();
+        let with_side_effects: Vec<&str> = (r.names().into_iter())
+            .filter(|n| r.get(n).is_some_and(|t| t.has_side_effects()))
+            .collect();
+        assert_eq!(
+            with_side_effects,
+            ["delete_file", "execute_command", "git_commit", "write_file"]
         );
     }
 

@@ -89,6 +89,10 @@ impl SearchInCode {
 
 #[async_trait]
 impl Tool for SearchInCode {
+    fn has_side_effects(&self) -> bool {
+        false
+    }
+
     fn spec(&self) -> ToolSpec {
         ToolSpec {
             name: "search_in_code".into(),

@@ -37,6 +37,7 @@ from ._agent_runtime import (
     SessionBusy,
     SessionExists,
     SessionNotFound,
+    ShuttingDown,
     Subscription,
     ToolCallNotFound,
     ToolExecutionFailed,
@@ -62,6 +63,7 @@ __all__ = [
     "ApprovalAlreadyDecided",
     "ToolCallNotFound",
     "AgentSwitchLimit",
+    "ShuttingDown",
     "InternalError",
     "ERRORS_BY_CODE",
     "find_server",
@@ -85,6 +87,7 @@ ERRORS_BY_CODE = {
         ApprovalAlreadyDecided,
         ToolCallNotFound,
         AgentSwitchLimit,
+        ShuttingDown,
         InternalError,
     )
 }

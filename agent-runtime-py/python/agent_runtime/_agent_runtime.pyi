@@ -64,6 +64,9 @@ class ToolCallNotFound(AgentRuntimeError):
 class AgentSwitchLimit(AgentRuntimeError):
     """``max_agent_switches`` automatic switches were reached in one turn."""
 
+class ShuttingDown(AgentRuntimeError):
+    """The runtime is draining (``drain``): it takes no new turns."""
+
 class InternalError(AgentRuntimeError):
     """A bug in the runtime; the message carries no internals."""
 
@@ -189,5 +192,9 @@ class Runtime:
         self, kinds: Optional[Sequence[str]] = None, session_id: Optional[str] = None
     ) -> Subscription:
         """EventBus notifications (``approval.requested``, ``turn.completed``, ...)."""
+    def drain(self, timeout: float = 10.0) -> Dict[str, int]:
+        """Drains for a restart: no new turn (``ShuttingDown``); running turns are handed over at
+        their next step boundary for another runtime on the same database to resume
+        (``turn_resumed``); streams end. ``{"handed_over": n, "still_running": m}``."""
     def shutdown(self, grace: float = 10.0) -> None:
         """Stops every turn running in this process (each ends with ``done``, ``cancelled``)."""

@@ -77,6 +77,14 @@ struct TurnState {
     /// Loop and ping-pong detection.
     #[serde(default)]
     guard: guard::Guard,
+    /// Takeovers after its process stopped since the turn last made progress (a model answer or
+    /// a tool's result stored); at [`recover::MAX_RESUMES`] the next takeover ends it instead.
+    #[serde(default)]
+    resumes: u32,
+    /// Its process handed it over while shutting down: the next owner resumes it with reason
+    /// `handed_over`, and that takeover does not count against `resumes`.
+    #[serde(default)]
+    handed_over: bool,
 }
 
 impl TurnState {
@@ -106,6 +114,9 @@ enum Next {
     Run { route: Option<String> },
     /// Nothing more: the first commit ended the stream.
     Nothing,
+    /// Continue a turn taken over from a stopped process: check the calls its model asked for
+    /// that were not checked yet, then the loop (see `recover::resume_orphan`).
+    Resume,
 }
 
 struct Turn {
@@ -113,6 +124,9 @@ struct Turn {
     session: Session,
     state: TurnState,
     cancel: CancellationToken,
+    /// Cancelled when this process drains: the turn stops at its next step boundary and hands
+    /// itself over (see [`Turn::hand_off`]).
+    handover: CancellationToken,
     /// Tokens spent but not yet added to the session's total (rides on the next commit).
     unsaved_usage: Usage,
     /// Changes that ride on the next commit instead of costing one of their own (the final
@@ -129,6 +143,7 @@ impl Turn {
             state: TurnState::load(&session),
             session,
             cancel,
+            handover: CancellationToken::new(),
             unsaved_usage: Usage::default(),
             deferred: None,
             keep_lease: false,
@@ -386,6 +401,8 @@ impl Turn {
             .ok_or_else(|| Error::Internal(format!("session agent '{agent_type}' is not registered")))?;
         let (answer, window) = self.ask_within_window(&agent).await?;
         self.state.iterations += 1;
+        // A stored answer is progress: takeovers count again from zero.
+        self.state.resumes = 0;
         self.add_usage(answer.usage);
         let (text, calls) = (answer.text, answer.calls);
 
@@ -839,10 +856,14 @@ impl Turn {
                 CallState::Ready {
                     run_arguments: arguments,
                 } => {
+                    if self.handover.is_cancelled() {
+                        return Err(handed_over());
+                    }
                     let outcome = self.execute(&call.tool_name, arguments).await;
                     if self.cancel.is_cancelled() {
                         return Err(cancelled());
                     }
+                    self.state.resumes = 0;
                     self.rt.bus.publish(
                         BusEventKind::ToolExecuted,
                         self.id(),
@@ -904,6 +925,9 @@ impl Turn {
     /// The loop: settle open calls, call the model, triage its calls, until done or paused.
     async fn run_loop(&mut self) -> Result<StopReason> {
         loop {
+            if self.handover.is_cancelled() {
+                return Err(handed_over());
+            }
             if let Some(pause) = self.settle_calls().await? {
                 return Ok(pause);
             }
@@ -912,6 +936,9 @@ impl Turn {
             }
             if self.state.iterations >= self.rt.config.max_turn_iterations {
                 return Ok(StopReason::MaxIterations);
+            }
+            if self.handover.is_cancelled() {
+                return Err(handed_over());
             }
             if !self.model_call().await? {
                 return Ok(StopReason::Completed);
@@ -1047,7 +1074,18 @@ impl Turn {
                     Err(e) => Err(e),
                 }
             }
+            Next::Resume => {
+                let unchecked = self.state.open_calls.iter().any(|c| c.state == CallState::New);
+                let triaged = if unchecked { self.triage().await } else { Ok(()) };
+                match triaged {
+                    Ok(()) => self.run_plan().await,
+                    Err(e) => Err(e),
+                }
+            }
         };
+        if matches!(&outcome, Err(e) if is_handed_over(e)) {
+            return self.hand_off().await;
+        }
         // A model failure says how long the client really waited (routing included), not only
         // the last call's limit.
         let outcome = outcome.map_err(|e| match e {
@@ -1079,6 +1117,32 @@ impl Turn {
     async fn release(self) {
         give_back(&self.rt, &self.session.id).await;
     }
+
+    /// Hands the turn over at a step boundary (this process drains): its state is stored with
+    /// the session still `running`, and the lease released, so the first live process to look
+    /// (another replica, or this one restarted) resumes it at once. No `done`: the turn goes on.
+    async fn hand_off(mut self) {
+        self.state.handed_over = true;
+        let c = Commit {
+            release_lease: true,
+            ..Commit::default()
+        };
+        match self.commit(c, true).await {
+            Ok(_) => tracing::info!(
+                session_id = self.id(),
+                "turn handed over: this process is draining"
+            ),
+            Err(e) => {
+                warn!(error = %e, session_id = self.id(), "could not store a turn handed over; it resumes as if its process died");
+                let _ = self
+                    .rt
+                    .storage
+                    .release_lease(&self.session.id, &self.rt.owner)
+                    .await;
+            }
+        }
+        self.rt.hubs.finish_turn(&self.session.id);
+    }
 }
 
 /// Token budget of the routing call: an agent and a one-sentence reason.
@@ -1090,6 +1154,17 @@ const CANCELLED: &str = "\u{0}cancelled";
 
 fn cancelled() -> Error {
     Error::Internal(CANCELLED.into())
+}
+
+const HANDED_OVER: &str = "\u{0}handed over";
+
+/// The turn stopped at a step boundary to be handed over (never stored: see [`Turn::hand_off`]).
+fn handed_over() -> Error {
+    Error::Internal(HANDED_OVER.into())
+}
+
+fn is_handed_over(e: &Error) -> bool {
+    matches!(e, Error::Internal(m) if m == HANDED_OVER)
 }
 
 fn chat(role: ChatRole, content: String) -> ChatMessage {

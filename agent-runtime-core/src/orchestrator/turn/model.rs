@@ -8,7 +8,7 @@ use futures::{FutureExt, StreamExt};
 use serde_json::{Value, json};
 use tracing::warn;
 
-use super::{Turn, cancelled, chat, to_chat};
+use super::{Turn, cancelled, chat, handed_over, to_chat};
 use crate::agent::AgentDefinition;
 use crate::context::{Window, build_window};
 use crate::error::{Error, Result};
@@ -123,6 +123,7 @@ impl Turn {
         let started = tokio::select! {
             s = tokio::time::timeout(limit, self.rt.llm.stream(req.clone())) => s,
             _ = self.cancel.cancelled() => return Err(cancelled()),
+            _ = self.handover.cancelled() => return Err(handed_over()),
         };
         let stream = match started {
             Err(_) => return Ok(Err(RouterFailure::NoAnswer(limit))),
@@ -132,6 +133,7 @@ impl Turn {
         let completed = tokio::select! {
             c = crate::llm::collect(stream) => c,
             _ = self.cancel.cancelled() => return Err(cancelled()),
+            _ = self.handover.cancelled() => return Err(handed_over()),
         };
         match completed {
             Ok(c) => {
@@ -181,6 +183,8 @@ impl Turn {
         let mut stream = tokio::select! {
             s = self.rt.llm.stream(req.clone()) => s?,
             _ = self.cancel.cancelled() => return Err(cancelled()),
+            // The answer is cut: the next owner asks again (`turn_resumed` voids what streamed).
+            _ = self.handover.cancelled() => return Err(handed_over()),
         };
         let mut text = String::new();
         let mut assembler = ToolCallAssembler::default();
@@ -191,6 +195,7 @@ impl Turn {
             let first = tokio::select! {
                 c = stream.next() => c,
                 _ = self.cancel.cancelled() => return Err(cancelled()),
+                _ = self.handover.cancelled() => return Err(handed_over()),
             };
             // Chunks that are already here are committed together: one transaction for a burst,
             // each token still stored before anyone sees it.
@@ -255,6 +260,7 @@ impl Turn {
         let answered = tokio::select! {
             r = self.rt.llm.complete(req.clone()) => r,
             _ = self.cancel.cancelled() => return None,
+            _ = self.handover.cancelled() => return Some(Err(handed_over())),
         };
         Some(answered.map(|c| {
             let usage = c

@@ -1,16 +1,132 @@
-//! Ending turns that cannot end by themselves: one interrupted by a crash (found at start-up or
-//! by the next message) and one cancelled while paused.
+//! Turns that cannot go on by themselves: one whose process stopped (found at start-up, by the
+//! watcher or by the next message) is resumed here or ended; one cancelled while paused is ended.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use super::submit::{give_back, take_session};
-use super::{CallState, OpenCall, Turn, TurnState, cancelled};
+use super::submit::{give_back, keep_lease, take_session};
+use super::{CallState, Next, OpenCall, Turn, TurnState, cancelled};
+use crate::config::TurnRecovery;
 use crate::error::{Error, Result};
+use crate::orchestrator::stream::RunningTurn;
 use crate::orchestrator::{CancelOutcome, Inner};
+use crate::protocol::{AssistantMessage, EventPayload, ToolError};
 use crate::session::{Role, Session, SessionStatus, ToolCall};
+use crate::storage::Commit;
+
+/// Takeovers of one turn without progress after which the next one ends it instead (a turn
+/// whose every attempt kills its process must not kill every process in turn).
+pub(super) const MAX_RESUMES: u32 = 3;
+
+/// The result of a call with side effects that was running when its process stopped.
+const INTERRUPTED_CALL: &str = "interrupted: the process running it stopped";
+
+/// Continues, in this process, the running turn of `session` whose process stopped or handed it
+/// over: this process holds the session's lease and `running` is its slot here. `turn_resumed`
+/// is stored first (tokens streamed after its `after_seq` are void); then each call that was
+/// cleared to run gets its fate: a read-only tool runs again, one with side effects gets
+/// `TOOL_EXECUTION_FAILED` "interrupted: the process running it stopped" and the model decides;
+/// and the turn goes on from its last committed step on its own task. A turn without a readable
+/// state, or taken over [`MAX_RESUMES`] times without progress, is ended as interrupted instead.
+pub(in crate::orchestrator) async fn resume_orphan(
+    rt: &Arc<Inner>,
+    session: Session,
+    running: RunningTurn,
+) -> Result<()> {
+    let id = session.id.clone();
+    let state = (session.turn_state.clone())
+        .and_then(|v| serde_json::from_value::<TurnState>(v).ok())
+        .filter(|s| s.handed_over || s.resumes < MAX_RESUMES);
+    let Some(mut state) = state else {
+        tracing::warn!(session_id = %id, "a stopped turn cannot be resumed (no state, or resumed {MAX_RESUMES} times without progress); ending it");
+        let closed = close_interrupted(rt, &session, false).await;
+        if closed.is_err() {
+            let _ = rt.storage.release_lease(&id, &rt.owner).await;
+        }
+        rt.hubs.finish_turn(&id);
+        return closed;
+    };
+    let reason = if state.handed_over {
+        "handed_over"
+    } else {
+        state.resumes += 1;
+        "owner_stopped"
+    };
+    state.handed_over = false;
+    let mut turn = Turn::new(rt.clone(), session, running.cancel.clone());
+    turn.handover = running.handover.clone();
+    turn.state = state;
+    if let Err(e) = take_over(&mut turn, reason).await {
+        give_back(rt, &id).await;
+        return Err(e);
+    }
+    tracing::info!(session_id = %id, reason, "resumed a turn of a stopped process");
+    keep_lease(
+        rt.clone(),
+        id.clone(),
+        running.cancel.clone(),
+        running.finished.clone(),
+    );
+    let span = tracing::info_span!("turn", session_id = %id, turn_id = %turn.state.turn_id, resumed = reason);
+    tokio::spawn(tracing::Instrument::instrument(turn.run(Next::Resume), span));
+    Ok(())
+}
+
+/// The stored part of a takeover: `turn_resumed`, then the fate of each call in flight.
+async fn take_over(turn: &mut Turn, reason: &str) -> Result<()> {
+    let after_seq = last_seq_before_void_tokens(&turn.rt, &turn.session).await?;
+    turn.commit(
+        Commit {
+            events: vec![EventPayload::TurnResumed {
+                after_seq,
+                reason: reason.into(),
+            }],
+            ..Commit::default()
+        },
+        true,
+    )
+    .await?;
+    for call in turn.state.open_calls.clone() {
+        if !matches!(call.state, CallState::Ready { .. })
+            || turn.mode() == crate::config::ToolExecution::Client
+        {
+            continue;
+        }
+        let read_only = (turn.rt.tools.get(&call.tool_name)).is_some_and(|t| !t.has_side_effects());
+        if !read_only {
+            let e = ToolError {
+                code: "TOOL_EXECUTION_FAILED".into(),
+                message: INTERRUPTED_CALL.into(),
+            };
+            turn.finish_call(&call.call_id, Err(e), Commit::default()).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The seq of the session's last event that is not a streamed token: tokens after it belong to
+/// the model answer that was cut, and are void once the turn is resumed.
+async fn last_seq_before_void_tokens(rt: &Arc<Inner>, session: &Session) -> Result<u64> {
+    const PAGE: u64 = 256;
+    let mut upto = session.last_event_seq;
+    while upto > 0 {
+        let from = upto.saturating_sub(PAGE);
+        let page = rt.storage.events_after(&session.id, from, PAGE as usize).await?;
+        let kept = page.iter().rev().filter(|e| e.seq <= upto).find(|e| {
+            !matches!(
+                e.payload,
+                EventPayload::AssistantMessage(AssistantMessage::Token { .. })
+            )
+        });
+        if let Some(e) = kept {
+            return Ok(e.seq);
+        }
+        upto = from;
+    }
+    Ok(0)
+}
 
 /// Gives a turn interrupted by a crash its ending: open calls get "interrupted", pending approvals
 /// are cancelled, an `error` and `done` are stored, and the session is idle again.
@@ -69,10 +185,41 @@ async fn unanswered_calls(rt: &Arc<Inner>, session_id: &str) -> Result<Vec<ToolC
 /// `recover_interrupted` of the facade: one pass over the orphaned sessions (running, and nobody
 /// can be running them), each marked interrupted under a lease taken for the purpose.
 pub(in crate::orchestrator) async fn recover_interrupted(rt: Arc<Inner>) -> Result<usize> {
+    if rt.is_draining() {
+        return Ok(0); // a draining process hands turns over; it takes none
+    }
     rt.prove_alive().await;
     let mut recovered = 0;
     for id in rt.storage.orphaned_sessions(1000).await? {
         if rt.hubs.running(&id).is_some() {
+            continue;
+        }
+        if rt.config.turn_recovery == TurnRecovery::Resume {
+            let Some(running) = rt.hubs.start_turn(&id) else {
+                continue;
+            };
+            rt.watch_cancel_requests().await;
+            match rt
+                .storage
+                .lease_session(&id, &rt.owner, rt.config.lease_ttl)
+                .await
+            {
+                Ok(Some(fresh)) if fresh.status == SessionStatus::Running => {
+                    match resume_orphan(&rt, fresh, running).await {
+                        Ok(()) => recovered += 1,
+                        Err(e) => {
+                            tracing::warn!(session_id = %id, error = %e, "resuming a stopped turn failed")
+                        }
+                    }
+                }
+                Ok(Some(_)) => give_back(&rt, &id).await,
+                // Another process was quicker, or the session is gone.
+                Ok(None) | Err(Error::SessionNotFound(_)) => rt.hubs.finish_turn(&id),
+                Err(e) => {
+                    rt.hubs.finish_turn(&id);
+                    return Err(e);
+                }
+            }
             continue;
         }
         match rt

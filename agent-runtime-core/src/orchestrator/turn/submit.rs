@@ -6,8 +6,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
 
+use super::recover::resume_orphan;
 use super::start::start;
 use super::{CallState, TurnState};
+use crate::config::TurnRecovery;
 use crate::error::{Error, Result};
 use crate::orchestrator::stream::{EventStream, Follow};
 use crate::orchestrator::{Inner, Submission};
@@ -38,6 +40,11 @@ pub(super) async fn take_session(
                 .ok_or_else(|| Error::SessionBusy(session_id.into()))?
         }
     };
+    // Checked once the slot is taken: a drain that began before sees this turn and hands it over.
+    if rt.is_draining() {
+        rt.hubs.finish_turn(session_id);
+        return Err(shutting_down());
+    }
     rt.prove_alive().await;
     rt.watch_cancel_requests().await;
     match rt
@@ -57,13 +64,22 @@ pub(super) async fn take_session(
     }
 }
 
+/// `SHUTTING_DOWN`: this process drains and starts no turn.
+pub(super) fn shutting_down() -> Error {
+    Error::ShuttingDown(
+        "this server is shutting down and takes no new turns: send the request to another replica, \
+         or retry once it is back (its running turns are handed over, not lost)"
+            .into(),
+    )
+}
+
 pub(super) async fn give_back(rt: &Arc<Inner>, session_id: &str) {
     let _ = rt.storage.release_lease(session_id, &rt.owner).await;
     rt.hubs.finish_turn(session_id);
 }
 
 /// Renews the lease while the turn runs; a lost lease cancels the turn.
-fn keep_lease(
+pub(super) fn keep_lease(
     rt: Arc<Inner>,
     session_id: String,
     cancel: CancellationToken,
@@ -102,6 +118,9 @@ pub(in crate::orchestrator) async fn submit(
     session_id: &str,
     sub: Submission,
 ) -> Result<EventStream> {
+    if rt.is_draining() {
+        return Err(shutting_down());
+    }
     let session = rt.storage.get_session(session_id).await?;
     validate(&rt, &session, &sub.message)?;
     let rid = sub.request_id.as_deref();
@@ -137,11 +156,18 @@ pub(in crate::orchestrator) async fn submit(
             return Err(e);
         }
     }
+    if session.status == SessionStatus::Running && rt.config.turn_recovery == TurnRecovery::Resume {
+        // We hold the lease, so nobody runs it: a turn whose process stopped. It goes on here;
+        // the new message waits for it like any message sent while a turn runs.
+        resume_orphan(&rt, session, running).await?;
+        return Err(Error::SessionBusy(session_id.into()));
+    }
     // Subscribed before the first commit: the turn's events all arrive live, none is read back.
     let subscribed =
         EventStream::subscribe(rt.storage.clone(), rt.hubs.clone(), session_id, Follow::UntilDone);
     match start(&rt, session, sub, running.cancel.clone()).await {
-        Ok((turn, next, first_seq)) => {
+        Ok((mut turn, next, first_seq)) => {
+            turn.handover = running.handover.clone();
             let stream = subscribed.after(first_seq.saturating_sub(1));
             keep_lease(
                 rt.clone(),
