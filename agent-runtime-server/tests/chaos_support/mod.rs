@@ -247,7 +247,8 @@ struct Counts {
     interrupted_calls: AtomicUsize,
     kills: AtomicUsize,
     terms: AtomicUsize,
-    takeovers: Mutex<Vec<Duration>>,
+    /// Per SIGKILL (slot, generation): how long after it each turn it cut went on.
+    takeovers: Mutex<BTreeMap<(usize, u64), Vec<Duration>>>,
     endings: Mutex<BTreeMap<String, usize>>,
 }
 
@@ -322,7 +323,7 @@ impl Client {
         let start = self.last_seq();
         let began = Instant::now();
         let mut open = self.post_until_accepted(path, &body, began).await;
-        let mut takeover_from: Option<Instant> = None;
+        let mut takeover_from: Option<((usize, u64), Instant)> = None;
         loop {
             assert!(
                 began.elapsed() < SUBMISSION_DEADLINE,
@@ -335,8 +336,9 @@ impl Client {
             let mut done = None;
             while let Ok(Some(e)) = tokio::time::timeout(SILENCE, open.stream.next()).await {
                 let fresh = self.take(e.clone());
-                if fresh && let Some(from) = takeover_from.take() {
-                    self.counts.takeovers.lock().unwrap().push(from.elapsed());
+                if fresh && let Some((kill, at)) = takeover_from.take() {
+                    let mut t = self.counts.takeovers.lock().unwrap();
+                    t.entry(kill).or_default().push(at.elapsed());
                 }
                 if fresh && e["type"] == "done" {
                     done = Some(e);
@@ -365,7 +367,7 @@ impl Client {
                     .get(&(open.slot, open.generation))
                     .copied();
                 if let Some((at, Stop::Kill)) = stop {
-                    takeover_from.get_or_insert(at);
+                    takeover_from.get_or_insert(((open.slot, open.generation), at));
                 }
             }
             if self.last_seq() == start && before == start && !open.owner {
@@ -895,8 +897,20 @@ pub async fn run(name: &str, db: &str, processes: usize) {
         c.await.unwrap();
     }
 
-    let mut takeovers = counts.takeovers.lock().unwrap().clone();
+    let by_kill = counts.takeovers.lock().unwrap().clone();
+    let mut takeovers: Vec<Duration> = by_kill.values().flatten().copied().collect();
     takeovers.sort();
+    // Per kill, the first and the last of its turns to go on: a spread that grows with the turns
+    // the killed process held says they are taken over one after another.
+    let (mut firsts, mut lasts, mut held): (Vec<Duration>, Vec<Duration>, Vec<usize>) = Default::default();
+    for v in by_kill.values() {
+        firsts.push(*v.iter().min().unwrap());
+        lasts.push(*v.iter().max().unwrap());
+        held.push(v.len());
+    }
+    firsts.sort();
+    lasts.sort();
+    held.sort();
     eprintln!(
         "{name}: {} SIGKILLs, {} SIGTERMs in {chaos_secs:.1?}; {} turns ({:?}), {} submissions, \
          {} stream resumptions, {} re-sent submissions, {} SESSION_BUSY retries, {} turn_resumed, \
@@ -920,6 +934,15 @@ pub async fn run(name: &str, db: &str, processes: usize) {
         percentile(&takeovers, 0.5),
         percentile(&takeovers, 0.99),
         percentile(&takeovers, 1.0),
+    );
+    eprintln!(
+        "{name}: per SIGKILL ({} with turns cut, median {} turns each): the first turn went on after \
+         p50 {:?}, the last after p50 {:?} (max {:?})",
+        by_kill.len(),
+        held.get(held.len() / 2).copied().unwrap_or(0),
+        percentile(&firsts, 0.5),
+        percentile(&lasts, 0.5),
+        percentile(&lasts, 1.0),
     );
     let mut restarts = cluster.restarts.lock().unwrap().clone();
     restarts.sort();
