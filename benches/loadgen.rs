@@ -6,6 +6,8 @@
 //! target/release/loadgen [--levels 1,8,64,512] [--secs 5] [--warmup 1] [--open-streams 1000]
 //!                        [--database-url URL] [--no-relay] [--model-port PORT]
 //! target/release/loadgen --target URL [--target-pid PID] [--model-port PORT] [--levels ...]
+//! target/release/loadgen --target URL --target URL2 [--target-pid PID --target-pid PID2] ...
+//! target/release/loadgen --replicas 2 --database-url postgres://… --no-relay [--levels ...]
 //! ```
 //! By default it starts a zero-latency mock model, the server binary (SQLite in a temporary
 //! directory, or `--database-url`) and the bare relay (`benches/relay.rs`, the physical limit: the
@@ -17,7 +19,13 @@
 //!
 //! `--target URL` drives an already running server that speaks the compatibility routes (ours,
 //! the relay, or another runtime) instead; point it at the mock model printed first (fix its port
-//! with `--model-port`); `--target-pid` adds that server's CPU.
+//! with `--model-port`); `--target-pid` adds that server's CPU. Given several times, `--target`
+//! names replicas of one service (processes on one database): every request of a scenario goes to
+//! a random one of them, and the CPU column sums every `--target-pid`.
+//!
+//! `--replicas N` (with `--database-url`, for Postgres) starts N server processes on the one
+//! database and measures, side by side at each level, the first process alone (`ours×1`) and all
+//! N with requests spread over them (`ours×N`), alternating which goes first.
 //!
 //! Each level first runs `--warmup` seconds unmeasured (the users open their connections, the
 //! server's pools fill), then `--secs` measured: only scenarios started in the measured window count.
@@ -119,11 +127,13 @@ fn kinds(events: &[Value]) -> Vec<String> {
 }
 
 /// One scenario: the five steps' times, and its shape when `record` is set.
-async fn scenario(c: &reqwest::Client, base: &str, record: bool) -> ([Duration; 5], Option<Shape>) {
+async fn scenario(c: &reqwest::Client, bases: &[String], record: bool) -> ([Duration; 5], Option<Shape>) {
     let mut t = [Duration::ZERO; 5];
     let mut shape = Vec::new();
+    // Each request to any of the target's processes.
+    let base = || &bases[fastrand::usize(0..bases.len())];
     let post = |path: &str, body: Value| {
-        c.post(format!("{base}{path}"))
+        c.post(format!("{}{path}", base()))
             .header("x-internal-auth", "bench")
             .json(&body)
             .send()
@@ -174,7 +184,7 @@ async fn scenario(c: &reqwest::Client, base: &str, record: bool) -> ([Duration; 
     }
     let s = Instant::now();
     let h = c
-        .get(format!("{base}/sessions/{id}/history"))
+        .get(format!("{}/sessions/{id}/history", base()))
         .header("x-internal-auth", "bench")
         .send()
         .await
@@ -283,11 +293,19 @@ fn ticks_per_sec() -> f64 {
         .unwrap_or(100.0)
 }
 
-/// A server under load: what the table calls it, its base URL, its process when known.
+/// A server under load: what the table calls it, its base URLs (several: replicas of one service,
+/// requests spread over them), its processes when known.
 struct Target {
     name: String,
-    base: String,
-    pid: Option<u32>,
+    bases: Vec<String>,
+    pids: Vec<u32>,
+}
+
+impl Target {
+    /// The CPU ticks of all its processes so far; `None` when they are not known.
+    fn cpu_ticks(&self) -> Option<u64> {
+        (!self.pids.is_empty()).then(|| self.pids.iter().map(|p| cpu_ticks(&p.to_string())).sum())
+    }
 }
 
 /// One level's result on one target.
@@ -312,7 +330,7 @@ async fn run_level(
     let deadline = measured_from + Duration::from_secs(secs);
     let tasks: Vec<_> = (0..vus)
         .map(|_| {
-            let (c, base) = (client.clone(), target.base.clone());
+            let (c, bases) = (client.clone(), target.bases.clone());
             tokio::spawn(async move {
                 let mut out = Vec::new();
                 loop {
@@ -320,7 +338,7 @@ async fn run_level(
                     if at >= deadline {
                         break out;
                     }
-                    let (times, _) = scenario(&c, &base, false).await;
+                    let (times, _) = scenario(&c, &bases, false).await;
                     if at >= measured_from {
                         out.push(times);
                     }
@@ -329,17 +347,14 @@ async fn run_level(
         })
         .collect();
     tokio::time::sleep_until(measured_from.into()).await;
-    let target_from = target.pid.map(|p| cpu_ticks(&p.to_string()));
+    let target_from = target.cpu_ticks();
     let driver_from = cpu_ticks("self");
     let mut all = Vec::new();
     for t in tasks {
         all.extend(t.await.unwrap());
     }
     let driver_ticks = cpu_ticks("self") - driver_from;
-    let target_ticks = target
-        .pid
-        .zip(target_from)
-        .map(|(p, from)| cpu_ticks(&p.to_string()) - from);
+    let target_ticks = target.cpu_ticks().zip(target_from).map(|(now, from)| now - from);
     let elapsed = measured_from.elapsed().as_secs_f64();
     let n = all.len().max(1) as f64;
     let per_scenario = |ticks: u64| ticks as f64 / tick * 1000.0 / n;
@@ -399,12 +414,20 @@ async fn main() {
     // Kept alive for the whole run: dropping one stops its process.
     let mut processes = Vec::new();
     let mut targets = Vec::new();
-    if let Some(url) = arg("--target") {
+    // Every value of a flag given several times.
+    let all = |name: &str| -> Vec<String> {
+        args.windows(2)
+            .filter(|w| w[0] == name)
+            .map(|w| w[1].clone())
+            .collect()
+    };
+    let urls = all("--target");
+    if !urls.is_empty() {
         println!("mock model at {model_url}");
         targets.push(Target {
             name: "target".into(),
-            base: url.trim_end_matches('/').to_string(),
-            pid: arg("--target-pid").map(|p| p.parse().unwrap()),
+            bases: urls.iter().map(|u| u.trim_end_matches('/').to_string()).collect(),
+            pids: all("--target-pid").iter().map(|p| p.parse().unwrap()).collect(),
         });
     } else {
         let bin =
@@ -427,6 +450,27 @@ async fn main() {
         let server = ServerProcess::start(command)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
+        let replicas: usize = arg("--replicas").map_or(1, |n| n.parse().unwrap());
+        let mut others = Vec::new();
+        for _ in 1..replicas {
+            let mut command = Command::new(&bin);
+            command
+                .args([
+                    "--port",
+                    "0",
+                    "--database-url",
+                    &db,
+                    "--llm-proxy-url",
+                    &model_url,
+                ])
+                .args(["--internal-api-key", "bench", "--auto-agent-switching", "false"])
+                .args(["--log-level", "error"]);
+            others.push(
+                ServerProcess::start(command)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}")),
+            );
+        }
         if !flag("--no-relay") {
             let relay_bin = std::env::var("AGENT_RUNTIME_RELAY_BIN").unwrap_or("target/release/relay".into());
             let mut command = Command::new(&relay_bin);
@@ -443,17 +487,32 @@ async fn main() {
             });
             targets.push(Target {
                 name: "relay".into(),
-                base: relay.base.clone(),
-                pid: Some(relay.child.id()),
+                bases: vec![relay.base.clone()],
+                pids: vec![relay.child.id()],
             });
             processes.push(relay);
         }
-        targets.push(Target {
-            name: "ours".into(),
-            base: server.base.clone(),
-            pid: Some(server.child.id()),
-        });
+        if others.is_empty() {
+            targets.push(Target {
+                name: "ours".into(),
+                bases: vec![server.base.clone()],
+                pids: vec![server.child.id()],
+            });
+        } else {
+            targets.push(Target {
+                name: "ours×1".into(),
+                bases: vec![server.base.clone()],
+                pids: vec![server.child.id()],
+            });
+            let all: Vec<&ServerProcess> = std::iter::once(&server).chain(&others).collect();
+            targets.push(Target {
+                name: format!("ours×{replicas}"),
+                bases: all.iter().map(|p| p.base.clone()).collect(),
+                pids: all.iter().map(|p| p.child.id()).collect(),
+            });
+        }
         processes.push(server);
+        processes.extend(others);
     }
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(1024)
@@ -462,7 +521,7 @@ async fn main() {
     // The same scenario must get the same answers from every target, or the comparison is void.
     let mut shapes = Vec::new();
     for target in &targets {
-        let (_, shape) = scenario(&client, &target.base, true).await;
+        let (_, shape) = scenario(&client, &target.bases, true).await;
         shapes.push(shape.unwrap());
     }
     println!("answers of one scenario (text turn | tool-call turn | tool-result turn | history roles):");
@@ -511,17 +570,29 @@ async fn main() {
                 load_average()
             );
         }
+        if let [Some(one), Some(many)] = results.as_slice()
+            && targets[0].name == "ours×1"
+        {
+            println!(
+                "{:>8} {vus:>5} {}/ours×1: scenarios/s {:.2}x, server CPU per scenario {:.2}x (load average {})",
+                "",
+                targets[1].name,
+                many.rate / one.rate,
+                many.cpu_ms.unwrap_or(0.0) / one.cpu_ms.unwrap_or(f64::NAN),
+                load_average()
+            );
+        }
     }
     let ours = targets.last().unwrap();
     if let Some(n) = arg("--open-streams").map(|n| n.parse::<usize>().unwrap()) {
-        hold_open_streams(&client, &ours.base, n, ours.pid).await;
+        hold_open_streams(&client, &ours.bases[0], n, ours.pids.first().copied()).await;
     }
     for target in &targets {
-        if let Some(pid) = target.pid {
+        for pid in &target.pids {
             println!(
-                "{} peak RSS: {:.1} MiB",
+                "{} (pid {pid}) peak RSS: {:.1} MiB",
                 target.name,
-                peak_rss_kib(pid) as f64 / 1024.0
+                peak_rss_kib(*pid) as f64 / 1024.0
             );
         }
     }

@@ -756,3 +756,57 @@ async fn the_session_list_reports_the_total_of_its_filter_on_postgres() {
     let (_guard, url) = postgres_url().await;
     the_session_list_reports_the_total_of_its_filter(Some(&url)).await;
 }
+
+/// A `tool_result` sent again with its `request_id` (the client lost the first answer, say to a
+/// process that died) replays what the first one caused, as every submission does; it was refused
+/// with 404 `TOOL_CALL_NOT_FOUND` because the call it answered was no longer open.
+async fn a_tool_result_sent_again_with_its_request_id_replays(db: Option<&str>) {
+    let t = Setup::new(db, "client", false).await;
+    t.script(Script::tool_call("read_file", json!({"path": "a.txt"})));
+    let first = t
+        .send(json!({"type": "user_message", "content": "Прочитай a.txt", "agent_type": "coder"}))
+        .await;
+    let call_id = call_id_of(&first, "tool_call");
+    t.script(Script::text("Готово."));
+    let request = json!({"session_id": t.id, "request_id": "req-result",
+                         "message": {"type": "tool_result", "call_id": call_id, "result": "A"}});
+    let r =
+        t.s.post("/agent/message/stream", request.clone())
+            .send()
+            .await
+            .unwrap();
+    let second = Sse::new(r).all().await;
+    let [token, complete] = answer("Готово.");
+    let expected = numbered(
+        4,
+        vec![
+            json!({"type": "tool_result", "call_id": call_id, "tool_name": "read_file", "result": "A"}),
+            token,
+            complete,
+            done("completed", &second),
+        ],
+    );
+    assert_eq!(second, expected);
+    let r = t.s.post("/agent/message/stream", request).send().await.unwrap();
+    assert_eq!(
+        Sse::new(r).all().await,
+        expected,
+        "the same events, no second turn"
+    );
+    assert_eq!(t.llm.request_count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tool_result_sent_again_with_its_request_id_replays_on_sqlite() {
+    a_tool_result_sent_again_with_its_request_id_replays(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
+async fn a_tool_result_sent_again_with_its_request_id_replays_on_postgres() {
+    let (_guard, url) = postgres_url().await;
+    a_tool_result_sent_again_with_its_request_id_replays(Some(&url)).await;
+}

@@ -182,63 +182,88 @@ async fn unanswered_calls(rt: &Arc<Inner>, session_id: &str) -> Result<Vec<ToolC
         .collect())
 }
 
+/// How many orphaned turns one pass takes over at once: one after another, the last turn of a dead
+/// process waited for all the others (seconds for a dozen under load, measured by the chaos test).
+const RECOVERY_CONCURRENCY: usize = 16;
+
 /// `recover_interrupted` of the facade: one pass over the orphaned sessions (running, and nobody
-/// can be running them), each marked interrupted under a lease taken for the purpose.
+/// can be running them), each resumed or marked interrupted under a lease taken for the purpose,
+/// several at once. Every session is tried; the first error is returned after.
 pub(in crate::orchestrator) async fn recover_interrupted(rt: Arc<Inner>) -> Result<usize> {
+    use futures::StreamExt;
     if rt.is_draining() {
         return Ok(0); // a draining process hands turns over; it takes none
     }
     rt.prove_alive().await;
+    let ids = rt.storage.orphaned_sessions(1000).await?;
+    let outcomes: Vec<Result<bool>> = futures::stream::iter(ids)
+        .map(|id| recover_one(rt.clone(), id))
+        .buffer_unordered(RECOVERY_CONCURRENCY)
+        .collect()
+        .await;
     let mut recovered = 0;
-    for id in rt.storage.orphaned_sessions(1000).await? {
-        if rt.hubs.running(&id).is_some() {
-            continue;
-        }
-        if rt.config.turn_recovery == TurnRecovery::Resume {
-            let Some(running) = rt.hubs.start_turn(&id) else {
-                continue;
-            };
-            rt.watch_cancel_requests().await;
-            match rt
-                .storage
-                .lease_session(&id, &rt.owner, rt.config.lease_ttl)
-                .await
-            {
-                Ok(Some(fresh)) if fresh.status == SessionStatus::Running => {
-                    match resume_orphan(&rt, fresh, running).await {
-                        Ok(()) => recovered += 1,
-                        Err(e) => {
-                            tracing::warn!(session_id = %id, error = %e, "resuming a stopped turn failed")
-                        }
-                    }
-                }
-                Ok(Some(_)) => give_back(&rt, &id).await,
-                // Another process was quicker, or the session is gone.
-                Ok(None) | Err(Error::SessionNotFound(_)) => rt.hubs.finish_turn(&id),
-                Err(e) => {
-                    rt.hubs.finish_turn(&id);
-                    return Err(e);
-                }
-            }
-            continue;
-        }
-        match rt
-            .storage
-            .acquire_lease(&id, &rt.owner, rt.config.lease_ttl)
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) | Err(Error::SessionNotFound(_)) => continue, // another process was quicker
-            Err(e) => return Err(e),
-        }
-        let fresh = rt.storage.get_session(&id).await?;
-        if fresh.status == SessionStatus::Running {
-            close_interrupted(&rt, &fresh, false).await?;
-            recovered += 1;
-        }
-        rt.storage.release_lease(&id, &rt.owner).await?;
+    for outcome in outcomes {
+        recovered += usize::from(outcome?);
     }
     Ok(recovered)
+}
+
+/// Resumes or closes one orphaned session's turn (per `TURN_RECOVERY`); `false` when another
+/// process was quicker or it ran again.
+async fn recover_one(rt: Arc<Inner>, id: String) -> Result<bool> {
+    if rt.hubs.running(&id).is_some() {
+        return Ok(false);
+    }
+    if rt.config.turn_recovery == TurnRecovery::Resume {
+        let Some(running) = rt.hubs.start_turn(&id) else {
+            return Ok(false);
+        };
+        rt.watch_cancel_requests().await;
+        return match rt
+            .storage
+            .lease_session(&id, &rt.owner, rt.config.lease_ttl)
+            .await
+        {
+            Ok(Some(fresh)) if fresh.status == SessionStatus::Running => {
+                match resume_orphan(&rt, fresh, running).await {
+                    Ok(()) => Ok(true),
+                    Err(e) => {
+                        tracing::warn!(session_id = %id, error = %e, "resuming a stopped turn failed");
+                        Ok(false)
+                    }
+                }
+            }
+            Ok(Some(_)) => {
+                give_back(&rt, &id).await;
+                Ok(false)
+            }
+            // Another process was quicker, or the session is gone.
+            Ok(None) | Err(Error::SessionNotFound(_)) => {
+                rt.hubs.finish_turn(&id);
+                Ok(false)
+            }
+            Err(e) => {
+                rt.hubs.finish_turn(&id);
+                Err(e)
+            }
+        };
+    }
+    match rt
+        .storage
+        .acquire_lease(&id, &rt.owner, rt.config.lease_ttl)
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) | Err(Error::SessionNotFound(_)) => return Ok(false), // another process was quicker
+        Err(e) => return Err(e),
+    }
+    let fresh = rt.storage.get_session(&id).await?;
+    let closed = fresh.status == SessionStatus::Running;
+    if closed {
+        close_interrupted(&rt, &fresh, false).await?;
+    }
+    rt.storage.release_lease(&id, &rt.owner).await?;
+    Ok(closed)
 }
 
 /// How long `cancel` waits for a turn running on another process to store its end.

@@ -122,11 +122,12 @@ pub(in crate::orchestrator) async fn submit(
         return Err(shutting_down());
     }
     let session = rt.storage.get_session(session_id).await?;
-    validate(&rt, &session, &sub.message)?;
     let rid = sub.request_id.as_deref();
+    // Before the checks: a repeated `tool_result` answers a call that its first copy closed.
     if let Some(replay) = replay_request(&rt, session_id, rid).await? {
         return Ok(replay);
     }
+    validate(&rt, &session, &sub.message)?;
     let (running, session) = match take_session(&rt, session_id).await {
         Ok(r) => r,
         Err(Error::SessionBusy(id)) => {
