@@ -11,6 +11,7 @@ use tracing::warn;
 
 use super::routing::{self, SWITCH_TOOL};
 
+mod budget;
 mod decide;
 mod guard;
 mod model;
@@ -34,6 +35,7 @@ use crate::session::{AgentSwitch, Message, NewMessage, Role, Session, SessionSta
 use crate::storage::{Commit, Committed, SessionUpdate};
 use crate::time::Timestamp;
 use crate::tools::{ToolContext, ToolFailure};
+pub(super) use budget::budget_usage;
 pub(super) use recover::{cancel, recover_interrupted};
 use submit::give_back;
 pub(super) use submit::submit;
@@ -77,6 +79,9 @@ struct TurnState {
     /// Loop and ping-pong detection.
     #[serde(default)]
     guard: guard::Guard,
+    /// Budgets: what the turn spent, raises, and the budget approval it waits for.
+    #[serde(default)]
+    spend: budget::TurnSpend,
 }
 
 impl TurnState {
@@ -115,6 +120,12 @@ struct Turn {
     cancel: CancellationToken,
     /// Tokens spent but not yet added to the session's total (rides on the next commit).
     unsaved_usage: Usage,
+    /// Cost spent but not yet added to the session's (rides on the next commit).
+    unsaved_cost: f64,
+    /// When the turn last resumed (or last stored its running time).
+    resumed_at: std::time::Instant,
+    /// The last answer was cut at the turn's time budget.
+    cut_by_deadline: bool,
     /// Changes that ride on the next commit instead of costing one of their own (the final
     /// answer goes out with `done`); their events are published only once stored.
     deferred: Option<Commit>,
@@ -130,6 +141,9 @@ impl Turn {
             session,
             cancel,
             unsaved_usage: Usage::default(),
+            unsaved_cost: 0.0,
+            resumed_at: std::time::Instant::now(),
+            cut_by_deadline: false,
             deferred: None,
             keep_lease: false,
         }
@@ -193,8 +207,12 @@ impl Turn {
         };
         c.at = Some(Timestamp::now());
         c.lease_owner = Some(self.rt.owner.clone());
+        self.checkpoint_time();
         if self.unsaved_usage != Usage::default() {
             c.usage = Some(c.usage.unwrap_or_default() + std::mem::take(&mut self.unsaved_usage));
+        }
+        if self.unsaved_cost != 0.0 {
+            c.cost = Some(c.cost.unwrap_or(0.0) + std::mem::take(&mut self.unsaved_cost));
         }
         if with_state {
             c.session.turn_state = Some(Some(self.state.to_value()));
@@ -285,12 +303,6 @@ impl Turn {
         }
     }
 
-    /// Adds tokens to the turn's usage and, with the next commit, to the session's.
-    fn add_usage(&mut self, usage: Usage) {
-        self.state.usage += usage;
-        self.unsaved_usage += usage;
-    }
-
     /// The orchestrator's routing call (the keyword classifier when it fails). Returns a pause
     /// when the orchestrator proposed a plan instead of routing once.
     async fn route(&mut self, content: &str) -> Result<Option<StopReason>> {
@@ -371,12 +383,13 @@ impl Turn {
         Usage {
             prompt_tokens: prompt as u64,
             completion_tokens: completion as u64,
+            ..Default::default()
         }
     }
 
     /// One model call: stream tokens as events, then store the assistant message and its calls.
-    /// Returns whether the model asked for tools.
-    async fn model_call(&mut self) -> Result<bool> {
+    /// Returns whether the model asked for tools; `None` when a budget paused the turn first.
+    async fn model_call(&mut self) -> Result<Option<bool>> {
         let agent_type = self.agent();
         let agent = self
             .rt
@@ -384,7 +397,9 @@ impl Turn {
             .get(&agent_type)
             .cloned()
             .ok_or_else(|| Error::Internal(format!("session agent '{agent_type}' is not registered")))?;
-        let (answer, window) = self.ask_within_window(&agent).await?;
+        let Some((answer, window)) = self.ask_within_window(&agent).await? else {
+            return Ok(None);
+        };
         self.state.iterations += 1;
         self.add_usage(answer.usage);
         let (text, calls) = (answer.text, answer.calls);
@@ -432,7 +447,7 @@ impl Turn {
             // The answer is final: it is stored (and published) with what ends the turn.
             self.defer(c);
         }
-        Ok(has_calls)
+        Ok(Some(has_calls))
     }
 
     /// Whether the approval policy asks a human about this call (it will be asked again, with the
@@ -595,8 +610,9 @@ impl Turn {
     }
 
     /// Checks every new call: refusals get their result now, switches happen, dangerous calls
-    /// become pending approvals, the rest are cleared to run (or handed to the client).
-    async fn triage(&mut self) -> Result<()> {
+    /// become pending approvals, the rest are cleared to run (or handed to the client). Each call
+    /// first asks the budgets; a reached one pauses the turn before it (`Some`).
+    async fn triage(&mut self) -> Result<Option<StopReason>> {
         let new: Vec<OpenCall> = self
             .state
             .open_calls
@@ -608,6 +624,10 @@ impl Turn {
             if self.cancel.is_cancelled() {
                 return Err(cancelled());
             }
+            if let budget::Gate::Pause = self.gate(crate::budget::Step::ToolCall).await? {
+                return Ok(Some(StopReason::BudgetExceeded));
+            }
+            self.state.spend.tool_calls += 1;
             if let Value::String(raw) = &call.arguments {
                 let msg = format!(
                     "the arguments of '{}' are not valid JSON ({}); call the tool again with a JSON object",
@@ -644,7 +664,7 @@ impl Turn {
                 ApprovalRequirement::Run => self.clear_to_run(&call).await?,
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// A call the policy asks a human about: stored as a pending approval and streamed as a
@@ -845,7 +865,16 @@ impl Turn {
 
     /// The loop: settle open calls, call the model, triage its calls, until done or paused.
     async fn run_loop(&mut self) -> Result<StopReason> {
+        if self.close_declined() {
+            return Ok(StopReason::BudgetExceeded);
+        }
         loop {
+            // Calls a budget paused before are triaged where the turn stopped.
+            if self.state.open_calls.iter().any(|c| c.state == CallState::New)
+                && let Some(pause) = self.triage().await?
+            {
+                return Ok(pause);
+            }
             if let Some(pause) = self.settle_calls().await? {
                 return Ok(pause);
             }
@@ -855,10 +884,21 @@ impl Turn {
             if self.state.iterations >= self.rt.config.max_turn_iterations {
                 return Ok(StopReason::MaxIterations);
             }
-            if !self.model_call().await? {
-                return Ok(StopReason::Completed);
+            match self.model_call().await? {
+                None => return Ok(StopReason::BudgetExceeded),
+                Some(false) if self.cut_by_deadline => {
+                    self.cut_by_deadline = false;
+                    if let budget::Gate::Pause = self.gate(crate::budget::Step::Between).await? {
+                        return Ok(StopReason::BudgetExceeded);
+                    }
+                    return Ok(StopReason::Completed);
+                }
+                Some(false) => return Ok(StopReason::Completed),
+                Some(true) => {}
             }
-            self.triage().await?;
+            if let Some(pause) = self.triage().await? {
+                return Ok(pause);
+            }
         }
     }
 
@@ -915,7 +955,7 @@ impl Turn {
         let paused = matches!(
             stop,
             StopReason::AwaitingApproval | StopReason::AwaitingToolResult
-        );
+        ) || (stop == StopReason::BudgetExceeded && self.state.spend.paused.is_some());
         if !paused {
             let (why, code) = match stop {
                 StopReason::Cancelled => ("cancelled: the turn was cancelled", "CANCELLED"),
@@ -926,6 +966,7 @@ impl Turn {
             };
             self.close_open_calls(why, code).await?;
             self.abandon_plan(why).await?;
+            self.abandon_budget(why).await?;
         }
         let mut events = Vec::new();
         if let Some(e) = &error {
@@ -937,13 +978,15 @@ impl Turn {
         }
         events.push(EventPayload::Done {
             stop_reason: stop,
-            usage: self.state.usage,
+            usage: self.done_usage(),
         });
         let status = match stop {
             StopReason::AwaitingApproval => SessionStatus::AwaitingApproval,
+            StopReason::BudgetExceeded if paused => SessionStatus::AwaitingApproval,
             StopReason::AwaitingToolResult => SessionStatus::AwaitingToolResult,
             _ => SessionStatus::Idle,
         };
+        self.checkpoint_time();
         let turn_state = if paused { Some(self.state.to_value()) } else { None };
         let c = Commit {
             events,
