@@ -92,12 +92,12 @@ impl BudgetKind {
         matches!(self, BudgetKind::SessionTokens | BudgetKind::SessionCost)
     }
 
-    /// An amount of this budget as JSON: an integer for whole budgets.
+    /// An amount of this budget as JSON: an integer for whole budgets, money to 1e-9.
     pub fn amount(self, v: f64) -> Value {
         if self.whole() {
             json!(v.max(0.0).round() as u64)
         } else {
-            json!(v)
+            json!(money(v))
         }
     }
 }
@@ -239,14 +239,20 @@ impl Spent {
         for k in BudgetKind::ALL {
             let Some(s) = self.of(k) else { continue };
             // Whole budgets show whole amounts spent (time: seconds begun are not yet spent).
-            spent.set(k, if k.whole() { s.floor() } else { s });
+            spent.set(k, if k.whole() { s.floor() } else { money(s) });
             if let Some(limit) = limits.limit(k) {
                 let left = (limit - s).max(0.0);
-                remaining.set(k, if k.whole() { left.floor() } else { left });
+                remaining.set(k, if k.whole() { left.floor() } else { money(left) });
             }
         }
         BudgetReport { spent, remaining }
     }
+}
+
+/// Money rounded to 1e-9, so sums of prices read as written (0.04 + 0.04 is 0.08, not
+/// 0.08000000000000002).
+pub fn money(v: f64) -> f64 {
+    (v * 1e9).round() / 1e9
 }
 
 /// Spent and remaining amounts, by budget (the wire names of [`Budget`]).

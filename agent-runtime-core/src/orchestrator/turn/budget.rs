@@ -111,7 +111,7 @@ impl Turn {
         let limits = self.limits();
         TurnUsage {
             tokens: self.state.usage,
-            cost: self.priced().then_some(self.state.spend.cost),
+            cost: self.priced().then_some(budget::money(self.state.spend.cost)),
             budget: (!limits.is_unlimited()).then(|| self.spent().report(&limits)),
         }
     }
@@ -324,7 +324,7 @@ pub(in crate::orchestrator) fn budget_usage(
         cached_prompt_tokens: session.usage.cached_prompt_tokens,
         completion_tokens: session.usage.completion_tokens,
         total_tokens: session.usage.total(),
-        cost: priced.then_some(session.cost),
+        cost: priced.then_some(budget::money(session.cost)),
         cost_unavailable,
         budget: limits,
         spent: report.spent,
