@@ -899,7 +899,7 @@ mod tests {
                 r.status(),
                 r.headers().get(header::ALLOW).map(|v| v.to_str().unwrap())
             ),
-            (StatusCode::METHOD_NOT_ALLOWED, Some("GET, DELETE"))
+            (StatusCode::METHOD_NOT_ALLOWED, Some("GET, PATCH, DELETE"))
         );
     }
 }

@@ -566,6 +566,21 @@ async fn cost_is_counted_to_the_cent_and_a_session_cost_budget_trips_at_its_limi
         (12, &json!({"session_cost": 0.16}), 4),
         "{used}"
     );
+    // Prometheus: the cost spent here, the budget reached and raised.
+    let metrics = s.get("/metrics").send().await.unwrap().text().await.unwrap();
+    let lines: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("llm_cost_total ") || l.starts_with("agent_budget_events_total{"))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            r#"agent_budget_events_total{event="exceeded",budget="session_cost"} 1"#,
+            r#"agent_budget_events_total{event="raised",budget="session_cost"} 1"#,
+            "llm_cost_total 0.12",
+        ],
+        "{metrics}"
+    );
     drop(prices);
 }
 

@@ -103,6 +103,7 @@ impl Turn {
         if let Some(cost) = self.rt.prices.cost(&self.rt.config.llm.model, &usage) {
             self.state.spend.cost += cost;
             self.unsaved_cost += cost;
+            self.run_cost += cost;
         }
     }
 
@@ -235,12 +236,18 @@ impl Turn {
         Ok((status, BusEventKind::ApprovalApproved, session_budget))
     }
 
-    /// After a rejected raise: the closing assistant message, which goes out with `done`.
-    /// `true` if the turn ends here.
-    pub(super) fn close_declined(&mut self) -> bool {
+    /// After a rejected raise: the calls that waited behind the budget get their "not executed"
+    /// result, then the closing assistant message, which goes out with `done`. `true` if the turn
+    /// ends here.
+    pub(super) async fn close_declined(&mut self) -> Result<bool> {
         let Some(p) = self.state.spend.declined.take() else {
-            return false;
+            return Ok(false);
         };
+        self.close_open_calls(
+            "not executed: the turn's budget was reached and raising it was declined",
+            "TOOL_EXECUTION_FAILED",
+        )
+        .await?;
         let text = format!(
             "I stopped here: this turn reached its {} budget ({} of {}) and raising it was declined.",
             p.budget.as_str(),
@@ -255,7 +262,7 @@ impl Turn {
             })],
             ..Commit::default()
         });
-        true
+        Ok(true)
     }
 
     /// Cancels the budget approval the turn waits for, when it ends otherwise.

@@ -126,6 +126,8 @@ struct Turn {
     resumed_at: std::time::Instant,
     /// The last answer was cut at the turn's time budget.
     cut_by_deadline: bool,
+    /// Cost of the model calls made by this run of the turn (for metrics: counted once).
+    run_cost: f64,
     /// Changes that ride on the next commit instead of costing one of their own (the final
     /// answer goes out with `done`); their events are published only once stored.
     deferred: Option<Commit>,
@@ -144,6 +146,7 @@ impl Turn {
             unsaved_cost: 0.0,
             resumed_at: std::time::Instant::now(),
             cut_by_deadline: false,
+            run_cost: 0.0,
             deferred: None,
             keep_lease: false,
         }
@@ -865,7 +868,7 @@ impl Turn {
 
     /// The loop: settle open calls, call the model, triage its calls, until done or paused.
     async fn run_loop(&mut self) -> Result<StopReason> {
-        if self.close_declined() {
+        if self.close_declined().await? {
             return Ok(StopReason::BudgetExceeded);
         }
         loop {
@@ -1007,7 +1010,7 @@ impl Turn {
         self.rt.bus.publish(
             kind,
             self.id(),
-            json!({"turn_id": self.state.turn_id, "stop_reason": stop}),
+            json!({"turn_id": self.state.turn_id, "stop_reason": stop, "cost": self.run_cost}),
         );
         Ok(committed.events)
     }
