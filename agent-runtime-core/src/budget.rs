@@ -359,7 +359,7 @@ pub fn check(limits: &Budget, spent: &Spent, step: Step) -> Decision {
                 if s + prompt_tokens as f64 >= limit {
                     return exceeded(kind, s, limit);
                 }
-                let left = (limit - s) as u64 - prompt_tokens;
+                let left = ((limit - s) as u64).saturating_sub(prompt_tokens);
                 max_tokens = Some(max_tokens.map_or(left, |m| m.min(left)));
             }
             for kind in [BudgetKind::TurnCost, BudgetKind::SessionCost] {

@@ -208,9 +208,9 @@ impl Turn {
         let mut tokens: Vec<EventPayload> = Vec::new();
         let mut ended = false;
         // The turn's time budget stops a streaming answer at the limit.
-        let deadline = self.limits().turn_time_secs.map(|secs| {
-            let left = (secs * 1000).saturating_sub(self.active_ms());
-            tokio::time::Instant::now() + std::time::Duration::from_millis(left)
+        let deadline = self.limits().turn_time_secs.and_then(|secs| {
+            let left = secs.saturating_mul(1000).saturating_sub(self.active_ms());
+            tokio::time::Instant::now().checked_add(std::time::Duration::from_millis(left))
         });
         let at_deadline = async {
             match deadline {
