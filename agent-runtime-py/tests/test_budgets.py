@@ -73,7 +73,7 @@ def test_a_rejected_budget_ends_the_turn_with_a_closing_message(coder, llm, proj
     assert closed[2]["content"] == closing
     assert closed[-1]["stop_reason"] == "budget_exceeded"
     assert coder.get_session(session)["status"] == "idle"
-    assert coder.messages(session)["messages"][-1]["content"] == closing
+    assert coder.messages(session)[-1]["content"] == closing
 
 
 def test_set_budget_changes_the_named_budgets_and_refuses_bad_ones(coder, project):

@@ -387,7 +387,7 @@ pub fn encode_sse(model: &str, chunks: &[Chunk]) -> String {
             Chunk::Usage(u) => event(json!({
                 "id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model,
                 "choices": [],
-                "usage": usage_json(&u),
+                "usage": usage_json(u),
             })),
             Chunk::Finish(reason) => {
                 let reason = match reason {
