@@ -25,6 +25,7 @@ async fn session_with(store: &Arc<dyn Storage>, id: &str, messages: usize) {
             metadata: serde_json::json!({}),
             current_agent: "orchestrator".into(),
             created_at: Timestamp::now(),
+            budget: Default::default(),
         })
         .await
         .expect("create session");

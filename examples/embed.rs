@@ -50,6 +50,7 @@ async fn main() -> Result<()> {
             user_id: Some("user_123".into()),
             metadata: Some(json!({"project_path": project.display().to_string()})),
             session_id: None,
+            budget: None,
         })
         .await?;
     println!("session {} on {}", session.id, db_url);

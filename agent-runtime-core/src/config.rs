@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::budget::{Budget, BudgetKind};
 use crate::error::{Error, Result};
 use crate::llm::Capabilities;
 use crate::tools::{SandboxMode, SandboxSettings};
@@ -135,6 +136,14 @@ pub struct RuntimeConfig {
     pub routing_timeout: Duration,
     /// `TURN_RECOVERY`: what happens to a turn whose process stopped (default: resume).
     pub turn_recovery: TurnRecovery,
+    /// Default budgets of new sessions (`SESSION_TOKEN_BUDGET`, `SESSION_COST_BUDGET`,
+    /// `TURN_TOKEN_BUDGET`, `TURN_COST_BUDGET`, `TURN_TIME_BUDGET_SECS`, `TURN_TOOL_CALL_BUDGET`);
+    /// unset is unlimited.
+    #[serde(default)]
+    pub budget: Budget,
+    /// `MODEL_PRICES_FILE`: prices per million tokens by model (see [`crate::budget::PriceTable`]).
+    #[serde(default)]
+    pub model_prices_file: Option<PathBuf>,
 }
 
 impl Default for RuntimeConfig {
@@ -177,6 +186,8 @@ impl Default for RuntimeConfig {
             lease_ttl: Duration::from_secs(30),
             routing_timeout: Duration::from_secs(5),
             turn_recovery: TurnRecovery::Resume,
+            budget: Budget::default(),
+            model_prices_file: None,
         }
     }
 }
@@ -218,6 +229,23 @@ pub const VARIABLES: &[&str] = &[
     "SESSION_LEASE_SECS",
     "ROUTING_TIMEOUT_SECS",
     "TURN_RECOVERY",
+    "SESSION_TOKEN_BUDGET",
+    "SESSION_COST_BUDGET",
+    "TURN_TOKEN_BUDGET",
+    "TURN_COST_BUDGET",
+    "TURN_TIME_BUDGET_SECS",
+    "TURN_TOOL_CALL_BUDGET",
+    "MODEL_PRICES_FILE",
+];
+
+/// The settings of the default budgets and the budget each sets.
+pub const BUDGET_VARIABLES: [(&str, BudgetKind); 6] = [
+    ("SESSION_TOKEN_BUDGET", BudgetKind::SessionTokens),
+    ("SESSION_COST_BUDGET", BudgetKind::SessionCost),
+    ("TURN_TOKEN_BUDGET", BudgetKind::TurnTokens),
+    ("TURN_COST_BUDGET", BudgetKind::TurnCost),
+    ("TURN_TIME_BUDGET_SECS", BudgetKind::TurnTimeSecs),
+    ("TURN_TOOL_CALL_BUDGET", BudgetKind::TurnToolCalls),
 ];
 
 fn bad(var: &str, value: &str, expected: &str) -> Error {
@@ -407,6 +435,23 @@ impl RuntimeConfig {
             c.turn_recovery = TurnRecovery::parse(&v)
                 .ok_or_else(|| bad("TURN_RECOVERY", &v, "expected resume or interrupt"))?;
         }
+        for (var, kind) in BUDGET_VARIABLES {
+            if let Some(v) = get(var) {
+                let n = if kind.whole() {
+                    parse_num::<u64>(var, &v, 0)? as f64
+                } else {
+                    v.trim()
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|f| f.is_finite() && *f >= 0.0)
+                        .ok_or_else(|| bad(var, &v, "expected a number ≥ 0"))?
+                };
+                c.budget.set(kind, n);
+            }
+        }
+        if let Some(v) = get("MODEL_PRICES_FILE") {
+            c.model_prices_file = Some(PathBuf::from(v.trim()));
+        }
         Ok(c)
     }
 }
@@ -514,6 +559,37 @@ mod tests {
         );
         let c = from(&[("WORKSPACE_ROOTS", "/old"), ("PROJECT_ROOTS", "/new")]).unwrap();
         assert_eq!(c.project_roots, [PathBuf::from("/new")]);
+    }
+
+    #[test]
+    fn budget_settings_are_the_default_budget_of_new_sessions() {
+        let c = from(&[
+            ("SESSION_COST_BUDGET", "2.50"),
+            ("TURN_TOOL_CALL_BUDGET", "0"),
+            ("TURN_TIME_BUDGET_SECS", "300"),
+            ("MODEL_PRICES_FILE", "/etc/prices.json"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.budget, c.model_prices_file),
+            (
+                Budget {
+                    session_cost: Some(2.5),
+                    turn_tool_calls: Some(0),
+                    turn_time_secs: Some(300),
+                    ..Budget::default()
+                },
+                Some(PathBuf::from("/etc/prices.json"))
+            )
+        );
+        for (var, value) in [
+            ("SESSION_TOKEN_BUDGET", "-5"),
+            ("SESSION_COST_BUDGET", "cheap"),
+            ("TURN_TOOL_CALL_BUDGET", "1.5"),
+        ] {
+            let err = from(&[(var, value)]).unwrap_err();
+            assert!(err.to_string().starts_with(&format!("{var}: ")), "{err}");
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@
 
 pub mod agent;
 pub mod approval;
+pub mod budget;
 pub mod config;
 pub mod context;
 pub mod error;

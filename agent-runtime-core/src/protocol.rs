@@ -22,6 +22,9 @@ pub enum StopReason {
     Error,
     /// `MAX_TURN_ITERATIONS` model calls were made.
     MaxIterations,
+    /// A budget was reached: the turn paused on a `budget` approval (session `awaiting_approval`),
+    /// or ended because raising it was rejected (session `idle`).
+    BudgetExceeded,
 }
 
 /// A tool as offered to the model: its name, what it does, and the JSON Schema of its arguments.
@@ -144,6 +147,22 @@ pub enum EventPayload {
     PlanProposed(Plan),
     /// A plan's subtask started or ended.
     PlanUpdated(Plan),
+    /// A budget was reached before the next step: a pending `budget` approval (this `call_id`)
+    /// raises it; `done` with `stop_reason: "budget_exceeded"` follows.
+    BudgetExceeded {
+        /// The budget approval.
+        call_id: String,
+        /// Which budget (`turn_tool_calls`, `session_cost`, ...).
+        budget: crate::budget::BudgetKind,
+        /// What was spent.
+        spent: Value,
+        /// The limit reached.
+        limit: Value,
+        /// The limit `approve` sets.
+        proposed_limit: Value,
+        /// For humans.
+        reason: String,
+    },
     /// The turn failed; `done` follows. On the wire it also carries `content`, the same text as
     /// `message`, for clients of the earlier runtime.
     Error {
@@ -166,9 +185,34 @@ pub enum EventPayload {
     Done {
         /// Why the stream ended.
         stop_reason: StopReason,
-        /// Tokens of every model call of the turn.
-        usage: Usage,
+        /// Tokens of every model call of the turn; with prices or budgets also its cost, and
+        /// what was spent and remains of each budget.
+        usage: TurnUsage,
     },
+}
+
+/// A turn's usage as `done` reports it: its tokens (flattened), and the turn's `cost` when the
+/// model has a price, `spent` and `remaining` when the session has budgets (fields absent otherwise).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct TurnUsage {
+    /// Prompt and completion tokens of the turn.
+    #[serde(flatten)]
+    pub tokens: Usage,
+    /// What the turn's model calls cost (`MODEL_PRICES_FILE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<f64>,
+    /// Spent and remaining of each budget, when the session has any.
+    #[serde(default, skip_serializing_if = "Option::is_none", flatten)]
+    pub budget: Option<crate::budget::BudgetReport>,
+}
+
+impl From<Usage> for TurnUsage {
+    fn from(tokens: Usage) -> Self {
+        TurnUsage {
+            tokens,
+            ..TurnUsage::default()
+        }
+    }
 }
 
 impl EventPayload {
@@ -192,6 +236,7 @@ impl EventPayload {
             EventPayload::ApprovalResolved { .. } => "approval_resolved",
             EventPayload::PlanProposed(_) => "plan_proposed",
             EventPayload::PlanUpdated(_) => "plan_updated",
+            EventPayload::BudgetExceeded { .. } => "budget_exceeded",
             EventPayload::Error { .. } => "error",
             EventPayload::TurnResumed { .. } => "turn_resumed",
             EventPayload::Done { .. } => "done",
@@ -437,7 +482,7 @@ mod tests {
         let complete = EventPayload::AssistantMessage(AssistantMessage::Complete { content: "hi".into() });
         let done = EventPayload::Done {
             stop_reason: StopReason::AwaitingApproval,
-            usage: Usage::default(),
+            usage: Usage::default().into(),
         };
         assert_eq!(
             serde_json::to_value(Event {

@@ -116,6 +116,7 @@ mod llm {
                     usage: Some(Usage {
                         prompt_tokens: 32,
                         completion_tokens: 8,
+                        ..Default::default()
                     }),
                     ..paris()
                 },
@@ -597,6 +598,7 @@ mod llm {
             .usage(Usage {
                 prompt_tokens: 40,
                 completion_tokens: 12,
+                ..Default::default()
             });
         let mock = MockLlmServer::start().await.unwrap();
         mock.push(MockResponse::script(&script));
@@ -630,7 +632,8 @@ mod llm {
                 ],
                 usage: Some(Usage {
                     prompt_tokens: 40,
-                    completion_tokens: 12
+                    completion_tokens: 12,
+                    ..Default::default()
                 }),
                 finish: FinishReason::ToolCalls,
             }

@@ -66,6 +66,7 @@ impl Harness {
                 user_id: Some("u1".into()),
                 metadata: Some(metadata),
                 session_id: None,
+                budget: None,
             })
             .await
             .unwrap();
@@ -255,7 +256,7 @@ async fn orchestrator_routes_each_request_to_its_specialist() {
     }
 }
 
-fn payload_usage(events: &[Event]) -> agent_runtime_core::session::Usage {
+fn payload_usage(events: &[Event]) -> agent_runtime_core::protocol::TurnUsage {
     match events.last().map(|e| &e.payload) {
         Some(EventPayload::Done { usage, .. }) => *usage,
         _ => panic!("no done"),
@@ -1645,6 +1646,7 @@ async fn the_sessions_usage_includes_the_routing_call_and_matches_done() {
     let usage = |p, c| Usage {
         prompt_tokens: p,
         completion_tokens: c,
+        ..Default::default()
     };
     let h = harness(vec![
         route("ask").usage(usage(100, 10)),
@@ -1653,7 +1655,7 @@ async fn the_sessions_usage_includes_the_routing_call_and_matches_done() {
     .await;
     let s = h.session().await;
     let events = h.say(&s, "what is rust?").await;
-    assert_eq!(payload_usage(&events), usage(300, 30));
+    assert_eq!(payload_usage(&events), usage(300, 30).into());
     assert_eq!(h.rt.usage(&s).await.unwrap(), usage(300, 30));
 }
 

@@ -119,6 +119,7 @@ impl Runtime {
                 user_id: Some("e2e".into()),
                 metadata: Some(metadata),
                 session_id: None,
+                budget: None,
             })
             .await
             .unwrap()

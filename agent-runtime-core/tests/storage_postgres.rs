@@ -55,6 +55,7 @@ fn new_session(id: &str, user: Option<&str>, at: i64) -> NewSession {
         metadata: json!({"project_path": "/tmp/p", "nested": {"z": 1, "a": [1.5, null, "ü\u{0}"]}}),
         current_agent: "orchestrator".to_string(),
         created_at: Timestamp::from_millis(at),
+        budget: Default::default(),
     }
 }
 
@@ -359,6 +360,7 @@ async fn commits_with_events_are_noticed_by_listeners_of_other_handles() {
     quiet.usage = Some(Usage {
         prompt_tokens: 1,
         completion_tokens: 1,
+        ..Default::default()
     });
     writer.commit("noticed", quiet).await.unwrap();
     let mut fenced = Commit::now();

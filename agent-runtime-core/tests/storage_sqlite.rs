@@ -47,6 +47,7 @@ fn new_session(id: &str) -> NewSession {
         metadata: json!({"project_path": "/tmp/p"}),
         current_agent: "orchestrator".into(),
         created_at: Timestamp::from_millis(1_704_794_400_000),
+        budget: Default::default(),
     }
 }
 

@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 const USAGE: Usage = Usage {
     prompt_tokens: 5,
     completion_tokens: 1,
+    cached_prompt_tokens: 0,
 };
 
 /// A one-word answer with known usage: its events are exactly one token, the message, `done`.
@@ -124,7 +125,10 @@ fn resumed(after_seq: u64, reason: &str) -> EventPayload {
 }
 
 fn done(stop_reason: StopReason, usage: Usage) -> EventPayload {
-    EventPayload::Done { stop_reason, usage }
+    EventPayload::Done {
+        stop_reason,
+        usage: usage.into(),
+    }
 }
 
 /// The session's stored events, once its turn has ended (bounded wait).

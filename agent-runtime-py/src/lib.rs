@@ -109,9 +109,9 @@ fn setting_text(key: &str, value: &Bound<'_, PyAny>) -> PyResult<String> {
     )))
 }
 
-/// The session as `GET /sessions/{id}` shows it.
+/// The session as `GET /sessions/{id}` shows it (`budget` only when it has one).
 fn session_json(s: &Session) -> Value {
-    json!({
+    let mut v = json!({
         "session_id": s.id,
         "user_id": s.user_id,
         "created_at": s.created_at,
@@ -120,7 +120,11 @@ fn session_json(s: &Session) -> Value {
         "current_agent": s.current_agent,
         "message_count": s.message_count,
         "status": s.status,
-    })
+    });
+    if !s.budget.is_unlimited() {
+        v["budget"] = json!(s.budget);
+    }
+    v
 }
 
 /// `mcp_servers=` as a servers config: `{"fs": {...}}` or the file's whole `{"mcpServers": {...}}`.
@@ -288,20 +292,25 @@ impl Runtime {
     /// Creates a session on the default agent and returns it as a dict (`session_id`,
     /// `user_id`, `created_at`, `last_activity`, `metadata`, `current_agent`, `message_count`,
     /// `status`). `metadata` keys the runtime reads: `project_path` (an existing absolute
-    /// directory), `tool_execution` (`"runtime"` or `"client"`).
-    #[pyo3(signature = (user_id=None, metadata=None, session_id=None))]
+    /// directory), `tool_execution` (`"runtime"` or `"client"`). `budget`: the session's budgets
+    /// over the settings' defaults (`session_tokens`, `session_cost`, `turn_tokens`, `turn_cost`,
+    /// `turn_time_secs`, `turn_tool_calls`; `None` for one lifts its default).
+    #[pyo3(signature = (user_id=None, metadata=None, session_id=None, budget=None))]
     fn create_session(
         &self,
         py: Python<'_>,
         user_id: Option<String>,
         metadata: Option<&Bound<'_, PyAny>>,
         session_id: Option<String>,
+        budget: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyAny>> {
         let metadata = metadata.map(|m| convert::from_py(m, "metadata")).transpose()?;
+        let budget = budget.map(|b| convert::from_py(b, "budget")).transpose()?;
         let req = CreateSession {
             user_id,
             metadata,
             session_id,
+            budget,
         };
         let s = block_on(py, self.orchestrator.create_session(req))?;
         convert::to_py(py, &session_json(&s))
@@ -398,6 +407,23 @@ impl Runtime {
     fn usage(&self, py: Python<'_>, session_id: &str) -> PyResult<Py<PyAny>> {
         let usage = block_on(py, self.orchestrator.usage(session_id))?;
         convert::serialize_to_py(py, &usage)
+    }
+
+    /// What the session spent and what remains of its budgets, as `GET /sessions/{id}/usage`:
+    /// tokens, `cost` (`None` without a price, `cost_unavailable` says why), `budget`, `spent`,
+    /// `remaining`.
+    fn budget_usage(&self, py: Python<'_>, session_id: &str) -> PyResult<Py<PyAny>> {
+        let usage = block_on(py, self.orchestrator.budget_usage(session_id))?;
+        convert::serialize_to_py(py, &usage)
+    }
+
+    /// Changes the session's budgets: the keys of `budget` set a limit (`None`: unlimited), the
+    /// others stay. Returns the session. Raises `InvalidRequest` naming a bad key or value
+    /// (nothing changes), `SessionNotFound`.
+    fn set_budget(&self, py: Python<'_>, session_id: &str, budget: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        let patch = convert::from_py(budget, "budget")?;
+        let s = block_on(py, self.orchestrator.set_budget(session_id, &patch))?;
+        convert::to_py(py, &session_json(&s))
     }
 
     /// Sends the user's message and returns the turn's `EventStream` (switching to `agent_type`

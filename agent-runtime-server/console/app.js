@@ -252,7 +252,11 @@ class ApprovalCards {
 
   card(sessionId, a) {
     const card = { busy: false };
-    const shown = pretty(a.arguments);
+    // A budget approval is decided on its new limit alone: approve takes the proposed one, an
+    // edited limit is sent as {"limit": N}.
+    const budget = a.request_type === "budget";
+    const proposal = budget ? { limit: a.arguments?.proposed_limit } : a.arguments;
+    const shown = pretty(proposal);
     const rows = Math.min(16, Math.max(3, shown.split("\n").length + 1));
     const args = el("textarea", { class: "args-editor", rows, spellcheck: "false", "aria-label": `Arguments of ${a.tool_name} (JSON)` }, shown);
     const feedback = el("input", { class: "feedback", placeholder: "why (sent to the model with a rejection)", "aria-label": "Feedback" });
@@ -295,7 +299,7 @@ class ApprovalCards {
         fail(`The arguments are not valid JSON (${e.message}); nothing was sent.`);
         return;
       }
-      const same = JSON.stringify(edited) === JSON.stringify(a.arguments);
+      const same = JSON.stringify(edited) === JSON.stringify(proposal);
       decide(same
         ? { call_id: a.call_id, decision: "approve" }
         : { call_id: a.call_id, decision: "edit", modified_arguments: edited });
@@ -308,7 +312,9 @@ class ApprovalCards {
     approve.addEventListener("click", card.approve);
     reject.addEventListener("click", card.reject);
     card.node = el("article", { class: "approval", "data-call-id": a.call_id, "data-session-id": sessionId },
-      el("h3", {}, `Approval needed: ${a.request_type === "plan" ? "plan" : a.tool_name}`),
+      el("h3", {}, budget
+        ? `Budget reached: ${a.arguments?.budget} (${a.arguments?.spent} of ${a.arguments?.limit})`
+        : `Approval needed: ${a.request_type === "plan" ? "plan" : a.tool_name}`),
       this.showSession ? el("p", {}, "Session ", el("a", { href: `#/session/${enc(sessionId)}` }, sessionId)) : null,
       a.reason ? el("p", { class: "reason" }, `Reason: ${a.reason}`) : null,
       diff,
@@ -401,7 +407,7 @@ function sessionView(container, id) {
 
   const timeline = new Timeline(timelineList, {
     onEvent: (e) => {
-      if (e.type === "tool_call" || e.type === "approval_resolved" || e.type === "done" || e.type === "plan_proposed") refreshApprovals();
+      if (e.type === "tool_call" || e.type === "approval_resolved" || e.type === "done" || e.type === "plan_proposed" || e.type === "budget_exceeded") refreshApprovals();
       if (e.type === "done" || e.type === "agent_switched") refreshFacts();
       if (e.type === "done") refreshHistory();
     },

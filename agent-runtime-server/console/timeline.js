@@ -136,6 +136,12 @@ export class Timeline {
           el("ol", {}, (e.subtasks ?? []).map((t) =>
             el("li", {}, `[${t.status ?? "pending"}] ${t.agent ? `${t.agent}: ` : ""}${t.description ?? t.title ?? pretty(t)}`)))));
         return;
+      case "budget_exceeded":
+        this.open = null;
+        this.append(el("li", { class: "item plan", "data-seq": seq },
+          el("span", { class: "kind" }, `Budget reached: ${e.budget}`),
+          el("p", {}, `${e.spent} of ${e.limit} spent; approve to raise it to ${e.proposed_limit}`)));
+        return;
       case "error":
         this.open = null;
         this.append(el("li", { class: "item error", "data-seq": seq },

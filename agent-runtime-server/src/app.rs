@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use agent_runtime_core::budget::BudgetUsage;
 use agent_runtime_core::orchestrator::{
     ApprovalPreview, CancelOutcome, CreateSession, CurrentAgent, Follow, Orchestrator, Submission,
 };
@@ -64,6 +65,8 @@ pub enum Route {
     Events(String),
     /// `/sessions/{id}/pending-approvals`
     PendingApprovals(String),
+    /// `/sessions/{id}/usage`
+    Usage(String),
     /// `/sessions/{id}/hitl-decision`
     HitlDecision(String),
     /// `/sessions/{id}/cancel`
@@ -295,6 +298,16 @@ pub static ROUTES: &[RouteSpec] = &[
                 query: &[],
             },
             Operation {
+                method: Method::PATCH,
+                id: "updateSession",
+                tag: Tag::Sessions,
+                summary: "Change a session's budgets (the turn's next step sees them)",
+                request: Some(schema::<SessionPatch>),
+                answer: Answer::Json(200, schema::<SessionView>),
+                errors: &[400, 401, 404, 413],
+                query: &[],
+            },
+            Operation {
                 method: Method::DELETE,
                 id: "deleteSession",
                 tag: Tag::Sessions,
@@ -350,6 +363,22 @@ pub static ROUTES: &[RouteSpec] = &[
             summary: "The approvals waiting for a decision",
             request: None,
             answer: Answer::Json(200, schema::<PendingApprovals>),
+            errors: ID_ERRORS,
+            query: &[],
+        }],
+    },
+    RouteSpec {
+        path: "/sessions/{session_id}/usage",
+        alias: None,
+        public: false,
+        make: |p| Route::Usage(p.session_id),
+        operations: &[Operation {
+            method: Method::GET,
+            id: "getSessionUsage",
+            tag: Tag::Sessions,
+            summary: "Tokens, cost, budgets, and what was spent and remains of each",
+            request: None,
+            answer: Answer::Json(200, schema::<BudgetUsage>),
             errors: ID_ERRORS,
             query: &[],
         }],
@@ -733,6 +762,14 @@ impl App {
                 })
             }
             (Method::GET, Route::Session(id)) => ok(&SessionView::from(&rt.get_session(&id).await?)),
+            (Method::PATCH, Route::Session(id)) => {
+                let body: SessionPatch = read_json(self, req, false).await?;
+                let patch = body.budget.ok_or_else(|| {
+                    ApiError::invalid("nothing to change: PATCH /sessions/{id} takes {\"budget\": {...}}")
+                })?;
+                ok(&SessionView::from(&rt.set_budget(&id, &patch).await?))
+            }
+            (Method::GET, Route::Usage(id)) => ok(&rt.budget_usage(&id).await?),
             (Method::DELETE, Route::Session(id)) => {
                 rt.delete_session(&id).await?;
                 ok(&StatusReply {
@@ -867,7 +904,7 @@ mod tests {
                 r.status(),
                 r.headers().get(header::ALLOW).map(|v| v.to_str().unwrap())
             ),
-            (StatusCode::METHOD_NOT_ALLOWED, Some("GET, DELETE"))
+            (StatusCode::METHOD_NOT_ALLOWED, Some("GET, PATCH, DELETE"))
         );
     }
 }

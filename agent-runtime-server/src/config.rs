@@ -76,6 +76,41 @@ pub const SETTINGS_HELP: &[(&str, &str, &str)] = &[
         "5",
     ),
     (
+        "SESSION_TOKEN_BUDGET",
+        "default token budget of a session (prompt + completion); raising it is an approval",
+        "unset: unlimited",
+    ),
+    (
+        "SESSION_COST_BUDGET",
+        "default cost budget of a session, in MODEL_PRICES_FILE's currency",
+        "unset: unlimited",
+    ),
+    (
+        "TURN_TOKEN_BUDGET",
+        "default token budget of one turn",
+        "unset: unlimited",
+    ),
+    (
+        "TURN_COST_BUDGET",
+        "default cost budget of one turn",
+        "unset: unlimited",
+    ),
+    (
+        "TURN_TIME_BUDGET_SECS",
+        "default wall-time budget of one turn in seconds (paused time does not count)",
+        "unset: unlimited",
+    ),
+    (
+        "TURN_TOOL_CALL_BUDGET",
+        "default tool calls one turn may make",
+        "unset: unlimited",
+    ),
+    (
+        "MODEL_PRICES_FILE",
+        "JSON prices per million tokens by model: {\"model\": {\"input\", \"cached_input\", \"output\"}}",
+        "unset: cost is not counted",
+    ),
+    (
         "LLM_FORCED_TOOL_STEPS",
         "for a model without auto tool choice: tool results gathered before it must answer",
         "1",

@@ -43,6 +43,10 @@ pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, String, u16), u64>>,
     latency: Mutex<BTreeMap<&'static str, Histogram>>,
     turns: Mutex<BTreeMap<String, u64>>,
+    /// Budgets reached and raised, by budget.
+    budgets: Mutex<BTreeMap<(&'static str, String), u64>>,
+    /// Cost of the model calls of turns run here, in billionths (`MODEL_PRICES_FILE`'s currency).
+    cost_nanos: AtomicU64,
     active_streams: AtomicI64,
     model_calls: AtomicU64,
     model_errors: AtomicU64,
@@ -100,6 +104,18 @@ impl Metrics {
                     BusEventKind::TurnCompleted | BusEventKind::TurnFailed => {
                         let outcome = e.data["stop_reason"].as_str().unwrap_or("unknown").to_string();
                         *lock(&me.turns).entry(outcome).or_default() += 1;
+                        let cost = e.data["cost"].as_f64().unwrap_or(0.0);
+                        me.cost_nanos
+                            .fetch_add((cost * 1e9).round() as u64, Ordering::Relaxed);
+                    }
+                    BusEventKind::BudgetExceeded | BusEventKind::BudgetRaised => {
+                        let what = if e.kind == BusEventKind::BudgetExceeded {
+                            "exceeded"
+                        } else {
+                            "raised"
+                        };
+                        let budget = e.data["budget"].as_str().unwrap_or("unknown").to_string();
+                        *lock(&me.budgets).entry((what, budget)).or_default() += 1;
                     }
                     BusEventKind::ApprovalRequested => {
                         me.approvals_requested.fetch_add(1, Ordering::Relaxed);
@@ -156,6 +172,22 @@ impl Metrics {
         for (reason, n) in lock(&self.turns).iter() {
             let _ = writeln!(out, "agent_turns_total{{stop_reason=\"{reason}\"}} {n}");
         }
+        out.push_str(
+            "# HELP agent_budget_events_total Budgets reached (a turn paused) and raised, by budget.\n",
+        );
+        out.push_str("# TYPE agent_budget_events_total counter\n");
+        for ((what, budget), n) in lock(&self.budgets).iter() {
+            let _ = writeln!(
+                out,
+                "agent_budget_events_total{{event=\"{what}\",budget=\"{budget}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP llm_cost_total Cost of the model calls of turns run by this process (MODEL_PRICES_FILE).\n\
+             # TYPE llm_cost_total counter\nllm_cost_total {}",
+            self.cost_nanos.load(Ordering::Relaxed) as f64 / 1e9
+        );
         let gauge = |out: &mut String, name: &str, help: &str, kind: &str, v: i64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         };

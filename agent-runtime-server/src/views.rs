@@ -10,6 +10,7 @@ use agent_runtime_core::Session;
 use agent_runtime_core::SessionStatus;
 use agent_runtime_core::agent::AgentInfo;
 use agent_runtime_core::approval::{Approval, RequestType};
+use agent_runtime_core::budget::Budget;
 use agent_runtime_core::orchestrator::SessionHistory;
 use agent_runtime_core::session::{AgentSwitch, Message};
 use schemars::JsonSchema;
@@ -62,6 +63,9 @@ pub struct SessionView {
     pub message_count: u64,
     /// `idle`, `running`, `awaiting_approval` or `awaiting_tool_result`.
     pub status: SessionStatus,
+    /// The session's budgets; absent when unlimited.
+    #[serde(skip_serializing_if = "Budget::is_unlimited")]
+    pub budget: Budget,
 }
 
 impl From<&Session> for SessionView {
@@ -75,6 +79,7 @@ impl From<&Session> for SessionView {
             current_agent: s.current_agent.clone(),
             message_count: s.message_count,
             status: s.status,
+            budget: s.budget,
         }
     }
 }
@@ -138,7 +143,7 @@ pub struct PendingApprovalView {
     pub arguments: Value,
     /// Why approval is needed.
     pub reason: String,
-    /// `tool` or `plan`.
+    /// `tool`, `plan` or `budget`.
     pub request_type: RequestType,
     /// RFC 3339 UTC.
     pub created_at: String,
@@ -155,6 +160,15 @@ impl From<&Approval> for PendingApprovalView {
             created_at: a.created_at.to_rfc3339(),
         }
     }
+}
+
+/// `PATCH /sessions/{session_id}`: what changes (only the budgets, for now).
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SessionPatch {
+    /// Budgets to set (`null` for one: unlimited); budgets not named stay.
+    #[schemars(with = "Option<Budget>")]
+    pub budget: Option<Value>,
 }
 
 /// `GET /sessions/{session_id}/pending-approvals`.

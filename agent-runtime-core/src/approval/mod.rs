@@ -18,6 +18,9 @@ pub enum RequestType {
     Tool,
     /// A plan of subtasks (its `call_id` is the plan id).
     Plan,
+    /// Raising a budget the turn reached (its `arguments`: `budget`, `spent`, `limit`, and the
+    /// proposed new `limit` as `proposed_limit`).
+    Budget,
 }
 
 /// Where an approval stands.

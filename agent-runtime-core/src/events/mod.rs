@@ -43,11 +43,17 @@ pub enum BusEventKind {
     /// A turn failed.
     #[serde(rename = "turn.failed")]
     TurnFailed,
+    /// A turn reached a budget and paused on a `budget` approval.
+    #[serde(rename = "budget.exceeded")]
+    BudgetExceeded,
+    /// A budget approval raised a budget (approved or edited).
+    #[serde(rename = "budget.raised")]
+    BudgetRaised,
 }
 
 impl BusEventKind {
     /// Every kind.
-    pub const ALL: [BusEventKind; 11] = [
+    pub const ALL: [BusEventKind; 13] = [
         BusEventKind::ApprovalRequested,
         BusEventKind::ApprovalApproved,
         BusEventKind::ApprovalRejected,
@@ -59,6 +65,8 @@ impl BusEventKind {
         BusEventKind::TurnStarted,
         BusEventKind::TurnCompleted,
         BusEventKind::TurnFailed,
+        BusEventKind::BudgetExceeded,
+        BusEventKind::BudgetRaised,
     ];
 
     /// The dotted name, e.g. `approval.requested`.
@@ -75,6 +83,8 @@ impl BusEventKind {
             BusEventKind::TurnStarted => "turn.started",
             BusEventKind::TurnCompleted => "turn.completed",
             BusEventKind::TurnFailed => "turn.failed",
+            BusEventKind::BudgetExceeded => "budget.exceeded",
+            BusEventKind::BudgetRaised => "budget.raised",
         }
     }
 

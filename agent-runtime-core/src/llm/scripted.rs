@@ -326,6 +326,7 @@ mod tests {
             Script::text("Done.").usage(Usage {
                 prompt_tokens: 10,
                 completion_tokens: 2,
+                ..Default::default()
             }),
         ]);
         let request = ChatRequest::new(vec![ChatMessage::user("look")]);
@@ -348,7 +349,8 @@ mod tests {
                 tool_calls: vec![],
                 usage: Some(Usage {
                     prompt_tokens: 10,
-                    completion_tokens: 2
+                    completion_tokens: 2,
+                    ..Default::default()
                 }),
                 finish: FinishReason::Stop,
             }

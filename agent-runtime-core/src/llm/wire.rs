@@ -138,6 +138,14 @@ struct WireUsage {
     prompt_tokens: Option<u64>,
     #[serde(default)]
     completion_tokens: Option<u64>,
+    #[serde(default)]
+    prompt_tokens_details: Option<WirePromptDetails>,
+}
+
+#[derive(Deserialize)]
+struct WirePromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
 }
 
 /// What an empty `200` event stream means: llama-cpp-python answers so when the prompt is longer
@@ -309,6 +317,7 @@ impl ChunkDecoder {
             out.push_back(Chunk::Usage(Usage {
                 prompt_tokens: u.prompt_tokens.unwrap_or(0),
                 completion_tokens: u.completion_tokens.unwrap_or(0),
+                cached_prompt_tokens: u.prompt_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0),
             }));
         }
         Ok(())
@@ -378,8 +387,7 @@ pub fn encode_sse(model: &str, chunks: &[Chunk]) -> String {
             Chunk::Usage(u) => event(json!({
                 "id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model,
                 "choices": [],
-                "usage": {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                          "total_tokens": u.prompt_tokens + u.completion_tokens},
+                "usage": usage_json(u),
             })),
             Chunk::Finish(reason) => {
                 let reason = match reason {
@@ -400,6 +408,16 @@ pub fn encode_sse(model: &str, chunks: &[Chunk]) -> String {
     body
 }
 
+/// A usage as OpenAI-compatible servers report it (cached tokens in `prompt_tokens_details`).
+fn usage_json(u: &Usage) -> Value {
+    let mut v = json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                       "total_tokens": u.prompt_tokens + u.completion_tokens});
+    if u.cached_prompt_tokens > 0 {
+        v["prompt_tokens_details"] = json!({"cached_tokens": u.cached_prompt_tokens});
+    }
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -416,7 +434,8 @@ mod tests {
                 Chunk::Text("Hi".into()),
                 Chunk::Usage(Usage {
                     prompt_tokens: 3,
-                    completion_tokens: 1
+                    completion_tokens: 1,
+                    ..Default::default()
                 }),
                 Chunk::Finish(FinishReason::Stop),
             ]
@@ -500,6 +519,7 @@ mod tests {
             Chunk::Usage(Usage {
                 prompt_tokens: 5,
                 completion_tokens: 2,
+                ..Default::default()
             }),
             Chunk::Finish(FinishReason::ToolCalls),
         ];

@@ -12,6 +12,7 @@ use tracing::{Instrument, info_span};
 
 use crate::agent::{AgentInfo, AgentRegistry};
 use crate::approval::{Approval, ApprovalPolicy, DangerousToolsPolicy};
+use crate::budget::{Budget, BudgetUsage, PriceTable};
 use crate::config::{RuntimeConfig, ToolExecution};
 use crate::context::{Tokenizer, default_tokenizer};
 use crate::error::{Error, Result};
@@ -55,6 +56,10 @@ pub struct CreateSession {
     /// A client-chosen id (1–128 chars of `[A-Za-z0-9_.:-]`).
     #[serde(default)]
     pub session_id: Option<String>,
+    /// The session's budgets, over the settings' defaults (`null` for one: unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<Budget>"))]
+    pub budget: Option<Value>,
 }
 
 /// A message sent into a session, with its optional idempotency key.
@@ -291,7 +296,18 @@ impl OrchestratorBuilder {
                 c.hitl_dangerous_tools.iter(),
             ))
         });
+        let prices = match &self.config.model_prices_file {
+            Some(path) => PriceTable::load(path)?,
+            None => PriceTable::default(),
+        };
+        if self.config.model_prices_file.is_some() && prices.get(&self.config.llm.model).is_none() {
+            tracing::warn!(
+                model = %self.config.llm.model,
+                "MODEL_PRICES_FILE has no price for LLM_MODEL: tokens are counted, cost is not, and cost budgets do not apply"
+            );
+        }
         let mut inner = Inner {
+            prices,
             storage: self.storage,
             llm: self.llm,
             agents: self.agents,
@@ -350,6 +366,8 @@ pub(crate) struct Inner {
     pub model_context: Option<ModelContext>,
     /// The last `/health` model check.
     pub model_check: health::ModelCheck,
+    /// `MODEL_PRICES_FILE`, empty when unset.
+    pub prices: PriceTable,
 }
 
 /// `MAX_CONTEXT_TOKENS` bounded by the model's context (see [`ModelContext::window_bound`]),
@@ -741,6 +759,11 @@ impl Orchestrator {
                 .ok_or_else(|| Error::InvalidRequest("metadata.project_path must be a string".into()))?;
             self.check_project_path(p)?;
         }
+        let mut budget = self.inner.config.budget;
+        if let Some(b) = req.budget.as_ref().filter(|b| !b.is_null()) {
+            let (set, cleared) = Budget::parse_patch(b)?;
+            budget = budget.patched(&set, &cleared);
+        }
         let session = self
             .inner
             .storage
@@ -750,6 +773,7 @@ impl Orchestrator {
                 metadata,
                 current_agent: self.inner.config.default_agent.clone(),
                 created_at: Timestamp::now(),
+                budget,
             })
             .await?;
         self.inner.bus.publish(
@@ -882,6 +906,30 @@ impl Orchestrator {
     /// Tokens used by every turn of the session.
     pub async fn usage(&self, session_id: &str) -> Result<Usage> {
         Ok(self.inner.storage.get_session(session_id).await?.usage)
+    }
+
+    /// What the session spent and what remains of its budgets (`GET /sessions/{id}/usage`).
+    pub async fn budget_usage(&self, session_id: &str) -> Result<BudgetUsage> {
+        let session = self.inner.storage.get_session(session_id).await?;
+        Ok(turn::budget_usage(&self.inner, &session))
+    }
+
+    /// Changes the session's budgets: `patch` is a `budget` object whose keys set a limit, or
+    /// clear it with `null`; the others stay. Takes effect at the turn's next step, also in a
+    /// running turn. `INVALID_REQUEST` for a bad key or value, nothing changed.
+    pub async fn set_budget(&self, session_id: &str, patch: &Value) -> Result<Session> {
+        let (set, cleared) = Budget::parse_patch(patch)?;
+        let session = self.inner.storage.get_session(session_id).await?;
+        let budget = session.budget.patched(&set, &cleared);
+        let c = crate::storage::Commit {
+            at: Some(Timestamp::now()),
+            session: crate::storage::SessionUpdate {
+                budget: Some(budget),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Ok(self.inner.storage.commit(session_id, c).await?.session)
     }
 
     /// Sends a message into a session and returns the stream of the turn's events.

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::budget::Budget;
 use crate::time::Timestamp;
 
 /// What a session is doing right now (API.md §2).
@@ -51,6 +52,20 @@ pub struct Usage {
     pub prompt_tokens: u64,
     /// Tokens the model produced.
     pub completion_tokens: u64,
+    /// Of `prompt_tokens`, those the model server served from its prompt cache (priced apart).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cached_prompt_tokens: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl Usage {
+    /// Prompt and completion tokens together.
+    pub fn total(&self) -> u64 {
+        self.prompt_tokens + self.completion_tokens
+    }
 }
 
 impl std::ops::Add for Usage {
@@ -60,6 +75,7 @@ impl std::ops::Add for Usage {
         Usage {
             prompt_tokens: self.prompt_tokens + other.prompt_tokens,
             completion_tokens: self.completion_tokens + other.completion_tokens,
+            cached_prompt_tokens: self.cached_prompt_tokens + other.cached_prompt_tokens,
         }
     }
 }
@@ -97,6 +113,10 @@ pub struct Session {
     pub usage: Usage,
     /// State of the paused or running turn, owned by the orchestrator; opaque to storage.
     pub turn_state: Option<Value>,
+    /// The session's budgets (settings' defaults overlaid with the client's), unlimited if unset.
+    pub budget: Budget,
+    /// What every priced model call of the session cost (see `MODEL_PRICES_FILE`).
+    pub cost: f64,
 }
 
 /// What creating a session needs; the rest starts at its defaults.
@@ -112,6 +132,8 @@ pub struct NewSession {
     pub current_agent: String,
     /// Creation time (also the first `last_activity`).
     pub created_at: Timestamp,
+    /// The session's budgets.
+    pub budget: Budget,
 }
 
 /// Who wrote a message.

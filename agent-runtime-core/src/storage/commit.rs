@@ -25,6 +25,7 @@ use serde_json::Value;
 use super::support::counted_messages;
 use super::{Commit, Committed};
 use crate::approval::{Approval, ApprovalResolution};
+use crate::budget::Budget;
 use crate::error::{Error, Result};
 use crate::protocol::{Event, Plan};
 use crate::session::{AgentSwitch, Message, NewMessage, Session, SessionStatus, Usage};
@@ -54,6 +55,10 @@ pub(crate) struct SessionChange {
     pub switches: u64,
     /// Tokens to add.
     pub usage: Usage,
+    /// Cost to add.
+    pub cost: f64,
+    /// New budgets, if any.
+    pub budget: Option<Budget>,
     /// The new `last_activity`.
     pub at: Timestamp,
     /// New status, if any.
@@ -75,6 +80,8 @@ impl SessionChange {
             counted_messages: counted_messages(commit),
             switches: commit.switches.len() as u64,
             usage: commit.usage.unwrap_or_default(),
+            cost: commit.cost.unwrap_or(0.0),
+            budget: commit.session.budget,
             at,
             status: commit.session.status,
             // An explicit current agent wins over the switches' last target.
@@ -94,6 +101,10 @@ impl SessionChange {
         s.last_event_seq += self.events;
         s.message_count += self.counted_messages;
         s.usage += self.usage;
+        s.cost += self.cost;
+        if let Some(budget) = self.budget {
+            s.budget = budget;
+        }
         s.last_activity = self.at;
         if let Some(status) = self.status {
             s.status = status;

@@ -21,6 +21,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::approval::{Approval, ApprovalResolution, ApprovalStatus, RequestType};
+use crate::budget::Budget;
 use crate::error::Error;
 use crate::protocol::{AssistantMessage, Event, EventPayload, Plan, StopReason, Subtask};
 use crate::session::{
@@ -51,6 +52,7 @@ macro_rules! storage_conformance_suite {
             switches_are_recorded_in_order,
             plans_are_put_and_replaced,
             usage_accumulates,
+            budgets_and_cost_are_stored_with_commits,
             turn_state_and_status_updates,
             find_request_remembers_first_event_seq,
             lease_acquire_renew_release,
@@ -89,6 +91,7 @@ fn new_session(id: &str, user: Option<&str>, at: i64) -> NewSession {
         metadata: json!({"project_path": "/tmp/project", "n": at}),
         current_agent: "orchestrator".into(),
         created_at: ts(at),
+        budget: Budget::default(),
     }
 }
 
@@ -107,6 +110,8 @@ fn fresh(new: &NewSession) -> Session {
         last_event_seq: 0,
         usage: Usage::default(),
         turn_state: None,
+        budget: new.budget,
+        cost: 0.0,
     }
 }
 
@@ -208,6 +213,11 @@ pub async fn session_round_trip(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
                          "nested": {"list": [1, 2.5, null, true]}}),
         current_agent: "orchestrator".into(),
         created_at: ts(0),
+        budget: Budget {
+            session_cost: Some(2.5),
+            turn_tool_calls: Some(3),
+            ..Budget::default()
+        },
     };
     let created = a.create_session(new.clone()).await.unwrap();
     assert_eq!(created, fresh(&new));
@@ -642,13 +652,19 @@ pub async fn failed_commit_leaves_nothing_behind(a: Arc<dyn Storage>, b: Arc<dyn
         c.usage = Some(Usage {
             prompt_tokens: 10,
             completion_tokens: 20,
+            ..Default::default()
         });
         c.request_id = Some("req_lost".into());
         c.session = SessionUpdate {
             status: Some(SessionStatus::Running),
             current_agent: Some("debug".into()),
             turn_state: Some(Some(json!({"step": 1}))),
+            budget: Some(Budget {
+                session_tokens: Some(1),
+                ..Budget::default()
+            }),
         };
+        c.cost = Some(1.0);
         c
     };
     assert_eq!(
@@ -723,6 +739,7 @@ pub async fn delete_leaves_nothing_behind(a: Arc<dyn Storage>, b: Arc<dyn Storag
         c.usage = Some(Usage {
             prompt_tokens: 3,
             completion_tokens: 4,
+            ..Default::default()
         });
         c.request_id = Some("req_1".into());
         c.session.turn_state = Some(Some(json!({"paused": true})));
@@ -1000,29 +1017,96 @@ pub async fn usage_accumulates(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
     c.usage = Some(Usage {
         prompt_tokens: 100,
         completion_tokens: 20,
+        ..Default::default()
     });
     a.commit("tokens", c).await.unwrap();
     let mut c = at(2);
     c.usage = Some(Usage {
         prompt_tokens: 7,
         completion_tokens: 3,
+        ..Default::default()
     });
     c.events.push(EventPayload::Done {
         stop_reason: StopReason::Completed,
         usage: Usage {
             prompt_tokens: 107,
             completion_tokens: 23,
-        },
+            ..Default::default()
+        }
+        .into(),
     });
     let done = b.commit("tokens", c).await.unwrap();
     let total = Usage {
         prompt_tokens: 107,
         completion_tokens: 23,
+        ..Default::default()
     };
     assert_eq!(done.session.usage, total);
     // A commit without usage changes nothing.
     a.commit("tokens", at(3)).await.unwrap();
     assert_eq!(a.get_session("tokens").await.unwrap().usage, total);
+}
+
+/// A session's budgets are set at creation and replaced by a commit; cost and cached prompt
+/// tokens add up like tokens, in the same atomic commit, and a failed commit adds nothing.
+pub async fn budgets_and_cost_are_stored_with_commits(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
+    let mut new = new_session("budgets", None, 0);
+    new.budget = Budget {
+        session_tokens: Some(1000),
+        turn_time_secs: Some(60),
+        ..Budget::default()
+    };
+    a.create_session(new.clone()).await.unwrap();
+    let spend = |at_ms, cost| {
+        let mut c = at(at_ms);
+        c.usage = Some(Usage {
+            prompt_tokens: 100,
+            completion_tokens: 10,
+            cached_prompt_tokens: 40,
+        });
+        c.cost = Some(cost);
+        c
+    };
+    a.commit("budgets", spend(1, 0.25)).await.unwrap();
+    let mut c = spend(2, 0.125);
+    let raised = Budget {
+        session_tokens: Some(2000),
+        session_cost: Some(1.5),
+        ..Budget::default()
+    };
+    c.session.budget = Some(raised);
+    let after = b.commit("budgets", c).await.unwrap().session;
+    let mut expected = fresh(&new);
+    expected.usage = Usage {
+        prompt_tokens: 200,
+        completion_tokens: 20,
+        cached_prompt_tokens: 80,
+    };
+    expected.cost = 0.375;
+    expected.budget = raised;
+    expected.last_activity = ts(2);
+    assert_eq!(after, expected);
+    assert_eq!(a.get_session("budgets").await.unwrap(), expected);
+    // A commit that fails (an unknown approval) adds no cost and changes no budget.
+    let mut failing = spend(3, 10.0);
+    failing.session.budget = Some(Budget::default());
+    failing.resolutions.push(crate::approval::ApprovalResolution {
+        call_id: "nope".into(),
+        status: crate::approval::ApprovalStatus::Approved,
+        feedback: None,
+        modified_arguments: None,
+        decided_at: ts(3),
+    });
+    assert!(a.commit("budgets", failing).await.is_err());
+    assert_eq!(b.get_session("budgets").await.unwrap(), expected);
+    // Unlimited again.
+    let mut c = at(4);
+    c.session.budget = Some(Budget::default());
+    let cleared = a.commit("budgets", c).await.unwrap().session;
+    assert_eq!(
+        (cleared.budget, b.get_session("budgets").await.unwrap().budget),
+        (Budget::default(), Budget::default())
+    );
 }
 
 /// The turn state is set, kept when not mentioned, and cleared; the status follows each update.

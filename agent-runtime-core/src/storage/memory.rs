@@ -250,6 +250,8 @@ impl Storage for MemoryStorage {
             last_event_seq: 0,
             usage: Usage::default(),
             turn_state: None,
+            budget: new.budget,
+            cost: 0.0,
         };
         sessions.insert(
             new.id,

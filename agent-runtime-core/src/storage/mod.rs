@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 use crate::approval::{Approval, ApprovalResolution};
+use crate::budget::Budget;
 use crate::error::{Error, Result};
 use crate::protocol::{Event, EventPayload, Plan};
 use crate::session::{AgentSwitch, Message, NewMessage, NewSession, Session, SessionStatus, Usage};
@@ -16,7 +17,7 @@ use crate::time::Timestamp;
 pub use liveness::Liveness;
 
 /// The schema version this build writes. A database stamped with a higher version is refused.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Which sessions to list and where to start.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -51,6 +52,8 @@ pub struct SessionUpdate {
     pub current_agent: Option<String>,
     /// `Some(None)` clears the turn state, `Some(Some(v))` sets it.
     pub turn_state: Option<Option<Value>>,
+    /// New budgets (the whole set).
+    pub budget: Option<Budget>,
 }
 
 /// One atomic write: everything in it is stored, with fresh gap-free seqs, or nothing is.
@@ -79,6 +82,8 @@ pub struct Commit {
     pub plans: Vec<Plan>,
     /// Tokens to add to the session's usage.
     pub usage: Option<Usage>,
+    /// Cost to add to the session's cost.
+    pub cost: Option<f64>,
     /// The client's `request_id` of the turn this commit starts, remembered with the seq of the
     /// commit's first event.
     pub request_id: Option<String>,
@@ -111,11 +116,16 @@ impl Commit {
             (Some(a), Some(b)) => Some(a + b),
             (a, b) => a.or(b),
         };
+        self.cost = match (self.cost, later.cost) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
         self.request_id = self.request_id.or(later.request_id);
         self.session = SessionUpdate {
             status: later.session.status.or(self.session.status),
             current_agent: later.session.current_agent.or(self.session.current_agent),
             turn_state: later.session.turn_state.or(self.session.turn_state),
+            budget: later.session.budget.or(self.session.budget),
         };
         self.release_lease |= later.release_lease;
         self
@@ -331,6 +341,7 @@ mod tests {
             usage: Some(Usage {
                 prompt_tokens: 1,
                 completion_tokens: 2,
+                ..Default::default()
             }),
             request_id: Some("r1".into()),
             session: SessionUpdate {
@@ -344,6 +355,7 @@ mod tests {
             usage: Some(Usage {
                 prompt_tokens: 10,
                 completion_tokens: 20,
+                ..Default::default()
             }),
             session: SessionUpdate {
                 status: Some(SessionStatus::Idle),
@@ -366,7 +378,8 @@ mod tests {
             merged.usage,
             Some(Usage {
                 prompt_tokens: 11,
-                completion_tokens: 22
+                completion_tokens: 22,
+                ..Default::default()
             })
         );
         assert_eq!(merged.request_id.as_deref(), Some("r1"));
@@ -375,7 +388,8 @@ mod tests {
             SessionUpdate {
                 status: Some(SessionStatus::Idle),
                 turn_state: Some(None),
-                current_agent: None
+                current_agent: None,
+                budget: None
             }
         );
         assert!(merged.release_lease);

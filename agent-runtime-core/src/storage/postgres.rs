@@ -29,6 +29,7 @@ use super::{
     Storage, redact_url,
 };
 use crate::approval::{Approval, ApprovalResolution, ApprovalStatus, RequestType};
+use crate::budget::Budget;
 use crate::error::{Error, Result};
 use crate::protocol::{Event, Plan};
 use crate::session::{AgentSwitch, Message, NewSession, Role, Session, SessionStatus, ToolCall, Usage};
@@ -47,6 +48,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         3,
         include_str!("../../migrations/postgres/0003_cancel_requests.sql"),
     ),
+    (4, include_str!("../../migrations/postgres/0004_budgets.sql")),
 ];
 
 /// The LISTEN/NOTIFY channel of commits with events; the payload is `<lease owner or -> <session id>`.
@@ -87,7 +89,7 @@ const MIGRATION_LOCK_KEY: i64 = 0x6167_656e_7472_7431; // "agentrt1"
 /// Columns of `sessions` that make a [`Session`], in the order [`session_from_row`] reads them.
 const SESSION_COLUMNS: &str = "id, user_id, metadata, created_at, last_activity, current_agent, \
      status, message_count, last_message_seq, last_event_seq, prompt_tokens, completion_tokens, \
-     turn_state";
+     turn_state, budget, cost, cached_prompt_tokens";
 
 const MESSAGE_COLUMNS: &str = "seq, role, content, agent, tool_calls, tool_call_id, created_at";
 
@@ -320,10 +322,20 @@ fn text_from_bytes(bytes: Vec<u8>, what: &str) -> Result<String> {
     String::from_utf8(bytes).map_err(|_| Error::Database(format!("stored {what} is not UTF-8")))
 }
 
+/// A session's budgets as stored: `NULL` when unlimited.
+fn budget_text(b: &Budget) -> Result<Option<String>> {
+    if b.is_unlimited() {
+        Ok(None)
+    } else {
+        to_json_text(b).map(Some)
+    }
+}
+
 fn session_from_row(row: &PgRow) -> Result<Session> {
     let status: String = get(row, "status")?;
     let metadata: String = get(row, "metadata")?;
     let turn_state: Option<String> = get(row, "turn_state")?;
+    let budget: Option<String> = get(row, "budget")?;
     Ok(Session {
         id: get(row, "id")?,
         user_id: get(row, "user_id")?,
@@ -339,8 +351,14 @@ fn session_from_row(row: &PgRow) -> Result<Session> {
         usage: Usage {
             prompt_tokens: to_u64(get(row, "prompt_tokens")?, "prompt_tokens")?,
             completion_tokens: to_u64(get(row, "completion_tokens")?, "completion_tokens")?,
+            cached_prompt_tokens: to_u64(get(row, "cached_prompt_tokens")?, "cached_prompt_tokens")?,
         },
         turn_state: turn_state.map(|s| from_json_text(&s, "turn_state")).transpose()?,
+        budget: match budget {
+            Some(b) => from_json_text(&b, "budget")?,
+            None => Budget::default(),
+        },
+        cost: get(row, "cost")?,
     })
 }
 
@@ -385,6 +403,7 @@ fn approval_from_row(row: &PgRow) -> Result<Approval> {
         request_type: match request_type.as_str() {
             "tool" => RequestType::Tool,
             "plan" => RequestType::Plan,
+            "budget" => RequestType::Budget,
             other => {
                 return Err(Error::Database(format!(
                     "stored approval request_type '{other}' is unknown"
@@ -408,6 +427,7 @@ fn request_type_str(t: RequestType) -> &'static str {
     match t {
         RequestType::Tool => "tool",
         RequestType::Plan => "plan",
+        RequestType::Budget => "budget",
     }
 }
 
@@ -671,7 +691,10 @@ impl CommitSteps for PgCommit<'_, '_> {
                  turn_state = CASE WHEN $11 THEN $12 ELSE turn_state END,
                  lease_owner = CASE WHEN $13 THEN NULL ELSE lease_owner END,
                  lease_expires_at = CASE WHEN $13 THEN NULL ELSE lease_expires_at END,
-                 cancel_requested_at = CASE WHEN $13 THEN NULL ELSE cancel_requested_at END
+                 cancel_requested_at = CASE WHEN $13 THEN NULL ELSE cancel_requested_at END,
+                 cost = cost + $14,
+                 cached_prompt_tokens = cached_prompt_tokens + $15,
+                 budget = CASE WHEN $16 THEN $17 ELSE budget END
              WHERE id = $1
              RETURNING {SESSION_COLUMNS}"
         )))
@@ -688,6 +711,10 @@ impl CommitSteps for PgCommit<'_, '_> {
         .bind(set_turn_state)
         .bind(turn_state)
         .bind(change.release_lease)
+        .bind(change.cost)
+        .bind(to_i64(change.usage.cached_prompt_tokens, "cached_prompt_tokens")?)
+        .bind(change.budget.is_some())
+        .bind(change.budget.as_ref().map(budget_text).transpose()?.flatten())
         .fetch_one(&mut **self.tx)
         .await
         .map_err(Error::database)?;
@@ -713,8 +740,8 @@ impl Storage for PostgresStorage {
     async fn create_session(&self, new: NewSession) -> Result<Session> {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO sessions (id, user_id, metadata, created_at, last_activity, current_agent,
-                 status)
-             VALUES ($1, $2, $3, $4, $4, $5, 'idle')
+                 status, budget)
+             VALUES ($1, $2, $3, $4, $4, $5, 'idle', $6)
              RETURNING {SESSION_COLUMNS}"
         )))
         .bind(&new.id)
@@ -722,6 +749,7 @@ impl Storage for PostgresStorage {
         .bind(to_json_text(&new.metadata)?)
         .bind(new.created_at.as_millis())
         .bind(&new.current_agent)
+        .bind(budget_text(&new.budget)?)
         .fetch_one(&self.pool)
         .await
         .map_err(|e| match &e {

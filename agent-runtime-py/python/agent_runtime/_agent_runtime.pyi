@@ -123,11 +123,14 @@ class Runtime:
         user_id: Optional[str] = None,
         metadata: Optional[Dict[str, JsonValue]] = None,
         session_id: Optional[str] = None,
+        budget: Optional[Dict[str, Optional[float]]] = None,
     ) -> Dict[str, Any]:
-        """Creates a session on the default agent; returns it as ``get_session`` does."""
+        """Creates a session on the default agent; returns it as ``get_session`` does.
+        ``budget``: ``session_tokens``, ``session_cost``, ``turn_tokens``, ``turn_cost``,
+        ``turn_time_secs``, ``turn_tool_calls`` over the settings' defaults (``None``: unlimited)."""
     def get_session(self, session_id: str) -> Dict[str, Any]:
         """``session_id``, ``user_id``, ``created_at``, ``last_activity``, ``metadata``,
-        ``current_agent``, ``message_count``, ``status``."""
+        ``current_agent``, ``message_count``, ``status``, and ``budget`` when it has one."""
     def list_sessions(
         self, user_id: Optional[str] = None, limit: int = 100, cursor: Optional[str] = None
     ) -> Dict[str, Any]:
@@ -146,6 +149,12 @@ class Runtime:
         """Pending approvals, oldest first (``call_id``, ``tool_name``, ``arguments``, ...)."""
     def usage(self, session_id: str) -> Dict[str, int]:
         """``{"prompt_tokens", "completion_tokens"}`` over every turn of the session."""
+    def budget_usage(self, session_id: str) -> Dict[str, Any]:
+        """Tokens, ``cost`` (``None`` without a price; ``cost_unavailable`` says why), ``budget``,
+        ``spent`` and ``remaining``, as ``GET /sessions/{id}/usage``."""
+    def set_budget(self, session_id: str, budget: Dict[str, Optional[float]]) -> Dict[str, Any]:
+        """Sets the named budgets (``None``: unlimited), keeps the others; returns the session.
+        Raises ``InvalidRequest`` naming a bad key or value."""
     def send_message(
         self,
         session_id: str,

@@ -20,6 +20,8 @@ struct Outcome {
     plans: Vec<Plan>,
     /// Other approvals of the turn are still pending: the turn stays paused.
     still_pending: bool,
+    /// The session's new budgets (a raised session budget).
+    session_budget: Option<crate::budget::Budget>,
 }
 
 /// Records a human decision on a pending tool call or plan. Returns what the turn does next and
@@ -36,6 +38,22 @@ pub(super) async fn decide(
     let (outcome, request_type) = match approval.request_type {
         RequestType::Plan => (plan_decision(turn, &d)?, Some("plan")),
         RequestType::Tool => (tool_decision(turn, &d, &approval)?, None),
+        RequestType::Budget => {
+            let (status, kind, session_budget) = turn.budget_decision(&d)?;
+            let still_pending = turn
+                .state
+                .open_calls
+                .iter()
+                .any(|c| c.state == CallState::AwaitingApproval);
+            let outcome = Outcome {
+                status,
+                kind,
+                plans: vec![],
+                still_pending,
+                session_budget,
+            };
+            (outcome, Some("budget"))
+        }
     };
     record(turn, &d, outcome, request_id, request_type).await
 }
@@ -83,12 +101,14 @@ fn tool_decision(turn: &mut Turn, d: &HitlDecision, approval: &Approval) -> Resu
         .state
         .open_calls
         .iter()
-        .any(|c| c.state == CallState::AwaitingApproval);
+        .any(|c| c.state == CallState::AwaitingApproval)
+        || turn.state.spend.paused.is_some();
     Ok(Outcome {
         status,
         kind,
         plans: vec![],
         still_pending,
+        session_budget: None,
     })
 }
 
@@ -124,6 +144,7 @@ fn plan_decision(turn: &mut Turn, d: &HitlDecision) -> Result<Outcome> {
         kind,
         plans,
         still_pending: false,
+        session_budget: None,
     })
 }
 
@@ -143,7 +164,7 @@ async fn record(
     let status_after = if outcome.still_pending {
         events.push(EventPayload::Done {
             stop_reason: StopReason::AwaitingApproval,
-            usage: turn.state.usage,
+            usage: turn.done_usage(),
         });
         SessionStatus::AwaitingApproval
     } else {
@@ -156,6 +177,7 @@ async fn record(
         request_id,
         session: SessionUpdate {
             status: Some(status_after),
+            budget: outcome.session_budget,
             ..SessionUpdate::default()
         },
         ..Commit::default()

@@ -11,6 +11,7 @@ use tracing::warn;
 
 use super::routing::{self, SWITCH_TOOL};
 
+mod budget;
 mod decide;
 mod guard;
 mod model;
@@ -34,6 +35,7 @@ use crate::session::{AgentSwitch, Message, NewMessage, Role, Session, SessionSta
 use crate::storage::{Commit, Committed, SessionUpdate};
 use crate::time::Timestamp;
 use crate::tools::{ToolContext, ToolFailure};
+pub(super) use budget::budget_usage;
 pub(super) use recover::{cancel, recover_interrupted};
 use submit::give_back;
 pub(super) use submit::submit;
@@ -85,6 +87,9 @@ struct TurnState {
     /// `handed_over`, and that takeover does not count against `resumes`.
     #[serde(default)]
     handed_over: bool,
+    /// Budgets: what the turn spent, raises, and the budget approval it waits for.
+    #[serde(default)]
+    spend: budget::TurnSpend,
 }
 
 impl TurnState {
@@ -129,6 +134,14 @@ struct Turn {
     handover: CancellationToken,
     /// Tokens spent but not yet added to the session's total (rides on the next commit).
     unsaved_usage: Usage,
+    /// Cost spent but not yet added to the session's (rides on the next commit).
+    unsaved_cost: f64,
+    /// When the turn last resumed (or last stored its running time).
+    resumed_at: std::time::Instant,
+    /// The last answer was cut at the turn's time budget.
+    cut_by_deadline: bool,
+    /// Cost of the model calls made by this run of the turn (for metrics: counted once).
+    run_cost: f64,
     /// Changes that ride on the next commit instead of costing one of their own (the final
     /// answer goes out with `done`); their events are published only once stored.
     deferred: Option<Commit>,
@@ -145,6 +158,10 @@ impl Turn {
             cancel,
             handover: CancellationToken::new(),
             unsaved_usage: Usage::default(),
+            unsaved_cost: 0.0,
+            resumed_at: std::time::Instant::now(),
+            cut_by_deadline: false,
+            run_cost: 0.0,
             deferred: None,
             keep_lease: false,
         }
@@ -208,8 +225,12 @@ impl Turn {
         };
         c.at = Some(Timestamp::now());
         c.lease_owner = Some(self.rt.owner.clone());
+        self.checkpoint_time();
         if self.unsaved_usage != Usage::default() {
             c.usage = Some(c.usage.unwrap_or_default() + std::mem::take(&mut self.unsaved_usage));
+        }
+        if self.unsaved_cost != 0.0 {
+            c.cost = Some(c.cost.unwrap_or(0.0) + std::mem::take(&mut self.unsaved_cost));
         }
         if with_state {
             c.session.turn_state = Some(Some(self.state.to_value()));
@@ -300,12 +321,6 @@ impl Turn {
         }
     }
 
-    /// Adds tokens to the turn's usage and, with the next commit, to the session's.
-    fn add_usage(&mut self, usage: Usage) {
-        self.state.usage += usage;
-        self.unsaved_usage += usage;
-    }
-
     /// The orchestrator's routing call (the keyword classifier when it fails). Returns a pause
     /// when the orchestrator proposed a plan instead of routing once.
     async fn route(&mut self, content: &str) -> Result<Option<StopReason>> {
@@ -386,12 +401,13 @@ impl Turn {
         Usage {
             prompt_tokens: prompt as u64,
             completion_tokens: completion as u64,
+            ..Default::default()
         }
     }
 
     /// One model call: stream tokens as events, then store the assistant message and its calls.
-    /// Returns whether the model asked for tools.
-    async fn model_call(&mut self) -> Result<bool> {
+    /// Returns whether the model asked for tools; `None` when a budget paused the turn first.
+    async fn model_call(&mut self) -> Result<Option<bool>> {
         let agent_type = self.agent();
         let agent = self
             .rt
@@ -399,7 +415,9 @@ impl Turn {
             .get(&agent_type)
             .cloned()
             .ok_or_else(|| Error::Internal(format!("session agent '{agent_type}' is not registered")))?;
-        let (answer, window) = self.ask_within_window(&agent).await?;
+        let Some((answer, window)) = self.ask_within_window(&agent).await? else {
+            return Ok(None);
+        };
         self.state.iterations += 1;
         // A stored answer is progress: takeovers count again from zero.
         self.state.resumes = 0;
@@ -449,7 +467,7 @@ impl Turn {
             // The answer is final: it is stored (and published) with what ends the turn.
             self.defer(c);
         }
-        Ok(has_calls)
+        Ok(Some(has_calls))
     }
 
     /// Whether the approval policy asks a human about this call (it will be asked again, with the
@@ -651,8 +669,9 @@ impl Turn {
     }
 
     /// Checks every new call: refusals get their result now, switches happen, dangerous calls
-    /// become pending approvals, the rest are cleared to run (or handed to the client).
-    async fn triage(&mut self) -> Result<()> {
+    /// become pending approvals, the rest are cleared to run (or handed to the client). Each call
+    /// first asks the budgets; a reached one pauses the turn before it (`Some`).
+    async fn triage(&mut self) -> Result<Option<StopReason>> {
         let new: Vec<OpenCall> = self
             .state
             .open_calls
@@ -664,6 +683,10 @@ impl Turn {
             if self.cancel.is_cancelled() {
                 return Err(cancelled());
             }
+            if let budget::Gate::Pause = self.gate(crate::budget::Step::ToolCall).await? {
+                return Ok(Some(StopReason::BudgetExceeded));
+            }
+            self.state.spend.tool_calls += 1;
             if let Value::String(raw) = &call.arguments {
                 let msg = format!(
                     "the arguments of '{}' are not valid JSON ({}); call the tool again with a JSON object",
@@ -693,7 +716,7 @@ impl Turn {
                 ApprovalRequirement::Run => self.clear_to_run(&call).await?,
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// A call the policy asks a human about: stored as a pending approval and streamed as a
@@ -924,9 +947,18 @@ impl Turn {
 
     /// The loop: settle open calls, call the model, triage its calls, until done or paused.
     async fn run_loop(&mut self) -> Result<StopReason> {
+        if self.close_declined().await? {
+            return Ok(StopReason::BudgetExceeded);
+        }
         loop {
             if self.handover.is_cancelled() {
                 return Err(handed_over());
+            }
+            // Calls a budget paused before are triaged where the turn stopped.
+            if self.state.open_calls.iter().any(|c| c.state == CallState::New)
+                && let Some(pause) = self.triage().await?
+            {
+                return Ok(pause);
             }
             if let Some(pause) = self.settle_calls().await? {
                 return Ok(pause);
@@ -940,10 +972,21 @@ impl Turn {
             if self.handover.is_cancelled() {
                 return Err(handed_over());
             }
-            if !self.model_call().await? {
-                return Ok(StopReason::Completed);
+            match self.model_call().await? {
+                None => return Ok(StopReason::BudgetExceeded),
+                Some(false) if self.cut_by_deadline => {
+                    self.cut_by_deadline = false;
+                    if let budget::Gate::Pause = self.gate(crate::budget::Step::Between).await? {
+                        return Ok(StopReason::BudgetExceeded);
+                    }
+                    return Ok(StopReason::Completed);
+                }
+                Some(false) => return Ok(StopReason::Completed),
+                Some(true) => {}
             }
-            self.triage().await?;
+            if let Some(pause) = self.triage().await? {
+                return Ok(pause);
+            }
         }
     }
 
@@ -1000,7 +1043,7 @@ impl Turn {
         let paused = matches!(
             stop,
             StopReason::AwaitingApproval | StopReason::AwaitingToolResult
-        );
+        ) || (stop == StopReason::BudgetExceeded && self.state.spend.paused.is_some());
         if !paused {
             let (why, code) = match stop {
                 StopReason::Cancelled => ("cancelled: the turn was cancelled", "CANCELLED"),
@@ -1011,6 +1054,7 @@ impl Turn {
             };
             self.close_open_calls(why, code).await?;
             self.abandon_plan(why).await?;
+            self.abandon_budget(why).await?;
         }
         let mut events = Vec::new();
         if let Some(e) = &error {
@@ -1022,13 +1066,15 @@ impl Turn {
         }
         events.push(EventPayload::Done {
             stop_reason: stop,
-            usage: self.state.usage,
+            usage: self.done_usage(),
         });
         let status = match stop {
             StopReason::AwaitingApproval => SessionStatus::AwaitingApproval,
+            StopReason::BudgetExceeded if paused => SessionStatus::AwaitingApproval,
             StopReason::AwaitingToolResult => SessionStatus::AwaitingToolResult,
             _ => SessionStatus::Idle,
         };
+        self.checkpoint_time();
         let turn_state = if paused { Some(self.state.to_value()) } else { None };
         let c = Commit {
             events,
@@ -1049,7 +1095,7 @@ impl Turn {
         self.rt.bus.publish(
             kind,
             self.id(),
-            json!({"turn_id": self.state.turn_id, "stop_reason": stop}),
+            json!({"turn_id": self.state.turn_id, "stop_reason": stop, "cost": self.run_cost}),
         );
         Ok(committed.events)
     }
@@ -1076,9 +1122,10 @@ impl Turn {
             }
             Next::Resume => {
                 let unchecked = self.state.open_calls.iter().any(|c| c.state == CallState::New);
-                let triaged = if unchecked { self.triage().await } else { Ok(()) };
+                let triaged = if unchecked { self.triage().await } else { Ok(None) };
                 match triaged {
-                    Ok(()) => self.run_plan().await,
+                    Ok(Some(pause)) => Ok(pause),
+                    Ok(None) => self.run_plan().await,
                     Err(e) => Err(e),
                 }
             }

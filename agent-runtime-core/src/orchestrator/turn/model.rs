@@ -8,8 +8,10 @@ use futures::{FutureExt, StreamExt};
 use serde_json::{Value, json};
 use tracing::warn;
 
+use super::budget::Gate;
 use super::{Turn, cancelled, chat, handed_over, to_chat};
 use crate::agent::AgentDefinition;
+use crate::budget::Step;
 use crate::context::{Window, build_window};
 use crate::error::{Error, Result};
 use crate::llm::{ChatRequest, ChatRole, ChatToolCall, Chunk, Completion, ToolCallAssembler, ToolChoice};
@@ -36,7 +38,12 @@ impl Turn {
     /// One model step over the newest messages that fit `agent`'s window. When the model server
     /// refuses the prompt as longer than its context, the window is halved and the step tried
     /// once more; a second refusal ends the turn with `CONTEXT_TOO_LARGE` naming the context size.
-    pub(super) async fn ask_within_window(&mut self, agent: &AgentDefinition) -> Result<(Answer, Window)> {
+    /// The budgets are asked first, with the prompt's tokens: `None` when one paused the turn;
+    /// otherwise `max_tokens` is capped to the tokens that remain.
+    pub(super) async fn ask_within_window(
+        &mut self,
+        agent: &AgentDefinition,
+    ) -> Result<Option<(Answer, Window)>> {
         let offer = self.rt.offer(agent);
         let mut limits = offer.limits;
         let recent = self
@@ -55,13 +62,26 @@ impl Turn {
             };
             let mut messages = vec![chat(ChatRole::System, agent.system_prompt.clone())];
             messages.extend(window.messages.iter().map(to_chat));
-            let req = ChatRequest {
+            let mut req = ChatRequest {
                 messages,
                 tools: offer.tools.clone(),
                 tool_choice: ToolChoice::Auto,
                 temperature: self.rt.config.temperature,
                 max_tokens: self.rt.config.llm.max_tokens,
             };
+            let prompt = self.count_usage(&req, "", &[]);
+            let step = Step::ModelCall {
+                prompt_tokens: prompt.prompt_tokens,
+                prompt_cost: self.rt.prices.cost(&self.rt.config.llm.model, &prompt),
+            };
+            match self.gate(step).await? {
+                Gate::Pause => return Ok(None),
+                Gate::Go(Some(left)) => {
+                    let left = u32::try_from(left).unwrap_or(u32::MAX).max(1);
+                    req.max_tokens = Some(req.max_tokens.map_or(left, |m| m.min(left)));
+                }
+                Gate::Go(None) => {}
+            }
             match self.ask_model(req).await {
                 Err(Error::ContextTooLarge(why)) if trimmed => {
                     return Err(self.too_long(&format!(
@@ -74,7 +94,7 @@ impl Turn {
                     limits.max_tokens = (window.tokens / 2).max(1);
                     trimmed = true;
                 }
-                other => return other.map(|answer| (answer, window)),
+                other => return other.map(|answer| Some((answer, window))),
             }
         }
     }
@@ -191,11 +211,36 @@ impl Turn {
         let mut reported: Option<Usage> = None;
         let mut tokens: Vec<EventPayload> = Vec::new();
         let mut ended = false;
+        // The turn's time budget stops a streaming answer at the limit.
+        let deadline = self.limits().turn_time_secs.and_then(|secs| {
+            let left = secs.saturating_mul(1000).saturating_sub(self.active_ms());
+            tokio::time::Instant::now().checked_add(std::time::Duration::from_millis(left))
+        });
+        let at_deadline = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(at_deadline);
         while !ended {
             let first = tokio::select! {
                 c = stream.next() => c,
                 _ = self.cancel.cancelled() => return Err(cancelled()),
                 _ = self.handover.cancelled() => return Err(handed_over()),
+                _ = &mut at_deadline => {
+                    // What streamed so far is the answer; calls not complete are dropped.
+                    self.cut_by_deadline = true;
+                    let usage = self.count_usage(&req, &text, &[]);
+                    if !tokens.is_empty() {
+                        let burst = Commit {
+                            events: std::mem::take(&mut tokens),
+                            ..Commit::default()
+                        };
+                        self.defer(burst);
+                    }
+                    return Ok(Answer { text, calls: vec![], usage });
+                }
             };
             // Chunks that are already here are committed together: one transaction for a burst,
             // each token still stored before anyone sees it.

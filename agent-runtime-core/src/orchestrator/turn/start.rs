@@ -123,7 +123,7 @@ async fn switch_agent(
         c.request_id = request_id;
         c.events.push(EventPayload::Done {
             stop_reason: StopReason::Completed,
-            usage: Usage::default(),
+            usage: Usage::default().into(),
         });
         let committed = turn.commit(c, false).await?;
         return Ok((
@@ -219,6 +219,7 @@ async fn cancel_paused_turn(turn: &mut Turn, request_id: Option<String>) -> Resu
         let why = "cancelled: the user sent a new message";
         turn.close_open_calls(why, "CANCELLED").await?;
         turn.abandon_plan(why).await?;
+        turn.abandon_budget(why).await?;
     }
     Ok(())
 }

@@ -36,6 +36,7 @@ use super::liveness::{LockFileRegistry, OwnerRegistry};
 use super::support::{SessionCursor, check_commit, check_page_limit};
 use super::{Commit, Committed, Liveness, SCHEMA_VERSION, SessionPage, SessionQuery, Storage};
 use crate::approval::{Approval, ApprovalResolution, ApprovalStatus, RequestType};
+use crate::budget::Budget;
 use crate::error::{Error, Result};
 use crate::protocol::{Event, EventPayload, Plan};
 use crate::session::{AgentSwitch, Message, NewSession, Role, Session, SessionStatus, ToolCall, Usage};
@@ -52,6 +53,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         3,
         include_str!("../../../migrations/sqlite/0003_cancel_requests.sql"),
     ),
+    (4, include_str!("../../../migrations/sqlite/0004_budgets.sql")),
 ];
 
 /// How long a connection waits for another connection's write lock before failing.
@@ -63,7 +65,8 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const READERS: usize = 8;
 
 const SESSION_COLUMNS: &str = "id, user_id, metadata, created_at, last_activity, current_agent, status, \
-     message_count, last_message_seq, last_event_seq, prompt_tokens, completion_tokens, turn_state";
+     message_count, last_message_seq, last_event_seq, prompt_tokens, completion_tokens, turn_state, \
+     budget, cost, cached_prompt_tokens";
 const MESSAGE_COLUMNS: &str = "seq, role, content, agent, tool_calls, tool_call_id, created_at";
 const APPROVAL_COLUMNS: &str = "call_id, session_id, tool_name, arguments, reason, request_type, status, \
      created_at, decided_at, feedback, modified_arguments";
@@ -358,6 +361,15 @@ fn execute<P: rusqlite::Params>(conn: &Connection, sql: &str, params: P) -> rusq
     conn.prepare_cached(sql)?.execute(params)
 }
 
+/// A session's budgets as stored: `NULL` when unlimited.
+fn budget_json(b: &Budget) -> Result<Option<String>> {
+    if b.is_unlimited() {
+        Ok(None)
+    } else {
+        to_json(b).map(Some)
+    }
+}
+
 fn session_from_row(row: &Row<'_>) -> rusqlite::Result<Session> {
     Ok(Session {
         id: row.get(0)?,
@@ -373,8 +385,16 @@ fn session_from_row(row: &Row<'_>) -> rusqlite::Result<Session> {
         usage: Usage {
             prompt_tokens: u64_col(row, 10)?,
             completion_tokens: u64_col(row, 11)?,
+            cached_prompt_tokens: u64_col(row, 15)?,
         },
         turn_state: opt_json_col(row, 12)?,
+        budget: match opt_json_col(row, 13)? {
+            Some(v) => serde_json::from_value(v).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(13, rusqlite::types::Type::Text, Box::new(e))
+            })?,
+            None => Budget::default(),
+        },
+        cost: row.get(14)?,
     })
 }
 
@@ -401,6 +421,7 @@ fn request_type_str(t: RequestType) -> &'static str {
     match t {
         RequestType::Tool => "tool",
         RequestType::Plan => "plan",
+        RequestType::Budget => "budget",
     }
 }
 
@@ -408,6 +429,7 @@ fn parse_request_type(s: &str) -> Option<RequestType> {
     match s {
         "tool" => Some(RequestType::Tool),
         "plan" => Some(RequestType::Plan),
+        "budget" => Some(RequestType::Budget),
         _ => None,
     }
 }
@@ -645,7 +667,10 @@ impl CommitSteps for SqliteCommit<'_> {
                  turn_state = CASE WHEN ?10 THEN ?11 ELSE turn_state END,
                  lease_owner = CASE WHEN ?12 THEN NULL ELSE lease_owner END,
                  lease_expires_at = CASE WHEN ?12 THEN NULL ELSE lease_expires_at END,
-                 cancel_requested_at = CASE WHEN ?12 THEN NULL ELSE cancel_requested_at END
+                 cancel_requested_at = CASE WHEN ?12 THEN NULL ELSE cancel_requested_at END,
+                 cost = cost + ?13,
+                 cached_prompt_tokens = cached_prompt_tokens + ?14,
+                 budget = CASE WHEN ?15 THEN ?16 ELSE budget END
              WHERE id = ?1",
             params![
                 self.session_id,
@@ -660,6 +685,10 @@ impl CommitSteps for SqliteCommit<'_> {
                 set_turn_state,
                 turn_state,
                 change.release_lease,
+                change.cost,
+                sql_seq(change.usage.cached_prompt_tokens),
+                change.budget.is_some(),
+                change.budget.as_ref().map(budget_json).transpose()?.flatten(),
             ],
         )
         .map_err(db)?;
@@ -798,15 +827,17 @@ impl Storage for SqliteStorage {
     async fn create_session(&self, new: NewSession) -> Result<Session> {
         self.write(move |c| {
             let changed = execute(c,
-                    "INSERT INTO sessions (id, user_id, metadata, created_at, last_activity, current_agent, status)
-                     VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6) ON CONFLICT (id) DO NOTHING",
+                    "INSERT INTO sessions (id, user_id, metadata, created_at, last_activity, current_agent, status,
+                                           budget)
+                     VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING",
                     params![
                         new.id,
                         new.user_id,
                         to_json(&new.metadata)?,
                         new.created_at.as_millis(),
                         new.current_agent,
-                        SessionStatus::Idle.as_str()
+                        SessionStatus::Idle.as_str(),
+                        budget_json(&new.budget)?
                     ],
                 )
                 .map_err(db)?;
