@@ -148,6 +148,7 @@ pub struct OrchestratorBuilder {
     bus: Option<EventBus>,
     tokenizer: Option<Arc<dyn Tokenizer>>,
     model_context: Option<ModelContext>,
+    telemetry: Option<crate::telemetry::Telemetry>,
 }
 
 impl OrchestratorBuilder {
@@ -210,6 +211,14 @@ impl OrchestratorBuilder {
         self
     }
 
+    /// Exports the turns' spans and metrics through `telemetry` (see [`crate::telemetry`];
+    /// [`crate::telemetry::Telemetry::start`] makes one from the `OTEL_*` settings). Without it,
+    /// no span is built.
+    pub fn telemetry(mut self, telemetry: Option<crate::telemetry::Telemetry>) -> Self {
+        self.telemetry = telemetry;
+        self
+    }
+
     /// Checks the settings against the agents and builds the orchestrator.
     pub fn build(mut self) -> Result<Orchestrator> {
         let tools = self
@@ -262,6 +271,7 @@ impl OrchestratorBuilder {
             offers: HashMap::new(),
             model_context,
             model_check: health::ModelCheck::default(),
+            telemetry: self.telemetry,
         };
         // Agents and tools are fixed from here on: what each agent's calls offer is too.
         inner.offers = (inner.agents.list().iter())
@@ -298,6 +308,8 @@ pub(crate) struct Inner {
     pub model_context: Option<ModelContext>,
     /// The last `/health` model check.
     pub model_check: health::ModelCheck,
+    /// Where spans and metrics go; `None`: telemetry off, nothing built.
+    pub telemetry: Option<crate::telemetry::Telemetry>,
 }
 
 /// `MAX_CONTEXT_TOKENS` bounded by the model's context (see [`ModelContext::window_bound`]),
@@ -564,6 +576,7 @@ impl Orchestrator {
             bus: None,
             tokenizer: None,
             model_context: None,
+            telemetry: None,
         }
     }
 
@@ -580,6 +593,11 @@ impl Orchestrator {
     /// The store.
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.inner.storage
+    }
+
+    /// The telemetry exporter, when telemetry is on.
+    pub fn telemetry(&self) -> Option<&crate::telemetry::Telemetry> {
+        self.inner.telemetry.as_ref()
     }
 
     /// The model backend.
