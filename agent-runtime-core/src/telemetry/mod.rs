@@ -614,3 +614,10 @@ pub(crate) async fn within<F: std::future::Future>(span: Option<&ChatSpan>, fut:
         None => fut.await,
     }
 }
+
+/// Runs a request's work within its span's context: spans started inside (a submitted turn's)
+/// become its children.
+pub async fn within_request<F: std::future::Future>(span: &RequestSpan, fut: F) -> F::Output {
+    use opentelemetry::context::FutureExt as _;
+    fut.with_context(span.context()).await
+}
