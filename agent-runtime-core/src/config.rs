@@ -514,7 +514,11 @@ fn telemetry_settings(get: &dyn Fn(&str) -> Option<String>) -> Result<TelemetryS
             .parse()
             .map_err(|_| bad("OTEL_TRACES_SAMPLER_ARG", &v, "expected a number from 0 to 1"))?;
         if !(0.0..=1.0).contains(&r) {
-            return Err(bad("OTEL_TRACES_SAMPLER_ARG", &v, "expected a number from 0 to 1"));
+            return Err(bad(
+                "OTEL_TRACES_SAMPLER_ARG",
+                &v,
+                "expected a number from 0 to 1",
+            ));
         }
         t.sampler_ratio = r;
     }
@@ -622,9 +626,52 @@ mod tests {
             ("PROJECT_ROOTS", "relative/dir"),
             ("SANDBOX", "maybe"),
             ("SANDBOX_READ_PATHS", "~/.cargo"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_TRACES_SAMPLER", "sometimes"),
+            ("OTEL_TRACES_SAMPLER_ARG", "2"),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "0"),
+            ("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "maybe"),
         ] {
             let err = from(&[(var, value)]).unwrap_err();
             assert!(err.to_string().starts_with(&format!("{var}: ")), "{err}");
         }
+    }
+
+    #[test]
+    fn the_standard_otel_variables_set_telemetry_and_no_endpoint_leaves_it_off() {
+        assert_eq!(from(&[]).unwrap().telemetry, TelemetrySettings::default());
+        assert!(!TelemetrySettings::default().enabled());
+        let c = from(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+            ("OTEL_SERVICE_NAME", "agents-prod"),
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "100"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "50"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "1000"),
+            ("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "true"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.telemetry,
+            TelemetrySettings {
+                endpoint: Some("http://127.0.0.1:4318".into()),
+                traces_endpoint: None,
+                service_name: "agents-prod".into(),
+                sampler: "parentbased_traceidratio".into(),
+                sampler_ratio: 0.25,
+                export_timeout: Duration::from_millis(2500),
+                max_queue_size: 100,
+                schedule_delay: Duration::from_millis(200),
+                max_export_batch_size: 50,
+                metric_export_interval: Duration::from_secs(1),
+                capture_content: true,
+            }
+        );
+        assert!(c.telemetry.enabled());
     }
 }

@@ -658,7 +658,10 @@ impl App {
         let otel = self.rt.telemetry().map(|t| {
             let headers = req.headers();
             t.request_span(method.as_str(), label, req.uri().path(), |name| {
-                headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+                headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
             })
         });
         let response = async {

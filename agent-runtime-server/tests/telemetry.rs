@@ -53,7 +53,9 @@ async fn collector(hang: bool) -> Collector {
     let shared = got.clone();
     let task = tokio::spawn(async move {
         loop {
-            let Ok((socket, _)) = listener.accept().await else { return };
+            let Ok((socket, _)) = listener.accept().await else {
+                return;
+            };
             let got = shared.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
@@ -92,7 +94,10 @@ impl Received {
                         for kv in &r.attributes {
                             if kv.key == "service.name" {
                                 let v = json_of(kv.value.as_ref());
-                                self.service_names.lock().unwrap().insert(v.as_str().unwrap().into());
+                                self.service_names
+                                    .lock()
+                                    .unwrap()
+                                    .insert(v.as_str().unwrap().into());
                             }
                         }
                     }
@@ -176,10 +181,7 @@ const RESUME_SPAN: &str = "00f067aa0ba902b7";
 /// The spans of one trace as `(name, parent's name)` lines, sorted; the client's span is
 /// `client`.
 fn tree(spans: &[Span], trace: &str, client_span: &str) -> Vec<(String, String)> {
-    let names: BTreeMap<String, String> = spans
-        .iter()
-        .map(|s| (hex(&s.span_id), s.name.clone()))
-        .collect();
+    let names: BTreeMap<String, String> = spans.iter().map(|s| (hex(&s.span_id), s.name.clone())).collect();
     let mut lines: Vec<(String, String)> = spans
         .iter()
         .filter(|s| hex(&s.trace_id) == trace)
@@ -188,7 +190,10 @@ fn tree(spans: &[Span], trace: &str, client_span: &str) -> Vec<(String, String)>
             let parent = if parent == client_span {
                 "client".to_string()
             } else {
-                names.get(&parent).cloned().unwrap_or_else(|| format!("? {parent}"))
+                names
+                    .get(&parent)
+                    .cloned()
+                    .unwrap_or_else(|| format!("? {parent}"))
             };
             (s.name.clone(), parent)
         })
@@ -229,7 +234,10 @@ async fn a_routed_turn_with_a_tool_an_approval_and_its_resumption_is_exported_as
         "route",
         json!({"agent": "coder", "reason": "code work"}),
     )));
-    llm.push(scripted(Script::tool_call("read_file", json!({"path": "notes.txt"}))));
+    llm.push(scripted(Script::tool_call(
+        "read_file",
+        json!({"path": "notes.txt"}),
+    )));
     llm.push(scripted(Script::tool_call(
         "write_file",
         json!({"path": "widget.txt", "content": "widget"}),
@@ -248,7 +256,13 @@ async fn a_routed_turn_with_a_tool_an_approval_and_its_resumption_is_exported_as
     let first = Sse::new(r).all().await;
     assert_eq!(
         kinds(&first),
-        ["agent_switched", "tool_call", "tool_result", "tool_call", "done:awaiting_approval"]
+        [
+            "agent_switched",
+            "tool_call",
+            "tool_result",
+            "tool_call",
+            "done:awaiting_approval"
+        ]
     );
     let call_id = first[first.len() - 2]["call_id"].as_str().unwrap().to_string();
     let r = s
@@ -263,7 +277,12 @@ async fn a_routed_turn_with_a_tool_an_approval_and_its_resumption_is_exported_as
     let second = Sse::new(r).all().await;
     assert_eq!(
         kinds(&second),
-        ["approval_resolved", "tool_result", "assistant_final", "done:completed"]
+        [
+            "approval_resolved",
+            "tool_result",
+            "assistant_final",
+            "done:completed"
+        ]
     );
 
     let spans = wait_for("both traces", || {
@@ -305,7 +324,14 @@ async fn a_routed_turn_with_a_tool_an_approval_and_its_resumption_is_exported_as
         .into_iter()
         .find(|s| attrs(s)["agent_runtime.call"] == "route")
         .unwrap();
-    let port = llm.url().rsplit(':').next().unwrap().trim_end_matches('/').parse::<i64>().unwrap();
+    let port = llm
+        .url()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .parse::<i64>()
+        .unwrap();
     assert_eq!(
         attrs(route),
         BTreeMap::from([
@@ -316,7 +342,10 @@ async fn a_routed_turn_with_a_tool_an_approval_and_its_resumption_is_exported_as
             ("gen_ai.request.max_tokens".to_string(), json!(120)),
             ("gen_ai.request.model".to_string(), json!("gpt-4o-mini")),
             ("gen_ai.request.temperature".to_string(), json!(0.0)),
-            ("gen_ai.response.finish_reasons".to_string(), json!(["tool_calls"])),
+            (
+                "gen_ai.response.finish_reasons".to_string(),
+                json!(["tool_calls"])
+            ),
             ("gen_ai.response.model".to_string(), json!("gpt-4o-mini")),
             ("gen_ai.usage.input_tokens".to_string(), json!(10)),
             ("gen_ai.usage.output_tokens".to_string(), json!(3)),
@@ -343,7 +372,10 @@ async fn a_routed_turn_with_a_tool_an_approval_and_its_resumption_is_exported_as
         s.events
             .iter()
             .map(|e| {
-                let a = e.attributes.iter().map(|kv| (kv.key.clone(), json_of(kv.value.as_ref())));
+                let a = e
+                    .attributes
+                    .iter()
+                    .map(|kv| (kv.key.clone(), json_of(kv.value.as_ref())));
                 (e.name.clone(), a.collect())
             })
             .collect()
@@ -380,7 +412,10 @@ async fn a_routed_turn_with_a_tool_an_approval_and_its_resumption_is_exported_as
         .collect();
     assert_eq!(links, [(CLIENT_TRACE.to_string(), hex(&origin.span_id))]);
     assert_eq!(
-        (attrs(resumed)["agent_runtime.stop_reason"].clone(), attrs(asked)["agent_runtime.stop_reason"].clone()),
+        (
+            attrs(resumed)["agent_runtime.stop_reason"].clone(),
+            attrs(asked)["agent_runtime.stop_reason"].clone()
+        ),
         (json!("completed"), json!("awaiting_approval"))
     );
 
@@ -493,10 +528,17 @@ async fn turns_complete_when_the_collector_hangs_and_a_full_queue_drops_spans() 
 #[tokio::test]
 async fn without_an_endpoint_nothing_is_exported_and_no_drop_is_counted() {
     let llm = MockLlmServer::start().await.unwrap();
-    let s = Server::start_with(&llm.url(), None, &[("AGENT_RUNTIME__MULTI_AGENT_ENABLED", "false")]).await;
+    let s = Server::start_with(
+        &llm.url(),
+        None,
+        &[("AGENT_RUNTIME__MULTI_AGENT_ENABLED", "false")],
+    )
+    .await;
     let id = s.session(json!({})).await;
     llm.push(scripted(Script::text("Hi.")));
-    let events = s.send(&id, json!({"type": "user_message", "content": "hi"})).await;
+    let events = s
+        .send(&id, json!({"type": "user_message", "content": "hi"}))
+        .await;
     assert_eq!(kinds(&events), ["assistant_final", "done:completed"]);
     assert_eq!(dropped_spans(&s).await, 0);
     let sent: Vec<Option<String>> = llm
@@ -505,4 +547,95 @@ async fn without_an_endpoint_nothing_is_exported_and_no_drop_is_counted() {
         .map(|r| r.header("traceparent").map(str::to_string))
         .collect();
     assert_eq!(sent, [None]);
+}
+
+#[tokio::test]
+async fn content_goes_on_the_spans_only_when_the_operator_opts_in() {
+    let otlp = collector(false).await;
+    let llm = MockLlmServer::start().await.unwrap();
+    let s = Server::start_with(
+        &llm.url(),
+        None,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp.url),
+            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+            ("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "true"),
+            ("AGENT_RUNTIME__MULTI_AGENT_ENABLED", "false"),
+            ("AGENT_RUNTIME__DEFAULT_AGENT", "coder"),
+        ],
+    )
+    .await;
+    let project = s.dir.path().join("project");
+    std::fs::create_dir(&project).unwrap();
+    std::fs::write(project.join("a.txt"), "alpha").unwrap();
+    let id = s
+        .session(json!({"metadata": {"project_path": project.to_str().unwrap()}}))
+        .await;
+    llm.push(scripted(Script::tool_call("read_file", json!({"path": "a.txt"}))));
+    llm.push(scripted(Script::text("It says alpha.")));
+    let events = s
+        .send(
+            &id,
+            json!({"type": "user_message", "content": "what is in a.txt?"}),
+        )
+        .await;
+    assert_eq!(
+        kinds(&events),
+        ["tool_call", "tool_result", "assistant_final", "done:completed"]
+    );
+    let spans = wait_for("the turn's spans", || {
+        let spans = otlp.got.spans();
+        let answered = spans.iter().filter(|s| s.name.starts_with("chat ")).count();
+        (answered == 2 && spans.iter().any(|s| s.name == "execute_tool read_file")).then_some(spans)
+    })
+    .await;
+    let tool = spans.iter().find(|s| s.name == "execute_tool read_file").unwrap();
+    let a = attrs(tool);
+    let result: Value = serde_json::from_str(a["gen_ai.tool.call.result"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        (
+            a["gen_ai.tool.call.arguments"].clone(),
+            result.as_str().map(|r| r.contains("alpha"))
+        ),
+        (json!(r#"{"path":"a.txt"}"#), Some(true))
+    );
+    let mut chats: Vec<BTreeMap<String, Value>> = spans
+        .iter()
+        .filter(|s| s.name.starts_with("chat "))
+        .map(attrs)
+        .collect();
+    chats.sort_by_key(|a| a["gen_ai.response.finish_reasons"].to_string());
+    let output = |a: &BTreeMap<String, Value>| -> Value {
+        serde_json::from_str(a["gen_ai.output.messages"].as_str().unwrap()).unwrap()
+    };
+    let input = |a: &BTreeMap<String, Value>| -> Value {
+        let v: Value = serde_json::from_str(a["gen_ai.input.messages"].as_str().unwrap()).unwrap();
+        // The system prompt is long; its role is what matters here.
+        Value::Array(
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|m| {
+                    if m["role"] == "system" {
+                        json!({"role": "system"})
+                    } else {
+                        m.clone()
+                    }
+                })
+                .collect(),
+        )
+    };
+    assert_eq!(
+        (input(&chats[0]), output(&chats[0])),
+        (
+            json!([
+                {"role": "system"},
+                {"role": "user", "content": "what is in a.txt?"},
+                {"role": "assistant", "content": ""},
+                {"role": "tool", "content": "[a.txt: lines 1-1 of 1]\nalpha"},
+            ]),
+            json!([{"role": "assistant", "content": "It says alpha.", "tool_calls": []}])
+        )
+    );
+    assert_eq!(output(&chats[1])[0]["tool_calls"][0]["name"], json!("read_file"));
 }

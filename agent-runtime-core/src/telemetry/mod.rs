@@ -158,6 +158,7 @@ impl Telemetry {
                 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0,
             ])
             .build();
+        STARTED.store(true, Ordering::Relaxed);
         Ok(Some(Telemetry {
             inner: Arc::new(Shared {
                 tracer: tracers.tracer("agent-runtime"),
@@ -289,8 +290,15 @@ pub fn traceparent(cx: &Context) -> Option<String> {
 /// The `traceparent` to send on an outgoing request made within the current context (the
 /// model call's span); `None` when telemetry is off or the request is outside any span.
 pub fn outgoing_traceparent() -> Option<String> {
+    // Without any exporter in the process, not even the current context is looked up.
+    if !STARTED.load(Ordering::Relaxed) {
+        return None;
+    }
     traceparent(&Context::current())
 }
+
+/// Set once any [`Telemetry`] has started in this process.
+static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn parse_traceparent(v: &str) -> Option<SpanContext> {
     let carrier = HashMap::from([("traceparent".to_string(), v.to_string())]);
@@ -563,7 +571,8 @@ impl ChatSpan {
                         .iter()
                         .map(|c| serde_json::json!({"id": c.id, "name": c.name, "arguments": c.arguments}))
                         .collect();
-                    let out = serde_json::json!([{"role": "assistant", "content": text, "tool_calls": calls}]);
+                    let out =
+                        serde_json::json!([{"role": "assistant", "content": text, "tool_calls": calls}]);
                     span.set_attribute(KeyValue::new("gen_ai.output.messages", out.to_string()));
                 }
             }

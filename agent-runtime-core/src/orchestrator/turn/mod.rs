@@ -32,8 +32,8 @@ use crate::llm::{ChatMessage, ChatRequest, ChatRole, ChatToolCall, ToolChoice};
 use crate::protocol::{AssistantMessage, EventPayload, StopReason, ToolError};
 use crate::session::{AgentSwitch, Message, NewMessage, Role, Session, SessionStatus, ToolCall, Usage};
 use crate::storage::{Commit, Committed, SessionUpdate};
-use crate::time::Timestamp;
 use crate::telemetry::{CallKind, ChatSpan, TurnTrace};
+use crate::time::Timestamp;
 use crate::tools::{ToolContext, ToolFailure};
 use opentelemetry::KeyValue;
 pub(super) use recover::{cancel, recover_interrupted};
@@ -846,7 +846,8 @@ impl Turn {
                 CallState::Ready {
                     run_arguments: arguments,
                 } => {
-                    let span = (self.trace.as_ref()).map(|t| t.tool(&call.tool_name, &call.call_id, &arguments));
+                    let span =
+                        (self.trace.as_ref()).map(|t| t.tool(&call.tool_name, &call.call_id, &arguments));
                     let outcome = self.execute(&call.tool_name, arguments).await;
                     if let Some(span) = span {
                         span.end(outcome.as_ref().map_err(|e| e.code.as_str()));
