@@ -2,8 +2,8 @@
 //! thread, so a collector that is down or hangs costs a turn nothing but a counted drop.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
 use opentelemetry::Context;
@@ -21,10 +21,15 @@ enum Job {
 
 /// A span processor with a bounded queue: `on_end` never waits (a full queue drops the span and
 /// counts it), one thread exports batches; spans of a failed or timed-out export are counted too.
+/// The thread is woken only when a batch is full, for a flush, or by its schedule: never per span.
 #[derive(Debug)]
 pub(super) struct QueueProcessor {
     queue: SyncSender<Job>,
     dropped: Arc<AtomicU64>,
+    /// Spans queued since the export thread last drained the queue.
+    queued: Arc<AtomicUsize>,
+    max_batch: usize,
+    worker: std::thread::Thread,
 }
 
 /// How the export thread batches.
@@ -43,10 +48,21 @@ impl QueueProcessor {
     ) -> std::io::Result<Self> {
         let (queue, jobs) = sync_channel(batching.max_queue);
         let counted = dropped.clone();
-        std::thread::Builder::new()
+        let queued = Arc::new(AtomicUsize::new(0));
+        let drained = queued.clone();
+        let max_batch = batching.max_batch;
+        let worker = std::thread::Builder::new()
             .name("otel-export".into())
-            .spawn(move || export_loop(exporter, jobs, batching, counted))?;
-        Ok(QueueProcessor { queue, dropped })
+            .spawn(move || export_loop(exporter, jobs, batching, counted, drained))?
+            .thread()
+            .clone();
+        Ok(QueueProcessor {
+            queue,
+            dropped,
+            queued,
+            max_batch,
+            worker,
+        })
     }
 
     fn ask(&self, make: impl FnOnce(SyncSender<()>) -> Job, timeout: Duration) -> OTelSdkResult {
@@ -55,6 +71,7 @@ impl QueueProcessor {
         self.queue
             .send(make(done))
             .map_err(|_| OTelSdkError::AlreadyShutdown)?;
+        self.worker.unpark();
         answered
             .recv_timeout(timeout)
             .map_err(|_| OTelSdkError::Timeout(timeout))
@@ -66,7 +83,11 @@ impl SpanProcessor for QueueProcessor {
 
     fn on_end(&self, span: SpanData) {
         match self.queue.try_send(Job::Span(Box::new(span))) {
-            Ok(()) => {}
+            Ok(()) => {
+                if self.queued.fetch_add(1, Ordering::Relaxed) + 1 == self.max_batch {
+                    self.worker.unpark();
+                }
+            }
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
@@ -82,14 +103,15 @@ impl SpanProcessor for QueueProcessor {
     }
 }
 
+/// Sleeps until woken or the schedule is due, then exports everything queued, in batches.
 fn export_loop<E: SpanExporter>(
     exporter: E,
     jobs: Receiver<Job>,
     batching: Batching,
     dropped: Arc<AtomicU64>,
+    queued: Arc<AtomicUsize>,
 ) {
     let mut batch: Vec<SpanData> = Vec::with_capacity(batching.max_batch);
-    let mut deadline = Instant::now() + batching.delay;
     let send = |batch: &mut Vec<SpanData>| {
         if batch.is_empty() {
             return;
@@ -102,57 +124,35 @@ fn export_loop<E: SpanExporter>(
         }
     };
     loop {
-        let wait = deadline.saturating_duration_since(Instant::now());
-        match jobs.recv_timeout(wait) {
-            Ok(Job::Span(span)) => {
-                batch.push(*span);
-                if batch.len() >= batching.max_batch {
+        let deadline = Instant::now() + batching.delay;
+        loop {
+            match jobs.try_recv() {
+                Ok(Job::Span(span)) => {
+                    queued.fetch_sub(1, Ordering::Relaxed);
+                    batch.push(*span);
+                    if batch.len() >= batching.max_batch {
+                        send(&mut batch);
+                    }
+                }
+                Ok(Job::Flush(done)) => {
                     send(&mut batch);
-                    deadline = Instant::now() + batching.delay;
+                    let _ = done.send(());
+                }
+                Ok(Job::Stop(done)) => {
+                    send(&mut batch);
+                    let _ = exporter.shutdown();
+                    let _ = done.send(());
+                    return;
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    send(&mut batch);
+                    return;
                 }
             }
-            Ok(Job::Flush(done)) => {
-                drain(&jobs, &mut batch, &batching, &send);
-                send(&mut batch);
-                let _ = done.send(());
-            }
-            Ok(Job::Stop(done)) => {
-                drain(&jobs, &mut batch, &batching, &send);
-                send(&mut batch);
-                let _ = exporter.shutdown();
-                let _ = done.send(());
-                return;
-            }
-            Err(RecvTimeoutError::Timeout) => {
-                send(&mut batch);
-                deadline = Instant::now() + batching.delay;
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                send(&mut batch);
-                return;
-            }
         }
-    }
-}
-
-/// Moves the spans already queued into batches (a flush exports what was ended before it).
-fn drain(
-    jobs: &Receiver<Job>,
-    batch: &mut Vec<SpanData>,
-    batching: &Batching,
-    send: &dyn Fn(&mut Vec<SpanData>),
-) {
-    while let Ok(job) = jobs.try_recv() {
-        match job {
-            Job::Span(span) => {
-                batch.push(*span);
-                if batch.len() >= batching.max_batch {
-                    send(batch);
-                }
-            }
-            Job::Flush(done) | Job::Stop(done) => {
-                let _ = done.send(());
-            }
-        }
+        send(&mut batch);
+        // Woken early by a full batch or a flush; spurious wake-ups just drain sooner.
+        std::thread::park_timeout(deadline.saturating_duration_since(Instant::now()));
     }
 }
