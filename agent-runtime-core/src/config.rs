@@ -144,7 +144,78 @@ pub struct RuntimeConfig {
     /// `MODEL_PRICES_FILE`: prices per million tokens by model (see [`crate::budget::PriceTable`]).
     #[serde(default)]
     pub model_prices_file: Option<PathBuf>,
+    /// OpenTelemetry export (the standard `OTEL_*` variables); off without an endpoint.
+    #[serde(default)]
+    pub telemetry: TelemetrySettings,
 }
+
+/// OpenTelemetry traces and metrics over OTLP/HTTP (protobuf), read from the standard `OTEL_*`
+/// variables. Export is off when no endpoint is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TelemetrySettings {
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` (the collector's base URL; `/v1/traces` and `/v1/metrics` are
+    /// added) or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (the full traces URL, which wins for traces).
+    pub endpoint: Option<String>,
+    /// The full traces URL, when set apart from the base.
+    pub traces_endpoint: Option<String>,
+    /// `OTEL_SERVICE_NAME`.
+    pub service_name: String,
+    /// `OTEL_TRACES_SAMPLER` (`always_on`, `always_off`, `traceidratio`, `parentbased_always_on`,
+    /// `parentbased_always_off`, `parentbased_traceidratio`).
+    pub sampler: String,
+    /// `OTEL_TRACES_SAMPLER_ARG`: the ratio of the `traceidratio` samplers, 0 to 1.
+    pub sampler_ratio: f64,
+    /// `OTEL_EXPORTER_OTLP_TIMEOUT` (milliseconds): how long one export may take before it is
+    /// given up and its spans counted as dropped.
+    pub export_timeout: Duration,
+    /// `OTEL_BSP_MAX_QUEUE_SIZE`: spans waiting for export; past it new spans are dropped and
+    /// counted.
+    pub max_queue_size: usize,
+    /// `OTEL_BSP_SCHEDULE_DELAY` (milliseconds): the longest a finished span waits for export.
+    pub schedule_delay: Duration,
+    /// `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`: spans per export request.
+    pub max_export_batch_size: usize,
+    /// `OTEL_METRIC_EXPORT_INTERVAL` (milliseconds): how often metrics are exported.
+    pub metric_export_interval: Duration,
+    /// `OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`: record prompts, answers and tool
+    /// arguments/results on the spans (off: only names, ids, counts).
+    pub capture_content: bool,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        TelemetrySettings {
+            endpoint: None,
+            traces_endpoint: None,
+            service_name: "agent-runtime".into(),
+            sampler: "parentbased_always_on".into(),
+            sampler_ratio: 1.0,
+            export_timeout: Duration::from_secs(10),
+            max_queue_size: 2048,
+            schedule_delay: Duration::from_secs(5),
+            max_export_batch_size: 512,
+            metric_export_interval: Duration::from_secs(60),
+            capture_content: false,
+        }
+    }
+}
+
+impl TelemetrySettings {
+    /// Whether anything is exported (an endpoint is set).
+    pub fn enabled(&self) -> bool {
+        self.endpoint.is_some() || self.traces_endpoint.is_some()
+    }
+}
+
+/// The samplers `OTEL_TRACES_SAMPLER` may name.
+const SAMPLERS: &[&str] = &[
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+];
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
@@ -188,6 +259,7 @@ impl Default for RuntimeConfig {
             turn_recovery: TurnRecovery::Resume,
             budget: Budget::default(),
             model_prices_file: None,
+            telemetry: TelemetrySettings::default(),
         }
     }
 }
@@ -236,6 +308,18 @@ pub const VARIABLES: &[&str] = &[
     "TURN_TIME_BUDGET_SECS",
     "TURN_TOOL_CALL_BUDGET",
     "MODEL_PRICES_FILE",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TIMEOUT",
+    "OTEL_SERVICE_NAME",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
+    "OTEL_BSP_MAX_QUEUE_SIZE",
+    "OTEL_BSP_SCHEDULE_DELAY",
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+    "OTEL_METRIC_EXPORT_INTERVAL",
+    "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT",
 ];
 
 /// The settings of the default budgets and the budget each sets.
@@ -452,8 +536,87 @@ impl RuntimeConfig {
         if let Some(v) = get("MODEL_PRICES_FILE") {
             c.model_prices_file = Some(PathBuf::from(v.trim()));
         }
+        c.telemetry = telemetry_settings(&get)?;
         Ok(c)
     }
+}
+
+/// The `OTEL_*` variables (see [`TelemetrySettings`]).
+fn telemetry_settings(get: &dyn Fn(&str) -> Option<String>) -> Result<TelemetrySettings> {
+    let mut t = TelemetrySettings::default();
+    let url = |var: &str| -> Result<Option<String>> {
+        match get(var) {
+            Some(v) if !(v.starts_with("http://") || v.starts_with("https://")) => Err(bad(
+                var,
+                &v,
+                "expected an http:// or https:// URL of an OTLP/HTTP collector, such as http://127.0.0.1:4318",
+            )),
+            other => Ok(other.map(|v| v.trim().to_string())),
+        }
+    };
+    t.endpoint = url("OTEL_EXPORTER_OTLP_ENDPOINT")?;
+    t.traces_endpoint = url("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")?;
+    if let Some(v) = get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        && v.trim() != "http/protobuf"
+    {
+        return Err(bad(
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+            &v,
+            "only http/protobuf is supported: point the endpoint at the collector's OTLP/HTTP port (4318)",
+        ));
+    }
+    let millis = |var: &str, min: u64| -> Result<Option<Duration>> {
+        get(var)
+            .map(|v| parse_num(var, &v, min).map(Duration::from_millis))
+            .transpose()
+    };
+    if let Some(d) = millis("OTEL_EXPORTER_OTLP_TIMEOUT", 1)? {
+        t.export_timeout = d;
+    }
+    if let Some(d) = millis("OTEL_BSP_SCHEDULE_DELAY", 1)? {
+        t.schedule_delay = d;
+    }
+    if let Some(d) = millis("OTEL_METRIC_EXPORT_INTERVAL", 1)? {
+        t.metric_export_interval = d;
+    }
+    if let Some(v) = get("OTEL_BSP_MAX_QUEUE_SIZE") {
+        t.max_queue_size = parse_num("OTEL_BSP_MAX_QUEUE_SIZE", &v, 1)?;
+    }
+    if let Some(v) = get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE") {
+        t.max_export_batch_size = parse_num("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", &v, 1)?;
+    }
+    if let Some(v) = get("OTEL_SERVICE_NAME") {
+        t.service_name = v.trim().to_string();
+    }
+    if let Some(v) = get("OTEL_TRACES_SAMPLER") {
+        let name = v.trim().to_ascii_lowercase();
+        if !SAMPLERS.contains(&name.as_str()) {
+            return Err(bad(
+                "OTEL_TRACES_SAMPLER",
+                &v,
+                &format!("expected one of {}", SAMPLERS.join(", ")),
+            ));
+        }
+        t.sampler = name;
+    }
+    if let Some(v) = get("OTEL_TRACES_SAMPLER_ARG") {
+        let r: f64 = v
+            .trim()
+            .parse()
+            .map_err(|_| bad("OTEL_TRACES_SAMPLER_ARG", &v, "expected a number from 0 to 1"))?;
+        if !(0.0..=1.0).contains(&r) {
+            return Err(bad(
+                "OTEL_TRACES_SAMPLER_ARG",
+                &v,
+                "expected a number from 0 to 1",
+            ));
+        }
+        t.sampler_ratio = r;
+    }
+    if let Some(v) = get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT") {
+        t.capture_content = parse_bool("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", &v)?;
+    }
+    Ok(t)
 }
 
 #[cfg(test)]
@@ -608,9 +771,52 @@ mod tests {
             ("PROJECT_ROOTS", "relative/dir"),
             ("SANDBOX", "maybe"),
             ("SANDBOX_READ_PATHS", "~/.cargo"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_TRACES_SAMPLER", "sometimes"),
+            ("OTEL_TRACES_SAMPLER_ARG", "2"),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "0"),
+            ("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "maybe"),
         ] {
             let err = from(&[(var, value)]).unwrap_err();
             assert!(err.to_string().starts_with(&format!("{var}: ")), "{err}");
         }
+    }
+
+    #[test]
+    fn the_standard_otel_variables_set_telemetry_and_no_endpoint_leaves_it_off() {
+        assert_eq!(from(&[]).unwrap().telemetry, TelemetrySettings::default());
+        assert!(!TelemetrySettings::default().enabled());
+        let c = from(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+            ("OTEL_SERVICE_NAME", "agents-prod"),
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "100"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "50"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "1000"),
+            ("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "true"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.telemetry,
+            TelemetrySettings {
+                endpoint: Some("http://127.0.0.1:4318".into()),
+                traces_endpoint: None,
+                service_name: "agents-prod".into(),
+                sampler: "parentbased_traceidratio".into(),
+                sampler_ratio: 0.25,
+                export_timeout: Duration::from_millis(2500),
+                max_queue_size: 100,
+                schedule_delay: Duration::from_millis(200),
+                max_export_batch_size: 50,
+                metric_export_interval: Duration::from_secs(1),
+                capture_content: true,
+            }
+        );
+        assert!(c.telemetry.enabled());
     }
 }

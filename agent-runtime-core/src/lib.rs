@@ -28,6 +28,7 @@ pub mod orchestrator;
 pub mod protocol;
 pub mod session;
 pub mod storage;
+pub mod telemetry;
 #[cfg(feature = "test-utils")]
 pub mod test_kit;
 pub mod time;

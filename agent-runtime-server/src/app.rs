@@ -11,6 +11,7 @@ use agent_runtime_core::orchestrator::{
 };
 use agent_runtime_core::protocol::ClientMessage;
 use agent_runtime_core::storage::SessionQuery;
+use agent_runtime_core::telemetry::within_request;
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
@@ -682,6 +683,16 @@ impl App {
         }
         let label = route.as_ref().map_or("unmatched", Route::label);
         let span = tracing::info_span!("request", %method, route = label);
+        // The OpenTelemetry server span (telemetry on), continuing the client's `traceparent`.
+        let otel = self.rt.telemetry().map(|t| {
+            let headers = req.headers();
+            t.request_span(method.as_str(), label, req.uri().path(), |name| {
+                headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            })
+        });
         let response = async {
             let r = self
                 .dispatch(route, req)
@@ -694,8 +705,15 @@ impl App {
             );
             r
         }
-        .instrument(span)
-        .await;
+        .instrument(span);
+        let response = match otel {
+            None => response.await,
+            Some(otel) => {
+                let r = within_request(&otel, response).await;
+                otel.end(r.status().as_u16());
+                r
+            }
+        };
         self.metrics.observe(
             label,
             method.as_str(),

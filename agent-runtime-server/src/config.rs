@@ -231,6 +231,66 @@ pub const SETTINGS_HELP: &[(&str, &str, &str)] = &[
         "30",
     ),
     (
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "base URL of an OTLP/HTTP collector (http://127.0.0.1:4318); traces go to /v1/traces, metrics to /v1/metrics; unset: telemetry off",
+        "unset: off",
+    ),
+    (
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "full URL for spans, over the base endpoint's /v1/traces",
+        "unset",
+    ),
+    (
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+        "only http/protobuf is supported",
+        "http/protobuf",
+    ),
+    (
+        "OTEL_EXPORTER_OTLP_TIMEOUT",
+        "milliseconds one export may take; past it its spans count as dropped",
+        "10000",
+    ),
+    (
+        "OTEL_SERVICE_NAME",
+        "service.name of the exported spans and metrics",
+        "agent-runtime",
+    ),
+    (
+        "OTEL_TRACES_SAMPLER",
+        "always_on, always_off, traceidratio, parentbased_always_on, parentbased_always_off, parentbased_traceidratio",
+        "parentbased_always_on",
+    ),
+    (
+        "OTEL_TRACES_SAMPLER_ARG",
+        "the ratio of the traceidratio samplers, 0 to 1",
+        "1.0",
+    ),
+    (
+        "OTEL_BSP_MAX_QUEUE_SIZE",
+        "spans waiting for export; past it new spans are dropped and counted",
+        "2048",
+    ),
+    (
+        "OTEL_BSP_SCHEDULE_DELAY",
+        "milliseconds a finished span may wait before it is exported",
+        "5000",
+    ),
+    (
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+        "spans per export request",
+        "512",
+    ),
+    (
+        "OTEL_METRIC_EXPORT_INTERVAL",
+        "milliseconds between metric exports",
+        "60000",
+    ),
+    (
+        "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT",
+        "record prompts, answers, tool arguments and results on spans",
+        "false",
+    ),
+    (
         "MAX_REQUEST_BYTES",
         "request body limit in bytes; over it: 413",
         "1048576",

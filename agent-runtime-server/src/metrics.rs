@@ -54,6 +54,8 @@ pub struct Metrics {
     completion_tokens: AtomicU64,
     approvals_requested: AtomicI64,
     approvals_resolved: AtomicI64,
+    /// The runtime's OpenTelemetry exporter, whose dropped spans are counted here.
+    telemetry: std::sync::OnceLock<agent_runtime_core::telemetry::Telemetry>,
 }
 
 /// Counts one open SSE stream while it lives.
@@ -90,6 +92,9 @@ impl Metrics {
 
     /// Follows the runtime's event bus for turns and approvals until the runtime goes away.
     pub fn follow_bus(self: &Arc<Self>, rt: &Orchestrator) {
+        if let Some(t) = rt.telemetry() {
+            let _ = self.telemetry.set(t.clone());
+        }
         let mut sub = rt.subscribe(BusFilter::default());
         let me = self.clone();
         tokio::spawn(async move {
@@ -228,6 +233,14 @@ impl Metrics {
             "Open SSE streams.",
             "gauge",
             self.active_streams.load(Ordering::Relaxed),
+        );
+        let dropped = self.telemetry.get().map_or(0, |t| t.dropped_spans());
+        gauge(
+            &mut out,
+            "otel_spans_dropped_total",
+            "OpenTelemetry spans not delivered: export queue full, export failed or timed out.",
+            "counter",
+            i64::try_from(dropped).unwrap_or(i64::MAX),
         );
         out
     }

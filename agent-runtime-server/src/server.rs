@@ -147,6 +147,10 @@ async fn serve_ready(
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(left.clamp(FLUSH, DRAIN)) => tracing::warn!("closing connections still open"),
     }
+    // Spans still queued go out now (bounded by the export timeout), off the async threads.
+    if let Some(t) = rt.telemetry().cloned() {
+        let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+    }
     drop(app);
     drop(rt);
     tracing::info!("stopped");

@@ -224,6 +224,10 @@ impl OpenAiBackend {
         if let Some(key) = &self.config.api_key {
             request = request.bearer_auth(key);
         }
+        // The model call's span (when telemetry is on) continues on the model server.
+        if let Some(tp) = crate::telemetry::outgoing_traceparent() {
+            request = request.header("traceparent", tp);
+        }
         let response = match tokio::time::timeout_at(deadline, request.send()).await {
             Err(_) => return Err(AttemptError::down(first_byte(), false)),
             Ok(Err(e)) => {

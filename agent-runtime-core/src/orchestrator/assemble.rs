@@ -26,10 +26,13 @@ impl Orchestrator {
     pub async fn from_config(config: RuntimeConfig) -> Result<OrchestratorBuilder> {
         let llm =
             OpenAiBackend::new(openai_config(&config.llm)).map_err(|e| in_context("LLM_PROXY_URL", e))?;
+        // Off (None) without an OTEL_EXPORTER_OTLP_ENDPOINT.
+        let telemetry = crate::telemetry::Telemetry::start(&config.telemetry)?;
         let store = storage::open(&config.database_url)
             .await
             .map_err(|e| in_context("DATABASE_URL", e))?;
         Ok(Orchestrator::builder(store, Arc::new(llm))
+            .telemetry(telemetry)
             .config(config)
             .discover_model_context()
             .await)

@@ -164,6 +164,7 @@ pub struct OrchestratorBuilder {
     bus: Option<EventBus>,
     tokenizer: Option<Arc<dyn Tokenizer>>,
     model_context: Option<ModelContext>,
+    telemetry: Option<crate::telemetry::Telemetry>,
 }
 
 impl OrchestratorBuilder {
@@ -230,6 +231,14 @@ impl OrchestratorBuilder {
     /// The tokenizer of the context window (default: `o200k_base`).
     pub fn tokenizer(mut self, tokenizer: Arc<dyn Tokenizer>) -> Self {
         self.tokenizer = Some(tokenizer);
+        self
+    }
+
+    /// Exports the turns' spans and metrics through `telemetry` (see [`crate::telemetry`];
+    /// [`crate::telemetry::Telemetry::start`] makes one from the `OTEL_*` settings). Without it,
+    /// no span is built.
+    pub fn telemetry(mut self, telemetry: Option<crate::telemetry::Telemetry>) -> Self {
+        self.telemetry = telemetry;
         self
     }
 
@@ -326,6 +335,7 @@ impl OrchestratorBuilder {
             offers: HashMap::new(),
             model_context,
             model_check: health::ModelCheck::default(),
+            telemetry: self.telemetry,
         };
         // Agents and tools are fixed from here on: what each agent's calls offer is too.
         inner.offers = (inner.agents.list().iter())
@@ -368,6 +378,8 @@ pub(crate) struct Inner {
     pub model_check: health::ModelCheck,
     /// `MODEL_PRICES_FILE`, empty when unset.
     pub prices: PriceTable,
+    /// Where spans and metrics go; `None`: telemetry off, nothing built.
+    pub telemetry: Option<crate::telemetry::Telemetry>,
 }
 
 /// `MAX_CONTEXT_TOKENS` bounded by the model's context (see [`ModelContext::window_bound`]),
@@ -662,6 +674,7 @@ impl Orchestrator {
             bus: None,
             tokenizer: None,
             model_context: None,
+            telemetry: None,
         }
     }
 
@@ -678,6 +691,11 @@ impl Orchestrator {
     /// The store.
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.inner.storage
+    }
+
+    /// The telemetry exporter, when telemetry is on.
+    pub fn telemetry(&self) -> Option<&crate::telemetry::Telemetry> {
+        self.inner.telemetry.as_ref()
     }
 
     /// The model backend.

@@ -187,6 +187,13 @@ async fn record(
     if let Some(t) = request_type {
         note["request_type"] = json!(t);
     }
+    turn.trace_event(
+        "agent_runtime.approval.decided",
+        vec![
+            opentelemetry::KeyValue::new("gen_ai.tool.call.id", d.call_id.clone()),
+            opentelemetry::KeyValue::new("agent_runtime.approval.decision", d.decision.verb()),
+        ],
+    );
     turn.rt.bus.publish(outcome.kind, turn.id(), note);
     let first = committed.events.first().map(|e| e.seq).unwrap_or(1);
     // While other approvals are pending the turn stays paused: this stream ends with its `done`.

@@ -33,9 +33,11 @@ use crate::llm::{ChatMessage, ChatRequest, ChatRole, ChatToolCall, ToolChoice};
 use crate::protocol::{AssistantMessage, EventPayload, StopReason, ToolError};
 use crate::session::{AgentSwitch, Message, NewMessage, Role, Session, SessionStatus, ToolCall, Usage};
 use crate::storage::{Commit, Committed, SessionUpdate};
+use crate::telemetry::{CallKind, ChatSpan, TurnTrace};
 use crate::time::Timestamp;
 use crate::tools::{ToolContext, ToolFailure};
 pub(super) use budget::budget_usage;
+use opentelemetry::KeyValue;
 pub(super) use recover::{cancel, recover_interrupted};
 use submit::give_back;
 pub(super) use submit::submit;
@@ -90,6 +92,9 @@ struct TurnState {
     /// Budgets: what the turn spent, raises, and the budget approval it waits for.
     #[serde(default)]
     spend: budget::TurnSpend,
+    /// The `traceparent` of the turn's first agent span, which a resumed turn's spans link to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    trace_origin: Option<String>,
 }
 
 impl TurnState {
@@ -147,13 +152,21 @@ struct Turn {
     deferred: Option<Commit>,
     /// The final commit keeps the session's lease (the caller goes on using it).
     keep_lease: bool,
+    /// The turn's spans; `None` when telemetry is off.
+    trace: Option<TurnTrace>,
 }
 
 impl Turn {
     fn new(rt: Arc<Inner>, session: Session, cancel: CancellationToken) -> Self {
+        let state = TurnState::load(&session);
+        // Under the caller's current context: the front-end's request span, if any.
+        let trace = (rt.telemetry.as_ref()).map(|t| {
+            let (model, url) = (rt.llm.model(), &rt.config.llm.proxy_url);
+            TurnTrace::new(t, &session.id, model, url, state.trace_origin.as_deref())
+        });
         Turn {
             rt,
-            state: TurnState::load(&session),
+            state,
             session,
             cancel,
             handover: CancellationToken::new(),
@@ -164,7 +177,36 @@ impl Turn {
             run_cost: 0.0,
             deferred: None,
             keep_lease: false,
+            trace,
         }
+    }
+
+    /// Opens the span of the session's current agent (`invoke_agent`), ending the previous one,
+    /// unless `only_if_none` and one is open already.
+    fn trace_agent(&mut self, only_if_none: bool) {
+        let Some(t) = &mut self.trace else { return };
+        if only_if_none && t.in_agent() {
+            return;
+        }
+        let tp = t.enter_agent(&self.session.current_agent, &self.state.turn_id);
+        if self.state.trace_origin.is_none() {
+            self.state.trace_origin = tp;
+        }
+    }
+
+    /// An event on the current agent's span (opened if need be).
+    fn trace_event(&mut self, name: &'static str, attrs: Vec<opentelemetry::KeyValue>) {
+        if self.trace.is_some() {
+            self.trace_agent(true);
+        }
+        if let Some(t) = &self.trace {
+            t.event(name, attrs);
+        }
+    }
+
+    /// A `chat` span for a model call, when telemetry is on.
+    fn chat_span(&self, kind: CallKind, req: &ChatRequest) -> Option<ChatSpan> {
+        self.trace.as_ref().map(|t| t.chat(kind, req))
     }
 
     /// Keeps `c` for the next commit.
@@ -281,6 +323,9 @@ impl Turn {
             ..Commit::default()
         };
         self.commit(c, true).await?;
+        if self.trace.as_ref().is_some_and(|t| t.in_agent()) {
+            self.trace_agent(false);
+        }
         self.rt.bus.publish(
             BusEventKind::AgentSwitched,
             self.id(),
@@ -309,7 +354,7 @@ impl Turn {
             temperature: Some(0.0),
             max_tokens: Some(max_tokens),
         };
-        match self.complete_counted(&req).await? {
+        match self.complete_counted(CallKind::Plan, &req).await? {
             Ok((c, usage)) => {
                 self.add_usage(usage);
                 Some(model::arguments_of(&c, &name))
@@ -748,6 +793,14 @@ impl Turn {
             ..Commit::default()
         };
         self.commit(c, true).await?;
+        self.trace_event(
+            "agent_runtime.approval.requested",
+            vec![
+                KeyValue::new("gen_ai.tool.name", call.tool_name.clone()),
+                KeyValue::new("gen_ai.tool.call.id", call.call_id.clone()),
+                KeyValue::new("agent_runtime.approval.reason", reason.clone()),
+            ],
+        );
         self.rt.bus.publish(
             BusEventKind::ApprovalRequested,
             self.id(),
@@ -882,7 +935,12 @@ impl Turn {
                     if self.handover.is_cancelled() {
                         return Err(handed_over());
                     }
+                    let span =
+                        (self.trace.as_ref()).map(|t| t.tool(&call.tool_name, &call.call_id, &arguments));
                     let outcome = self.execute(&call.tool_name, arguments).await;
+                    if let Some(span) = span {
+                        span.end(outcome.as_ref().map_err(|e| e.code.as_str()));
+                    }
                     if self.cancel.is_cancelled() {
                         return Err(cancelled());
                     }
@@ -1087,6 +1145,11 @@ impl Turn {
             ..Commit::default()
         };
         let committed = self.commit_quietly(c, false).await?;
+        if let Some(t) = &mut self.trace {
+            let stop = serde_json::to_value(stop).ok();
+            let stop = stop.as_ref().and_then(Value::as_str).unwrap_or("unknown");
+            t.end_agent(Some((stop, error.as_ref().map(|e| e.code()))));
+        }
         let kind = if error.is_some() {
             BusEventKind::TurnFailed
         } else {
@@ -1103,8 +1166,14 @@ impl Turn {
     async fn run(mut self, next: Next) {
         let started = std::time::Instant::now();
         let outcome = match next {
-            Next::Nothing => return self.release().await,
+            Next::Nothing => {
+                if let Some(t) = &mut self.trace {
+                    t.end_agent(None);
+                }
+                return self.release().await;
+            }
             Next::Run { route } => {
+                self.trace_agent(true);
                 self.rt.bus.publish(
                     BusEventKind::TurnStarted,
                     self.id(),

@@ -14,11 +14,14 @@ use crate::agent::AgentDefinition;
 use crate::budget::Step;
 use crate::context::{Window, build_window};
 use crate::error::{Error, Result};
-use crate::llm::{ChatRequest, ChatRole, ChatToolCall, Chunk, Completion, ToolCallAssembler, ToolChoice};
+use crate::llm::{
+    ChatRequest, ChatRole, ChatToolCall, Chunk, Completion, FinishReason, ToolCallAssembler, ToolChoice,
+};
 use crate::orchestrator::routing::{ROUTE_TOOL, RouterFailure};
 use crate::protocol::{AssistantMessage, EventPayload, ToolSpec};
 use crate::session::Usage;
 use crate::storage::Commit;
+use crate::telemetry::{CallKind, ChatOutcome, ChatSpan, within};
 
 /// At most this many token events go into one commit.
 const MAX_TOKENS_PER_COMMIT: usize = 64;
@@ -140,14 +143,21 @@ impl Turn {
             max_tokens: Some(max_tokens),
         };
         let limit = self.rt.config.routing_timeout;
+        let span = self.chat_span(CallKind::Route, &req);
         let started = tokio::select! {
-            s = tokio::time::timeout(limit, self.rt.llm.stream(req.clone())) => s,
+            s = tokio::time::timeout(limit, within(span.as_ref(), self.rt.llm.stream(req.clone()))) => s,
             _ = self.cancel.cancelled() => return Err(cancelled()),
             _ = self.handover.cancelled() => return Err(handed_over()),
         };
         let stream = match started {
-            Err(_) => return Ok(Err(RouterFailure::NoAnswer(limit))),
-            Ok(Err(e)) => return Ok(Err(RouterFailure::Failed(e.to_string()))),
+            Err(_) => {
+                close(span, Err("timeout"));
+                return Ok(Err(RouterFailure::NoAnswer(limit)));
+            }
+            Ok(Err(e)) => {
+                close(span, Err(e.code()));
+                return Ok(Err(RouterFailure::Failed(e.to_string())));
+            }
             Ok(Ok(stream)) => stream,
         };
         let completed = tokio::select! {
@@ -160,10 +170,14 @@ impl Turn {
                 let usage = c
                     .usage
                     .unwrap_or_else(|| self.count_usage(&req, &c.text, &c.tool_calls));
+                close(span, Ok(outcome(&c, usage)));
                 self.add_usage(usage);
                 Ok(Ok(arguments_of(&c, ROUTE_TOOL)))
             }
-            Err(e) => Ok(Err(RouterFailure::Failed(e.to_string()))),
+            Err(e) => {
+                close(span, Err(e.code()));
+                Ok(Err(RouterFailure::Failed(e.to_string())))
+            }
         }
     }
 
@@ -200,8 +214,31 @@ impl Turn {
 
     /// Streams the model's answer: each text piece is committed as a token event as it arrives.
     async fn stream_answer(&mut self, req: ChatRequest) -> Result<Answer> {
+        let span = self.chat_span(CallKind::Step, &req);
+        let mut finish = None;
+        let answer = self.stream_into(&req, span.as_ref(), &mut finish).await;
+        if let Some(span) = span {
+            match &answer {
+                Ok(a) => span.end(Ok(ChatOutcome {
+                    usage: Some(a.usage),
+                    finish: finish.as_ref(),
+                    output: Some((&a.text, &a.calls)),
+                })),
+                Err(e) => span.end(Err(e.code())),
+            }
+        }
+        answer
+    }
+
+    /// [`Turn::stream_answer`] within its span; `finish` gets why the model stopped.
+    async fn stream_into(
+        &mut self,
+        req: &ChatRequest,
+        span: Option<&ChatSpan>,
+        finish: &mut Option<FinishReason>,
+    ) -> Result<Answer> {
         let mut stream = tokio::select! {
-            s = self.rt.llm.stream(req.clone()) => s?,
+            s = within(span, self.rt.llm.stream(req.clone())) => s?,
             _ = self.cancel.cancelled() => return Err(cancelled()),
             // The answer is cut: the next owner asks again (`turn_resumed` voids what streamed).
             _ = self.handover.cancelled() => return Err(handed_over()),
@@ -269,6 +306,7 @@ impl Turn {
                         arguments,
                     })) => assembler.push(index, id.as_deref(), name.as_deref(), &arguments),
                     Some(Ok(Chunk::Usage(u))) => reported = Some(u),
+                    Some(Ok(Chunk::Finish(f))) => *finish = Some(f),
                     Some(Ok(_)) => {}
                 }
                 if tokens.len() >= MAX_TOKENS_PER_COMMIT {
@@ -293,26 +331,33 @@ impl Turn {
             }
         }
         let calls = assembler.finish();
-        let usage = reported.unwrap_or_else(|| self.count_usage(&req, &text, &calls));
+        let usage = reported.unwrap_or_else(|| self.count_usage(req, &text, &calls));
         Ok(Answer { text, calls, usage })
     }
 
     /// A non-streamed call whose tokens are counted; `None` if cancelled.
     pub(super) async fn complete_counted(
         &mut self,
+        kind: CallKind,
         req: &ChatRequest,
     ) -> Option<Result<(Completion, Usage)>> {
+        let span = self.chat_span(kind, req);
         let answered = tokio::select! {
-            r = self.rt.llm.complete(req.clone()) => r,
+            r = within(span.as_ref(), self.rt.llm.complete(req.clone())) => r,
             _ = self.cancel.cancelled() => return None,
             _ = self.handover.cancelled() => return Some(Err(handed_over())),
         };
-        Some(answered.map(|c| {
+        let counted = answered.map(|c| {
             let usage = c
                 .usage
                 .unwrap_or_else(|| self.count_usage(req, &c.text, &c.tool_calls));
             (c, usage)
-        }))
+        });
+        match &counted {
+            Ok((c, usage)) => close(span, Ok(outcome(c, *usage))),
+            Err(e) => close(span, Err(e.code())),
+        }
+        Some(counted)
     }
 
     /// For models that ignore `tool_choice: auto`: a forced choice of the next step (a tool or
@@ -323,7 +368,7 @@ impl Turn {
         choose.tools = vec![next_step_spec(&names)];
         choose.tool_choice = ToolChoice::Function(NEXT_STEP_TOOL.into());
         choose.temperature = Some(0.0);
-        let (chosen, mut usage) = match self.complete_counted(&choose).await {
+        let (chosen, mut usage) = match self.complete_counted(CallKind::Forced, &choose).await {
             None => return Err(cancelled()),
             Some(Err(e)) => return Err(e),
             Some(Ok((c, u))) => (arguments_of(&c, NEXT_STEP_TOOL), u),
@@ -336,7 +381,7 @@ impl Turn {
             call.tools.retain(|t| t.name == tool);
             call.tool_choice = ToolChoice::Function(tool.clone());
             call.temperature = Some(0.0);
-            match self.complete_counted(&call).await {
+            match self.complete_counted(CallKind::Forced, &call).await {
                 None => return Err(cancelled()),
                 Some(Err(e)) => return Err(e),
                 Some(Ok((c, u))) => {
@@ -356,6 +401,22 @@ impl Turn {
         let mut answer = self.stream_answer(answer_req).await?;
         answer.usage += usage;
         Ok(answer)
+    }
+}
+
+/// Ends a model call's span, if there is one.
+fn close(span: Option<ChatSpan>, outcome: std::result::Result<ChatOutcome<'_>, &str>) {
+    if let Some(span) = span {
+        span.end(outcome);
+    }
+}
+
+/// A whole completion as its span records it.
+fn outcome(c: &Completion, usage: Usage) -> ChatOutcome<'_> {
+    ChatOutcome {
+        usage: Some(usage),
+        finish: Some(&c.finish),
+        output: Some((&c.text, &c.tool_calls)),
     }
 }
 

@@ -1,0 +1,632 @@
+//! OpenTelemetry traces and metrics after the GenAI semantic conventions: the span constructors the
+//! turn engine and the server call, and the exporter set-up (off, and free, without an endpoint).
+//!
+//! Spans (semconv GenAI, the "development" revision of semantic-conventions v1.37):
+//! `invoke_agent {agent}` for each agent's part of a turn, `chat {model}` for each model call
+//! (routing and plans included), `execute_tool {tool}` for each tool the runtime runs. Approval
+//! requests and decisions are events on the agent span. Every span is built against an explicit
+//! parent [`Context`]; the only implicit context is the one a front-end attaches around
+//! [`crate::orchestrator::Orchestrator::submit`] (its request span), which the turn takes as its
+//! parent, and the one around a model request, which the HTTP backend sends on as `traceparent`.
+
+mod export;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use opentelemetry::metrics::{Histogram, MeterProvider as _};
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{
+    Link, SpanContext, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _,
+};
+use opentelemetry::{Context, KeyValue, Value};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
+
+use crate::config::TelemetrySettings;
+use crate::error::{Error, Result};
+use crate::llm::{ChatRequest, FinishReason};
+use crate::session::Usage;
+
+/// The provider name on every model span: the runtime speaks the OpenAI chat-completions API to
+/// whatever server `LLM_PROXY_URL` names.
+pub const PROVIDER: &str = "openai";
+
+/// A running exporter of traces and metrics, shared by an orchestrator and its front-end. Cheap
+/// to clone. Where telemetry is off there is no `Telemetry` at all (an `Option` that is `None`),
+/// so nothing is built.
+#[derive(Clone)]
+pub struct Telemetry {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    tracer: SdkTracer,
+    tracers: SdkTracerProvider,
+    meters: SdkMeterProvider,
+    duration: Histogram<f64>,
+    tokens: Histogram<u64>,
+    capture_content: bool,
+    dropped: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry")
+            .field("capture_content", &self.inner.capture_content)
+            .field("dropped_spans", &self.dropped_spans())
+            .finish()
+    }
+}
+
+/// The base URL's signal path: `http://c:4318` → `http://c:4318/v1/traces`.
+fn signal_url(base: &str, path: &str) -> String {
+    format!("{}/{path}", base.trim_end_matches('/'))
+}
+
+fn sampler(s: &TelemetrySettings) -> Sampler {
+    let ratio = Sampler::TraceIdRatioBased(s.sampler_ratio);
+    match s.sampler.as_str() {
+        "always_on" => Sampler::AlwaysOn,
+        "always_off" => Sampler::AlwaysOff,
+        "traceidratio" => ratio,
+        "parentbased_always_off" => Sampler::ParentBased(Box::new(Sampler::AlwaysOff)),
+        "parentbased_traceidratio" => Sampler::ParentBased(Box::new(ratio)),
+        _ => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
+    }
+}
+
+impl Telemetry {
+    /// Starts exporting as `settings` say; `Ok(None)` when no endpoint is set (telemetry off).
+    /// Spans go through a bounded queue to one export thread, metrics through a periodic reader
+    /// of their own; neither ever waits on a turn's path.
+    pub fn start(settings: &TelemetrySettings) -> Result<Option<Telemetry>> {
+        if !settings.enabled() {
+            return Ok(None);
+        }
+        let base = settings.endpoint.as_deref();
+        let traces_url = match (&settings.traces_endpoint, base) {
+            (Some(full), _) => full.clone(),
+            (None, Some(b)) => signal_url(b, "v1/traces"),
+            (None, None) => return Ok(None),
+        };
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            Error::InvalidRequest(format!(
+                "OTEL_EXPORTER_OTLP_ENDPOINT: could not set up the OTLP {what} exporter: {e}"
+            ))
+        };
+        let resource = Resource::builder()
+            .with_service_name(settings.service_name.clone())
+            .build();
+        let mut spans = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_endpoint(traces_url)
+            .with_timeout(settings.export_timeout)
+            .build()
+            .map_err(|e| fail("span", &e))?;
+        opentelemetry_sdk::trace::SpanExporter::set_resource(&mut spans, &resource);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let processor = export::QueueProcessor::start(
+            spans,
+            export::Batching {
+                max_queue: settings.max_queue_size,
+                max_batch: settings.max_export_batch_size,
+                delay: settings.schedule_delay,
+            },
+            dropped.clone(),
+        )
+        .map_err(|e| fail("span", &e))?;
+        let tracers = SdkTracerProvider::builder()
+            .with_span_processor(processor)
+            .with_sampler(sampler(settings))
+            .with_resource(resource.clone())
+            .build();
+        let mut meters = SdkMeterProvider::builder().with_resource(resource);
+        if let Some(b) = base {
+            let metrics = opentelemetry_otlp::MetricExporter::builder()
+                .with_http()
+                .with_endpoint(signal_url(b, "v1/metrics"))
+                .with_timeout(settings.export_timeout)
+                .build()
+                .map_err(|e| fail("metric", &e))?;
+            meters = meters.with_reader(
+                PeriodicReader::builder(metrics)
+                    .with_interval(settings.metric_export_interval)
+                    .build(),
+            );
+        }
+        let meters = meters.build();
+        let meter = meters.meter("agent-runtime");
+        let duration = meter
+            .f64_histogram("gen_ai.client.operation.duration")
+            .with_unit("s")
+            .with_description("GenAI operation duration")
+            .with_boundaries(vec![
+                0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+            ])
+            .build();
+        let tokens = meter
+            .u64_histogram("gen_ai.client.token.usage")
+            .with_unit("{token}")
+            .with_description("Measures number of input and output tokens used")
+            .with_boundaries(vec![
+                1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0,
+            ])
+            .build();
+        STARTED.store(true, Ordering::Relaxed);
+        Ok(Some(Telemetry {
+            inner: Arc::new(Shared {
+                tracer: tracers.tracer("agent-runtime"),
+                tracers,
+                meters,
+                duration,
+                tokens,
+                capture_content: settings.capture_content,
+                dropped,
+            }),
+        }))
+    }
+
+    /// Spans not delivered: dropped from a full queue, or in an export that failed or timed out.
+    pub fn dropped_spans(&self) -> u64 {
+        self.inner.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Whether prompts, answers and tool arguments go on the spans.
+    pub fn captures_content(&self) -> bool {
+        self.inner.capture_content
+    }
+
+    /// Exports what has ended so far (waits for the export thread, at most 30 s).
+    pub fn flush(&self) {
+        let _ = self.inner.tracers.force_flush();
+        let _ = self.inner.meters.force_flush();
+    }
+
+    /// Exports what is left and stops the exporters.
+    pub fn shutdown(&self) {
+        let _ = self.inner.tracers.shutdown();
+        let _ = self.inner.meters.shutdown();
+    }
+
+    /// The server span of an HTTP request: `{method} {route}`, continuing the client's W3C
+    /// `traceparent` (read through `header`) when it sent one.
+    pub fn request_span(
+        &self,
+        method: &str,
+        route: &str,
+        path: &str,
+        header: impl Fn(&str) -> Option<String>,
+    ) -> RequestSpan {
+        let mut carrier = HashMap::new();
+        for name in ["traceparent", "tracestate"] {
+            if let Some(v) = header(name) {
+                carrier.insert(name.to_string(), v);
+            }
+        }
+        let parent = TraceContextPropagator::new().extract(&carrier);
+        let span = self
+            .inner
+            .tracer
+            .span_builder(format!("{method} {route}"))
+            .with_kind(SpanKind::Server)
+            .with_attributes(vec![
+                KeyValue::new("http.request.method", method.to_string()),
+                KeyValue::new("http.route", route.to_string()),
+                KeyValue::new("url.path", path.to_string()),
+            ])
+            .start_with_context(&self.inner.tracer, &parent);
+        RequestSpan {
+            cx: parent.with_span(span),
+        }
+    }
+
+    fn open(&self, name: String, kind: SpanKind, parent: &Context, attrs: Vec<KeyValue>) -> Context {
+        self.start_linked(name, kind, parent, attrs, vec![])
+    }
+
+    fn start_linked(
+        &self,
+        name: String,
+        kind: SpanKind,
+        parent: &Context,
+        attrs: Vec<KeyValue>,
+        links: Vec<Link>,
+    ) -> Context {
+        let span = self
+            .inner
+            .tracer
+            .span_builder(name)
+            .with_kind(kind)
+            .with_attributes(attrs)
+            .with_links(links)
+            .start_with_context(&self.inner.tracer, parent);
+        parent.with_span(span)
+    }
+}
+
+/// The span of one HTTP request; attach [`RequestSpan::context`] around the work it covers.
+#[derive(Debug)]
+pub struct RequestSpan {
+    cx: Context,
+}
+
+impl RequestSpan {
+    /// The context to attach (`FutureExt::with_context`) around the request's work.
+    pub fn context(&self) -> Context {
+        self.cx.clone()
+    }
+
+    /// Ends the span with the response's status (5xx marks it an error).
+    pub fn end(self, status: u16) {
+        let span = self.cx.span();
+        span.set_attribute(KeyValue::new("http.response.status_code", i64::from(status)));
+        if status >= 500 {
+            span.set_attribute(KeyValue::new("error.type", status.to_string()));
+            span.set_status(Status::error(""));
+        }
+        span.end();
+    }
+}
+
+/// The W3C `traceparent` of `cx`'s span, if it has a valid one.
+pub fn traceparent(cx: &Context) -> Option<String> {
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| {
+        format!(
+            "00-{}-{}-{:02x}",
+            sc.trace_id(),
+            sc.span_id(),
+            sc.trace_flags().to_u8()
+        )
+    })
+}
+
+/// The `traceparent` to send on an outgoing request made within the current context (the
+/// model call's span); `None` when telemetry is off or the request is outside any span.
+pub fn outgoing_traceparent() -> Option<String> {
+    // Without any exporter in the process, not even the current context is looked up.
+    if !STARTED.load(Ordering::Relaxed) {
+        return None;
+    }
+    traceparent(&Context::current())
+}
+
+/// Set once any [`Telemetry`] has started in this process.
+static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn parse_traceparent(v: &str) -> Option<SpanContext> {
+    let carrier = HashMap::from([("traceparent".to_string(), v.to_string())]);
+    let cx = TraceContextPropagator::new().extract(&carrier);
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then_some(sc)
+}
+
+fn finish_reason(f: &FinishReason) -> String {
+    match f {
+        FinishReason::Stop => "stop".into(),
+        FinishReason::ToolCalls => "tool_calls".into(),
+        FinishReason::Length => "length".into(),
+        FinishReason::ContentFilter => "content_filter".into(),
+        FinishReason::Other(o) => o.clone(),
+    }
+}
+
+/// `host` and `port` of a URL such as `http://127.0.0.1:8002/v1`.
+fn server_of(url: &str) -> (String, i64) {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("http", url));
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let default = if scheme == "https" { 443 } else { 80 };
+    match authority.rsplit_once(':') {
+        Some((h, p)) => (h.to_string(), p.parse().unwrap_or(default)),
+        None => (authority.to_string(), default),
+    }
+}
+
+/// The trace of one turn (one submission's work): its parent (the request's span, if any), the
+/// open agent span, and the span the turn first ran under, which a resumed turn links to.
+pub(crate) struct TurnTrace {
+    tel: Telemetry,
+    parent: Context,
+    agent: Option<Context>,
+    session_id: String,
+    model: String,
+    server: (String, i64),
+    /// The `traceparent` of the turn's first agent span, before this submission resumed it.
+    resumed_from: Option<SpanContext>,
+}
+
+/// What kind of model call a `chat` span is (the `agent_runtime.call` attribute).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum CallKind {
+    /// The orchestrator's routing call.
+    Route,
+    /// The orchestrator's plan proposal.
+    Plan,
+    /// A step of an agent's loop.
+    Step,
+    /// A forced choice or call for a model without automatic tool choice.
+    Forced,
+}
+
+impl CallKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            CallKind::Route => "route",
+            CallKind::Plan => "plan",
+            CallKind::Step => "step",
+            CallKind::Forced => "forced",
+        }
+    }
+}
+
+impl TurnTrace {
+    /// A turn's trace under the current context (the request span a front-end attached);
+    /// `origin` is the stored `traceparent` of the paused turn this submission resumes.
+    pub(crate) fn new(
+        tel: &Telemetry,
+        session_id: &str,
+        model: &str,
+        proxy_url: &str,
+        origin: Option<&str>,
+    ) -> Self {
+        TurnTrace {
+            tel: tel.clone(),
+            parent: Context::current(),
+            agent: None,
+            session_id: session_id.to_string(),
+            model: model.to_string(),
+            server: server_of(proxy_url),
+            resumed_from: origin.and_then(parse_traceparent),
+        }
+    }
+
+    /// Opens `invoke_agent {agent}` (ending the previous agent's span); returns its
+    /// `traceparent`, which the turn keeps so a later resumption can link to it.
+    pub(crate) fn enter_agent(&mut self, agent: &str, turn_id: &str) -> Option<String> {
+        self.end_agent(None);
+        let links = self
+            .resumed_from
+            .clone()
+            .map(|sc| vec![Link::with_context(sc)])
+            .unwrap_or_default();
+        let cx = self.tel.start_linked(
+            format!("invoke_agent {agent}"),
+            SpanKind::Internal,
+            &self.parent,
+            vec![
+                KeyValue::new("gen_ai.operation.name", "invoke_agent"),
+                KeyValue::new("gen_ai.provider.name", PROVIDER),
+                KeyValue::new("gen_ai.agent.name", agent.to_string()),
+                KeyValue::new("gen_ai.conversation.id", self.session_id.clone()),
+                KeyValue::new("gen_ai.request.model", self.model.clone()),
+                KeyValue::new("agent_runtime.turn.id", turn_id.to_string()),
+            ],
+            links,
+        );
+        let tp = traceparent(&cx);
+        self.agent = Some(cx);
+        tp
+    }
+
+    /// Ends the open agent span; `error` is the turn's error code, if it failed.
+    pub(crate) fn end_agent(&mut self, outcome: Option<(&str, Option<&str>)>) {
+        if let Some(cx) = self.agent.take() {
+            let span = cx.span();
+            if let Some((stop, error)) = outcome {
+                span.set_attribute(KeyValue::new("agent_runtime.stop_reason", stop.to_string()));
+                if let Some(code) = error {
+                    span.set_attribute(KeyValue::new("error.type", code.to_string()));
+                    span.set_status(Status::error(code.to_string()));
+                }
+            }
+            span.end();
+        }
+    }
+
+    /// Whether an agent span is open.
+    pub(crate) fn in_agent(&self) -> bool {
+        self.agent.is_some()
+    }
+
+    /// An event on the open agent span (approval asked, decided).
+    pub(crate) fn event(&self, name: &'static str, attrs: Vec<KeyValue>) {
+        if let Some(cx) = &self.agent {
+            cx.span().add_event(name, attrs);
+        }
+    }
+
+    fn under(&self) -> &Context {
+        self.agent.as_ref().unwrap_or(&self.parent)
+    }
+
+    /// Opens `chat {model}` for a model call under the agent span.
+    pub(crate) fn chat(&self, kind: CallKind, req: &ChatRequest) -> ChatSpan {
+        let mut attrs = vec![
+            KeyValue::new("gen_ai.operation.name", "chat"),
+            KeyValue::new("gen_ai.provider.name", PROVIDER),
+            KeyValue::new("gen_ai.request.model", self.model.clone()),
+            KeyValue::new("gen_ai.conversation.id", self.session_id.clone()),
+            KeyValue::new("server.address", self.server.0.clone()),
+            KeyValue::new("server.port", self.server.1),
+            KeyValue::new("agent_runtime.call", kind.as_str()),
+        ];
+        if let Some(t) = req.max_tokens {
+            attrs.push(KeyValue::new("gen_ai.request.max_tokens", i64::from(t)));
+        }
+        if let Some(t) = req.temperature {
+            attrs.push(KeyValue::new("gen_ai.request.temperature", f64::from(t)));
+        }
+        if self.tel.captures_content() {
+            let messages: Vec<serde_json::Value> = req
+                .messages
+                .iter()
+                .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+                .collect();
+            attrs.push(KeyValue::new(
+                "gen_ai.input.messages",
+                serde_json::Value::Array(messages).to_string(),
+            ));
+        }
+        let cx = self.tel.open(
+            format!("chat {}", self.model),
+            SpanKind::Client,
+            self.under(),
+            attrs,
+        );
+        ChatSpan {
+            tel: self.tel.clone(),
+            cx,
+            started: Instant::now(),
+            metric_attrs: vec![
+                KeyValue::new("gen_ai.operation.name", "chat"),
+                KeyValue::new("gen_ai.provider.name", PROVIDER),
+                KeyValue::new("gen_ai.request.model", self.model.clone()),
+                KeyValue::new("server.address", self.server.0.clone()),
+            ],
+            model: self.model.clone(),
+        }
+    }
+
+    /// Opens `execute_tool {tool}` under the agent span.
+    pub(crate) fn tool(&self, tool: &str, call_id: &str, arguments: &serde_json::Value) -> ToolSpan {
+        let mut attrs = vec![
+            KeyValue::new("gen_ai.operation.name", "execute_tool"),
+            KeyValue::new("gen_ai.tool.name", tool.to_string()),
+            KeyValue::new("gen_ai.tool.call.id", call_id.to_string()),
+            KeyValue::new("gen_ai.tool.type", "function"),
+            KeyValue::new("gen_ai.conversation.id", self.session_id.clone()),
+        ];
+        if self.tel.captures_content() {
+            attrs.push(KeyValue::new("gen_ai.tool.call.arguments", arguments.to_string()));
+        }
+        ToolSpan {
+            capture: self.tel.captures_content(),
+            cx: self.tel.open(
+                format!("execute_tool {tool}"),
+                SpanKind::Internal,
+                self.under(),
+                attrs,
+            ),
+        }
+    }
+}
+
+/// An open `chat {model}` span; [`ChatSpan::context`] goes around the request so the model
+/// server gets `traceparent`.
+pub(crate) struct ChatSpan {
+    tel: Telemetry,
+    cx: Context,
+    started: Instant,
+    metric_attrs: Vec<KeyValue>,
+    model: String,
+}
+
+/// What a model call came to, for its span.
+pub(crate) struct ChatOutcome<'a> {
+    pub usage: Option<Usage>,
+    pub finish: Option<&'a FinishReason>,
+    /// The answer's text and tool calls (recorded only with content capture on).
+    pub output: Option<(&'a str, &'a [crate::llm::ChatToolCall])>,
+}
+
+impl ChatSpan {
+    /// The span's context, to attach around the model request.
+    pub(crate) fn context(&self) -> Context {
+        self.cx.clone()
+    }
+
+    /// Ends the span with the call's outcome and records the GenAI metrics.
+    pub(crate) fn end(self, outcome: std::result::Result<ChatOutcome<'_>, &str>) {
+        let span = self.cx.span();
+        let mut metric_attrs = self.metric_attrs;
+        match outcome {
+            Ok(o) => {
+                span.set_attribute(KeyValue::new("gen_ai.response.model", self.model));
+                if let Some(f) = o.finish {
+                    span.set_attribute(KeyValue::new(
+                        "gen_ai.response.finish_reasons",
+                        Value::Array(vec![opentelemetry::StringValue::from(finish_reason(f))].into()),
+                    ));
+                }
+                if let Some(u) = o.usage {
+                    let (input, output) = (u.prompt_tokens, u.completion_tokens);
+                    span.set_attribute(KeyValue::new("gen_ai.usage.input_tokens", input as i64));
+                    span.set_attribute(KeyValue::new("gen_ai.usage.output_tokens", output as i64));
+                    for (kind, n) in [("input", input), ("output", output)] {
+                        let mut a = metric_attrs.clone();
+                        a.push(KeyValue::new("gen_ai.token.type", kind));
+                        self.tel.inner.tokens.record(n, &a);
+                    }
+                }
+                if self.tel.captures_content()
+                    && let Some((text, calls)) = o.output
+                {
+                    let calls: Vec<serde_json::Value> = calls
+                        .iter()
+                        .map(|c| serde_json::json!({"id": c.id, "name": c.name, "arguments": c.arguments}))
+                        .collect();
+                    let out =
+                        serde_json::json!([{"role": "assistant", "content": text, "tool_calls": calls}]);
+                    span.set_attribute(KeyValue::new("gen_ai.output.messages", out.to_string()));
+                }
+            }
+            Err(error_type) => {
+                span.set_attribute(KeyValue::new("error.type", error_type.to_string()));
+                span.set_status(Status::error(error_type.to_string()));
+                metric_attrs.push(KeyValue::new("error.type", error_type.to_string()));
+            }
+        }
+        self.tel
+            .inner
+            .duration
+            .record(self.started.elapsed().as_secs_f64(), &metric_attrs);
+        span.end();
+    }
+}
+
+/// An open `execute_tool {tool}` span.
+pub(crate) struct ToolSpan {
+    cx: Context,
+    capture: bool,
+}
+
+impl ToolSpan {
+    /// Ends the span: `error` is the tool error's code when the tool failed.
+    pub(crate) fn end(self, result: std::result::Result<&serde_json::Value, &str>) {
+        let span = self.cx.span();
+        match result {
+            Ok(v) if self.capture => {
+                span.set_attribute(KeyValue::new("gen_ai.tool.call.result", v.to_string()));
+            }
+            Ok(_) => {}
+            Err(code) => {
+                span.set_attribute(KeyValue::new("error.type", code.to_string()));
+                span.set_status(Status::error(code.to_string()));
+            }
+        }
+        span.end();
+    }
+}
+
+/// Runs `fut` within `span`'s context (so an HTTP backend sends its `traceparent`), or as it is
+/// when there is no span.
+pub(crate) async fn within<F: std::future::Future>(span: Option<&ChatSpan>, fut: F) -> F::Output {
+    use opentelemetry::context::FutureExt as _;
+    match span {
+        Some(s) => fut.with_context(s.context()).await,
+        None => fut.await,
+    }
+}
+
+/// Runs a request's work within its span's context: spans started inside (a submitted turn's)
+/// become its children.
+pub async fn within_request<F: std::future::Future>(span: &RequestSpan, fut: F) -> F::Output {
+    use opentelemetry::context::FutureExt as _;
+    fut.with_context(span.context()).await
+}
