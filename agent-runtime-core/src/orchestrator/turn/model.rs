@@ -268,7 +268,7 @@ impl Turn {
                 _ = &mut at_deadline => {
                     // What streamed so far is the answer; calls not complete are dropped.
                     self.cut_by_deadline = true;
-                    let usage = self.count_usage(&req, &text, &[]);
+                    let usage = self.count_usage(req, &text, &[]);
                     if !tokens.is_empty() {
                         let burst = Commit {
                             events: std::mem::take(&mut tokens),
