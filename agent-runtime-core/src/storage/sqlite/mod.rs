@@ -169,6 +169,14 @@ fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// The connection that checkpoints the WAL of the file at `path` (it writes only the database
+/// file, never a row).
+fn open_checkpointer(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    Ok(conn)
+}
+
 /// Applies pending migrations in one transaction; refuses a database newer than this build.
 fn migrate(conn: &mut Connection) -> Result<()> {
     let tx = conn
@@ -241,11 +249,16 @@ impl SqliteStorage {
             Some(p) => Owners::Files(LockFileRegistry::beside(p)),
             None => Owners::InProcess(OwnerRegistry::default()),
         };
+        // A file's WAL is checkpointed on a connection of its own (see `writer`).
+        let checkpoints = match &path {
+            Some(p) => Some(open_checkpointer(p).map_err(cannot_open)?),
+            None => None,
+        };
         Ok(SqliteStorage {
             inner: Arc::new(Inner {
                 owners: Arc::new(owners),
                 path,
-                writer: writer::Writer::start(conn)?,
+                writer: writer::Writer::start(conn, checkpoints)?,
                 readers: Mutex::new(Vec::new()),
                 read_slots: tokio::sync::Semaphore::new(READERS),
             }),
