@@ -461,6 +461,33 @@ fn ensure_session(conn: &Connection, id: &str) -> Result<()> {
     found.ok_or_else(|| Error::SessionNotFound(id.to_string()))
 }
 
+fn read_messages_after(conn: &Connection, id: &str, after: u64, limit: usize) -> Result<Vec<Message>> {
+    query_list(
+        conn,
+        &format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3 + 0"
+        ),
+        params![id, sql_seq(after), sql_limit(limit)],
+        message_from_row,
+    )
+}
+
+fn read_switches(conn: &Connection, id: &str) -> Result<Vec<AgentSwitch>> {
+    query_list(
+        conn,
+        "SELECT from_agent, to_agent, reason, at FROM agent_switches WHERE session_id = ?1 ORDER BY id",
+        [id],
+        |r| {
+            Ok(AgentSwitch {
+                from_agent: r.get(0)?,
+                to_agent: r.get(1)?,
+                reason: r.get(2)?,
+                timestamp: ts_col(r, 3)?,
+            })
+        },
+    )
+}
+
 fn sql_limit(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
 }
@@ -876,14 +903,24 @@ impl Storage for SqliteStorage {
         let id = session_id.to_string();
         self.read(move |c| {
             ensure_session(c, &id)?;
-            query_list(
-                c,
-                &format!(
-                    "SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3 + 0"
-                ),
-                params![id, sql_seq(after), sql_limit(limit)],
-                message_from_row,
-            )
+            read_messages_after(c, &id, after, limit)
+        })
+        .await
+    }
+
+    async fn session_history(
+        &self,
+        session_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Session, Vec<Message>, Vec<AgentSwitch>)> {
+        let id = session_id.to_string();
+        // One hand-off to a reader for the three reads.
+        self.read(move |c| {
+            let session = read_session(c, &id)?;
+            let messages = read_messages_after(c, &id, after, limit)?;
+            let switches = read_switches(c, &id)?;
+            Ok((session, messages, switches))
         })
         .await
     }
@@ -975,19 +1012,7 @@ impl Storage for SqliteStorage {
         let id = session_id.to_string();
         self.read(move |c| {
             ensure_session(c, &id)?;
-            query_list(
-                c,
-                "SELECT from_agent, to_agent, reason, at FROM agent_switches WHERE session_id = ?1 ORDER BY id",
-                [&id],
-                |r| {
-                    Ok(AgentSwitch {
-                        from_agent: r.get(0)?,
-                        to_agent: r.get(1)?,
-                        reason: r.get(2)?,
-                        timestamp: ts_col(r, 3)?,
-                    })
-                },
-            )
+            read_switches(c, &id)
         })
         .await
     }
