@@ -26,6 +26,7 @@ use crate::tools::ToolRegistry;
 mod assemble;
 mod health;
 mod preview;
+mod recent;
 pub mod routing;
 mod stream;
 /// One turn as a state machine. `turn/mod.rs`: Turn, TurnState and the run loop, with each

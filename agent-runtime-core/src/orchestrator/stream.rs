@@ -41,6 +41,8 @@ struct Hub {
 #[derive(Debug, Default)]
 pub(crate) struct Hubs {
     map: Mutex<HashMap<String, Hub>>,
+    /// The newest messages of sessions whose turns ran here (what the next model call reads).
+    pub recent: super::recent::RecentMessages,
 }
 
 impl Hubs {
