@@ -747,8 +747,11 @@ impl Orchestrator {
         if !(1..=1000).contains(&limit) {
             return Err(Error::InvalidRequest("limit must be between 1 and 1000".into()));
         }
-        let (session, messages, agent_history) =
-            self.inner.storage.session_history(session_id, after, limit).await?;
+        let (session, messages, agent_history) = self
+            .inner
+            .storage
+            .session_history(session_id, after, limit)
+            .await?;
         Ok(SessionHistory {
             session,
             messages,

@@ -122,7 +122,11 @@ impl RecentMessages {
         t.bytes += grown;
         *bytes += grown;
         if t.messages.len() > t.keep {
-            let dropped: usize = t.messages.drain(..t.messages.len() - t.keep).map(|m| size(&m)).sum();
+            let dropped: usize = t
+                .messages
+                .drain(..t.messages.len() - t.keep)
+                .map(|m| size(&m))
+                .sum();
             t.bytes = t.bytes.saturating_sub(dropped);
             *bytes = bytes.saturating_sub(dropped);
             t.complete = false;

@@ -995,7 +995,10 @@ pub async fn session_history_is_the_session_its_messages_after_and_its_switches(
     assert_eq!(session, b.get_session("hist").await.unwrap());
     assert_eq!(messages, b.messages_after("hist", 1, 1).await.unwrap());
     assert_eq!(
-        messages.iter().map(|m| (m.seq, m.content.as_str())).collect::<Vec<_>>(),
+        messages
+            .iter()
+            .map(|m| (m.seq, m.content.as_str()))
+            .collect::<Vec<_>>(),
         vec![(2, "two")]
     );
     assert_eq!(switches, vec![sw]);

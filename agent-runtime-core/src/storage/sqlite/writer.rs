@@ -378,15 +378,21 @@ mod tests {
         let empty = std::fs::metadata(&path).unwrap().len();
         let w = Writer::start(conn, Some(Connection::open(&path).unwrap())).unwrap();
         let autocheckpoint = w
-            .run(|c| c.query_row("PRAGMA wal_autocheckpoint", [], |r| r.get::<_, i64>(0)).map_err(db))
+            .run(|c| {
+                c.query_row("PRAGMA wal_autocheckpoint", [], |r| r.get::<_, i64>(0))
+                    .map_err(db)
+            })
             .await;
         assert_eq!(autocheckpoint, Ok(0));
         let blob = "x".repeat(64 * 1024);
         for k in 0..16i64 {
             let v = blob.clone();
-            w.run(move |c| c.execute("INSERT INTO t VALUES (?1, ?2)", params![k, v]).map_err(db))
-                .await
-                .unwrap();
+            w.run(move |c| {
+                c.execute("INSERT INTO t VALUES (?1, ?2)", params![k, v])
+                    .map_err(db)
+            })
+            .await
+            .unwrap();
         }
         // Only a checkpoint writes the rows into the database file; the thread runs at least
         // every CHECKPOINT_IDLE. Waits for it (bounded), asserting nothing about how soon.
@@ -398,7 +404,10 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(size > 16 * 64 * 1024, "the database file stayed at {size} bytes ({empty} empty)");
+        assert!(
+            size > 16 * 64 * 1024,
+            "the database file stayed at {size} bytes ({empty} empty)"
+        );
         drop(w);
         let n: i64 = Connection::open(&path)
             .unwrap()
