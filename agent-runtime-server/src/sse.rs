@@ -23,8 +23,22 @@ pub const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
 
 /// One event in SSE framing. The JSON is compact, so it holds no raw newline.
 pub fn encode(event: &Event) -> Bytes {
-    let data = serde_json::to_string(event).unwrap_or_else(|_| "{}".to_string());
-    Bytes::from(format!("id: {}\ndata: {}\n\n", event.seq, data))
+    let mut buf = Vec::with_capacity(128);
+    encode_into(&mut buf, event);
+    Bytes::from(buf)
+}
+
+/// [`encode`] appended to `buf`: the JSON is written in place, with no string of its own.
+fn encode_into(buf: &mut Vec<u8>, event: &Event) {
+    use std::io::Write;
+    // Writing into a Vec cannot fail; an event that cannot be encoded is sent as `{}`.
+    let _ = write!(buf, "id: {}\ndata: ", event.seq);
+    let start = buf.len();
+    if serde_json::to_writer(&mut *buf, event).is_err() {
+        buf.truncate(start);
+        buf.extend_from_slice(b"{}");
+    }
+    buf.extend_from_slice(b"\n\n");
 }
 
 struct Sse {
@@ -56,10 +70,11 @@ pub fn response(
         let bytes = match tokio::time::timeout(s.keep_alive, s.events.next()).await {
             Ok(Some(event)) => {
                 // Events already here (a burst of tokens) go out in one write.
-                let mut buf = encode(&event).to_vec();
+                let mut buf = Vec::with_capacity(512);
+                encode_into(&mut buf, &event);
                 while buf.len() < BURST_BYTES {
                     match s.events.next().now_or_never() {
-                        Some(Some(next)) => buf.extend_from_slice(&encode(&next)),
+                        Some(Some(next)) => encode_into(&mut buf, &next),
                         Some(None) => {
                             // Ended: never poll the stream again.
                             s.ended = true;

@@ -28,6 +28,7 @@ use crate::tools::mcp::{McpLimits, McpServers, McpServersConfig};
 mod assemble;
 mod health;
 mod preview;
+mod recent;
 pub mod routing;
 mod stream;
 /// One turn as a state machine. `turn/mod.rs`: Turn, TurnState and the run loop, with each
@@ -876,9 +877,14 @@ impl Orchestrator {
     /// Stored messages with seq > `after` (at most `limit`, 1–1000), with the session and every
     /// switch of its agent. `SESSION_NOT_FOUND` if absent.
     pub async fn history(&self, session_id: &str, after: u64, limit: usize) -> Result<SessionHistory> {
-        let session = self.inner.storage.get_session(session_id).await?;
-        let messages = self.messages(session_id, after, limit).await?;
-        let agent_history = self.inner.storage.switch_history(session_id).await?;
+        if !(1..=1000).contains(&limit) {
+            return Err(Error::InvalidRequest("limit must be between 1 and 1000".into()));
+        }
+        let (session, messages, agent_history) = self
+            .inner
+            .storage
+            .session_history(session_id, after, limit)
+            .await?;
         Ok(SessionHistory {
             session,
             messages,

@@ -33,7 +33,10 @@ pub(crate) struct RunningTurn {
 
 #[derive(Debug)]
 struct Hub {
-    tx: broadcast::Sender<Event>,
+    /// Events shared, not copied, into the buffer: a hub preallocates [`HUB_CAPACITY`] slots,
+    /// each the size of its item, for as long as anyone follows the session: a pointer per slot
+    /// rather than a whole event.
+    tx: broadcast::Sender<Arc<Event>>,
     /// Bumped when another process committed events of the session: followers re-read the store.
     wake: watch::Sender<u64>,
     running: Option<RunningTurn>,
@@ -46,6 +49,8 @@ pub(crate) struct Hubs {
     /// Cancelled when this process stops serving streams (the end of a drain): every follower
     /// ends without `done`, and its client reconnects elsewhere with `Last-Event-ID`.
     closing: CancellationToken,
+    /// The newest messages of sessions whose turns ran here (what the next model call reads).
+    pub recent: super::recent::RecentMessages,
 }
 
 impl Hubs {
@@ -63,7 +68,7 @@ impl Hubs {
     }
 
     /// Subscribes to the session's live events and to its wake-ups.
-    pub fn subscribe(&self, session_id: &str) -> (broadcast::Receiver<Event>, watch::Receiver<u64>) {
+    pub fn subscribe(&self, session_id: &str) -> (broadcast::Receiver<Arc<Event>>, watch::Receiver<u64>) {
         self.with(|m| {
             let hub = Self::hub(m, session_id);
             (hub.tx.subscribe(), hub.wake.subscribe())
@@ -84,7 +89,7 @@ impl Hubs {
         self.with(|m| {
             if let Some(hub) = m.get(session_id) {
                 for e in events {
-                    let _ = hub.tx.send(e.clone());
+                    let _ = hub.tx.send(Arc::new(e.clone()));
                 }
             }
         })
@@ -183,7 +188,7 @@ struct Follower {
     storage: Arc<dyn Storage>,
     hubs: Arc<Hubs>,
     session_id: String,
-    rx: broadcast::Receiver<Event>,
+    rx: broadcast::Receiver<Arc<Event>>,
     wake: watch::Receiver<u64>,
     last: u64,
     buffer: VecDeque<Event>,
@@ -256,7 +261,8 @@ impl Follower {
             }
             tokio::select! {
                 r = self.rx.recv() => match r {
-                    Ok(e) if e.seq == self.last + 1 => self.buffer.push_back(e),
+                    // The last receiver to take an event holds the only reference: no copy.
+                    Ok(e) if e.seq == self.last + 1 => self.buffer.push_back(Arc::unwrap_or_clone(e)),
                     Ok(e) if e.seq <= self.last => {}
                     // A gap, a lag or a closed hub: the store has everything.
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => self.catch_up = true,

@@ -50,6 +50,7 @@ macro_rules! storage_conformance_suite {
             approvals_put_get_pending_and_replace,
             racing_resolutions_have_exactly_one_winner,
             switches_are_recorded_in_order,
+            session_history_is_the_session_its_messages_after_and_its_switches,
             plans_are_put_and_replaced,
             usage_accumulates,
             budgets_and_cost_are_stored_with_commits,
@@ -989,6 +990,39 @@ pub async fn switches_are_recorded_in_order(a: Arc<dyn Storage>, b: Arc<dyn Stor
     c.session.current_agent = Some("debug".into());
     assert_eq!(a.commit("sw", c).await.unwrap().session.current_agent, "debug");
     assert_eq!(b.switch_history("sw").await.unwrap().len(), 3);
+}
+
+/// A history read is the session as stored, its messages after a seq (limited, oldest first)
+/// and every switch, the same as the three separate reads; a missing session is not found.
+pub async fn session_history_is_the_session_its_messages_after_and_its_switches(
+    a: Arc<dyn Storage>,
+    b: Arc<dyn Storage>,
+) {
+    create(&*a, "hist").await;
+    let sw = switch("orchestrator", "coder", 1);
+    let mut c = at(1);
+    c.messages = vec![
+        NewMessage::user("one", None),
+        NewMessage::assistant("two", Some("coder".into()), vec![]),
+        NewMessage::user("three", None),
+    ];
+    c.switches = vec![sw.clone()];
+    a.commit("hist", c).await.unwrap();
+    let (session, messages, switches) = b.session_history("hist", 1, 1).await.unwrap();
+    assert_eq!(session, b.get_session("hist").await.unwrap());
+    assert_eq!(messages, b.messages_after("hist", 1, 1).await.unwrap());
+    assert_eq!(
+        messages
+            .iter()
+            .map(|m| (m.seq, m.content.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(2, "two")]
+    );
+    assert_eq!(switches, vec![sw]);
+    assert_eq!(
+        a.session_history("nope", 0, 10).await,
+        Err(Error::SessionNotFound("nope".into()))
+    );
 }
 
 /// Plans are stored by id and replaced by id.

@@ -193,6 +193,21 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Every switch of the session, oldest first.
     async fn switch_history(&self, session_id: &str) -> Result<Vec<AgentSwitch>>;
 
+    /// What a history request answers: the session, its messages with seq > `after` (at most
+    /// `limit`, oldest first) and every switch of its agent. `SessionNotFound` if absent.
+    /// Backends that can read all three in one go override it.
+    async fn session_history(
+        &self,
+        session_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Session, Vec<Message>, Vec<AgentSwitch>)> {
+        let session = self.get_session(session_id).await?;
+        let messages = self.messages_after(session_id, after, limit).await?;
+        let switches = self.switch_history(session_id).await?;
+        Ok((session, messages, switches))
+    }
+
     /// One plan. `None` if absent.
     async fn get_plan(&self, session_id: &str, plan_id: &str) -> Result<Option<Plan>>;
 

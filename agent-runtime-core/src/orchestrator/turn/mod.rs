@@ -277,7 +277,12 @@ impl Turn {
         if with_state {
             c.session.turn_state = Some(Some(self.state.to_value()));
         }
+        let before = self.session.last_message_seq;
         let committed = self.rt.storage.commit(&self.session.id, c).await?;
+        self.rt
+            .hubs
+            .recent
+            .extend(before, &committed.session, &committed.messages);
         self.session = committed.session.clone();
         Ok(committed)
     }

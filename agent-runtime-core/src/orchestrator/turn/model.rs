@@ -49,11 +49,20 @@ impl Turn {
     ) -> Result<Option<(Answer, Window)>> {
         let offer = self.rt.offer(agent);
         let mut limits = offer.limits;
-        let recent = self
-            .rt
-            .storage
-            .recent_messages(self.id(), limits.max_messages)
-            .await?;
+        // This process usually saw the session's newest messages committed (by this turn or the
+        // previous one): read the store only when it did not.
+        let recent = match self.rt.hubs.recent.get(&self.session, limits.max_messages) {
+            Some(known) => known,
+            None => {
+                let read = self
+                    .rt
+                    .storage
+                    .recent_messages(self.id(), limits.max_messages)
+                    .await?;
+                self.rt.hubs.recent.put(&self.session, limits.max_messages, &read);
+                read
+            }
+        };
         let mut trimmed = false;
         loop {
             let window = match build_window(self.rt.tokenizer.as_ref(), limits, &agent.system_prompt, &recent)

@@ -172,6 +172,14 @@ fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// The connection that checkpoints the WAL of the file at `path` (it writes only the database
+/// file, never a row).
+fn open_checkpointer(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    Ok(conn)
+}
+
 /// Applies pending migrations in one transaction; refuses a database newer than this build.
 fn migrate(conn: &mut Connection) -> Result<()> {
     let tx = conn
@@ -244,11 +252,16 @@ impl SqliteStorage {
             Some(p) => Owners::Files(LockFileRegistry::beside(p)),
             None => Owners::InProcess(OwnerRegistry::default()),
         };
+        // A file's WAL is checkpointed on a connection of its own (see `writer`).
+        let checkpoints = match &path {
+            Some(p) => Some(open_checkpointer(p).map_err(cannot_open)?),
+            None => None,
+        };
         Ok(SqliteStorage {
             inner: Arc::new(Inner {
                 owners: Arc::new(owners),
                 path,
-                writer: writer::Writer::start(conn)?,
+                writer: writer::Writer::start(conn, checkpoints)?,
                 readers: Mutex::new(Vec::new()),
                 read_slots: tokio::sync::Semaphore::new(READERS),
             }),
@@ -468,6 +481,33 @@ fn ensure_session(conn: &Connection, id: &str) -> Result<()> {
         .optional()
         .map_err(db)?;
     found.ok_or_else(|| Error::SessionNotFound(id.to_string()))
+}
+
+fn read_messages_after(conn: &Connection, id: &str, after: u64, limit: usize) -> Result<Vec<Message>> {
+    query_list(
+        conn,
+        &format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3 + 0"
+        ),
+        params![id, sql_seq(after), sql_limit(limit)],
+        message_from_row,
+    )
+}
+
+fn read_switches(conn: &Connection, id: &str) -> Result<Vec<AgentSwitch>> {
+    query_list(
+        conn,
+        "SELECT from_agent, to_agent, reason, at FROM agent_switches WHERE session_id = ?1 ORDER BY id",
+        [id],
+        |r| {
+            Ok(AgentSwitch {
+                from_agent: r.get(0)?,
+                to_agent: r.get(1)?,
+                reason: r.get(2)?,
+                timestamp: ts_col(r, 3)?,
+            })
+        },
+    )
 }
 
 fn sql_limit(limit: usize) -> i64 {
@@ -894,14 +934,24 @@ impl Storage for SqliteStorage {
         let id = session_id.to_string();
         self.read(move |c| {
             ensure_session(c, &id)?;
-            query_list(
-                c,
-                &format!(
-                    "SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3 + 0"
-                ),
-                params![id, sql_seq(after), sql_limit(limit)],
-                message_from_row,
-            )
+            read_messages_after(c, &id, after, limit)
+        })
+        .await
+    }
+
+    async fn session_history(
+        &self,
+        session_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Session, Vec<Message>, Vec<AgentSwitch>)> {
+        let id = session_id.to_string();
+        // One hand-off to a reader for the three reads.
+        self.read(move |c| {
+            let session = read_session(c, &id)?;
+            let messages = read_messages_after(c, &id, after, limit)?;
+            let switches = read_switches(c, &id)?;
+            Ok((session, messages, switches))
         })
         .await
     }
@@ -993,19 +1043,7 @@ impl Storage for SqliteStorage {
         let id = session_id.to_string();
         self.read(move |c| {
             ensure_session(c, &id)?;
-            query_list(
-                c,
-                "SELECT from_agent, to_agent, reason, at FROM agent_switches WHERE session_id = ?1 ORDER BY id",
-                [&id],
-                |r| {
-                    Ok(AgentSwitch {
-                        from_agent: r.get(0)?,
-                        to_agent: r.get(1)?,
-                        reason: r.get(2)?,
-                        timestamp: ts_col(r, 3)?,
-                    })
-                },
-            )
+            read_switches(c, &id)
         })
         .await
     }

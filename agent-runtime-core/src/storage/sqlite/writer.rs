@@ -9,10 +9,17 @@
 //! small transactions into a few larger ones (WAL frames and the commit itself are paid once per
 //! batch) and replaces a thread hand-off plus a contended mutex per write with one queue. With a
 //! single write queued, the batch is that write's own transaction, as before.
+//!
+//! WAL checkpoints run on a thread of their own ([`Checkpointer`]), not inside a commit: SQLite's
+//! automatic checkpoint runs in the commit that crosses its threshold and fsyncs the WAL and the
+//! database file there, so one write in a few hundred waited for two fsyncs (the single-user
+//! turn's p99, docs/PERFORMANCE.md). A passive checkpoint on another connection copies the same
+//! pages while the writer goes on appending.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use rusqlite::Connection;
 
@@ -22,6 +29,12 @@ use crate::error::{Error, Result};
 /// Most writes applied in one transaction. Each waits for the whole batch's commit, so the bound
 /// keeps the first write's wait short (writes take tens of microseconds).
 const MAX_BATCH: usize = 32;
+
+/// Batches committed between two nudges of the checkpointer.
+const CHECKPOINT_EVERY: u32 = 64;
+
+/// The checkpointer looks at the WAL at least this often, nudged or not.
+const CHECKPOINT_IDLE: Duration = Duration::from_secs(1);
 
 /// One queued write and where its answer goes.
 trait Pending: Send {
@@ -71,15 +84,28 @@ where
 pub(super) struct Writer {
     queue: Option<mpsc::Sender<Box<dyn Pending>>>,
     thread: Option<JoinHandle<()>>,
+    /// Stopped after the writer thread has ended.
+    checkpointer: Option<Checkpointer>,
 }
 
 impl Writer {
-    /// Starts the thread that owns `conn`.
-    pub(super) fn start(conn: Connection) -> Result<Writer> {
+    /// Starts the thread that owns `conn`; with `checkpoints` (a second connection to the same
+    /// file), the WAL is checkpointed on a thread of its own instead of inside commits.
+    pub(super) fn start(conn: Connection, checkpoints: Option<Connection>) -> Result<Writer> {
+        let checkpointer = match checkpoints {
+            Some(c) => {
+                // Off for the writer's connection only: the checkpointer does it instead.
+                conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(db)?;
+                Some(Checkpointer::start(c)?)
+            }
+            None => None,
+        };
+        let nudge = checkpointer.as_ref().map(|c| c.nudge.clone());
         let (queue, jobs) = mpsc::channel::<Box<dyn Pending>>();
         let thread = std::thread::Builder::new()
             .name("sqlite-writer".into())
             .spawn(move || {
+                let mut since_nudge = 0u32;
                 while let Ok(first) = jobs.recv() {
                     let mut batch = vec![first];
                     while batch.len() < MAX_BATCH {
@@ -89,12 +115,21 @@ impl Writer {
                         }
                     }
                     apply(&conn, batch);
+                    since_nudge += 1;
+                    if since_nudge >= CHECKPOINT_EVERY {
+                        since_nudge = 0;
+                        if let Some(n) = &nudge {
+                            // Full means a nudge is already waiting: one is enough.
+                            let _ = n.try_send(());
+                        }
+                    }
                 }
             })
             .map_err(|e| Error::Internal(format!("cannot start the sqlite writer thread: {e}")))?;
         Ok(Writer {
             queue: Some(queue),
             thread: Some(thread),
+            checkpointer,
         })
     }
 
@@ -126,6 +161,58 @@ impl Writer {
 impl Drop for Writer {
     fn drop(&mut self) {
         drop(self.queue.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        // The writer thread (and its copy of the nudge) is gone: the checkpointer sees its
+        // channel closed and ends.
+        drop(self.checkpointer.take());
+    }
+}
+
+/// The thread that checkpoints the WAL: passively (it never waits for the writer or readers, and
+/// they never wait for it), when the writer has committed [`CHECKPOINT_EVERY`] batches since the
+/// last nudge, and at least every [`CHECKPOINT_IDLE`]. A checkpoint with nothing new to copy
+/// costs a look at the WAL index. Durability is unchanged: commits are durable against a crash of
+/// the process when they return (WAL, `synchronous = NORMAL`) either way; a checkpoint only moves
+/// committed pages from the WAL into the database file.
+struct Checkpointer {
+    nudge: mpsc::SyncSender<()>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn start(conn: Connection) -> Result<Checkpointer> {
+        let (nudge, nudges) = mpsc::sync_channel::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || {
+                loop {
+                    match nudges.recv_timeout(CHECKPOINT_IDLE) {
+                        Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                    let done = conn
+                        .prepare_cached("PRAGMA wal_checkpoint(PASSIVE)")
+                        .and_then(|mut s| s.query_row([], |_| Ok(())));
+                    if let Err(e) = done {
+                        tracing::warn!(error = %e, "a WAL checkpoint failed; the next one retries");
+                    }
+                }
+            })
+            .map_err(|e| Error::Internal(format!("cannot start the sqlite checkpoint thread: {e}")))?;
+        Ok(Checkpointer {
+            nudge,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        // Replacing the sender drops the last one: the thread sees the disconnection and ends.
+        let (closed, _) = mpsc::sync_channel(0);
+        drop(std::mem::replace(&mut self.nudge, closed));
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -182,6 +269,7 @@ fn answer_all(batch: Vec<Box<dyn Pending>>, outcome: Result<()>) {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+    use rusqlite::params;
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -190,7 +278,7 @@ mod tests {
         let conn = Connection::open(dir.path().join("w.db")).unwrap();
         conn.execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT)")
             .unwrap();
-        (Arc::new(Writer::start(conn).unwrap()), dir)
+        (Arc::new(Writer::start(conn, None).unwrap()), dir)
     }
 
     fn keys(w: &Writer) -> impl Future<Output = Result<Vec<i64>>> {
@@ -277,6 +365,57 @@ mod tests {
         assert_eq!(keys(&w).await.unwrap(), vec![1, 2]);
     }
 
+    /// With a checkpoint connection the writer's commits never checkpoint (its automatic
+    /// checkpoint is off), and the checkpointer thread still moves committed pages into the
+    /// database file on its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wal_is_checkpointed_by_its_own_thread_not_by_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT)")
+            .unwrap();
+        let empty = std::fs::metadata(&path).unwrap().len();
+        let w = Writer::start(conn, Some(Connection::open(&path).unwrap())).unwrap();
+        let autocheckpoint = w
+            .run(|c| {
+                c.query_row("PRAGMA wal_autocheckpoint", [], |r| r.get::<_, i64>(0))
+                    .map_err(db)
+            })
+            .await;
+        assert_eq!(autocheckpoint, Ok(0));
+        let blob = "x".repeat(64 * 1024);
+        for k in 0..16i64 {
+            let v = blob.clone();
+            w.run(move |c| {
+                c.execute("INSERT INTO t VALUES (?1, ?2)", params![k, v])
+                    .map_err(db)
+            })
+            .await
+            .unwrap();
+        }
+        // Only a checkpoint writes the rows into the database file; the thread runs at least
+        // every CHECKPOINT_IDLE. Waits for it (bounded), asserting nothing about how soon.
+        let mut size = empty;
+        for _ in 0..400 {
+            size = std::fs::metadata(&path).unwrap().len();
+            if size > 16 * 64 * 1024 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            size > 16 * 64 * 1024,
+            "the database file stayed at {size} bytes ({empty} empty)"
+        );
+        drop(w);
+        let n: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 16);
+    }
+
     /// Dropping the handle lets queued writes finish and be committed first.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn drop_finishes_queued_writes() {
@@ -285,7 +424,7 @@ mod tests {
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY)")
             .unwrap();
-        let w = Writer::start(conn).unwrap();
+        let w = Writer::start(conn, None).unwrap();
         let pending: Vec<_> = (0..10)
             .map(|k| w.run(move |c| c.execute("INSERT INTO t VALUES (?1)", [k]).map_err(db)))
             .collect();
