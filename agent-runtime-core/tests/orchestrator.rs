@@ -1064,6 +1064,29 @@ async fn replay_after_a_seq_gives_exactly_the_missing_events() {
     assert_eq!(replay, all[3..].to_vec());
 }
 
+/// A session longer than one replay page (512 events), with a `done` in every page: a replay
+/// from the start gives every event, not the first page up to the `done` it passes.
+#[tokio::test]
+async fn replay_of_a_long_session_passes_earlier_turns_done_and_gives_every_event() {
+    let long = |turn: usize| {
+        let words: Vec<String> = (0..300).map(|i| format!("t{turn}w{i}")).collect();
+        Script::text(words.join(" "))
+    };
+    let h = harness((0..3).map(long).collect()).await;
+    let s = h.session().await;
+    let mut all = h.say_to(&s, "ask", "first").await;
+    all.extend(h.say(&s, "second").await);
+    all.extend(h.say(&s, "third").await);
+    assert!(all.len() > 900, "{} events", all.len());
+    let replay: Vec<Event> =
+        h.rt.events(&s, 0, Follow::UntilIdle)
+            .await
+            .unwrap()
+            .collect()
+            .await;
+    assert_eq!(replay, all);
+}
+
 #[tokio::test]
 async fn with_turn_recovery_interrupt_recover_interrupted_closes_a_turn_left_running_by_a_crash() {
     let config = RuntimeConfig {

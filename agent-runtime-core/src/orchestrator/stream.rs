@@ -219,8 +219,15 @@ impl Follower {
                     continue;
                 }
                 self.last = e.seq;
-                if self.follow != Follow::Forever && matches!(e.payload, EventPayload::Done { .. }) {
-                    self.finished = true;
+                if matches!(e.payload, EventPayload::Done { .. }) {
+                    // A turn's stream ends at its `done`. One that follows until idle ends at the
+                    // newest `done` only: a replay passes the `done` of every earlier turn, and
+                    // more of the store may be unread (the buffer, or the next page).
+                    self.finished = match self.follow {
+                        Follow::UntilDone => true,
+                        Follow::UntilIdle => self.buffer.is_empty() && !self.catch_up,
+                        Follow::Forever => false,
+                    };
                 }
                 return Some(e);
             }
