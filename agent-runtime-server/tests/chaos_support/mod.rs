@@ -42,7 +42,7 @@ const ENV: &[(&str, &str)] = &[
     ("AGENT_RUNTIME__DEFAULT_AGENT", "coder"),
     // write_file waits for approval; the ledger command runs at once (kills land mid-tool).
     ("HITL_DANGEROUS_TOOLS", "write_file"),
-    ("SHUTDOWN_GRACE_SECS", "5"),
+    ("DRAIN_TIMEOUT_SECS", "5"),
 ];
 
 /// SIGKILLs per run: `CHAOS_KILLS` (default 30; CI keeps the default, about 2 minutes).
@@ -51,16 +51,6 @@ pub fn kills() -> usize {
         .ok()
         .and_then(|k| k.parse().ok())
         .unwrap_or(30)
-}
-
-/// Whether the server binary resumes orphaned turns (`TURN_RECOVERY`, default `resume`) or ends
-/// them with an `error` (the binary does not know the setting). Decides which endings are right.
-fn resumes() -> bool {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agent-runtime-server"))
-        .arg("--help")
-        .output()
-        .expect("the server binary prints its help");
-    String::from_utf8_lossy(&out.stdout).contains("TURN_RECOVERY")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,10 +257,6 @@ struct Client {
     /// Client-mode calls run by this client, by turn and call id.
     ran: BTreeMap<String, usize>,
     submissions: usize,
-    /// A stream of the current turn dropped before its `done`, or a request of it went unanswered.
-    cut: bool,
-    /// The last `done` came from a process that was being stopped with SIGTERM.
-    from_terminating: bool,
 }
 
 /// How a stream was opened, to tell a takeover from a plain reconnect.
@@ -346,17 +332,8 @@ impl Client {
                 }
             }
             if let Some(done) = done {
-                let stop = self
-                    .cluster
-                    .stops
-                    .lock()
-                    .unwrap()
-                    .get(&(open.slot, open.generation))
-                    .copied();
-                self.from_terminating = matches!(stop, Some((_, Stop::Term)));
                 return done;
             }
-            self.cut = true;
             // The stream dropped (or went silent): was its process stopped under it?
             if open.owner && self.cluster.generation(open.slot) != Some(open.generation) {
                 let stop = self
@@ -396,7 +373,6 @@ impl Client {
             let (slot, generation, base) = self.cluster.pick().await;
             let Ok(r) = self.cluster.post(&base, path, body).send().await else {
                 // Its process may have taken it and died before answering.
-                self.cut = true;
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             };
@@ -421,7 +397,6 @@ impl Client {
                 }
                 // A process on its way down may answer before it closes.
                 500..=599 => {
-                    self.cut = true;
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 status => panic!(
@@ -478,10 +453,9 @@ impl Client {
     }
 
     /// One turn: the user's message, then approvals and client tool results until it ends.
-    async fn turn(&mut self, k: usize, resume: bool) {
+    async fn turn(&mut self, k: usize) {
         let content = format!("chaos:{}:{}:{k}: please work", self.kind, self.n);
         let turn_start = self.assembled.len();
-        self.cut = false;
         let mut done = self
             .submit(
                 "/agent/message/stream",
@@ -527,26 +501,9 @@ impl Client {
             }
         }
         let reason = done["stop_reason"].as_str().unwrap();
+        // Turns are resumed after a SIGKILL and handed over on a SIGTERM: every one completes.
         let ending = match reason {
             "completed" => "completed".to_string(),
-            // The orphaned turn's ending without resume (TURN_RECOVERY absent or `interrupt`).
-            // The ending of a turn whose process died under it (its stream was cut) without
-            // resume: an internal error.
-            "error" if !resume && self.cut => {
-                let error = self.assembled[turn_start..]
-                    .iter()
-                    .rfind(|e| e["type"] == "error")
-                    .unwrap();
-                assert_eq!(
-                    (&error["code"], &error["message"]),
-                    (&json!("INTERNAL"), &json!("internal error")),
-                    "{}: {error}",
-                    self.ctx()
-                );
-                "error (interrupted)".to_string()
-            }
-            // Without drain and hand-over a SIGTERM cancels the turns of its process.
-            "cancelled" if !resume && self.from_terminating => "cancelled (SIGTERM)".to_string(),
             other => panic!(
                 "{}: the turn ended {other}: {:#?}",
                 self.ctx(),
@@ -788,18 +745,9 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
 
 /// The whole run on `db` with `processes` server processes; `name` labels what it prints.
 pub async fn run(name: &str, db: &str, processes: usize) {
-    let resume = resumes();
     let kills = kills();
     let mut rng = crate::fault_support::rng(name, 1515);
-    eprintln!(
-        "{name}: {processes} process(es), {SESSIONS} sessions, {kills} SIGKILLs + {TERMS} SIGTERMs; \
-         orphaned turns are {}",
-        if resume {
-            "resumed"
-        } else {
-            "ended with an error (no TURN_RECOVERY in this binary)"
-        }
-    );
+    eprintln!("{name}: {processes} process(es), {SESSIONS} sessions, {kills} SIGKILLs + {TERMS} SIGTERMs");
     let began = Instant::now();
     let cluster = Cluster::start(db, processes).await;
     let counts = Arc::new(Counts::default());
@@ -828,12 +776,10 @@ pub async fn run(name: &str, db: &str, processes: usize) {
                 sent: Vec::new(),
                 ran: BTreeMap::new(),
                 submissions: 0,
-                cut: false,
-                from_terminating: false,
             };
             let mut k = 0;
             while k < MIN_TURNS || !chaos_over.load(Ordering::Relaxed) {
-                c.turn(k, resume).await;
+                c.turn(k).await;
                 k += 1;
                 tokio::time::sleep(Duration::from_millis(think)).await;
             }
@@ -954,5 +900,9 @@ pub async fn run(name: &str, db: &str, processes: usize) {
     assert!(
         counts.kills.load(Ordering::Relaxed) >= kills && counts.terms.load(Ordering::Relaxed) == TERMS,
         "the killer did its work"
+    );
+    assert!(
+        counts.resumed.load(Ordering::Relaxed) > 0,
+        "no turn was cut and resumed: the chaos never hit a running turn"
     );
 }
