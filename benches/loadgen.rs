@@ -147,41 +147,27 @@ async fn scenario(c: &reqwest::Client, bases: &[String], record: bool) -> ([Dura
         .unwrap();
     let id = created["session_id"].as_str().unwrap().to_string();
     t[0] = s.elapsed();
-    let s = Instant::now();
-    let ev = events(
-        post(
-            "/agent/message/stream",
-            json!({"session_id": id, "message": {"type": "user_message", "content": "hello"}}),
-        )
-        .await
-        .unwrap(),
+    // The three turns: each answer is read to its end; the tool result answers the call just made.
+    let mut keep = |ev: &[Value]| {
+        if record {
+            shape.push(kinds(ev));
+        }
+    };
+    let mut ev;
+    (ev, t[1]) = turn(c, base, &id, json!({"type": "user_message", "content": "hello"})).await;
+    keep(&ev);
+    (ev, t[2]) = turn(
+        c,
+        base,
+        &id,
+        json!({"type": "user_message", "content": "read it"}),
     )
     .await;
-    t[1] = s.elapsed();
-    if record {
-        shape.push(kinds(&ev));
-    }
-    let s = Instant::now();
-    let ev = events(
-        post(
-            "/agent/message/stream",
-            json!({"session_id": id, "message": {"type": "user_message", "content": "read it"}}),
-        )
-        .await
-        .unwrap(),
-    )
-    .await;
-    t[2] = s.elapsed();
-    if record {
-        shape.push(kinds(&ev));
-    }
+    keep(&ev);
     let call = ev.iter().find(|e| e["type"] == "tool_call").expect("a tool call")["call_id"].clone();
-    let s = Instant::now();
-    let ev = events(post("/agent/message/stream", json!({"session_id": id, "message": {"type": "tool_result", "call_id": call, "result": "# readme"}})).await.unwrap()).await;
-    t[3] = s.elapsed();
-    if record {
-        shape.push(kinds(&ev));
-    }
+    let result = json!({"type": "tool_result", "call_id": call, "result": "# readme"});
+    (ev, t[3]) = turn(c, base, &id, result).await;
+    keep(&ev);
     let s = Instant::now();
     let h = c
         .get(format!("{}/sessions/{id}/history", base()))
@@ -202,6 +188,21 @@ async fn scenario(c: &reqwest::Client, bases: &[String], record: bool) -> ([Dura
         );
     }
     (t, record.then_some(shape))
+}
+
+/// Sends one message of session `id` and reads its event stream to the end: the events, and how
+/// long the whole answer took.
+async fn turn(c: &reqwest::Client, base: &str, id: &str, message: Value) -> (Vec<Value>, Duration) {
+    let s = Instant::now();
+    let response = c
+        .post(format!("{base}/agent/message/stream"))
+        .header("x-internal-auth", "bench")
+        .json(&json!({"session_id": id, "message": message}))
+        .send()
+        .await
+        .unwrap();
+    let ev = events(response).await;
+    (ev, s.elapsed())
 }
 
 fn pct(sorted: &[Duration], p: f64) -> f64 {

@@ -70,5 +70,34 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8], empty_ok: bool) -> Result<T
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(ApiError::invalid("invalid JSON body: expected a JSON object"));
     }
-    serde_json::from_slice(bytes).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+    // JSON text is UTF-8 (RFC 8259 §8.1). serde_json checks it only in the strings it keeps, so a
+    // field the type ignores could carry invalid bytes past it (found by fuzz/request_body).
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| ApiError::invalid(format!("invalid JSON body: not UTF-8 ({e})")))?;
+    serde_json::from_str(text).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_json;
+    use agent_runtime_core::orchestrator::CreateSession;
+
+    #[test]
+    fn a_body_with_bytes_that_are_not_utf8_in_an_ignored_field_is_rejected() {
+        // fuzz/request_body's find (its corpus keeps the input): create-session ignores `message`,
+        // and serde_json did not look at the 0xFF bytes in its string.
+        let mut body = br#"{"session_id":"s2","message":{"type":"user_message","content":"hi"#.to_vec();
+        body.extend([0xFF; 20]);
+        body.extend(br#""}}"#);
+        let outcome =
+            parse_json::<CreateSession>(&body, true).map_err(|e| (e.code, e.status().as_u16(), e.message));
+        assert_eq!(
+            outcome.err(),
+            Some((
+                "INVALID_REQUEST",
+                400,
+                "invalid JSON body: not UTF-8 (invalid utf-8 sequence of 1 bytes from index 65)".to_string()
+            ))
+        );
+    }
 }
