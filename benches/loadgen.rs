@@ -154,11 +154,17 @@ async fn scenario(c: &reqwest::Client, bases: &[String], record: bool) -> ([Dura
         }
     };
     let mut ev;
-    (ev, t[1]) = turn(c, base, &id, json!({"type": "user_message", "content": "hello"})).await;
+    (ev, t[1]) = turn(
+        c,
+        base(),
+        &id,
+        json!({"type": "user_message", "content": "hello"}),
+    )
+    .await;
     keep(&ev);
     (ev, t[2]) = turn(
         c,
-        base,
+        base(),
         &id,
         json!({"type": "user_message", "content": "read it"}),
     )
@@ -166,7 +172,7 @@ async fn scenario(c: &reqwest::Client, bases: &[String], record: bool) -> ([Dura
     keep(&ev);
     let call = ev.iter().find(|e| e["type"] == "tool_call").expect("a tool call")["call_id"].clone();
     let result = json!({"type": "tool_result", "call_id": call, "result": "# readme"});
-    (ev, t[3]) = turn(c, base, &id, result).await;
+    (ev, t[3]) = turn(c, base(), &id, result).await;
     keep(&ev);
     let s = Instant::now();
     let h = c
