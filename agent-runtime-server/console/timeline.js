@@ -142,6 +142,22 @@ export class Timeline {
           el("span", { class: "kind" }, `Budget reached: ${e.budget}`),
           el("p", {}, `${e.spent} of ${e.limit} spent; approve to raise it to ${e.proposed_limit}`)));
         return;
+      case "turn_resumed": {
+        // Tokens streamed after `after_seq` belonged to an answer that was cut: that answer is
+        // asked again, so they are struck from the timeline (an item left empty goes too).
+        for (const t of this.root.querySelectorAll(".token[data-seq]")) {
+          if (Number(t.getAttribute("data-seq")) <= e.after_seq) continue;
+          const item = t.closest(".item");
+          t.remove();
+          if (item && item.querySelectorAll(".token").length === 0) item.remove();
+        }
+        this.open = null;
+        const why = e.reason === "handed_over" ? "its process was shutting down" : "its process stopped";
+        this.append(el("li", { class: "item switch", "data-seq": seq },
+          el("span", { class: "kind" }, "Turn resumed"),
+          el("p", {}, `Another process continues the turn (${why}).`)));
+        return;
+      }
       case "error":
         this.open = null;
         this.append(el("li", { class: "item error", "data-seq": seq },
