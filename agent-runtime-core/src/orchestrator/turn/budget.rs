@@ -1,8 +1,6 @@
 //! Budgets within a turn: what the turn and its session have spent, the gate asked before each
 //! model call, tool call and step, the `budget` approval a reached budget pauses on, and its decision.
 
-use std::time::Instant;
-
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
