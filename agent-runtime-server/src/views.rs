@@ -64,7 +64,7 @@ pub struct SessionView {
     /// `idle`, `running`, `awaiting_approval` or `awaiting_tool_result`.
     pub status: SessionStatus,
     /// The session's budgets; absent when unlimited.
-    #[serde(skip_serializing_if = "Budget::is_unlimited")]
+    #[serde(default, skip_serializing_if = "Budget::is_unlimited")]
     pub budget: Budget,
 }
 
@@ -229,7 +229,7 @@ pub struct HealthView {
     pub process: agent_runtime_core::orchestrator::ProcessInfo,
     /// Each MCP server (`MCP_SERVERS_FILE`): its state, tools, restarts and last error; absent
     /// when none is configured. A server that is down does not make the runtime degraded.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mcp_servers: Vec<agent_runtime_core::tools::mcp::McpServerHealth>,
 }
 
