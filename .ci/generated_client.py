@@ -31,7 +31,8 @@ expected = sorted([
     "agents/get_current_agent", "agents/list_agents",
     "approvals/decide_approval", "approvals/list_pending_approvals", "approvals/preview_approval",
     "messages/cancel_turn", "messages/list_messages", "messages/stream_events", "messages/stream_message",
-    "sessions/create_session", "sessions/delete_session", "sessions/get_session", "sessions/list_sessions",
+    "sessions/create_session", "sessions/delete_session", "sessions/get_session",
+    "sessions/get_session_usage", "sessions/list_sessions", "sessions/update_session",
     "system/get_health", "system/get_metrics", "system/get_open_api",
 ])
 assert modules == expected, f"generated modules: {modules}"
