@@ -401,6 +401,68 @@ async fn commits_with_events_are_noticed_by_listeners_of_other_handles() {
     );
 }
 
+/// The commit notices have a connection of their own; when Postgres drops it, the next notice
+/// still arrives (sent through the pool, then on a new connection), and so does the one after.
+#[tokio::test]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
+async fn commit_notices_survive_their_connection_being_terminated() {
+    use futures::StreamExt;
+    let (guard, writer) = fresh_store!();
+    let reader = open_in(&guard).await;
+    let mut notices = reader
+        .commit_notices()
+        .await
+        .unwrap()
+        .expect("postgres has notices")
+        .filter(|n| futures::future::ready(n.session_id == "renoticed"));
+    writer
+        .create_session(new_session("renoticed", None, 1))
+        .await
+        .unwrap();
+    assert!(
+        writer
+            .acquire_lease("renoticed", "owner_a", Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    let token_commit = |token: &str| {
+        let mut c = Commit::now();
+        c.lease_owner = Some("owner_a".into());
+        c.events
+            .push(EventPayload::AssistantMessage(AssistantMessage::Token {
+                token: token.into(),
+            }));
+        c
+    };
+    let expected = Some(storage::CommitNotice {
+        owner: "owner_a".into(),
+        session_id: "renoticed".into(),
+    });
+    writer.commit("renoticed", token_commit("one")).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), notices.next()).await;
+    assert_eq!(first.expect("a notice within 10 s"), expected);
+
+    // Every notice sender's connection in the database (other tests' too: they recover the same way).
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = $1) AS t",
+    )
+    .bind(agent_runtime_core::storage::postgres::NOTICES_APPLICATION)
+    .fetch_one(writer.pool())
+    .await
+    .unwrap();
+    assert!(killed >= 1, "the writer's notice connection was found");
+
+    for token in ["two", "three"] {
+        writer.commit("renoticed", token_commit(token)).await.unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(10), notices.next()).await;
+        assert_eq!(next.expect("a notice within 10 s"), expected, "after {token}");
+    }
+}
+
 /// A cancel request reaches every listener of the cancel channel as a notice naming the lease
 /// owner asked and the session; a request nobody can be asked (no lease) sends none.
 #[tokio::test]

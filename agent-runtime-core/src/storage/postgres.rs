@@ -131,7 +131,17 @@ pub struct PostgresStorage {
 /// transaction ends): measured at 64 users, 167–170 scenarios/s that way against 177–188 batched
 /// and 180–187 with no notices at all. Sent afterwards, a notice costs one short statement per
 /// batch, and listeners still read the committed rows (a notice is only a wake-up).
-async fn send_notices(pool: PgPool, mut rx: tokio::sync::mpsc::UnboundedReceiver<String>) {
+///
+/// The notices go out on a connection of their own, not the pool's: behind a busy pool a wake-up
+/// waited for a free connection (tens of milliseconds at 64 users), and its transaction commits
+/// with `synchronous_commit = off`, since a wake-up lost to a crash costs a follower latency
+/// (it polls), never an event. If that connection cannot be had, the pool sends the batch.
+async fn send_notices(
+    pool: PgPool,
+    connect: PgConnectOptions,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let mut own: Option<PgConnection> = None;
     let mut batch: Vec<String> = Vec::new();
     while let Some(first) = rx.recv().await {
         batch.push(first);
@@ -143,15 +153,51 @@ async fn send_notices(pool: PgPool, mut rx: tokio::sync::mpsc::UnboundedReceiver
         }
         batch.sort();
         batch.dedup();
-        let sent = sqlx::query("SELECT pg_notify($1, n) FROM unnest($2::text[]) AS n")
-            .bind(COMMITS_CHANNEL)
-            .bind(&batch)
-            .execute(&pool)
-            .await;
+        if own.is_none() {
+            own = notice_connection(&connect).await;
+        }
+        let notify = || {
+            sqlx::query("SELECT pg_notify($1, n) FROM unnest($2::text[]) AS n")
+                .bind(COMMITS_CHANNEL)
+                .bind(&batch)
+        };
+        let mut sent = match own.as_mut() {
+            Some(conn) => notify().execute(&mut *conn).await,
+            None => notify().execute(&pool).await,
+        };
+        if sent.is_err() && own.take().is_some() {
+            // The connection was lost: this batch goes through the pool, the next reconnects.
+            sent = notify().execute(&pool).await;
+        }
         if let Err(e) = sent {
             tracing::warn!(error = %e, notices = batch.len(), "commit notices not sent; followers in other processes poll");
         }
         batch.clear();
+    }
+}
+
+/// The `application_name` of the notice sender's connection (`pg_stat_activity` shows it).
+pub const NOTICES_APPLICATION: &str = "agent-runtime commit notices";
+
+/// The notice sender's own connection, committing without waiting for the WAL's flush; `None`
+/// (logged) if it cannot be opened, and the pool is used meanwhile.
+async fn notice_connection(connect: &PgConnectOptions) -> Option<PgConnection> {
+    let opened = async {
+        let named = connect.clone().application_name(NOTICES_APPLICATION);
+        let mut conn = PgConnection::connect_with(&named).await?;
+        conn.execute("SET synchronous_commit = off").await?;
+        Ok::<_, sqlx::Error>(conn)
+    };
+    match tokio::time::timeout(Duration::from_secs(5), opened).await {
+        Ok(Ok(conn)) => Some(conn),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "commit notices: no connection of their own; sending through the pool");
+            None
+        }
+        Err(_) => {
+            tracing::warn!("commit notices: connecting timed out; sending through the pool");
+            None
+        }
     }
 }
 
@@ -208,12 +254,12 @@ impl PostgresStorage {
         .map_err(|e| target.connect_failed(&e))?;
         let _ = probe.close().await;
         let pool = pool_options
-            .connect_with(connect_options)
+            .connect_with(connect_options.clone())
             .await
             .map_err(|e| target.connect_failed(&e))?;
         migrate(&pool, schema.as_deref()).await?;
         let (notices, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(send_notices(pool.clone(), rx));
+        tokio::spawn(send_notices(pool.clone(), connect_options, rx));
         Ok(PostgresStorage { pool, notices })
     }
 
