@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use agent_runtime_core::llm::Script;
 use agent_runtime_core::llm::mock::{MockLlmServer, MockResponse};
 use agent_runtime_core::test_kit::{EventStream, ServerProcess, create_session};
-use serde_json::{Value, json};
+use serde_json::json;
 
 const TOKEN: &str = "bench";
 
