@@ -61,16 +61,19 @@ impl Partial {
             Some(Err(e)) => return Err(e),
             Some(Ok(Chunk::Text(t))) if !t.is_empty() => {
                 self.text.push_str(&t);
-                (self.tokens).push(EventPayload::AssistantMessage(AssistantMessage::Token {
-                    token: t,
-                }));
+                self.tokens
+                    .push(EventPayload::AssistantMessage(AssistantMessage::Token {
+                        token: t,
+                    }));
             }
             Some(Ok(Chunk::ToolCallDelta {
                 index,
                 id,
                 name,
                 arguments,
-            })) => (self.assembler).push(index, id.as_deref(), name.as_deref(), &arguments),
+            })) => self
+                .assembler
+                .push(index, id.as_deref(), name.as_deref(), &arguments),
             Some(Ok(Chunk::Usage(u))) => self.reported = Some(u),
             Some(Ok(Chunk::Finish(f))) => *finish = Some(f),
             Some(Ok(_)) => {}
@@ -354,7 +357,9 @@ impl Turn {
             }
         }
         let calls = partial.assembler.finish();
-        let usage = (partial.reported).unwrap_or_else(|| self.count_usage(req, &partial.text, &calls));
+        let usage = partial
+            .reported
+            .unwrap_or_else(|| self.count_usage(req, &partial.text, &calls));
         Ok(Answer {
             text: partial.text,
             calls,
