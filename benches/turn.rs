@@ -97,7 +97,7 @@ criterion_group! {
 /// counts (`valgrind --tool=callgrind`), which do not drift with the machine's load: the count at
 /// N turns minus the count at 0 turns, divided by N, is one turn's.
 fn main() {
-    if let Some(n) = std::env::var("TURN_BENCH_TURNS").ok() {
+    if let Ok(n) = std::env::var("TURN_BENCH_TURNS") {
         let n: usize = n.parse().expect("TURN_BENCH_TURNS: a number of turns");
         let s = setup();
         s.rt.block_on(async {
