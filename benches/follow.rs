@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use agent_runtime_core::llm::Script;
 use agent_runtime_core::llm::mock::{MockLlmServer, MockResponse};
-use agent_runtime_core::test_kit::{EventStream, ServerProcess};
-use serde_json::{Value, json};
+use agent_runtime_core::test_kit::{EventStream, ServerProcess, create_session};
+use serde_json::json;
 
 const TOKEN: &str = "bench";
 
@@ -65,17 +65,7 @@ async fn timed(mut rec: EventStream) -> Vec<(u64, Instant)> {
 
 /// One turn on `a` followed on `b`: the delays of its events (after the first four).
 async fn one(c: reqwest::Client, a: String, b: String) -> Vec<Duration> {
-    let created: Value = c
-        .post(format!("{a}/sessions"))
-        .header("x-internal-auth", TOKEN)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = created["session_id"].as_str().unwrap().to_string();
+    let id = create_session(&c, &a, TOKEN, &json!({})).await.unwrap();
     let r = c
         .post(format!("{a}/agent/message/stream"))
         .header("x-internal-auth", TOKEN)

@@ -38,7 +38,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use agent_runtime_core::llm::Script;
-use agent_runtime_core::test_kit::{EventStream, ServerProcess};
+use agent_runtime_core::test_kit::{EventStream, ServerProcess, create_session};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
@@ -234,17 +234,7 @@ async fn hold_open_streams(c: &reqwest::Client, base: &str, n: usize, server_pid
     let before = rss(server_pid);
     let mut streams = Vec::with_capacity(n);
     for _ in 0..n {
-        let created: Value = c
-            .post(format!("{base}/sessions"))
-            .header("x-internal-auth", "bench")
-            .json(&json!({}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let id = created["session_id"].as_str().unwrap().to_string();
+        let id = create_session(c, base, "bench", &json!({})).await.unwrap();
         let r = c
             .get(format!("{base}/sessions/{id}/events?follow=true"))
             .header("x-internal-auth", "bench")

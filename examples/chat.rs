@@ -23,13 +23,12 @@
 
 #[path = "support/demo.rs"]
 mod demo;
-#[path = "support/sse.rs"]
-mod sse;
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use agent_runtime_core::test_kit::SseReader;
 use clap::Parser;
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -258,7 +257,7 @@ impl Chat {
     /// from `GET /sessions/{id}/events` with `Last-Event-ID`: the turn went on without us, and the
     /// server replays what we missed, then follows the turn live.
     async fn follow(&mut self, resp: reqwest::Response) -> Result<Option<String>, Failure> {
-        let mut reader = sse::SseReader::new(resp);
+        let mut reader = SseReader::new(resp);
         let mut shown = 0usize;
         let mut attempts = 0u32;
         loop {
@@ -303,7 +302,7 @@ impl Chat {
                 match resumed {
                     Ok(r) if r.status().is_success() => {
                         self.screen.notice("[reconnected]");
-                        break sse::SseReader::new(r);
+                        break SseReader::new(r);
                     }
                     Ok(r) => self.show_http_error(r).await,
                     Err(e) => self.screen.notice(&format!("[reconnect failed: {e}]")),

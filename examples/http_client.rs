@@ -11,12 +11,11 @@
 
 #[path = "support/demo.rs"]
 mod demo;
-#[path = "support/sse.rs"]
-mod sse;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use agent_runtime_core::test_kit::SseReader;
 use clap::Parser;
 use serde_json::{Value, json};
 
@@ -80,7 +79,7 @@ impl Api {
             return Err(format!("{path}: {status} {}", resp.text().await?).into());
         }
         println!("< {status} {}", header(&resp, "content-type"));
-        let mut reader = sse::SseReader::new(resp);
+        let mut reader = SseReader::new(resp);
         let mut events = Vec::new();
         while let Some(event) = reader.next().await? {
             println!("  id: {}  data: {}", event.id.unwrap_or_default(), event.data);

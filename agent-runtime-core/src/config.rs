@@ -397,16 +397,26 @@ impl RuntimeConfig {
             }
             c.database_url = v;
         }
+        c.read_llm(&get)?;
+        c.read_agents(&get, &lookup)?;
+        c.read_tools(&get)?;
+        c.read_turns(&get)?;
+        c.telemetry = telemetry_settings(&get)?;
+        Ok(c)
+    }
+
+    /// The model server's settings (`LLM_*`).
+    fn read_llm(&mut self, get: &dyn Fn(&str) -> Option<String>) -> Result<()> {
         if let Some(v) = get("LLM_PROXY_URL") {
             if !(v.starts_with("http://") || v.starts_with("https://")) {
                 return Err(bad("LLM_PROXY_URL", &v, "expected an http:// or https:// URL"));
             }
-            c.llm.proxy_url = v;
+            self.llm.proxy_url = v;
         }
         if let Some(v) = get("LLM_MODEL") {
-            c.llm.model = v;
+            self.llm.model = v;
         }
-        c.llm.api_key = get("LLM_API_KEY");
+        self.llm.api_key = get("LLM_API_KEY");
         if let Some(v) = get("LLM_TEMPERATURE") {
             let t: f32 = v
                 .trim()
@@ -415,10 +425,10 @@ impl RuntimeConfig {
             if !(0.0..=2.0).contains(&t) {
                 return Err(bad("LLM_TEMPERATURE", &v, "must be between 0 and 2"));
             }
-            c.temperature = Some(t);
+            self.temperature = Some(t);
         }
         if let Some(v) = get("LLM_CAPABILITIES") {
-            c.llm.capabilities = Capabilities::parse(&v).ok_or_else(|| {
+            self.llm.capabilities = Capabilities::parse(&v).ok_or_else(|| {
                 bad(
                     "LLM_CAPABILITIES",
                     &v,
@@ -427,96 +437,116 @@ impl RuntimeConfig {
             })?;
         }
         if let Some(v) = get("LLM_MAX_TOKENS") {
-            c.llm.max_tokens = Some(parse_num("LLM_MAX_TOKENS", &v, 1)?);
+            self.llm.max_tokens = Some(parse_num("LLM_MAX_TOKENS", &v, 1)?);
         }
         if let Some(v) = get("LLM_FORCED_TOOL_STEPS") {
-            c.llm.forced_tool_steps = parse_num("LLM_FORCED_TOOL_STEPS", &v, 0)?;
+            self.llm.forced_tool_steps = parse_num("LLM_FORCED_TOOL_STEPS", &v, 0)?;
         }
         if let Some(v) = get("LLM_FIRST_BYTE_TIMEOUT_SECS") {
-            c.llm.first_byte_timeout = Duration::from_secs(parse_num("LLM_FIRST_BYTE_TIMEOUT_SECS", &v, 1)?);
+            self.llm.first_byte_timeout =
+                Duration::from_secs(parse_num("LLM_FIRST_BYTE_TIMEOUT_SECS", &v, 1)?);
         }
         if let Some(v) = get("LLM_CONTEXT_TOKENS") {
-            c.llm.context_tokens = Some(parse_num("LLM_CONTEXT_TOKENS", &v, 256)?);
+            self.llm.context_tokens = Some(parse_num("LLM_CONTEXT_TOKENS", &v, 256)?);
         }
+        Ok(())
+    }
+
+    /// Approvals, the context window and the agents (`HITL_*`, `MAX_CONTEXT_*`, `AGENT_RUNTIME__*`).
+    fn read_agents(
+        &mut self,
+        get: &dyn Fn(&str) -> Option<String>,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<()> {
         if let Some(v) = get("HITL_ENABLED") {
-            c.hitl_enabled = parse_bool("HITL_ENABLED", &v)?;
+            self.hitl_enabled = parse_bool("HITL_ENABLED", &v)?;
         }
         if let Some(v) = lookup("HITL_DANGEROUS_TOOLS") {
-            c.hitl_dangerous_tools = list(&v);
+            self.hitl_dangerous_tools = list(&v);
         }
         if let Some(v) = get("MAX_CONTEXT_TOKENS") {
-            c.max_context_tokens = parse_num("MAX_CONTEXT_TOKENS", &v, 1)?;
+            self.max_context_tokens = parse_num("MAX_CONTEXT_TOKENS", &v, 1)?;
         }
         if let Some(v) = get("MAX_CONTEXT_MESSAGES") {
-            c.max_context_messages = parse_num("MAX_CONTEXT_MESSAGES", &v, 1)?;
+            self.max_context_messages = parse_num("MAX_CONTEXT_MESSAGES", &v, 1)?;
         }
         if let Some(v) = get("AGENT_RUNTIME__MULTI_AGENT_ENABLED") {
-            c.multi_agent_enabled = parse_bool("AGENT_RUNTIME__MULTI_AGENT_ENABLED", &v)?;
+            self.multi_agent_enabled = parse_bool("AGENT_RUNTIME__MULTI_AGENT_ENABLED", &v)?;
         }
         if let Some(v) = get("AGENT_RUNTIME__DEFAULT_AGENT") {
-            c.default_agent = v.trim().to_string();
+            self.default_agent = v.trim().to_string();
         }
         if let Some(v) = get("AGENT_RUNTIME__AUTO_AGENT_SWITCHING") {
-            c.auto_agent_switching = parse_bool("AGENT_RUNTIME__AUTO_AGENT_SWITCHING", &v)?;
+            self.auto_agent_switching = parse_bool("AGENT_RUNTIME__AUTO_AGENT_SWITCHING", &v)?;
         }
         if let Some(v) = get("AGENT_RUNTIME__MAX_AGENT_SWITCHES") {
-            c.max_agent_switches = parse_num("AGENT_RUNTIME__MAX_AGENT_SWITCHES", &v, 0)?;
+            self.max_agent_switches = parse_num("AGENT_RUNTIME__MAX_AGENT_SWITCHES", &v, 0)?;
         }
         if let Some(v) = get("AGENT_RUNTIME__PLANS_ENABLED") {
-            c.plans_enabled = parse_bool("AGENT_RUNTIME__PLANS_ENABLED", &v)?;
+            self.plans_enabled = parse_bool("AGENT_RUNTIME__PLANS_ENABLED", &v)?;
         }
         if let Some(v) = get("AGENT_RUNTIME__AGENTS_FILE") {
-            c.agents_file = Some(PathBuf::from(v.trim()));
+            self.agents_file = Some(PathBuf::from(v.trim()));
         }
+        Ok(())
+    }
+
+    /// Where and how tools run (`TOOL_EXECUTION`, project roots, the sandbox, commands, MCP servers, outputs).
+    fn read_tools(&mut self, get: &dyn Fn(&str) -> Option<String>) -> Result<()> {
         if let Some(v) = get("TOOL_EXECUTION") {
-            c.tool_execution = ToolExecution::parse(&v)
+            self.tool_execution = ToolExecution::parse(&v)
                 .ok_or_else(|| bad("TOOL_EXECUTION", &v, "expected runtime or client"))?;
         }
         // `WORKSPACE_ROOTS` is the earlier name; `PROJECT_ROOTS` wins when both are set.
         for var in ["PROJECT_ROOTS", "WORKSPACE_ROOTS"] {
             if let Some(v) = get(var) {
-                c.project_roots = absolute_paths(var, &v)?;
+                self.project_roots = absolute_paths(var, &v)?;
                 break;
             }
         }
         if let Some(v) = get("SANDBOX") {
-            c.sandbox.mode =
+            self.sandbox.mode =
                 SandboxMode::parse(&v).ok_or_else(|| bad("SANDBOX", &v, "expected enforce or off"))?;
         }
         if let Some(v) = get("SANDBOX_READ_PATHS") {
-            c.sandbox.read_paths = absolute_paths("SANDBOX_READ_PATHS", &v)?;
+            self.sandbox.read_paths = absolute_paths("SANDBOX_READ_PATHS", &v)?;
         }
         if let Some(v) = get("SANDBOX_WRITE_PATHS") {
-            c.sandbox.write_paths = absolute_paths("SANDBOX_WRITE_PATHS", &v)?;
+            self.sandbox.write_paths = absolute_paths("SANDBOX_WRITE_PATHS", &v)?;
         }
         if let Some(v) = get("SANDBOX_NETWORK_AGENTS") {
-            c.sandbox.network_agents = list(&v);
+            self.sandbox.network_agents = list(&v);
         }
         if let Some(v) = get("COMMAND_TIMEOUT_SECS") {
-            c.command_timeout = Duration::from_secs(parse_num("COMMAND_TIMEOUT_SECS", &v, 1)?);
+            self.command_timeout = Duration::from_secs(parse_num("COMMAND_TIMEOUT_SECS", &v, 1)?);
         }
         if let Some(v) = get("MCP_SERVERS_FILE")
             && !v.trim().is_empty()
         {
-            c.mcp_servers_file = Some(PathBuf::from(v.trim()));
+            self.mcp_servers_file = Some(PathBuf::from(v.trim()));
         }
         if let Some(v) = get("MCP_TOOL_TIMEOUT_SECS") {
-            c.mcp_tool_timeout = Duration::from_secs(parse_num("MCP_TOOL_TIMEOUT_SECS", &v, 1)?);
+            self.mcp_tool_timeout = Duration::from_secs(parse_num("MCP_TOOL_TIMEOUT_SECS", &v, 1)?);
         }
         if let Some(v) = get("MAX_TURN_ITERATIONS") {
-            c.max_turn_iterations = parse_num("MAX_TURN_ITERATIONS", &v, 1)?;
+            self.max_turn_iterations = parse_num("MAX_TURN_ITERATIONS", &v, 1)?;
         }
         if let Some(v) = get("MAX_TOOL_OUTPUT_BYTES") {
-            c.max_tool_output_bytes = parse_num("MAX_TOOL_OUTPUT_BYTES", &v, 64)?;
+            self.max_tool_output_bytes = parse_num("MAX_TOOL_OUTPUT_BYTES", &v, 64)?;
         }
+        Ok(())
+    }
+
+    /// Turns: leases, routing, recovery, budgets and prices.
+    fn read_turns(&mut self, get: &dyn Fn(&str) -> Option<String>) -> Result<()> {
         if let Some(v) = get("SESSION_LEASE_SECS") {
-            c.lease_ttl = Duration::from_secs(parse_num("SESSION_LEASE_SECS", &v, 1)?);
+            self.lease_ttl = Duration::from_secs(parse_num("SESSION_LEASE_SECS", &v, 1)?);
         }
         if let Some(v) = get("ROUTING_TIMEOUT_SECS") {
-            c.routing_timeout = Duration::from_secs(parse_num("ROUTING_TIMEOUT_SECS", &v, 1)?);
+            self.routing_timeout = Duration::from_secs(parse_num("ROUTING_TIMEOUT_SECS", &v, 1)?);
         }
         if let Some(v) = get("TURN_RECOVERY") {
-            c.turn_recovery = TurnRecovery::parse(&v)
+            self.turn_recovery = TurnRecovery::parse(&v)
                 .ok_or_else(|| bad("TURN_RECOVERY", &v, "expected resume or interrupt"))?;
         }
         for (var, kind) in BUDGET_VARIABLES {
@@ -530,14 +560,13 @@ impl RuntimeConfig {
                         .filter(|f| f.is_finite() && *f >= 0.0)
                         .ok_or_else(|| bad(var, &v, "expected a number ≥ 0"))?
                 };
-                c.budget.set(kind, n);
+                self.budget.set(kind, n);
             }
         }
         if let Some(v) = get("MODEL_PRICES_FILE") {
-            c.model_prices_file = Some(PathBuf::from(v.trim()));
+            self.model_prices_file = Some(PathBuf::from(v.trim()));
         }
-        c.telemetry = telemetry_settings(&get)?;
-        Ok(c)
+        Ok(())
     }
 }
 

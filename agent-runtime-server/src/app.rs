@@ -154,11 +154,18 @@ pub enum Answer {
     Events,
 }
 
+impl Answer {
+    /// A JSON document with this status, whose schema is `T`'s.
+    const fn json<T: schemars::JsonSchema>(status: u16) -> Answer {
+        Answer::Json(status, schema::<T>)
+    }
+}
+
 /// One method on one route: what it is called, what it reads and what it answers.
 #[derive(Debug)]
 pub struct Operation {
     /// The method.
-    pub method: Method,
+    pub method: &'static Method,
     /// The OpenAPI `operationId`, in the product's words.
     pub id: &'static str,
     /// Where it belongs.
@@ -173,6 +180,69 @@ pub struct Operation {
     pub errors: &'static [u16],
     /// Query parameters: name and JSON type.
     pub query: &'static [(&'static str, &'static str)],
+}
+
+// The methods of the table (a `Method` cannot be made and borrowed inside a `const fn`).
+const METHOD_GET: &Method = &Method::GET;
+const METHOD_POST: &Method = &Method::POST;
+const METHOD_PATCH: &Method = &Method::PATCH;
+const METHOD_DELETE: &Method = &Method::DELETE;
+
+impl Operation {
+    /// An operation answering `answer`, with an empty summary, no body, no query parameter and
+    /// no error status but 500; the methods below add them.
+    const fn new(method: &'static Method, id: &'static str, tag: Tag, answer: Answer) -> Operation {
+        Operation {
+            method,
+            id,
+            tag,
+            summary: "",
+            request: None,
+            answer,
+            errors: &[],
+            query: &[],
+        }
+    }
+
+    const fn get(id: &'static str, tag: Tag, answer: Answer) -> Operation {
+        Operation::new(METHOD_GET, id, tag, answer)
+    }
+
+    const fn post(id: &'static str, tag: Tag, answer: Answer) -> Operation {
+        Operation::new(METHOD_POST, id, tag, answer)
+    }
+
+    const fn patch(id: &'static str, tag: Tag, answer: Answer) -> Operation {
+        Operation::new(METHOD_PATCH, id, tag, answer)
+    }
+
+    const fn delete(id: &'static str, tag: Tag, answer: Answer) -> Operation {
+        Operation::new(METHOD_DELETE, id, tag, answer)
+    }
+
+    /// What it does, in one line.
+    const fn summary(mut self, summary: &'static str) -> Operation {
+        self.summary = summary;
+        self
+    }
+
+    /// The request body it reads.
+    const fn body(mut self, request: SchemaFn) -> Operation {
+        self.request = Some(request);
+        self
+    }
+
+    /// The error statuses it can answer besides 500.
+    const fn errors(mut self, errors: &'static [u16]) -> Operation {
+        self.errors = errors;
+        self
+    }
+
+    /// Its query parameters: name and JSON type.
+    const fn query(mut self, query: &'static [(&'static str, &'static str)]) -> Operation {
+        self.query = query;
+        self
+    }
 }
 
 /// The parameters a path template captures (empty when the template has none).
@@ -200,286 +270,122 @@ pub struct RouteSpec {
     pub operations: &'static [Operation],
 }
 
+impl RouteSpec {
+    /// A route needing the token, with no alias and no operation yet.
+    const fn new(path: &'static str, make: fn(PathParams) -> Route) -> RouteSpec {
+        RouteSpec {
+            path,
+            alias: None,
+            public: false,
+            make,
+            operations: &[],
+        }
+    }
+
+    /// Served without a token.
+    const fn public(mut self) -> RouteSpec {
+        self.public = true;
+        self
+    }
+
+    /// Also served at `alias`.
+    const fn alias(mut self, alias: &'static str) -> RouteSpec {
+        self.alias = Some(alias);
+        self
+    }
+
+    /// Its operations, one per method.
+    const fn ops(mut self, operations: &'static [Operation]) -> RouteSpec {
+        self.operations = operations;
+        self
+    }
+}
+
 const ID_ERRORS: &[u16] = &[401, 404];
 const STREAM_ERRORS: &[u16] = &[400, 401, 404, 409, 413];
 
 /// Every route of the API. The one list: resolving a path, the `Allow` header, the metrics'
 /// route labels and the OpenAPI document all read it.
+#[rustfmt::skip] // a table: a line for each route, and for each operation its line and its summary's
 pub static ROUTES: &[RouteSpec] = &[
-    RouteSpec {
-        path: "/health",
-        alias: None,
-        public: true,
-        make: |_| Route::Health,
-        operations: &[Operation {
-            method: Method::GET,
-            id: "getHealth",
-            tag: Tag::System,
-            summary: "Health of the server, its storage and its model server",
-            request: None,
-            answer: Answer::Json(200, schema::<HealthView>),
-            errors: &[503],
-            query: &[],
-        }],
-    },
-    RouteSpec {
-        path: "/openapi.json",
-        alias: None,
-        public: true,
-        make: |_| Route::OpenApi,
-        operations: &[Operation {
-            method: Method::GET,
-            id: "getOpenApi",
-            tag: Tag::System,
-            summary: "This document",
-            request: None,
-            answer: Answer::Json(200, any_object),
-            errors: &[],
-            query: &[],
-        }],
-    },
-    RouteSpec {
-        path: "/metrics",
-        alias: None,
-        public: true,
-        make: |_| Route::Metrics,
-        operations: &[Operation {
-            method: Method::GET,
-            id: "getMetrics",
-            tag: Tag::System,
-            summary: "Prometheus metrics (text format)",
-            request: None,
-            answer: Answer::Text,
-            errors: &[],
-            query: &[],
-        }],
-    },
-    RouteSpec {
-        path: "/sessions",
-        alias: None,
-        public: false,
-        make: |_| Route::Sessions,
-        operations: &[
-            Operation {
-                method: Method::GET,
-                id: "listSessions",
-                tag: Tag::Sessions,
-                summary: "List sessions, newest activity first",
-                request: None,
-                answer: Answer::Json(200, schema::<SessionList>),
-                errors: &[400, 401],
-                query: &[("user_id", "string"), ("limit", "integer"), ("cursor", "string")],
-            },
-            Operation {
-                method: Method::POST,
-                id: "createSession",
-                tag: Tag::Sessions,
-                summary: "Create a session",
-                request: Some(schema::<CreateSession>),
-                answer: Answer::Json(201, schema::<CreatedSession>),
-                errors: &[400, 401, 409, 413],
-                query: &[],
-            },
-        ],
-    },
-    RouteSpec {
-        path: "/sessions/{session_id}",
-        alias: None,
-        public: false,
-        make: |p| Route::Session(p.session_id),
-        operations: &[
-            Operation {
-                method: Method::GET,
-                id: "getSession",
-                tag: Tag::Sessions,
-                summary: "One session",
-                request: None,
-                answer: Answer::Json(200, schema::<SessionView>),
-                errors: ID_ERRORS,
-                query: &[],
-            },
-            Operation {
-                method: Method::PATCH,
-                id: "updateSession",
-                tag: Tag::Sessions,
-                summary: "Change a session's budgets (the turn's next step sees them)",
-                request: Some(schema::<SessionPatch>),
-                answer: Answer::Json(200, schema::<SessionView>),
-                errors: &[400, 401, 404, 413],
-                query: &[],
-            },
-            Operation {
-                method: Method::DELETE,
-                id: "deleteSession",
-                tag: Tag::Sessions,
-                summary: "Delete a session and everything it holds (cancels its turn)",
-                request: None,
-                answer: Answer::Json(200, schema::<StatusReply>),
-                errors: ID_ERRORS,
-                query: &[],
-            },
-        ],
-    },
-    RouteSpec {
-        path: "/sessions/{session_id}/messages",
-        alias: Some("/sessions/{session_id}/history"),
-        public: false,
-        make: |p| Route::Messages(p.session_id),
-        operations: &[Operation {
-            method: Method::GET,
-            id: "listMessages",
-            tag: Tag::Messages,
-            summary: "The stored conversation (also served as /sessions/{session_id}/history)",
-            request: None,
-            answer: Answer::Json(200, schema::<MessageList>),
-            errors: &[400, 401, 404],
-            query: &[("after", "integer"), ("limit", "integer")],
-        }],
-    },
-    RouteSpec {
-        path: "/sessions/{session_id}/events",
-        alias: None,
-        public: false,
-        make: |p| Route::Events(p.session_id),
-        operations: &[Operation {
-            method: Method::GET,
-            id: "streamEvents",
-            tag: Tag::Messages,
-            summary: "Replay the events after Last-Event-ID (or ?after=), then follow the running turn",
-            request: None,
-            answer: Answer::Events,
-            errors: &[400, 401, 404],
-            query: &[("after", "integer"), ("follow", "boolean")],
-        }],
-    },
-    RouteSpec {
-        path: "/sessions/{session_id}/pending-approvals",
-        alias: None,
-        public: false,
-        make: |p| Route::PendingApprovals(p.session_id),
-        operations: &[Operation {
-            method: Method::GET,
-            id: "listPendingApprovals",
-            tag: Tag::Approvals,
-            summary: "The approvals waiting for a decision",
-            request: None,
-            answer: Answer::Json(200, schema::<PendingApprovals>),
-            errors: ID_ERRORS,
-            query: &[],
-        }],
-    },
-    RouteSpec {
-        path: "/sessions/{session_id}/usage",
-        alias: None,
-        public: false,
-        make: |p| Route::Usage(p.session_id),
-        operations: &[Operation {
-            method: Method::GET,
-            id: "getSessionUsage",
-            tag: Tag::Sessions,
-            summary: "Tokens, cost, budgets, and what was spent and remains of each",
-            request: None,
-            answer: Answer::Json(200, schema::<BudgetUsage>),
-            errors: ID_ERRORS,
-            query: &[],
-        }],
-    },
-    RouteSpec {
-        path: "/sessions/{session_id}/hitl-decision",
-        alias: None,
-        public: false,
-        make: |p| Route::HitlDecision(p.session_id),
-        operations: &[Operation {
-            method: Method::POST,
-            id: "decideApproval",
-            tag: Tag::Approvals,
-            summary: "Approve, edit or reject a pending approval; streams the continued turn",
-            request: Some(schema::<HitlDecisionRequest>),
-            answer: Answer::Events,
-            errors: STREAM_ERRORS,
-            query: &[],
-        }],
-    },
-    RouteSpec {
-        path: "/sessions/{session_id}/cancel",
-        alias: None,
-        public: false,
-        make: |p| Route::Cancel(p.session_id),
-        operations: &[Operation {
-            method: Method::POST,
-            id: "cancelTurn",
-            tag: Tag::Messages,
-            summary: "Cancel the running or paused turn",
-            request: None,
-            answer: Answer::Json(200, schema::<StatusReply>),
-            errors: ID_ERRORS,
-            query: &[],
-        }],
-    },
-    RouteSpec {
-        path: "/sessions/{session_id}/approvals/{call_id}/preview",
-        alias: None,
-        public: false,
-        make: |p| Route::ApprovalPreview(p.session_id, p.call_id),
-        operations: &[Operation {
-            method: Method::GET,
-            id: "previewApproval",
-            tag: Tag::Approvals,
-            summary: "The unified diff a pending write_file or delete_file approval would make to the file now",
-            request: None,
-            answer: Answer::Json(200, schema::<ApprovalPreview>),
-            errors: &[400, 401, 404, 409],
-            query: &[],
-        }],
-    },
-    RouteSpec {
-        path: "/agents",
-        alias: None,
-        public: false,
-        make: |_| Route::Agents,
-        operations: &[Operation {
-            method: Method::GET,
-            id: "listAgents",
-            tag: Tag::Agents,
-            summary: "The agents, their tools and restrictions",
-            request: None,
-            answer: Answer::Json(200, schema::<AgentList>),
-            errors: &[401],
-            query: &[],
-        }],
-    },
-    RouteSpec {
-        path: "/agents/{session_id}/current",
-        alias: None,
-        public: false,
-        make: |p| Route::CurrentAgent(p.session_id),
-        operations: &[Operation {
-            method: Method::GET,
-            id: "getCurrentAgent",
-            tag: Tag::Agents,
-            summary: "The session's agent and its switches",
-            request: None,
-            answer: Answer::Json(200, schema::<CurrentAgent>),
-            errors: ID_ERRORS,
-            query: &[],
-        }],
-    },
-    RouteSpec {
-        path: "/agent/message/stream",
-        alias: None,
-        public: false,
-        make: |_| Route::MessageStream,
-        operations: &[Operation {
-            method: Method::POST,
-            id: "streamMessage",
-            tag: Tag::Messages,
-            summary: "Send a message (user message, switch, tool result, decision); streams the turn's events",
-            request: Some(schema::<StreamRequest>),
-            answer: Answer::Events,
-            errors: STREAM_ERRORS,
-            query: &[],
-        }],
-    },
+    RouteSpec::new("/health", |_| Route::Health).public().ops(&[
+        Operation::get("getHealth", Tag::System, Answer::json::<HealthView>(200)).errors(&[503])
+            .summary("Health of the server, its storage and its model server"),
+    ]),
+    RouteSpec::new("/openapi.json", |_| Route::OpenApi).public().ops(&[
+        Operation::get("getOpenApi", Tag::System, Answer::Json(200, any_object))
+            .summary("This document"),
+    ]),
+    RouteSpec::new("/metrics", |_| Route::Metrics).public().ops(&[
+        Operation::get("getMetrics", Tag::System, Answer::Text)
+            .summary("Prometheus metrics (text format)"),
+    ]),
+    RouteSpec::new("/sessions", |_| Route::Sessions).ops(&[
+        Operation::get("listSessions", Tag::Sessions, Answer::json::<SessionList>(200)).errors(&[400, 401])
+            .query(&[("user_id", "string"), ("limit", "integer"), ("cursor", "string")])
+            .summary("List sessions, newest activity first"),
+        Operation::post("createSession", Tag::Sessions, Answer::json::<CreatedSession>(201))
+            .body(schema::<CreateSession>).errors(&[400, 401, 409, 413])
+            .summary("Create a session"),
+    ]),
+    RouteSpec::new("/sessions/{session_id}", |p| Route::Session(p.session_id)).ops(&[
+        Operation::get("getSession", Tag::Sessions, Answer::json::<SessionView>(200)).errors(ID_ERRORS)
+            .summary("One session"),
+        Operation::patch("updateSession", Tag::Sessions, Answer::json::<SessionView>(200))
+            .body(schema::<SessionPatch>).errors(&[400, 401, 404, 413])
+            .summary("Change a session's budgets (the turn's next step sees them)"),
+        Operation::delete("deleteSession", Tag::Sessions, Answer::json::<StatusReply>(200)).errors(ID_ERRORS)
+            .summary("Delete a session and everything it holds (cancels its turn)"),
+    ]),
+    RouteSpec::new("/sessions/{session_id}/messages", |p| Route::Messages(p.session_id))
+        .alias("/sessions/{session_id}/history").ops(&[
+        Operation::get("listMessages", Tag::Messages, Answer::json::<MessageList>(200))
+            .errors(&[400, 401, 404]).query(&[("after", "integer"), ("limit", "integer")])
+            .summary("The stored conversation (also served as /sessions/{session_id}/history)"),
+    ]),
+    RouteSpec::new("/sessions/{session_id}/events", |p| Route::Events(p.session_id)).ops(&[
+        Operation::get("streamEvents", Tag::Messages, Answer::Events).errors(&[400, 401, 404])
+            .query(&[("after", "integer"), ("follow", "boolean")])
+            .summary("Replay the events after Last-Event-ID (or ?after=), then follow the running turn"),
+    ]),
+    RouteSpec::new("/sessions/{session_id}/pending-approvals", |p| Route::PendingApprovals(p.session_id))
+        .ops(&[
+        Operation::get("listPendingApprovals", Tag::Approvals, Answer::json::<PendingApprovals>(200))
+            .errors(ID_ERRORS)
+            .summary("The approvals waiting for a decision"),
+    ]),
+    RouteSpec::new("/sessions/{session_id}/usage", |p| Route::Usage(p.session_id)).ops(&[
+        Operation::get("getSessionUsage", Tag::Sessions, Answer::json::<BudgetUsage>(200)).errors(ID_ERRORS)
+            .summary("Tokens, cost, budgets, and what was spent and remains of each"),
+    ]),
+    RouteSpec::new("/sessions/{session_id}/hitl-decision", |p| Route::HitlDecision(p.session_id)).ops(&[
+        Operation::post("decideApproval", Tag::Approvals, Answer::Events)
+            .body(schema::<HitlDecisionRequest>).errors(STREAM_ERRORS)
+            .summary("Approve, edit or reject a pending approval; streams the continued turn"),
+    ]),
+    RouteSpec::new("/sessions/{session_id}/cancel", |p| Route::Cancel(p.session_id)).ops(&[
+        Operation::post("cancelTurn", Tag::Messages, Answer::json::<StatusReply>(200)).errors(ID_ERRORS)
+            .summary("Cancel the running or paused turn"),
+    ]),
+    RouteSpec::new("/sessions/{session_id}/approvals/{call_id}/preview", |p| Route::ApprovalPreview(p.session_id, p.call_id))
+        .ops(&[
+        Operation::get("previewApproval", Tag::Approvals, Answer::json::<ApprovalPreview>(200))
+            .errors(&[400, 401, 404, 409])
+            .summary("The unified diff a pending write_file or delete_file approval would make to the file now"),
+    ]),
+    RouteSpec::new("/agents", |_| Route::Agents).ops(&[
+        Operation::get("listAgents", Tag::Agents, Answer::json::<AgentList>(200)).errors(&[401])
+            .summary("The agents, their tools and restrictions"),
+    ]),
+    RouteSpec::new("/agents/{session_id}/current", |p| Route::CurrentAgent(p.session_id)).ops(&[
+        Operation::get("getCurrentAgent", Tag::Agents, Answer::json::<CurrentAgent>(200)).errors(ID_ERRORS)
+            .summary("The session's agent and its switches"),
+    ]),
+    RouteSpec::new("/agent/message/stream", |_| Route::MessageStream).ops(&[
+        Operation::post("streamMessage", Tag::Messages, Answer::Events)
+            .body(schema::<StreamRequest>).errors(STREAM_ERRORS)
+            .summary("Send a message (user message, switch, tool result, decision); streams the turn's events"),
+    ]),
 ];
 
 /// Whether the path's segments match a template's (`{session_id}` and `{call_id}` match any one
@@ -878,6 +784,16 @@ fn method_not_allowed(method: &Method, route: &Route) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_operation_of_the_table_has_a_summary() {
+        let silent: Vec<&str> = (ROUTES.iter())
+            .flat_map(|route| route.operations)
+            .filter(|op| op.summary.is_empty())
+            .map(|op| op.id)
+            .collect();
+        assert_eq!(silent, Vec::<&str>::new());
+    }
 
     #[test]
     fn routes_resolve_with_and_without_the_prefix() {

@@ -249,53 +249,10 @@ impl OrchestratorBuilder {
             .tools
             .take()
             .unwrap_or_else(|| Arc::new(ToolRegistry::builtin()));
-        if let Some(path) = &self.config.agents_file {
-            let known: Vec<&str> = tools.names();
-            self.agents
-                .load_file(path, &known)
-                .map_err(|e| Error::InvalidRequest(format!("AGENT_RUNTIME__AGENTS_FILE: {e}")))?;
-        }
-        let mcp = match (self.mcp.take(), &self.config.mcp_servers_file) {
-            (Some(m), _) => Some(m),
-            (None, Some(path)) => {
-                let config = McpServersConfig::load(path)
-                    .map_err(|e| Error::InvalidRequest(format!("MCP_SERVERS_FILE: {e}")))?;
-                if tokio::runtime::Handle::try_current().is_err() {
-                    return Err(Error::InvalidRequest(
-                        "MCP_SERVERS_FILE: build the runtime inside a Tokio runtime to start MCP servers"
-                            .into(),
-                    ));
-                }
-                let limits = McpLimits {
-                    tool_timeout: self.config.mcp_tool_timeout,
-                    ..McpLimits::default()
-                };
-                Some(McpServers::start(config, limits))
-            }
-            (None, None) => None,
-        };
-        if let Some(m) = &mcp {
-            let known = self.agents.types();
-            let configs = McpServersConfig {
-                servers: m.configs().into_iter().cloned().collect(),
-            };
-            configs
-                .check_agents(&known)
-                .map_err(|e| Error::InvalidRequest(format!("MCP_SERVERS_FILE: {e}")))?;
-        }
-        let c = &self.config;
-        if !self.agents.contains(&c.default_agent) {
-            return Err(Error::InvalidRequest(format!(
-                "AGENT_RUNTIME__DEFAULT_AGENT: unknown agent '{}' (known: {})",
-                c.default_agent,
-                self.agents.types().join(", ")
-            )));
-        }
-        let model_context = match self.config.llm.context_tokens {
-            Some(n) => Some(ModelContext::new(n as u64, "LLM_CONTEXT_TOKENS")),
-            None => self.model_context.take(),
-        };
-        self.config.max_context_tokens = bound_window(self.config.max_context_tokens, model_context.as_ref());
+        self.load_agents_file(&tools)?;
+        let mcp = self.take_mcp_servers()?;
+        self.check_default_agent()?;
+        let model_context = self.bound_window_by_model();
         let c = &self.config;
         let tokenizer = self.tokenizer.unwrap_or_else(default_tokenizer);
         // Loading the BPE ranks takes a moment: pay it here, not in the first turns.
@@ -306,16 +263,7 @@ impl OrchestratorBuilder {
                 c.hitl_dangerous_tools.iter(),
             ))
         });
-        let prices = match &self.config.model_prices_file {
-            Some(path) => PriceTable::load(path)?,
-            None => PriceTable::default(),
-        };
-        if self.config.model_prices_file.is_some() && prices.get(&self.config.llm.model).is_none() {
-            tracing::warn!(
-                model = %self.config.llm.model,
-                "MODEL_PRICES_FILE has no price for LLM_MODEL: tokens are counted, cost is not, and cost budgets do not apply"
-            );
-        }
+        let prices = load_prices(&self.config)?;
         let mut inner = Inner {
             prices,
             storage: self.storage,
@@ -346,6 +294,90 @@ impl OrchestratorBuilder {
             inner: Arc::new(inner),
         })
     }
+
+    /// Adds the agents of `AGENT_RUNTIME__AGENTS_FILE` (if set), whose tools must be in `tools`.
+    fn load_agents_file(&mut self, tools: &ToolRegistry) -> Result<()> {
+        if let Some(path) = &self.config.agents_file {
+            let known: Vec<&str> = tools.names();
+            self.agents
+                .load_file(path, &known)
+                .map_err(|e| Error::InvalidRequest(format!("AGENT_RUNTIME__AGENTS_FILE: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// The MCP servers: those given to the builder, else those of `MCP_SERVERS_FILE` (started
+    /// here), checked against the agents.
+    fn take_mcp_servers(&mut self) -> Result<Option<Arc<McpServers>>> {
+        let mcp = match (self.mcp.take(), &self.config.mcp_servers_file) {
+            (Some(m), _) => Some(m),
+            (None, Some(path)) => {
+                let config = McpServersConfig::load(path)
+                    .map_err(|e| Error::InvalidRequest(format!("MCP_SERVERS_FILE: {e}")))?;
+                if tokio::runtime::Handle::try_current().is_err() {
+                    return Err(Error::InvalidRequest(
+                        "MCP_SERVERS_FILE: build the runtime inside a Tokio runtime to start MCP servers"
+                            .into(),
+                    ));
+                }
+                let limits = McpLimits {
+                    tool_timeout: self.config.mcp_tool_timeout,
+                    ..McpLimits::default()
+                };
+                Some(McpServers::start(config, limits))
+            }
+            (None, None) => None,
+        };
+        if let Some(m) = &mcp {
+            let known = self.agents.types();
+            let configs = McpServersConfig {
+                servers: m.configs().into_iter().cloned().collect(),
+            };
+            configs
+                .check_agents(&known)
+                .map_err(|e| Error::InvalidRequest(format!("MCP_SERVERS_FILE: {e}")))?;
+        }
+        Ok(mcp)
+    }
+
+    /// `AGENT_RUNTIME__DEFAULT_AGENT` must name a registered agent.
+    fn check_default_agent(&self) -> Result<()> {
+        let c = &self.config;
+        if !self.agents.contains(&c.default_agent) {
+            return Err(Error::InvalidRequest(format!(
+                "AGENT_RUNTIME__DEFAULT_AGENT: unknown agent '{}' (known: {})",
+                c.default_agent,
+                self.agents.types().join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    /// The model's context size (`LLM_CONTEXT_TOKENS` over what the model server said), with
+    /// `MAX_CONTEXT_TOKENS` bounded by it.
+    fn bound_window_by_model(&mut self) -> Option<ModelContext> {
+        let model_context = match self.config.llm.context_tokens {
+            Some(n) => Some(ModelContext::new(n as u64, "LLM_CONTEXT_TOKENS")),
+            None => self.model_context.take(),
+        };
+        self.config.max_context_tokens = bound_window(self.config.max_context_tokens, model_context.as_ref());
+        model_context
+    }
+}
+
+/// `MODEL_PRICES_FILE`'s table (empty when unset); a missing price for `LLM_MODEL` is logged.
+fn load_prices(config: &RuntimeConfig) -> Result<PriceTable> {
+    let prices = match &config.model_prices_file {
+        Some(path) => PriceTable::load(path)?,
+        None => PriceTable::default(),
+    };
+    if config.model_prices_file.is_some() && prices.get(&config.llm.model).is_none() {
+        tracing::warn!(
+            model = %config.llm.model,
+            "MODEL_PRICES_FILE has no price for LLM_MODEL: tokens are counted, cost is not, and cost budgets do not apply"
+        );
+    }
+    Ok(prices)
 }
 
 pub(crate) struct Inner {

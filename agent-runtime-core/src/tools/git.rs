@@ -76,6 +76,58 @@ fn pathspec(root: &Path, real: &Path) -> OsString {
     }
 }
 
+/// What tells the git tools apart: name, description, arguments and the commands they run. The
+/// rest of [`Tool`] is the same for each (the `impl` below): `check` is `prepare` without running
+/// anything, and no tool of git's changes a file of the working tree.
+trait GitTool: Send + Sync {
+    const NAME: &'static str;
+    const DESCRIPTION: &'static str;
+    /// Whether running it changes anything (see [`Tool::has_side_effects`]).
+    const SIDE_EFFECTS: bool;
+    /// Its arguments, whose schema the model sees.
+    type Args: JsonSchema;
+    /// The checked arguments: the project root and resolved paths.
+    type Prepared: Send;
+
+    /// Parses and checks the arguments; confines every path to the project root.
+    fn prepare(ctx: &ToolContext, arguments: &Value) -> Result<Self::Prepared, ToolFailure>;
+
+    /// Runs git.
+    fn execute(
+        ctx: &ToolContext,
+        prepared: Self::Prepared,
+    ) -> impl Future<Output = Result<Value, ToolFailure>> + Send;
+}
+
+#[async_trait]
+impl<T: GitTool> Tool for T {
+    fn has_side_effects(&self) -> bool {
+        T::SIDE_EFFECTS
+    }
+
+    fn spec(&self) -> ToolSpec {
+        ToolSpec {
+            name: T::NAME.into(),
+            description: T::DESCRIPTION.into(),
+            parameters: schema_of::<T::Args>(),
+        }
+    }
+
+    fn check(&self, ctx: &ToolContext, arguments: &Value) -> Result<(), ToolFailure> {
+        T::prepare(ctx, arguments).map(|_| ())
+    }
+
+    fn touched_paths(&self, _arguments: &Value) -> Vec<String> {
+        // A diff reads, a commit changes no file of the working tree.
+        Vec::new()
+    }
+
+    async fn run(&self, ctx: &ToolContext, arguments: Value) -> Result<Value, ToolFailure> {
+        let prepared = T::prepare(ctx, &arguments)?;
+        T::execute(ctx, prepared).await
+    }
+}
+
 /// Arguments of `git_diff`.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -89,12 +141,17 @@ pub(crate) struct GitDiffArgs {
 /// `git_diff`: the working tree's (or the index's) changes.
 pub(crate) struct GitDiff;
 
-impl GitDiff {
-    fn prepare(
-        ctx: &ToolContext,
-        arguments: &Value,
-    ) -> Result<(PathBuf, Option<PathBuf>, bool), ToolFailure> {
-        let args: GitDiffArgs = parse_args("git_diff", arguments)?;
+impl GitTool for GitDiff {
+    const NAME: &'static str = "git_diff";
+    const DESCRIPTION: &'static str = "Show the project's uncommitted changes as a unified diff (git diff), or the \
+        staged ones with staged=true. Empty when nothing changed. Untracked files are not shown.";
+    const SIDE_EFFECTS: bool = false;
+    type Args = GitDiffArgs;
+    /// The project root, the path to diff, staged.
+    type Prepared = (PathBuf, Option<PathBuf>, bool);
+
+    fn prepare(ctx: &ToolContext, arguments: &Value) -> Result<Self::Prepared, ToolFailure> {
+        let args: GitDiffArgs = parse_args(Self::NAME, arguments)?;
         let root = project_root(&ctx.project_root)?;
         let path = match args.path.as_deref() {
             Some(p) => Some(resolve_in(&root, p)?),
@@ -102,36 +159,9 @@ impl GitDiff {
         };
         Ok((root, path, args.staged.unwrap_or(false)))
     }
-}
-
-#[async_trait]
-impl Tool for GitDiff {
-    fn has_side_effects(&self) -> bool {
-        false
-    }
-
-    fn spec(&self) -> ToolSpec {
-        ToolSpec {
-            name: "git_diff".into(),
-            description:
-                "Show the project's uncommitted changes as a unified diff (git diff), or the staged \
-                          ones with staged=true. Empty when nothing changed. Untracked files are not shown."
-                    .into(),
-            parameters: schema_of::<GitDiffArgs>(),
-        }
-    }
-
-    fn check(&self, ctx: &ToolContext, arguments: &Value) -> Result<(), ToolFailure> {
-        Self::prepare(ctx, arguments).map(|_| ())
-    }
-
-    fn touched_paths(&self, _arguments: &Value) -> Vec<String> {
-        Vec::new()
-    }
 
     #[tracing::instrument(name = "git_diff", skip_all)]
-    async fn run(&self, ctx: &ToolContext, arguments: Value) -> Result<Value, ToolFailure> {
-        let (root, path, staged) = Self::prepare(ctx, &arguments)?;
+    async fn execute(ctx: &ToolContext, (root, path, staged): Self::Prepared) -> Result<Value, ToolFailure> {
         let mut cmd = git(&root);
         // `--relative`: when the project is a subdirectory of a repository, show only its changes.
         cmd.args([
@@ -166,9 +196,17 @@ pub(crate) struct GitCommitArgs {
 /// `git_commit`: stages and commits.
 pub(crate) struct GitCommit;
 
-impl GitCommit {
-    fn prepare(ctx: &ToolContext, arguments: &Value) -> Result<(PathBuf, Vec<PathBuf>, String), ToolFailure> {
-        let args: GitCommitArgs = parse_args("git_commit", arguments)?;
+impl GitTool for GitCommit {
+    const NAME: &'static str = "git_commit";
+    const DESCRIPTION: &'static str = "Stage the given paths (default: every change in the project) and commit \
+        them. Answers with the new commit's id.";
+    const SIDE_EFFECTS: bool = true;
+    type Args = GitCommitArgs;
+    /// The project root, the paths to stage, the message.
+    type Prepared = (PathBuf, Vec<PathBuf>, String);
+
+    fn prepare(ctx: &ToolContext, arguments: &Value) -> Result<Self::Prepared, ToolFailure> {
+        let args: GitCommitArgs = parse_args(Self::NAME, arguments)?;
         if args.message.trim().is_empty() {
             return Err(ToolFailure::Invalid(
                 "git_commit: `message` must not be empty".into(),
@@ -184,33 +222,12 @@ impl GitCommit {
             .collect::<Result<Vec<_>, _>>()?;
         Ok((root, paths, args.message))
     }
-}
-
-#[async_trait]
-impl Tool for GitCommit {
-    fn spec(&self) -> ToolSpec {
-        ToolSpec {
-            name: "git_commit".into(),
-            description: "Stage the given paths (default: every change in the project) and commit them. \
-                          Answers with the new commit's id."
-                .into(),
-            parameters: schema_of::<GitCommitArgs>(),
-        }
-    }
-
-    fn check(&self, ctx: &ToolContext, arguments: &Value) -> Result<(), ToolFailure> {
-        Self::prepare(ctx, arguments).map(|_| ())
-    }
-
-    fn touched_paths(&self, _arguments: &Value) -> Vec<String> {
-        // A commit changes no file of the working tree.
-        Vec::new()
-    }
 
     #[tracing::instrument(name = "git_commit", skip_all)]
-    async fn run(&self, ctx: &ToolContext, arguments: Value) -> Result<Value, ToolFailure> {
-        let (root, paths, message) = Self::prepare(ctx, &arguments)?;
-
+    async fn execute(
+        ctx: &ToolContext,
+        (root, paths, message): Self::Prepared,
+    ) -> Result<Value, ToolFailure> {
         let mut add = git(&root);
         add.args(["add", "-A", "--"]);
         if paths.is_empty() {

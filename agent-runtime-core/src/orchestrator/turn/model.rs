@@ -15,7 +15,8 @@ use crate::budget::Step;
 use crate::context::{Window, build_window};
 use crate::error::{Error, Result};
 use crate::llm::{
-    ChatRequest, ChatRole, ChatToolCall, Chunk, Completion, FinishReason, ToolCallAssembler, ToolChoice,
+    ChatRequest, ChatRole, ChatToolCall, Chunk, ChunkStream, Completion, FinishReason, ToolCallAssembler,
+    ToolChoice,
 };
 use crate::orchestrator::routing::{ROUTE_TOOL, RouterFailure};
 use crate::protocol::{AssistantMessage, EventPayload, ToolSpec};
@@ -35,6 +36,82 @@ pub(super) struct Answer {
     pub text: String,
     pub calls: Vec<ChatToolCall>,
     pub usage: Usage,
+}
+
+/// What a streaming answer has gathered so far.
+#[derive(Default)]
+struct Partial {
+    text: String,
+    assembler: ToolCallAssembler,
+    /// The usage the model server reported, if it did.
+    reported: Option<Usage>,
+    /// Token events not stored yet.
+    tokens: Vec<EventPayload>,
+}
+
+impl Partial {
+    /// Takes in one chunk; `Ok(true)` at the stream's end (`None`).
+    fn take(&mut self, chunk: Option<Result<Chunk>>, finish: &mut Option<FinishReason>) -> Result<bool> {
+        match chunk {
+            None => return Ok(true),
+            // Once part of the answer was streamed, trimming and asking again would repeat it.
+            Some(Err(Error::ContextTooLarge(m))) if !self.text.is_empty() || !self.assembler.is_empty() => {
+                return Err(Error::Llm(m));
+            }
+            Some(Err(e)) => return Err(e),
+            Some(Ok(Chunk::Text(t))) if !t.is_empty() => {
+                self.text.push_str(&t);
+                self.tokens
+                    .push(EventPayload::AssistantMessage(AssistantMessage::Token {
+                        token: t,
+                    }));
+            }
+            Some(Ok(Chunk::ToolCallDelta {
+                index,
+                id,
+                name,
+                arguments,
+            })) => self
+                .assembler
+                .push(index, id.as_deref(), name.as_deref(), &arguments),
+            Some(Ok(Chunk::Usage(u))) => self.reported = Some(u),
+            Some(Ok(Chunk::Finish(f))) => *finish = Some(f),
+            Some(Ok(_)) => {}
+        }
+        Ok(false)
+    }
+
+    /// The token events not stored yet, as one commit; `None` when there are none.
+    fn burst(&mut self) -> Option<Commit> {
+        (!self.tokens.is_empty()).then(|| Commit {
+            events: std::mem::take(&mut self.tokens),
+            ..Commit::default()
+        })
+    }
+}
+
+/// Takes in `first` and the chunks that are already here after it, up to
+/// [`MAX_TOKENS_PER_COMMIT`] tokens: they are committed together, one transaction for a burst,
+/// each token still stored before anyone sees it. `Ok(true)` when the stream ended.
+fn take_burst(
+    stream: &mut ChunkStream,
+    first: Option<Result<Chunk>>,
+    partial: &mut Partial,
+    finish: &mut Option<FinishReason>,
+) -> Result<bool> {
+    let mut next = first;
+    loop {
+        if partial.take(next, finish)? {
+            return Ok(true);
+        }
+        if partial.tokens.len() >= MAX_TOKENS_PER_COMMIT {
+            return Ok(false);
+        }
+        match stream.next().now_or_never() {
+            Some(c) => next = c,
+            None => return Ok(false),
+        }
+    }
 }
 
 impl Turn {
@@ -252,16 +329,9 @@ impl Turn {
             // The answer is cut: the next owner asks again (`turn_resumed` voids what streamed).
             _ = self.handover.cancelled() => return Err(handed_over()),
         };
-        let mut text = String::new();
-        let mut assembler = ToolCallAssembler::default();
-        let mut reported: Option<Usage> = None;
-        let mut tokens: Vec<EventPayload> = Vec::new();
+        let mut partial = Partial::default();
         let mut ended = false;
-        // The turn's time budget stops a streaming answer at the limit.
-        let deadline = self.limits().turn_time_secs.and_then(|secs| {
-            let left = secs.saturating_mul(1000).saturating_sub(self.active_ms());
-            tokio::time::Instant::now().checked_add(std::time::Duration::from_millis(left))
-        });
+        let deadline = self.answer_deadline();
         let at_deadline = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d).await,
@@ -274,63 +344,10 @@ impl Turn {
                 c = stream.next() => c,
                 _ = self.cancel.cancelled() => return Err(cancelled()),
                 _ = self.handover.cancelled() => return Err(handed_over()),
-                _ = &mut at_deadline => {
-                    // What streamed so far is the answer; calls not complete are dropped.
-                    self.cut_by_deadline = true;
-                    let usage = self.count_usage(req, &text, &[]);
-                    if !tokens.is_empty() {
-                        let burst = Commit {
-                            events: std::mem::take(&mut tokens),
-                            ..Commit::default()
-                        };
-                        self.defer(burst);
-                    }
-                    return Ok(Answer { text, calls: vec![], usage });
-                }
+                _ = &mut at_deadline => return Ok(self.cut_at_deadline(req, partial)),
             };
-            // Chunks that are already here are committed together: one transaction for a burst,
-            // each token still stored before anyone sees it.
-            let mut next = first;
-            loop {
-                match next {
-                    None => {
-                        ended = true;
-                        break;
-                    }
-                    // Once part of the answer was streamed, trimming and asking again would repeat it.
-                    Some(Err(Error::ContextTooLarge(m))) if !text.is_empty() || !assembler.is_empty() => {
-                        return Err(Error::Llm(m));
-                    }
-                    Some(Err(e)) => return Err(e),
-                    Some(Ok(Chunk::Text(t))) if !t.is_empty() => {
-                        text.push_str(&t);
-                        tokens.push(EventPayload::AssistantMessage(AssistantMessage::Token {
-                            token: t,
-                        }));
-                    }
-                    Some(Ok(Chunk::ToolCallDelta {
-                        index,
-                        id,
-                        name,
-                        arguments,
-                    })) => assembler.push(index, id.as_deref(), name.as_deref(), &arguments),
-                    Some(Ok(Chunk::Usage(u))) => reported = Some(u),
-                    Some(Ok(Chunk::Finish(f))) => *finish = Some(f),
-                    Some(Ok(_)) => {}
-                }
-                if tokens.len() >= MAX_TOKENS_PER_COMMIT {
-                    break;
-                }
-                match stream.next().now_or_never() {
-                    Some(c) => next = c,
-                    None => break,
-                }
-            }
-            if !tokens.is_empty() {
-                let burst = Commit {
-                    events: std::mem::take(&mut tokens),
-                    ..Commit::default()
-                };
+            ended = take_burst(&mut stream, first, &mut partial, finish)?;
+            if let Some(burst) = partial.burst() {
                 if ended {
                     // The answer is complete: its last tokens are stored with the message.
                     self.defer(burst);
@@ -339,9 +356,38 @@ impl Turn {
                 }
             }
         }
-        let calls = assembler.finish();
-        let usage = reported.unwrap_or_else(|| self.count_usage(req, &text, &calls));
-        Ok(Answer { text, calls, usage })
+        let calls = partial.assembler.finish();
+        let usage = partial
+            .reported
+            .unwrap_or_else(|| self.count_usage(req, &partial.text, &calls));
+        Ok(Answer {
+            text: partial.text,
+            calls,
+            usage,
+        })
+    }
+
+    /// When the turn's time budget stops a streaming answer, if it has one.
+    fn answer_deadline(&self) -> Option<tokio::time::Instant> {
+        self.limits().turn_time_secs.and_then(|secs| {
+            let left = secs.saturating_mul(1000).saturating_sub(self.active_ms());
+            tokio::time::Instant::now().checked_add(std::time::Duration::from_millis(left))
+        })
+    }
+
+    /// The answer cut by the turn's time budget: what streamed so far is the answer (its tokens
+    /// stored with it); calls not complete are dropped.
+    fn cut_at_deadline(&mut self, req: &ChatRequest, mut partial: Partial) -> Answer {
+        self.cut_by_deadline = true;
+        let usage = self.count_usage(req, &partial.text, &[]);
+        if let Some(burst) = partial.burst() {
+            self.defer(burst);
+        }
+        Answer {
+            text: partial.text,
+            calls: vec![],
+            usage,
+        }
     }
 
     /// A non-streamed call whose tokens are counted; `None` if cancelled.
