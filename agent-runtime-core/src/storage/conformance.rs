@@ -62,6 +62,8 @@ macro_rules! storage_conformance_suite {
             a_dead_owners_lease_is_taken_at_once,
             orphaned_sessions_are_running_ones_nobody_can_run,
             commit_is_fenced_by_lease_owner,
+            a_stale_owners_commit_is_refused_after_takeover_and_leaves_nothing,
+            an_appending_commit_returns_what_it_stored,
             last_commit_of_a_turn_releases_the_lease,
             cancel_requests_reach_the_lease_owner_until_the_lease_changes_hands,
             last_activity_moves_forward_on_commit,
@@ -1495,6 +1497,159 @@ pub async fn commit_is_fenced_by_lease_owner(a: Arc<dyn Storage>, b: Arc<dyn Sto
         .collect();
     assert_eq!(texts, vec!["held".to_string()]);
     assert_eq!(all_events(&*b, "fenced").await.len(), 2);
+}
+
+/// The commit a turn's owner makes after another owner took its lease over (every kind of row and
+/// session change a turn's commit carries, and the lease's release) is refused, and changes
+/// nothing: no rows, no request id, the session and the new owner's lease as they were; the new
+/// owner's next commit gets the next seqs.
+pub async fn a_stale_owners_commit_is_refused_after_takeover_and_leaves_nothing(
+    a: Arc<dyn Storage>,
+    b: Arc<dyn Storage>,
+) {
+    create(&*a, "stale").await;
+    assert!(a.acquire_lease("stale", "o1", Duration::from_millis(100)).await.unwrap());
+    let mut first = at(1);
+    first.lease_owner = Some("o1".into());
+    first.messages.push(NewMessage::user("first", None));
+    first.events.push(token("first"));
+    a.commit("stale", first).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(b.acquire_lease("stale", "o2", Duration::from_secs(60)).await.unwrap());
+    let before = b.get_session("stale").await.unwrap();
+
+    let mut late = at(50);
+    late.lease_owner = Some("o1".into());
+    late.release_lease = true;
+    late.request_id = Some("req_stale".into());
+    late.messages = vec![
+        NewMessage::assistant("stale answer", Some("coder".into()), vec![]),
+        NewMessage::tool("call_1", "stale result", None),
+    ];
+    late.events = vec![token("stale"), token("stale too")];
+    late.usage = Some(Usage {
+        prompt_tokens: 7,
+        completion_tokens: 8,
+        cached_prompt_tokens: 1,
+    });
+    late.cost = Some(0.5);
+    late.session = SessionUpdate {
+        status: Some(SessionStatus::Idle),
+        current_agent: Some("coder".into()),
+        turn_state: Some(Some(json!({"stale": true}))),
+        budget: Some(Budget {
+            session_tokens: Some(3),
+            ..Budget::default()
+        }),
+    };
+    assert_eq!(
+        a.commit("stale", late).await.map(|_| ()),
+        Err(Error::SessionBusy("stale".into()))
+    );
+
+    for s in [&a, &b] {
+        assert_eq!(s.get_session("stale").await.unwrap(), before);
+        assert_eq!(all_messages(&**s, "stale").await.len(), 1);
+        assert_eq!(all_events(&**s, "stale").await.len(), 1);
+        assert_eq!(s.find_request("stale", "req_stale").await.unwrap(), None);
+    }
+    // The refused commit gave up nobody's lease: o2 still holds it.
+    assert!(!a.acquire_lease("stale", "o1", Duration::from_secs(60)).await.unwrap());
+    let mut next = at(60);
+    next.lease_owner = Some("o2".into());
+    next.request_id = Some("req_stale".into());
+    next.messages.push(NewMessage::user("second", None));
+    next.events.push(token("second"));
+    let done = b.commit("stale", next).await.unwrap();
+    assert_eq!((done.messages[0].seq, done.events[0].seq), (2, 2));
+    assert_eq!(a.find_request("stale", "req_stale").await.unwrap(), Some(2));
+}
+
+/// A commit of messages, events, a request id and session changes (a streaming turn's commit)
+/// returns exactly the rows and the session it stored, seqs following the earlier commit's.
+pub async fn an_appending_commit_returns_what_it_stored(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
+    let created = create(&*a, "appending").await;
+    let mut earlier = at(1);
+    earlier.messages.push(NewMessage::user("earlier", None));
+    earlier.events = vec![token("e1"), token("e2")];
+    a.commit("appending", earlier).await.unwrap();
+
+    let call = ToolCall {
+        id: "call_7".into(),
+        name: "read_file".into(),
+        arguments: json!({"path": "a.txt"}),
+    };
+    let new_messages = vec![
+        NewMessage::assistant("reading", Some("coder".into()), vec![call]),
+        NewMessage::tool("call_7", "contents", Some("coder".into())),
+        NewMessage {
+            role: Role::System,
+            content: "a note".into(),
+            agent: None,
+            tool_calls: vec![],
+            tool_call_id: None,
+        },
+    ];
+    let mut c = at(20);
+    c.request_id = Some("req_appending".into());
+    c.messages = new_messages.clone();
+    c.events = vec![token("a"), token("b"), token("c")];
+    c.usage = Some(Usage {
+        prompt_tokens: 11,
+        completion_tokens: 12,
+        cached_prompt_tokens: 3,
+    });
+    c.cost = Some(0.25);
+    let budget = Budget {
+        session_tokens: Some(1000),
+        ..Budget::default()
+    };
+    c.session = SessionUpdate {
+        status: Some(SessionStatus::Running),
+        current_agent: Some("coder".into()),
+        turn_state: Some(Some(json!({"step": 2}))),
+        budget: Some(budget),
+    };
+    let done = b.commit("appending", c).await.unwrap();
+
+    let messages: Vec<Message> = new_messages
+        .iter()
+        .zip(2..)
+        .map(|(m, seq)| stored(m, seq, ts(20)))
+        .collect();
+    let events: Vec<Event> = [(3, "a"), (4, "b"), (5, "c")]
+        .into_iter()
+        .map(|(seq, t)| Event {
+            seq,
+            payload: token(t),
+        })
+        .collect();
+    let session = Session {
+        last_activity: ts(20),
+        current_agent: "coder".into(),
+        status: SessionStatus::Running,
+        message_count: 3,
+        last_message_seq: 4,
+        last_event_seq: 5,
+        usage: Usage {
+            prompt_tokens: 11,
+            completion_tokens: 12,
+            cached_prompt_tokens: 3,
+        },
+        turn_state: Some(json!({"step": 2})),
+        budget,
+        cost: 0.25,
+        ..created
+    };
+    assert_eq!(done.messages, messages);
+    assert_eq!(done.events, events);
+    assert_eq!(done.session, session);
+    for s in [&a, &b] {
+        assert_eq!(s.get_session("appending").await.unwrap(), session);
+        assert_eq!(s.messages_after("appending", 1, 10).await.unwrap(), messages);
+        assert_eq!(s.events_after("appending", 2, 10).await.unwrap(), events);
+        assert_eq!(s.find_request("appending", "req_appending").await.unwrap(), Some(3));
+    }
 }
 
 /// A commit sets `last_activity` to its time (now when unset) and leaves `created_at` alone.

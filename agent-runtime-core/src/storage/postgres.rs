@@ -673,32 +673,44 @@ impl CommitSteps for PgCommit<'_, '_> {
     }
 
     async fn update_session(&mut self, change: SessionChange) -> Result<Session> {
-        let (set_turn_state, turn_state) = match &change.turn_state {
-            None => (false, None),
-            Some(v) => (true, v.as_ref().map(to_json_text).transpose()?),
-        };
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE sessions SET
-                 last_message_seq = last_message_seq + $2,
-                 last_event_seq = last_event_seq + $3,
-                 message_count = message_count + $4,
-                 switch_count = switch_count + $5,
-                 prompt_tokens = prompt_tokens + $6,
-                 completion_tokens = completion_tokens + $7,
-                 last_activity = $8,
-                 status = COALESCE($9, status),
-                 current_agent = COALESCE($10, current_agent),
-                 turn_state = CASE WHEN $11 THEN $12 ELSE turn_state END,
-                 lease_owner = CASE WHEN $13 THEN NULL ELSE lease_owner END,
-                 lease_expires_at = CASE WHEN $13 THEN NULL ELSE lease_expires_at END,
-                 cancel_requested_at = CASE WHEN $13 THEN NULL ELSE cancel_requested_at END,
-                 cost = cost + $14,
-                 cached_prompt_tokens = cached_prompt_tokens + $15,
-                 budget = CASE WHEN $16 THEN $17 ELSE budget END
-             WHERE id = $1
-             RETURNING {SESSION_COLUMNS}"
+        let query = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE sessions SET {APPLY_CHANGE} WHERE id = $1 RETURNING {SESSION_COLUMNS}"
         )))
-        .bind(self.session_id)
+        .bind(self.session_id);
+        let row = bind_change(query, &change)?
+            .fetch_one(&mut **self.tx)
+            .await
+            .map_err(Error::database)?;
+        session_from_row(&row)
+    }
+}
+
+/// The `SET` list applying a [`SessionChange`] to the session row: `$1` is the session's id,
+/// `$2` to `$17` the change, bound by [`bind_change`].
+const APPLY_CHANGE: &str = "last_message_seq = last_message_seq + $2,
+     last_event_seq = last_event_seq + $3,
+     message_count = message_count + $4,
+     switch_count = switch_count + $5,
+     prompt_tokens = prompt_tokens + $6,
+     completion_tokens = completion_tokens + $7,
+     last_activity = $8,
+     status = COALESCE($9, status),
+     current_agent = COALESCE($10, current_agent),
+     turn_state = CASE WHEN $11 THEN $12 ELSE turn_state END,
+     lease_owner = CASE WHEN $13 THEN NULL ELSE lease_owner END,
+     lease_expires_at = CASE WHEN $13 THEN NULL ELSE lease_expires_at END,
+     cancel_requested_at = CASE WHEN $13 THEN NULL ELSE cancel_requested_at END,
+     cost = cost + $14,
+     cached_prompt_tokens = cached_prompt_tokens + $15,
+     budget = CASE WHEN $16 THEN $17 ELSE budget END";
+
+/// Binds `$2` to `$17` of [`APPLY_CHANGE`] (the query has bound `$1`, the session's id).
+fn bind_change<'q>(query: PgQuery<'q>, change: &'q SessionChange) -> Result<PgQuery<'q>> {
+    let (set_turn_state, turn_state) = match &change.turn_state {
+        None => (false, None),
+        Some(v) => (true, v.as_ref().map(to_json_text).transpose()?),
+    };
+    Ok(query
         .bind(to_i64(change.messages, "message count")?)
         .bind(to_i64(change.events, "event count")?)
         .bind(to_i64(change.counted_messages, "message count")?)
@@ -707,18 +719,110 @@ impl CommitSteps for PgCommit<'_, '_> {
         .bind(to_i64(change.usage.completion_tokens, "completion_tokens")?)
         .bind(change.at.as_millis())
         .bind(change.status.map(SessionStatus::as_str))
-        .bind(change.current_agent)
+        .bind(change.current_agent.as_deref())
         .bind(set_turn_state)
         .bind(turn_state)
         .bind(change.release_lease)
         .bind(change.cost)
         .bind(to_i64(change.usage.cached_prompt_tokens, "cached_prompt_tokens")?)
         .bind(change.budget.is_some())
-        .bind(change.budget.as_ref().map(budget_text).transpose()?.flatten())
-        .fetch_one(&mut **self.tx)
-        .await
-        .map_err(Error::database)?;
-        session_from_row(&row)
+        .bind(change.budget.as_ref().map(budget_text).transpose()?.flatten()))
+}
+
+/// An appending commit ([`commit::Appending`]) as one statement, which Postgres runs as its own
+/// transaction: the shared commit's steps as data-modifying CTEs. `head` locks the session row as
+/// the first step does; `ok` is that head unless the commit is fenced (`$18`, its lease owner)
+/// by a lease someone else holds; every write reads `ok`, so a refused commit writes nothing,
+/// and numbers its rows from the locked head (`WITH ORDINALITY` counts from 1), as
+/// `Appending::finish` does. The one row returned is the head as locked and the session as
+/// written (NULL columns if nothing was); no row: no session. `$19`–`$23` are the messages'
+/// columns, `$24`–`$25` the events', `$26` the request id; `$8` is the commit's time.
+static APPEND_COMMIT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH head AS (
+             SELECT id, last_message_seq, last_event_seq, lease_owner
+             FROM sessions WHERE id = $1 FOR NO KEY UPDATE
+         ), ok AS (
+             SELECT * FROM head WHERE $18::TEXT IS NULL OR lease_owner = $18
+         ), m AS (
+             INSERT INTO messages (session_id, seq, role, content, agent, tool_calls,
+                 tool_call_id, created_at)
+             SELECT ok.id, ok.last_message_seq + t.n, t.role, t.content, t.agent, t.tool_calls,
+                 t.tool_call_id, $8
+             FROM ok, UNNEST($19::TEXT[], $20::BYTEA[], $21::TEXT[], $22::TEXT[], $23::TEXT[])
+                 WITH ORDINALITY AS t(role, content, agent, tool_calls, tool_call_id, n)
+         ), e AS (
+             INSERT INTO events (session_id, seq, kind, payload, created_at)
+             SELECT ok.id, ok.last_event_seq + t.n, t.kind, t.payload, $8
+             FROM ok, UNNEST($24::TEXT[], $25::TEXT[]) WITH ORDINALITY AS t(kind, payload, n)
+         ), r AS (
+             INSERT INTO requests (session_id, request_id, event_seq)
+             SELECT ok.id, $26, ok.last_event_seq + 1 FROM ok WHERE $26::TEXT IS NOT NULL
+             ON CONFLICT (session_id, request_id) DO NOTHING
+         ), s AS (
+             UPDATE sessions SET {APPLY_CHANGE}
+             WHERE id = $1 AND EXISTS (SELECT 1 FROM ok)
+             RETURNING {SESSION_COLUMNS}
+         )
+         SELECT head.last_message_seq AS head_message_seq, head.last_event_seq AS head_event_seq,
+             head.lease_owner AS head_lease_owner, s.*
+         FROM head LEFT JOIN s ON TRUE"
+    )
+});
+
+impl PostgresStorage {
+    /// Stores an appending commit in one round trip ([`APPEND_COMMIT`]).
+    async fn append(&self, session_id: &str, commit: commit::Appending) -> Result<Committed> {
+        let mut roles = Vec::with_capacity(commit.messages.len());
+        let mut contents = Vec::with_capacity(commit.messages.len());
+        let mut agents = Vec::with_capacity(commit.messages.len());
+        let mut tool_calls = Vec::with_capacity(commit.messages.len());
+        let mut tool_call_ids = Vec::with_capacity(commit.messages.len());
+        for m in &commit.messages {
+            roles.push(m.role.as_str());
+            contents.push(m.content.as_bytes());
+            agents.push(m.agent.as_deref());
+            tool_calls.push(if m.tool_calls.is_empty() {
+                None
+            } else {
+                Some(to_json_text(&m.tool_calls)?)
+            });
+            tool_call_ids.push(m.tool_call_id.as_deref());
+        }
+        let mut kinds = Vec::with_capacity(commit.events.len());
+        let mut payloads = Vec::with_capacity(commit.events.len());
+        for e in &commit.events {
+            kinds.push(e.kind());
+            payloads.push(to_json_text(e)?);
+        }
+        let query = sqlx::query(sqlx::AssertSqlSafe(APPEND_COMMIT.as_str())).bind(session_id);
+        let row = bind_change(query, &commit.change)?
+            .bind(commit.lease_owner.as_deref())
+            .bind(roles)
+            .bind(contents)
+            .bind(agents)
+            .bind(tool_calls)
+            .bind(tool_call_ids)
+            .bind(kinds)
+            .bind(payloads)
+            .bind(commit.request_id.as_deref())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(Error::database)?;
+        let (head, session) = match &row {
+            None => (None, None),
+            Some(row) => {
+                let head = Head {
+                    last_message_seq: to_u64(get(row, "head_message_seq")?, "last_message_seq")?,
+                    last_event_seq: to_u64(get(row, "head_event_seq")?, "last_event_seq")?,
+                    lease_owner: get(row, "head_lease_owner")?,
+                };
+                let written: Option<String> = get(row, "id")?;
+                let session = written.map(|_| session_from_row(row)).transpose()?;
+                (Some(head), session)
+            }
+        };
+        commit.finish(session_id, head, session)
     }
 }
 
@@ -843,15 +947,22 @@ impl Storage for PostgresStorage {
         check_commit(session_id, &commit)?;
         let notice = (!commit.events.is_empty())
             .then(|| format!("{} {session_id}", commit.lease_owner.as_deref().unwrap_or("-")));
-        let mut tx = self.pool.begin().await.map_err(Error::database)?;
-        // On error `tx` is dropped un-committed: Postgres rolls the whole commit back.
-        let mut steps = PgCommit {
-            tx: &mut tx,
-            session_id,
-            switch_count: 0,
+        let committed = match commit::Appending::of(commit) {
+            // Most commits: one round trip.
+            Ok(appending) => self.append(session_id, appending).await?,
+            Err(commit) => {
+                let mut tx = self.pool.begin().await.map_err(Error::database)?;
+                // On error `tx` is dropped un-committed: Postgres rolls the whole commit back.
+                let mut steps = PgCommit {
+                    tx: &mut tx,
+                    session_id,
+                    switch_count: 0,
+                };
+                let committed = commit::run(&mut steps, session_id, commit).await?;
+                tx.commit().await.map_err(Error::database)?;
+                committed
+            }
         };
-        let committed = commit::run(&mut steps, session_id, commit).await?;
-        tx.commit().await.map_err(Error::database)?;
         if let Some(payload) = notice {
             // To listeners (other processes' followers), now that it is committed.
             let _ = self.notices.send(payload);
