@@ -51,6 +51,9 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("../../migrations/postgres/0004_budgets.sql")),
 ];
 
+/// How long a pooled connection may sit idle before it is pinged when handed out.
+const PING_IDLE_AFTER: Duration = Duration::from_secs(1);
+
 /// The LISTEN/NOTIFY channel of commits with events; the payload is `<lease owner or -> <session id>`.
 const COMMITS_CHANNEL: &str = "agent_runtime_commits";
 
@@ -183,7 +186,19 @@ impl PostgresStorage {
             .map_err(|e| Error::Database(format!("invalid postgres url '{}': {e}", redact_url(url))))?;
         let mut pool_options = PgPoolOptions::new()
             .max_connections(options.max_connections)
-            .acquire_timeout(options.acquire_timeout);
+            .acquire_timeout(options.acquire_timeout)
+            // sqlx pings every connection it hands out by default: a round trip before each
+            // statement. Only a connection idle long enough to have been cut is pinged (and
+            // replaced if dead); one in steady use shows a cut as the error of its next query.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_IDLE_AFTER {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            });
         if let Some(quoted) = &schema {
             // Every connection, including ones the pool opens later, works in the schema only.
             let set_path: Arc<str> = format!("SET search_path TO {quoted}").into();
