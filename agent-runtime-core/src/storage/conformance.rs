@@ -57,6 +57,7 @@ macro_rules! storage_conformance_suite {
             turn_state_and_status_updates,
             find_request_remembers_first_event_seq,
             lease_acquire_renew_release,
+            lease_session_takes_the_lease_and_returns_the_session_as_stored,
             racing_lease_acquires_have_exactly_one_winner,
             expired_lease_is_taken_over,
             a_dead_owners_lease_is_taken_at_once,
@@ -1205,6 +1206,38 @@ pub async fn find_request_remembers_first_event_seq(a: Arc<dyn Storage>, b: Arc<
     // Request ids are per session.
     create(&*a, "req_2").await;
     assert_eq!(a.find_request("req_2", "req_abc").await.unwrap(), None);
+}
+
+/// `lease_session` takes the lease as `acquire_lease` does and returns the session as stored
+/// (with what earlier commits did to it); `None` while another owner holds the lease, and
+/// `SessionNotFound` for a missing session, which it does not create.
+pub async fn lease_session_takes_the_lease_and_returns_the_session_as_stored(
+    a: Arc<dyn Storage>,
+    b: Arc<dyn Storage>,
+) {
+    let ttl = Duration::from_secs(60);
+    create(&*a, "leased").await;
+    let mut c = at(7);
+    c.messages.push(NewMessage::user("hi", None));
+    c.events.push(token("hi"));
+    c.session.status = Some(SessionStatus::Running);
+    let committed = a.commit("leased", c).await.unwrap().session;
+    assert_eq!(b.lease_session("leased", "o1", ttl).await.unwrap(), Some(committed.clone()));
+    assert_eq!(a.lease_session("leased", "o2", ttl).await.unwrap(), None);
+    assert!(!a.acquire_lease("leased", "o2", ttl).await.unwrap());
+    // The owner takes its own lease again.
+    assert_eq!(a.lease_session("leased", "o1", ttl).await.unwrap(), Some(committed.clone()));
+    b.release_lease("leased", "o1").await.unwrap();
+    assert_eq!(a.lease_session("leased", "o2", ttl).await.unwrap(), Some(committed));
+    assert!(!b.acquire_lease("leased", "o1", ttl).await.unwrap());
+    assert_eq!(
+        a.lease_session("absent", "o1", ttl).await,
+        Err(Error::SessionNotFound("absent".into()))
+    );
+    assert_eq!(
+        b.get_session("absent").await,
+        Err(Error::SessionNotFound("absent".into()))
+    );
 }
 
 /// Acquire, re-acquire by the owner, refusal for others, renew and release.

@@ -454,6 +454,35 @@ fn lease_ttl_millis(ttl: Duration) -> f64 {
 }
 
 impl PostgresStorage {
+    /// Takes the lease (see [`Storage::acquire_lease`]) and returns the session row as it is once
+    /// taken, in one round trip; `None` if another owner holds the lease.
+    async fn take_lease(&self, session_id: &str, owner: &str, ttl: Duration) -> Result<Option<PgRow>> {
+        // One conditional UPDATE judged by the database's clock: atomic across processes.
+        // The liveness test runs only when the lease is neither free, ours, nor expired.
+        let taken = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE sessions
+             SET lease_owner = $2,
+                 lease_expires_at = clock_timestamp() + $3 * INTERVAL '1 millisecond',
+                 cancel_requested_at = NULL
+             WHERE id = $1
+               AND CASE WHEN lease_owner IS NULL OR lease_owner = $2
+                             OR lease_expires_at IS NULL OR lease_expires_at <= clock_timestamp()
+                        THEN TRUE
+                        ELSE {LEASE_OWNER_DEAD} END
+             RETURNING {SESSION_COLUMNS}"
+        )))
+        .bind(session_id)
+        .bind(owner)
+        .bind(lease_ttl_millis(ttl))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(Error::database)?;
+        if taken.is_none() {
+            self.ensure_session(session_id).await?;
+        }
+        Ok(taken)
+    }
+
     /// `SessionNotFound` unless the session exists (used when a read came back empty).
     async fn ensure_session(&self, session_id: &str) -> Result<()> {
         let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM sessions WHERE id = $1")
@@ -1108,31 +1137,15 @@ impl Storage for PostgresStorage {
 
     #[instrument(skip(self))]
     async fn acquire_lease(&self, session_id: &str, owner: &str, ttl: Duration) -> Result<bool> {
-        // One conditional UPDATE judged by the database's clock: atomic across processes.
-        // The liveness test runs only when the lease is neither free, ours, nor expired.
-        let taken = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE sessions
-             SET lease_owner = $2,
-                 lease_expires_at = clock_timestamp() + $3 * INTERVAL '1 millisecond',
-                 cancel_requested_at = NULL
-             WHERE id = $1
-               AND CASE WHEN lease_owner IS NULL OR lease_owner = $2
-                             OR lease_expires_at IS NULL OR lease_expires_at <= clock_timestamp()
-                        THEN TRUE
-                        ELSE {LEASE_OWNER_DEAD} END"
-        )))
-        .bind(session_id)
-        .bind(owner)
-        .bind(lease_ttl_millis(ttl))
-        .execute(&self.pool)
-        .await
-        .map_err(Error::database)?
-        .rows_affected();
-        if taken == 1 {
-            return Ok(true);
-        }
-        self.ensure_session(session_id).await?;
-        Ok(false)
+        Ok(self.take_lease(session_id, owner, ttl).await?.is_some())
+    }
+
+    #[instrument(skip(self))]
+    async fn lease_session(&self, session_id: &str, owner: &str, ttl: Duration) -> Result<Option<Session>> {
+        self.take_lease(session_id, owner, ttl)
+            .await?
+            .map(|row| session_from_row(&row))
+            .transpose()
     }
 
     #[instrument(skip(self))]
