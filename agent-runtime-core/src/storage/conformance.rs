@@ -1021,7 +1021,20 @@ pub async fn session_history_is_the_session_its_messages_after_and_its_switches(
             .collect::<Vec<_>>(),
         vec![(2, "two")]
     );
-    assert_eq!(switches, vec![sw]);
+    assert_eq!(switches, vec![sw.clone()]);
+    let back = switch("coder", "orchestrator", 2);
+    let mut c = at(2);
+    c.switches = vec![back.clone()];
+    a.commit("hist", c).await.unwrap();
+    let (session, messages, switches) = b.session_history("hist", 3, 10).await.unwrap();
+    assert_eq!(session, a.get_session("hist").await.unwrap());
+    assert_eq!((messages, switches), (vec![], vec![sw, back]));
+    // A session of no messages and no switches.
+    let empty = create(&*a, "hist_empty").await;
+    assert_eq!(
+        b.session_history("hist_empty", 0, 10).await.unwrap(),
+        (empty, vec![], vec![])
+    );
     assert_eq!(
         a.session_history("nope", 0, 10).await,
         Err(Error::SessionNotFound("nope".into()))

@@ -438,6 +438,15 @@ fn approval_from_row(row: &PgRow) -> Result<Approval> {
     })
 }
 
+fn switch_from_row(row: &PgRow) -> Result<AgentSwitch> {
+    Ok(AgentSwitch {
+        from_agent: get(row, "from_agent")?,
+        to_agent: get(row, "to_agent")?,
+        reason: get(row, "reason")?,
+        timestamp: Timestamp::from_millis(get(row, "at")?),
+    })
+}
+
 fn request_type_str(t: RequestType) -> &'static str {
     match t {
         RequestType::Tool => "tool",
@@ -1108,16 +1117,49 @@ impl Storage for PostgresStorage {
         )
         .bind(session_id);
         let rows = self.session_rows(session_id, query).await?;
-        rows.iter()
-            .map(|row| {
-                Ok(AgentSwitch {
-                    from_agent: get(row, "from_agent")?,
-                    to_agent: get(row, "to_agent")?,
-                    reason: get(row, "reason")?,
-                    timestamp: Timestamp::from_millis(get(row, "at")?),
-                })
-            })
-            .collect()
+        rows.iter().map(switch_from_row).collect()
+    }
+
+    #[instrument(skip(self))]
+    async fn session_history(
+        &self,
+        session_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Session, Vec<Message>, Vec<AgentSwitch>)> {
+        // Two round trips, not four: the session with its switches (a row per switch, or one
+        // with no switch), then its messages, which need no check that the session exists.
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {SESSION_COLUMNS}, w.from_agent, w.to_agent, w.reason, w.at
+             FROM sessions LEFT JOIN switches w ON w.session_id = sessions.id
+             WHERE sessions.id = $1 ORDER BY w.seq"
+        )))
+        .bind(session_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::database)?;
+        let Some(first) = rows.first() else {
+            return Err(Error::SessionNotFound(session_id.to_string()));
+        };
+        let session = session_from_row(first)?;
+        let switches = match get::<Option<String>>(first, "to_agent")? {
+            None => vec![],
+            Some(_) => rows.iter().map(switch_from_row).collect::<Result<_>>()?,
+        };
+        let messages = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = $1 AND seq > $2
+             ORDER BY seq LIMIT $3"
+        )))
+        .bind(session_id)
+        .bind(i64::try_from(after).unwrap_or(i64::MAX))
+        .bind(sql_limit(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::database)?
+        .iter()
+        .map(message_from_row)
+        .collect::<Result<_>>()?;
+        Ok((session, messages, switches))
     }
 
     #[instrument(skip(self))]
