@@ -1,10 +1,12 @@
 //! Postgres storage through sqlx: sessions shared by several server processes, with gap-free seqs
 //! from counters on the session row and leases judged by the database's clock.
 //!
-//! Every [`Commit`] is one transaction running the shared commit steps (`storage::commit`), whose
+//! Every [`Commit`] is one transaction following the shared commit order (`storage::commit`), whose
 //! first step locks the session row (`FOR NO KEY UPDATE`), so two processes appending to one
 //! session at once are serialized by Postgres and their seqs stay strictly increasing and gap-free.
-//! Appending inserts new rows only: its cost does not depend on the session's length.
+//! A commit that only appends (most) is one statement, one round trip ([`APPEND_COMMIT`]); the
+//! others run the shared steps in a transaction. Appending inserts new rows only: its cost does
+//! not depend on the session's length.
 //!
 //! Times are stored as BIGINT milliseconds (the exact value of a [`Timestamp`]); JSON values as
 //! TEXT holding serde_json's output, which comes back byte for byte (JSONB would refuse `\u0000`);
