@@ -209,6 +209,59 @@ async fn a_commit_refused_midway_by_the_database_leaves_nothing() {
     assert_eq!(store.find_request("s1", "req_lost").await.unwrap(), None);
 }
 
+/// The owner's commits and its lease renewals race on the session row from two processes: every
+/// commit is stored (none refused, none lost) with gap-free seqs, while the row changes under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
+async fn commits_racing_lease_renewals_are_all_stored() {
+    let guard = fresh_schema().await;
+    let (a, b) = (open_in(&guard).await, open_in(&guard).await);
+    a.create_session(new_session("s1", None, 1)).await.unwrap();
+    let ttl = Duration::from_secs(60);
+    assert!(a.acquire_lease("s1", "o1", ttl).await.unwrap());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut renewers = Vec::new();
+    for store in [a.clone(), b.clone()] {
+        let stop = stop.clone();
+        renewers.push(tokio::spawn(async move {
+            let mut renewed = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                assert!(store.renew_lease("s1", "o1", ttl).await.unwrap());
+                renewed += 1;
+            }
+            renewed
+        }));
+    }
+    let mut committers = Vec::new();
+    for (t, store) in [a.clone(), b.clone(), a.clone(), b.clone()].into_iter().enumerate() {
+        committers.push(tokio::spawn(async move {
+            for i in 0..100 {
+                let c = Commit {
+                    lease_owner: Some("o1".into()),
+                    messages: vec![NewMessage::user(format!("{t}:{i}"), None)],
+                    events: vec![token("x")],
+                    ..at(10)
+                };
+                store.commit("s1", c).await.unwrap();
+            }
+        }));
+    }
+    for c in committers {
+        c.await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in renewers {
+        assert!(r.await.unwrap() > 0);
+    }
+    let s = a.get_session("s1").await.unwrap();
+    assert_eq!((s.last_message_seq, s.last_event_seq, s.message_count), (400, 400, 400));
+    let seqs: Vec<u64> = b.messages_after("s1", 0, 1000).await.unwrap().iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (1..=400).collect::<Vec<_>>());
+}
+
 /// The pool pings only connections that sat idle (a round trip saved on every statement under
 /// load): one the server cut while it was idle is replaced, and the next call succeeds.
 #[tokio::test]
