@@ -169,10 +169,12 @@ async fn a_commit_refused_midway_by_the_database_leaves_nothing() {
     };
     store.commit("s1", first).await.unwrap();
     // A row the counters do not know of: seq 3 is taken behind the storage's back.
-    sqlx::query("INSERT INTO events (session_id, seq, kind, payload, created_at) VALUES ('s1', 3, 'x', '{}', 0)")
-        .execute(store.pool())
-        .await
-        .unwrap();
+    sqlx::query(
+        "INSERT INTO events (session_id, seq, kind, payload, created_at) VALUES ('s1', 3, 'x', '{}', 0)",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
     let before = store.get_session("s1").await.unwrap();
     let refused = Commit {
         messages: vec![NewMessage::user("lost", None)],
@@ -236,7 +238,10 @@ async fn commits_racing_lease_renewals_are_all_stored() {
         }));
     }
     let mut committers = Vec::new();
-    for (t, store) in [a.clone(), b.clone(), a.clone(), b.clone()].into_iter().enumerate() {
+    for (t, store) in [a.clone(), b.clone(), a.clone(), b.clone()]
+        .into_iter()
+        .enumerate()
+    {
         committers.push(tokio::spawn(async move {
             for i in 0..100 {
                 let c = Commit {
@@ -257,8 +262,17 @@ async fn commits_racing_lease_renewals_are_all_stored() {
         assert!(r.await.unwrap() > 0);
     }
     let s = a.get_session("s1").await.unwrap();
-    assert_eq!((s.last_message_seq, s.last_event_seq, s.message_count), (400, 400, 400));
-    let seqs: Vec<u64> = b.messages_after("s1", 0, 1000).await.unwrap().iter().map(|m| m.seq).collect();
+    assert_eq!(
+        (s.last_message_seq, s.last_event_seq, s.message_count),
+        (400, 400, 400)
+    );
+    let seqs: Vec<u64> = b
+        .messages_after("s1", 0, 1000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.seq)
+        .collect();
     assert_eq!(seqs, (1..=400).collect::<Vec<_>>());
 }
 

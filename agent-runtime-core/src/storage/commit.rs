@@ -177,7 +177,9 @@ pub(crate) async fn run<S: CommitSteps>(
     steps.insert_events(&events, at).await?;
     if let Some(request_id) = &commit.request_id {
         // The first event of this commit (or of the next one, if it has none).
-        steps.remember_request(request_id, head.last_event_seq + 1).await?;
+        steps
+            .remember_request(request_id, head.last_event_seq + 1)
+            .await?;
     }
     steps.insert_switches(&commit.switches).await?;
     for p in &commit.plans {

@@ -1235,13 +1235,22 @@ pub async fn lease_session_takes_the_lease_and_returns_the_session_as_stored(
     c.events.push(token("hi"));
     c.session.status = Some(SessionStatus::Running);
     let committed = a.commit("leased", c).await.unwrap().session;
-    assert_eq!(b.lease_session("leased", "o1", ttl).await.unwrap(), Some(committed.clone()));
+    assert_eq!(
+        b.lease_session("leased", "o1", ttl).await.unwrap(),
+        Some(committed.clone())
+    );
     assert_eq!(a.lease_session("leased", "o2", ttl).await.unwrap(), None);
     assert!(!a.acquire_lease("leased", "o2", ttl).await.unwrap());
     // The owner takes its own lease again.
-    assert_eq!(a.lease_session("leased", "o1", ttl).await.unwrap(), Some(committed.clone()));
+    assert_eq!(
+        a.lease_session("leased", "o1", ttl).await.unwrap(),
+        Some(committed.clone())
+    );
     b.release_lease("leased", "o1").await.unwrap();
-    assert_eq!(a.lease_session("leased", "o2", ttl).await.unwrap(), Some(committed));
+    assert_eq!(
+        a.lease_session("leased", "o2", ttl).await.unwrap(),
+        Some(committed)
+    );
     assert!(!b.acquire_lease("leased", "o1", ttl).await.unwrap());
     assert_eq!(
         a.lease_session("absent", "o1", ttl).await,
@@ -1554,14 +1563,22 @@ pub async fn a_stale_owners_commit_is_refused_after_takeover_and_leaves_nothing(
     b: Arc<dyn Storage>,
 ) {
     create(&*a, "stale").await;
-    assert!(a.acquire_lease("stale", "o1", Duration::from_millis(100)).await.unwrap());
+    assert!(
+        a.acquire_lease("stale", "o1", Duration::from_millis(100))
+            .await
+            .unwrap()
+    );
     let mut first = at(1);
     first.lease_owner = Some("o1".into());
     first.messages.push(NewMessage::user("first", None));
     first.events.push(token("first"));
     a.commit("stale", first).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(b.acquire_lease("stale", "o2", Duration::from_secs(60)).await.unwrap());
+    assert!(
+        b.acquire_lease("stale", "o2", Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
     let before = b.get_session("stale").await.unwrap();
 
     let mut late = at(50);
@@ -1600,7 +1617,11 @@ pub async fn a_stale_owners_commit_is_refused_after_takeover_and_leaves_nothing(
         assert_eq!(s.find_request("stale", "req_stale").await.unwrap(), None);
     }
     // The refused commit gave up nobody's lease: o2 still holds it.
-    assert!(!a.acquire_lease("stale", "o1", Duration::from_secs(60)).await.unwrap());
+    assert!(
+        !a.acquire_lease("stale", "o1", Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
     let mut next = at(60);
     next.lease_owner = Some("o2".into());
     next.request_id = Some("req_stale".into());
@@ -1694,7 +1715,10 @@ pub async fn an_appending_commit_returns_what_it_stored(a: Arc<dyn Storage>, b: 
         assert_eq!(s.get_session("appending").await.unwrap(), session);
         assert_eq!(s.messages_after("appending", 1, 10).await.unwrap(), messages);
         assert_eq!(s.events_after("appending", 2, 10).await.unwrap(), events);
-        assert_eq!(s.find_request("appending", "req_appending").await.unwrap(), Some(3));
+        assert_eq!(
+            s.find_request("appending", "req_appending").await.unwrap(),
+            Some(3)
+        );
     }
 }
 
