@@ -357,6 +357,97 @@ mod tests {
         }
     }
 
+    fn head(owner: Option<&str>) -> Option<Head> {
+        Some(Head {
+            last_message_seq: 4,
+            last_event_seq: 9,
+            lease_owner: owner.map(str::to_string),
+        })
+    }
+
+    fn token() -> EventPayload {
+        EventPayload::AssistantMessage(crate::protocol::AssistantMessage::Token { token: "t".into() })
+    }
+
+    fn appending(owner: Option<&str>) -> Appending {
+        let mut c = Commit::now();
+        c.lease_owner = owner.map(str::to_string);
+        c.messages.push(NewMessage::user("hi", None));
+        c.events.push(token());
+        Appending::of(c).expect("only appends")
+    }
+
+    #[test]
+    fn only_a_commit_without_approvals_resolutions_switches_or_plans_is_appending() {
+        let mut c = Commit::now();
+        c.plans.push(Plan {
+            plan_id: "p".into(),
+            goal: "g".into(),
+            subtasks: vec![],
+        });
+        assert_eq!(Appending::of(c.clone()).map(|_| ()), Err(c));
+    }
+
+    #[test]
+    fn an_appending_commit_is_judged_and_numbered_as_run_does() {
+        let missing = Error::SessionNotFound("s".into());
+        assert_eq!(appending(None).finish("s", None, None).map(|_| ()), Err(missing));
+        let busy = Error::SessionBusy("s".into());
+        assert_eq!(
+            appending(Some("o1"))
+                .finish("s", head(Some("o2")), None)
+                .map(|_| ()),
+            Err(busy.clone())
+        );
+        assert_eq!(
+            appending(Some("o1")).finish("s", head(None), None).map(|_| ()),
+            Err(busy)
+        );
+        // Admitted, yet the statement wrote no session row: a backend bug, not a silent success.
+        assert!(matches!(
+            appending(Some("o1")).finish("s", head(Some("o1")), None),
+            Err(Error::Internal(_))
+        ));
+        let a = appending(None);
+        let at = a.at;
+        let session = Session {
+            id: "s".into(),
+            user_id: None,
+            metadata: serde_json::json!({}),
+            created_at: at,
+            last_activity: at,
+            current_agent: "orchestrator".into(),
+            status: SessionStatus::Idle,
+            message_count: 5,
+            last_message_seq: 5,
+            last_event_seq: 10,
+            usage: Usage::default(),
+            turn_state: None,
+            budget: Budget::default(),
+            cost: 0.0,
+        };
+        let done = a.finish("s", head(Some("o2")), Some(session.clone())).unwrap();
+        assert_eq!(
+            done,
+            Committed {
+                messages: vec![Message {
+                    seq: 5,
+                    role: crate::session::Role::User,
+                    content: "hi".into(),
+                    agent: None,
+                    tool_calls: vec![],
+                    tool_call_id: None,
+                    created_at: at,
+                }],
+                events: vec![Event {
+                    seq: 10,
+                    payload: token(),
+                }],
+                session,
+            }
+        );
+    }
+
     #[test]
     fn a_blocking_commit_whose_step_waits_is_an_internal_error_not_a_hang() {
         assert_eq!(

@@ -440,6 +440,38 @@ fn approval_from_row(row: &PgRow) -> Result<Approval> {
     })
 }
 
+/// Messages as the column arrays of an `UNNEST` insert (all but their seqs and time).
+#[derive(Default)]
+struct MessageColumns<'a> {
+    roles: Vec<&'static str>,
+    contents: Vec<&'a [u8]>,
+    agents: Vec<Option<&'a str>>,
+    tool_calls: Vec<Option<String>>,
+    tool_call_ids: Vec<Option<&'a str>>,
+}
+
+impl<'a> MessageColumns<'a> {
+    fn push(
+        &mut self,
+        role: Role,
+        content: &'a str,
+        agent: Option<&'a str>,
+        tool_calls: &[ToolCall],
+        tool_call_id: Option<&'a str>,
+    ) -> Result<()> {
+        self.roles.push(role.as_str());
+        self.contents.push(content.as_bytes());
+        self.agents.push(agent);
+        self.tool_calls.push(if tool_calls.is_empty() {
+            None
+        } else {
+            Some(to_json_text(&tool_calls)?)
+        });
+        self.tool_call_ids.push(tool_call_id);
+        Ok(())
+    }
+}
+
 fn switch_from_row(row: &PgRow) -> Result<AgentSwitch> {
     Ok(AgentSwitch {
         from_agent: get(row, "from_agent")?,
@@ -614,22 +646,16 @@ impl CommitSteps for PgCommit<'_, '_> {
         };
         // One statement for all of them; they share the commit's time.
         let mut seqs = Vec::with_capacity(messages.len());
-        let mut roles = Vec::with_capacity(messages.len());
-        let mut contents = Vec::with_capacity(messages.len());
-        let mut agents = Vec::with_capacity(messages.len());
-        let mut tool_calls = Vec::with_capacity(messages.len());
-        let mut tool_call_ids = Vec::with_capacity(messages.len());
+        let mut columns = MessageColumns::default();
         for m in messages {
             seqs.push(to_i64(m.seq, "message seq")?);
-            roles.push(m.role.as_str());
-            contents.push(m.content.as_bytes());
-            agents.push(m.agent.as_deref());
-            tool_calls.push(if m.tool_calls.is_empty() {
-                None
-            } else {
-                Some(to_json_text(&m.tool_calls)?)
-            });
-            tool_call_ids.push(m.tool_call_id.as_deref());
+            columns.push(
+                m.role,
+                &m.content,
+                m.agent.as_deref(),
+                &m.tool_calls,
+                m.tool_call_id.as_deref(),
+            )?;
         }
         sqlx::query(
             "INSERT INTO messages (session_id, seq, role, content, agent, tool_calls,
@@ -640,11 +666,11 @@ impl CommitSteps for PgCommit<'_, '_> {
         )
         .bind(self.session_id)
         .bind(seqs)
-        .bind(roles)
-        .bind(contents)
-        .bind(agents)
-        .bind(tool_calls)
-        .bind(tool_call_ids)
+        .bind(columns.roles)
+        .bind(columns.contents)
+        .bind(columns.agents)
+        .bind(columns.tool_calls)
+        .bind(columns.tool_call_ids)
         .bind(first.created_at.as_millis())
         .execute(&mut **self.tx)
         .await
@@ -828,21 +854,15 @@ static APPEND_COMMIT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| 
 impl PostgresStorage {
     /// Stores an appending commit in one round trip ([`APPEND_COMMIT`]).
     async fn append(&self, session_id: &str, commit: commit::Appending) -> Result<Committed> {
-        let mut roles = Vec::with_capacity(commit.messages.len());
-        let mut contents = Vec::with_capacity(commit.messages.len());
-        let mut agents = Vec::with_capacity(commit.messages.len());
-        let mut tool_calls = Vec::with_capacity(commit.messages.len());
-        let mut tool_call_ids = Vec::with_capacity(commit.messages.len());
+        let mut columns = MessageColumns::default();
         for m in &commit.messages {
-            roles.push(m.role.as_str());
-            contents.push(m.content.as_bytes());
-            agents.push(m.agent.as_deref());
-            tool_calls.push(if m.tool_calls.is_empty() {
-                None
-            } else {
-                Some(to_json_text(&m.tool_calls)?)
-            });
-            tool_call_ids.push(m.tool_call_id.as_deref());
+            columns.push(
+                m.role,
+                &m.content,
+                m.agent.as_deref(),
+                &m.tool_calls,
+                m.tool_call_id.as_deref(),
+            )?;
         }
         let mut kinds = Vec::with_capacity(commit.events.len());
         let mut payloads = Vec::with_capacity(commit.events.len());
@@ -853,11 +873,11 @@ impl PostgresStorage {
         let query = sqlx::query(sqlx::AssertSqlSafe(APPEND_COMMIT.as_str())).bind(session_id);
         let row = bind_change(query, &commit.change)?
             .bind(commit.lease_owner.as_deref())
-            .bind(roles)
-            .bind(contents)
-            .bind(agents)
-            .bind(tool_calls)
-            .bind(tool_call_ids)
+            .bind(columns.roles)
+            .bind(columns.contents)
+            .bind(columns.agents)
+            .bind(columns.tool_calls)
+            .bind(columns.tool_call_ids)
             .bind(kinds)
             .bind(payloads)
             .bind(commit.request_id.as_deref())
