@@ -215,14 +215,15 @@ pub(crate) struct Appending {
 }
 
 impl Appending {
-    /// `commit` as an appending commit, or back unchanged if it does more than append.
-    pub(crate) fn of(mut commit: Commit) -> std::result::Result<Appending, Commit> {
+    /// `commit` as an appending commit, or back unchanged (boxed: it is large) if it does more
+    /// than append.
+    pub(crate) fn of(mut commit: Commit) -> std::result::Result<Appending, Box<Commit>> {
         let appends_only = commit.approvals.is_empty()
             && commit.resolutions.is_empty()
             && commit.switches.is_empty()
             && commit.plans.is_empty();
         if !appends_only {
-            return Err(commit);
+            return Err(Box::new(commit));
         }
         let at = commit.at.unwrap_or_else(Timestamp::now);
         let change = SessionChange::of(&mut commit, at);
@@ -385,7 +386,7 @@ mod tests {
             goal: "g".into(),
             subtasks: vec![],
         });
-        assert_eq!(Appending::of(c.clone()).map(|_| ()), Err(c));
+        assert_eq!(Appending::of(c.clone()).map(|_| ()), Err(Box::new(c)));
     }
 
     #[test]

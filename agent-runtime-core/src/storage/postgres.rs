@@ -1033,7 +1033,7 @@ impl Storage for PostgresStorage {
                     session_id,
                     switch_count: 0,
                 };
-                let committed = commit::run(&mut steps, session_id, commit).await?;
+                let committed = commit::run(&mut steps, session_id, *commit).await?;
                 tx.commit().await.map_err(Error::database)?;
                 committed
             }
