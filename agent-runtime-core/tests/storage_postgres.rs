@@ -151,6 +151,173 @@ async fn deleting_a_session_removes_every_row_of_it() {
     assert_eq!(rows_of(&store, "s2").await, SESSION_TABLES.map(|t| (t, 1)));
 }
 
+/// A commit of messages and events runs as one statement; when the database refuses one of its
+/// rows (here an event seq a stray row already holds), none of its writes stay: not the rows
+/// written before the refused one, nor the request id, nor the session's change.
+#[tokio::test]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
+async fn a_commit_refused_midway_by_the_database_leaves_nothing() {
+    let (_guard, store) = fresh_store!();
+    store.create_session(new_session("s1", None, 1)).await.unwrap();
+    let first = Commit {
+        messages: vec![NewMessage::user("first", None)],
+        events: vec![token("first")],
+        ..at(5)
+    };
+    store.commit("s1", first).await.unwrap();
+    // A row the counters do not know of: seq 3 is taken behind the storage's back.
+    sqlx::query(
+        "INSERT INTO events (session_id, seq, kind, payload, created_at) VALUES ('s1', 3, 'x', '{}', 0)",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let before = store.get_session("s1").await.unwrap();
+    let refused = Commit {
+        messages: vec![NewMessage::user("lost", None)],
+        events: vec![token("lost 2"), token("lost 3")],
+        request_id: Some("req_lost".into()),
+        usage: Some(Usage {
+            prompt_tokens: 5,
+            ..Usage::default()
+        }),
+        session: SessionUpdate {
+            current_agent: Some("coder".into()),
+            turn_state: Some(Some(json!({"lost": true}))),
+            ..SessionUpdate::default()
+        },
+        ..at(9)
+    };
+    assert!(matches!(
+        store.commit("s1", refused).await,
+        Err(Error::Database(m)) if m.contains("duplicate key")
+    ));
+    assert_eq!(store.get_session("s1").await.unwrap(), before);
+    assert_eq!(
+        rows_of(&store, "s1").await,
+        [
+            ("sessions", 1),
+            ("messages", 1),
+            ("events", 2),
+            ("approvals", 0),
+            ("switches", 0),
+            ("plans", 0),
+            ("requests", 0)
+        ]
+    );
+    assert_eq!(store.find_request("s1", "req_lost").await.unwrap(), None);
+}
+
+/// The owner's commits and its lease renewals race on the session row from two processes: every
+/// commit is stored (none refused, none lost) with gap-free seqs, while the row changes under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
+async fn commits_racing_lease_renewals_are_all_stored() {
+    let guard = fresh_schema().await;
+    let (a, b) = (open_in(&guard).await, open_in(&guard).await);
+    a.create_session(new_session("s1", None, 1)).await.unwrap();
+    let ttl = Duration::from_secs(60);
+    assert!(a.acquire_lease("s1", "o1", ttl).await.unwrap());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut renewers = Vec::new();
+    for store in [a.clone(), b.clone()] {
+        let stop = stop.clone();
+        renewers.push(tokio::spawn(async move {
+            let mut renewed = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                assert!(store.renew_lease("s1", "o1", ttl).await.unwrap());
+                renewed += 1;
+            }
+            renewed
+        }));
+    }
+    let mut committers = Vec::new();
+    for (t, store) in [a.clone(), b.clone(), a.clone(), b.clone()]
+        .into_iter()
+        .enumerate()
+    {
+        committers.push(tokio::spawn(async move {
+            for i in 0..100 {
+                let c = Commit {
+                    lease_owner: Some("o1".into()),
+                    messages: vec![NewMessage::user(format!("{t}:{i}"), None)],
+                    events: vec![token("x")],
+                    ..at(10)
+                };
+                store.commit("s1", c).await.unwrap();
+            }
+        }));
+    }
+    for c in committers {
+        c.await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in renewers {
+        assert!(r.await.unwrap() > 0);
+    }
+    let s = a.get_session("s1").await.unwrap();
+    assert_eq!(
+        (s.last_message_seq, s.last_event_seq, s.message_count),
+        (400, 400, 400)
+    );
+    let seqs: Vec<u64> = b
+        .messages_after("s1", 0, 1000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(seqs, (1..=400).collect::<Vec<_>>());
+}
+
+/// The pool pings only connections that sat idle (a round trip saved on every statement under
+/// load): one the server cut while it was idle is replaced, and the next call succeeds.
+#[tokio::test]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
+async fn an_idle_connection_the_server_cut_is_replaced_without_an_error() {
+    let guard = fresh_schema().await;
+    let store = PostgresStorage::connect_with(
+        &guard.tagged_url(),
+        PgOptions {
+            max_connections: 1,
+            schema: Some(guard.schema().to_string()),
+            ..PgOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    store.create_session(new_session("s1", None, 1)).await.unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    let mut other = <sqlx::PgConnection as sqlx::Connection>::connect(&storage::pg_testing::database_url())
+        .await
+        .unwrap();
+    let cut: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .fetch_one(&mut other)
+        .await
+        .unwrap();
+    assert!(cut);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(store.get_session("s1").await.unwrap().id, "s1");
+    let new_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_ne!(new_pid, pid);
+}
+
 #[tokio::test]
 #[cfg_attr(
     not(postgres_tests),

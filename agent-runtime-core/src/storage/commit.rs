@@ -15,6 +15,12 @@
 //! 5. updates the session row ([`SessionChange`]) and returns the session as stored.
 //!
 //! Any error leaves the transaction to the backend to roll back, so nothing of the commit stays.
+//!
+//! Most commits only append ([`Appending`]: messages, events, a request id and the session
+//! change; every commit of a streaming turn). Steps 1, 3, 4 and 5 need nothing from the head but
+//! the seqs to continue from, so a backend that pays a round trip per step (Postgres) may run them
+//! as one statement that numbers the rows from the head it locks, and hand that head to
+//! [`Appending::finish`], which judges it and numbers the rows exactly as [`run`] does.
 
 use std::future::Future;
 use std::pin::pin;
@@ -27,7 +33,7 @@ use super::{Commit, Committed};
 use crate::approval::{Approval, ApprovalResolution};
 use crate::budget::Budget;
 use crate::error::{Error, Result};
-use crate::protocol::{Event, Plan};
+use crate::protocol::{Event, EventPayload, Plan};
 use crate::session::{AgentSwitch, Message, NewMessage, Session, SessionStatus, Usage};
 use crate::time::Timestamp;
 
@@ -150,15 +156,7 @@ pub(crate) async fn run<S: CommitSteps>(
     mut commit: Commit,
 ) -> Result<Committed> {
     let at = commit.at.unwrap_or_else(Timestamp::now);
-    let head = steps
-        .head()
-        .await?
-        .ok_or_else(|| Error::SessionNotFound(session_id.to_string()))?;
-    if let Some(owner) = &commit.lease_owner
-        && head.lease_owner.as_deref() != Some(owner.as_str())
-    {
-        return Err(Error::SessionBusy(session_id.to_string()));
-    }
+    let head = admit(session_id, steps.head().await?, commit.lease_owner.as_deref())?;
 
     for a in &commit.approvals {
         steps.put_approval(a).await?;
@@ -174,17 +172,14 @@ pub(crate) async fn run<S: CommitSteps>(
     }
 
     let change = SessionChange::of(&mut commit, at);
-    let messages = numbered_messages(commit.messages, head.last_message_seq, at);
+    let (messages, events) = numbered(&head, commit.messages, commit.events, at);
     steps.insert_messages(&messages).await?;
-    let first_event_seq = head.last_event_seq + 1;
-    let events: Vec<Event> = (first_event_seq..)
-        .zip(commit.events)
-        .map(|(seq, payload)| Event { seq, payload })
-        .collect();
     steps.insert_events(&events, at).await?;
     if let Some(request_id) = &commit.request_id {
         // The first event of this commit (or of the next one, if it has none).
-        steps.remember_request(request_id, first_event_seq).await?;
+        steps
+            .remember_request(request_id, head.last_event_seq + 1)
+            .await?;
     }
     steps.insert_switches(&commit.switches).await?;
     for p in &commit.plans {
@@ -196,6 +191,115 @@ pub(crate) async fn run<S: CommitSteps>(
         events,
         session,
     })
+}
+
+/// A commit that only appends: no approvals, resolutions, switches or plans. A backend stores it
+/// in one step that locks the head and, unless `lease_owner` is set and is not the head's lease
+/// owner (the fence of step 1), writes: messages numbered from `head.last_message_seq + 1`,
+/// events from `head.last_event_seq + 1`, the request id (unless known) with
+/// `head.last_event_seq + 1`, and the session `change`. Then [`finish`](Self::finish).
+#[derive(Debug)]
+pub(crate) struct Appending {
+    /// The commit's fence: it writes only while this owner holds the lease.
+    pub lease_owner: Option<String>,
+    /// When it happens: the messages' and events' time.
+    pub at: Timestamp,
+    /// Messages to append, in order.
+    pub messages: Vec<NewMessage>,
+    /// Events to append, in order.
+    pub events: Vec<EventPayload>,
+    /// The turn's request id to remember.
+    pub request_id: Option<String>,
+    /// What it does to the session row.
+    pub change: SessionChange,
+}
+
+impl Appending {
+    /// `commit` as an appending commit, or back unchanged (boxed: it is large) if it does more
+    /// than append.
+    pub(crate) fn of(mut commit: Commit) -> std::result::Result<Appending, Box<Commit>> {
+        let appends_only = commit.approvals.is_empty()
+            && commit.resolutions.is_empty()
+            && commit.switches.is_empty()
+            && commit.plans.is_empty();
+        if !appends_only {
+            return Err(Box::new(commit));
+        }
+        let at = commit.at.unwrap_or_else(Timestamp::now);
+        let change = SessionChange::of(&mut commit, at);
+        Ok(Appending {
+            lease_owner: commit.lease_owner,
+            at,
+            messages: commit.messages,
+            events: commit.events,
+            request_id: commit.request_id,
+            change,
+        })
+    }
+
+    /// The commit's outcome from what its one statement saw and did: `head`, the session's head
+    /// as it locked it (`None`: no session); `session`, the row as it wrote it (`None`: it wrote
+    /// nothing). Errors as [`run`]'s, and the rows numbered as [`run`] numbers them.
+    pub(crate) fn finish(
+        self,
+        session_id: &str,
+        head: Option<Head>,
+        session: Option<Session>,
+    ) -> Result<Committed> {
+        let head = admit(session_id, head, self.lease_owner.as_deref())?;
+        let session = session.ok_or_else(|| {
+            Error::Internal(format!(
+                "the commit on session '{session_id}' was admitted but its session row was not written"
+            ))
+        })?;
+        let (messages, events) = numbered(&head, self.messages, self.events, self.at);
+        Ok(Committed {
+            messages,
+            events,
+            session,
+        })
+    }
+}
+
+/// Step 1's judgement of the head: `SessionNotFound` without one, `SessionBusy` if the commit is
+/// fenced by a lease another owner holds (or nobody does).
+fn admit(session_id: &str, head: Option<Head>, owner: Option<&str>) -> Result<Head> {
+    let head = head.ok_or_else(|| Error::SessionNotFound(session_id.to_string()))?;
+    if fenced_out(owner, head.lease_owner.as_deref()) {
+        return Err(Error::SessionBusy(session_id.to_string()));
+    }
+    Ok(head)
+}
+
+/// Whether a commit fenced by `owner` (if any) is refused on a session whose lease `head_owner` holds.
+fn fenced_out(owner: Option<&str>, head_owner: Option<&str>) -> bool {
+    owner.is_some_and(|o| head_owner != Some(o))
+}
+
+/// The commit's messages and events with the seqs that follow `head`, happening `at`.
+fn numbered(
+    head: &Head,
+    messages: Vec<NewMessage>,
+    events: Vec<EventPayload>,
+    at: Timestamp,
+) -> (Vec<Message>, Vec<Event>) {
+    let messages = (head.last_message_seq + 1..)
+        .zip(messages)
+        .map(|(seq, m)| Message {
+            seq,
+            role: m.role,
+            content: m.content,
+            agent: m.agent,
+            tool_calls: m.tool_calls,
+            tool_call_id: m.tool_call_id,
+            created_at: at,
+        })
+        .collect();
+    let events = (head.last_event_seq + 1..)
+        .zip(events)
+        .map(|(seq, payload)| Event { seq, payload })
+        .collect();
+    (messages, events)
 }
 
 /// [`run`] for a backend whose steps never wait (they block or work in memory): runs it to the
@@ -212,21 +316,6 @@ pub(crate) fn run_blocking<S: CommitSteps>(
             "a blocking storage backend's commit step waited".into(),
         )),
     }
-}
-
-fn numbered_messages(new: Vec<NewMessage>, last_seq: u64, at: Timestamp) -> Vec<Message> {
-    (last_seq + 1..)
-        .zip(new)
-        .map(|(seq, m)| Message {
-            seq,
-            role: m.role,
-            content: m.content,
-            agent: m.agent,
-            tool_calls: m.tool_calls,
-            tool_call_id: m.tool_call_id,
-            created_at: at,
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -267,6 +356,97 @@ mod tests {
         async fn update_session(&mut self, _: SessionChange) -> Result<Session> {
             Err(Error::Internal("never reached".into()))
         }
+    }
+
+    fn head(owner: Option<&str>) -> Option<Head> {
+        Some(Head {
+            last_message_seq: 4,
+            last_event_seq: 9,
+            lease_owner: owner.map(str::to_string),
+        })
+    }
+
+    fn token() -> EventPayload {
+        EventPayload::AssistantMessage(crate::protocol::AssistantMessage::Token { token: "t".into() })
+    }
+
+    fn appending(owner: Option<&str>) -> Appending {
+        let mut c = Commit::now();
+        c.lease_owner = owner.map(str::to_string);
+        c.messages.push(NewMessage::user("hi", None));
+        c.events.push(token());
+        Appending::of(c).expect("only appends")
+    }
+
+    #[test]
+    fn only_a_commit_without_approvals_resolutions_switches_or_plans_is_appending() {
+        let mut c = Commit::now();
+        c.plans.push(Plan {
+            plan_id: "p".into(),
+            goal: "g".into(),
+            subtasks: vec![],
+        });
+        assert_eq!(Appending::of(c.clone()).map(|_| ()), Err(Box::new(c)));
+    }
+
+    #[test]
+    fn an_appending_commit_is_judged_and_numbered_as_run_does() {
+        let missing = Error::SessionNotFound("s".into());
+        assert_eq!(appending(None).finish("s", None, None).map(|_| ()), Err(missing));
+        let busy = Error::SessionBusy("s".into());
+        assert_eq!(
+            appending(Some("o1"))
+                .finish("s", head(Some("o2")), None)
+                .map(|_| ()),
+            Err(busy.clone())
+        );
+        assert_eq!(
+            appending(Some("o1")).finish("s", head(None), None).map(|_| ()),
+            Err(busy)
+        );
+        // Admitted, yet the statement wrote no session row: a backend bug, not a silent success.
+        assert!(matches!(
+            appending(Some("o1")).finish("s", head(Some("o1")), None),
+            Err(Error::Internal(_))
+        ));
+        let a = appending(None);
+        let at = a.at;
+        let session = Session {
+            id: "s".into(),
+            user_id: None,
+            metadata: serde_json::json!({}),
+            created_at: at,
+            last_activity: at,
+            current_agent: "orchestrator".into(),
+            status: SessionStatus::Idle,
+            message_count: 5,
+            last_message_seq: 5,
+            last_event_seq: 10,
+            usage: Usage::default(),
+            turn_state: None,
+            budget: Budget::default(),
+            cost: 0.0,
+        };
+        let done = a.finish("s", head(Some("o2")), Some(session.clone())).unwrap();
+        assert_eq!(
+            done,
+            Committed {
+                messages: vec![Message {
+                    seq: 5,
+                    role: crate::session::Role::User,
+                    content: "hi".into(),
+                    agent: None,
+                    tool_calls: vec![],
+                    tool_call_id: None,
+                    created_at: at,
+                }],
+                events: vec![Event {
+                    seq: 10,
+                    payload: token(),
+                }],
+                session,
+            }
+        );
     }
 
     #[test]

@@ -57,11 +57,14 @@ macro_rules! storage_conformance_suite {
             turn_state_and_status_updates,
             find_request_remembers_first_event_seq,
             lease_acquire_renew_release,
+            lease_session_takes_the_lease_and_returns_the_session_as_stored,
             racing_lease_acquires_have_exactly_one_winner,
             expired_lease_is_taken_over,
             a_dead_owners_lease_is_taken_at_once,
             orphaned_sessions_are_running_ones_nobody_can_run,
             commit_is_fenced_by_lease_owner,
+            a_stale_owners_commit_is_refused_after_takeover_and_leaves_nothing,
+            an_appending_commit_returns_what_it_stored,
             last_commit_of_a_turn_releases_the_lease,
             cancel_requests_reach_the_lease_owner_until_the_lease_changes_hands,
             last_activity_moves_forward_on_commit,
@@ -1018,7 +1021,20 @@ pub async fn session_history_is_the_session_its_messages_after_and_its_switches(
             .collect::<Vec<_>>(),
         vec![(2, "two")]
     );
-    assert_eq!(switches, vec![sw]);
+    assert_eq!(switches, vec![sw.clone()]);
+    let back = switch("coder", "orchestrator", 2);
+    let mut c = at(2);
+    c.switches = vec![back.clone()];
+    a.commit("hist", c).await.unwrap();
+    let (session, messages, switches) = b.session_history("hist", 3, 10).await.unwrap();
+    assert_eq!(session, a.get_session("hist").await.unwrap());
+    assert_eq!((messages, switches), (vec![], vec![sw, back]));
+    // A session of no messages and no switches.
+    let empty = create(&*a, "hist_empty").await;
+    assert_eq!(
+        b.session_history("hist_empty", 0, 10).await.unwrap(),
+        (empty, vec![], vec![])
+    );
     assert_eq!(
         a.session_history("nope", 0, 10).await,
         Err(Error::SessionNotFound("nope".into()))
@@ -1203,6 +1219,47 @@ pub async fn find_request_remembers_first_event_seq(a: Arc<dyn Storage>, b: Arc<
     // Request ids are per session.
     create(&*a, "req_2").await;
     assert_eq!(a.find_request("req_2", "req_abc").await.unwrap(), None);
+}
+
+/// `lease_session` takes the lease as `acquire_lease` does and returns the session as stored
+/// (with what earlier commits did to it); `None` while another owner holds the lease, and
+/// `SessionNotFound` for a missing session, which it does not create.
+pub async fn lease_session_takes_the_lease_and_returns_the_session_as_stored(
+    a: Arc<dyn Storage>,
+    b: Arc<dyn Storage>,
+) {
+    let ttl = Duration::from_secs(60);
+    create(&*a, "leased").await;
+    let mut c = at(7);
+    c.messages.push(NewMessage::user("hi", None));
+    c.events.push(token("hi"));
+    c.session.status = Some(SessionStatus::Running);
+    let committed = a.commit("leased", c).await.unwrap().session;
+    assert_eq!(
+        b.lease_session("leased", "o1", ttl).await.unwrap(),
+        Some(committed.clone())
+    );
+    assert_eq!(a.lease_session("leased", "o2", ttl).await.unwrap(), None);
+    assert!(!a.acquire_lease("leased", "o2", ttl).await.unwrap());
+    // The owner takes its own lease again.
+    assert_eq!(
+        a.lease_session("leased", "o1", ttl).await.unwrap(),
+        Some(committed.clone())
+    );
+    b.release_lease("leased", "o1").await.unwrap();
+    assert_eq!(
+        a.lease_session("leased", "o2", ttl).await.unwrap(),
+        Some(committed)
+    );
+    assert!(!b.acquire_lease("leased", "o1", ttl).await.unwrap());
+    assert_eq!(
+        a.lease_session("absent", "o1", ttl).await,
+        Err(Error::SessionNotFound("absent".into()))
+    );
+    assert_eq!(
+        b.get_session("absent").await,
+        Err(Error::SessionNotFound("absent".into()))
+    );
 }
 
 /// Acquire, re-acquire by the owner, refusal for others, renew and release.
@@ -1495,6 +1552,174 @@ pub async fn commit_is_fenced_by_lease_owner(a: Arc<dyn Storage>, b: Arc<dyn Sto
         .collect();
     assert_eq!(texts, vec!["held".to_string()]);
     assert_eq!(all_events(&*b, "fenced").await.len(), 2);
+}
+
+/// The commit a turn's owner makes after another owner took its lease over (every kind of row and
+/// session change a turn's commit carries, and the lease's release) is refused, and changes
+/// nothing: no rows, no request id, the session and the new owner's lease as they were; the new
+/// owner's next commit gets the next seqs.
+pub async fn a_stale_owners_commit_is_refused_after_takeover_and_leaves_nothing(
+    a: Arc<dyn Storage>,
+    b: Arc<dyn Storage>,
+) {
+    create(&*a, "stale").await;
+    assert!(
+        a.acquire_lease("stale", "o1", Duration::from_millis(100))
+            .await
+            .unwrap()
+    );
+    let mut first = at(1);
+    first.lease_owner = Some("o1".into());
+    first.messages.push(NewMessage::user("first", None));
+    first.events.push(token("first"));
+    a.commit("stale", first).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        b.acquire_lease("stale", "o2", Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    let before = b.get_session("stale").await.unwrap();
+
+    let mut late = at(50);
+    late.lease_owner = Some("o1".into());
+    late.release_lease = true;
+    late.request_id = Some("req_stale".into());
+    late.messages = vec![
+        NewMessage::assistant("stale answer", Some("coder".into()), vec![]),
+        NewMessage::tool("call_1", "stale result", None),
+    ];
+    late.events = vec![token("stale"), token("stale too")];
+    late.usage = Some(Usage {
+        prompt_tokens: 7,
+        completion_tokens: 8,
+        cached_prompt_tokens: 1,
+    });
+    late.cost = Some(0.5);
+    late.session = SessionUpdate {
+        status: Some(SessionStatus::Idle),
+        current_agent: Some("coder".into()),
+        turn_state: Some(Some(json!({"stale": true}))),
+        budget: Some(Budget {
+            session_tokens: Some(3),
+            ..Budget::default()
+        }),
+    };
+    assert_eq!(
+        a.commit("stale", late).await.map(|_| ()),
+        Err(Error::SessionBusy("stale".into()))
+    );
+
+    for s in [&a, &b] {
+        assert_eq!(s.get_session("stale").await.unwrap(), before);
+        assert_eq!(all_messages(&**s, "stale").await.len(), 1);
+        assert_eq!(all_events(&**s, "stale").await.len(), 1);
+        assert_eq!(s.find_request("stale", "req_stale").await.unwrap(), None);
+    }
+    // The refused commit gave up nobody's lease: o2 still holds it.
+    assert!(
+        !a.acquire_lease("stale", "o1", Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    let mut next = at(60);
+    next.lease_owner = Some("o2".into());
+    next.request_id = Some("req_stale".into());
+    next.messages.push(NewMessage::user("second", None));
+    next.events.push(token("second"));
+    let done = b.commit("stale", next).await.unwrap();
+    assert_eq!((done.messages[0].seq, done.events[0].seq), (2, 2));
+    assert_eq!(a.find_request("stale", "req_stale").await.unwrap(), Some(2));
+}
+
+/// A commit of messages, events, a request id and session changes (a streaming turn's commit)
+/// returns exactly the rows and the session it stored, seqs following the earlier commit's.
+pub async fn an_appending_commit_returns_what_it_stored(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
+    let created = create(&*a, "appending").await;
+    let mut earlier = at(1);
+    earlier.messages.push(NewMessage::user("earlier", None));
+    earlier.events = vec![token("e1"), token("e2")];
+    a.commit("appending", earlier).await.unwrap();
+
+    let call = ToolCall {
+        id: "call_7".into(),
+        name: "read_file".into(),
+        arguments: json!({"path": "a.txt"}),
+    };
+    let new_messages = vec![
+        NewMessage::assistant("reading", Some("coder".into()), vec![call]),
+        NewMessage::tool("call_7", "contents", Some("coder".into())),
+        NewMessage {
+            role: Role::System,
+            content: "a note".into(),
+            agent: None,
+            tool_calls: vec![],
+            tool_call_id: None,
+        },
+    ];
+    let mut c = at(20);
+    c.request_id = Some("req_appending".into());
+    c.messages = new_messages.clone();
+    c.events = vec![token("a"), token("b"), token("c")];
+    c.usage = Some(Usage {
+        prompt_tokens: 11,
+        completion_tokens: 12,
+        cached_prompt_tokens: 3,
+    });
+    c.cost = Some(0.25);
+    let budget = Budget {
+        session_tokens: Some(1000),
+        ..Budget::default()
+    };
+    c.session = SessionUpdate {
+        status: Some(SessionStatus::Running),
+        current_agent: Some("coder".into()),
+        turn_state: Some(Some(json!({"step": 2}))),
+        budget: Some(budget),
+    };
+    let done = b.commit("appending", c).await.unwrap();
+
+    let messages: Vec<Message> = new_messages
+        .iter()
+        .zip(2..)
+        .map(|(m, seq)| stored(m, seq, ts(20)))
+        .collect();
+    let events: Vec<Event> = [(3, "a"), (4, "b"), (5, "c")]
+        .into_iter()
+        .map(|(seq, t)| Event {
+            seq,
+            payload: token(t),
+        })
+        .collect();
+    let session = Session {
+        last_activity: ts(20),
+        current_agent: "coder".into(),
+        status: SessionStatus::Running,
+        message_count: 3,
+        last_message_seq: 4,
+        last_event_seq: 5,
+        usage: Usage {
+            prompt_tokens: 11,
+            completion_tokens: 12,
+            cached_prompt_tokens: 3,
+        },
+        turn_state: Some(json!({"step": 2})),
+        budget,
+        cost: 0.25,
+        ..created
+    };
+    assert_eq!(done.messages, messages);
+    assert_eq!(done.events, events);
+    assert_eq!(done.session, session);
+    for s in [&a, &b] {
+        assert_eq!(s.get_session("appending").await.unwrap(), session);
+        assert_eq!(s.messages_after("appending", 1, 10).await.unwrap(), messages);
+        assert_eq!(s.events_after("appending", 2, 10).await.unwrap(), events);
+        assert_eq!(
+            s.find_request("appending", "req_appending").await.unwrap(),
+            Some(3)
+        );
+    }
 }
 
 /// A commit sets `last_activity` to its time (now when unset) and leaves `created_at` alone.

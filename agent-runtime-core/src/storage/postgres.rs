@@ -1,10 +1,12 @@
 //! Postgres storage through sqlx: sessions shared by several server processes, with gap-free seqs
 //! from counters on the session row and leases judged by the database's clock.
 //!
-//! Every [`Commit`] is one transaction running the shared commit steps (`storage::commit`), whose
+//! Every [`Commit`] is one transaction following the shared commit order (`storage::commit`), whose
 //! first step locks the session row (`FOR NO KEY UPDATE`), so two processes appending to one
 //! session at once are serialized by Postgres and their seqs stay strictly increasing and gap-free.
-//! Appending inserts new rows only: its cost does not depend on the session's length.
+//! A commit that only appends (most) is one statement, one round trip ([`APPEND_COMMIT`]); the
+//! others run the shared steps in a transaction. Appending inserts new rows only: its cost does
+//! not depend on the session's length.
 //!
 //! Times are stored as BIGINT milliseconds (the exact value of a [`Timestamp`]); JSON values as
 //! TEXT holding serde_json's output, which comes back byte for byte (JSONB would refuse `\u0000`);
@@ -50,6 +52,9 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ),
     (4, include_str!("../../migrations/postgres/0004_budgets.sql")),
 ];
+
+/// How long a pooled connection may sit idle before it is pinged when handed out.
+const PING_IDLE_AFTER: Duration = Duration::from_secs(1);
 
 /// The LISTEN/NOTIFY channel of commits with events; the payload is `<lease owner or -> <session id>`.
 const COMMITS_CHANNEL: &str = "agent_runtime_commits";
@@ -229,7 +234,19 @@ impl PostgresStorage {
             .map_err(|e| Error::Database(format!("invalid postgres url '{}': {e}", redact_url(url))))?;
         let mut pool_options = PgPoolOptions::new()
             .max_connections(options.max_connections)
-            .acquire_timeout(options.acquire_timeout);
+            .acquire_timeout(options.acquire_timeout)
+            // sqlx pings every connection it hands out by default: a round trip before each
+            // statement. Only a connection idle long enough to have been cut is pinged (and
+            // replaced if dead); one in steady use shows a cut as the error of its next query.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_IDLE_AFTER {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            });
         if let Some(quoted) = &schema {
             // Every connection, including ones the pool opens later, works in the schema only.
             let set_path: Arc<str> = format!("SET search_path TO {quoted}").into();
@@ -469,6 +486,47 @@ fn approval_from_row(row: &PgRow) -> Result<Approval> {
     })
 }
 
+/// Messages as the column arrays of an `UNNEST` insert (all but their seqs and time).
+#[derive(Default)]
+struct MessageColumns<'a> {
+    roles: Vec<&'static str>,
+    contents: Vec<&'a [u8]>,
+    agents: Vec<Option<&'a str>>,
+    tool_calls: Vec<Option<String>>,
+    tool_call_ids: Vec<Option<&'a str>>,
+}
+
+impl<'a> MessageColumns<'a> {
+    fn push(
+        &mut self,
+        role: Role,
+        content: &'a str,
+        agent: Option<&'a str>,
+        tool_calls: &[ToolCall],
+        tool_call_id: Option<&'a str>,
+    ) -> Result<()> {
+        self.roles.push(role.as_str());
+        self.contents.push(content.as_bytes());
+        self.agents.push(agent);
+        self.tool_calls.push(if tool_calls.is_empty() {
+            None
+        } else {
+            Some(to_json_text(&tool_calls)?)
+        });
+        self.tool_call_ids.push(tool_call_id);
+        Ok(())
+    }
+}
+
+fn switch_from_row(row: &PgRow) -> Result<AgentSwitch> {
+    Ok(AgentSwitch {
+        from_agent: get(row, "from_agent")?,
+        to_agent: get(row, "to_agent")?,
+        reason: get(row, "reason")?,
+        timestamp: Timestamp::from_millis(get(row, "at")?),
+    })
+}
+
 fn request_type_str(t: RequestType) -> &'static str {
     match t {
         RequestType::Tool => "tool",
@@ -485,6 +543,35 @@ fn lease_ttl_millis(ttl: Duration) -> f64 {
 }
 
 impl PostgresStorage {
+    /// Takes the lease (see [`Storage::acquire_lease`]) and returns the session row as it is once
+    /// taken, in one round trip; `None` if another owner holds the lease.
+    async fn take_lease(&self, session_id: &str, owner: &str, ttl: Duration) -> Result<Option<PgRow>> {
+        // One conditional UPDATE judged by the database's clock: atomic across processes.
+        // The liveness test runs only when the lease is neither free, ours, nor expired.
+        let taken = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE sessions
+             SET lease_owner = $2,
+                 lease_expires_at = clock_timestamp() + $3 * INTERVAL '1 millisecond',
+                 cancel_requested_at = NULL
+             WHERE id = $1
+               AND CASE WHEN lease_owner IS NULL OR lease_owner = $2
+                             OR lease_expires_at IS NULL OR lease_expires_at <= clock_timestamp()
+                        THEN TRUE
+                        ELSE {LEASE_OWNER_DEAD} END
+             RETURNING {SESSION_COLUMNS}"
+        )))
+        .bind(session_id)
+        .bind(owner)
+        .bind(lease_ttl_millis(ttl))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(Error::database)?;
+        if taken.is_none() {
+            self.ensure_session(session_id).await?;
+        }
+        Ok(taken)
+    }
+
     /// `SessionNotFound` unless the session exists (used when a read came back empty).
     async fn ensure_session(&self, session_id: &str) -> Result<()> {
         let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM sessions WHERE id = $1")
@@ -605,22 +692,16 @@ impl CommitSteps for PgCommit<'_, '_> {
         };
         // One statement for all of them; they share the commit's time.
         let mut seqs = Vec::with_capacity(messages.len());
-        let mut roles = Vec::with_capacity(messages.len());
-        let mut contents = Vec::with_capacity(messages.len());
-        let mut agents = Vec::with_capacity(messages.len());
-        let mut tool_calls = Vec::with_capacity(messages.len());
-        let mut tool_call_ids = Vec::with_capacity(messages.len());
+        let mut columns = MessageColumns::default();
         for m in messages {
             seqs.push(to_i64(m.seq, "message seq")?);
-            roles.push(m.role.as_str());
-            contents.push(m.content.as_bytes());
-            agents.push(m.agent.as_deref());
-            tool_calls.push(if m.tool_calls.is_empty() {
-                None
-            } else {
-                Some(to_json_text(&m.tool_calls)?)
-            });
-            tool_call_ids.push(m.tool_call_id.as_deref());
+            columns.push(
+                m.role,
+                &m.content,
+                m.agent.as_deref(),
+                &m.tool_calls,
+                m.tool_call_id.as_deref(),
+            )?;
         }
         sqlx::query(
             "INSERT INTO messages (session_id, seq, role, content, agent, tool_calls,
@@ -631,11 +712,11 @@ impl CommitSteps for PgCommit<'_, '_> {
         )
         .bind(self.session_id)
         .bind(seqs)
-        .bind(roles)
-        .bind(contents)
-        .bind(agents)
-        .bind(tool_calls)
-        .bind(tool_call_ids)
+        .bind(columns.roles)
+        .bind(columns.contents)
+        .bind(columns.agents)
+        .bind(columns.tool_calls)
+        .bind(columns.tool_call_ids)
         .bind(first.created_at.as_millis())
         .execute(&mut **self.tx)
         .await
@@ -719,32 +800,44 @@ impl CommitSteps for PgCommit<'_, '_> {
     }
 
     async fn update_session(&mut self, change: SessionChange) -> Result<Session> {
-        let (set_turn_state, turn_state) = match &change.turn_state {
-            None => (false, None),
-            Some(v) => (true, v.as_ref().map(to_json_text).transpose()?),
-        };
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE sessions SET
-                 last_message_seq = last_message_seq + $2,
-                 last_event_seq = last_event_seq + $3,
-                 message_count = message_count + $4,
-                 switch_count = switch_count + $5,
-                 prompt_tokens = prompt_tokens + $6,
-                 completion_tokens = completion_tokens + $7,
-                 last_activity = $8,
-                 status = COALESCE($9, status),
-                 current_agent = COALESCE($10, current_agent),
-                 turn_state = CASE WHEN $11 THEN $12 ELSE turn_state END,
-                 lease_owner = CASE WHEN $13 THEN NULL ELSE lease_owner END,
-                 lease_expires_at = CASE WHEN $13 THEN NULL ELSE lease_expires_at END,
-                 cancel_requested_at = CASE WHEN $13 THEN NULL ELSE cancel_requested_at END,
-                 cost = cost + $14,
-                 cached_prompt_tokens = cached_prompt_tokens + $15,
-                 budget = CASE WHEN $16 THEN $17 ELSE budget END
-             WHERE id = $1
-             RETURNING {SESSION_COLUMNS}"
+        let query = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE sessions SET {APPLY_CHANGE} WHERE id = $1 RETURNING {SESSION_COLUMNS}"
         )))
-        .bind(self.session_id)
+        .bind(self.session_id);
+        let row = bind_change(query, &change)?
+            .fetch_one(&mut **self.tx)
+            .await
+            .map_err(Error::database)?;
+        session_from_row(&row)
+    }
+}
+
+/// The `SET` list applying a [`SessionChange`] to the session row: `$1` is the session's id,
+/// `$2` to `$17` the change, bound by [`bind_change`].
+const APPLY_CHANGE: &str = "last_message_seq = last_message_seq + $2,
+     last_event_seq = last_event_seq + $3,
+     message_count = message_count + $4,
+     switch_count = switch_count + $5,
+     prompt_tokens = prompt_tokens + $6,
+     completion_tokens = completion_tokens + $7,
+     last_activity = $8,
+     status = COALESCE($9, status),
+     current_agent = COALESCE($10, current_agent),
+     turn_state = CASE WHEN $11 THEN $12 ELSE turn_state END,
+     lease_owner = CASE WHEN $13 THEN NULL ELSE lease_owner END,
+     lease_expires_at = CASE WHEN $13 THEN NULL ELSE lease_expires_at END,
+     cancel_requested_at = CASE WHEN $13 THEN NULL ELSE cancel_requested_at END,
+     cost = cost + $14,
+     cached_prompt_tokens = cached_prompt_tokens + $15,
+     budget = CASE WHEN $16 THEN $17 ELSE budget END";
+
+/// Binds `$2` to `$17` of [`APPLY_CHANGE`] (the query has bound `$1`, the session's id).
+fn bind_change<'q>(query: PgQuery<'q>, change: &'q SessionChange) -> Result<PgQuery<'q>> {
+    let (set_turn_state, turn_state) = match &change.turn_state {
+        None => (false, None),
+        Some(v) => (true, v.as_ref().map(to_json_text).transpose()?),
+    };
+    Ok(query
         .bind(to_i64(change.messages, "message count")?)
         .bind(to_i64(change.events, "event count")?)
         .bind(to_i64(change.counted_messages, "message count")?)
@@ -753,18 +846,104 @@ impl CommitSteps for PgCommit<'_, '_> {
         .bind(to_i64(change.usage.completion_tokens, "completion_tokens")?)
         .bind(change.at.as_millis())
         .bind(change.status.map(SessionStatus::as_str))
-        .bind(change.current_agent)
+        .bind(change.current_agent.as_deref())
         .bind(set_turn_state)
         .bind(turn_state)
         .bind(change.release_lease)
         .bind(change.cost)
         .bind(to_i64(change.usage.cached_prompt_tokens, "cached_prompt_tokens")?)
         .bind(change.budget.is_some())
-        .bind(change.budget.as_ref().map(budget_text).transpose()?.flatten())
-        .fetch_one(&mut **self.tx)
-        .await
-        .map_err(Error::database)?;
-        session_from_row(&row)
+        .bind(change.budget.as_ref().map(budget_text).transpose()?.flatten()))
+}
+
+/// An appending commit ([`commit::Appending`]) as one statement, which Postgres runs as its own
+/// transaction: the shared commit's steps as data-modifying CTEs. `head` locks the session row as
+/// the first step does; `ok` is that head unless the commit is fenced (`$18`, its lease owner)
+/// by a lease someone else holds; every write reads `ok`, so a refused commit writes nothing,
+/// and numbers its rows from the locked head (`WITH ORDINALITY` counts from 1), as
+/// `Appending::finish` does. The one row returned is the head as locked and the session as
+/// written (NULL columns if nothing was); no row: no session. `$19`–`$23` are the messages'
+/// columns, `$24`–`$25` the events', `$26` the request id; `$8` is the commit's time.
+static APPEND_COMMIT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH head AS (
+             SELECT id, last_message_seq, last_event_seq, lease_owner
+             FROM sessions WHERE id = $1 FOR NO KEY UPDATE
+         ), ok AS (
+             SELECT * FROM head WHERE $18::TEXT IS NULL OR lease_owner = $18
+         ), m AS (
+             INSERT INTO messages (session_id, seq, role, content, agent, tool_calls,
+                 tool_call_id, created_at)
+             SELECT ok.id, ok.last_message_seq + t.n, t.role, t.content, t.agent, t.tool_calls,
+                 t.tool_call_id, $8
+             FROM ok, UNNEST($19::TEXT[], $20::BYTEA[], $21::TEXT[], $22::TEXT[], $23::TEXT[])
+                 WITH ORDINALITY AS t(role, content, agent, tool_calls, tool_call_id, n)
+         ), e AS (
+             INSERT INTO events (session_id, seq, kind, payload, created_at)
+             SELECT ok.id, ok.last_event_seq + t.n, t.kind, t.payload, $8
+             FROM ok, UNNEST($24::TEXT[], $25::TEXT[]) WITH ORDINALITY AS t(kind, payload, n)
+         ), r AS (
+             INSERT INTO requests (session_id, request_id, event_seq)
+             SELECT ok.id, $26, ok.last_event_seq + 1 FROM ok WHERE $26::TEXT IS NOT NULL
+             ON CONFLICT (session_id, request_id) DO NOTHING
+         ), s AS (
+             UPDATE sessions SET {APPLY_CHANGE}
+             WHERE id = $1 AND EXISTS (SELECT 1 FROM ok)
+             RETURNING {SESSION_COLUMNS}
+         )
+         SELECT head.last_message_seq AS head_message_seq, head.last_event_seq AS head_event_seq,
+             head.lease_owner AS head_lease_owner, s.*
+         FROM head LEFT JOIN s ON TRUE"
+    )
+});
+
+impl PostgresStorage {
+    /// Stores an appending commit in one round trip ([`APPEND_COMMIT`]).
+    async fn append(&self, session_id: &str, commit: commit::Appending) -> Result<Committed> {
+        let mut columns = MessageColumns::default();
+        for m in &commit.messages {
+            columns.push(
+                m.role,
+                &m.content,
+                m.agent.as_deref(),
+                &m.tool_calls,
+                m.tool_call_id.as_deref(),
+            )?;
+        }
+        let mut kinds = Vec::with_capacity(commit.events.len());
+        let mut payloads = Vec::with_capacity(commit.events.len());
+        for e in &commit.events {
+            kinds.push(e.kind());
+            payloads.push(to_json_text(e)?);
+        }
+        let query = sqlx::query(sqlx::AssertSqlSafe(APPEND_COMMIT.as_str())).bind(session_id);
+        let row = bind_change(query, &commit.change)?
+            .bind(commit.lease_owner.as_deref())
+            .bind(columns.roles)
+            .bind(columns.contents)
+            .bind(columns.agents)
+            .bind(columns.tool_calls)
+            .bind(columns.tool_call_ids)
+            .bind(kinds)
+            .bind(payloads)
+            .bind(commit.request_id.as_deref())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(Error::database)?;
+        let (head, session) = match &row {
+            None => (None, None),
+            Some(row) => {
+                let head = Head {
+                    last_message_seq: to_u64(get(row, "head_message_seq")?, "last_message_seq")?,
+                    last_event_seq: to_u64(get(row, "head_event_seq")?, "last_event_seq")?,
+                    lease_owner: get(row, "head_lease_owner")?,
+                };
+                let written: Option<String> = get(row, "id")?;
+                let session = written.map(|_| session_from_row(row)).transpose()?;
+                (Some(head), session)
+            }
+        };
+        commit.finish(session_id, head, session)
     }
 }
 
@@ -889,15 +1068,22 @@ impl Storage for PostgresStorage {
         check_commit(session_id, &commit)?;
         let notice = (!commit.events.is_empty())
             .then(|| format!("{} {session_id}", commit.lease_owner.as_deref().unwrap_or("-")));
-        let mut tx = self.pool.begin().await.map_err(Error::database)?;
-        // On error `tx` is dropped un-committed: Postgres rolls the whole commit back.
-        let mut steps = PgCommit {
-            tx: &mut tx,
-            session_id,
-            switch_count: 0,
+        let committed = match commit::Appending::of(commit) {
+            // Most commits: one round trip.
+            Ok(appending) => self.append(session_id, appending).await?,
+            Err(commit) => {
+                let mut tx = self.pool.begin().await.map_err(Error::database)?;
+                // On error `tx` is dropped un-committed: Postgres rolls the whole commit back.
+                let mut steps = PgCommit {
+                    tx: &mut tx,
+                    session_id,
+                    switch_count: 0,
+                };
+                let committed = commit::run(&mut steps, session_id, *commit).await?;
+                tx.commit().await.map_err(Error::database)?;
+                committed
+            }
         };
-        let committed = commit::run(&mut steps, session_id, commit).await?;
-        tx.commit().await.map_err(Error::database)?;
         if let Some(payload) = notice {
             // To listeners (other processes' followers), now that it is committed.
             let _ = self.notices.send(payload);
@@ -999,16 +1185,49 @@ impl Storage for PostgresStorage {
         )
         .bind(session_id);
         let rows = self.session_rows(session_id, query).await?;
-        rows.iter()
-            .map(|row| {
-                Ok(AgentSwitch {
-                    from_agent: get(row, "from_agent")?,
-                    to_agent: get(row, "to_agent")?,
-                    reason: get(row, "reason")?,
-                    timestamp: Timestamp::from_millis(get(row, "at")?),
-                })
-            })
-            .collect()
+        rows.iter().map(switch_from_row).collect()
+    }
+
+    #[instrument(skip(self))]
+    async fn session_history(
+        &self,
+        session_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Session, Vec<Message>, Vec<AgentSwitch>)> {
+        // Two round trips, not four: the session with its switches (a row per switch, or one
+        // with no switch), then its messages, which need no check that the session exists.
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {SESSION_COLUMNS}, w.from_agent, w.to_agent, w.reason, w.at
+             FROM sessions LEFT JOIN switches w ON w.session_id = sessions.id
+             WHERE sessions.id = $1 ORDER BY w.seq"
+        )))
+        .bind(session_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::database)?;
+        let Some(first) = rows.first() else {
+            return Err(Error::SessionNotFound(session_id.to_string()));
+        };
+        let session = session_from_row(first)?;
+        let switches = match get::<Option<String>>(first, "to_agent")? {
+            None => vec![],
+            Some(_) => rows.iter().map(switch_from_row).collect::<Result<_>>()?,
+        };
+        let messages = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = $1 AND seq > $2
+             ORDER BY seq LIMIT $3"
+        )))
+        .bind(session_id)
+        .bind(i64::try_from(after).unwrap_or(i64::MAX))
+        .bind(sql_limit(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::database)?
+        .iter()
+        .map(message_from_row)
+        .collect::<Result<_>>()?;
+        Ok((session, messages, switches))
     }
 
     #[instrument(skip(self))]
@@ -1028,31 +1247,15 @@ impl Storage for PostgresStorage {
 
     #[instrument(skip(self))]
     async fn acquire_lease(&self, session_id: &str, owner: &str, ttl: Duration) -> Result<bool> {
-        // One conditional UPDATE judged by the database's clock: atomic across processes.
-        // The liveness test runs only when the lease is neither free, ours, nor expired.
-        let taken = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE sessions
-             SET lease_owner = $2,
-                 lease_expires_at = clock_timestamp() + $3 * INTERVAL '1 millisecond',
-                 cancel_requested_at = NULL
-             WHERE id = $1
-               AND CASE WHEN lease_owner IS NULL OR lease_owner = $2
-                             OR lease_expires_at IS NULL OR lease_expires_at <= clock_timestamp()
-                        THEN TRUE
-                        ELSE {LEASE_OWNER_DEAD} END"
-        )))
-        .bind(session_id)
-        .bind(owner)
-        .bind(lease_ttl_millis(ttl))
-        .execute(&self.pool)
-        .await
-        .map_err(Error::database)?
-        .rows_affected();
-        if taken == 1 {
-            return Ok(true);
-        }
-        self.ensure_session(session_id).await?;
-        Ok(false)
+        Ok(self.take_lease(session_id, owner, ttl).await?.is_some())
+    }
+
+    #[instrument(skip(self))]
+    async fn lease_session(&self, session_id: &str, owner: &str, ttl: Duration) -> Result<Option<Session>> {
+        self.take_lease(session_id, owner, ttl)
+            .await?
+            .map(|row| session_from_row(&row))
+            .transpose()
     }
 
     #[instrument(skip(self))]
