@@ -691,7 +691,8 @@ async fn mcp_http() -> McpHttp {
                             .and_then(|v| v.to_str().ok())
                             .map_or(Value::Null, |v| json!(v))
                     };
-                    let headers = json!({"traceparent": header("traceparent"), "tracestate": header("tracestate")});
+                    let headers =
+                        json!({"traceparent": header("traceparent"), "tracestate": header("tracestate")});
                     let post = req.method() == hyper::Method::POST;
                     let body = req.into_body().collect().await.unwrap().to_bytes();
                     let msg: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
@@ -844,7 +845,10 @@ async fn mcp_calls_carry_their_execute_tool_span_as_meta_over_stdio_and_as_heade
     let (st_tp, web_tp) = (tp("execute_tool st__whoami"), tp("execute_tool web__whoami"));
     // stdio: `params._meta` (SEP-414), with the client's tracestate carried along.
     assert_eq!(
-        (st["meta"]["traceparent"].clone(), st["meta"]["tracestate"].clone()),
+        (
+            st["meta"]["traceparent"].clone(),
+            st["meta"]["tracestate"].clone()
+        ),
         (json!(st_tp), json!("rt=1"))
     );
     // Streamable HTTP: the headers of the `tools/call` request, and `_meta` as well.
@@ -866,20 +870,17 @@ async fn mcp_calls_carry_their_execute_tool_span_as_meta_over_stdio_and_as_heade
 async fn a_client_run_tool_is_an_execute_tool_span_from_its_offer_to_its_result_or_cancellation() {
     let otlp = collector(false).await;
     let llm = MockLlmServer::start().await.unwrap();
-    let s = Server::start_with(
-        &llm.url(),
-        None,
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp.url),
-            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
-            ("AGENT_RUNTIME__MULTI_AGENT_ENABLED", "false"),
-            ("AGENT_RUNTIME__DEFAULT_AGENT", "coder"),
-        ],
-    )
-    .await;
-    let id = s
-        .session(json!({"metadata": {"tool_execution": "client"}}))
-        .await;
+    // One database for two processes: the result arrives after a restart.
+    let data = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", data.path().join("rt.db").display());
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.url.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+        ("AGENT_RUNTIME__MULTI_AGENT_ENABLED", "false"),
+        ("AGENT_RUNTIME__DEFAULT_AGENT", "coder"),
+    ];
+    let mut s = Server::start_with(&llm.url(), Some(&db), &env).await;
+    let id = s.session(json!({"metadata": {"tool_execution": "client"}})).await;
     llm.push(scripted(Script::tool_call("read_file", json!({"path": "a.txt"}))));
     llm.push(scripted(Script::tool_call("read_file", json!({"path": "b.txt"}))));
     llm.push(scripted(Script::text("Stopped.")));
@@ -890,7 +891,8 @@ async fn a_client_run_tool_is_an_execute_tool_span_from_its_offer_to_its_result_
             .as_millis() as u64
     };
 
-    // Offered in the first request; the client runs it (300 ms) and answers in a second one.
+    // Offered in the first request; the client runs it (300 ms, while the server restarts) and
+    // answers in a second one.
     let before_offer = now_ms();
     let first = send_traced(
         &s,
@@ -904,6 +906,8 @@ async fn a_client_run_tool_is_an_execute_tool_span_from_its_offer_to_its_result_
     assert_eq!(kinds(&first), ["tool_call", "done:awaiting_tool_result"]);
     let ran = first[0]["call_id"].as_str().unwrap().to_string();
     tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(s.terminate(), "the first process exits cleanly");
+    let s = Server::start_with(&llm.url(), Some(&db), &env).await;
     let second = send_traced(
         &s,
         &id,
@@ -933,9 +937,14 @@ async fn a_client_run_tool_is_an_execute_tool_span_from_its_offer_to_its_result_
 
     let spans = wait_for("the client tools' spans", || {
         let spans = otlp.got.spans();
-        let tools = spans.iter().filter(|s| s.name == "execute_tool read_file").count();
-        let requests = spans.iter().filter(|s| s.name.starts_with("POST ")).count();
-        (tools == 2 && requests == 3).then_some(spans)
+        let tools = spans
+            .iter()
+            .filter(|s| s.name == "execute_tool read_file")
+            .count();
+        let sent = (spans.iter())
+            .filter(|s| s.name == "POST /agent/message/stream")
+            .count();
+        (tools == 2 && sent == 3).then_some(spans)
     })
     .await;
     let line = |a: &str, b: &str| (a.to_string(), b.to_string());
@@ -986,10 +995,7 @@ async fn a_client_run_tool_is_an_execute_tool_span_from_its_offer_to_its_result_
         (attrs(answered), links(answered)),
         (
             attrs_of(&ran, None),
-            vec![(
-                RESUME_TRACE.to_string(),
-                hex(&request_in(RESUME_TRACE).span_id)
-            )]
+            vec![(RESUME_TRACE.to_string(), hex(&request_in(RESUME_TRACE).span_id))]
         )
     );
     let start_ms = answered.start_time_unix_nano / 1_000_000;
@@ -1009,10 +1015,7 @@ async fn a_client_run_tool_is_an_execute_tool_span_from_its_offer_to_its_result_
         ),
         (
             attrs_of(&cancelled, Some("CANCELLED")),
-            vec![(
-                THIRD_TRACE.to_string(),
-                hex(&request_in(THIRD_TRACE).span_id)
-            )],
+            vec![(THIRD_TRACE.to_string(), hex(&request_in(THIRD_TRACE).span_id))],
             Some(opentelemetry_proto::tonic::trace::v1::status::StatusCode::Error as i32)
         )
     );

@@ -587,8 +587,8 @@ impl TurnTrace {
         } else {
             vec![]
         };
-        let start = std::time::UNIX_EPOCH
-            + std::time::Duration::from_millis(u64::try_from(offer.at_ms).unwrap_or(0));
+        let start =
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(offer.at_ms).unwrap_or(0));
         let tracer = &self.tel.inner.tracer;
         let span = tracer
             .span_builder(format!("execute_tool {tool}"))
