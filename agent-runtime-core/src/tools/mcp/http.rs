@@ -58,9 +58,8 @@ impl StreamableHttpClient for TracingHttpClient {
         auth_header: Option<String>,
         custom_headers: Headers,
     ) -> PostResult {
-        let headers = with_trace_context(&message, custom_headers);
-        (self.0)
-            .post_message(uri, message, session_id, auth_header, headers)
+        let limits = StreamableHttpResponseLimits::default();
+        self.post_message_with_response_limits(uri, message, session_id, auth_header, custom_headers, limits)
             .await
     }
 
@@ -73,19 +72,13 @@ impl StreamableHttpClient for TracingHttpClient {
         custom_headers: Headers,
         max_sse_event_size: usize,
     ) -> PostResult {
-        let headers = with_trace_context(&message, custom_headers);
-        (self.0)
-            .post_message_with_max_sse_event_size(
-                uri,
-                message,
-                session_id,
-                auth_header,
-                headers,
-                max_sse_event_size,
-            )
+        let mut limits = StreamableHttpResponseLimits::default();
+        limits.max_sse_event_size = max_sse_event_size;
+        self.post_message_with_response_limits(uri, message, session_id, auth_header, custom_headers, limits)
             .await
     }
 
+    /// Every POST comes here (the other two as rmcp's reqwest client routes them).
     async fn post_message_with_response_limits(
         &self,
         uri: Arc<str>,
