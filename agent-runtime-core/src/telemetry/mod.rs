@@ -3,11 +3,13 @@
 //!
 //! Spans (semconv GenAI, the "development" revision of semantic-conventions v1.37):
 //! `invoke_agent {agent}` for each agent's part of a turn, `chat {model}` for each model call
-//! (routing and plans included), `execute_tool {tool}` for each tool the runtime runs. Approval
-//! requests and decisions are events on the agent span. Every span is built against an explicit
-//! parent [`Context`]; the only implicit context is the one a front-end attaches around
+//! (routing and plans included), `execute_tool {tool}` for each tool the runtime runs, and for each
+//! tool the client runs (built when its result arrives, from the offer kept in the turn state).
+//! Approval requests and decisions are events on the agent span. Every span is built against an
+//! explicit parent [`Context`]; the only implicit context is the one a front-end attaches around
 //! [`crate::orchestrator::Orchestrator::submit`] (its request span), which the turn takes as its
-//! parent, and the one around a model request, which the HTTP backend sends on as `traceparent`.
+//! parent, the one around a model request, which the HTTP backend sends on as `traceparent`, and
+//! the one around a tool's run, which an MCP call sends on (`_meta`, and headers over HTTP).
 
 mod export;
 
