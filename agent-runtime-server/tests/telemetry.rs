@@ -364,7 +364,7 @@ async fn a_routed_turn_with_a_tool_an_approval_and_its_resumption_is_exported_as
             ("gen_ai.operation.name".to_string(), json!("execute_tool")),
             ("gen_ai.tool.call.id".to_string(), json!(read_call)),
             ("gen_ai.tool.name".to_string(), json!("read_file")),
-            ("gen_ai.tool.type".to_string(), json!("function")),
+            ("gen_ai.tool.type".to_string(), json!("extension")),
         ])
     );
     // The approval: asked on the first turn's coder span, decided on the resumed one, which links
@@ -639,4 +639,384 @@ async fn content_goes_on_the_spans_only_when_the_operator_opts_in() {
         )
     );
     assert_eq!(output(&chats[1])[0]["tool_calls"][0]["name"], json!("read_file"));
+}
+
+const THIRD_TRACE: &str = "5bf92f3577b34da6a3ce929d0e0e4737";
+const THIRD_SPAN: &str = "10f067aa0ba902b8";
+
+/// `message` to the session through `/agent/message/stream` as a client inside trace `trace`
+/// (its span `span`, with `tracestate: rt=1`); the stream read to its end.
+async fn send_traced(s: &Server, id: &str, message: Value, trace: &str, span: &str) -> Vec<Value> {
+    let r = s
+        .post(
+            "/agent/message/stream",
+            json!({"session_id": id, "message": message}),
+        )
+        .header("traceparent", format!("00-{trace}-{span}-01"))
+        .header("tracestate", "rt=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    Sse::new(r).all().await
+}
+
+/// A Streamable HTTP MCP server in the test: JSON answers only (no SSE stream, no session), one
+/// tool `whoami` answering with the `traceparent`/`tracestate` headers and the `_meta` of the
+/// `tools/call` request that reached it.
+struct McpHttp {
+    url: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for McpHttp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn mcp_http() -> McpHttp {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((socket, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let service = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    let header = |n: &str| {
+                        req.headers()
+                            .get(n)
+                            .and_then(|v| v.to_str().ok())
+                            .map_or(Value::Null, |v| json!(v))
+                    };
+                    let headers =
+                        json!({"traceparent": header("traceparent"), "tracestate": header("tracestate")});
+                    let post = req.method() == hyper::Method::POST;
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    let msg: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    let result = match msg["method"].as_str() {
+                        Some("initialize") => Some(json!({
+                            "protocolVersion": msg["params"]["protocolVersion"],
+                            "capabilities": {"tools": {}},
+                            "serverInfo": {"name": "trace-http", "version": "1"},
+                        })),
+                        Some("tools/list") => Some(json!({"tools": [{
+                            "name": "whoami",
+                            "description": "answers with the trace context of the call",
+                            "inputSchema": {"type": "object", "properties": {}},
+                        }]})),
+                        Some("tools/call") => {
+                            let seen = json!({"headers": headers, "meta": msg["params"]["_meta"]});
+                            Some(json!({"content": [{"type": "text", "text": seen.to_string()}]}))
+                        }
+                        _ => None,
+                    };
+                    let response = match (post, result, msg.get("id")) {
+                        (true, Some(result), Some(id)) => {
+                            let body = json!({"jsonrpc": "2.0", "id": id, "result": result});
+                            let mut r = hyper::Response::new(Full::new(Bytes::from(body.to_string())));
+                            r.headers_mut().insert(
+                                "content-type",
+                                hyper::header::HeaderValue::from_static("application/json"),
+                            );
+                            r
+                        }
+                        // A notification (or an answer) is accepted; GET and DELETE are not offered.
+                        (true, _, _) => {
+                            let mut r = hyper::Response::new(Full::new(Bytes::new()));
+                            *r.status_mut() = hyper::StatusCode::ACCEPTED;
+                            r
+                        }
+                        (false, _, _) => {
+                            let mut r = hyper::Response::new(Full::new(Bytes::new()));
+                            *r.status_mut() = hyper::StatusCode::METHOD_NOT_ALLOWED;
+                            r
+                        }
+                    };
+                    Ok::<_, std::convert::Infallible>(response)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(socket), service)
+                    .await;
+            });
+        }
+    });
+    McpHttp { url, task }
+}
+
+fn trace_server_py() -> String {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/mcp_support/trace_server.py")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The `traceparent` of an exported span.
+fn traceparent_of(span: &Span) -> String {
+    format!("00-{}-{}-01", hex(&span.trace_id), hex(&span.span_id))
+}
+
+#[tokio::test]
+async fn mcp_calls_carry_their_execute_tool_span_as_meta_over_stdio_and_as_headers_over_http() {
+    let otlp = collector(false).await;
+    let web = mcp_http().await;
+    let llm = MockLlmServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let servers = dir.path().join("mcp.json");
+    let config = json!({"mcpServers": {
+        "st": {"command": "python3", "args": [trace_server_py()], "approval": "never"},
+        "web": {"url": web.url, "approval": "never"},
+    }});
+    std::fs::write(&servers, config.to_string()).unwrap();
+    let s = Server::start_with(
+        &llm.url(),
+        None,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp.url),
+            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+            ("AGENT_RUNTIME__MULTI_AGENT_ENABLED", "false"),
+            ("AGENT_RUNTIME__DEFAULT_AGENT", "coder"),
+            ("MCP_SERVERS_FILE", servers.to_str().unwrap()),
+        ],
+    )
+    .await;
+    assert_eq!(
+        s.get_json("/health").await["mcp_servers"],
+        json!([
+            {"name": "st", "transport": "stdio", "state": "running", "tools": 1, "restarts": 0},
+            {"name": "web", "transport": "http", "state": "running", "tools": 1, "restarts": 0},
+        ])
+    );
+    let id = s.session(json!({})).await;
+    llm.push(scripted(Script::tool_call("st__whoami", json!({}))));
+    llm.push(scripted(Script::tool_call("web__whoami", json!({}))));
+    llm.push(scripted(Script::text("Both answered.")));
+    let events = send_traced(
+        &s,
+        &id,
+        json!({"type": "user_message", "content": "who are you?"}),
+        CLIENT_TRACE,
+        CLIENT_SPAN,
+    )
+    .await;
+    assert_eq!(
+        kinds(&events),
+        [
+            "tool_call",
+            "tool_result",
+            "tool_call",
+            "tool_result",
+            "assistant_final",
+            "done:completed"
+        ]
+    );
+    let seen = |tool: &str| -> Value {
+        let r = events
+            .iter()
+            .find(|e| e["type"] == "tool_result" && e["tool_name"] == tool)
+            .unwrap();
+        serde_json::from_str(r["result"].as_str().unwrap()).unwrap()
+    };
+    let (st, web_seen) = (seen("st__whoami"), seen("web__whoami"));
+
+    let spans = wait_for("both MCP calls' spans", || {
+        let spans = otlp.got.spans();
+        let done = ["execute_tool st__whoami", "execute_tool web__whoami"]
+            .iter()
+            .all(|n| named(&spans, CLIENT_TRACE, n).len() == 1);
+        done.then_some(spans)
+    })
+    .await;
+    let line = |a: &str, b: &str| (a.to_string(), b.to_string());
+    let tools: Vec<(String, String)> = tree(&spans, CLIENT_TRACE, CLIENT_SPAN)
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("execute_tool"))
+        .collect();
+    assert_eq!(
+        tools,
+        [
+            line("execute_tool st__whoami", "invoke_agent coder"),
+            line("execute_tool web__whoami", "invoke_agent coder"),
+        ]
+    );
+    let tp = |name: &str| traceparent_of(named(&spans, CLIENT_TRACE, name)[0]);
+    let (st_tp, web_tp) = (tp("execute_tool st__whoami"), tp("execute_tool web__whoami"));
+    // stdio: `params._meta` (SEP-414), with the client's tracestate carried along.
+    assert_eq!(
+        (
+            st["meta"]["traceparent"].clone(),
+            st["meta"]["tracestate"].clone()
+        ),
+        (json!(st_tp), json!("rt=1"))
+    );
+    // Streamable HTTP: the headers of the `tools/call` request, and `_meta` as well.
+    assert_eq!(
+        (
+            web_seen["headers"].clone(),
+            web_seen["meta"]["traceparent"].clone(),
+            web_seen["meta"]["tracestate"].clone()
+        ),
+        (
+            json!({"traceparent": web_tp, "tracestate": "rt=1"}),
+            json!(web_tp),
+            json!("rt=1")
+        )
+    );
+}
+
+#[tokio::test]
+async fn a_client_run_tool_is_an_execute_tool_span_from_its_offer_to_its_result_or_cancellation() {
+    let otlp = collector(false).await;
+    let llm = MockLlmServer::start().await.unwrap();
+    // One database for two processes: the result arrives after a restart.
+    let data = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", data.path().join("rt.db").display());
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.url.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+        ("AGENT_RUNTIME__MULTI_AGENT_ENABLED", "false"),
+        ("AGENT_RUNTIME__DEFAULT_AGENT", "coder"),
+    ];
+    let mut s = Server::start_with(&llm.url(), Some(&db), &env).await;
+    let id = s.session(json!({"metadata": {"tool_execution": "client"}})).await;
+    llm.push(scripted(Script::tool_call("read_file", json!({"path": "a.txt"}))));
+    llm.push(scripted(Script::tool_call("read_file", json!({"path": "b.txt"}))));
+    llm.push(scripted(Script::text("Stopped.")));
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+
+    // Offered in the first request; the client runs it (300 ms, while the server restarts) and
+    // answers in a second one.
+    let before_offer = now_ms();
+    let first = send_traced(
+        &s,
+        &id,
+        json!({"type": "user_message", "content": "read a.txt"}),
+        CLIENT_TRACE,
+        CLIENT_SPAN,
+    )
+    .await;
+    let after_offer = now_ms();
+    assert_eq!(kinds(&first), ["tool_call", "done:awaiting_tool_result"]);
+    let ran = first[0]["call_id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(s.terminate(), "the first process exits cleanly");
+    let s = Server::start_with(&llm.url(), Some(&db), &env).await;
+    let second = send_traced(
+        &s,
+        &id,
+        json!({"type": "tool_result", "call_id": ran, "result": "alpha"}),
+        RESUME_TRACE,
+        RESUME_SPAN,
+    )
+    .await;
+    assert_eq!(
+        kinds(&second),
+        ["tool_result", "tool_call", "done:awaiting_tool_result"]
+    );
+    let cancelled = second[1]["call_id"].as_str().unwrap().to_string();
+    // The second call is never answered: a new message cancels it.
+    let third = send_traced(
+        &s,
+        &id,
+        json!({"type": "user_message", "content": "never mind"}),
+        THIRD_TRACE,
+        THIRD_SPAN,
+    )
+    .await;
+    assert_eq!(
+        kinds(&third),
+        ["tool_result", "assistant_final", "done:completed"]
+    );
+
+    let spans = wait_for("the client tools' spans", || {
+        let spans = otlp.got.spans();
+        let tools = spans
+            .iter()
+            .filter(|s| s.name == "execute_tool read_file")
+            .count();
+        let sent = (spans.iter())
+            .filter(|s| s.name == "POST /agent/message/stream")
+            .count();
+        (tools == 2 && sent == 3).then_some(spans)
+    })
+    .await;
+    let line = |a: &str, b: &str| (a.to_string(), b.to_string());
+    let model = "chat gpt-4o-mini";
+    // Each call's span is a child of the agent span that offered it, in that request's trace.
+    assert_eq!(
+        tree(&spans, CLIENT_TRACE, CLIENT_SPAN),
+        [
+            line("POST /agent/message/stream", "client"),
+            line(model, "invoke_agent coder"),
+            line("execute_tool read_file", "invoke_agent coder"),
+            line("invoke_agent coder", "POST /agent/message/stream"),
+        ]
+    );
+    assert_eq!(
+        tree(&spans, RESUME_TRACE, RESUME_SPAN),
+        [
+            line("POST /agent/message/stream", "client"),
+            line(model, "invoke_agent coder"),
+            line("execute_tool read_file", "invoke_agent coder"),
+            line("invoke_agent coder", "POST /agent/message/stream"),
+        ]
+    );
+    let request_in = |trace: &str| named(&spans, trace, "POST /agent/message/stream")[0];
+    let tool_in = |trace: &str| named(&spans, trace, "execute_tool read_file")[0];
+    let links = |s: &Span| -> Vec<(String, String)> {
+        s.links
+            .iter()
+            .map(|l| (hex(&l.trace_id), hex(&l.span_id)))
+            .collect()
+    };
+    let attrs_of = |call: &str, error: Option<&str>| {
+        let mut a = BTreeMap::from([
+            ("gen_ai.conversation.id".to_string(), json!(id)),
+            ("gen_ai.operation.name".to_string(), json!("execute_tool")),
+            ("gen_ai.tool.call.id".to_string(), json!(call)),
+            ("gen_ai.tool.name".to_string(), json!("read_file")),
+            ("gen_ai.tool.type".to_string(), json!("function")),
+        ]);
+        if let Some(code) = error {
+            a.insert("error.type".to_string(), json!(code));
+        }
+        a
+    };
+    // The answered call: linked to the request that brought its result; it covers the wait.
+    let answered = tool_in(CLIENT_TRACE);
+    assert_eq!(
+        (attrs(answered), links(answered)),
+        (
+            attrs_of(&ran, None),
+            vec![(RESUME_TRACE.to_string(), hex(&request_in(RESUME_TRACE).span_id))]
+        )
+    );
+    let start_ms = answered.start_time_unix_nano / 1_000_000;
+    let took_ms = (answered.end_time_unix_nano - answered.start_time_unix_nano) / 1_000_000;
+    assert!(
+        (before_offer..=after_offer).contains(&start_ms) && took_ms >= 300,
+        "the span starts at the offer ({before_offer}..={after_offer}: {start_ms}) and covers \
+         the client's 300 ms run ({took_ms} ms)"
+    );
+    // The cancelled call: an error, linked to the request that cancelled it.
+    let dropped = tool_in(RESUME_TRACE);
+    assert_eq!(
+        (
+            attrs(dropped),
+            links(dropped),
+            dropped.status.as_ref().map(|s| s.code)
+        ),
+        (
+            attrs_of(&cancelled, Some("CANCELLED")),
+            vec![(THIRD_TRACE.to_string(), hex(&request_in(THIRD_TRACE).span_id))],
+            Some(opentelemetry_proto::tonic::trace::v1::status::StatusCode::Error as i32)
+        )
+    );
 }

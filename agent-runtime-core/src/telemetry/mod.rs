@@ -3,11 +3,13 @@
 //!
 //! Spans (semconv GenAI, the "development" revision of semantic-conventions v1.37):
 //! `invoke_agent {agent}` for each agent's part of a turn, `chat {model}` for each model call
-//! (routing and plans included), `execute_tool {tool}` for each tool the runtime runs. Approval
-//! requests and decisions are events on the agent span. Every span is built against an explicit
-//! parent [`Context`]; the only implicit context is the one a front-end attaches around
+//! (routing and plans included), `execute_tool {tool}` for each tool the runtime runs, and for each
+//! tool the client runs (built when its result arrives, from the offer kept in the turn state).
+//! Approval requests and decisions are events on the agent span. Every span is built against an
+//! explicit parent [`Context`]; the only implicit context is the one a front-end attaches around
 //! [`crate::orchestrator::Orchestrator::submit`] (its request span), which the turn takes as its
-//! parent, and the one around a model request, which the HTTP backend sends on as `traceparent`.
+//! parent, the one around a model request, which the HTTP backend sends on as `traceparent`, and
+//! the one around a tool's run, which an MCP call sends on (`_meta`, and headers over HTTP).
 
 mod export;
 
@@ -297,6 +299,21 @@ pub fn outgoing_traceparent() -> Option<String> {
     traceparent(&Context::current())
 }
 
+/// The W3C trace-context fields to send on an outgoing request made within the current context
+/// (an MCP call inside its `execute_tool` span): `traceparent`, and `tracestate` when the span
+/// carries one. Empty when telemetry is off or the request is outside any span.
+pub fn outgoing_trace_context() -> Vec<(&'static str, String)> {
+    let Some(tp) = outgoing_traceparent() else {
+        return Vec::new();
+    };
+    let mut fields = vec![("traceparent", tp)];
+    let state = Context::current().span().span_context().trace_state().header();
+    if !state.is_empty() {
+        fields.push(("tracestate", state));
+    }
+    fields
+}
+
 /// Set once any [`Telemetry`] has started in this process.
 static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -429,6 +446,11 @@ impl TurnTrace {
         }
     }
 
+    /// Whether prompts, answers and tool arguments go on the spans.
+    pub(crate) fn captures_content(&self) -> bool {
+        self.tel.captures_content()
+    }
+
     /// Whether an agent span is open.
     pub(crate) fn in_agent(&self) -> bool {
         self.agent.is_some()
@@ -499,7 +521,7 @@ impl TurnTrace {
             KeyValue::new("gen_ai.operation.name", "execute_tool"),
             KeyValue::new("gen_ai.tool.name", tool.to_string()),
             KeyValue::new("gen_ai.tool.call.id", call_id.to_string()),
-            KeyValue::new("gen_ai.tool.type", "function"),
+            KeyValue::new("gen_ai.tool.type", TOOL_TYPE_AGENT_SIDE),
             KeyValue::new("gen_ai.conversation.id", self.session_id.clone()),
         ];
         if self.tel.captures_content() {
@@ -515,6 +537,93 @@ impl TurnTrace {
             ),
         }
     }
+
+    /// Notes a call going out for the client to run (client execution mode): when, and under which
+    /// span, so the `execute_tool` span can be built once its result arrives, maybe in another
+    /// request or process. `None` outside any valid span.
+    pub(crate) fn offer(&self, call_id: &str) -> Option<ClientOffer> {
+        Some(ClientOffer {
+            call_id: call_id.to_string(),
+            at_ms: crate::time::Timestamp::now().as_millis(),
+            parent: traceparent(self.under())?,
+        })
+    }
+
+    /// The `execute_tool {tool}` span of a call the client ran, built when it is answered: from
+    /// the offer to now, a child of the agent span that offered it (stored with the offer), with
+    /// a link to the span the answer came under (the client's `tool_result` request, or the
+    /// request that cancelled the call). `result` is the result (content capture only) or the
+    /// error code.
+    pub(crate) fn client_tool(
+        &self,
+        offer: &ClientOffer,
+        tool: &str,
+        arguments: &serde_json::Value,
+        result: std::result::Result<Option<&serde_json::Value>, &str>,
+    ) {
+        let Some(parent) = parse_traceparent(&offer.parent) else {
+            return;
+        };
+        let parent = Context::new().with_remote_span_context(parent);
+        let mut attrs = vec![
+            KeyValue::new("gen_ai.operation.name", "execute_tool"),
+            KeyValue::new("gen_ai.tool.name", tool.to_string()),
+            KeyValue::new("gen_ai.tool.call.id", offer.call_id.clone()),
+            KeyValue::new("gen_ai.tool.type", TOOL_TYPE_CLIENT_SIDE),
+            KeyValue::new("gen_ai.conversation.id", self.session_id.clone()),
+        ];
+        let capture = self.tel.captures_content();
+        if capture {
+            attrs.push(KeyValue::new("gen_ai.tool.call.arguments", arguments.to_string()));
+        }
+        match result {
+            Ok(Some(v)) if capture => {
+                attrs.push(KeyValue::new("gen_ai.tool.call.result", v.to_string()));
+            }
+            Ok(_) => {}
+            Err(code) => attrs.push(KeyValue::new("error.type", code.to_string())),
+        }
+        let here = self.parent.span().span_context().clone();
+        let links = if here.is_valid() {
+            vec![Link::with_context(here)]
+        } else {
+            vec![]
+        };
+        let start =
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(offer.at_ms).unwrap_or(0));
+        let tracer = &self.tel.inner.tracer;
+        let span = tracer
+            .span_builder(format!("execute_tool {tool}"))
+            .with_kind(SpanKind::Internal)
+            .with_start_time(start)
+            .with_attributes(attrs)
+            .with_links(links)
+            .start_with_context(tracer, &parent);
+        let cx = parent.with_span(span);
+        if let Err(code) = result {
+            cx.span().set_status(Status::error(code.to_string()));
+        }
+        cx.span().end();
+    }
+}
+
+/// `gen_ai.tool.type` of a tool the runtime runs itself, built-in or MCP: the GenAI conventions'
+/// "extension", "a tool executed on the agent-side".
+const TOOL_TYPE_AGENT_SIDE: &str = "extension";
+/// `gen_ai.tool.type` of a tool the client runs (client execution mode): the conventions'
+/// "function", "a tool executed on the client-side, where the agent generates parameters for a
+/// predefined function, and the client executes the logic".
+const TOOL_TYPE_CLIENT_SIDE: &str = "function";
+
+/// A call offered to the client to run, kept in the turn's stored state until it is answered
+/// (see [`TurnTrace::client_tool`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct ClientOffer {
+    pub call_id: String,
+    /// When the call went out, in milliseconds since the epoch.
+    pub at_ms: i64,
+    /// The `traceparent` of the span it went out under (the agent that asked for it).
+    pub parent: String,
 }
 
 /// An open `chat {model}` span; [`ChatSpan::context`] goes around the request so the model
@@ -597,6 +706,11 @@ pub(crate) struct ToolSpan {
 }
 
 impl ToolSpan {
+    /// The span's context, to attach around the tool's run (an MCP call sends it on).
+    pub(crate) fn context(&self) -> Context {
+        self.cx.clone()
+    }
+
     /// Ends the span: `error` is the tool error's code when the tool failed.
     pub(crate) fn end(self, result: std::result::Result<&serde_json::Value, &str>) {
         let span = self.cx.span();
@@ -617,6 +731,16 @@ impl ToolSpan {
 /// Runs `fut` within `span`'s context (so an HTTP backend sends its `traceparent`), or as it is
 /// when there is no span.
 pub(crate) async fn within<F: std::future::Future>(span: Option<&ChatSpan>, fut: F) -> F::Output {
+    use opentelemetry::context::FutureExt as _;
+    match span {
+        Some(s) => fut.with_context(s.context()).await,
+        None => fut.await,
+    }
+}
+
+/// Runs a tool within its `execute_tool` span's context (so an MCP call sends its trace context),
+/// or as it is when there is no span.
+pub(crate) async fn within_tool<F: std::future::Future>(span: Option<&ToolSpan>, fut: F) -> F::Output {
     use opentelemetry::context::FutureExt as _;
     match span {
         Some(s) => fut.with_context(s.context()).await,

@@ -95,6 +95,10 @@ struct TurnState {
     /// The `traceparent` of the turn's first agent span, which a resumed turn's spans link to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     trace_origin: Option<String>,
+    /// Calls out for the client to run, with when and under which span (telemetry on only): their
+    /// `execute_tool` spans are built when they are answered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    client_offers: Vec<crate::telemetry::ClientOffer>,
 }
 
 impl TurnState {
@@ -201,6 +205,15 @@ impl Turn {
         }
         if let Some(t) = &self.trace {
             t.event(name, attrs);
+        }
+    }
+
+    /// Hands a call to the client to run; with telemetry on, notes the offer for its span.
+    fn offer_to_client(&mut self, call_id: &str) {
+        self.set_state(call_id, CallState::AwaitingClient);
+        if let Some(offer) = self.trace.as_ref().and_then(|t| t.offer(call_id)) {
+            self.state.client_offers.retain(|o| o.call_id != call_id);
+            self.state.client_offers.push(offer);
         }
     }
 
@@ -657,6 +670,16 @@ impl Turn {
             return Ok(());
         };
         let call = self.state.open_calls.remove(pos);
+        let offered = (self.state.client_offers.iter().position(|o| o.call_id == call_id))
+            .map(|i| self.state.client_offers.remove(i));
+        // A call the client ran gets its span once the answer is stored (content only on opt-in).
+        let traced = offered.zip(self.trace.as_ref()).map(|(o, t)| {
+            let r = match &outcome {
+                Ok(v) => Ok(t.captures_content().then(|| v.clone())),
+                Err(e) => Err(e.code.clone()),
+            };
+            (o, r)
+        });
         let max = self.rt.config.max_tool_output_bytes;
         let (content, result, error) = match outcome {
             Ok(Value::String(s)) => {
@@ -684,6 +707,10 @@ impl Turn {
             error,
         });
         self.commit(c, true).await?;
+        if let (Some((offer, r)), Some(t)) = (traced, &self.trace) {
+            let r = r.as_ref().map(Option::as_ref).map_err(String::as_str);
+            t.client_tool(&offer, &call.tool_name, &call.arguments, r);
+        }
         Ok(())
     }
 
@@ -825,7 +852,11 @@ impl Turn {
             }
         };
         let for_client = state == CallState::AwaitingClient;
-        self.set_state(&call.call_id, state);
+        if for_client {
+            self.offer_to_client(&call.call_id);
+        } else {
+            self.set_state(&call.call_id, state);
+        }
         let c = Commit {
             events: vec![EventPayload::ToolCall {
                 call_id: call.call_id.clone(),
@@ -918,7 +949,7 @@ impl Turn {
                     run_arguments: arguments,
                 } if self.mode() == ToolExecution::Client && !self.rt.is_mcp(&call.tool_name) => {
                     // Approved: streamed again for the client to execute.
-                    self.set_state(&call.call_id, CallState::AwaitingClient);
+                    self.offer_to_client(&call.call_id);
                     self.commit(
                         Commit {
                             events: vec![EventPayload::ToolCall {
@@ -942,7 +973,8 @@ impl Turn {
                     }
                     let span =
                         (self.trace.as_ref()).map(|t| t.tool(&call.tool_name, &call.call_id, &arguments));
-                    let outcome = self.execute(&call.tool_name, arguments).await;
+                    let run = self.execute(&call.tool_name, arguments);
+                    let outcome = crate::telemetry::within_tool(span.as_ref(), run).await;
                     if let Some(span) = span {
                         span.end(outcome.as_ref().map_err(|e| e.code.as_str()));
                     }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use rmcp::model::{
     CallToolRequestParams, CallToolResult, ClientCapabilities, ClientConfig, Implementation, ListRootsResult,
-    Root,
+    RequestParamsMeta, Root,
 };
 use rmcp::service::{NotificationContext, RequestContext, RunningService};
 use rmcp::transport::StreamableHttpClientTransport;
@@ -224,7 +224,8 @@ async fn connect(slot: &Arc<Slot>) -> Result<Connection, String> {
                 .custom_headers(custom)
                 .max_json_response_size(max)
                 .max_sse_event_size(max);
-            let transport = StreamableHttpClientTransport::with_client(reqwest::Client::new(), config);
+            let client = super::http::TracingHttpClient(reqwest::Client::new());
+            let transport = StreamableHttpClientTransport::with_client(client, config);
             let service = handler
                 .serve(transport)
                 .await
@@ -312,7 +313,16 @@ pub(super) async fn call(
     let Value::Object(args) = arguments else {
         return Err(ToolFailure::Invalid("arguments must be a JSON object".into()));
     };
-    let params = CallToolRequestParams::new(tool.to_string()).with_arguments(args);
+    let mut params = CallToolRequestParams::new(tool.to_string()).with_arguments(args);
+    // The `execute_tool` span's W3C trace context, in `params._meta` as SEP-414 (MCP 2026-07-28:
+    // "OpenTelemetry trace context propagation", keys `traceparent`/`tracestate`) has it, on every
+    // transport; HTTP servers get it as headers too (`super::http`).
+    for (field, value) in crate::telemetry::outgoing_trace_context() {
+        match field {
+            "traceparent" => params.set_traceparent(&value),
+            _ => params.set_tracestate(&value),
+        }
+    }
     let timeout = slot.limits.tool_timeout;
     let result = tokio::select! {
         r = tokio::time::timeout(timeout, peer.call_tool(params)) => r,

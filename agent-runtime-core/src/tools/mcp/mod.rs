@@ -13,6 +13,7 @@
 
 mod client;
 pub mod config;
+mod http;
 
 use std::collections::BTreeMap;
 use std::path::Path;
