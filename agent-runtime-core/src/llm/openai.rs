@@ -19,7 +19,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::breaker::{Breaker, Permit};
-use super::wire::{ChunkDecoder, excerpt, is_context_overflow, request_body};
+use super::wire::{ChunkDecoder, excerpt, is_context_overflow, request_json};
 use super::{Capabilities, ChatRequest, Chunk, ChunkStream, LlmBackend, ModelContext, secs};
 use crate::error::{Error, Result};
 
@@ -211,7 +211,7 @@ impl OpenAiBackend {
     }
 
     /// One request: answer headers and body up to the first chunk, within `first_byte_timeout`.
-    async fn attempt(&self, body: &Value, include_usage: bool) -> Result<Live, AttemptError> {
+    async fn attempt(&self, body: &bytes::Bytes, include_usage: bool) -> Result<Live, AttemptError> {
         let deadline = Instant::now() + self.config.first_byte_timeout;
         let first_byte = || {
             Error::Llm(format!(
@@ -220,7 +220,9 @@ impl OpenAiBackend {
                 secs(self.config.first_byte_timeout)
             ))
         };
-        let mut request = self.client.post(&self.chat_url).json(body);
+        let mut request = (self.client.post(&self.chat_url))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.clone());
         if let Some(key) = &self.config.api_key {
             request = request.bearer_auth(key);
         }
@@ -340,7 +342,7 @@ impl LlmBackend for OpenAiBackend {
     async fn stream(&self, request: ChatRequest) -> Result<ChunkStream> {
         let permit: Permit = self.breaker.acquire()?;
         let include_usage = self.capabilities().usage_reporting;
-        let body = request_body(&self.config.model, &request, include_usage);
+        let body = bytes::Bytes::from(request_json(&self.config.model, &request, include_usage));
         let started = Instant::now();
         let mut attempt = 0;
         loop {

@@ -9,79 +9,162 @@
 
 use std::collections::VecDeque;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 use serde_json::{Value, json};
 
 use super::sse::SseDecoder;
-use super::{ChatMessage, ChatRequest, ChatRole, Chunk, FinishReason, ToolChoice};
+use super::{ChatMessage, ChatRequest, ChatRole, ChatToolCall, Chunk, FinishReason, ToolChoice};
+use crate::protocol::ToolSpec;
 use crate::error::{Error, Result};
 use crate::session::Usage;
 
-/// The JSON body of `POST /v1/chat/completions` for `request`, streamed.
+/// The JSON body of `POST /v1/chat/completions` for `request`, streamed, as a [`Value`] (for
+/// tests and tools; the backend sends [`request_json`]'s bytes, the same JSON).
+pub fn request_body(model: &str, request: &ChatRequest, include_usage: bool) -> Value {
+    serde_json::from_slice(&request_json(model, request, include_usage)).unwrap_or(Value::Null)
+}
+
+/// The JSON text of `POST /v1/chat/completions` for `request`, streamed, written straight from
+/// the request's own fields (no intermediate [`Value`]: the tool schemas are not copied).
 ///
 /// Assistant messages with tool calls carry `content: ""`, never `null` (llama-cpp-python answers
 /// 500 to `null`; API.md §9.21). `tools` and `tool_choice` are sent only when tools are offered
 /// (OpenAI refuses a `tool_choice` without tools). `stream_options.include_usage` only when
 /// `include_usage`.
-pub fn request_body(model: &str, request: &ChatRequest, include_usage: bool) -> Value {
-    let mut body = json!({
-        "model": model,
-        "messages": request.messages.iter().map(message_json).collect::<Vec<_>>(),
-        "stream": true,
-    });
-    if !request.tools.is_empty() {
-        body["tools"] = request
-            .tools
-            .iter()
-            .map(|t| {
-                json!({"type": "function", "function": {
-                    "name": t.name, "description": t.description, "parameters": t.parameters,
-                }})
-            })
-            .collect();
-        body["tool_choice"] = match &request.tool_choice {
-            ToolChoice::Auto => json!("auto"),
-            ToolChoice::None => json!("none"),
-            ToolChoice::Required => json!("required"),
-            ToolChoice::Function(name) => json!({"type": "function", "function": {"name": name}}),
-        };
-    }
-    if let Some(t) = request.temperature {
+pub fn request_json(model: &str, request: &ChatRequest, include_usage: bool) -> Vec<u8> {
+    let offered = !request.tools.is_empty();
+    let body = Body {
+        model,
+        messages: &request.messages,
+        stream: true,
+        tools: offered.then_some(&request.tools[..]),
+        tool_choice: offered.then_some(Choice(&request.tool_choice)),
         // Through the decimal text so 0.2f32 goes out as 0.2, not 0.20000000298023224.
-        let t: f64 = t.to_string().parse().unwrap_or(f64::from(t));
-        body["temperature"] = json!(t);
-    }
-    if let Some(max) = request.max_tokens {
-        body["max_tokens"] = json!(max);
-    }
-    if include_usage {
-        body["stream_options"] = json!({"include_usage": true});
-    }
-    body
+        temperature: request
+            .temperature
+            .map(|t| t.to_string().parse().unwrap_or(f64::from(t))),
+        max_tokens: request.max_tokens,
+        stream_options: include_usage.then_some(StreamOptions { include_usage: true }),
+    };
+    // Serializing borrowed strings, numbers and `Value`s into a `Vec` cannot fail.
+    serde_json::to_vec(&body).unwrap_or_default()
 }
 
-fn message_json(m: &ChatMessage) -> Value {
-    let role = match m.role {
-        ChatRole::System => "system",
-        ChatRole::User => "user",
-        ChatRole::Assistant => "assistant",
-        ChatRole::Tool => "tool",
-    };
-    let mut v = json!({"role": role, "content": m.content});
-    if !m.tool_calls.is_empty() {
-        v["tool_calls"] = m
-            .tool_calls
-            .iter()
-            .map(|c| {
-                json!({"id": c.id, "type": "function",
-                       "function": {"name": c.name, "arguments": c.arguments}})
-            })
-            .collect();
+#[derive(Serialize)]
+struct Body<'a> {
+    model: &'a str,
+    #[serde(serialize_with = "messages")]
+    messages: &'a [ChatMessage],
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "tools")]
+    tools: Option<&'a [ToolSpec]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<Choice<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+#[derive(Serialize)]
+struct WireMessage<'a> {
+    role: ChatRole,
+    content: &'a str,
+    #[serde(skip_serializing_if = "<[_]>::is_empty", serialize_with = "calls")]
+    tool_calls: &'a [ChatToolCall],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_call_id: Option<&'a str>,
+}
+
+/// `{"type": "function", "function": …}`, the wrapper of a call and of a tool.
+#[derive(Serialize)]
+struct Function<T> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: T,
+}
+
+fn function<T>(function: T) -> Function<T> {
+    Function {
+        kind: "function",
+        function,
     }
-    if let Some(id) = &m.tool_call_id {
-        v["tool_call_id"] = json!(id);
+}
+
+#[derive(Serialize)]
+struct WireCall<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: CallFunction<'a>,
+}
+
+#[derive(Serialize)]
+struct CallFunction<'a> {
+    name: &'a str,
+    arguments: &'a str,
+}
+
+#[derive(Serialize)]
+struct ToolFunction<'a> {
+    name: &'a str,
+    description: &'a str,
+    parameters: &'a Value,
+}
+
+#[derive(Serialize)]
+struct Named<'a> {
+    name: &'a str,
+}
+
+fn messages<S: Serializer>(m: &&[ChatMessage], s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_seq(m.iter().map(|m| WireMessage {
+        role: m.role,
+        content: &m.content,
+        tool_calls: &m.tool_calls,
+        tool_call_id: m.tool_call_id.as_deref(),
+    }))
+}
+
+fn calls<S: Serializer>(c: &&[ChatToolCall], s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_seq(c.iter().map(|c| WireCall {
+        id: &c.id,
+        kind: "function",
+        function: CallFunction {
+            name: &c.name,
+            arguments: &c.arguments,
+        },
+    }))
+}
+
+fn tools<S: Serializer>(t: &Option<&[ToolSpec]>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_seq(t.unwrap_or_default().iter().map(|t| {
+        function(ToolFunction {
+            name: &t.name,
+            description: &t.description,
+            parameters: &t.parameters,
+        })
+    }))
+}
+
+struct Choice<'a>(&'a ToolChoice);
+
+impl Serialize for Choice<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self.0 {
+            ToolChoice::Auto => s.serialize_str("auto"),
+            ToolChoice::None => s.serialize_str("none"),
+            ToolChoice::Required => s.serialize_str("required"),
+            ToolChoice::Function(name) => function(Named { name }).serialize(s),
+        }
     }
-    v
 }
 
 #[derive(Deserialize)]
