@@ -19,7 +19,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::breaker::{Breaker, Permit};
-use super::wire::{ChunkDecoder, excerpt, is_context_overflow, request_json};
+use super::wire::{ChunkDecoder, ToolsJson, excerpt, is_context_overflow};
 use super::{Capabilities, ChatRequest, Chunk, ChunkStream, LlmBackend, ModelContext, secs};
 use crate::error::{Error, Result};
 
@@ -153,6 +153,8 @@ pub struct OpenAiBackend {
     breaker: Breaker,
     /// Set once the server ignored `stream_options.include_usage` (llama-cpp-python does).
     usage_missing: Arc<AtomicBool>,
+    /// The offered tool lists' JSON, written once each.
+    tools_json: ToolsJson,
 }
 
 /// How one attempt failed.
@@ -200,6 +202,7 @@ impl OpenAiBackend {
             base,
             breaker: Breaker::new(config.breaker_threshold, config.breaker_cooldown),
             usage_missing: Arc::new(AtomicBool::new(false)),
+            tools_json: ToolsJson::default(),
             client,
             config,
         })
@@ -342,7 +345,7 @@ impl LlmBackend for OpenAiBackend {
     async fn stream(&self, request: ChatRequest) -> Result<ChunkStream> {
         let permit: Permit = self.breaker.acquire()?;
         let include_usage = self.capabilities().usage_reporting;
-        let body = bytes::Bytes::from(request_json(&self.config.model, &request, include_usage));
+        let body = bytes::Bytes::from((self.tools_json).request_json(&self.config.model, &request, include_usage));
         let started = Instant::now();
         let mut attempt = 0;
         loop {
