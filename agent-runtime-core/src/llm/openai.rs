@@ -345,7 +345,8 @@ impl LlmBackend for OpenAiBackend {
     async fn stream(&self, request: ChatRequest) -> Result<ChunkStream> {
         let permit: Permit = self.breaker.acquire()?;
         let include_usage = self.capabilities().usage_reporting;
-        let body = bytes::Bytes::from((self.tools_json).request_json(&self.config.model, &request, include_usage));
+        let body =
+            bytes::Bytes::from((self.tools_json).request_json(&self.config.model, &request, include_usage));
         let started = Instant::now();
         let mut attempt = 0;
         loop {

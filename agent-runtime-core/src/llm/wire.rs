@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 
 use super::sse::SseDecoder;
 use super::{ChatMessage, ChatRequest, ChatRole, ChatToolCall, Chunk, FinishReason, ToolChoice};
-use crate::protocol::ToolSpec;
 use crate::error::{Error, Result};
+use crate::protocol::ToolSpec;
 use crate::session::Usage;
 
 /// The JSON body of `POST /v1/chat/completions` for `request`, streamed, as a [`Value`] (for
@@ -38,13 +38,20 @@ pub fn request_json(model: &str, request: &ChatRequest, include_usage: bool) -> 
 
 /// [`request_json`] with the `tools` array's JSON text already written (`tools_json`, from a
 /// [`ToolsJson`]), spliced in rather than written again.
-fn write_request(model: &str, request: &ChatRequest, include_usage: bool, tools_json: Option<&[u8]>) -> Vec<u8> {
+fn write_request(
+    model: &str,
+    request: &ChatRequest,
+    include_usage: bool,
+    tools_json: Option<&[u8]>,
+) -> Vec<u8> {
     let offered = !request.tools.is_empty();
     let body = Body {
         model,
         messages: &request.messages,
         stream: true,
-        tools: offered.then_some(&request.tools[..]).filter(|_| tools_json.is_none()),
+        tools: offered
+            .then_some(&request.tools[..])
+            .filter(|_| tools_json.is_none()),
         tool_choice: offered.then_some(Choice(&request.tool_choice)),
         // Through the decimal text so 0.2f32 goes out as 0.2, not 0.20000000298023224.
         temperature: request
@@ -89,8 +96,14 @@ impl ToolsJson {
     }
 
     fn of(&self, tools: &Arc<[ToolSpec]>) -> Arc<[u8]> {
-        let mut known = self.known.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((_, json)) = known.iter().find(|(w, _)| std::ptr::eq(w.as_ptr(), Arc::as_ptr(tools))) {
+        let mut known = self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, json)) = known
+            .iter()
+            .find(|(w, _)| std::ptr::eq(w.as_ptr(), Arc::as_ptr(tools)))
+        {
             return json.clone();
         }
         known.retain(|(w, _)| w.strong_count() > 0);
@@ -579,7 +592,10 @@ mod tests {
         let history = vec![
             ChatMessage::system("be brief"),
             ChatMessage::user("read a"),
-            ChatMessage::assistant_with_tool_calls("", vec![ChatToolCall::new("c1", "read_file", r#"{"path":"a"}"#)]),
+            ChatMessage::assistant_with_tool_calls(
+                "",
+                vec![ChatToolCall::new("c1", "read_file", r#"{"path":"a"}"#)],
+            ),
             ChatMessage::tool("c1", "A"),
         ];
         let req = ChatRequest::new(history)

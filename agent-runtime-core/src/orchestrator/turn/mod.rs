@@ -437,7 +437,13 @@ impl Turn {
 
     /// [`Turn::count_usage`] with the tools' tokens already known (an agent's offer counts them
     /// once).
-    fn count_usage_with(&self, req: &ChatRequest, tool_tokens: usize, text: &str, calls: &[ChatToolCall]) -> Usage {
+    fn count_usage_with(
+        &self,
+        req: &ChatRequest,
+        tool_tokens: usize,
+        text: &str,
+        calls: &[ChatToolCall],
+    ) -> Usage {
         let t = &self.rt.tokenizer;
         let prompt: usize = req
             .messages
