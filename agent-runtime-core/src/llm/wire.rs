@@ -79,8 +79,11 @@ fn write_request(
 /// here keeps from being reused; lists no longer offered anywhere are dropped.
 #[derive(Debug, Default)]
 pub(crate) struct ToolsJson {
-    known: std::sync::Mutex<Vec<(Weak<[ToolSpec]>, Arc<[u8]>)>>,
+    known: std::sync::Mutex<Vec<KnownTools>>,
 }
+
+/// A tool list (held weakly) and its `tools` array's JSON text.
+type KnownTools = (Weak<[ToolSpec]>, Arc<[u8]>);
 
 /// Tool lists remembered at most (the five agents' offers, with room for MCP changes).
 const TOOLS_JSON_KEPT: usize = 16;
