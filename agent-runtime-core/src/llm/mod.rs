@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -154,9 +155,10 @@ pub enum ToolChoice {
 pub struct ChatRequest {
     /// The conversation, system prompt first.
     pub messages: Vec<ChatMessage>,
-    /// The tools offered (none: no `tools` field is sent).
-    #[serde(default)]
-    pub tools: Vec<ToolSpec>,
+    /// The tools offered (none: no `tools` field is sent). Shared: an agent's offer is built once
+    /// and every model call points at it.
+    #[serde(default, with = "shared_tools")]
+    pub tools: Arc<[ToolSpec]>,
     /// Whether and which tool the model must call (sent only when tools are offered).
     #[serde(default)]
     pub tool_choice: ToolChoice,
@@ -178,8 +180,8 @@ impl ChatRequest {
     }
 
     /// This request offering `tools`.
-    pub fn with_tools(mut self, tools: Vec<ToolSpec>) -> Self {
-        self.tools = tools;
+    pub fn with_tools(mut self, tools: impl Into<Arc<[ToolSpec]>>) -> Self {
+        self.tools = tools.into();
         self
     }
 
@@ -199,6 +201,23 @@ impl ChatRequest {
     pub fn with_max_tokens(mut self, max_tokens: u32) -> Self {
         self.max_tokens = Some(max_tokens);
         self
+    }
+}
+
+/// `ChatRequest::tools` as a plain list on the wire.
+mod shared_tools {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::protocol::ToolSpec;
+
+    pub fn serialize<S: Serializer>(tools: &Arc<[ToolSpec]>, s: S) -> Result<S::Ok, S::Error> {
+        tools.as_ref().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<[ToolSpec]>, D::Error> {
+        Vec::<ToolSpec>::deserialize(d).map(Arc::from)
     }
 }
 

@@ -19,7 +19,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::breaker::{Breaker, Permit};
-use super::wire::{ChunkDecoder, excerpt, is_context_overflow, request_body};
+use super::wire::{ChunkDecoder, ToolsJson, excerpt, is_context_overflow};
 use super::{Capabilities, ChatRequest, Chunk, ChunkStream, LlmBackend, ModelContext, secs};
 use crate::error::{Error, Result};
 
@@ -153,6 +153,8 @@ pub struct OpenAiBackend {
     breaker: Breaker,
     /// Set once the server ignored `stream_options.include_usage` (llama-cpp-python does).
     usage_missing: Arc<AtomicBool>,
+    /// The offered tool lists' JSON, written once each.
+    tools_json: ToolsJson,
 }
 
 /// How one attempt failed.
@@ -200,6 +202,7 @@ impl OpenAiBackend {
             base,
             breaker: Breaker::new(config.breaker_threshold, config.breaker_cooldown),
             usage_missing: Arc::new(AtomicBool::new(false)),
+            tools_json: ToolsJson::default(),
             client,
             config,
         })
@@ -211,7 +214,7 @@ impl OpenAiBackend {
     }
 
     /// One request: answer headers and body up to the first chunk, within `first_byte_timeout`.
-    async fn attempt(&self, body: &Value, include_usage: bool) -> Result<Live, AttemptError> {
+    async fn attempt(&self, body: &bytes::Bytes, include_usage: bool) -> Result<Live, AttemptError> {
         let deadline = Instant::now() + self.config.first_byte_timeout;
         let first_byte = || {
             Error::Llm(format!(
@@ -220,7 +223,9 @@ impl OpenAiBackend {
                 secs(self.config.first_byte_timeout)
             ))
         };
-        let mut request = self.client.post(&self.chat_url).json(body);
+        let mut request = (self.client.post(&self.chat_url))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.clone());
         if let Some(key) = &self.config.api_key {
             request = request.bearer_auth(key);
         }
@@ -340,7 +345,8 @@ impl LlmBackend for OpenAiBackend {
     async fn stream(&self, request: ChatRequest) -> Result<ChunkStream> {
         let permit: Permit = self.breaker.acquire()?;
         let include_usage = self.capabilities().usage_reporting;
-        let body = request_body(&self.config.model, &request, include_usage);
+        let body =
+            bytes::Bytes::from((self.tools_json).request_json(&self.config.model, &request, include_usage));
         let started = Instant::now();
         let mut attempt = 0;
         loop {

@@ -8,80 +8,240 @@
 //! [`Error::ContextTooLarge`], so the engine can trim the window and try again.
 
 use std::collections::VecDeque;
+use std::sync::{Arc, Weak};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 use serde_json::{Value, json};
 
 use super::sse::SseDecoder;
-use super::{ChatMessage, ChatRequest, ChatRole, Chunk, FinishReason, ToolChoice};
+use super::{ChatMessage, ChatRequest, ChatRole, ChatToolCall, Chunk, FinishReason, ToolChoice};
 use crate::error::{Error, Result};
+use crate::protocol::ToolSpec;
 use crate::session::Usage;
 
-/// The JSON body of `POST /v1/chat/completions` for `request`, streamed.
+/// The JSON body of `POST /v1/chat/completions` for `request`, streamed, as a [`Value`] (for
+/// tests and tools; the backend sends [`request_json`]'s bytes, the same JSON).
+pub fn request_body(model: &str, request: &ChatRequest, include_usage: bool) -> Value {
+    serde_json::from_slice(&request_json(model, request, include_usage)).unwrap_or(Value::Null)
+}
+
+/// The JSON text of `POST /v1/chat/completions` for `request`, streamed, written straight from
+/// the request's own fields (no intermediate [`Value`]: the tool schemas are not copied).
 ///
 /// Assistant messages with tool calls carry `content: ""`, never `null` (llama-cpp-python answers
 /// 500 to `null`; API.md §9.21). `tools` and `tool_choice` are sent only when tools are offered
 /// (OpenAI refuses a `tool_choice` without tools). `stream_options.include_usage` only when
 /// `include_usage`.
-pub fn request_body(model: &str, request: &ChatRequest, include_usage: bool) -> Value {
-    let mut body = json!({
-        "model": model,
-        "messages": request.messages.iter().map(message_json).collect::<Vec<_>>(),
-        "stream": true,
-    });
-    if !request.tools.is_empty() {
-        body["tools"] = request
-            .tools
-            .iter()
-            .map(|t| {
-                json!({"type": "function", "function": {
-                    "name": t.name, "description": t.description, "parameters": t.parameters,
-                }})
-            })
-            .collect();
-        body["tool_choice"] = match &request.tool_choice {
-            ToolChoice::Auto => json!("auto"),
-            ToolChoice::None => json!("none"),
-            ToolChoice::Required => json!("required"),
-            ToolChoice::Function(name) => json!({"type": "function", "function": {"name": name}}),
-        };
-    }
-    if let Some(t) = request.temperature {
-        // Through the decimal text so 0.2f32 goes out as 0.2, not 0.20000000298023224.
-        let t: f64 = t.to_string().parse().unwrap_or(f64::from(t));
-        body["temperature"] = json!(t);
-    }
-    if let Some(max) = request.max_tokens {
-        body["max_tokens"] = json!(max);
-    }
-    if include_usage {
-        body["stream_options"] = json!({"include_usage": true});
-    }
-    body
+pub fn request_json(model: &str, request: &ChatRequest, include_usage: bool) -> Vec<u8> {
+    write_request(model, request, include_usage, None)
 }
 
-fn message_json(m: &ChatMessage) -> Value {
-    let role = match m.role {
-        ChatRole::System => "system",
-        ChatRole::User => "user",
-        ChatRole::Assistant => "assistant",
-        ChatRole::Tool => "tool",
+/// [`request_json`] with the `tools` array's JSON text already written (`tools_json`, from a
+/// [`ToolsJson`]), spliced in rather than written again.
+fn write_request(
+    model: &str,
+    request: &ChatRequest,
+    include_usage: bool,
+    tools_json: Option<&[u8]>,
+) -> Vec<u8> {
+    let offered = !request.tools.is_empty();
+    let body = Body {
+        model,
+        messages: &request.messages,
+        stream: true,
+        tools: offered
+            .then_some(&request.tools[..])
+            .filter(|_| tools_json.is_none()),
+        tool_choice: offered.then_some(Choice(&request.tool_choice)),
+        // Through the decimal text so 0.2f32 goes out as 0.2, not 0.20000000298023224.
+        temperature: request
+            .temperature
+            .map(|t| t.to_string().parse().unwrap_or(f64::from(t))),
+        max_tokens: request.max_tokens,
+        stream_options: include_usage.then_some(StreamOptions { include_usage: true }),
     };
-    let mut v = json!({"role": role, "content": m.content});
-    if !m.tool_calls.is_empty() {
-        v["tool_calls"] = m
-            .tool_calls
+    // Serializing borrowed strings, numbers and `Value`s into a `Vec` cannot fail.
+    let mut out = serde_json::to_vec(&body).unwrap_or_default();
+    if let Some(tools) = tools_json.filter(|_| offered)
+        && out.pop() == Some(b'}')
+    {
+        // The object's closing brace gives way to one more member.
+        out.extend_from_slice(b",\"tools\":");
+        out.extend_from_slice(tools);
+        out.push(b'}');
+    }
+    out
+}
+
+/// Each offered tool list's `tools` array as JSON text, written once: an agent's offer is the
+/// same `Arc` on every model call (`Orchestrator` builds it once), so its schemas are not walked
+/// and escaped again for every request. A list is known by its allocation, which the `Weak` held
+/// here keeps from being reused; lists no longer offered anywhere are dropped.
+#[derive(Debug, Default)]
+pub(crate) struct ToolsJson {
+    known: std::sync::Mutex<Vec<KnownTools>>,
+}
+
+/// A tool list (held weakly) and its `tools` array's JSON text.
+type KnownTools = (Weak<[ToolSpec]>, Arc<[u8]>);
+
+/// Tool lists remembered at most (the five agents' offers, with room for MCP changes).
+const TOOLS_JSON_KEPT: usize = 16;
+
+impl ToolsJson {
+    /// The JSON body of `request` (see [`request_json`]).
+    pub(crate) fn request_json(&self, model: &str, request: &ChatRequest, include_usage: bool) -> Vec<u8> {
+        if request.tools.is_empty() {
+            return write_request(model, request, include_usage, None);
+        }
+        let tools = self.of(&request.tools);
+        write_request(model, request, include_usage, Some(&tools))
+    }
+
+    fn of(&self, tools: &Arc<[ToolSpec]>) -> Arc<[u8]> {
+        let mut known = self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, json)) = known
             .iter()
-            .map(|c| {
-                json!({"id": c.id, "type": "function",
-                       "function": {"name": c.name, "arguments": c.arguments}})
-            })
-            .collect();
+            .find(|(w, _)| std::ptr::eq(w.as_ptr(), Arc::as_ptr(tools)))
+        {
+            return json.clone();
+        }
+        known.retain(|(w, _)| w.strong_count() > 0);
+        if known.len() >= TOOLS_JSON_KEPT {
+            known.remove(0);
+        }
+        let json: Arc<[u8]> = serde_json::to_vec(&ToolsArray(tools)).unwrap_or_default().into();
+        known.push((Arc::downgrade(tools), json.clone()));
+        json
     }
-    if let Some(id) = &m.tool_call_id {
-        v["tool_call_id"] = json!(id);
+}
+
+struct ToolsArray<'a>(&'a [ToolSpec]);
+
+impl Serialize for ToolsArray<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        tools(&Some(self.0), s)
     }
-    v
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    model: &'a str,
+    #[serde(serialize_with = "messages")]
+    messages: &'a [ChatMessage],
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "tools")]
+    tools: Option<&'a [ToolSpec]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<Choice<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+#[derive(Serialize)]
+struct WireMessage<'a> {
+    role: ChatRole,
+    content: &'a str,
+    #[serde(skip_serializing_if = "<[_]>::is_empty", serialize_with = "calls")]
+    tool_calls: &'a [ChatToolCall],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_call_id: Option<&'a str>,
+}
+
+/// `{"type": "function", "function": …}`, the wrapper of a call and of a tool.
+#[derive(Serialize)]
+struct Function<T> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: T,
+}
+
+fn function<T>(function: T) -> Function<T> {
+    Function {
+        kind: "function",
+        function,
+    }
+}
+
+#[derive(Serialize)]
+struct WireCall<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: CallFunction<'a>,
+}
+
+#[derive(Serialize)]
+struct CallFunction<'a> {
+    name: &'a str,
+    arguments: &'a str,
+}
+
+#[derive(Serialize)]
+struct ToolFunction<'a> {
+    name: &'a str,
+    description: &'a str,
+    parameters: &'a Value,
+}
+
+#[derive(Serialize)]
+struct Named<'a> {
+    name: &'a str,
+}
+
+fn messages<S: Serializer>(m: &&[ChatMessage], s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_seq(m.iter().map(|m| WireMessage {
+        role: m.role,
+        content: &m.content,
+        tool_calls: &m.tool_calls,
+        tool_call_id: m.tool_call_id.as_deref(),
+    }))
+}
+
+fn calls<S: Serializer>(c: &&[ChatToolCall], s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_seq(c.iter().map(|c| WireCall {
+        id: &c.id,
+        kind: "function",
+        function: CallFunction {
+            name: &c.name,
+            arguments: &c.arguments,
+        },
+    }))
+}
+
+fn tools<S: Serializer>(t: &Option<&[ToolSpec]>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_seq(t.unwrap_or_default().iter().map(|t| {
+        function(ToolFunction {
+            name: &t.name,
+            description: &t.description,
+            parameters: &t.parameters,
+        })
+    }))
+}
+
+struct Choice<'a>(&'a ToolChoice);
+
+impl Serialize for Choice<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self.0 {
+            ToolChoice::Auto => s.serialize_str("auto"),
+            ToolChoice::None => s.serialize_str("none"),
+            ToolChoice::Required => s.serialize_str("required"),
+            ToolChoice::Function(name) => function(Named { name }).serialize(s),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -421,6 +581,78 @@ fn usage_json(u: &Usage) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn offered() -> Arc<[ToolSpec]> {
+        Arc::from(vec![ToolSpec {
+            name: "read_file".into(),
+            description: "Reads a \"file\"".into(),
+            parameters: json!({"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}),
+        }])
+    }
+
+    #[test]
+    fn a_request_whose_tools_were_written_once_is_the_same_json() {
+        let history = vec![
+            ChatMessage::system("be brief"),
+            ChatMessage::user("read a"),
+            ChatMessage::assistant_with_tool_calls(
+                "",
+                vec![ChatToolCall::new("c1", "read_file", r#"{"path":"a"}"#)],
+            ),
+            ChatMessage::tool("c1", "A"),
+        ];
+        let req = ChatRequest::new(history)
+            .with_tools(offered())
+            .with_temperature(0.2)
+            .with_max_tokens(5);
+        let expected = json!({
+            "model": "m",
+            "stream": true,
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "read a"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "read_file", "arguments": "{\"path\":\"a\"}"}}]},
+                {"role": "tool", "content": "A", "tool_call_id": "c1"},
+            ],
+            "tools": [{"type": "function", "function": {
+                "name": "read_file", "description": "Reads a \"file\"",
+                "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}],
+            "tool_choice": "auto",
+            "temperature": 0.2,
+            "max_tokens": 5,
+            "stream_options": {"include_usage": true},
+        });
+        assert_eq!(request_body("m", &req, true), expected);
+        let cache = ToolsJson::default();
+        for _ in 0..2 {
+            let cached: Value = serde_json::from_slice(&cache.request_json("m", &req, true)).unwrap();
+            assert_eq!(cached, expected);
+        }
+        // Another list with the same tools is another entry, with the same text.
+        let again = req.clone().with_tools(offered());
+        let cached: Value = serde_json::from_slice(&cache.request_json("m", &again, true)).unwrap();
+        assert_eq!(cached, expected);
+        assert_eq!(cache.known.lock().unwrap().len(), 2);
+        // Without tools: neither `tools` nor `tool_choice`.
+        let bare = ChatRequest::new(vec![ChatMessage::user("hi")]);
+        let cached: Value = serde_json::from_slice(&cache.request_json("m", &bare, false)).unwrap();
+        assert_eq!(
+            cached,
+            json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
+        );
+    }
+
+    #[test]
+    fn tool_lists_no_longer_offered_are_forgotten() {
+        let cache = ToolsJson::default();
+        let req = ChatRequest::new(vec![ChatMessage::user("hi")]);
+        for _ in 0..3 {
+            // Each request's list is dropped with it.
+            let _ = cache.request_json("m", &req.clone().with_tools(offered()), false);
+        }
+        assert_eq!(cache.known.lock().unwrap().len(), 1);
+    }
 
     #[test]
     fn usage_after_the_finish_comes_before_the_finish_chunk() {

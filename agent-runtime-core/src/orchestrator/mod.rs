@@ -463,9 +463,11 @@ impl Inner {
     }
 }
 
-/// What an agent's model calls offer: its tools' specs and the window those leave for history.
+/// What an agent's model calls offer: its tools' specs (shared by every request), the tokens
+/// their descriptions and schemas count in a prompt, and the window those leave for history.
 pub(crate) struct Offer {
-    pub tools: Vec<crate::protocol::ToolSpec>,
+    pub tools: Arc<[crate::protocol::ToolSpec]>,
+    pub tool_tokens: usize,
     pub limits: crate::context::ContextLimits,
 }
 
@@ -596,8 +598,7 @@ impl Inner {
                 // MCP tools change while the runtime runs: their offer is computed per call.
                 let mut tools = self.tool_specs(agent);
                 tools.extend(extra);
-                let limits = self.context_limits(&tools);
-                return Arc::new(Offer { tools, limits });
+                return Arc::new(self.offer_of(tools));
             }
         }
         match self.offers.get(&agent.agent_type) {
@@ -607,9 +608,25 @@ impl Inner {
     }
 
     fn compute_offer(&self, agent: &crate::agent::AgentDefinition) -> Offer {
-        let tools = self.tool_specs(agent);
-        let limits = self.context_limits(&tools);
-        Offer { tools, limits }
+        self.offer_of(self.tool_specs(agent))
+    }
+
+    fn offer_of(&self, tools: Vec<crate::protocol::ToolSpec>) -> Offer {
+        let tool_tokens = self.tool_tokens(&tools);
+        let limits = self.context_limits(tool_tokens + 8 * tools.len());
+        Offer {
+            tools: tools.into(),
+            tool_tokens,
+            limits,
+        }
+    }
+
+    /// The tokens `tools`' descriptions and schemas count in a prompt.
+    pub(crate) fn tool_tokens(&self, tools: &[crate::protocol::ToolSpec]) -> usize {
+        tools
+            .iter()
+            .map(|t| self.tokenizer.count(&t.description) + self.tokenizer.count(&t.parameters.to_string()))
+            .sum()
     }
 
     /// The tools offered to `agent`'s model calls: its own, plus `switch_agent` while automatic
@@ -640,15 +657,9 @@ impl Inner {
         self.config.multi_agent_enabled && self.config.auto_agent_switching
     }
 
-    /// The window's limits for a call offering `tools`: the token budget leaves room for the
-    /// tools' schemas and for the answer (`LLM_MAX_TOKENS`).
-    fn context_limits(&self, tools: &[crate::protocol::ToolSpec]) -> crate::context::ContextLimits {
-        let schemas: usize = tools
-            .iter()
-            .map(|t| {
-                self.tokenizer.count(&t.description) + self.tokenizer.count(&t.parameters.to_string()) + 8
-            })
-            .sum();
+    /// The window's limits for a call whose tools take `schemas` tokens: the token budget leaves
+    /// room for them and for the answer (`LLM_MAX_TOKENS`).
+    fn context_limits(&self, schemas: usize) -> crate::context::ContextLimits {
         let answer = self.config.llm.max_tokens.unwrap_or(0) as usize;
         crate::context::ContextLimits {
             max_messages: self.config.max_context_messages,

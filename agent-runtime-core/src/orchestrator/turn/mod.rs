@@ -367,7 +367,7 @@ impl Turn {
                 chat(ChatRole::System, system),
                 chat(ChatRole::User, user.to_string()),
             ],
-            tools: vec![spec],
+            tools: std::sync::Arc::from([spec]),
             tool_choice: ToolChoice::Function(name.clone()),
             temperature: Some(0.0),
             max_tokens: Some(max_tokens),
@@ -445,17 +445,25 @@ impl Turn {
     }
 
     fn count_usage(&self, req: &ChatRequest, text: &str, calls: &[ChatToolCall]) -> Usage {
+        self.count_usage_with(req, self.rt.tool_tokens(&req.tools), text, calls)
+    }
+
+    /// [`Turn::count_usage`] with the tools' tokens already known (an agent's offer counts them
+    /// once).
+    fn count_usage_with(
+        &self,
+        req: &ChatRequest,
+        tool_tokens: usize,
+        text: &str,
+        calls: &[ChatToolCall],
+    ) -> Usage {
         let t = &self.rt.tokenizer;
         let prompt: usize = req
             .messages
             .iter()
             .map(|m| t.count(&m.content) + 4)
             .sum::<usize>()
-            + req
-                .tools
-                .iter()
-                .map(|s| t.count(&s.parameters.to_string()) + t.count(&s.description))
-                .sum::<usize>();
+            + tool_tokens;
         let completion = t.count(text)
             + calls
                 .iter()

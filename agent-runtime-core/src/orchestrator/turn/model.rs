@@ -4,6 +4,8 @@
 //! The routing call gets its own short first-byte deadline; a prompt the model server refuses as
 //! too long is trimmed and tried once more.
 
+use std::sync::Arc;
+
 use futures::{FutureExt, StreamExt};
 use serde_json::{Value, json};
 use tracing::warn;
@@ -158,7 +160,7 @@ impl Turn {
                 temperature: self.rt.config.temperature,
                 max_tokens: self.rt.config.llm.max_tokens,
             };
-            let prompt = self.count_usage(&req, "", &[]);
+            let prompt = self.count_usage_with(&req, offer.tool_tokens, "", &[]);
             let step = Step::ModelCall {
                 prompt_tokens: prompt.prompt_tokens,
                 prompt_cost: self.rt.prices.cost(&self.rt.config.llm.model, &prompt),
@@ -223,7 +225,7 @@ impl Turn {
                 chat(ChatRole::System, system),
                 chat(ChatRole::User, user.to_string()),
             ],
-            tools: vec![spec],
+            tools: Arc::from([spec]),
             tool_choice: ToolChoice::Function(ROUTE_TOOL.into()),
             temperature: Some(0.0),
             max_tokens: Some(max_tokens),
@@ -282,7 +284,7 @@ impl Turn {
                 .count();
             if gathered >= self.rt.config.llm.forced_tool_steps as usize {
                 let mut answer_req = req;
-                answer_req.tools.clear();
+                answer_req.tools = Arc::from([]);
                 return self.stream_answer(answer_req).await;
             }
             return self.choose_then_call(req).await;
@@ -420,7 +422,7 @@ impl Turn {
     async fn choose_then_call(&mut self, req: ChatRequest) -> Result<Answer> {
         let names: Vec<String> = req.tools.iter().map(|t| t.name.clone()).collect();
         let mut choose = req.clone();
-        choose.tools = vec![next_step_spec(&names)];
+        choose.tools = Arc::from([next_step_spec(&names)]);
         choose.tool_choice = ToolChoice::Function(NEXT_STEP_TOOL.into());
         choose.temperature = Some(0.0);
         let (chosen, mut usage) = match self.complete_counted(CallKind::Forced, &choose).await {
@@ -433,7 +435,7 @@ impl Turn {
             .filter(|a| names.contains(a));
         if let Some(tool) = action {
             let mut call = req.clone();
-            call.tools.retain(|t| t.name == tool);
+            call.tools = (call.tools.iter()).filter(|t| t.name == tool).cloned().collect();
             call.tool_choice = ToolChoice::Function(tool.clone());
             call.temperature = Some(0.0);
             match self.complete_counted(CallKind::Forced, &call).await {
@@ -451,7 +453,7 @@ impl Turn {
             }
         }
         let mut answer_req = req;
-        answer_req.tools.clear();
+        answer_req.tools = Arc::from([]);
         answer_req.tool_choice = ToolChoice::Auto;
         let mut answer = self.stream_answer(answer_req).await?;
         answer.usage += usage;

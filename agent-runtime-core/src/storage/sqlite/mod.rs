@@ -64,6 +64,8 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// opening more: opening a connection parses the schema, which costs more than a read.
 const READERS: usize = 8;
 
+/// The session row's columns in `session_from_row`'s order (`update_session`'s `RETURNING` lists
+/// the same).
 const SESSION_COLUMNS: &str = "id, user_id, metadata, created_at, last_activity, current_agent, status, \
      message_count, last_message_seq, last_event_seq, prompt_tokens, completion_tokens, turn_state, \
      budget, cost, cached_prompt_tokens";
@@ -693,7 +695,9 @@ impl CommitSteps for SqliteCommit<'_> {
             None => (false, None),
             Some(v) => (true, v.as_ref().map(to_json).transpose()?),
         };
-        execute(
+        // The row comes back from the `UPDATE` itself; a turn state it sets is the one in hand,
+        // not read back and parsed again.
+        let mut session = query_row(
             self.tx,
             "UPDATE sessions SET
                  last_message_seq = last_message_seq + ?2,
@@ -711,7 +715,11 @@ impl CommitSteps for SqliteCommit<'_> {
                  cost = cost + ?13,
                  cached_prompt_tokens = cached_prompt_tokens + ?14,
                  budget = CASE WHEN ?15 THEN ?16 ELSE budget END
-             WHERE id = ?1",
+             WHERE id = ?1
+             RETURNING id, user_id, metadata, created_at, last_activity, current_agent, status,
+                 message_count, last_message_seq, last_event_seq, prompt_tokens, completion_tokens,
+                 CASE WHEN ?10 THEN NULL ELSE turn_state END,
+                 budget, cost, cached_prompt_tokens",
             params![
                 self.session_id,
                 sql_seq(change.messages),
@@ -730,9 +738,15 @@ impl CommitSteps for SqliteCommit<'_> {
                 change.budget.is_some(),
                 change.budget.as_ref().map(budget_json).transpose()?.flatten(),
             ],
+            session_from_row,
         )
-        .map_err(db)?;
-        read_session(self.tx, self.session_id)
+        .optional()
+        .map_err(db)?
+        .ok_or_else(|| Error::SessionNotFound(self.session_id.to_string()))?;
+        if let Some(turn_state) = change.turn_state {
+            session.turn_state = turn_state;
+        }
+        Ok(session)
     }
 }
 
