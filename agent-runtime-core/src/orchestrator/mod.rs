@@ -1012,7 +1012,7 @@ impl Orchestrator {
                 let Some(inner) = weak.upgrade() else { return };
                 match turn::recover_interrupted(inner).await {
                     Ok(0) => {}
-                    Ok(n) => tracing::warn!(turns = n, "marked turns of a stopped process interrupted"),
+                    Ok(n) => tracing::warn!(turns = n, "took over the turns of a stopped process"),
                     Err(e) => tracing::warn!(error = %e, "looking for stopped turns failed"),
                 }
             }
