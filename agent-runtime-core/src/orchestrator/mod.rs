@@ -990,11 +990,12 @@ impl Orchestrator {
         turn::cancel(self.inner.clone(), session_id).await
     }
 
-    /// Marks turns whose process stopped (a crash, a kill, a lost connection) as interrupted: their
-    /// open tool calls get an "interrupted" result and the sessions take new messages. A turn
-    /// counts as stopped once its lease has expired or its owner is dead (see
-    /// [`Storage::hold_liveness`]), so a restarted process recovers its predecessor's turns at
-    /// once. Returns how many it marked.
+    /// Takes over the turns whose process stopped (a crash, a kill, a lost connection, a drain):
+    /// each is resumed here from its last stored step (`turn_resumed`), or with
+    /// `TURN_RECOVERY=interrupt` marked interrupted (open tool calls get an "interrupted" result,
+    /// the session takes new messages). A turn counts as stopped once its lease has expired or
+    /// its owner is dead (see [`Storage::hold_liveness`]), so a restarted process recovers its
+    /// predecessor's turns at once. Returns how many it took over.
     pub async fn recover_interrupted(&self) -> Result<usize> {
         turn::recover_interrupted(self.inner.clone()).await
     }
