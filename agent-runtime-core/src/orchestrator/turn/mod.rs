@@ -388,6 +388,7 @@ impl Turn {
             .filter(|t| *t != self.rt.config.default_agent)
             .collect();
         if candidates.is_empty() {
+            self.state.route_pending = false;
             return Ok(None);
         }
         let described: Vec<(String, String)> = candidates
