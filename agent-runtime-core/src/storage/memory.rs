@@ -338,7 +338,7 @@ impl Storage for MemoryStorage {
     }
 
     async fn tool_call_answered(&self, session_id: &str, call_id: &str) -> Result<bool> {
-        // In memory a scan is the index: no I/O, and no larger than what the store holds anyway.
+        // In memory a scan of the session's messages (no I/O) stands in for the index.
         self.with_session(session_id, |d| {
             Ok(d.messages
                 .iter()
