@@ -582,6 +582,39 @@ async fn a_reused_call_id_never_collides_with_an_earlier_approval() {
     assert_history_valid(h.rt.storage(), &s).await;
 }
 
+/// A model that names every call `call_0` in a session longer than the window (50 messages): the
+/// first call keeps the id, every later one gets a fresh id, so ids stay unique in the session
+/// after the first call has left the window (API.md: unique per session).
+#[tokio::test]
+async fn a_call_id_the_model_repeats_stays_unique_in_a_session_longer_than_the_window() {
+    const TURNS: usize = 15; // four messages each: 60 in all
+    let mut scripts = vec![];
+    for _ in 0..TURNS {
+        scripts.push(Script::tool_call("read_file", json!({"path": "a.txt"})));
+        scripts.push(Script::text("read"));
+    }
+    let h = harness(scripts).await;
+    assert_eq!(h.rt.config().max_context_messages, 50);
+    std::fs::write(h.project.path().join("a.txt"), "alpha").unwrap();
+    let s = h.session().await;
+    let mut ids = vec![];
+    for i in 0..TURNS {
+        let events = h.say_to(&s, "coder", &format!("read it again ({i})")).await;
+        assert_eq!(stop(&events), StopReason::Completed);
+        ids.extend(call_ids(&events));
+    }
+    assert_eq!(h.rt.messages(&s, 0, 1000).await.unwrap().len(), 4 * TURNS);
+    assert_eq!(ids.len(), TURNS);
+    assert_eq!(ids[0], "call_0");
+    let unique: std::collections::BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), TURNS, "every call id once in the session: {ids:?}");
+    assert!(
+        ids[1..].iter().all(|id| id.len() == "call_".len() + 32),
+        "{ids:?}"
+    );
+    assert_history_valid(h.rt.storage(), &s).await;
+}
+
 fn hitl(call_id: &str, decision: &str) -> ClientMessage {
     ClientMessage::HitlDecision(HitlDecision {
         call_id: call_id.into(),

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agent_runtime_core::config::{RuntimeConfig, TurnRecovery};
-use agent_runtime_core::llm::{Script, ScriptedBackend};
+use agent_runtime_core::events::{BusEventKind, BusFilter};
+use agent_runtime_core::llm::{Script, ScriptedBackend, ToolChoice};
 use agent_runtime_core::orchestrator::{CreateSession, DrainReport, Follow, Orchestrator, Submission};
 use agent_runtime_core::protocol::{AssistantMessage, EventPayload, StopReason, ToolError};
 use agent_runtime_core::session::{NewMessage, SessionStatus, ToolCall, Usage};
@@ -40,6 +41,9 @@ struct Setup {
     _db: tempfile::TempDir,
     project: tempfile::TempDir,
     db_url: String,
+    /// On Postgres: the test's fresh schema (`db_url` is then unused).
+    #[cfg(feature = "postgres")]
+    pg: Option<Arc<agent_runtime_core::storage::pg_testing::SchemaGuard>>,
 }
 
 impl Setup {
@@ -50,7 +54,27 @@ impl Setup {
             _db: db,
             project: tempfile::tempdir().unwrap(),
             db_url,
+            #[cfg(feature = "postgres")]
+            pg: None,
         }
+    }
+
+    /// The same on a fresh Postgres schema.
+    #[cfg(feature = "postgres")]
+    async fn postgres() -> Setup {
+        Setup {
+            pg: Some(agent_runtime_core::storage::pg_testing::fresh_schema().await),
+            ..Setup::new()
+        }
+    }
+
+    /// A new handle on the shared database (each runtime its own, as each process has).
+    async fn open(&self) -> Arc<dyn Storage> {
+        #[cfg(feature = "postgres")]
+        if let Some(guard) = &self.pg {
+            return agent_runtime_core::storage::pg_testing::guarded(guard).await;
+        }
+        storage::open(&self.db_url).await.unwrap()
     }
 
     /// A runtime on the shared database answering with `scripts`.
@@ -59,7 +83,7 @@ impl Setup {
         scripts: Vec<Script>,
         config: RuntimeConfig,
     ) -> (Orchestrator, Arc<ScriptedBackend>) {
-        let store = storage::open(&self.db_url).await.unwrap();
+        let store = self.open().await;
         let llm = Arc::new(ScriptedBackend::new(scripts));
         let rt = Orchestrator::builder(store, llm.clone())
             .config(config)
@@ -162,6 +186,7 @@ async fn a_turn_cut_mid_answer_is_asked_again_and_the_tokens_streamed_before_are
     )
     .await;
 
+    let mut bus = rt.subscribe(BusFilter::default());
     assert_eq!(rt.recover_interrupted().await.unwrap(), 1);
     assert_eq!(
         payloads(&until_idle(&rt, &s).await),
@@ -188,6 +213,25 @@ async fn a_turn_cut_mid_answer_is_asked_again_and_the_tokens_streamed_before_are
     );
     assert_eq!(llm.requests().len(), 1);
     assert_eq!(rt.get_session(&s).await.unwrap().status, SessionStatus::Idle);
+    // The bus tells embedders the turn runs in this process again, then how it ended.
+    let mut told = vec![];
+    while let Some(Ok(e)) = bus.try_recv() {
+        assert_eq!(e.session_id, s);
+        told.push((e.kind, e.data));
+    }
+    assert_eq!(
+        told,
+        [
+            (
+                BusEventKind::TurnStarted,
+                json!({"turn_id": "turn_1", "agent": "coder", "resumed": "owner_stopped"})
+            ),
+            (
+                BusEventKind::TurnCompleted,
+                json!({"turn_id": "turn_1", "stop_reason": "completed", "cost": 0.0})
+            ),
+        ]
+    );
 }
 
 #[tokio::test]
@@ -404,4 +448,147 @@ async fn a_draining_runtime_hands_its_turn_over_and_another_resumes_it() {
         seen,
         "what the client saw is stored as it saw it"
     );
+}
+
+/// The orchestrator as the default agent, routing every new message.
+fn routing_config() -> RuntimeConfig {
+    RuntimeConfig {
+        hitl_enabled: false,
+        plans_enabled: false,
+        ..RuntimeConfig::default()
+    }
+}
+
+/// The router choosing `agent`, with known usage (7 prompt, 2 completion tokens).
+fn route(agent: &str) -> Script {
+    Script::tool_call("route", json!({"agent": agent, "reason": "design work"})).usage(Usage {
+        prompt_tokens: 7,
+        completion_tokens: 2,
+        cached_prompt_tokens: 0,
+    })
+}
+
+/// The model calls `llm` was asked, as (forced function, or none).
+fn forced(llm: &ScriptedBackend) -> Vec<Option<String>> {
+    (llm.requests().iter())
+        .map(|r| match &r.tool_choice {
+            ToolChoice::Function(f) => Some(f.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A turn cut while the orchestrator routes it (its process drains, or dies, after the user's
+/// message is stored and before the routing decision is) is routed where it resumes, as it would
+/// have been: the router is asked again, the session switches, and the routed agent answers —
+/// not the session's current agent (the orchestrator) with the message unrouted.
+async fn a_turn_cut_while_routing_is_routed_where_it_resumes(setup: Setup) {
+    let slow_route = route("architect").delay_per_chunk(Duration::from_secs(2));
+    let (a, la) = setup.runtime(vec![slow_route], routing_config()).await;
+    let (b, lb) = setup
+        .runtime(vec![route("architect"), answer("designed")], routing_config())
+        .await;
+    let s = setup.session(&a).await;
+    let stream = a.submit(&s, Submission::user("design a cache")).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while la.requests().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "A never asked its router");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let report = a.drain(Duration::from_secs(5)).await;
+    assert_eq!(
+        report,
+        DrainReport {
+            handed_over: 1,
+            still_running: 0
+        }
+    );
+    assert_eq!(
+        stream.collect::<Vec<_>>().await,
+        [],
+        "nothing was streamed before the cut"
+    );
+
+    let mut bus = b.subscribe(BusFilter {
+        kinds: Some(vec![BusEventKind::TurnStarted]),
+        session_id: None,
+    });
+    assert_eq!(b.recover_interrupted().await.unwrap(), 1);
+    let all = until_idle(&b, &s).await;
+    assert_eq!(
+        payloads(&all),
+        [
+            resumed(0, "handed_over"),
+            EventPayload::AgentSwitched {
+                from_agent: "orchestrator".into(),
+                to_agent: "architect".into(),
+                reason: "design work".into(),
+            },
+            token("designed"),
+            complete("designed"),
+            done(
+                StopReason::Completed,
+                Usage {
+                    prompt_tokens: 7 + 5,
+                    completion_tokens: 2 + 1,
+                    cached_prompt_tokens: 0,
+                }
+            ),
+        ]
+    );
+    assert_eq!(forced(&la), [Some("route".to_string())]);
+    assert_eq!(
+        forced(&lb),
+        [Some("route".to_string()), None],
+        "B asked the router again, then the routed agent"
+    );
+    assert_eq!(
+        lb.requests()[0].messages.last().map(|m| m.content.clone()),
+        Some("design a cache".to_string()),
+        "the router was given the user's message"
+    );
+    let history: Vec<(String, Option<String>, String)> = (b.messages(&s, 0, 100).await.unwrap())
+        .into_iter()
+        .map(|m| (format!("{:?}", m.role), m.agent, m.content))
+        .collect();
+    assert_eq!(
+        history,
+        [
+            (
+                "User".into(),
+                Some("orchestrator".into()),
+                "design a cache".into()
+            ),
+            ("Assistant".into(), Some("architect".into()), "designed".into()),
+        ]
+    );
+    let session = b.get_session(&s).await.unwrap();
+    assert_eq!(
+        (session.status, session.current_agent),
+        (SessionStatus::Idle, "architect".to_string())
+    );
+    let started = bus.try_recv().unwrap().unwrap();
+    assert_eq!(
+        (
+            started.session_id,
+            started.data["agent"].clone(),
+            started.data["resumed"].clone()
+        ),
+        (s.clone(), json!("orchestrator"), json!("handed_over"))
+    );
+}
+
+#[tokio::test]
+async fn on_sqlite_a_turn_cut_while_routing_is_routed_where_it_resumes() {
+    a_turn_cut_while_routing_is_routed_where_it_resumes(Setup::new()).await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
+async fn on_postgres_a_turn_cut_while_routing_is_routed_where_it_resumes() {
+    a_turn_cut_while_routing_is_routed_where_it_resumes(Setup::postgres().await).await;
 }

@@ -55,9 +55,12 @@ async function startServer() {
   return { child, base: `http://${addr}` };
 }
 
-/** A TCP proxy in front of the server whose `drop()` cuts every open connection, as a network would. */
+/**
+ * A TCP proxy in front of the server whose `drop()` cuts every open connection, as a network would,
+ * and whose `retarget(url)` sends new connections to another server (a load balancer after a restart).
+ */
 async function startProxy(target) {
-  const [host, port] = [target.hostname, Number(target.port)];
+  let [host, port] = [target.hostname, Number(target.port)];
   const sockets = new Set();
   const proxy = net.createServer((client) => {
     const upstream = net.connect(port, host);
@@ -66,12 +69,17 @@ async function startProxy(target) {
       s.on("close", () => sockets.delete(s));
       s.on("error", () => {});
     }
+    // A server that is down refuses the connection: so does the proxy.
+    upstream.on("error", () => client.destroy());
     client.pipe(upstream).pipe(client);
   });
   await new Promise((r) => proxy.listen(0, "127.0.0.1", r));
   return {
     base: `http://127.0.0.1:${proxy.address().port}`,
     drop: () => sockets.forEach((s) => s.destroy()),
+    retarget: (url) => {
+      [host, port] = [url.hostname, Number(url.port)];
+    },
     close: () => new Promise((r) => {
       sockets.forEach((s) => s.destroy());
       proxy.close(r);
@@ -90,6 +98,13 @@ async function signIn(p, token = TOKEN) {
   await p.locator("#login").waitFor({ state: "visible" });
   await p.fill("#token", token);
   await p.click("#login-form button[type=submit]");
+}
+
+/** The session's stored events, as `GET /sessions/{id}/events` replays them (the turn has ended). */
+async function storedEvents(id) {
+  const r = await fetch(`${base}/sessions/${encodeURIComponent(id)}/events?after=0`, { headers: { "x-internal-auth": TOKEN } });
+  assert.equal(r.status, 200);
+  return (await r.text()).split("\n").filter((l) => l.startsWith("data: ")).map((l) => JSON.parse(l.slice(6)));
 }
 
 /** Every `data-seq` on the timeline, in document order. */
@@ -317,6 +332,47 @@ test("switching the agent and cancelling a running turn show in the timeline", a
   await page.locator("#timeline .item.done", { hasText: "cancelled" }).waitFor();
   const { body } = await api(`/sessions/${sessionId}`);
   assert.deepEqual({ status: body.status, agent: body.current_agent }, { status: "idle", agent: "architect" });
+});
+
+test("a turn taken over after its server is killed drops the cut answer's void tokens and ends with the full answer", async () => {
+  await page.goto(`${base}/console/#/session/${encodeURIComponent(sessionId)}`);
+  await page.locator("#live", { hasText: "live" }).waitFor();
+  const doneBefore = await page.locator("#timeline .item.done").count();
+  const cut = Array.from({ length: 60 }, (_, i) => `v${i} `);
+  model.script(text(cut, { delayMs: 200 }));
+  await page.fill("#message", "Ответь длинно");
+  await page.click("#composer button[type=submit]");
+  // (The cancelled turn before left a streaming item of its own: count this answer's tokens.)
+  await page.waitForFunction(() => [...document.querySelectorAll(".item.assistant .token")].filter((t) => /^v\d+ $/.test(t.textContent)).length >= 3);
+
+  // The process dies mid-answer; a new one on the same database takes the turn over and asks the
+  // model again; the page, reconnecting through the proxy with Last-Event-ID, follows it.
+  const exited = new Promise((r) => server.once("exit", r));
+  server.kill("SIGKILL");
+  await exited;
+  model.script(text(["Полный", " ответ."]));
+  let direct;
+  ({ child: server, base: direct } = await startServer());
+  proxy.retarget(new URL(direct));
+  await page.locator("#timeline .item.done").nth(doneBefore).waitFor({ timeout: 30000 });
+
+  const items = await page.$$eval("#timeline > li", (lis) => lis.map((li) => [...li.children].map((c) => c.textContent).join(" | ")));
+  assert.deepEqual(items.slice(-4), [
+    "You | Ответь длинно",
+    "Turn resumed | Another process continues the turn (its process stopped).",
+    "Assistant (architect) | Полный ответ. | message complete",
+    "Turn ended | completed · usage: 10 prompt + 2 completion tokens",
+  ]);
+  // The void tokens are gone from the page; what the store holds agrees with what it shows.
+  const tokens = await page.$$eval("#timeline .token", (ts) => ts.map((t) => t.textContent));
+  assert.deepEqual(tokens.filter((t) => /^v\d+ $/.test(t)), []);
+  const events = await storedEvents(sessionId);
+  const resumed = events.filter((e) => e.type === "turn_resumed");
+  assert.equal(resumed.length, 1);
+  assert.equal(resumed[0].reason, "owner_stopped");
+  const voided = events.filter((e) => e.type === "assistant_message" && !e.is_final && e.seq > resumed[0].after_seq && e.seq < resumed[0].seq);
+  assert.ok(voided.length >= 3 && voided.every((e) => e.token === cut[voided.indexOf(e)]), `void tokens stored: ${JSON.stringify(voided)}`);
+  assert.equal((await api(`/sessions/${sessionId}`)).body.status, "idle");
 });
 
 test("a client-mode session is created and deleted from the list", async () => {

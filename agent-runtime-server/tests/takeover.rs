@@ -185,6 +185,116 @@ async fn on_postgres_a_turn_killed_mid_answer_resumes_after_the_restart() {
     a_turn_killed_mid_answer_resumes_after_the_restart(&url).await;
 }
 
+/// The router choosing `agent`.
+fn route(agent: &str) -> MockResponse {
+    MockResponse::script(&Script::tool_call(
+        "route",
+        json!({"agent": agent, "reason": "design work"}),
+    ))
+}
+
+/// The forced function of each chat request `llm` got (`None`: a free answer).
+fn forced(llm: &MockLlmServer) -> Vec<Option<String>> {
+    (llm.requests().iter())
+        .map(|r| r["tool_choice"]["function"]["name"].as_str().map(String::from))
+        .collect()
+}
+
+/// SIGKILL while the orchestrator routes the message (stored, not yet routed), restart: the
+/// resumed turn asks the router again and the routed agent answers, as the cut turn would have;
+/// not the orchestrator itself, with the message unrouted.
+async fn a_turn_killed_while_routing_is_routed_after_the_restart(db: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let env: &[(&str, &str)] = &[("AGENT_RUNTIME__PLANS_ENABLED", "false")];
+    let llm = MockLlmServer::start().await.unwrap();
+    // About five minutes to stream: the process dies first.
+    llm.push(route("architect").split_every(1).drip(Duration::from_millis(500)));
+    let first = Server::start_with(&llm.url(), Some(db), env).await;
+    let id = first.session(json!({})).await;
+    let mut rec = start_stream(&first, &id, "design a cache").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while forced(&llm).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the router was never asked: {}",
+            first.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(first); // SIGKILL
+    while rec.next().await.is_some() {}
+    assert_eq!(
+        rec.events,
+        Vec::<Value>::new(),
+        "nothing streamed before the kill"
+    );
+
+    let after = MockLlmServer::start().await.unwrap();
+    after.push(route("architect"));
+    after.push(short_answer("designed"));
+    let second = Server::start_in(dir, &after.url(), db, env).await;
+    let rest = reconnect(&second, &id, 0).await;
+    assert_eq!(
+        kinds(&rest),
+        [
+            "turn_resumed",
+            "agent_switched",
+            "assistant_final",
+            "done:completed"
+        ]
+    );
+    assert_eq!(rest[0], resumed_at(1, 0, "owner_stopped"));
+    let switched = find(&rest, "agent_switched");
+    assert_eq!(
+        (&switched["from_agent"], &switched["to_agent"]),
+        (&json!("orchestrator"), &json!("architect"))
+    );
+    assert_eq!(assembled_text(&rest), "designed");
+    let last = rest.iter().rfind(|e| e["type"] == "assistant_message").unwrap();
+    assert_eq!(
+        (&last["is_final"], &last["content"]),
+        (&json!(true), &json!("designed"))
+    );
+    assert_eq!(forced(&llm), [Some("route".to_string())]);
+    assert_eq!(
+        forced(&after),
+        [Some("route".to_string()), None],
+        "the router was asked again, then the routed agent"
+    );
+    assert_eq!(
+        after.requests()[0]["messages"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap()["content"],
+        "design a cache"
+    );
+    assert_client_saw_the_store(&second, &id, &rest, "routed after the restart").await;
+    let session = second.get(&format!("/sessions/{id}")).send().await.unwrap();
+    let session: Value = session.json().await.unwrap();
+    assert_eq!(
+        (&session["status"], &session["current_agent"]),
+        (&json!("idle"), &json!("architect"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_sqlite_a_turn_killed_while_routing_is_routed_after_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("rt.db").display());
+    a_turn_killed_while_routing_is_routed_after_the_restart(&db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
+async fn on_postgres_a_turn_killed_while_routing_is_routed_after_the_restart() {
+    let (_guard, url) = postgres_url().await;
+    a_turn_killed_while_routing_is_routed_after_the_restart(&url).await;
+}
+
 /// SIGKILL while `execute_command` runs `sleep 2; echo x >> f.txt`: after the restart the command
 /// is not run again (the file has at most the one line the orphaned shell may still write), its
 /// result is the "interrupted" error, and the model decides what next.

@@ -46,8 +46,8 @@ impl OrchestratorBuilder {
         self
     }
 
-    /// [`build`](OrchestratorBuilder::build)s the runtime, then closes the turns a previous
-    /// process left running (their open tool calls get an "interrupted" result), and from then on
+    /// [`build`](OrchestratorBuilder::build)s the runtime, then takes over the turns a previous
+    /// process left running (resumed, or closed with `TURN_RECOVERY=interrupt`), and from then on
     /// those of any process on the same database that dies ([`STOPPED_TURNS_POLL`]): the runtime
     /// is ready to serve. Needs a Tokio runtime.
     pub async fn start(self) -> Result<Orchestrator> {
@@ -58,7 +58,7 @@ impl OrchestratorBuilder {
         }
         match rt.recover_interrupted().await {
             Ok(0) => {}
-            Ok(n) => tracing::warn!(turns = n, "marked turns interrupted by the previous stop"),
+            Ok(n) => tracing::warn!(turns = n, "took over the turns the previous stop left running"),
             Err(e) => return Err(in_context("cannot recover interrupted turns", e)),
         }
         rt.watch_for_stopped_turns(STOPPED_TURNS_POLL);

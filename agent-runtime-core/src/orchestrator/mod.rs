@@ -1033,11 +1033,12 @@ impl Orchestrator {
         turn::cancel(self.inner.clone(), session_id).await
     }
 
-    /// Marks turns whose process stopped (a crash, a kill, a lost connection) as interrupted: their
-    /// open tool calls get an "interrupted" result and the sessions take new messages. A turn
-    /// counts as stopped once its lease has expired or its owner is dead (see
-    /// [`Storage::hold_liveness`]), so a restarted process recovers its predecessor's turns at
-    /// once. Returns how many it marked.
+    /// Takes over the turns whose process stopped (a crash, a kill, a lost connection, a drain):
+    /// each is resumed here from its last stored step (`turn_resumed`), or with
+    /// `TURN_RECOVERY=interrupt` marked interrupted (open tool calls get an "interrupted" result,
+    /// the session takes new messages). A turn counts as stopped once its lease has expired or
+    /// its owner is dead (see [`Storage::hold_liveness`]), so a restarted process recovers its
+    /// predecessor's turns at once. Returns how many it took over.
     pub async fn recover_interrupted(&self) -> Result<usize> {
         turn::recover_interrupted(self.inner.clone()).await
     }
@@ -1055,7 +1056,7 @@ impl Orchestrator {
                 let Some(inner) = weak.upgrade() else { return };
                 match turn::recover_interrupted(inner).await {
                     Ok(0) => {}
-                    Ok(n) => tracing::warn!(turns = n, "marked turns of a stopped process interrupted"),
+                    Ok(n) => tracing::warn!(turns = n, "took over the turns of a stopped process"),
                     Err(e) => tracing::warn!(error = %e, "looking for stopped turns failed"),
                 }
             }

@@ -56,6 +56,7 @@ macro_rules! storage_conformance_suite {
             budgets_and_cost_are_stored_with_commits,
             turn_state_and_status_updates,
             find_request_remembers_first_event_seq,
+            tool_results_are_found_by_call_id_however_long_the_session,
             lease_acquire_renew_release,
             lease_session_takes_the_lease_and_returns_the_session_as_stored,
             racing_lease_acquires_have_exactly_one_winner,
@@ -281,6 +282,7 @@ pub async fn missing_session_is_not_found_everywhere(a: Arc<dyn Storage>, _b: Ar
     assert_eq!(a.events_after("nope", 0, 10).await, Err(nf()));
     assert_eq!(a.find_request("nope", "r").await, Err(nf()));
     assert_eq!(a.get_approval("nope", "c").await, Err(nf()));
+    assert_eq!(a.tool_call_answered("nope", "c").await, Err(nf()));
     assert_eq!(a.pending_approvals("nope").await, Err(nf()));
     assert_eq!(a.switch_history("nope").await, Err(nf()));
     assert_eq!(a.get_plan("nope", "p").await, Err(nf()));
@@ -1260,6 +1262,47 @@ pub async fn lease_session_takes_the_lease_and_returns_the_session_as_stored(
         b.get_session("absent").await,
         Err(Error::SessionNotFound("absent".into()))
     );
+}
+
+/// A tool result is found by its call id in its own session, behind any number of newer
+/// messages; a call without a result, or another session's result, is not.
+pub async fn tool_results_are_found_by_call_id_however_long_the_session(
+    a: Arc<dyn Storage>,
+    b: Arc<dyn Storage>,
+) {
+    create(&*a, "calls").await;
+    create(&*a, "calls_2").await;
+    let call = |id: &str| ToolCall {
+        id: id.into(),
+        name: "read_file".into(),
+        arguments: json!({"path": "a.txt"}),
+    };
+    let coder = || Some("coder".to_string());
+    let mut c = at(1);
+    c.messages = vec![
+        NewMessage::assistant("", coder(), vec![call("call_0"), call("call_1")]),
+        NewMessage::tool("call_0", "alpha", coder()),
+    ];
+    a.commit("calls", c).await.unwrap();
+    for i in 0..300 {
+        let mut c = at(2 + i);
+        c.messages = vec![NewMessage::user(format!("message {i}"), None)];
+        b.commit("calls", c).await.unwrap();
+    }
+    let mut c = at(400);
+    c.messages = vec![NewMessage::tool("call_9", "other session", coder())];
+    a.commit("calls_2", c).await.unwrap();
+    let mut found = vec![];
+    for (session, id) in [
+        ("calls", "call_0"),
+        ("calls", "call_1"),
+        ("calls", "call_9"),
+        ("calls_2", "call_9"),
+        ("calls_2", "call_0"),
+    ] {
+        found.push(b.tool_call_answered(session, id).await.unwrap());
+    }
+    assert_eq!(found, [true, false, false, true, false]);
 }
 
 /// Acquire, re-acquire by the owner, refusal for others, renew and release.

@@ -337,6 +337,15 @@ impl Storage for MemoryStorage {
         self.with_session(session_id, |d| Ok(d.requests.get(request_id).copied()))
     }
 
+    async fn tool_call_answered(&self, session_id: &str, call_id: &str) -> Result<bool> {
+        // In memory a scan of the session's messages (no I/O) stands in for the index.
+        self.with_session(session_id, |d| {
+            Ok(d.messages
+                .iter()
+                .any(|m| m.tool_call_id.as_deref() == Some(call_id)))
+        })
+    }
+
     async fn get_approval(&self, session_id: &str, call_id: &str) -> Result<Approval> {
         self.with_session(session_id, |d| {
             d.approvals

@@ -17,7 +17,7 @@ use crate::time::Timestamp;
 pub use liveness::Liveness;
 
 /// The schema version this build writes. A database stamped with a higher version is refused.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// Which sessions to list and where to start.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -183,6 +183,11 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 
     /// The seq of the first event of the turn started with this `request_id`, if any.
     async fn find_request(&self, session_id: &str, request_id: &str) -> Result<Option<u64>>;
+
+    /// Whether a tool result of the session answers the call `call_id` (an indexed lookup, cost
+    /// independent of the history's length). The runtime answers every call before it asks the
+    /// model again, so these and the newest answer's calls are every call id the session used.
+    async fn tool_call_answered(&self, session_id: &str, call_id: &str) -> Result<bool>;
 
     /// One approval. `ApprovalNotFound` if absent.
     async fn get_approval(&self, session_id: &str, call_id: &str) -> Result<Approval>;

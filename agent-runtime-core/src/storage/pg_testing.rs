@@ -225,6 +225,9 @@ impl Storage for Guarded {
     async fn find_request(&self, session_id: &str, request_id: &str) -> crate::Result<Option<u64>> {
         self.store.find_request(session_id, request_id).await
     }
+    async fn tool_call_answered(&self, session_id: &str, call_id: &str) -> crate::Result<bool> {
+        self.store.tool_call_answered(session_id, call_id).await
+    }
     async fn get_approval(&self, session_id: &str, call_id: &str) -> crate::Result<Approval> {
         self.store.get_approval(session_id, call_id).await
     }

@@ -51,6 +51,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../../migrations/postgres/0003_cancel_requests.sql"),
     ),
     (4, include_str!("../../migrations/postgres/0004_budgets.sql")),
+    (
+        5,
+        include_str!("../../migrations/postgres/0005_tool_results_by_call.sql"),
+    ),
 ];
 
 /// How long a pooled connection may sit idle before it is pinged when handed out.
@@ -1145,6 +1149,22 @@ impl Storage for PostgresStorage {
                 Ok(None)
             }
         }
+    }
+
+    #[instrument(skip(self))]
+    async fn tool_call_answered(&self, session_id: &str, call_id: &str) -> Result<bool> {
+        let answered: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM messages WHERE session_id = $1 AND tool_call_id = $2)",
+        )
+        .bind(session_id)
+        .bind(call_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(Error::database)?;
+        if !answered {
+            self.ensure_session(session_id).await?;
+        }
+        Ok(answered)
     }
 
     #[instrument(skip(self))]

@@ -89,6 +89,11 @@ struct TurnState {
     /// `handed_over`, and that takeover does not count against `resumes`.
     #[serde(default)]
     handed_over: bool,
+    /// The orchestrator has yet to route the turn's user message: stored with the message and
+    /// cleared with the routing decision (a switch or a plan), so a turn cut in between is
+    /// routed again where it resumes instead of answered by the session's current agent.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    route_pending: bool,
     /// Budgets: what the turn spent, raises, and the budget approval it waits for.
     #[serde(default)]
     spend: budget::TurnSpend,
@@ -128,9 +133,10 @@ enum Next {
     Run { route: Option<String> },
     /// Nothing more: the first commit ended the stream.
     Nothing,
-    /// Continue a turn taken over from a stopped process: check the calls its model asked for
-    /// that were not checked yet, then the loop (see `recover::resume_orphan`).
-    Resume,
+    /// Continue a turn taken over from a stopped process (`reason` as in `turn_resumed`): route
+    /// the message if the orchestrator had not yet, else check the calls its model asked for that
+    /// were not checked yet; then the loop (see `recover::resume_orphan`).
+    Resume { reason: &'static str },
 }
 
 struct Turn {
@@ -395,6 +401,7 @@ impl Turn {
             .filter(|t| *t != self.rt.config.default_agent)
             .collect();
         if candidates.is_empty() {
+            self.state.route_pending = false;
             return Ok(None);
         }
         let described: Vec<(String, String)> = candidates
@@ -437,11 +444,36 @@ impl Turn {
                 (a.to_string(), r)
             }
         };
+        // Decided: the switch's commit stores that nothing is left to route.
+        self.state.route_pending = false;
         if !self.rt.agents.contains(&agent) {
             return Ok(None);
         }
         self.switch_to(&agent, &reason, true).await?;
         Ok(None)
+    }
+
+    /// The user message a resumed turn still has to route: the session's newest user message
+    /// (nothing is stored between it and the routing decision).
+    async fn message_to_route(&self) -> Result<String> {
+        let recent = self.rt.storage.recent_messages(self.id(), 8).await?;
+        recent
+            .into_iter()
+            .rev()
+            .find(|m| m.role == Role::User)
+            .map(|m| m.content)
+            .ok_or_else(|| Error::Internal("a turn to route has no user message".into()))
+    }
+
+    /// Routes `content` when given (a pause if the orchestrator proposed a plan), then runs the
+    /// turn's plan or loop.
+    async fn route_and_run(&mut self, content: Option<String>) -> Result<StopReason> {
+        if let Some(content) = content
+            && let Some(pause) = self.route(&content).await?
+        {
+            return Ok(pause);
+        }
+        self.run_plan().await
     }
 
     fn count_usage(&self, req: &ChatRequest, text: &str, calls: &[ChatToolCall]) -> Usage {
@@ -586,8 +618,12 @@ impl Turn {
     }
 
     /// The model's id when it is unique in the session, else `call_<uuid>`. Ids are compared with
-    /// this response and the window; a call that will need an approval is also checked against
-    /// the session's approvals (keyed by call id), the only place an older id still matters.
+    /// this response and the window, then looked up among the session's tool results (every
+    /// earlier call has one by now: [`Storage::tool_call_answered`], an indexed lookup however
+    /// long the session); a call that will need an approval is also checked against the
+    /// session's approvals (keyed by call id, plans' ids among them).
+    ///
+    /// [`Storage::tool_call_answered`]: crate::storage::Storage::tool_call_answered
     async fn unique_call_id(
         &self,
         model_id: &str,
@@ -602,6 +638,7 @@ impl Turn {
             || window
                 .iter()
                 .any(|m| m.tool_calls.iter().any(|c| c.id == model_id))
+            || self.rt.storage.tool_call_answered(self.id(), model_id).await?
         {
             return Ok(fresh());
         }
@@ -1219,28 +1256,25 @@ impl Turn {
             }
             Next::Run { route } => {
                 self.trace_agent(true);
-                self.rt.bus.publish(
-                    BusEventKind::TurnStarted,
-                    self.id(),
-                    json!({"turn_id": self.state.turn_id}),
-                );
-                let routed = match route {
-                    Some(content) => self.route(&content).await,
-                    None => Ok(None),
-                };
-                match routed {
-                    Ok(Some(pause)) => Ok(pause),
-                    Ok(None) => self.run_plan().await,
-                    Err(e) => Err(e),
-                }
+                self.publish_started(None);
+                self.route_and_run(route).await
             }
-            Next::Resume => {
-                let unchecked = self.state.open_calls.iter().any(|c| c.state == CallState::New);
-                let triaged = if unchecked { self.triage().await } else { Ok(None) };
-                match triaged {
-                    Ok(Some(pause)) => Ok(pause),
-                    Ok(None) => self.run_plan().await,
-                    Err(e) => Err(e),
+            Next::Resume { reason } => {
+                self.publish_started(Some(reason));
+                if self.state.route_pending {
+                    // Cut before the orchestrator decided: route the message as the turn would have.
+                    match self.message_to_route().await {
+                        Ok(content) => self.route_and_run(Some(content)).await,
+                        Err(e) => Err(e),
+                    }
+                } else {
+                    let unchecked = self.state.open_calls.iter().any(|c| c.state == CallState::New);
+                    let triaged = if unchecked { self.triage().await } else { Ok(None) };
+                    match triaged {
+                        Ok(Some(pause)) => Ok(pause),
+                        Ok(None) => self.run_plan().await,
+                        Err(e) => Err(e),
+                    }
                 }
             }
         };
@@ -1273,6 +1307,16 @@ impl Turn {
         }
         self.rt.hubs.finish_turn(&self.session.id);
         self.rt.hubs.publish(&self.session.id, &last);
+    }
+
+    /// `turn.started` on the bus: the turn runs in this process now, on this agent (`resumed`:
+    /// taken over from a stopped or draining process, with `turn_resumed`'s reason).
+    fn publish_started(&self, resumed: Option<&str>) {
+        let mut data = json!({"turn_id": self.state.turn_id, "agent": self.agent()});
+        if let Some(reason) = resumed {
+            data["resumed"] = json!(reason);
+        }
+        self.rt.bus.publish(BusEventKind::TurnStarted, self.id(), data);
     }
 
     async fn release(self) {

@@ -121,6 +121,8 @@ impl Turn {
             plan: plan.clone(),
             current: None,
         });
+        // The routing decision is this plan, stored with it.
+        self.state.route_pending = false;
         let c = Commit {
             plans: vec![plan.clone()],
             approvals: vec![approval],

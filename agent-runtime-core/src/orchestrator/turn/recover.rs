@@ -70,7 +70,10 @@ pub(in crate::orchestrator) async fn resume_orphan(
         running.finished.clone(),
     );
     let span = tracing::info_span!("turn", session_id = %id, turn_id = %turn.state.turn_id, resumed = reason);
-    tokio::spawn(tracing::Instrument::instrument(turn.run(Next::Resume), span));
+    tokio::spawn(tracing::Instrument::instrument(
+        turn.run(Next::Resume { reason }),
+        span,
+    ));
     Ok(())
 }
 

@@ -84,17 +84,19 @@ async fn user_message(
         .await?;
     }
     let agent = turn.agent();
+    let route = agent_type.is_none()
+        && agent == rt.config.default_agent
+        && rt.config.multi_agent_enabled
+        && rt.config.auto_agent_switching
+        && agent == "orchestrator";
+    // Stored with the message: a turn cut before the routing decision is routed where it resumes.
+    turn.state.route_pending = route;
     let c = Commit {
         messages: vec![NewMessage::user(content.clone(), Some(agent.clone()))],
         session: running(),
         ..Commit::default()
     };
     turn.commit(c, true).await?;
-    let route = agent_type.is_none()
-        && agent == rt.config.default_agent
-        && rt.config.multi_agent_enabled
-        && rt.config.auto_agent_switching
-        && agent == "orchestrator";
     Ok((
         Next::Run {
             route: route.then_some(content),

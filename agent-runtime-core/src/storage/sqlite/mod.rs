@@ -54,6 +54,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../../../migrations/sqlite/0003_cancel_requests.sql"),
     ),
     (4, include_str!("../../../migrations/sqlite/0004_budgets.sql")),
+    (
+        5,
+        include_str!("../../../migrations/sqlite/0005_tool_results_by_call.sql"),
+    ),
 ];
 
 /// How long a connection waits for another connection's write lock before failing.
@@ -1014,6 +1018,21 @@ impl Storage for SqliteStorage {
                 |r| u64_col(r, 0),
             )
             .optional()
+            .map_err(db)
+        })
+        .await
+    }
+
+    async fn tool_call_answered(&self, session_id: &str, call_id: &str) -> Result<bool> {
+        let (id, call_id) = (session_id.to_string(), call_id.to_string());
+        self.read(move |c| {
+            ensure_session(c, &id)?;
+            query_row(
+                c,
+                "SELECT EXISTS (SELECT 1 FROM messages WHERE session_id = ?1 AND tool_call_id = ?2)",
+                params![id, call_id],
+                |r| r.get::<_, bool>(0),
+            )
             .map_err(db)
         })
         .await
