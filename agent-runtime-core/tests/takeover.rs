@@ -10,7 +10,7 @@ use agent_runtime_core::config::{RuntimeConfig, TurnRecovery};
 use agent_runtime_core::events::{BusEventKind, BusFilter};
 use agent_runtime_core::llm::{Script, ScriptedBackend, ToolChoice};
 use agent_runtime_core::orchestrator::{CreateSession, DrainReport, Follow, Orchestrator, Submission};
-use agent_runtime_core::protocol::{AssistantMessage, EventPayload, StopReason, ToolError};
+use agent_runtime_core::protocol::{AssistantMessage, ClientMessage, EventPayload, StopReason, ToolError};
 use agent_runtime_core::session::{NewMessage, SessionStatus, ToolCall, Usage};
 use agent_runtime_core::storage::{self, Commit, SessionUpdate, Storage};
 use agent_runtime_core::{Error, Event};
@@ -338,6 +338,87 @@ async fn a_turn_taken_over_three_times_without_progress_is_interrupted_instead()
         ]
     );
     assert_eq!(llm.requests().len(), 0, "the model was not asked again");
+}
+
+/// A client's tool result is progress, like a tool the runtime ran: a client-mode turn taken over
+/// three times before it paused counts from zero again once the result is stored, so a takeover
+/// while the model answers it resumes the turn instead of ending it.
+#[tokio::test]
+async fn a_clients_tool_result_resets_the_takeovers_without_progress() {
+    let setup = Setup::new();
+    let (rt, llm) = setup
+        .runtime(
+            vec![
+                Script::tool_call("read_file", json!({"path": "a.txt"})),
+                answer("read").first_byte_delay(Duration::from_secs(30)),
+            ],
+            config(),
+        )
+        .await;
+    let s = rt
+        .create_session(CreateSession {
+            metadata: Some(json!({"tool_execution": "client"})),
+            ..CreateSession::default()
+        })
+        .await
+        .unwrap()
+        .id;
+    let paused: Vec<Event> = rt
+        .submit(
+            &s,
+            Submission::new(ClientMessage::UserMessage {
+                content: "read a.txt".into(),
+                agent_type: None,
+            }),
+        )
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    let call_id = paused
+        .iter()
+        .find_map(|e| match &e.payload {
+            EventPayload::ToolCall { call_id, .. } => Some(call_id.clone()),
+            _ => None,
+        })
+        .expect("a client tool call");
+    // Taken over three times without progress before it paused (as a dying replica leaves it).
+    let mut state = rt.get_session(&s).await.unwrap().turn_state.unwrap();
+    state["resumes"] = json!(3);
+    let update = Commit {
+        session: SessionUpdate {
+            turn_state: Some(Some(state)),
+            ..SessionUpdate::default()
+        },
+        ..Commit::now()
+    };
+    rt.storage().commit(&s, update).await.unwrap();
+
+    let answered = rt
+        .submit(
+            &s,
+            Submission::new(ClientMessage::ToolResult {
+                call_id,
+                result: Some(json!("alpha")),
+                error: None,
+            }),
+        )
+        .await
+        .unwrap();
+    let running = tokio::spawn(answered.collect::<Vec<_>>());
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while llm.requests().len() < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the model is asked with the result");
+    let stored = rt.get_session(&s).await.unwrap();
+    assert_eq!(
+        (stored.status, stored.turn_state.unwrap()["resumes"].clone()),
+        (SessionStatus::Running, json!(0))
+    );
+    running.abort();
 }
 
 #[tokio::test]

@@ -201,6 +201,8 @@ async fn tool_result(
         None => Ok(result.unwrap_or(Value::Null)),
     };
     let before_seq = turn.session.last_event_seq;
+    // A stored tool result is progress, as a tool the runtime ran is: takeovers count from zero.
+    turn.state.resumes = 0;
     turn.finish_call(&call_id, outcome, extra).await?;
     Ok((Next::Run { route: None }, before_seq + 1))
 }
