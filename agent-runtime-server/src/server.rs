@@ -112,7 +112,11 @@ async fn serve_ready(
                 let Ok((socket, _peer)) = accepted else { continue };
                 let _ = socket.set_nodelay(true);
                 let app = app.clone();
-                let service = service_fn(move |req| app.clone().handle(req));
+                // Boxed: hyper keeps a connection's request future in a box of the future's own
+                // size (about 14 KB, every route's state) for the connection's whole life, an SSE
+                // stream's included; boxed here, that box is a pointer and the request's state is
+                // freed as soon as its response head is ready.
+                let service = service_fn(move |req| Box::pin(app.clone().handle(req)));
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(socket), service).into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
