@@ -24,6 +24,12 @@ fn return_freed_memory_promptly() {
     }
 }
 
+/// Threads for blocking work (SQLite reads, file tools) at most. SQLite reads take one of 8
+/// reader slots first, but tokio's default of 512 let the pool grow to some 45 threads under 64
+/// users (a finished read's thread is not idle yet when the next read is handed over), each with
+/// its own allocator heap; more work than this waits for a thread.
+const BLOCKING_THREADS: usize = 16;
+
 fn main() {
     return_freed_memory_promptly();
     let config = match config::load(std::env::args(), |k| std::env::var(k).ok()) {
@@ -41,7 +47,11 @@ fn main() {
         LogFormat::Json => logs.json().init(),
         LogFormat::Text => logs.init(),
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(BLOCKING_THREADS)
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("agent-runtime-server: cannot start the async runtime: {e}");
