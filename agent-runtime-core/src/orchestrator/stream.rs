@@ -164,8 +164,6 @@ pub enum Follow {
     Forever,
 }
 
-type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
-
 /// A session's events in order: persisted ones first, then live ones.
 pub struct EventStream {
     inner: Pin<Box<dyn Stream<Item = Event> + Send>>,
@@ -345,12 +343,10 @@ impl EventStream {
     }
 
     fn of(follower: Follower) -> EventStream {
-        let stream = futures::stream::unfold(follower, |mut f| {
-            let fut: BoxFuture<Option<(Event, Follower)>> = Box::pin(async move {
-                let e = f.next().await?;
-                Some((e, f))
-            });
-            fut
+        // The step's future lives inside the one boxed stream: no allocation per event.
+        let stream = futures::stream::unfold(follower, |mut f| async move {
+            let e = f.next().await?;
+            Some((e, f))
         });
         EventStream {
             inner: Box::pin(stream),
