@@ -58,6 +58,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         5,
         include_str!("../../../migrations/sqlite/0005_tool_results_by_call.sql"),
     ),
+    (
+        6,
+        include_str!("../../../migrations/sqlite/0006_sessions_indexes_off_the_commit_path.sql"),
+    ),
 ];
 
 /// How long a connection waits for another connection's write lock before failing.
@@ -770,7 +774,7 @@ fn list_blocking(
         clauses.push("status = ?");
         args.push(Sql::Text(status.as_str().to_string()));
     }
-    // Counted over the filters alone, on the (user_id | status, last_activity, id) indexes.
+    // Counted over the filters alone, on the user_id or status index (migration 0006).
     let count_filter = if clauses.is_empty() {
         String::new()
     } else {
