@@ -170,8 +170,10 @@ async fn a_version_5_database_is_migrated_with_its_sessions_listed_as_before() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("v5.db");
     let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute_batch("CREATE TABLE schema_version (version INTEGER NOT NULL PRIMARY KEY, applied_at INTEGER NOT NULL)")
-        .unwrap();
+    conn.execute_batch(
+        "CREATE TABLE schema_version (version INTEGER NOT NULL PRIMARY KEY, applied_at INTEGER NOT NULL)",
+    )
+    .unwrap();
     for (version, sql) in (1..).zip(SCHEMA_5) {
         conn.execute_batch(sql).unwrap();
         conn.execute("INSERT INTO schema_version VALUES (?1, 0)", [version])

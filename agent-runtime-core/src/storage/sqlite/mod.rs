@@ -29,7 +29,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params, params_from_iter};
-use serde_json::Value;
 
 use super::commit::{self, CommitSteps, Head, SessionChange};
 use super::liveness::{LockFileRegistry, OwnerRegistry};
@@ -72,7 +71,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// opening more: opening a connection parses the schema, which costs more than a read.
 const READERS: usize = 8;
 
-/// The session row's columns in `session_from_row`'s order (`update_session`'s `RETURNING` lists
+/// The session row's columns in `session_from_row`'s order (`update_session`'s read-back lists
 /// the same).
 const SESSION_COLUMNS: &str = "id, user_id, metadata, created_at, last_activity, current_agent, status, \
      message_count, last_message_seq, last_event_seq, prompt_tokens, completion_tokens, turn_state, \
@@ -333,19 +332,20 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(|e| Error::Internal(format!("cannot encode JSON: {e}")))
 }
 
+/// A JSON column parsed where SQLite holds its text (no copy of it into a `String` first).
 fn json_col<T: serde::de::DeserializeOwned>(row: &Row<'_>, idx: usize) -> rusqlite::Result<T> {
-    let text: String = row.get(idx)?;
-    serde_json::from_str(&text)
-        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, Type::Text, Box::new(e)))
+    opt_json_col(row, idx)?.ok_or(rusqlite::Error::InvalidColumnType(idx, String::new(), Type::Null))
 }
 
-fn opt_json_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<Value>> {
-    let text: Option<String> = row.get(idx)?;
-    text.map(|t| {
-        serde_json::from_str(&t)
-            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, Type::Text, Box::new(e)))
-    })
-    .transpose()
+/// A nullable JSON column, parsed as [`json_col`] parses.
+fn opt_json_col<T: serde::de::DeserializeOwned>(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<T>> {
+    let bad = |e: Box<dyn std::error::Error + Send + Sync>| {
+        rusqlite::Error::FromSqlConversionFailure(idx, Type::Text, e)
+    };
+    let Some(text) = row.get_ref(idx)?.as_str_or_null().map_err(|e| bad(Box::new(e)))? else {
+        return Ok(None);
+    };
+    serde_json::from_str(text).map(Some).map_err(|e| bad(Box::new(e)))
 }
 
 fn parsed<T>(idx: usize, text: String, parse: impl FnOnce(&str) -> Option<T>) -> rusqlite::Result<T> {
@@ -411,12 +411,7 @@ fn session_from_row(row: &Row<'_>) -> rusqlite::Result<Session> {
             cached_prompt_tokens: u64_col(row, 15)?,
         },
         turn_state: opt_json_col(row, 12)?,
-        budget: match opt_json_col(row, 13)? {
-            Some(v) => serde_json::from_value(v).map_err(|e| {
-                rusqlite::Error::FromSqlConversionFailure(13, rusqlite::types::Type::Text, Box::new(e))
-            })?,
-            None => Budget::default(),
-        },
+        budget: opt_json_col(row, 13)?.unwrap_or_default(),
         cost: row.get(14)?,
     })
 }
@@ -703,9 +698,11 @@ impl CommitSteps for SqliteCommit<'_> {
             None => (false, None),
             Some(v) => (true, v.as_ref().map(to_json).transpose()?),
         };
-        // The row comes back from the `UPDATE` itself; a turn state it sets is the one in hand,
-        // not read back and parsed again.
-        let mut session = query_row(
+        // The row is read back by a second statement rather than `RETURNING`: SQLite runs a
+        // `RETURNING` into an ephemeral table (a b-tree opened and closed per statement), which
+        // costs more than a look-up by primary key. A turn state the commit sets is the one in
+        // hand, not read back and parsed again.
+        let changed = execute(
             self.tx,
             "UPDATE sessions SET
                  last_message_seq = last_message_seq + ?2,
@@ -723,11 +720,7 @@ impl CommitSteps for SqliteCommit<'_> {
                  cost = cost + ?13,
                  cached_prompt_tokens = cached_prompt_tokens + ?14,
                  budget = CASE WHEN ?15 THEN ?16 ELSE budget END
-             WHERE id = ?1
-             RETURNING id, user_id, metadata, created_at, last_activity, current_agent, status,
-                 message_count, last_message_seq, last_event_seq, prompt_tokens, completion_tokens,
-                 CASE WHEN ?10 THEN NULL ELSE turn_state END,
-                 budget, cost, cached_prompt_tokens",
+             WHERE id = ?1",
             params![
                 self.session_id,
                 sql_seq(change.messages),
@@ -746,11 +739,22 @@ impl CommitSteps for SqliteCommit<'_> {
                 change.budget.is_some(),
                 change.budget.as_ref().map(budget_json).transpose()?.flatten(),
             ],
+        )
+        .map_err(db)?;
+        if changed == 0 {
+            return Err(Error::SessionNotFound(self.session_id.to_string()));
+        }
+        let mut session = query_row(
+            self.tx,
+            "SELECT id, user_id, metadata, created_at, last_activity, current_agent, status,
+                 message_count, last_message_seq, last_event_seq, prompt_tokens, completion_tokens,
+                 CASE WHEN ?2 THEN NULL ELSE turn_state END,
+                 budget, cost, cached_prompt_tokens
+             FROM sessions WHERE id = ?1",
+            params![self.session_id, set_turn_state],
             session_from_row,
         )
-        .optional()
-        .map_err(db)?
-        .ok_or_else(|| Error::SessionNotFound(self.session_id.to_string()))?;
+        .map_err(db)?;
         if let Some(turn_state) = change.turn_state {
             session.turn_state = turn_state;
         }
