@@ -480,7 +480,8 @@ fn read_session(conn: &Connection, id: &str) -> Result<Session> {
     .ok_or_else(|| Error::SessionNotFound(id.to_string()))
 }
 
-/// `SessionNotFound` unless the session exists.
+/// `SessionNotFound` unless the session exists. A read whose rows prove the session exists (a
+/// session's rows go with it) asks only when it found none.
 fn ensure_session(conn: &Connection, id: &str) -> Result<()> {
     let found = query_row(conn, "SELECT 1 FROM sessions WHERE id = ?1", [id], |_| Ok(()))
         .optional()
@@ -985,7 +986,6 @@ impl Storage for SqliteStorage {
     async fn recent_messages(&self, session_id: &str, limit: usize) -> Result<Vec<Message>> {
         let id = session_id.to_string();
         self.read(move |c| {
-            ensure_session(c, &id)?;
             // Walks the (session_id, seq) key backwards from the end: cost ~ limit, not history.
             let mut newest_first = query_list(
                 c,
@@ -995,6 +995,9 @@ impl Storage for SqliteStorage {
                 params![id, sql_limit(limit)],
                 message_from_row,
             )?;
+            if newest_first.is_empty() {
+                ensure_session(c, &id)?;
+            }
             newest_first.reverse();
             Ok(newest_first)
         })
@@ -1034,14 +1037,17 @@ impl Storage for SqliteStorage {
     async fn tool_call_answered(&self, session_id: &str, call_id: &str) -> Result<bool> {
         let (id, call_id) = (session_id.to_string(), call_id.to_string());
         self.read(move |c| {
-            ensure_session(c, &id)?;
-            query_row(
+            let answered = query_row(
                 c,
                 "SELECT EXISTS (SELECT 1 FROM messages WHERE session_id = ?1 AND tool_call_id = ?2)",
                 params![id, call_id],
                 |r| r.get::<_, bool>(0),
             )
-            .map_err(db)
+            .map_err(db)?;
+            if !answered {
+                ensure_session(c, &id)?;
+            }
+            Ok(answered)
         })
         .await
     }
