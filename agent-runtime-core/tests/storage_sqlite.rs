@@ -145,3 +145,106 @@ async fn an_unopenable_path_is_a_database_error() {
     let url = format!("sqlite://{}/missing-dir/a.db", dir.path().display());
     assert!(matches!(storage::open(&url).await, Err(Error::Database(_))));
 }
+
+/// The schema of a database written by the build before migration 0006: files 0001 to 0005.
+const SCHEMA_5: &[&str] = &[
+    include_str!("../migrations/sqlite/0001_init.sql"),
+    include_str!("../migrations/sqlite/0002_owner_liveness.sql"),
+    include_str!("../migrations/sqlite/0003_cancel_requests.sql"),
+    include_str!("../migrations/sqlite/0004_budgets.sql"),
+    include_str!("../migrations/sqlite/0005_tool_results_by_call.sql"),
+];
+
+/// The indexes of the `sessions` table, by name.
+fn session_indexes(path: &Path) -> Vec<String> {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'sessions' AND sql IS NOT NULL ORDER BY name")
+        .unwrap();
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0)).unwrap();
+    rows.map(Result::unwrap).collect()
+}
+
+#[tokio::test]
+async fn a_version_5_database_is_migrated_with_its_sessions_listed_as_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v5.db");
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE schema_version (version INTEGER NOT NULL PRIMARY KEY, applied_at INTEGER NOT NULL)",
+    )
+    .unwrap();
+    for (version, sql) in (1..).zip(SCHEMA_5) {
+        conn.execute_batch(sql).unwrap();
+        conn.execute("INSERT INTO schema_version VALUES (?1, 0)", [version])
+            .unwrap();
+    }
+    for (id, user, status, at) in [
+        ("s1", Some("ann"), "idle", 10),
+        ("s2", None, "running", 20),
+        ("s3", Some("ann"), "running", 30),
+        ("s4", Some("bob"), "idle", 40),
+    ] {
+        conn.execute(
+            "INSERT INTO sessions (id, user_id, metadata, created_at, last_activity, current_agent, status)
+             VALUES (?1, ?2, '{}', 0, ?3, 'orchestrator', ?4)",
+            rusqlite::params![id, user, at, status],
+        )
+        .unwrap();
+    }
+    drop(conn);
+    assert_eq!(
+        session_indexes(&path),
+        [
+            "sessions_by_activity",
+            "sessions_by_status_activity",
+            "sessions_by_user_activity",
+            "sessions_lease_owner"
+        ]
+    );
+
+    let store = SqliteStorage::open(&path).await.unwrap();
+    let ids = |page: storage::SessionPage| {
+        let ids: Vec<String> = page.sessions.into_iter().map(|s| s.id).collect();
+        (ids, page.total)
+    };
+    let query = |user: Option<&str>, status| storage::SessionQuery {
+        user_id: user.map(str::to_string),
+        status,
+        limit: 10,
+        cursor: None,
+    };
+    assert_eq!(
+        ids(store.list_sessions(query(None, None)).await.unwrap()),
+        (vec!["s4".into(), "s3".into(), "s2".into(), "s1".into()], 4)
+    );
+    assert_eq!(
+        ids(store.list_sessions(query(Some("ann"), None)).await.unwrap()),
+        (vec!["s3".into(), "s1".into()], 2)
+    );
+    let running = Some(agent_runtime_core::session::SessionStatus::Running);
+    assert_eq!(
+        ids(store.list_sessions(query(None, running)).await.unwrap()),
+        (vec!["s3".into(), "s2".into()], 2)
+    );
+    drop(store);
+
+    assert_eq!(
+        session_indexes(&path),
+        [
+            "sessions_by_activity",
+            "sessions_by_status",
+            "sessions_by_user",
+            "sessions_lease_owner"
+        ]
+    );
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let versions: Vec<i64> = conn
+        .prepare("SELECT version FROM schema_version ORDER BY version")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(versions, (1..=SCHEMA_VERSION).collect::<Vec<_>>());
+}

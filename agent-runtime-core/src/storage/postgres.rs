@@ -55,6 +55,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         5,
         include_str!("../../migrations/postgres/0005_tool_results_by_call.sql"),
     ),
+    (
+        6,
+        include_str!("../../migrations/postgres/0006_sessions_indexes_off_the_commit_path.sql"),
+    ),
 ];
 
 /// How long a pooled connection may sit idle before it is pinged when handed out.
@@ -1016,7 +1020,7 @@ impl Storage for PostgresStorage {
             }
             q
         };
-        // Counted over the filters alone, on the (user_id | status, last_activity, id) indexes.
+        // Counted over the filters alone, on the user_id or status index (migration 0006).
         let total: i64 = filtered("COUNT(*)")
             .build_query_scalar()
             .fetch_one(&self.pool)

@@ -121,13 +121,22 @@ pub(in crate::orchestrator) async fn submit(
     if rt.is_draining() {
         return Err(shutting_down());
     }
-    let session = rt.storage.get_session(session_id).await?;
+    // Only a tool result is checked against the stored session before the lease is taken; any
+    // other message needs the session only to exist, which taking the lease finds out (one
+    // writer job instead of a read and a writer job).
+    let stored = match &sub.message {
+        ClientMessage::ToolResult { .. } => Some(rt.storage.get_session(session_id).await?),
+        _ => None,
+    };
     let rid = sub.request_id.as_deref();
     // Before the checks: a repeated `tool_result` answers a call that its first copy closed.
     if let Some(replay) = replay_request(&rt, session_id, rid).await? {
         return Ok(replay);
     }
-    validate(&rt, &session, &sub.message)?;
+    validate(&rt, &sub.message)?;
+    if let (Some(session), ClientMessage::ToolResult { call_id, .. }) = (&stored, &sub.message) {
+        check_call_open(session, call_id)?;
+    }
     let (running, session) = match take_session(&rt, session_id).await {
         Ok(r) => r,
         Err(Error::SessionBusy(id)) => {
@@ -209,8 +218,9 @@ async fn replay_request(
     }))
 }
 
-/// Checks what can be checked before anything is stored.
-fn validate(rt: &Arc<Inner>, session: &Session, m: &ClientMessage) -> Result<()> {
+/// Checks what can be checked before anything is stored without the session (a tool result's
+/// call: [`check_call_open`]).
+fn validate(rt: &Arc<Inner>, m: &ClientMessage) -> Result<()> {
     let agent_ok = |t: &str| {
         if !rt.config.multi_agent_enabled && t != rt.config.default_agent {
             return Err(Error::InvalidRequest(
@@ -245,22 +255,26 @@ fn validate(rt: &Arc<Inner>, session: &Session, m: &ClientMessage) -> Result<()>
                 ));
             }
         }
-        ClientMessage::ToolResult { call_id, .. } => {
-            let open = TurnState::load(session).open_calls.iter().any(|c| {
-                c.call_id == *call_id
-                    && matches!(c.state, CallState::AwaitingClient | CallState::AwaitingApproval)
-            });
-            if !open
-                || !matches!(
-                    session.status,
-                    SessionStatus::AwaitingToolResult | SessionStatus::AwaitingApproval
-                )
-            {
-                return Err(Error::ToolCallNotFound(call_id.clone()));
-            }
-        }
+        // Checked against the stored session: `check_call_open`.
+        ClientMessage::ToolResult { .. } => {}
         // Its verb and arguments were checked when it was parsed.
         ClientMessage::HitlDecision(_) => {}
+    }
+    Ok(())
+}
+
+/// `TOOL_CALL_NOT_FOUND` unless the session waits for the result of the call `call_id`.
+fn check_call_open(session: &Session, call_id: &str) -> Result<()> {
+    let open = TurnState::load(session).open_calls.iter().any(|c| {
+        c.call_id == call_id && matches!(c.state, CallState::AwaitingClient | CallState::AwaitingApproval)
+    });
+    if !open
+        || !matches!(
+            session.status,
+            SessionStatus::AwaitingToolResult | SessionStatus::AwaitingApproval
+        )
+    {
+        return Err(Error::ToolCallNotFound(call_id.to_string()));
     }
     Ok(())
 }

@@ -29,7 +29,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params, params_from_iter};
-use serde_json::Value;
 
 use super::commit::{self, CommitSteps, Head, SessionChange};
 use super::liveness::{LockFileRegistry, OwnerRegistry};
@@ -58,6 +57,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         5,
         include_str!("../../../migrations/sqlite/0005_tool_results_by_call.sql"),
     ),
+    (
+        6,
+        include_str!("../../../migrations/sqlite/0006_sessions_indexes_off_the_commit_path.sql"),
+    ),
 ];
 
 /// How long a connection waits for another connection's write lock before failing.
@@ -68,7 +71,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// opening more: opening a connection parses the schema, which costs more than a read.
 const READERS: usize = 8;
 
-/// The session row's columns in `session_from_row`'s order (`update_session`'s `RETURNING` lists
+/// The session row's columns in `session_from_row`'s order (`update_session`'s read-back lists
 /// the same).
 const SESSION_COLUMNS: &str = "id, user_id, metadata, created_at, last_activity, current_agent, status, \
      message_count, last_message_seq, last_event_seq, prompt_tokens, completion_tokens, turn_state, \
@@ -329,19 +332,20 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(|e| Error::Internal(format!("cannot encode JSON: {e}")))
 }
 
+/// A JSON column parsed where SQLite holds its text (no copy of it into a `String` first).
 fn json_col<T: serde::de::DeserializeOwned>(row: &Row<'_>, idx: usize) -> rusqlite::Result<T> {
-    let text: String = row.get(idx)?;
-    serde_json::from_str(&text)
-        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, Type::Text, Box::new(e)))
+    opt_json_col(row, idx)?.ok_or(rusqlite::Error::InvalidColumnType(idx, String::new(), Type::Null))
 }
 
-fn opt_json_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<Value>> {
-    let text: Option<String> = row.get(idx)?;
-    text.map(|t| {
-        serde_json::from_str(&t)
-            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, Type::Text, Box::new(e)))
-    })
-    .transpose()
+/// A nullable JSON column, parsed as [`json_col`] parses.
+fn opt_json_col<T: serde::de::DeserializeOwned>(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<T>> {
+    let bad = |e: Box<dyn std::error::Error + Send + Sync>| {
+        rusqlite::Error::FromSqlConversionFailure(idx, Type::Text, e)
+    };
+    let Some(text) = row.get_ref(idx)?.as_str_or_null().map_err(|e| bad(Box::new(e)))? else {
+        return Ok(None);
+    };
+    serde_json::from_str(text).map(Some).map_err(|e| bad(Box::new(e)))
 }
 
 fn parsed<T>(idx: usize, text: String, parse: impl FnOnce(&str) -> Option<T>) -> rusqlite::Result<T> {
@@ -407,12 +411,7 @@ fn session_from_row(row: &Row<'_>) -> rusqlite::Result<Session> {
             cached_prompt_tokens: u64_col(row, 15)?,
         },
         turn_state: opt_json_col(row, 12)?,
-        budget: match opt_json_col(row, 13)? {
-            Some(v) => serde_json::from_value(v).map_err(|e| {
-                rusqlite::Error::FromSqlConversionFailure(13, rusqlite::types::Type::Text, Box::new(e))
-            })?,
-            None => Budget::default(),
-        },
+        budget: opt_json_col(row, 13)?.unwrap_or_default(),
         cost: row.get(14)?,
     })
 }
@@ -481,7 +480,8 @@ fn read_session(conn: &Connection, id: &str) -> Result<Session> {
     .ok_or_else(|| Error::SessionNotFound(id.to_string()))
 }
 
-/// `SessionNotFound` unless the session exists.
+/// `SessionNotFound` unless the session exists. A read whose rows prove the session exists (a
+/// session's rows go with it) asks only when it found none.
 fn ensure_session(conn: &Connection, id: &str) -> Result<()> {
     let found = query_row(conn, "SELECT 1 FROM sessions WHERE id = ?1", [id], |_| Ok(()))
         .optional()
@@ -699,9 +699,11 @@ impl CommitSteps for SqliteCommit<'_> {
             None => (false, None),
             Some(v) => (true, v.as_ref().map(to_json).transpose()?),
         };
-        // The row comes back from the `UPDATE` itself; a turn state it sets is the one in hand,
-        // not read back and parsed again.
-        let mut session = query_row(
+        // The row is read back by a second statement rather than `RETURNING`: SQLite runs a
+        // `RETURNING` into an ephemeral table (a b-tree opened and closed per statement), which
+        // costs more than a look-up by primary key. A turn state the commit sets is the one in
+        // hand, not read back and parsed again.
+        let changed = execute(
             self.tx,
             "UPDATE sessions SET
                  last_message_seq = last_message_seq + ?2,
@@ -719,11 +721,7 @@ impl CommitSteps for SqliteCommit<'_> {
                  cost = cost + ?13,
                  cached_prompt_tokens = cached_prompt_tokens + ?14,
                  budget = CASE WHEN ?15 THEN ?16 ELSE budget END
-             WHERE id = ?1
-             RETURNING id, user_id, metadata, created_at, last_activity, current_agent, status,
-                 message_count, last_message_seq, last_event_seq, prompt_tokens, completion_tokens,
-                 CASE WHEN ?10 THEN NULL ELSE turn_state END,
-                 budget, cost, cached_prompt_tokens",
+             WHERE id = ?1",
             params![
                 self.session_id,
                 sql_seq(change.messages),
@@ -742,11 +740,22 @@ impl CommitSteps for SqliteCommit<'_> {
                 change.budget.is_some(),
                 change.budget.as_ref().map(budget_json).transpose()?.flatten(),
             ],
+        )
+        .map_err(db)?;
+        if changed == 0 {
+            return Err(Error::SessionNotFound(self.session_id.to_string()));
+        }
+        let mut session = query_row(
+            self.tx,
+            "SELECT id, user_id, metadata, created_at, last_activity, current_agent, status,
+                 message_count, last_message_seq, last_event_seq, prompt_tokens, completion_tokens,
+                 CASE WHEN ?2 THEN NULL ELSE turn_state END,
+                 budget, cost, cached_prompt_tokens
+             FROM sessions WHERE id = ?1",
+            params![self.session_id, set_turn_state],
             session_from_row,
         )
-        .optional()
-        .map_err(db)?
-        .ok_or_else(|| Error::SessionNotFound(self.session_id.to_string()))?;
+        .map_err(db)?;
         if let Some(turn_state) = change.turn_state {
             session.turn_state = turn_state;
         }
@@ -770,7 +779,7 @@ fn list_blocking(
         clauses.push("status = ?");
         args.push(Sql::Text(status.as_str().to_string()));
     }
-    // Counted over the filters alone, on the (user_id | status, last_activity, id) indexes.
+    // Counted over the filters alone, on the user_id or status index (migration 0006).
     let count_filter = if clauses.is_empty() {
         String::new()
     } else {
@@ -977,7 +986,6 @@ impl Storage for SqliteStorage {
     async fn recent_messages(&self, session_id: &str, limit: usize) -> Result<Vec<Message>> {
         let id = session_id.to_string();
         self.read(move |c| {
-            ensure_session(c, &id)?;
             // Walks the (session_id, seq) key backwards from the end: cost ~ limit, not history.
             let mut newest_first = query_list(
                 c,
@@ -987,6 +995,9 @@ impl Storage for SqliteStorage {
                 params![id, sql_limit(limit)],
                 message_from_row,
             )?;
+            if newest_first.is_empty() {
+                ensure_session(c, &id)?;
+            }
             newest_first.reverse();
             Ok(newest_first)
         })
@@ -1026,14 +1037,17 @@ impl Storage for SqliteStorage {
     async fn tool_call_answered(&self, session_id: &str, call_id: &str) -> Result<bool> {
         let (id, call_id) = (session_id.to_string(), call_id.to_string());
         self.read(move |c| {
-            ensure_session(c, &id)?;
-            query_row(
+            let answered = query_row(
                 c,
                 "SELECT EXISTS (SELECT 1 FROM messages WHERE session_id = ?1 AND tool_call_id = ?2)",
                 params![id, call_id],
                 |r| r.get::<_, bool>(0),
             )
-            .map_err(db)
+            .map_err(db)?;
+            if !answered {
+                ensure_session(c, &id)?;
+            }
+            Ok(answered)
         })
         .await
     }

@@ -1,0 +1,11 @@
+-- agent-runtime SQLite schema, version 6: fewer index entries rewritten by every commit (issue 22).
+-- Every commit sets last_activity, and each index that holds it was rewritten (an entry deleted
+-- and one inserted) on every commit: three per commit. Only the unfiltered list needs its order
+-- from an index; a list by user or by status finds that user's or status's sessions by an index
+-- whose key a commit never changes and sorts those (LIMIT keeps the sort to one page).
+-- The status index is also where orphaned_sessions finds running sessions.
+
+DROP INDEX sessions_by_user_activity;
+DROP INDEX sessions_by_status_activity;
+CREATE INDEX sessions_by_user ON sessions (user_id) WHERE user_id IS NOT NULL;
+CREATE INDEX sessions_by_status ON sessions (status);
