@@ -12,6 +12,7 @@
 //! the one around a tool's run, which an MCP call sends on (`_meta`, and headers over HTTP).
 
 mod export;
+mod otlp;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -105,12 +106,16 @@ impl Telemetry {
         let resource = Resource::builder()
             .with_service_name(settings.service_name.clone())
             .build();
-        let mut spans = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_endpoint(traces_url)
-            .with_timeout(settings.export_timeout)
-            .build()
-            .map_err(|e| fail("span", &e))?;
+        // The standard header variables, as the metric exporter reads them for itself.
+        let headers = std::env::var("OTEL_EXPORTER_OTLP_TRACES_HEADERS")
+            .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_HEADERS"))
+            .map(|h| otlp::parse_headers(&h))
+            .unwrap_or_default();
+        let mut spans = otlp::TraceExporter::new(otlp::Target {
+            url: traces_url,
+            headers,
+            timeout: settings.export_timeout,
+        });
         opentelemetry_sdk::trace::SpanExporter::set_resource(&mut spans, &resource);
         let dropped = Arc::new(AtomicU64::new(0));
         let processor = export::QueueProcessor::start(
