@@ -31,6 +31,8 @@ struct Received {
     spans: Arc<Mutex<Vec<Span>>>,
     service_names: Arc<Mutex<BTreeSet<String>>>,
     histogram_counts: Arc<Mutex<BTreeMap<String, u64>>>,
+    /// Per request: its path and its `api-key` and `x-tenant` headers (empty when absent).
+    headers: Arc<Mutex<BTreeSet<(String, String, String)>>>,
 }
 
 /// An OTLP/HTTP receiver on 127.0.0.1; `hang` answers nothing, ever (a stuck collector).
@@ -65,6 +67,14 @@ async fn collector(hang: bool) -> Collector {
                             std::future::pending::<()>().await;
                         }
                         let path = req.uri().path().to_string();
+                        let header = |name: &str| {
+                            req.headers()
+                                .get(name)
+                                .map(|v| v.to_str().unwrap().to_string())
+                                .unwrap_or_default()
+                        };
+                        let seen = (path.clone(), header("api-key"), header("x-tenant"));
+                        got.headers.lock().unwrap().insert(seen);
                         let body = req.into_body().collect().await.unwrap().to_bytes();
                         got.take(&path, &body);
                         let mut r = hyper::Response::new(Full::new(Bytes::new()));
@@ -524,6 +534,36 @@ async fn turns_complete_when_the_collector_hangs_and_a_full_queue_drops_spans() 
     let dropped = counted_drops(&s).await;
     assert!(dropped > 0, "no dropped span counted: {dropped}");
     assert_eq!(otlp.got.spans().len(), 0);
+}
+
+#[tokio::test]
+async fn the_otlp_headers_variables_go_on_every_export_and_the_traces_one_wins_for_traces() {
+    let otlp = collector(false).await;
+    let (_s, _llm) = turn_with_collector(
+        &otlp.url,
+        &[
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "api-key=secret%20one, x-tenant=acme",
+            ),
+            ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "api-key=traces%2Conly"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "50"),
+        ],
+    )
+    .await;
+    let seen = wait_for("exports of traces and metrics", || {
+        let seen = otlp.got.headers.lock().unwrap().clone();
+        let paths: BTreeSet<&str> = seen.iter().map(|(p, _, _)| p.as_str()).collect();
+        (paths.len() == 2).then_some(seen)
+    })
+    .await;
+    assert_eq!(
+        seen,
+        BTreeSet::from([
+            ("/v1/metrics".into(), "secret one".into(), "acme".into()),
+            ("/v1/traces".into(), "traces,only".into(), String::new()),
+        ])
+    );
 }
 
 #[tokio::test]

@@ -12,8 +12,8 @@
 //! the one around a tool's run, which an MCP call sends on (`_meta`, and headers over HTTP).
 
 mod export;
+mod otlp;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -55,6 +55,55 @@ struct Shared {
     tokens: Histogram<u64>,
     capture_content: bool,
     dropped: Arc<AtomicU64>,
+    /// The newest turns' model and model server with what derives from them, shared by every
+    /// turn that has the same (one model per server in practice: built once).
+    constants: std::sync::Mutex<Option<Arc<TurnConstants>>>,
+}
+
+/// What the spans and metrics of every turn with one model and model server share, built once:
+/// shared strings are reference-counted values, the metric attribute sets are ready to record.
+struct TurnConstants {
+    model: Value,
+    model_name: String,
+    proxy_url: String,
+    server: Value,
+    port: i64,
+    chat_name: String,
+    /// `gen_ai.client.operation.duration`'s attributes of a call that succeeded.
+    duration: Vec<KeyValue>,
+    /// `gen_ai.client.token.usage`'s attributes, input and output.
+    input: Vec<KeyValue>,
+    output: Vec<KeyValue>,
+}
+
+impl TurnConstants {
+    fn new(model: &str, proxy_url: &str) -> Self {
+        let (host, port) = server_of(proxy_url);
+        let shared = |s: &str| Value::String(opentelemetry::StringValue::from(Arc::<str>::from(s)));
+        let (model_v, server) = (shared(model), shared(&host));
+        let duration = vec![
+            KeyValue::new("gen_ai.operation.name", "chat"),
+            KeyValue::new("gen_ai.provider.name", PROVIDER),
+            KeyValue::new("gen_ai.request.model", model_v.clone()),
+            KeyValue::new("server.address", server.clone()),
+        ];
+        let tokens = |kind: &'static str| {
+            let mut a = duration.clone();
+            a.push(KeyValue::new("gen_ai.token.type", kind));
+            a
+        };
+        TurnConstants {
+            input: tokens("input"),
+            output: tokens("output"),
+            duration,
+            model: model_v,
+            model_name: model.to_string(),
+            proxy_url: proxy_url.to_string(),
+            server,
+            port,
+            chat_name: format!("chat {model}"),
+        }
+    }
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -105,12 +154,16 @@ impl Telemetry {
         let resource = Resource::builder()
             .with_service_name(settings.service_name.clone())
             .build();
-        let mut spans = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_endpoint(traces_url)
-            .with_timeout(settings.export_timeout)
-            .build()
-            .map_err(|e| fail("span", &e))?;
+        // The standard header variables, as the metric exporter reads them for itself.
+        let headers = std::env::var("OTEL_EXPORTER_OTLP_TRACES_HEADERS")
+            .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_HEADERS"))
+            .map(|h| otlp::parse_headers(&h))
+            .unwrap_or_default();
+        let mut spans = otlp::TraceExporter::new(otlp::Target {
+            url: traces_url,
+            headers,
+            timeout: settings.export_timeout,
+        });
         opentelemetry_sdk::trace::SpanExporter::set_resource(&mut spans, &resource);
         let dropped = Arc::new(AtomicU64::new(0));
         let processor = export::QueueProcessor::start(
@@ -170,6 +223,7 @@ impl Telemetry {
                 tokens,
                 capture_content: settings.capture_content,
                 dropped,
+                constants: std::sync::Mutex::new(None),
             }),
         }))
     }
@@ -201,25 +255,34 @@ impl Telemetry {
     pub fn request_span(
         &self,
         method: &str,
-        route: &str,
+        route: &'static str,
         path: &str,
         header: impl Fn(&str) -> Option<String>,
     ) -> RequestSpan {
-        let mut carrier = HashMap::new();
-        for name in ["traceparent", "tracestate"] {
-            if let Some(v) = header(name) {
-                carrier.insert(name.to_string(), v);
-            }
-        }
-        let parent = TraceContextPropagator::new().extract(&carrier);
+        // Without a `traceparent` the propagator would hand back the current context: skip it.
+        let parent = match header("traceparent") {
+            Some(traceparent) => TraceContextPropagator::new().extract(&Carrier {
+                traceparent: Some(traceparent),
+                tracestate: header("tracestate"),
+            }),
+            None => Context::current(),
+        };
+        let method_value = match method {
+            "GET" => Value::from("GET"),
+            "POST" => Value::from("POST"),
+            "PUT" => Value::from("PUT"),
+            "PATCH" => Value::from("PATCH"),
+            "DELETE" => Value::from("DELETE"),
+            other => Value::from(other.to_string()),
+        };
         let span = self
             .inner
             .tracer
             .span_builder(format!("{method} {route}"))
             .with_kind(SpanKind::Server)
             .with_attributes(vec![
-                KeyValue::new("http.request.method", method.to_string()),
-                KeyValue::new("http.route", route.to_string()),
+                KeyValue::new("http.request.method", method_value),
+                KeyValue::new("http.route", route),
                 KeyValue::new("url.path", path.to_string()),
             ])
             .start_with_context(&self.inner.tracer, &parent);
@@ -278,15 +341,55 @@ impl RequestSpan {
 
 /// The W3C `traceparent` of `cx`'s span, if it has a valid one.
 pub fn traceparent(cx: &Context) -> Option<String> {
-    let sc = cx.span().span_context().clone();
-    sc.is_valid().then(|| {
-        format!(
-            "00-{}-{}-{:02x}",
-            sc.trace_id(),
-            sc.span_id(),
-            sc.trace_flags().to_u8()
-        )
-    })
+    let span = cx.span();
+    let sc = span.span_context();
+    if !sc.is_valid() {
+        return None;
+    }
+    let mut out = String::with_capacity(55);
+    out.push_str("00-");
+    push_hex(&mut out, &sc.trace_id().to_bytes());
+    out.push('-');
+    push_hex(&mut out, &sc.span_id().to_bytes());
+    out.push('-');
+    push_hex(&mut out, &[sc.trace_flags().to_u8()]);
+    Some(out)
+}
+
+/// Appends `bytes` as lowercase hexadecimal.
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+}
+
+/// The W3C trace-context headers of one request or stored offer, for the propagator.
+struct Carrier {
+    traceparent: Option<String>,
+    tracestate: Option<String>,
+}
+
+impl opentelemetry::propagation::Extractor for Carrier {
+    fn get(&self, key: &str) -> Option<&str> {
+        match key {
+            "traceparent" => self.traceparent.as_deref(),
+            "tracestate" => self.tracestate.as_deref(),
+            _ => None,
+        }
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        let mut keys = Vec::new();
+        if self.traceparent.is_some() {
+            keys.push("traceparent");
+        }
+        if self.tracestate.is_some() {
+            keys.push("tracestate");
+        }
+        keys
+    }
 }
 
 /// The `traceparent` to send on an outgoing request made within the current context (the
@@ -318,19 +421,22 @@ pub fn outgoing_trace_context() -> Vec<(&'static str, String)> {
 static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn parse_traceparent(v: &str) -> Option<SpanContext> {
-    let carrier = HashMap::from([("traceparent".to_string(), v.to_string())]);
-    let cx = TraceContextPropagator::new().extract(&carrier);
+    let carrier = Carrier {
+        traceparent: Some(v.to_string()),
+        tracestate: None,
+    };
+    let cx = TraceContextPropagator::new().extract_with_context(&Context::new(), &carrier);
     let sc = cx.span().span_context().clone();
     sc.is_valid().then_some(sc)
 }
 
-fn finish_reason(f: &FinishReason) -> String {
+fn finish_reason_value(f: &FinishReason) -> opentelemetry::StringValue {
     match f {
         FinishReason::Stop => "stop".into(),
         FinishReason::ToolCalls => "tool_calls".into(),
         FinishReason::Length => "length".into(),
         FinishReason::ContentFilter => "content_filter".into(),
-        FinishReason::Other(o) => o.clone(),
+        FinishReason::Other(o) => o.clone().into(),
     }
 }
 
@@ -351,9 +457,9 @@ pub(crate) struct TurnTrace {
     tel: Telemetry,
     parent: Context,
     agent: Option<Context>,
-    session_id: String,
-    model: String,
-    server: (String, i64),
+    /// `gen_ai.conversation.id`, shared by every span of the turn.
+    session_id: Value,
+    constants: Arc<TurnConstants>,
     /// The `traceparent` of the turn's first agent span, before this submission resumed it.
     resumed_from: Option<SpanContext>,
 }
@@ -392,13 +498,23 @@ impl TurnTrace {
         proxy_url: &str,
         origin: Option<&str>,
     ) -> Self {
+        let constants = {
+            let mut last = tel.inner.constants.lock().unwrap_or_else(|e| e.into_inner());
+            match &*last {
+                Some(c) if c.model_name == model && c.proxy_url == proxy_url => c.clone(),
+                _ => {
+                    let c = Arc::new(TurnConstants::new(model, proxy_url));
+                    *last = Some(c.clone());
+                    c
+                }
+            }
+        };
         TurnTrace {
             tel: tel.clone(),
             parent: Context::current(),
             agent: None,
-            session_id: session_id.to_string(),
-            model: model.to_string(),
-            server: server_of(proxy_url),
+            session_id: Value::String(opentelemetry::StringValue::from(Arc::<str>::from(session_id))),
+            constants,
             resumed_from: origin.and_then(parse_traceparent),
         }
     }
@@ -421,7 +537,7 @@ impl TurnTrace {
                 KeyValue::new("gen_ai.provider.name", PROVIDER),
                 KeyValue::new("gen_ai.agent.name", agent.to_string()),
                 KeyValue::new("gen_ai.conversation.id", self.session_id.clone()),
-                KeyValue::new("gen_ai.request.model", self.model.clone()),
+                KeyValue::new("gen_ai.request.model", self.constants.model.clone()),
                 KeyValue::new("agent_runtime.turn.id", turn_id.to_string()),
             ],
             links,
@@ -472,10 +588,10 @@ impl TurnTrace {
         let mut attrs = vec![
             KeyValue::new("gen_ai.operation.name", "chat"),
             KeyValue::new("gen_ai.provider.name", PROVIDER),
-            KeyValue::new("gen_ai.request.model", self.model.clone()),
+            KeyValue::new("gen_ai.request.model", self.constants.model.clone()),
             KeyValue::new("gen_ai.conversation.id", self.session_id.clone()),
-            KeyValue::new("server.address", self.server.0.clone()),
-            KeyValue::new("server.port", self.server.1),
+            KeyValue::new("server.address", self.constants.server.clone()),
+            KeyValue::new("server.port", self.constants.port),
             KeyValue::new("agent_runtime.call", kind.as_str()),
         ];
         if let Some(t) = req.max_tokens {
@@ -496,7 +612,7 @@ impl TurnTrace {
             ));
         }
         let cx = self.tel.open(
-            format!("chat {}", self.model),
+            self.constants.chat_name.clone(),
             SpanKind::Client,
             self.under(),
             attrs,
@@ -505,13 +621,7 @@ impl TurnTrace {
             tel: self.tel.clone(),
             cx,
             started: Instant::now(),
-            metric_attrs: vec![
-                KeyValue::new("gen_ai.operation.name", "chat"),
-                KeyValue::new("gen_ai.provider.name", PROVIDER),
-                KeyValue::new("gen_ai.request.model", self.model.clone()),
-                KeyValue::new("server.address", self.server.0.clone()),
-            ],
-            model: self.model.clone(),
+            constants: self.constants.clone(),
         }
     }
 
@@ -632,8 +742,7 @@ pub(crate) struct ChatSpan {
     tel: Telemetry,
     cx: Context,
     started: Instant,
-    metric_attrs: Vec<KeyValue>,
-    model: String,
+    constants: Arc<TurnConstants>,
 }
 
 /// What a model call came to, for its span.
@@ -653,25 +762,23 @@ impl ChatSpan {
     /// Ends the span with the call's outcome and records the GenAI metrics.
     pub(crate) fn end(self, outcome: std::result::Result<ChatOutcome<'_>, &str>) {
         let span = self.cx.span();
-        let mut metric_attrs = self.metric_attrs;
+        let c = &self.constants;
+        let elapsed = self.started.elapsed().as_secs_f64();
         match outcome {
             Ok(o) => {
-                span.set_attribute(KeyValue::new("gen_ai.response.model", self.model));
+                span.set_attribute(KeyValue::new("gen_ai.response.model", c.model.clone()));
                 if let Some(f) = o.finish {
                     span.set_attribute(KeyValue::new(
                         "gen_ai.response.finish_reasons",
-                        Value::Array(vec![opentelemetry::StringValue::from(finish_reason(f))].into()),
+                        Value::Array(vec![finish_reason_value(f)].into()),
                     ));
                 }
                 if let Some(u) = o.usage {
                     let (input, output) = (u.prompt_tokens, u.completion_tokens);
                     span.set_attribute(KeyValue::new("gen_ai.usage.input_tokens", input as i64));
                     span.set_attribute(KeyValue::new("gen_ai.usage.output_tokens", output as i64));
-                    for (kind, n) in [("input", input), ("output", output)] {
-                        let mut a = metric_attrs.clone();
-                        a.push(KeyValue::new("gen_ai.token.type", kind));
-                        self.tel.inner.tokens.record(n, &a);
-                    }
+                    self.tel.inner.tokens.record(input, &c.input);
+                    self.tel.inner.tokens.record(output, &c.output);
                 }
                 if self.tel.captures_content()
                     && let Some((text, calls)) = o.output
@@ -684,17 +791,16 @@ impl ChatSpan {
                         serde_json::json!([{"role": "assistant", "content": text, "tool_calls": calls}]);
                     span.set_attribute(KeyValue::new("gen_ai.output.messages", out.to_string()));
                 }
+                self.tel.inner.duration.record(elapsed, &c.duration);
             }
             Err(error_type) => {
                 span.set_attribute(KeyValue::new("error.type", error_type.to_string()));
                 span.set_status(Status::error(error_type.to_string()));
-                metric_attrs.push(KeyValue::new("error.type", error_type.to_string()));
+                let mut attrs = c.duration.clone();
+                attrs.push(KeyValue::new("error.type", error_type.to_string()));
+                self.tel.inner.duration.record(elapsed, &attrs);
             }
         }
-        self.tel
-            .inner
-            .duration
-            .record(self.started.elapsed().as_secs_f64(), &metric_attrs);
         span.end();
     }
 }
