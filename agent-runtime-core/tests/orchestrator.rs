@@ -1768,7 +1768,10 @@ async fn an_answer_without_reported_usage_counts_the_offered_tools_as_the_offer_
     )
     .await;
     let usage = payload_usage(&events);
-    assert!(at_build > 0, "the offers count the schemas when the runtime is built");
+    assert!(
+        at_build > 0,
+        "the offers count the schemas when the runtime is built"
+    );
     assert_eq!(
         (schemas_counted(), usage.tokens.completion_tokens),
         (at_build, 4),
