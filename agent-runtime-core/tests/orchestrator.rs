@@ -1715,6 +1715,71 @@ async fn the_sessions_usage_includes_the_routing_call_and_matches_done() {
     assert_eq!(h.rt.usage(&s).await.unwrap(), usage(300, 30));
 }
 
+/// Counts a token per byte and remembers every text it was asked to count.
+#[derive(Debug, Default)]
+struct RecordingTokenizer {
+    texts: std::sync::Mutex<Vec<String>>,
+}
+
+impl agent_runtime_core::context::Tokenizer for RecordingTokenizer {
+    fn count(&self, text: &str) -> usize {
+        self.texts.lock().unwrap().push(text.to_string());
+        text.len()
+    }
+}
+
+#[tokio::test]
+async fn an_answer_without_reported_usage_counts_the_offered_tools_as_the_offer_did() {
+    let db = tempfile::tempdir().unwrap();
+    let store = storage::open(&format!("sqlite://{}", db.path().join("rt.db").display()))
+        .await
+        .unwrap();
+    let tokenizer = Arc::new(RecordingTokenizer::default());
+    let llm = Arc::new(ScriptedBackend::new(vec![Script::text("four")]));
+    let rt = Orchestrator::builder(store, llm)
+        .tokenizer(tokenizer.clone())
+        .build()
+        .unwrap();
+    let schemas_counted = || {
+        let texts = tokenizer.texts.lock().unwrap();
+        texts.iter().filter(|t| t.contains("\"properties\"")).count()
+    };
+    let at_build = schemas_counted();
+    let s = rt
+        .create_session(CreateSession {
+            user_id: None,
+            metadata: None,
+            session_id: None,
+            budget: None,
+        })
+        .await
+        .unwrap()
+        .id;
+    let events = collect(
+        rt.submit(
+            &s,
+            Submission::new(ClientMessage::UserMessage {
+                content: "hi".into(),
+                agent_type: Some("ask".into()),
+            }),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    let usage = payload_usage(&events);
+    assert!(
+        at_build > 0,
+        "the offers count the schemas when the runtime is built"
+    );
+    assert_eq!(
+        (schemas_counted(), usage.tokens.completion_tokens),
+        (at_build, 4),
+        "the prompt and the answer were counted without writing a schema out again"
+    );
+    assert!(usage.tokens.prompt_tokens > 0);
+}
+
 /// A runtime over a real local HTTP model server (the OpenAI backend, short timeouts).
 async fn over_http(llm: &MockLlmServer, first_byte: Duration, config: RuntimeConfig) -> Harness {
     let db = tempfile::tempdir().unwrap();

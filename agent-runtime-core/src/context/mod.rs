@@ -29,53 +29,67 @@ pub fn default_tokenizer() -> Arc<dyn Tokenizer> {
 }
 
 /// Remembers the counts of texts seen recently, so a window rebuilt for every model call
-/// tokenizes only what is new. Bounded: the cache is emptied when it reaches its capacity.
-#[derive(Debug)]
+/// tokenizes only what is new.
+///
+/// Bounded by bytes: [`CACHE_SLOTS`] slots of 8 bytes (512 KiB), allocated once. A text's
+/// 64-bit hash picks its slot (low bits) and is checked against the slot's tag (high bits); a
+/// new text takes its slot over. Lock-free: one atomic load for a hit, one store after a miss.
 pub struct CachedTokenizer {
     inner: Arc<dyn Tokenizer>,
-    counts: std::sync::Mutex<std::collections::HashMap<u64, usize>>,
+    /// Seeded per process: which texts share a slot cannot be chosen from outside.
+    hasher: foldhash::quality::RandomState,
+    /// Each a tag (the hash's high 40 bits) and the count plus one (low 24 bits); 0 is empty.
+    slots: Box<[std::sync::atomic::AtomicU64]>,
 }
 
-const CACHE_CAPACITY: usize = 65_536;
+/// The cache's slots: 65,536 × 8 bytes = 512 KiB.
+pub const CACHE_SLOTS: usize = 1 << 16;
+/// The low bits of a slot that hold the count plus one; larger counts are not cached.
+const COUNT_BITS: u32 = 24;
+const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
+
+impl std::fmt::Debug for CachedTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedTokenizer")
+            .field("inner", &self.inner)
+            .field("slots", &self.slots.len())
+            .finish()
+    }
+}
 
 impl CachedTokenizer {
     /// Caches the counts of `inner`.
     pub fn new(inner: Arc<dyn Tokenizer>) -> Self {
         CachedTokenizer {
             inner,
-            counts: std::sync::Mutex::new(std::collections::HashMap::new()),
+            hasher: foldhash::quality::RandomState::default(),
+            slots: (0..CACHE_SLOTS)
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
         }
-    }
-}
-
-impl CachedTokenizer {
-    fn counts(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, usize>> {
-        self.counts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
 impl Tokenizer for CachedTokenizer {
     fn count(&self, text: &str) -> usize {
-        use std::hash::{Hash, Hasher};
+        use std::hash::BuildHasher;
+        use std::sync::atomic::Ordering::Relaxed;
         // Short texts are cached too: tokenizing even a few words (the regex split, the pieces'
-        // lookups) costs several thousand instructions, hashing them a few hundred.
+        // lookups) costs several thousand instructions, hashing them some tens.
         if text.is_empty() {
             return self.inner.count(text);
         }
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        text.hash(&mut h);
-        let key = h.finish();
-        if let Some(n) = self.counts().get(&key) {
-            return *n;
+        let hash = self.hasher.hash_one(text);
+        let slot = &self.slots[hash as usize % CACHE_SLOTS];
+        let tag = hash & !COUNT_MASK;
+        let held = slot.load(Relaxed);
+        if held & !COUNT_MASK == tag && held & COUNT_MASK != 0 {
+            return (held & COUNT_MASK) as usize - 1;
         }
         let n = self.inner.count(text);
-        let mut counts = self.counts();
-        if counts.len() >= CACHE_CAPACITY {
-            counts.clear();
+        if (n as u64) < COUNT_MASK {
+            slot.store(tag | (n as u64 + 1), Relaxed);
         }
-        counts.insert(key, n);
         n
     }
 }
@@ -301,6 +315,52 @@ mod tests {
         assert_eq!(cached.count(&text), O200kTokenizer.count(&text));
         assert_eq!(cached.count(&text), O200kTokenizer.count(&text));
         assert_eq!(cached.count("short"), 1);
+    }
+
+    /// Counts `scale` tokens per byte and how often it was asked.
+    #[derive(Debug)]
+    struct Counting {
+        scale: usize,
+        asked: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Tokenizer for Counting {
+        fn count(&self, text: &str) -> usize {
+            self.asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            text.len() * self.scale
+        }
+    }
+
+    fn counting(scale: usize) -> Arc<Counting> {
+        Arc::new(Counting {
+            scale,
+            asked: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    #[test]
+    fn the_cache_asks_the_tokenizer_once_per_text() {
+        let inner = counting(1);
+        let cached = CachedTokenizer::new(inner.clone());
+        let texts: Vec<String> = (0..1000).map(|i| format!("text number {i}")).collect();
+        let first: Vec<usize> = texts.iter().map(|t| cached.count(t)).collect();
+        let again: Vec<usize> = texts.iter().map(|t| cached.count(t)).collect();
+        let expected: Vec<usize> = texts.iter().map(String::len).collect();
+        assert_eq!((first, again), (expected.clone(), expected));
+        // 1,000 texts in 65,536 slots: a few may share one and be counted again.
+        let asked = inner.asked.load(std::sync::atomic::Ordering::Relaxed);
+        assert!((1000..1100).contains(&asked), "asked {asked} times");
+    }
+
+    #[test]
+    fn a_count_too_large_for_a_slot_is_counted_every_time_and_right() {
+        let inner = counting(1 << 20);
+        let cached = CachedTokenizer::new(inner.clone());
+        assert_eq!(
+            (cached.count("0123456789abcdef"), cached.count("0123456789abcdef")),
+            (1 << 24, 1 << 24)
+        );
+        assert_eq!(inner.asked.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 
     #[test]

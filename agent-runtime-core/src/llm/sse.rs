@@ -77,25 +77,37 @@ impl SseDecoder {
     }
 
     /// [`SseDecoder::push`] with every frame: events with their `id:`, and comments.
-    pub fn push_frames(&mut self, bytes: &[u8]) -> Vec<SseFrame> {
+    ///
+    /// Whole lines are found with `memchr` and read in place; only a line that a piece cuts is
+    /// copied (into `line`) until its end comes.
+    pub fn push_frames(&mut self, mut bytes: &[u8]) -> Vec<SseFrame> {
         self.seen += bytes.len();
         let mut frames = Vec::new();
-        for &b in bytes {
-            if self.after_cr {
-                self.after_cr = false;
-                if b == b'\n' {
-                    continue;
-                }
+        if !bytes.is_empty() && std::mem::take(&mut self.after_cr) && bytes[0] == b'\n' {
+            bytes = &bytes[1..];
+        }
+        while let Some(at) = memchr::memchr2(b'\n', b'\r', bytes) {
+            if self.line.is_empty() {
+                self.end_line(&bytes[..at], &mut frames);
+            } else {
+                let mut line = std::mem::take(&mut self.line);
+                line.extend_from_slice(&bytes[..at]);
+                self.end_line(&line, &mut frames);
+                line.clear();
+                self.line = line;
             }
-            match b {
-                b'\n' => self.end_line(&mut frames),
-                b'\r' => {
-                    self.after_cr = true;
-                    self.end_line(&mut frames);
+            let cr = bytes[at] == b'\r';
+            bytes = &bytes[at + 1..];
+            if cr {
+                match bytes.first() {
+                    Some(b'\n') => bytes = &bytes[1..],
+                    Some(_) => {}
+                    // The LF of this CRLF, if it is one, starts the next piece.
+                    None => self.after_cr = true,
                 }
-                _ => self.line.push(b),
             }
         }
+        self.line.extend_from_slice(bytes);
         frames
     }
 
@@ -103,7 +115,8 @@ impl SseDecoder {
     pub fn finish_frames(&mut self) -> Vec<SseFrame> {
         let mut frames = Vec::new();
         if !self.line.is_empty() {
-            self.end_line(&mut frames);
+            let line = std::mem::take(&mut self.line);
+            self.end_line(&line, &mut frames);
         }
         let id = self.id.take();
         if let Some(data) = self.data.take() {
@@ -118,9 +131,13 @@ impl SseDecoder {
         !self.line.is_empty() || self.data.is_some() || self.id.is_some()
     }
 
-    fn end_line(&mut self, frames: &mut Vec<SseFrame>) {
-        let line = String::from_utf8_lossy(&self.line).into_owned();
-        self.line.clear();
+    /// One line, without its end. Text once whole: a valid line is read in place, an invalid one
+    /// gets U+FFFD for its bad bytes.
+    fn end_line(&mut self, line: &[u8], frames: &mut Vec<SseFrame>) {
+        let line = match std::str::from_utf8(line) {
+            Ok(text) => std::borrow::Cow::Borrowed(text),
+            Err(_) => String::from_utf8_lossy(line),
+        };
         if line.is_empty() {
             let id = self.id.take();
             if let Some(data) = self.data.take() {
@@ -134,7 +151,7 @@ impl SseDecoder {
         }
         let (field, value) = match line.split_once(':') {
             Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
-            None => (line.as_str(), ""),
+            None => (line.as_ref(), ""),
         };
         match field {
             "data" => match &mut self.data {
@@ -230,6 +247,23 @@ mod tests {
         assert!(d.is_mid_frame(), "the last id line has not ended");
         assert_eq!(d.finish_frames(), vec![]);
         assert!(!d.is_mid_frame());
+    }
+
+    #[test]
+    fn a_body_cut_in_two_anywhere_decodes_as_the_whole_body() {
+        let body =
+            ": hi\r\ndata: {\"content\":\"Привет\"}\r\n\r\nid: 3\rdata: a\rdata: b\r\rdata: [DONE]\n\n"
+                .as_bytes();
+        let whole = decode_whole(body);
+        assert_eq!(whole, ["{\"content\":\"Привет\"}", "a\nb", "[DONE]"]);
+        for cut in 0..=body.len() {
+            let mut d = SseDecoder::new();
+            let mut events = d.push(&body[..cut]);
+            events.extend(d.push(&[]));
+            events.extend(d.push(&body[cut..]));
+            events.extend(d.finish());
+            assert_eq!(events, whole, "cut at {cut}");
+        }
     }
 
     #[test]

@@ -7,7 +7,6 @@
 //! A server refusing a prompt longer than its context is told apart as
 //! [`Error::ContextTooLarge`], so the engine can trim the window and try again.
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Weak};
 
 use serde::{Deserialize, Serialize, Serializer};
@@ -363,7 +362,7 @@ impl ChunkDecoder {
 
     /// Feeds a piece of the body; returns the chunks it completed.
     pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<Chunk>> {
-        let mut out = VecDeque::new();
+        let mut out = Vec::new();
         if self.done {
             return Ok(Vec::new());
         }
@@ -373,26 +372,26 @@ impl ChunkDecoder {
                 break;
             }
         }
-        Ok(out.into())
+        Ok(out)
     }
 
     /// The end of the body: the held-back finish, or an error when the answer was cut.
     pub fn finish(&mut self) -> Result<Vec<Chunk>> {
-        let mut out = VecDeque::new();
+        let mut out = Vec::new();
         if self.done {
             return Ok(Vec::new());
         }
         for data in self.sse.finish() {
             self.on_data(&data, &mut out)?;
             if self.done {
-                return Ok(out.into());
+                return Ok(out);
             }
         }
         match self.finish.take() {
             Some(reason) => {
                 self.done = true;
-                out.push_back(Chunk::Finish(reason));
-                Ok(out.into())
+                out.push(Chunk::Finish(reason));
+                Ok(out)
             }
             None if self.sse.bytes_seen() == 0 => Err(Error::ContextTooLarge(EMPTY_STREAM.to_string())),
             None => Err(Error::Llm(
@@ -401,7 +400,7 @@ impl ChunkDecoder {
         }
     }
 
-    fn on_data(&mut self, data: &str, out: &mut VecDeque<Chunk>) -> Result<()> {
+    fn on_data(&mut self, data: &str, out: &mut Vec<Chunk>) -> Result<()> {
         let data = data.trim();
         if data.is_empty() {
             return Ok(());
@@ -409,7 +408,7 @@ impl ChunkDecoder {
         if data == "[DONE]" {
             self.done = true;
             let reason = self.finish.take().unwrap_or(FinishReason::Stop);
-            out.push_back(Chunk::Finish(self.normalize(reason)));
+            out.push(Chunk::Finish(self.normalize(reason)));
             return Ok(());
         }
         let chunk: WireChunk = serde_json::from_str(data)
@@ -437,7 +436,7 @@ impl ChunkDecoder {
         if let Some(choice) = choice {
             if let Some(delta) = choice.delta {
                 if let Some(text) = delta.content.filter(|t| !t.is_empty()) {
-                    out.push_back(Chunk::Text(text));
+                    out.push(Chunk::Text(text));
                 }
                 match delta.tool_calls {
                     Some(calls) => {
@@ -447,7 +446,7 @@ impl ChunkDecoder {
                                 arguments: None,
                             });
                             self.saw_tool_calls = true;
-                            out.push_back(Chunk::ToolCallDelta {
+                            out.push(Chunk::ToolCallDelta {
                                 index: call.index.unwrap_or(position),
                                 id: call.id,
                                 name: function.name,
@@ -459,7 +458,7 @@ impl ChunkDecoder {
                     None => {
                         if let Some(f) = delta.function_call {
                             self.saw_tool_calls = true;
-                            out.push_back(Chunk::ToolCallDelta {
+                            out.push(Chunk::ToolCallDelta {
                                 index: 0,
                                 id: None,
                                 name: f.name,
@@ -474,7 +473,7 @@ impl ChunkDecoder {
             }
         }
         if let Some(u) = chunk.usage {
-            out.push_back(Chunk::Usage(Usage {
+            out.push(Chunk::Usage(Usage {
                 prompt_tokens: u.prompt_tokens.unwrap_or(0),
                 completion_tokens: u.completion_tokens.unwrap_or(0),
                 cached_prompt_tokens: u.prompt_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0),

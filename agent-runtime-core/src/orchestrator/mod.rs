@@ -621,6 +621,17 @@ impl Inner {
         }
     }
 
+    /// The tokens `tools` count in a prompt: an agent's offer knows its count (looked up by the
+    /// shared list's address, no schema written out again); any other list is counted.
+    pub(crate) fn offered_tool_tokens(&self, tools: &Arc<[crate::protocol::ToolSpec]>) -> usize {
+        if tools.is_empty() {
+            return 0;
+        }
+        (self.offers.values())
+            .find(|o| Arc::ptr_eq(&o.tools, tools))
+            .map_or_else(|| self.tool_tokens(tools), |o| o.tool_tokens)
+    }
+
     /// The tokens `tools`' descriptions and schemas count in a prompt.
     pub(crate) fn tool_tokens(&self, tools: &[crate::protocol::ToolSpec]) -> usize {
         tools

@@ -477,7 +477,7 @@ impl Turn {
     }
 
     fn count_usage(&self, req: &ChatRequest, text: &str, calls: &[ChatToolCall]) -> Usage {
-        self.count_usage_with(req, self.rt.tool_tokens(&req.tools), text, calls)
+        self.count_usage_with(req, self.rt.offered_tool_tokens(&req.tools), text, calls)
     }
 
     /// [`Turn::count_usage`] with the tools' tokens already known (an agent's offer counts them
