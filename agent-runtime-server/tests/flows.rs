@@ -184,8 +184,17 @@ async fn a_rejected_write_is_not_performed_and_the_model_is_told() {
     ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
 )]
 async fn the_approval_flow_runs_on_postgres() {
-    let url = agent_runtime_core::storage::pg_testing::database_url();
+    use agent_runtime_core::storage::pg_testing;
+    // A fresh schema: the shared one may hold another build's older schema version.
+    let guard = pg_testing::fresh_schema().await;
+    drop(pg_testing::open_in(&guard).await);
+    let url = format!(
+        "{}&options=-csearch_path%3D{}",
+        guard.tagged_url(),
+        guard.schema()
+    );
     approval_flow(Some(&url), "edit").await;
+    drop(guard);
 }
 
 #[tokio::test(flavor = "multi_thread")]
