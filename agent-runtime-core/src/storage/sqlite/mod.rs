@@ -61,6 +61,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         6,
         include_str!("../../../migrations/sqlite/0006_sessions_indexes_off_the_commit_path.sql"),
     ),
+    (
+        7,
+        include_str!("../../../migrations/sqlite/0007_messages_events_without_rowid.sql"),
+    ),
 ];
 
 /// How long a connection waits for another connection's write lock before failing.
