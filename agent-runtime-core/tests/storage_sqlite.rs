@@ -386,3 +386,55 @@ async fn a_version_6_database_is_migrated_with_messages_and_events_kept_without_
             .collect::<Vec<_>>()
     );
 }
+
+#[tokio::test]
+async fn a_commit_longer_than_one_insert_statement_stores_every_row_in_order() {
+    use agent_runtime_core::protocol::AssistantMessage;
+    use agent_runtime_core::session::NewMessage;
+    use agent_runtime_core::storage::Commit;
+
+    // 16 rows go in one multi-row INSERT: 37 events are three statements, 17 messages two.
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStorage::open(&dir.path().join("long.db")).await.unwrap();
+    store.create_session(new_session("long")).await.unwrap();
+    let mut commit = Commit::now();
+    commit.messages = (1..=17)
+        .map(|i| NewMessage::user(format!("message {i}"), None))
+        .collect();
+    commit.events = (1..=37)
+        .map(|i| {
+            EventPayload::AssistantMessage(AssistantMessage::Token {
+                token: format!("t{i}"),
+            })
+        })
+        .collect();
+    let done = store.commit("long", commit.clone()).await.unwrap();
+
+    let messages = store.messages_after("long", 0, 100).await.unwrap();
+    let events = store.events_after("long", 0, 100).await.unwrap();
+    assert_eq!(messages, done.messages);
+    assert_eq!(events, done.events);
+    assert_eq!(
+        messages
+            .iter()
+            .map(|m| (m.seq, m.content.clone()))
+            .collect::<Vec<_>>(),
+        (1..=17).map(|i| (i, format!("message {i}"))).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| (e.seq, e.payload.clone()))
+            .collect::<Vec<_>>(),
+        (1..=37).zip(commit.events).collect::<Vec<_>>()
+    );
+    assert_eq!(store.get_session("long").await.unwrap(), done.session);
+    assert_eq!(
+        (
+            done.session.last_message_seq,
+            done.session.last_event_seq,
+            done.session.message_count
+        ),
+        (17, 37, 17)
+    );
+}
