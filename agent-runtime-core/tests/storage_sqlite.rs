@@ -11,7 +11,7 @@ use agent_runtime_core::Storage;
 use agent_runtime_core::session::NewSession;
 use agent_runtime_core::storage::sqlite::SqliteStorage;
 use agent_runtime_core::storage::{self, SCHEMA_VERSION};
-use agent_runtime_core::{Error, Timestamp};
+use agent_runtime_core::{Error, EventPayload, Timestamp};
 use serde_json::json;
 
 /// Two `SqliteStorage`s (two writers, two reader pools) on one fresh temp file. The directory is
@@ -247,4 +247,194 @@ async fn a_version_5_database_is_migrated_with_its_sessions_listed_as_before() {
         .map(Result::unwrap)
         .collect();
     assert_eq!(versions, (1..=SCHEMA_VERSION).collect::<Vec<_>>());
+}
+
+/// The schema of a database written by the build before migration 0007: files 0001 to 0006.
+const SCHEMA_6: &[&str] = &[
+    include_str!("../migrations/sqlite/0001_init.sql"),
+    include_str!("../migrations/sqlite/0002_owner_liveness.sql"),
+    include_str!("../migrations/sqlite/0003_cancel_requests.sql"),
+    include_str!("../migrations/sqlite/0004_budgets.sql"),
+    include_str!("../migrations/sqlite/0005_tool_results_by_call.sql"),
+    include_str!("../migrations/sqlite/0006_sessions_indexes_off_the_commit_path.sql"),
+];
+
+/// Every message and event row of the file at `path`, every column as text, in key order.
+fn message_and_event_rows(path: &Path) -> Vec<String> {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let mut out = vec![];
+    for sql in [
+        "SELECT session_id || '|' || seq || '|' || role || '|' || content || '|' || COALESCE(agent, 'NULL')
+                || '|' || tool_calls || '|' || COALESCE(tool_call_id, 'NULL') || '|' || created_at
+         FROM messages ORDER BY session_id, seq",
+        "SELECT session_id || '|' || seq || '|' || payload FROM events ORDER BY session_id, seq",
+    ] {
+        let mut stmt = conn.prepare(sql).unwrap();
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).unwrap();
+        out.extend(rows.map(Result::unwrap));
+    }
+    out
+}
+
+/// `name`'s `CREATE` statement as SQLite keeps it.
+fn create_sql(path: &Path, name: &str) -> String {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.query_row("SELECT sql FROM sqlite_master WHERE name = ?1", [name], |r| {
+        r.get(0)
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_version_6_database_is_migrated_with_messages_and_events_kept_without_rowids() {
+    use agent_runtime_core::protocol::AssistantMessage;
+    use agent_runtime_core::session::{NewMessage, ToolCall};
+    use agent_runtime_core::storage::Commit;
+
+    // Rows as the current build writes them, copied into a file with the version-6 schema.
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source.db");
+    let store = SqliteStorage::open(&source).await.unwrap();
+    for id in ["a", "b"] {
+        store.create_session(new_session(id)).await.unwrap();
+        let call = ToolCall {
+            id: format!("call_{id}"),
+            name: "read_file".into(),
+            arguments: json!({"path": "a.md"}),
+        };
+        let mut commit = Commit::now();
+        commit.messages = vec![
+            NewMessage::user(format!("question to {id}"), None),
+            NewMessage::assistant("reading", Some("coder".into()), vec![call]),
+            NewMessage::tool(format!("call_{id}"), "# A", Some("coder".into())),
+        ];
+        commit.events = ["one", "two", "three"]
+            .map(|t| EventPayload::AssistantMessage(AssistantMessage::Token { token: t.into() }))
+            .to_vec();
+        store.commit(id, commit).await.unwrap();
+    }
+    let messages = store.messages_after("a", 0, 100).await.unwrap();
+    let events = store.events_after("b", 0, 100).await.unwrap();
+    drop(store);
+
+    let path = dir.path().join("v6.db");
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE schema_version (version INTEGER NOT NULL PRIMARY KEY, applied_at INTEGER NOT NULL)",
+    )
+    .unwrap();
+    for (version, sql) in (1..).zip(SCHEMA_6) {
+        conn.execute_batch(sql).unwrap();
+        conn.execute("INSERT INTO schema_version VALUES (?1, 0)", [version])
+            .unwrap();
+    }
+    conn.execute("ATTACH DATABASE ?1 AS source", [source.to_str().unwrap()])
+        .unwrap();
+    conn.execute_batch(
+        "INSERT INTO sessions SELECT * FROM source.sessions;
+         INSERT INTO messages SELECT * FROM source.messages;
+         INSERT INTO events SELECT * FROM source.events;
+         DETACH DATABASE source;",
+    )
+    .unwrap();
+    drop(conn);
+    let before = message_and_event_rows(&path);
+    assert_eq!(before.len(), 12, "{before:?}");
+    assert!(!create_sql(&path, "events").contains("WITHOUT ROWID"));
+
+    let store = SqliteStorage::open(&path).await.unwrap();
+    assert_eq!(store.messages_after("a", 0, 100).await.unwrap(), messages);
+    assert_eq!(store.events_after("b", 0, 100).await.unwrap(), events);
+    assert!(store.tool_call_answered("a", "call_a").await.unwrap());
+    assert!(!store.tool_call_answered("a", "call_b").await.unwrap());
+    drop(store);
+
+    assert_eq!(message_and_event_rows(&path), before);
+    assert!(create_sql(&path, "messages").ends_with(") WITHOUT ROWID"));
+    assert!(create_sql(&path, "events").ends_with(") WITHOUT ROWID"));
+    assert_eq!(
+        create_sql(&path, "messages_by_tool_call_id"),
+        "CREATE INDEX messages_by_tool_call_id ON messages (session_id, tool_call_id) WHERE tool_call_id IS NOT NULL"
+    );
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let leftovers: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE name IN ('messages_new', 'events_new')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(leftovers, 0);
+    let versions: Vec<i64> = conn
+        .prepare("SELECT version FROM schema_version ORDER BY version")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(versions, (1..=SCHEMA_VERSION).collect::<Vec<_>>());
+    // Deleting a session still takes its rows with it.
+    drop(conn);
+    let store = SqliteStorage::open(&path).await.unwrap();
+    store.delete_session("a").await.unwrap();
+    drop(store);
+    assert_eq!(
+        message_and_event_rows(&path),
+        before
+            .into_iter()
+            .filter(|r| r.starts_with("b|"))
+            .collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn a_commit_longer_than_one_insert_statement_stores_every_row_in_order() {
+    use agent_runtime_core::protocol::AssistantMessage;
+    use agent_runtime_core::session::NewMessage;
+    use agent_runtime_core::storage::Commit;
+
+    // 16 rows go in one multi-row INSERT: 37 events are three statements, 17 messages two.
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStorage::open(&dir.path().join("long.db")).await.unwrap();
+    store.create_session(new_session("long")).await.unwrap();
+    let mut commit = Commit::now();
+    commit.messages = (1..=17)
+        .map(|i| NewMessage::user(format!("message {i}"), None))
+        .collect();
+    commit.events = (1..=37)
+        .map(|i| {
+            EventPayload::AssistantMessage(AssistantMessage::Token {
+                token: format!("t{i}"),
+            })
+        })
+        .collect();
+    let done = store.commit("long", commit.clone()).await.unwrap();
+
+    let messages = store.messages_after("long", 0, 100).await.unwrap();
+    let events = store.events_after("long", 0, 100).await.unwrap();
+    assert_eq!(messages, done.messages);
+    assert_eq!(events, done.events);
+    assert_eq!(
+        messages
+            .iter()
+            .map(|m| (m.seq, m.content.clone()))
+            .collect::<Vec<_>>(),
+        (1..=17).map(|i| (i, format!("message {i}"))).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| (e.seq, e.payload.clone()))
+            .collect::<Vec<_>>(),
+        (1..=37).zip(commit.events).collect::<Vec<_>>()
+    );
+    assert_eq!(store.get_session("long").await.unwrap(), done.session);
+    assert_eq!(
+        (
+            done.session.last_message_seq,
+            done.session.last_event_seq,
+            done.session.message_count
+        ),
+        (17, 37, 17)
+    );
 }

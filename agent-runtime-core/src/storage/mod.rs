@@ -17,7 +17,7 @@ use crate::time::Timestamp;
 pub use liveness::Liveness;
 
 /// The schema version this build writes. A database stamped with a higher version is refused.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// Which sessions to list and where to start.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -59,6 +59,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         6,
         include_str!("../../migrations/postgres/0006_sessions_indexes_off_the_commit_path.sql"),
     ),
+    (
+        7,
+        include_str!("../../migrations/postgres/0007_sqlite_messages_events_without_rowid.sql"),
+    ),
 ];
 
 /// How long a pooled connection may sit idle before it is pinged when handed out.

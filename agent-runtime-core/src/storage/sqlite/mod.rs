@@ -61,6 +61,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         6,
         include_str!("../../../migrations/sqlite/0006_sessions_indexes_off_the_commit_path.sql"),
     ),
+    (
+        7,
+        include_str!("../../../migrations/sqlite/0007_messages_events_without_rowid.sql"),
+    ),
 ];
 
 /// How long a connection waits for another connection's write lock before failing.
@@ -159,8 +163,9 @@ fn parse_url(url: &str) -> Result<Option<PathBuf>> {
 /// statement.
 ///
 /// Distinct statements a connection keeps prepared (rusqlite's default of 16 is fewer than one
-/// commit uses, so its cache would keep evicting and re-parsing them).
-const STATEMENT_CACHE: usize = 64;
+/// commit uses, so its cache would keep evicting and re-parsing them): room for the writer's
+/// statements and the multi-row `INSERT`s of every row count (`ROWS_PER_INSERT` per table).
+const STATEMENT_CACHE: usize = 96;
 
 fn configure(conn: &Connection, file: bool) -> rusqlite::Result<()> {
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
@@ -527,27 +532,100 @@ fn sql_seq(seq: u64) -> i64 {
 
 /// One commit's steps on the writer's connection, inside its transaction (an error rolls the
 /// commit back to the writer's savepoint). `BEGIN IMMEDIATE` has taken the write lock already.
+///
+/// The head is the whole session row: the commit's `UPDATE` changes it as
+/// [`SessionChange::apply_to`] does, so the session it returns is the head with the change applied,
+/// not read back (nothing else in the commit touches the row, and the write lock keeps other
+/// writers out).
 struct SqliteCommit<'c> {
     tx: &'c Connection,
     session_id: &'c str,
+    /// The commit sets the turn state: the stored one is not parsed.
+    sets_turn_state: bool,
+    /// The session as `head` read it.
+    session: Option<Session>,
 }
+
+/// Rows one multi-row `INSERT` writes at most; a longer commit runs it again for the rest. Each
+/// row count is its own cached statement.
+const ROWS_PER_INSERT: usize = 16;
+
+/// `INSERT INTO {into} VALUES` followed by `rows` rows of `?1` (the session id, shared) and
+/// `width` numbered parameters each: `(?1, ?2, ?3), (?1, ?4, ?5)` for a width of 2.
+fn multi_row_insert(into: &str, width: usize, rows: usize) -> String {
+    let mut sql = format!("INSERT INTO {into} VALUES ");
+    for row in 0..rows {
+        sql.push_str(if row == 0 { "(?1" } else { ", (?1" });
+        for col in 0..width {
+            sql.push_str(&format!(", ?{}", 2 + row * width + col));
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// Binds `value` to parameter `idx` (a number from 1, or a `:name`) of `stmt`, run later by `raw_execute`.
+fn bind(
+    stmt: &mut rusqlite::Statement<'_>,
+    idx: impl rusqlite::BindIndex,
+    value: impl rusqlite::ToSql,
+) -> Result<()> {
+    stmt.raw_bind_parameter(idx, value).map_err(db)
+}
+
+/// The multi-row `INSERT`s of one table for 1 to [`ROWS_PER_INSERT`] rows, built once.
+struct RowInserts(std::sync::LazyLock<Vec<String>>);
+
+impl RowInserts {
+    fn sql(&self, rows: usize) -> &str {
+        &self.0[rows - 1]
+    }
+}
+
+const MESSAGE_INSERT_COLUMNS: usize = 7;
+static MESSAGE_INSERTS: RowInserts = RowInserts(std::sync::LazyLock::new(|| {
+    (1..=ROWS_PER_INSERT)
+        .map(|rows| {
+            multi_row_insert(
+                "messages (session_id, seq, role, content, agent, tool_calls, tool_call_id, created_at)",
+                MESSAGE_INSERT_COLUMNS,
+                rows,
+            )
+        })
+        .collect()
+}));
+
+const EVENT_INSERT_COLUMNS: usize = 2;
+static EVENT_INSERTS: RowInserts = RowInserts(std::sync::LazyLock::new(|| {
+    (1..=ROWS_PER_INSERT)
+        .map(|rows| multi_row_insert("events (session_id, seq, payload)", EVENT_INSERT_COLUMNS, rows))
+        .collect()
+}));
 
 impl CommitSteps for SqliteCommit<'_> {
     async fn head(&mut self) -> Result<Option<Head>> {
-        query_row(
+        // `session_from_row`'s columns, then the lease owner.
+        let row = query_row(
             self.tx,
-            "SELECT last_message_seq, last_event_seq, lease_owner FROM sessions WHERE id = ?1",
-            [self.session_id],
-            |r| {
-                Ok(Head {
-                    last_message_seq: u64_col(r, 0)?,
-                    last_event_seq: u64_col(r, 1)?,
-                    lease_owner: r.get(2)?,
-                })
-            },
+            "SELECT id, user_id, metadata, created_at, last_activity, current_agent, status,
+                 message_count, last_message_seq, last_event_seq, prompt_tokens, completion_tokens,
+                 CASE WHEN ?2 THEN NULL ELSE turn_state END,
+                 budget, cost, cached_prompt_tokens, lease_owner
+             FROM sessions WHERE id = ?1",
+            params![self.session_id, self.sets_turn_state],
+            |r| Ok((session_from_row(r)?, r.get::<_, Option<String>>(16)?)),
         )
         .optional()
-        .map_err(db)
+        .map_err(db)?;
+        Ok(row.map(|(session, lease_owner)| {
+            let head = Head {
+                last_message_seq: session.last_message_seq,
+                last_event_seq: session.last_event_seq,
+                lease_owner,
+            };
+            self.session = Some(session);
+            head
+        }))
     }
 
     async fn put_approval(&mut self, a: &Approval) -> Result<()> {
@@ -611,39 +689,40 @@ impl CommitSteps for SqliteCommit<'_> {
     }
 
     async fn insert_messages(&mut self, messages: &[Message]) -> Result<()> {
-        let mut insert = self
-            .tx
-            .prepare_cached(
-                "INSERT INTO messages (session_id, seq, role, content, agent, tool_calls, tool_call_id, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )
-            .map_err(db)?;
-        for m in messages {
-            insert
-                .execute(params![
-                    self.session_id,
-                    sql_seq(m.seq),
-                    m.role.as_str(),
-                    m.content,
-                    m.agent,
-                    to_json(&m.tool_calls)?,
-                    m.tool_call_id,
-                    m.created_at.as_millis()
-                ])
+        for chunk in messages.chunks(ROWS_PER_INSERT) {
+            let mut insert = self
+                .tx
+                .prepare_cached(MESSAGE_INSERTS.sql(chunk.len()))
                 .map_err(db)?;
+            bind(&mut insert, 1, self.session_id)?;
+            for (i, m) in chunk.iter().enumerate() {
+                let at = 2 + i * MESSAGE_INSERT_COLUMNS;
+                bind(&mut insert, at, sql_seq(m.seq))?;
+                bind(&mut insert, at + 1, m.role.as_str())?;
+                bind(&mut insert, at + 2, &m.content)?;
+                bind(&mut insert, at + 3, &m.agent)?;
+                bind(&mut insert, at + 4, to_json(&m.tool_calls)?)?;
+                bind(&mut insert, at + 5, &m.tool_call_id)?;
+                bind(&mut insert, at + 6, m.created_at.as_millis())?;
+            }
+            insert.raw_execute().map_err(db)?;
         }
         Ok(())
     }
 
     async fn insert_events(&mut self, events: &[Event], _at: Timestamp) -> Result<()> {
-        let mut insert = self
-            .tx
-            .prepare_cached("INSERT INTO events (session_id, seq, payload) VALUES (?1, ?2, ?3)")
-            .map_err(db)?;
-        for e in events {
-            insert
-                .execute(params![self.session_id, sql_seq(e.seq), to_json(&e.payload)?])
+        for chunk in events.chunks(ROWS_PER_INSERT) {
+            let mut insert = self
+                .tx
+                .prepare_cached(EVENT_INSERTS.sql(chunk.len()))
                 .map_err(db)?;
+            bind(&mut insert, 1, self.session_id)?;
+            for (i, e) in chunk.iter().enumerate() {
+                let at = 2 + i * EVENT_INSERT_COLUMNS;
+                bind(&mut insert, at, sql_seq(e.seq))?;
+                bind(&mut insert, at + 1, to_json(&e.payload)?)?;
+            }
+            insert.raw_execute().map_err(db)?;
         }
         Ok(())
     }
@@ -699,12 +778,12 @@ impl CommitSteps for SqliteCommit<'_> {
             None => (false, None),
             Some(v) => (true, v.as_ref().map(to_json).transpose()?),
         };
-        // The row is read back by a second statement rather than `RETURNING`: SQLite runs a
-        // `RETURNING` into an ephemeral table (a b-tree opened and closed per statement), which
-        // costs more than a look-up by primary key. A turn state the commit sets is the one in
-        // hand, not read back and parsed again.
-        let changed = execute(
-            self.tx,
+        let budget = change.budget.as_ref().map(budget_json).transpose()?.flatten();
+        // Only the columns the commit changes are set: SQLite rewrites the entry of every index
+        // over a column in the `SET` list (status, lease owner), changed or not. A few distinct
+        // statements come of it, each kept prepared.
+        let mut sql = String::with_capacity(512);
+        sql.push_str(
             "UPDATE sessions SET
                  last_message_seq = last_message_seq + ?2,
                  last_event_seq = last_event_seq + ?3,
@@ -712,52 +791,71 @@ impl CommitSteps for SqliteCommit<'_> {
                  last_activity = ?5,
                  prompt_tokens = prompt_tokens + ?6,
                  completion_tokens = completion_tokens + ?7,
-                 current_agent = COALESCE(?8, current_agent),
-                 status = COALESCE(?9, status),
-                 turn_state = CASE WHEN ?10 THEN ?11 ELSE turn_state END,
-                 lease_owner = CASE WHEN ?12 THEN NULL ELSE lease_owner END,
-                 lease_expires_at = CASE WHEN ?12 THEN NULL ELSE lease_expires_at END,
-                 cancel_requested_at = CASE WHEN ?12 THEN NULL ELSE cancel_requested_at END,
-                 cost = cost + ?13,
-                 cached_prompt_tokens = cached_prompt_tokens + ?14,
-                 budget = CASE WHEN ?15 THEN ?16 ELSE budget END
-             WHERE id = ?1",
-            params![
-                self.session_id,
-                sql_seq(change.messages),
-                sql_seq(change.events),
-                sql_seq(change.counted_messages),
-                change.at.as_millis(),
-                sql_seq(change.usage.prompt_tokens),
-                sql_seq(change.usage.completion_tokens),
-                change.current_agent,
-                change.status.map(SessionStatus::as_str),
-                set_turn_state,
-                turn_state,
-                change.release_lease,
-                change.cost,
-                sql_seq(change.usage.cached_prompt_tokens),
-                change.budget.is_some(),
-                change.budget.as_ref().map(budget_json).transpose()?.flatten(),
-            ],
-        )
-        .map_err(db)?;
+                 cost = cost + ?8,
+                 cached_prompt_tokens = cached_prompt_tokens + ?9",
+        );
+        if change.current_agent.is_some() {
+            sql.push_str(", current_agent = :agent");
+        }
+        if change.status.is_some() {
+            sql.push_str(", status = :status");
+        }
+        if set_turn_state {
+            sql.push_str(", turn_state = :turn_state");
+        }
+        if change.release_lease {
+            sql.push_str(", lease_owner = NULL, lease_expires_at = NULL, cancel_requested_at = NULL");
+        }
+        if change.budget.is_some() {
+            sql.push_str(", budget = :budget");
+        }
+        sql.push_str(" WHERE id = ?1");
+        let mut update = self.tx.prepare_cached(&sql).map_err(db)?;
+        bind(&mut update, 1, self.session_id)?;
+        bind(&mut update, 2, sql_seq(change.messages))?;
+        bind(&mut update, 3, sql_seq(change.events))?;
+        bind(&mut update, 4, sql_seq(change.counted_messages))?;
+        bind(&mut update, 5, change.at.as_millis())?;
+        bind(&mut update, 6, sql_seq(change.usage.prompt_tokens))?;
+        bind(&mut update, 7, sql_seq(change.usage.completion_tokens))?;
+        bind(&mut update, 8, change.cost)?;
+        bind(&mut update, 9, sql_seq(change.usage.cached_prompt_tokens))?;
+        if let Some(agent) = &change.current_agent {
+            bind(&mut update, ":agent", agent)?;
+        }
+        if let Some(status) = change.status {
+            bind(&mut update, ":status", status.as_str())?;
+        }
+        if set_turn_state {
+            bind(&mut update, ":turn_state", &turn_state)?;
+        }
+        if change.budget.is_some() {
+            bind(&mut update, ":budget", &budget)?;
+        }
+        let changed = update.raw_execute().map_err(db)?;
+        drop(update);
+        // The row is not read back (neither by `RETURNING`, which SQLite runs into an ephemeral
+        // table, nor by a `SELECT`): the head read it, and this statement changes it exactly as
+        // `apply_to` does.
         if changed == 0 {
             return Err(Error::SessionNotFound(self.session_id.to_string()));
         }
-        let mut session = query_row(
-            self.tx,
-            "SELECT id, user_id, metadata, created_at, last_activity, current_agent, status,
-                 message_count, last_message_seq, last_event_seq, prompt_tokens, completion_tokens,
-                 CASE WHEN ?2 THEN NULL ELSE turn_state END,
-                 budget, cost, cached_prompt_tokens
-             FROM sessions WHERE id = ?1",
-            params![self.session_id, set_turn_state],
-            session_from_row,
-        )
-        .map_err(db)?;
-        if let Some(turn_state) = change.turn_state {
-            session.turn_state = turn_state;
+        let mut session = self.session.take().ok_or_else(|| {
+            Error::Internal(format!(
+                "the commit on session '{}' updated it before reading it",
+                self.session_id
+            ))
+        })?;
+        let sets_budget = change.budget.is_some();
+        change.apply_to(&mut session);
+        if sets_budget {
+            // As a read would parse the stored text (a float's digits parse back to the nearest
+            // value, not always the one written).
+            session.budget = match &budget {
+                Some(text) => serde_json::from_str(text)
+                    .map_err(|e| Error::Internal(format!("cannot decode the budget just stored: {e}")))?,
+                None => Budget::default(),
+            };
         }
         Ok(session)
     }
@@ -951,6 +1049,8 @@ impl Storage for SqliteStorage {
             let mut steps = SqliteCommit {
                 tx: c,
                 session_id: &id,
+                sets_turn_state: commit.session.turn_state.is_some(),
+                session: None,
             };
             commit::run_blocking(&mut steps, &id, commit)
         })
