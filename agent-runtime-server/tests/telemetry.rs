@@ -861,11 +861,13 @@ async fn mcp_calls_carry_their_execute_tool_span_as_meta_over_stdio_and_as_heade
     };
     let (st, web_seen) = (seen("st__whoami"), seen("web__whoami"));
 
-    let spans = wait_for("both MCP calls' spans", || {
+    // The agent span ends after the tools' and may come in a later export: wait for it too.
+    let spans = wait_for("both MCP calls' spans and their agent's", || {
         let spans = otlp.got.spans();
         let done = ["execute_tool st__whoami", "execute_tool web__whoami"]
             .iter()
-            .all(|n| named(&spans, CLIENT_TRACE, n).len() == 1);
+            .all(|n| named(&spans, CLIENT_TRACE, n).len() == 1)
+            && !named(&spans, CLIENT_TRACE, "invoke_agent coder").is_empty();
         done.then_some(spans)
     })
     .await;

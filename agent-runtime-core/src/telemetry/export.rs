@@ -1,18 +1,17 @@
 //! The export side of telemetry: OTLP/HTTP exporters behind a bounded queue drained by one
 //! thread, so a collector that is down or hangs costs a turn nothing but a counted drop.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use opentelemetry::Context;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter, SpanProcessor};
 
-/// What the export thread is asked to do.
+/// What the export thread is asked to do besides exporting what is queued.
 enum Job {
-    Span(Box<SpanData>),
     /// Export what is queued, then answer.
     Flush(SyncSender<()>),
     /// Export what is queued, answer, and stop.
@@ -21,13 +20,15 @@ enum Job {
 
 /// A span processor with a bounded queue: `on_end` never waits (a full queue drops the span and
 /// counts it), one thread exports batches; spans of a failed or timed-out export are counted too.
-/// The thread is woken only when a batch is full, for a flush, or by its schedule: never per span.
+/// The queue is a vector behind a mutex that the thread swaps for an empty one: a span is moved
+/// once into it, with no allocation of its own. The thread is woken only when a batch is full,
+/// for a flush, or by its schedule: never per span.
 #[derive(Debug)]
 pub(super) struct QueueProcessor {
-    queue: SyncSender<Job>,
+    queue: Arc<Mutex<Vec<SpanData>>>,
+    jobs: SyncSender<Job>,
     dropped: Arc<AtomicU64>,
-    /// Spans queued since the export thread last drained the queue.
-    queued: Arc<AtomicUsize>,
+    max_queue: usize,
     max_batch: usize,
     worker: std::thread::Thread,
 }
@@ -46,20 +47,20 @@ impl QueueProcessor {
         batching: Batching,
         dropped: Arc<AtomicU64>,
     ) -> std::io::Result<Self> {
-        let (queue, jobs) = sync_channel(batching.max_queue);
-        let counted = dropped.clone();
-        let queued = Arc::new(AtomicUsize::new(0));
-        let drained = queued.clone();
-        let max_batch = batching.max_batch;
+        let (jobs, asked) = sync_channel(1);
+        let queue = Arc::new(Mutex::new(Vec::with_capacity(batching.max_batch)));
+        let (drained, counted) = (queue.clone(), dropped.clone());
+        let (max_queue, max_batch) = (batching.max_queue, batching.max_batch);
         let worker = std::thread::Builder::new()
             .name("otel-export".into())
-            .spawn(move || export_loop(exporter, jobs, batching, counted, drained))?
+            .spawn(move || export_loop(exporter, drained, asked, batching, counted))?
             .thread()
             .clone();
         Ok(QueueProcessor {
             queue,
+            jobs,
             dropped,
-            queued,
+            max_queue,
             max_batch,
             worker,
         })
@@ -67,8 +68,8 @@ impl QueueProcessor {
 
     fn ask(&self, make: impl FnOnce(SyncSender<()>) -> Job, timeout: Duration) -> OTelSdkResult {
         let (done, answered) = sync_channel(1);
-        // A full queue is waited for here only: flush and shutdown are not on a turn's path.
-        self.queue
+        // Waited for here only: flush and shutdown are not on a turn's path.
+        self.jobs
             .send(make(done))
             .map_err(|_| OTelSdkError::AlreadyShutdown)?;
         self.worker.unpark();
@@ -82,15 +83,17 @@ impl SpanProcessor for QueueProcessor {
     fn on_start(&self, _span: &mut Span, _cx: &Context) {}
 
     fn on_end(&self, span: SpanData) {
-        match self.queue.try_send(Job::Span(Box::new(span))) {
-            Ok(()) => {
-                if self.queued.fetch_add(1, Ordering::Relaxed) + 1 == self.max_batch {
-                    self.worker.unpark();
-                }
-            }
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if queue.len() >= self.max_queue {
+            drop(queue);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        queue.push(span);
+        let full = queue.len() == self.max_batch;
+        drop(queue);
+        if full {
+            self.worker.unpark();
         }
     }
 
@@ -106,52 +109,52 @@ impl SpanProcessor for QueueProcessor {
 /// Sleeps until woken or the schedule is due, then exports everything queued, in batches.
 fn export_loop<E: SpanExporter>(
     exporter: E,
+    queue: Arc<Mutex<Vec<SpanData>>>,
     jobs: Receiver<Job>,
     batching: Batching,
     dropped: Arc<AtomicU64>,
-    queued: Arc<AtomicUsize>,
 ) {
-    let mut batch: Vec<SpanData> = Vec::with_capacity(batching.max_batch);
-    let send = |batch: &mut Vec<SpanData>| {
-        if batch.is_empty() {
-            return;
-        }
-        let spans = std::mem::take(batch);
-        let n = spans.len() as u64;
-        if let Err(e) = futures::executor::block_on(exporter.export(spans)) {
-            dropped.fetch_add(n, Ordering::Relaxed);
-            tracing::debug!(error = %e, spans = n, "OTLP span export failed; spans dropped");
+    // The queue is swapped with `taken` (empty, sized for a batch), which becomes the next
+    // queue; the exporter consumes each batch's vector.
+    let max_batch = batching.max_batch;
+    let mut taken: Vec<SpanData> = Vec::with_capacity(max_batch);
+    let drain = |taken: &mut Vec<SpanData>| {
+        let mut queued = queue.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::swap(&mut *queued, taken);
+        drop(queued);
+        while !taken.is_empty() {
+            let mut spans = std::mem::replace(taken, Vec::with_capacity(max_batch));
+            if spans.len() > max_batch {
+                *taken = spans.split_off(max_batch);
+            }
+            let count = spans.len() as u64;
+            if let Err(e) = futures::executor::block_on(exporter.export(spans)) {
+                dropped.fetch_add(count, Ordering::Relaxed);
+                tracing::debug!(error = %e, spans = count, "OTLP span export failed; spans dropped");
+            }
         }
     };
     loop {
         let deadline = Instant::now() + batching.delay;
-        loop {
-            match jobs.try_recv() {
-                Ok(Job::Span(span)) => {
-                    queued.fetch_sub(1, Ordering::Relaxed);
-                    batch.push(*span);
-                    if batch.len() >= batching.max_batch {
-                        send(&mut batch);
-                    }
-                }
-                Ok(Job::Flush(done)) => {
-                    send(&mut batch);
-                    let _ = done.send(());
-                }
-                Ok(Job::Stop(done)) => {
-                    send(&mut batch);
-                    let _ = exporter.shutdown();
-                    let _ = done.send(());
-                    return;
-                }
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    send(&mut batch);
-                    return;
-                }
+        drain(&mut taken);
+        match jobs.try_recv() {
+            Ok(Job::Flush(done)) => {
+                drain(&mut taken);
+                let _ = done.send(());
+                continue;
+            }
+            Ok(Job::Stop(done)) => {
+                drain(&mut taken);
+                let _ = exporter.shutdown();
+                let _ = done.send(());
+                return;
+            }
+            Err(TryRecvError::Empty) => {}
+            Err(TryRecvError::Disconnected) => {
+                drain(&mut taken);
+                return;
             }
         }
-        send(&mut batch);
         // Woken early by a full batch or a flush; spurious wake-ups just drain sooner.
         std::thread::park_timeout(deadline.saturating_duration_since(Instant::now()));
     }

@@ -18,10 +18,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use opentelemetry::metrics::{Histogram, MeterProvider as _};
+use opentelemetry::metrics::{BoundHistogram, Histogram, MeterProvider as _};
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{
-    Link, SpanContext, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _,
+    Link, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId, TraceState,
+    Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue, Value};
 use opentelemetry_otlp::WithExportConfig;
@@ -61,7 +62,8 @@ struct Shared {
 }
 
 /// What the spans and metrics of every turn with one model and model server share, built once:
-/// shared strings are reference-counted values, the metric attribute sets are ready to record.
+/// shared strings are reference-counted values, the metric series are bound (the SDK resolves
+/// their attribute sets once, not at every record).
 struct TurnConstants {
     model: Value,
     model_name: String,
@@ -69,15 +71,17 @@ struct TurnConstants {
     server: Value,
     port: i64,
     chat_name: String,
-    /// `gen_ai.client.operation.duration`'s attributes of a call that succeeded.
+    /// `gen_ai.client.operation.duration`'s attributes of a call that succeeded (a failed call
+    /// adds `error.type`), and its bound series.
     duration: Vec<KeyValue>,
-    /// `gen_ai.client.token.usage`'s attributes, input and output.
-    input: Vec<KeyValue>,
-    output: Vec<KeyValue>,
+    succeeded: BoundHistogram<f64>,
+    /// `gen_ai.client.token.usage`'s bound series, input and output.
+    input: BoundHistogram<u64>,
+    output: BoundHistogram<u64>,
 }
 
 impl TurnConstants {
-    fn new(model: &str, proxy_url: &str) -> Self {
+    fn new(telemetry: &Shared, model: &str, proxy_url: &str) -> Self {
         let (host, port) = server_of(proxy_url);
         let shared = |s: &str| Value::String(opentelemetry::StringValue::from(Arc::<str>::from(s)));
         let (model_v, server) = (shared(model), shared(&host));
@@ -90,11 +94,12 @@ impl TurnConstants {
         let tokens = |kind: &'static str| {
             let mut a = duration.clone();
             a.push(KeyValue::new("gen_ai.token.type", kind));
-            a
+            telemetry.tokens.bind(&a)
         };
         TurnConstants {
             input: tokens("input"),
             output: tokens("output"),
+            succeeded: telemetry.duration.bind(&duration),
             duration,
             model: model_v,
             model_name: model.to_string(),
@@ -113,6 +118,16 @@ impl std::fmt::Debug for Telemetry {
             .field("dropped_spans", &self.dropped_spans())
             .finish()
     }
+}
+
+/// A span's name, `{operation} {target}`: one allocation, no formatting machinery (a span
+/// name is built for every request, agent and tool).
+fn span_name(operation: &str, target: &str) -> String {
+    let mut name = String::with_capacity(operation.len() + 1 + target.len());
+    name.push_str(operation);
+    name.push(' ');
+    name.push_str(target);
+    name
 }
 
 /// The base URL's signal path: `http://c:4318` → `http://c:4318/v1/traces`.
@@ -278,7 +293,7 @@ impl Telemetry {
         let span = self
             .inner
             .tracer
-            .span_builder(format!("{method} {route}"))
+            .span_builder(span_name(method, route))
             .with_kind(SpanKind::Server)
             .with_attributes(vec![
                 KeyValue::new("http.request.method", method_value),
@@ -346,22 +361,19 @@ pub fn traceparent(cx: &Context) -> Option<String> {
     if !sc.is_valid() {
         return None;
     }
-    let mut out = String::with_capacity(55);
-    out.push_str("00-");
-    push_hex(&mut out, &sc.trace_id().to_bytes());
-    out.push('-');
-    push_hex(&mut out, &sc.span_id().to_bytes());
-    out.push('-');
-    push_hex(&mut out, &[sc.trace_flags().to_u8()]);
-    Some(out)
+    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    write_hex(&mut out[3..35], &sc.trace_id().to_bytes());
+    write_hex(&mut out[36..52], &sc.span_id().to_bytes());
+    write_hex(&mut out[53..55], &[sc.trace_flags().to_u8()]);
+    std::str::from_utf8(&out).ok().map(str::to_owned)
 }
 
-/// Appends `bytes` as lowercase hexadecimal.
-fn push_hex(out: &mut String, bytes: &[u8]) {
+/// Writes `bytes` as lowercase hexadecimal into `out` (twice their length).
+fn write_hex(out: &mut [u8], bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)] as char);
-        out.push(DIGITS[usize::from(b & 0xf)] as char);
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0xf)];
     }
 }
 
@@ -420,14 +432,35 @@ pub fn outgoing_trace_context() -> Vec<(&'static str, String)> {
 /// Set once any [`Telemetry`] has started in this process.
 static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// A `traceparent` the runtime wrote and stored (a paused turn's, an offer's), read back as a
+/// remote span context: version `00` only, as [`traceparent`] writes; what the W3C propagator
+/// rejects is rejected (the unit tests compare the two), and a one-digit flags field too. No
+/// carrier, no propagator, no copy.
 fn parse_traceparent(v: &str) -> Option<SpanContext> {
-    let carrier = Carrier {
-        traceparent: Some(v.to_string()),
-        tracestate: None,
-    };
-    let cx = TraceContextPropagator::new().extract_with_context(&Context::new(), &carrier);
-    let sc = cx.span().span_context().clone();
+    let b = v.as_bytes();
+    if b.len() != 55 || !b.starts_with(b"00-") || b[35] != b'-' || b[52] != b'-' {
+        return None;
+    }
+    let trace = TraceId::from_bytes(read_hex::<16>(&b[3..35])?);
+    let span = SpanId::from_bytes(read_hex::<8>(&b[36..52])?);
+    let [flags] = read_hex::<1>(&b[53..55])?;
+    let flags = TraceFlags::new(flags) & TraceFlags::SAMPLED;
+    let sc = SpanContext::new(trace, span, flags, true, TraceState::default());
     sc.is_valid().then_some(sc)
+}
+
+/// `N` bytes from `2N` lowercase hexadecimal digits.
+fn read_hex<const N: usize>(hex: &[u8]) -> Option<[u8; N]> {
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; N];
+    for (o, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        *o = (digit(pair[0])? << 4) | digit(pair[1])?;
+    }
+    Some(out)
 }
 
 fn finish_reason_value(f: &FinishReason) -> opentelemetry::StringValue {
@@ -503,7 +536,7 @@ impl TurnTrace {
             match &*last {
                 Some(c) if c.model_name == model && c.proxy_url == proxy_url => c.clone(),
                 _ => {
-                    let c = Arc::new(TurnConstants::new(model, proxy_url));
+                    let c = Arc::new(TurnConstants::new(&tel.inner, model, proxy_url));
                     *last = Some(c.clone());
                     c
                 }
@@ -529,7 +562,7 @@ impl TurnTrace {
             .map(|sc| vec![Link::with_context(sc)])
             .unwrap_or_default();
         let cx = self.tel.start_linked(
-            format!("invoke_agent {agent}"),
+            span_name("invoke_agent", agent),
             SpanKind::Internal,
             &self.parent,
             vec![
@@ -640,7 +673,7 @@ impl TurnTrace {
         ToolSpan {
             capture: self.tel.captures_content(),
             cx: self.tel.open(
-                format!("execute_tool {tool}"),
+                span_name("execute_tool", tool),
                 SpanKind::Internal,
                 self.under(),
                 attrs,
@@ -703,7 +736,7 @@ impl TurnTrace {
             std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(offer.at_ms).unwrap_or(0));
         let tracer = &self.tel.inner.tracer;
         let span = tracer
-            .span_builder(format!("execute_tool {tool}"))
+            .span_builder(span_name("execute_tool", tool))
             .with_kind(SpanKind::Internal)
             .with_start_time(start)
             .with_attributes(attrs)
@@ -777,8 +810,8 @@ impl ChatSpan {
                     let (input, output) = (u.prompt_tokens, u.completion_tokens);
                     span.set_attribute(KeyValue::new("gen_ai.usage.input_tokens", input as i64));
                     span.set_attribute(KeyValue::new("gen_ai.usage.output_tokens", output as i64));
-                    self.tel.inner.tokens.record(input, &c.input);
-                    self.tel.inner.tokens.record(output, &c.output);
+                    c.input.record(input);
+                    c.output.record(output);
                 }
                 if self.tel.captures_content()
                     && let Some((text, calls)) = o.output
@@ -791,7 +824,7 @@ impl ChatSpan {
                         serde_json::json!([{"role": "assistant", "content": text, "tool_calls": calls}]);
                     span.set_attribute(KeyValue::new("gen_ai.output.messages", out.to_string()));
                 }
-                self.tel.inner.duration.record(elapsed, &c.duration);
+                c.succeeded.record(elapsed);
             }
             Err(error_type) => {
                 span.set_attribute(KeyValue::new("error.type", error_type.to_string()));
@@ -859,4 +892,79 @@ pub(crate) async fn within_tool<F: std::future::Future>(span: Option<&ToolSpan>,
 pub async fn within_request<F: std::future::Future>(span: &RequestSpan, fut: F) -> F::Output {
     use opentelemetry::context::FutureExt as _;
     fut.with_context(span.context()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the W3C propagator makes of `v`, as the runtime's reader should.
+    fn by_propagator(v: &str) -> Option<SpanContext> {
+        let carrier = Carrier {
+            traceparent: Some(v.to_string()),
+            tracestate: None,
+        };
+        let cx = TraceContextPropagator::new().extract_with_context(&Context::new(), &carrier);
+        let sc = cx.span().span_context().clone();
+        sc.is_valid().then_some(sc)
+    }
+
+    #[test]
+    fn a_stored_traceparent_reads_back_as_the_w3c_propagator_reads_it() {
+        let good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let cases = [
+            good,
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-ff",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b716920333g-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+            "00-0af7651916cd43dd8448eb211c80319c_b7ad6b7169203331-01",
+            "",
+        ];
+        for v in cases {
+            assert_eq!(parse_traceparent(v), by_propagator(v), "{v:?}");
+        }
+        // Stricter than the propagator in one way: a one-digit flags field, which the runtime
+        // never writes, is refused.
+        assert_eq!(
+            parse_traceparent("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-0"),
+            None
+        );
+        let read = parse_traceparent(good).unwrap();
+        assert_eq!(
+            (
+                read.trace_id(),
+                read.span_id(),
+                read.trace_flags(),
+                read.is_remote()
+            ),
+            (
+                TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").unwrap(),
+                SpanId::from_hex("b7ad6b7169203331").unwrap(),
+                TraceFlags::SAMPLED,
+                true
+            )
+        );
+    }
+
+    #[test]
+    fn a_span_context_is_written_as_the_traceparent_that_reads_back_to_it() {
+        let sc = SpanContext::new(
+            TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").unwrap(),
+            SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::default(),
+        );
+        let written = traceparent(&Context::new().with_remote_span_context(sc.clone()));
+        assert_eq!(
+            written.as_deref(),
+            Some("00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01")
+        );
+        assert_eq!(parse_traceparent(&written.unwrap()), Some(sc));
+        assert_eq!(traceparent(&Context::new()), None);
+    }
 }

@@ -501,6 +501,11 @@ mod tests {
         let mut many = base(5, SpanKind::Internal, Status::Unset, &runtime);
         many.attributes = (0..40)
             .map(|i| KeyValue::new(format!("attr.{i}"), format!("value number {i}")))
+            .chain([
+                KeyValue::new("k".repeat(200), "v".repeat(20_000)),
+                KeyValue::new("max", i64::MAX),
+                KeyValue::new("min", i64::MIN),
+            ])
             .collect();
         vec![a, b, c, d, e, many]
     }
