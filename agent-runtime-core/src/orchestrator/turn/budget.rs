@@ -303,11 +303,7 @@ pub(in crate::orchestrator) fn budget_usage(
     rt: &crate::orchestrator::Inner,
     session: &crate::session::Session,
 ) -> BudgetUsage {
-    let state = session
-        .turn_state
-        .clone()
-        .and_then(|v| serde_json::from_value::<super::TurnState>(v).ok())
-        .unwrap_or_default();
+    let state = super::TurnState::stored(session).unwrap_or_default();
     let model = &rt.config.llm.model;
     let priced = rt.prices.get(model).is_some();
     let spent = Spent {

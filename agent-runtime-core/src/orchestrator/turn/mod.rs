@@ -115,11 +115,13 @@ impl TurnState {
     }
 
     fn load(session: &Session) -> Self {
-        session
-            .turn_state
-            .clone()
-            .and_then(|v| serde_json::from_value(v).ok())
-            .unwrap_or_else(TurnState::fresh)
+        TurnState::stored(session).unwrap_or_else(TurnState::fresh)
+    }
+
+    /// The session's stored turn state, if it has one that reads as a turn state; read from the
+    /// session's `Value` in place (not from a copy of it).
+    fn stored(session: &Session) -> Option<Self> {
+        (session.turn_state.as_ref()).and_then(|v| TurnState::deserialize(v).ok())
     }
 
     fn to_value(&self) -> Value {
@@ -137,6 +139,12 @@ enum Next {
     /// the message if the orchestrator had not yet, else check the calls its model asked for that
     /// were not checked yet; then the loop (see `recover::resume_orphan`).
     Resume { reason: &'static str },
+}
+
+/// What a turn's commit stored that its caller may still need: the events, with their seqs.
+/// (The session goes into the turn, not copied.)
+struct Stored {
+    events: Vec<crate::protocol::Event>,
 }
 
 struct Turn {
@@ -272,14 +280,14 @@ impl Turn {
     }
 
     /// Commits under this process's lease, publishes the events, and keeps the session current.
-    async fn commit(&mut self, c: Commit, with_state: bool) -> Result<Committed> {
-        let committed = self.commit_quietly(c, with_state).await?;
-        self.rt.hubs.publish(&self.session.id, &committed.events);
-        Ok(committed)
+    async fn commit(&mut self, c: Commit, with_state: bool) -> Result<Stored> {
+        let stored = self.commit_quietly(c, with_state).await?;
+        self.rt.hubs.publish(&self.session.id, &stored.events);
+        Ok(stored)
     }
 
     /// Commits without publishing (the caller publishes once the session is free again).
-    async fn commit_quietly(&mut self, c: Commit, with_state: bool) -> Result<Committed> {
+    async fn commit_quietly(&mut self, c: Commit, with_state: bool) -> Result<Stored> {
         let mut c = match self.deferred.take() {
             Some(d) => d.then(c),
             None => c,
@@ -297,13 +305,14 @@ impl Turn {
             c.session.turn_state = Some(Some(self.state.to_value()));
         }
         let before = self.session.last_message_seq;
-        let committed = self.rt.storage.commit(&self.session.id, c).await?;
-        self.rt
-            .hubs
-            .recent
-            .extend(before, &committed.session, &committed.messages);
-        self.session = committed.session.clone();
-        Ok(committed)
+        let Committed {
+            messages,
+            events,
+            session,
+        } = self.rt.storage.commit(&self.session.id, c).await?;
+        self.rt.hubs.recent.extend(before, &session, &messages);
+        self.session = session;
+        Ok(Stored { events })
     }
 
     async fn emit(&mut self, payload: EventPayload) -> Result<()> {
