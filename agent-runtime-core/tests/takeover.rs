@@ -414,9 +414,10 @@ async fn a_clients_tool_result_resets_the_takeovers_without_progress() {
     .await
     .expect("the model is asked with the result");
     let stored = rt.get_session(&s).await.unwrap();
+    // Back at 0, which the stored state leaves out.
     assert_eq!(
-        (stored.status, stored.turn_state.unwrap()["resumes"].clone()),
-        (SessionStatus::Running, json!(0))
+        (stored.status, stored.turn_state.unwrap().get("resumes").cloned()),
+        (SessionStatus::Running, None)
     );
     running.abort();
 }

@@ -148,7 +148,8 @@ pub struct OpenAiBackend {
     config: OpenAiConfig,
     client: reqwest::Client,
     base: String,
-    chat_url: String,
+    /// Parsed once: a `&str` would be parsed again on every model call.
+    chat_url: reqwest::Url,
     models_url: String,
     breaker: Breaker,
     /// Set once the server ignored `stream_options.include_usage` (llama-cpp-python does).
@@ -196,8 +197,11 @@ impl OpenAiBackend {
             .connect_timeout(config.connect_timeout)
             .build()
             .map_err(|e| Error::Llm(format!("cannot build the HTTP client: {}", describe(&e))))?;
+        let chat_url = format!("{base}/v1/chat/completions");
+        let chat_url = reqwest::Url::parse(&chat_url)
+            .map_err(|e| Error::InvalidRequest(format!("invalid URL '{chat_url}': {e}")))?;
         Ok(OpenAiBackend {
-            chat_url: format!("{base}/v1/chat/completions"),
+            chat_url,
             models_url: format!("{base}/v1/models"),
             base,
             breaker: Breaker::new(config.breaker_threshold, config.breaker_cooldown),
@@ -223,7 +227,7 @@ impl OpenAiBackend {
                 secs(self.config.first_byte_timeout)
             ))
         };
-        let mut request = (self.client.post(&self.chat_url))
+        let mut request = (self.client.post(self.chat_url.clone()))
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body.clone());
         if let Some(key) = &self.config.api_key {

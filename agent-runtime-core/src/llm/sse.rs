@@ -48,6 +48,9 @@ pub struct SseDecoder {
     after_cr: bool,
     /// Data lines of the current event.
     data: Option<String>,
+    /// The buffer of an event whose data was read in place ([`SseDecoder::push_data`]), kept
+    /// for the next event's data.
+    spare: String,
     /// The `id:` of the current event.
     id: Option<String>,
     /// Bytes seen so far.
@@ -77,22 +80,39 @@ impl SseDecoder {
     }
 
     /// [`SseDecoder::push`] with every frame: events with their `id:`, and comments.
+    pub fn push_frames(&mut self, bytes: &[u8]) -> Vec<SseFrame> {
+        let mut frames = Vec::new();
+        self.decode(bytes, &mut frames);
+        frames
+    }
+
+    /// [`SseDecoder::push`] handing each event's data to `on_data` where it lies, in a buffer
+    /// reused from one event to the next, rather than in a `String` of its own.
+    pub fn push_data(&mut self, bytes: &[u8], on_data: impl FnMut(&str)) {
+        self.decode(bytes, &mut DataOnly(on_data));
+    }
+
+    /// [`SseDecoder::finish`] handing the data to `on_data` as [`SseDecoder::push_data`] does.
+    pub fn finish_data(&mut self, on_data: impl FnMut(&str)) {
+        self.end(&mut DataOnly(on_data));
+    }
+
+    /// Decodes `bytes` into `frames`.
     ///
     /// Whole lines are found with `memchr` and read in place; only a line that a piece cuts is
     /// copied (into `line`) until its end comes.
-    pub fn push_frames(&mut self, mut bytes: &[u8]) -> Vec<SseFrame> {
+    fn decode(&mut self, mut bytes: &[u8], frames: &mut impl Frames) {
         self.seen += bytes.len();
-        let mut frames = Vec::new();
         if !bytes.is_empty() && std::mem::take(&mut self.after_cr) && bytes[0] == b'\n' {
             bytes = &bytes[1..];
         }
         while let Some(at) = memchr::memchr2(b'\n', b'\r', bytes) {
             if self.line.is_empty() {
-                self.end_line(&bytes[..at], &mut frames);
+                self.end_line(&bytes[..at], frames);
             } else {
                 let mut line = std::mem::take(&mut self.line);
                 line.extend_from_slice(&bytes[..at]);
-                self.end_line(&line, &mut frames);
+                self.end_line(&line, frames);
                 line.clear();
                 self.line = line;
             }
@@ -108,21 +128,32 @@ impl SseDecoder {
             }
         }
         self.line.extend_from_slice(bytes);
-        frames
     }
 
     /// [`SseDecoder::finish`] with every frame.
     pub fn finish_frames(&mut self) -> Vec<SseFrame> {
         let mut frames = Vec::new();
+        self.end(&mut frames);
+        frames
+    }
+
+    /// The end of the body, into `frames`.
+    fn end(&mut self, frames: &mut impl Frames) {
         if !self.line.is_empty() {
             let line = std::mem::take(&mut self.line);
-            self.end_line(&line, &mut frames);
+            self.end_line(&line, frames);
         }
+        self.end_event(frames);
+    }
+
+    /// The current event, if it has data, goes to `frames`.
+    fn end_event(&mut self, frames: &mut impl Frames) {
         let id = self.id.take();
-        if let Some(data) = self.data.take() {
-            frames.push(SseFrame::Event { id, data });
+        if let Some(mut data) = self.data.take() {
+            frames.event(id, &mut data);
+            data.clear();
+            self.spare = data;
         }
-        frames
     }
 
     /// Part of a frame came whose end did not: a line without its end, or an event without its
@@ -133,20 +164,17 @@ impl SseDecoder {
 
     /// One line, without its end. Text once whole: a valid line is read in place, an invalid one
     /// gets U+FFFD for its bad bytes.
-    fn end_line(&mut self, line: &[u8], frames: &mut Vec<SseFrame>) {
+    fn end_line(&mut self, line: &[u8], frames: &mut impl Frames) {
         let line = match std::str::from_utf8(line) {
             Ok(text) => std::borrow::Cow::Borrowed(text),
             Err(_) => String::from_utf8_lossy(line),
         };
         if line.is_empty() {
-            let id = self.id.take();
-            if let Some(data) = self.data.take() {
-                frames.push(SseFrame::Event { id, data });
-            }
+            self.end_event(frames);
             return;
         }
         if let Some(comment) = line.strip_prefix(':') {
-            frames.push(SseFrame::Comment(comment.to_string()));
+            frames.comment(comment);
             return;
         }
         let (field, value) = match line.split_once(':') {
@@ -159,12 +187,48 @@ impl SseDecoder {
                     data.push('\n');
                     data.push_str(value);
                 }
-                None => self.data = Some(value.to_string()),
+                None => {
+                    let mut data = std::mem::take(&mut self.spare);
+                    data.push_str(value);
+                    self.data = Some(data);
+                }
             },
             "id" => self.id = Some(value.to_string()),
             _ => {}
         }
     }
+}
+
+/// Where decoded frames go.
+trait Frames {
+    /// An event; `data` may be taken (it is cleared and reused otherwise).
+    fn event(&mut self, id: Option<String>, data: &mut String);
+    /// A comment line, without its `:`.
+    fn comment(&mut self, text: &str);
+}
+
+impl Frames for Vec<SseFrame> {
+    fn event(&mut self, id: Option<String>, data: &mut String) {
+        self.push(SseFrame::Event {
+            id,
+            data: std::mem::take(data),
+        });
+    }
+
+    fn comment(&mut self, text: &str) {
+        self.push(SseFrame::Comment(text.to_string()));
+    }
+}
+
+/// The events' data only, handed to a function where it lies.
+struct DataOnly<F>(F);
+
+impl<F: FnMut(&str)> Frames for DataOnly<F> {
+    fn event(&mut self, _id: Option<String>, data: &mut String) {
+        (self.0)(data);
+    }
+
+    fn comment(&mut self, _text: &str) {}
 }
 
 /// The data of the events among `frames`.
@@ -182,13 +246,16 @@ fn data_only(frames: Vec<SseFrame>) -> Vec<String> {
 mod tests {
     use super::*;
 
+    /// The events' data as `push` gives them, checked to be what `push_data` reads in place.
     fn decode_whole(body: &[u8]) -> Vec<String> {
         let mut d = SseDecoder::new();
         let mut events = d.push(body);
         events.extend(d.finish());
+        assert_eq!(read_in_place(&[body]), events);
         events
     }
 
+    /// [`decode_whole`] with the body pushed one byte at a time.
     fn decode_bytewise(body: &[u8]) -> Vec<String> {
         let mut d = SseDecoder::new();
         let mut events = Vec::new();
@@ -196,6 +263,19 @@ mod tests {
             events.extend(d.push(std::slice::from_ref(b)));
         }
         events.extend(d.finish());
+        let bytes: Vec<&[u8]> = body.chunks(1).collect();
+        assert_eq!(read_in_place(&bytes), events);
+        events
+    }
+
+    /// The data `push_data` and `finish_data` hand over for a body in `pieces`.
+    fn read_in_place(pieces: &[&[u8]]) -> Vec<String> {
+        let mut d = SseDecoder::new();
+        let mut events = Vec::new();
+        for piece in pieces {
+            d.push_data(piece, |data| events.push(data.to_string()));
+        }
+        d.finish_data(|data| events.push(data.to_string()));
         events
     }
 

@@ -339,6 +339,12 @@ pub fn is_context_overflow(text: &str) -> bool {
 #[derive(Debug, Default)]
 pub struct ChunkDecoder {
     sse: SseDecoder,
+    answer: AnswerState,
+}
+
+/// What the chunks decoded so far said about the answer's end.
+#[derive(Debug, Default)]
+struct AnswerState {
     finish: Option<FinishReason>,
     saw_tool_calls: bool,
     done: bool,
@@ -352,44 +358,49 @@ impl ChunkDecoder {
 
     /// `[DONE]` came: the answer is complete and the rest of the body can be ignored.
     pub fn is_done(&self) -> bool {
-        self.done
+        self.answer.done
     }
 
     /// A `finish_reason` came (the answer is complete even if `[DONE]` never does).
     pub fn has_finish(&self) -> bool {
-        self.finish.is_some()
+        self.answer.finish.is_some()
     }
 
-    /// Feeds a piece of the body; returns the chunks it completed.
+    /// Feeds a piece of the body; returns the chunks it completed. Each event's JSON is parsed
+    /// where the SSE decoder holds it; events after `[DONE]` or an error are skipped.
     pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<Chunk>> {
         let mut out = Vec::new();
-        if self.done {
-            return Ok(Vec::new());
+        if self.answer.done {
+            return Ok(out);
         }
-        for data in self.sse.push(bytes) {
-            self.on_data(&data, &mut out)?;
-            if self.done {
-                break;
+        let (answer, mut result) = (&mut self.answer, Ok(()));
+        self.sse.push_data(bytes, |data| {
+            if result.is_ok() && !answer.done {
+                result = answer.on_data(data, &mut out);
             }
-        }
-        Ok(out)
+        });
+        result.map(|()| out)
     }
 
     /// The end of the body: the held-back finish, or an error when the answer was cut.
     pub fn finish(&mut self) -> Result<Vec<Chunk>> {
         let mut out = Vec::new();
-        if self.done {
-            return Ok(Vec::new());
+        if self.answer.done {
+            return Ok(out);
         }
-        for data in self.sse.finish() {
-            self.on_data(&data, &mut out)?;
-            if self.done {
-                return Ok(out);
+        let (answer, mut result) = (&mut self.answer, Ok(()));
+        self.sse.finish_data(|data| {
+            if result.is_ok() && !answer.done {
+                result = answer.on_data(data, &mut out);
             }
+        });
+        result?;
+        if self.answer.done {
+            return Ok(out);
         }
-        match self.finish.take() {
+        match self.answer.finish.take() {
             Some(reason) => {
-                self.done = true;
+                self.answer.done = true;
                 out.push(Chunk::Finish(reason));
                 Ok(out)
             }
@@ -399,7 +410,9 @@ impl ChunkDecoder {
             )),
         }
     }
+}
 
+impl AnswerState {
     fn on_data(&mut self, data: &str, out: &mut Vec<Chunk>) -> Result<()> {
         let data = data.trim();
         if data.is_empty() {
@@ -755,5 +768,34 @@ mod tests {
             Chunk::Finish(FinishReason::ToolCalls),
         ];
         assert_eq!(decode_body(encode_sse("m", &chunks).as_bytes()).unwrap(), chunks);
+    }
+
+    #[test]
+    fn a_body_pushed_byte_by_byte_decodes_to_the_same_chunks_and_stops_at_done() {
+        let chunks = vec![
+            Chunk::Text("Привет".into()),
+            Chunk::Text(" мир".into()),
+            Chunk::Finish(FinishReason::Stop),
+        ];
+        let body = encode_sse("m", &chunks) + "data: {\"choices\":[{\"delta\":{\"content\":\"late\"}}]}\n\n";
+        let mut decoder = ChunkDecoder::new();
+        let mut decoded = Vec::new();
+        for b in body.as_bytes() {
+            decoded.extend(decoder.push(std::slice::from_ref(b)).unwrap());
+        }
+        decoded.extend(decoder.finish().unwrap());
+        assert_eq!((decoded, decoder.is_done()), (chunks, true));
+    }
+
+    #[test]
+    fn the_first_bad_event_of_a_piece_fails_it_and_the_events_after_it_are_not_read() {
+        let mut decoder = ChunkDecoder::new();
+        let piece = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n\
+                     data: {\"error\": {\"message\": \"boom\"}}\n\n\
+                     data: {\"error\": {\"message\": \"second\"}}\n\n";
+        assert_eq!(
+            decoder.push(piece.as_bytes()),
+            Err(Error::Llm("model server error: boom".into()))
+        );
     }
 }

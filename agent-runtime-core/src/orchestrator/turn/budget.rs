@@ -32,22 +32,22 @@ pub(super) struct BudgetPause {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub(super) struct TurnSpend {
     /// Cost of the turn's priced model calls.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "super::is_default")]
     pub cost: f64,
     /// Tool calls the turn made.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "super::is_default")]
     pub tool_calls: u64,
     /// Milliseconds the turn ran before its last commit (paused time does not count).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "super::is_default")]
     pub active_ms: u64,
     /// Turn budgets raised by approvals in this turn (they win over the session's).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "super::is_default")]
     pub raised: Budget,
     /// The budget approval the turn waits for.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused: Option<BudgetPause>,
     /// A budget whose raise was rejected: the turn ends with a closing message.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub declined: Option<BudgetPause>,
 }
 
@@ -303,11 +303,7 @@ pub(in crate::orchestrator) fn budget_usage(
     rt: &crate::orchestrator::Inner,
     session: &crate::session::Session,
 ) -> BudgetUsage {
-    let state = session
-        .turn_state
-        .clone()
-        .and_then(|v| serde_json::from_value::<super::TurnState>(v).ok())
-        .unwrap_or_default();
+    let state = super::TurnState::stored(session).unwrap_or_default();
     let model = &rt.config.llm.model;
     let priced = rt.prices.get(model).is_some();
     let spent = Spent {

@@ -76,18 +76,18 @@ struct TurnState {
     usage: Usage,
     open_calls: Vec<OpenCall>,
     /// The approved plan this turn carries out, if any.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     plan: Option<plan::PlanRun>,
     /// Loop and ping-pong detection.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     guard: guard::Guard,
     /// Takeovers after its process stopped since the turn last made progress (a model answer or
     /// a tool's result stored); at [`recover::MAX_RESUMES`] the next takeover ends it instead.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     resumes: u32,
     /// Its process handed it over while shutting down: the next owner resumes it with reason
     /// `handed_over`, and that takeover does not count against `resumes`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     handed_over: bool,
     /// The orchestrator has yet to route the turn's user message: stored with the message and
     /// cleared with the routing decision (a switch or a plan), so a turn cut in between is
@@ -95,7 +95,7 @@ struct TurnState {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     route_pending: bool,
     /// Budgets: what the turn spent, raises, and the budget approval it waits for.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     spend: budget::TurnSpend,
     /// The `traceparent` of the turn's first agent span, which a resumed turn's spans link to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -104,6 +104,12 @@ struct TurnState {
     /// `execute_tool` spans are built when they are answered.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     client_offers: Vec<crate::telemetry::ClientOffer>,
+}
+
+/// A turn state's field left out of the stored JSON while it holds its default: every such
+/// field is `#[serde(default)]`, so the state reads back the same (here and in earlier versions).
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 impl TurnState {
@@ -115,11 +121,13 @@ impl TurnState {
     }
 
     fn load(session: &Session) -> Self {
-        session
-            .turn_state
-            .clone()
-            .and_then(|v| serde_json::from_value(v).ok())
-            .unwrap_or_else(TurnState::fresh)
+        TurnState::stored(session).unwrap_or_else(TurnState::fresh)
+    }
+
+    /// The session's stored turn state, if it has one that reads as a turn state; read from the
+    /// session's `Value` in place (not from a copy of it).
+    fn stored(session: &Session) -> Option<Self> {
+        (session.turn_state.as_ref()).and_then(|v| TurnState::deserialize(v).ok())
     }
 
     fn to_value(&self) -> Value {
@@ -137,6 +145,12 @@ enum Next {
     /// the message if the orchestrator had not yet, else check the calls its model asked for that
     /// were not checked yet; then the loop (see `recover::resume_orphan`).
     Resume { reason: &'static str },
+}
+
+/// What a turn's commit stored that its caller may still need: the events, with their seqs.
+/// (The session goes into the turn, not copied.)
+struct Stored {
+    events: Vec<crate::protocol::Event>,
 }
 
 struct Turn {
@@ -272,14 +286,14 @@ impl Turn {
     }
 
     /// Commits under this process's lease, publishes the events, and keeps the session current.
-    async fn commit(&mut self, c: Commit, with_state: bool) -> Result<Committed> {
-        let committed = self.commit_quietly(c, with_state).await?;
-        self.rt.hubs.publish(&self.session.id, &committed.events);
-        Ok(committed)
+    async fn commit(&mut self, c: Commit, with_state: bool) -> Result<Stored> {
+        let stored = self.commit_quietly(c, with_state).await?;
+        self.rt.hubs.publish(&self.session.id, &stored.events);
+        Ok(stored)
     }
 
     /// Commits without publishing (the caller publishes once the session is free again).
-    async fn commit_quietly(&mut self, c: Commit, with_state: bool) -> Result<Committed> {
+    async fn commit_quietly(&mut self, c: Commit, with_state: bool) -> Result<Stored> {
         let mut c = match self.deferred.take() {
             Some(d) => d.then(c),
             None => c,
@@ -297,13 +311,14 @@ impl Turn {
             c.session.turn_state = Some(Some(self.state.to_value()));
         }
         let before = self.session.last_message_seq;
-        let committed = self.rt.storage.commit(&self.session.id, c).await?;
-        self.rt
-            .hubs
-            .recent
-            .extend(before, &committed.session, &committed.messages);
-        self.session = committed.session.clone();
-        Ok(committed)
+        let Committed {
+            messages,
+            events,
+            session,
+        } = self.rt.storage.commit(&self.session.id, c).await?;
+        self.rt.hubs.recent.extend(before, &session, &messages);
+        self.session = session;
+        Ok(Stored { events })
     }
 
     async fn emit(&mut self, payload: EventPayload) -> Result<()> {
@@ -1405,5 +1420,53 @@ fn to_chat(m: &Message) -> ChatMessage {
             })
             .collect(),
         tool_call_id: m.tool_call_id.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> TurnState {
+        TurnState {
+            turn_id: "turn_1".into(),
+            iterations: 2,
+            usage: Usage {
+                prompt_tokens: 10,
+                completion_tokens: 3,
+                cached_prompt_tokens: 0,
+            },
+            spend: budget::TurnSpend {
+                active_ms: 7,
+                ..budget::TurnSpend::default()
+            },
+            ..TurnState::default()
+        }
+    }
+
+    #[test]
+    fn a_turn_state_is_stored_without_the_fields_at_their_defaults() {
+        assert_eq!(
+            state().to_value(),
+            json!({"turn_id": "turn_1", "iterations": 2, "auto_switches": 0,
+                   "usage": {"prompt_tokens": 10, "completion_tokens": 3}, "open_calls": [],
+                   "spend": {"active_ms": 7}})
+        );
+        assert_eq!(
+            TurnState::default().to_value(),
+            json!({"turn_id": "", "iterations": 0, "auto_switches": 0,
+                   "usage": {"prompt_tokens": 0, "completion_tokens": 0}, "open_calls": []})
+        );
+    }
+
+    #[test]
+    fn a_turn_state_reads_back_the_same_whether_its_defaults_were_written_or_left_out() {
+        let written_out = json!({"turn_id": "turn_1", "iterations": 2, "auto_switches": 0,
+            "usage": {"prompt_tokens": 10, "completion_tokens": 3}, "open_calls": [], "plan": null,
+            "guard": {"invalid_in_a_row": 0, "calls": [], "previous_agent": null, "bounces": 0},
+            "resumes": 0, "handed_over": false,
+            "spend": {"cost": 0.0, "tool_calls": 0, "active_ms": 7, "raised": {}, "paused": null, "declined": null}});
+        assert_eq!(TurnState::deserialize(&written_out).unwrap(), state());
+        assert_eq!(TurnState::deserialize(&state().to_value()).unwrap(), state());
     }
 }

@@ -36,9 +36,7 @@ pub(in crate::orchestrator) async fn resume_orphan(
     running: RunningTurn,
 ) -> Result<()> {
     let id = session.id.clone();
-    let state = (session.turn_state.clone())
-        .and_then(|v| serde_json::from_value::<TurnState>(v).ok())
-        .filter(|s| s.handed_over || s.resumes < MAX_RESUMES);
+    let state = TurnState::stored(&session).filter(|s| s.handed_over || s.resumes < MAX_RESUMES);
     let Some(mut state) = state else {
         tracing::warn!(session_id = %id, "a stopped turn cannot be resumed (no state, or resumed {MAX_RESUMES} times without progress); ending it");
         let closed = close_interrupted(rt, &session, false).await;
