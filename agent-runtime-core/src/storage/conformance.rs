@@ -1314,7 +1314,8 @@ pub async fn tool_results_are_found_by_call_id_however_long_the_session(
 fn first_commit(owner: &str, request_id: &str) -> Commit {
     let mut c = at(11);
     c.lease_owner = Some(owner.into());
-    c.messages.push(NewMessage::user("hello", Some("orchestrator".into())));
+    c.messages
+        .push(NewMessage::user("hello", Some("orchestrator".into())));
     c.events.push(token("hi"));
     c.request_id = Some(request_id.into());
     c.session.status = Some(SessionStatus::Running);
@@ -1348,7 +1349,13 @@ pub async fn lease_and_commit_takes_the_lease_and_stores_the_commit_when_the_ses
     let ttl = Duration::from_secs(60);
     create(&*a, "first").await;
     let done = a
-        .lease_and_commit("first", "o1", ttl, &idle_on_orchestrator(), first_commit("o1", "r1"))
+        .lease_and_commit(
+            "first",
+            "o1",
+            ttl,
+            &idle_on_orchestrator(),
+            first_commit("o1", "r1"),
+        )
         .await
         .unwrap();
     let (session, messages, events) = contents(&*b, "first").await;
@@ -1390,7 +1397,13 @@ pub async fn lease_and_commit_refused_or_on_a_missing_session_stores_nothing(
     let created = create(&*a, "held").await;
     assert!(a.acquire_lease("held", "o2", ttl).await.unwrap());
     let refused = b
-        .lease_and_commit("held", "o1", ttl, &idle_on_orchestrator(), first_commit("o1", "r1"))
+        .lease_and_commit(
+            "held",
+            "o1",
+            ttl,
+            &idle_on_orchestrator(),
+            first_commit("o1", "r1"),
+        )
         .await;
     assert_eq!(refused, Ok(Leased::Busy));
     assert_eq!(contents(&*a, "held").await, (created, vec![], vec![]));
@@ -1398,7 +1411,13 @@ pub async fn lease_and_commit_refused_or_on_a_missing_session_stores_nothing(
     assert!(!a.acquire_lease("held", "o1", ttl).await.unwrap());
 
     let missing = b
-        .lease_and_commit("absent", "o1", ttl, &idle_on_orchestrator(), first_commit("o1", "r1"))
+        .lease_and_commit(
+            "absent",
+            "o1",
+            ttl,
+            &idle_on_orchestrator(),
+            first_commit("o1", "r1"),
+        )
         .await;
     assert_eq!(missing, Err(Error::SessionNotFound("absent".into())));
     assert_eq!(

@@ -80,8 +80,7 @@ pub(super) fn quick_start(rt: &Arc<Inner>, sub: &Submission) -> Option<QuickStar
     let agent = &rt.config.default_agent;
     check_fits(rt, agent, content).ok()?;
     // As `user_message` decides it for a message without an agent type on the default agent.
-    let route =
-        rt.config.multi_agent_enabled && rt.config.auto_agent_switching && agent == "orchestrator";
+    let route = rt.config.multi_agent_enabled && rt.config.auto_agent_switching && agent == "orchestrator";
     let mut state = TurnState::fresh();
     state.route_pending = route;
     let commit = Commit {

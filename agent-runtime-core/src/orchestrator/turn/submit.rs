@@ -193,7 +193,14 @@ pub(in crate::orchestrator) async fn submit(
             let (turn, next, first_seq) = quick.started(&rt, committed, running.cancel.clone());
             let subscribed =
                 EventStream::subscribe(rt.storage.clone(), rt.hubs.clone(), session_id, Follow::UntilDone);
-            return Ok(spawn_turn(&rt, session_id, running, turn, next, subscribed.after(first_seq - 1)));
+            return Ok(spawn_turn(
+                &rt,
+                session_id,
+                running,
+                turn,
+                next,
+                subscribed.after(first_seq - 1),
+            ));
         }
         (Leased::Committed(c), None) => c.session,
         (Leased::Taken(session), _) => session,
