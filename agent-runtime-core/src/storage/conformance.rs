@@ -27,7 +27,7 @@ use crate::protocol::{AssistantMessage, Event, EventPayload, Plan, StopReason, S
 use crate::session::{
     AgentSwitch, Message, NewMessage, NewSession, Role, Session, SessionStatus, ToolCall, Usage,
 };
-use crate::storage::{Commit, SessionQuery, SessionUpdate, Storage};
+use crate::storage::{Commit, Committed, Expected, Leased, SessionQuery, SessionUpdate, Storage};
 use crate::time::Timestamp;
 
 /// Expands to one `#[tokio::test]` per conformance case, each calling `$open_pair().await` for two
@@ -59,6 +59,10 @@ macro_rules! storage_conformance_suite {
             tool_results_are_found_by_call_id_however_long_the_session,
             lease_acquire_renew_release,
             lease_session_takes_the_lease_and_returns_the_session_as_stored,
+            lease_and_commit_takes_the_lease_and_stores_the_commit_when_the_session_is_as_expected,
+            lease_and_commit_refused_or_on_a_missing_session_stores_nothing,
+            lease_and_commit_on_an_unexpected_session_takes_the_lease_and_commits_nothing,
+            lease_and_commit_whose_commit_fails_stores_nothing_of_it,
             racing_lease_acquires_have_exactly_one_winner,
             expired_lease_is_taken_over,
             a_dead_owners_lease_is_taken_at_once,
@@ -1303,6 +1307,197 @@ pub async fn tool_results_are_found_by_call_id_however_long_the_session(
         found.push(b.tool_call_answered(session, id).await.unwrap());
     }
     assert_eq!(found, [true, false, false, true, false]);
+}
+
+/// A turn's first commit as `lease_and_commit` takes it: a user message, its request id and the
+/// session running, fenced by `owner`.
+fn first_commit(owner: &str, request_id: &str) -> Commit {
+    let mut c = at(11);
+    c.lease_owner = Some(owner.into());
+    c.messages
+        .push(NewMessage::user("hello", Some("orchestrator".into())));
+    c.events.push(token("hi"));
+    c.request_id = Some(request_id.into());
+    c.session.status = Some(SessionStatus::Running);
+    c
+}
+
+/// An idle session on the orchestrator with no event yet: what a fresh session is.
+fn idle_on_orchestrator() -> Expected {
+    Expected {
+        status: SessionStatus::Idle,
+        current_agent: Some("orchestrator".into()),
+        last_event_seq: Some(0),
+    }
+}
+
+/// What a session holds, read through `s`: the session, its messages and its events.
+async fn contents(s: &dyn Storage, id: &str) -> (Session, Vec<Message>, Vec<Event>) {
+    (
+        s.get_session(id).await.unwrap(),
+        s.messages_after(id, 0, 100).await.unwrap(),
+        s.events_after(id, 0, 100).await.unwrap(),
+    )
+}
+
+/// On a session as expected, `lease_and_commit` takes the lease and stores the commit: it returns
+/// what it stored, the request id is remembered, and the lease is the owner's.
+pub async fn lease_and_commit_takes_the_lease_and_stores_the_commit_when_the_session_is_as_expected(
+    a: Arc<dyn Storage>,
+    b: Arc<dyn Storage>,
+) {
+    let ttl = Duration::from_secs(60);
+    create(&*a, "first").await;
+    let done = a
+        .lease_and_commit(
+            "first",
+            "o1",
+            ttl,
+            &idle_on_orchestrator(),
+            first_commit("o1", "r1"),
+        )
+        .await
+        .unwrap();
+    let (session, messages, events) = contents(&*b, "first").await;
+    assert_eq!(session.status, SessionStatus::Running);
+    assert_eq!((session.last_message_seq, session.last_event_seq), (1, 1));
+    assert_eq!(
+        done,
+        Leased::Committed(Committed {
+            messages,
+            events,
+            session
+        })
+    );
+    assert_eq!(b.find_request("first", "r1").await.unwrap(), Some(1));
+    assert!(!b.acquire_lease("first", "o2", ttl).await.unwrap());
+    // Without an agent or a seq to expect, the status alone is checked.
+    let running = Expected {
+        status: SessionStatus::Running,
+        current_agent: None,
+        last_event_seq: None,
+    };
+    let again = b
+        .lease_and_commit("first", "o1", ttl, &running, first_commit("o1", "r2"))
+        .await
+        .unwrap();
+    let Leased::Committed(again) = again else {
+        panic!("expected a commit, got {again:?}")
+    };
+    assert_eq!(again.events.iter().map(|e| e.seq).collect::<Vec<_>>(), [2]);
+}
+
+/// Another owner's lease refuses it (`Busy`), and a missing session is `SessionNotFound`: either
+/// way nothing is stored, and no session is created.
+pub async fn lease_and_commit_refused_or_on_a_missing_session_stores_nothing(
+    a: Arc<dyn Storage>,
+    b: Arc<dyn Storage>,
+) {
+    let ttl = Duration::from_secs(60);
+    let created = create(&*a, "held").await;
+    assert!(a.acquire_lease("held", "o2", ttl).await.unwrap());
+    let refused = b
+        .lease_and_commit(
+            "held",
+            "o1",
+            ttl,
+            &idle_on_orchestrator(),
+            first_commit("o1", "r1"),
+        )
+        .await;
+    assert_eq!(refused, Ok(Leased::Busy));
+    assert_eq!(contents(&*a, "held").await, (created, vec![], vec![]));
+    assert_eq!(a.find_request("held", "r1").await.unwrap(), None);
+    assert!(!a.acquire_lease("held", "o1", ttl).await.unwrap());
+
+    let missing = b
+        .lease_and_commit(
+            "absent",
+            "o1",
+            ttl,
+            &idle_on_orchestrator(),
+            first_commit("o1", "r1"),
+        )
+        .await;
+    assert_eq!(missing, Err(Error::SessionNotFound("absent".into())));
+    assert_eq!(
+        a.get_session("absent").await,
+        Err(Error::SessionNotFound("absent".into()))
+    );
+}
+
+/// A session not as expected (another status, agent or last event, or a request id that started
+/// a turn already) gives the lease to the caller, commits nothing and returns the session as
+/// stored: the caller goes the long way under its lease.
+pub async fn lease_and_commit_on_an_unexpected_session_takes_the_lease_and_commits_nothing(
+    a: Arc<dyn Storage>,
+    b: Arc<dyn Storage>,
+) {
+    let ttl = Duration::from_secs(60);
+    create(&*a, "other").await;
+    let mut c = at(5);
+    c.events.push(token("x"));
+    c.request_id = Some("used".into());
+    c.session.status = Some(SessionStatus::AwaitingToolResult);
+    let stored = a.commit("other", c).await.unwrap().session;
+    let stored_events = a.events_after("other", 0, 100).await.unwrap();
+    let paused = Expected {
+        status: SessionStatus::AwaitingToolResult,
+        current_agent: Some("orchestrator".into()),
+        last_event_seq: Some(1),
+    };
+    let unmet = [
+        idle_on_orchestrator(),
+        Expected {
+            current_agent: Some("coder".into()),
+            ..paused.clone()
+        },
+        Expected {
+            last_event_seq: Some(0),
+            ..paused.clone()
+        },
+    ];
+    for (i, expected) in unmet.iter().enumerate() {
+        let owner = format!("o{i}");
+        let taken = b
+            .lease_and_commit("other", &owner, ttl, expected, first_commit(&owner, "r1"))
+            .await;
+        assert_eq!(taken, Ok(Leased::Taken(stored.clone())), "{expected:?}");
+        assert_eq!(
+            contents(&*a, "other").await,
+            (stored.clone(), vec![], stored_events.clone())
+        );
+        assert_eq!(a.find_request("other", "r1").await.unwrap(), None);
+        // The lease is the caller's: nobody else takes it; the next case's owner releases it.
+        assert!(!a.acquire_lease("other", "someone", ttl).await.unwrap());
+        a.release_lease("other", &owner).await.unwrap();
+    }
+    // The expectation met, but the request id started a turn already: it is replayed, not rerun.
+    let replayed = b
+        .lease_and_commit("other", "o1", ttl, &paused, first_commit("o1", "used"))
+        .await;
+    assert_eq!(replayed, Ok(Leased::Taken(stored.clone())));
+    assert_eq!(contents(&*a, "other").await, (stored, vec![], stored_events));
+    assert!(!a.acquire_lease("other", "o2", ttl).await.unwrap());
+}
+
+/// A commit that fails once the lease is taken (here a resolution of an approval that does not
+/// exist) returns its error and stores nothing of itself.
+pub async fn lease_and_commit_whose_commit_fails_stores_nothing_of_it(
+    a: Arc<dyn Storage>,
+    b: Arc<dyn Storage>,
+) {
+    let ttl = Duration::from_secs(60);
+    let created = create(&*a, "fails").await;
+    let mut c = first_commit("o1", "r1");
+    c.resolutions
+        .push(resolution("call_missing", ApprovalStatus::Approved, "ok", 12));
+    let failed = b
+        .lease_and_commit("fails", "o1", ttl, &idle_on_orchestrator(), c)
+        .await;
+    assert_eq!(failed, Err(Error::ApprovalNotFound("call_missing".into())));
+    assert_eq!(contents(&*a, "fails").await, (created, vec![], vec![]));
+    assert_eq!(a.find_request("fails", "r1").await.unwrap(), None);
 }
 
 /// Acquire, re-acquire by the owner, refusal for others, renew and release.

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use super::commit::{self, CommitSteps, Head, SessionChange};
 use super::liveness::OwnerRegistry;
 use super::support::{SessionCursor, check_commit, check_page_limit};
-use super::{Commit, Committed, Liveness, SessionPage, SessionQuery, Storage};
+use super::{Commit, Committed, Expected, Leased, Liveness, SessionPage, SessionQuery, Storage};
 use crate::approval::{Approval, ApprovalResolution, ApprovalStatus};
 use crate::error::{Error, Result};
 use crate::protocol::{Event, Plan};
@@ -44,7 +44,7 @@ struct SessionData {
     lease: Option<Lease>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Lease {
     owner: String,
     expires_at: Timestamp,
@@ -72,6 +72,24 @@ impl MemoryStorage {
     }
 
     /// Runs `f` on the session's data, or `SessionNotFound`.
+    /// Takes the session's lease for `owner` if it is free, expired, `owner`'s, or a dead
+    /// owner's (see `Storage::acquire_lease`).
+    fn acquire(&self, d: &mut SessionData, owner: &str, ttl: Duration) -> bool {
+        let now = Timestamp::now();
+        let free = match &d.lease {
+            None => true,
+            Some(l) => l.owner == owner || l.expires_at <= now || self.owners.is_dead(&l.owner),
+        };
+        if free {
+            d.lease = Some(Lease {
+                owner: owner.to_string(),
+                expires_at: now.plus(ttl),
+                cancel_requested: false,
+            });
+        }
+        free
+    }
+
     fn with_session<T>(&self, id: &str, f: impl FnOnce(&mut SessionData) -> Result<T>) -> Result<T> {
         let mut sessions = self.lock();
         let data = sessions
@@ -379,20 +397,32 @@ impl Storage for MemoryStorage {
     }
 
     async fn acquire_lease(&self, session_id: &str, owner: &str, ttl: Duration) -> Result<bool> {
+        self.with_session(session_id, |d| Ok(self.acquire(d, owner, ttl)))
+    }
+
+    async fn lease_and_commit(
+        &self,
+        session_id: &str,
+        owner: &str,
+        ttl: Duration,
+        expected: &Expected,
+        commit: Commit,
+    ) -> Result<Leased> {
+        check_commit(session_id, &commit)?;
         self.with_session(session_id, |d| {
-            let now = Timestamp::now();
-            let free = match &d.lease {
-                None => true,
-                Some(l) => l.owner == owner || l.expires_at <= now || self.owners.is_dead(&l.owner),
-            };
-            if free {
-                d.lease = Some(Lease {
-                    owner: owner.to_string(),
-                    expires_at: now.plus(ttl),
-                    cancel_requested: false,
-                });
+            let before = d.lease.clone();
+            if !self.acquire(d, owner, ttl) {
+                return Ok(Leased::Busy);
             }
-            Ok(free)
+            let s = &d.session;
+            let replayed = (commit.request_id.as_ref()).is_some_and(|r| d.requests.contains_key(r));
+            if replayed || !expected.met(s.status, &s.current_agent, s.last_event_seq) {
+                return Ok(Leased::Taken(d.session.clone()));
+            }
+            // As the SQL backends' transaction: a failed commit leaves the lease as it was.
+            apply_commit(d, session_id, commit)
+                .map(Leased::Committed)
+                .inspect_err(|_| d.lease = before)
         })
     }
 

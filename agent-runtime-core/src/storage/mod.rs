@@ -143,6 +143,39 @@ pub struct Committed {
     pub session: Session,
 }
 
+/// What a turn's first commit was built on, checked by [`Storage::lease_and_commit`] once the
+/// lease is taken: the session's status, and where given its current agent and last event seq.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Expected {
+    /// The session's status.
+    pub status: SessionStatus,
+    /// Its current agent, when the commit depends on it.
+    pub current_agent: Option<String>,
+    /// The seq of its last event, when the commit was built from the session as read before.
+    pub last_event_seq: Option<u64>,
+}
+
+impl Expected {
+    /// Whether a session with this status, agent and last event seq is what was expected.
+    pub fn met(&self, status: SessionStatus, current_agent: &str, last_event_seq: u64) -> bool {
+        status == self.status
+            && self.current_agent.as_deref().is_none_or(|a| a == current_agent)
+            && self.last_event_seq.is_none_or(|seq| seq == last_event_seq)
+    }
+}
+
+/// What [`Storage::lease_and_commit`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Leased {
+    /// Another owner holds the lease: nothing was stored.
+    Busy,
+    /// The lease is taken, but the session was not as expected (or the commit's request id had
+    /// started a turn already), so nothing was committed: the session as stored once taken.
+    Taken(Session),
+    /// The lease is taken and the commit stored, in one transaction.
+    Committed(Committed),
+}
+
 /// Persistence of sessions, messages, events, approvals, switches, plans and leases.
 ///
 /// Every backend passes the conformance suite (`storage::conformance`, feature `test-utils`).
@@ -235,6 +268,36 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         } else {
             Ok(None)
         }
+    }
+
+    /// Takes the lease as [`lease_session`](Storage::lease_session) does and, if the session is
+    /// as `expected` and no turn was started with the commit's `request_id`, applies `commit`
+    /// (fenced by `owner`'s lease) in the same transaction: a turn's start in one round trip.
+    /// `Leased::Busy` if another owner holds the lease, `Leased::Taken` (lease taken, nothing
+    /// committed: the caller goes the long way) if the session is not as expected.
+    /// `SessionNotFound` if absent; a commit that fails stores nothing of the commit (the lease
+    /// may stay taken: the caller releases it).
+    /// Backends that can do it in one transaction override it.
+    async fn lease_and_commit(
+        &self,
+        session_id: &str,
+        owner: &str,
+        ttl: Duration,
+        expected: &Expected,
+        commit: Commit,
+    ) -> Result<Leased> {
+        let Some(session) = self.lease_session(session_id, owner, ttl).await? else {
+            return Ok(Leased::Busy);
+        };
+        if !expected.met(session.status, &session.current_agent, session.last_event_seq) {
+            return Ok(Leased::Taken(session));
+        }
+        if let Some(rid) = &commit.request_id
+            && self.find_request(session_id, rid).await?.is_some()
+        {
+            return Ok(Leased::Taken(session));
+        }
+        self.commit(session_id, commit).await.map(Leased::Committed)
     }
 
     /// Extends `owner`'s lease, expired or not. `Ok(false)` if another owner took it or it was

@@ -15,7 +15,7 @@ use crate::events::BusEventKind;
 use crate::orchestrator::{Inner, Submission};
 use crate::protocol::{ClientMessage, EventPayload, StopReason, ToolError};
 use crate::session::{AgentSwitch, Message, NewMessage, Role, Session, SessionStatus, Usage};
-use crate::storage::{Commit, SessionUpdate};
+use crate::storage::{Commit, Committed, Expected, SessionUpdate};
 use crate::time::Timestamp;
 
 /// The first part of the turn `sub` starts, on `session` as stored once its lease was taken.
@@ -52,6 +52,77 @@ pub(super) async fn start(
     Ok((turn, next, first))
 }
 
+/// A user message's first commit, built before the session is read for the common case: a user
+/// message without an agent to switch to, on a session idle on the default agent. The lease and
+/// this commit are one storage call ([`Storage::lease_and_commit`]); a session not so takes the
+/// lease only, and the message goes the long way ([`start`]).
+///
+/// [`Storage::lease_and_commit`]: crate::storage::Storage::lease_and_commit
+pub(super) struct QuickStart {
+    /// What the commit assumes of the session.
+    pub expected: Expected,
+    /// The turn's first commit: the user message, the session running, the fresh turn state.
+    pub commit: Commit,
+    /// The message to route, when the orchestrator routes it.
+    route: Option<String>,
+}
+
+/// The [`QuickStart`] of `sub`, if it has one. A message too large for the default agent has
+/// none: the long way answers it for the agent the session is really on.
+pub(super) fn quick_start(rt: &Arc<Inner>, sub: &Submission) -> Option<QuickStart> {
+    let ClientMessage::UserMessage {
+        content,
+        agent_type: None,
+    } = &sub.message
+    else {
+        return None;
+    };
+    let agent = &rt.config.default_agent;
+    check_fits(rt, agent, content).ok()?;
+    // As `user_message` decides it for a message without an agent type on the default agent.
+    let route = rt.config.multi_agent_enabled && rt.config.auto_agent_switching && agent == "orchestrator";
+    let mut state = TurnState::fresh();
+    state.route_pending = route;
+    let commit = Commit {
+        at: Some(Timestamp::now()),
+        lease_owner: Some(rt.owner.clone()),
+        messages: vec![NewMessage::user(content.clone(), Some(agent.clone()))],
+        request_id: sub.request_id.clone(),
+        session: SessionUpdate {
+            turn_state: Some(Some(state.to_value())),
+            ..running()
+        },
+        ..Commit::default()
+    };
+    Some(QuickStart {
+        expected: Expected {
+            status: SessionStatus::Idle,
+            current_agent: Some(agent.clone()),
+            last_event_seq: None,
+        },
+        commit,
+        route: route.then(|| content.clone()),
+    })
+}
+
+impl QuickStart {
+    /// The turn whose first commit `lease_and_commit` stored, as [`start`] returns it.
+    pub(super) fn started(
+        self,
+        rt: &Arc<Inner>,
+        committed: Committed,
+        cancel: CancellationToken,
+    ) -> (Turn, Next, u64) {
+        let session = &committed.session;
+        let before = session.last_message_seq - committed.messages.len() as u64;
+        rt.hubs.recent.extend(before, session, &committed.messages);
+        rt.hubs.publish(&session.id, &committed.events);
+        let first = session.last_event_seq - committed.events.len() as u64 + 1;
+        let turn = Turn::new(rt.clone(), committed.session, cancel);
+        (turn, Next::Run { route: self.route }, first)
+    }
+}
+
 fn running() -> SessionUpdate {
     SessionUpdate {
         status: Some(SessionStatus::Running),
@@ -68,7 +139,8 @@ async fn user_message(
     request_id: Option<String>,
 ) -> Result<(Next, u64)> {
     let rt = turn.rt.clone();
-    check_fits(&rt, &turn.session, agent_type.as_deref(), &content)?;
+    let agent = agent_type.as_deref().unwrap_or(&turn.session.current_agent);
+    check_fits(&rt, agent, &content)?;
     let first_seq = turn.session.last_event_seq + 1;
     cancel_paused_turn(turn, request_id).await?;
     turn.state = TurnState::fresh();
@@ -117,7 +189,7 @@ async fn switch_agent(
     let rt = turn.rt.clone();
     let reason = reason.unwrap_or_else(|| "User requested agent switch".into());
     if let Some(text) = &content {
-        check_fits(&rt, &turn.session, Some(&agent_type), text)?;
+        check_fits(&rt, &agent_type, text)?;
     }
     let first = turn.session.last_event_seq + 1;
     let Some(text) = content else {
@@ -229,8 +301,8 @@ async fn cancel_paused_turn(turn: &mut Turn, request_id: Option<String>) -> Resu
 }
 
 /// The newest message alone must fit the window (API.md §9.1: an HTTP error, not an event).
-fn check_fits(rt: &Arc<Inner>, session: &Session, agent_type: Option<&str>, content: &str) -> Result<()> {
-    let Some(agent) = rt.agents.get(agent_type.unwrap_or(&session.current_agent)) else {
+fn check_fits(rt: &Arc<Inner>, agent_type: &str, content: &str) -> Result<()> {
+    let Some(agent) = rt.agents.get(agent_type) else {
         return Ok(());
     };
     let probe = Message {

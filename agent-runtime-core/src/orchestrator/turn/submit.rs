@@ -7,14 +7,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
 
 use super::recover::resume_orphan;
-use super::start::start;
-use super::{CallState, TurnState};
+use super::start::{quick_start, start};
+use super::{CallState, Next, Turn, TurnState};
 use crate::config::TurnRecovery;
 use crate::error::{Error, Result};
 use crate::orchestrator::stream::{EventStream, Follow};
 use crate::orchestrator::{Inner, Submission};
 use crate::protocol::ClientMessage;
 use crate::session::{Session, SessionStatus};
+use crate::storage::{Commit, Expected, Leased};
 
 /// Takes the session for a turn in this process and in storage, and returns it as stored once
 /// taken; `SESSION_BUSY` otherwise.
@@ -22,6 +23,23 @@ pub(super) async fn take_session(
     rt: &Arc<Inner>,
     session_id: &str,
 ) -> Result<(crate::orchestrator::stream::RunningTurn, Session)> {
+    let (running, leased) = take_session_with(rt, session_id, None).await?;
+    match leased {
+        Leased::Taken(session) => Ok((running, session)),
+        Leased::Committed(c) => Ok((running, c.session)),
+        Leased::Busy => Err(Error::SessionBusy(session_id.into())),
+    }
+}
+
+/// [`take_session`], storing `first` with the lease if the session is as it expects
+/// ([`Storage::lease_and_commit`]): `Leased::Taken` or `Leased::Committed`, never `Busy`.
+///
+/// [`Storage::lease_and_commit`]: crate::storage::Storage::lease_and_commit
+async fn take_session_with(
+    rt: &Arc<Inner>,
+    session_id: &str,
+    first: Option<(&Expected, Commit)>,
+) -> Result<(crate::orchestrator::stream::RunningTurn, Leased)> {
     let running = match rt.hubs.start_turn(session_id) {
         Some(r) => r,
         None => {
@@ -47,16 +65,28 @@ pub(super) async fn take_session(
     }
     rt.prove_alive().await;
     rt.watch_cancel_requests().await;
-    match rt
-        .storage
-        .lease_session(session_id, &rt.owner, rt.config.lease_ttl)
-        .await
-    {
-        Ok(Some(session)) => Ok((running, session)),
-        Ok(None) => {
+    let (owner, ttl) = (&rt.owner, rt.config.lease_ttl);
+    let leased = match first {
+        Some((expected, commit)) => {
+            let leased = rt
+                .storage
+                .lease_and_commit(session_id, owner, ttl, expected, commit)
+                .await;
+            if leased.is_err() {
+                // A backend may have kept the lease when the commit failed.
+                let _ = rt.storage.release_lease(session_id, owner).await;
+            }
+            leased
+        }
+        None => (rt.storage.lease_session(session_id, owner, ttl).await)
+            .map(|s| s.map_or(Leased::Busy, Leased::Taken)),
+    };
+    match leased {
+        Ok(Leased::Busy) => {
             rt.hubs.finish_turn(session_id);
             Err(Error::SessionBusy(session_id.into()))
         }
+        Ok(leased) => Ok((running, leased)),
         Err(e) => {
             rt.hubs.finish_turn(session_id);
             Err(e)
@@ -137,7 +167,10 @@ pub(in crate::orchestrator) async fn submit(
     if let (Some(session), ClientMessage::ToolResult { call_id, .. }) = (&stored, &sub.message) {
         check_call_open(session, call_id)?;
     }
-    let (running, session) = match take_session(&rt, session_id).await {
+    // The common user message: its first commit goes with the lease, one storage call.
+    let mut quick = quick_start(&rt, &sub);
+    let first = (quick.as_mut()).map(|q| (&q.expected, std::mem::take(&mut q.commit)));
+    let (running, leased) = match take_session_with(&rt, session_id, first).await {
         Ok(r) => r,
         Err(Error::SessionBusy(id)) => {
             // A duplicate of a submission still starting: wait for its first commit and replay it.
@@ -152,6 +185,26 @@ pub(in crate::orchestrator) async fn submit(
             return Err(Error::SessionBusy(id));
         }
         Err(e) => return Err(e),
+    };
+    let session = match (leased, quick) {
+        (Leased::Committed(committed), Some(quick)) => {
+            // Its commit has no event, and the turn's run commits the next ones: subscribed now,
+            // none is missed.
+            let (turn, next, first_seq) = quick.started(&rt, committed, running.cancel.clone());
+            let subscribed =
+                EventStream::subscribe(rt.storage.clone(), rt.hubs.clone(), session_id, Follow::UntilDone);
+            return Ok(spawn_turn(
+                &rt,
+                session_id,
+                running,
+                turn,
+                next,
+                subscribed.after(first_seq - 1),
+            ));
+        }
+        (Leased::Committed(c), None) => c.session,
+        (Leased::Taken(session), _) => session,
+        (Leased::Busy, _) => return Err(Error::SessionBusy(session_id.into())),
     };
     // Looked up again now that the session is ours: the original may have run and ended
     // between the first look and taking the session.
@@ -176,24 +229,37 @@ pub(in crate::orchestrator) async fn submit(
     let subscribed =
         EventStream::subscribe(rt.storage.clone(), rt.hubs.clone(), session_id, Follow::UntilDone);
     match start(&rt, session, sub, running.cancel.clone()).await {
-        Ok((mut turn, next, first_seq)) => {
-            turn.handover = running.handover.clone();
+        Ok((turn, next, first_seq)) => {
             let stream = subscribed.after(first_seq.saturating_sub(1));
-            keep_lease(
-                rt.clone(),
-                session_id.to_string(),
-                running.cancel.clone(),
-                running.finished.clone(),
-            );
-            let span = info_span!("turn", session_id, turn_id = %turn.state.turn_id);
-            tokio::spawn(turn.run(next).instrument(span));
-            Ok(stream)
+            Ok(spawn_turn(&rt, session_id, running, turn, next, stream))
         }
         Err(e) => {
             give_back(&rt, session_id).await;
             Err(e)
         }
     }
+}
+
+/// Runs the started `turn` in its own task under the lease, which it keeps renewed; `stream` is
+/// the submission's answer.
+fn spawn_turn(
+    rt: &Arc<Inner>,
+    session_id: &str,
+    running: crate::orchestrator::stream::RunningTurn,
+    mut turn: Turn,
+    next: Next,
+    stream: EventStream,
+) -> EventStream {
+    turn.handover = running.handover.clone();
+    keep_lease(
+        rt.clone(),
+        session_id.to_string(),
+        running.cancel.clone(),
+        running.finished.clone(),
+    );
+    let span = info_span!("turn", session_id, turn_id = %turn.state.turn_id);
+    tokio::spawn(turn.run(next).instrument(span));
+    stream
 }
 
 /// The stream replaying the turn a `request_id` already started, if one did.

@@ -33,7 +33,9 @@ use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params, 
 use super::commit::{self, CommitSteps, Head, SessionChange};
 use super::liveness::{LockFileRegistry, OwnerRegistry};
 use super::support::{SessionCursor, check_commit, check_page_limit};
-use super::{Commit, Committed, Liveness, SCHEMA_VERSION, SessionPage, SessionQuery, Storage};
+use super::{
+    Commit, Committed, Expected, Leased, Liveness, SCHEMA_VERSION, SessionPage, SessionQuery, Storage,
+};
 use crate::approval::{Approval, ApprovalResolution, ApprovalStatus, RequestType};
 use crate::budget::Budget;
 use crate::error::{Error, Result};
@@ -1232,6 +1234,62 @@ impl Storage for SqliteStorage {
         self.write(move |c| {
             let taken = acquire(c, &owners, &id, &owner, ttl)?;
             taken.then(|| read_session(c, &id)).transpose()
+        })
+        .await
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, expected, commit), fields(
+        messages = commit.messages.len(), events = commit.events.len()))]
+    async fn lease_and_commit(
+        &self,
+        session_id: &str,
+        owner: &str,
+        ttl: Duration,
+        expected: &Expected,
+        commit: Commit,
+    ) -> Result<Leased> {
+        check_commit(session_id, &commit)?;
+        let (id, owner, owners, expected) = (
+            session_id.to_string(),
+            owner.to_string(),
+            self.inner.owners.clone(),
+            expected.clone(),
+        );
+        // One writer job: a failed commit rolls the job's savepoint back, the lease with it.
+        self.write(move |c| {
+            if !acquire(c, &owners, &id, &owner, ttl)? {
+                return Ok(Leased::Busy);
+            }
+            let (status, agent, last_event_seq) = query_row(
+                c,
+                "SELECT status, current_agent, last_event_seq FROM sessions WHERE id = ?1",
+                [&id],
+                |r| {
+                    let status = parsed(0, r.get(0)?, SessionStatus::parse)?;
+                    Ok((status, r.get::<_, String>(1)?, u64_col(r, 2)?))
+                },
+            )
+            .map_err(db)?;
+            let replayed = match &commit.request_id {
+                Some(rid) => query_row(
+                    c,
+                    "SELECT 1 FROM requests WHERE session_id = ?1 AND request_id = ?2",
+                    params![id, rid],
+                    |_| Ok(()),
+                )
+                .optional()
+                .map_err(db)?
+                .is_some(),
+                None => false,
+            };
+            if replayed || !expected.met(status, &agent, last_event_seq) {
+                return read_session(c, &id).map(Leased::Taken);
+            }
+            let mut steps = SqliteCommit {
+                tx: c,
+                session_id: &id,
+            };
+            commit::run_blocking(&mut steps, &id, commit).map(Leased::Committed)
         })
         .await
     }
