@@ -1288,6 +1288,8 @@ impl Storage for SqliteStorage {
             let mut steps = SqliteCommit {
                 tx: c,
                 session_id: &id,
+                sets_turn_state: commit.session.turn_state.is_some(),
+                session: None,
             };
             commit::run_blocking(&mut steps, &id, commit).map(Leased::Committed)
         })
