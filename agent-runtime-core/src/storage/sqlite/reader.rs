@@ -144,10 +144,7 @@ fn serve(shared: &Shared, path: &Path) {
             // Counted idle until a read claims it (a spurious wake-up leaves it counted twice,
             // which costs at most one needless notification later).
             q.idle += 1;
-            q = shared
-                .ready
-                .wait(q)
-                .unwrap_or_else(PoisonError::into_inner);
+            q = shared.ready.wait(q).unwrap_or_else(PoisonError::into_inner);
         }
     }
 }
