@@ -24,10 +24,11 @@ fn return_freed_memory_promptly() {
     }
 }
 
-/// Threads for blocking work (SQLite reads, file tools) at most. SQLite reads take one of 8
-/// reader slots first, but tokio's default of 512 let the pool grow to some 45 threads under 64
-/// users (a finished read's thread is not idle yet when the next read is handed over), each with
-/// its own allocator heap; more work than this waits for a thread.
+/// Threads for blocking work (file and search tools, start-up) at most; SQLite reads have reader
+/// threads of their own. Tokio's default of 512 let the pool grow to some 45 threads under 64
+/// users when it also served the reads (a finished read's thread was not idle yet when the next
+/// read was handed over), each with its own allocator heap; more work than this waits for a
+/// thread.
 const BLOCKING_THREADS: usize = 16;
 
 fn main() {

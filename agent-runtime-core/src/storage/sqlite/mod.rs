@@ -5,8 +5,8 @@
 //!
 //! rusqlite is blocking, so no call runs on the async executor. Writes go to one writer thread
 //! that owns the write connection and applies queued writes in group commits ([`writer`]); SQLite
-//! allows one writer at a time anyway. Reads are closures handed to `tokio::task::spawn_blocking`
-//! on a small pool of read-only connections, so they run beside the writer under WAL. Other
+//! allows one writer at a time anyway. Reads are closures queued for a few reader threads, each
+//! with its own read-only connection ([`reader`]), so they run beside the writer under WAL. Other
 //! processes or other `SqliteStorage`s on the same file are serialized by SQLite's own lock, with a
 //! 5 s busy timeout. An in-memory database exists only inside its one connection, so there reads
 //! go through the writer thread too.
@@ -20,10 +20,11 @@
 //! (`WHERE status = 'pending'`); a failed one returns an error, and the writer rolls the commit
 //! back to its savepoint.
 
+mod reader;
 mod writer;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -72,10 +73,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
 /// How long a connection waits for another connection's write lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Idle read connections kept open; more are opened under load and closed after use.
-/// Read connections per database file. Reads wait (asynchronously) for a free one rather than
-/// opening more: opening a connection parses the schema, which costs more than a read.
-const READERS: usize = 8;
+/// Reader threads (each with its read connection) per database file. Reads are CPU work on the
+/// OS's page cache, so a few threads keep the cores busy; more reads queue for them (opening a
+/// connection parses the schema, which costs more than a read).
+const READERS: usize = 4;
 
 /// The session row's columns in `session_from_row`'s order (`update_session`'s read-back lists
 /// the same).
@@ -95,10 +96,8 @@ struct Inner {
     /// `None` for an in-memory database.
     path: Option<PathBuf>,
     writer: writer::Writer,
-    /// Idle read-only connections (files only).
-    readers: Mutex<Vec<Connection>>,
-    /// One permit per read connection.
-    read_slots: tokio::sync::Semaphore,
+    /// The reader threads (files only).
+    readers: Option<reader::Readers>,
     /// Which lease owners are alive.
     owners: Arc<Owners>,
 }
@@ -131,11 +130,6 @@ impl std::fmt::Debug for SqliteStorage {
 
 fn db(e: rusqlite::Error) -> Error {
     Error::database(e)
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A read connection behind a poisoned lock is still usable: reads change nothing.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Where a `sqlite:` URL points: `None` for an in-memory database.
@@ -273,13 +267,16 @@ impl SqliteStorage {
             Some(p) => Some(open_checkpointer(p).map_err(cannot_open)?),
             None => None,
         };
+        let readers = match &path {
+            Some(p) => Some(reader::Readers::start(p, READERS)?),
+            None => None,
+        };
         Ok(SqliteStorage {
             inner: Arc::new(Inner {
                 owners: Arc::new(owners),
                 path,
                 writer: writer::Writer::start(conn, checkpoints)?,
-                readers: Mutex::new(Vec::new()),
-                read_slots: tokio::sync::Semaphore::new(READERS),
+                readers,
             }),
         })
     }
@@ -300,28 +297,10 @@ impl SqliteStorage {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        if self.inner.path.is_none() {
-            return self.inner.writer.run(f).await;
+        match &self.inner.readers {
+            Some(readers) => readers.run(f).await,
+            None => self.inner.writer.run(f).await,
         }
-        let inner = Arc::clone(&self.inner);
-        let _slot = self
-            .inner
-            .read_slots
-            .acquire()
-            .await
-            .map_err(|e| Error::Internal(format!("sqlite readers closed: {e}")))?;
-        run_blocking(move || {
-            let idle = lock(&inner.readers).pop();
-            let conn = match (idle, &inner.path) {
-                (Some(c), _) => c,
-                (None, Some(path)) => open_reader(path).map_err(db)?,
-                (None, None) => return Err(Error::Internal("no reader for an in-memory database".into())),
-            };
-            let out = f(&conn);
-            lock(&inner.readers).push(conn);
-            out
-        })
-        .await
     }
 }
 
