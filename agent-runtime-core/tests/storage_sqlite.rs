@@ -165,20 +165,26 @@ fn session_indexes(path: &Path) -> Vec<String> {
     rows.map(Result::unwrap).collect()
 }
 
-#[tokio::test]
-async fn a_version_5_database_is_migrated_with_its_sessions_listed_as_before() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("v5.db");
-    let conn = rusqlite::Connection::open(&path).unwrap();
+/// A new file at `path` with the migrations `schema` applied and recorded, as an older build left it.
+fn file_at_version(path: &std::path::Path, schema: &[&str]) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(path).unwrap();
     conn.execute_batch(
         "CREATE TABLE schema_version (version INTEGER NOT NULL PRIMARY KEY, applied_at INTEGER NOT NULL)",
     )
     .unwrap();
-    for (version, sql) in (1..).zip(SCHEMA_5) {
+    for (version, sql) in (1..).zip(schema) {
         conn.execute_batch(sql).unwrap();
         conn.execute("INSERT INTO schema_version VALUES (?1, 0)", [version])
             .unwrap();
     }
+    conn
+}
+
+#[tokio::test]
+async fn a_version_5_database_is_migrated_with_its_sessions_listed_as_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v5.db");
+    let conn = file_at_version(&path, SCHEMA_5);
     for (id, user, status, at) in [
         ("s1", Some("ann"), "idle", 10),
         ("s2", None, "running", 20),
@@ -318,16 +324,7 @@ async fn a_version_6_database_is_migrated_with_messages_and_events_kept_without_
     drop(store);
 
     let path = dir.path().join("v6.db");
-    let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute_batch(
-        "CREATE TABLE schema_version (version INTEGER NOT NULL PRIMARY KEY, applied_at INTEGER NOT NULL)",
-    )
-    .unwrap();
-    for (version, sql) in (1..).zip(SCHEMA_6) {
-        conn.execute_batch(sql).unwrap();
-        conn.execute("INSERT INTO schema_version VALUES (?1, 0)", [version])
-            .unwrap();
-    }
+    let conn = file_at_version(&path, SCHEMA_6);
     conn.execute("ATTACH DATABASE ?1 AS source", [source.to_str().unwrap()])
         .unwrap();
     conn.execute_batch(

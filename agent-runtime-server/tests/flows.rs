@@ -188,12 +188,7 @@ async fn the_approval_flow_runs_on_postgres() {
     // A fresh schema: the shared one may hold another build's older schema version.
     let guard = pg_testing::fresh_schema().await;
     drop(pg_testing::open_in(&guard).await);
-    let url = format!(
-        "{}&options=-csearch_path%3D{}",
-        guard.tagged_url(),
-        guard.schema()
-    );
-    approval_flow(Some(&url), "edit").await;
+    approval_flow(Some(&guard.server_url()), "edit").await;
     drop(guard);
 }
 

@@ -160,6 +160,12 @@ impl SchemaGuard {
         let sep = if self.url.contains('?') { '&' } else { '?' };
         format!("{}{sep}application_name={}", self.url, self.schema)
     }
+
+    /// [`tagged_url`](Self::tagged_url) with this schema as the `search_path`: a server process
+    /// given it as its `DATABASE_URL` works in this schema (open it once first to create it).
+    pub fn server_url(&self) -> String {
+        format!("{}&options=-csearch_path%3D{}", self.tagged_url(), self.schema)
+    }
 }
 
 pub async fn open_in(guard: &SchemaGuard) -> PostgresStorage {

@@ -29,11 +29,7 @@ pub async fn postgres_url() -> (Arc<SchemaGuard>, String) {
     let guard = pg_testing::fresh_schema().await;
     // Opening it once creates the schema; the server's own `open` then uses the URL's search_path.
     drop(pg_testing::open_in(&guard).await);
-    let url = format!(
-        "{}&options=-csearch_path%3D{}",
-        guard.tagged_url(),
-        guard.schema()
-    );
+    let url = guard.server_url();
     (guard, url)
 }
 
