@@ -2,20 +2,16 @@
 //! and a `: keep-alive` comment whenever the stream has been idle for the keep-alive interval.
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use agent_runtime_core::Event;
 use agent_runtime_core::orchestrator::EventStream;
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, StreamExt};
 use http_body_util::StreamBody;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Frame;
 use hyper::{Response, StatusCode, header};
-use tokio::time::Instant;
 
 use crate::metrics::StreamGuard;
 
@@ -45,62 +41,12 @@ fn encode_into(buf: &mut Vec<u8>, event: &Event) {
     buf.extend_from_slice(b"\n\n");
 }
 
-/// The body of an SSE response: ready events in bursts, a keep-alive comment when idle.
-///
-/// One idle timer per stream, moved forward after each write: moving a registered timer later
-/// only updates its deadline (the timer wheel sees the new one when the old one comes due), where
-/// a timeout per burst registered a timer and removed it again for every burst of tokens.
 struct Sse {
     events: EventStream,
     /// The events ended while a burst was gathered.
     ended: bool,
     keep_alive: Duration,
-    /// Fires when nothing was written for `keep_alive`.
-    idle: Pin<Box<tokio::time::Sleep>>,
     _guard: StreamGuard,
-}
-
-impl Stream for Sse {
-    type Item = Result<Frame<Bytes>, Infallible>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let s = &mut *self;
-        if s.ended {
-            return Poll::Ready(None);
-        }
-        let bytes = match s.events.poll_next_unpin(cx) {
-            Poll::Ready(Some(event)) => {
-                // Events already here (a burst of tokens) go out in one write.
-                let mut buf = Vec::with_capacity(512);
-                encode_into(&mut buf, &event);
-                while buf.len() < BURST_BYTES {
-                    match s.events.poll_next_unpin(cx) {
-                        Poll::Ready(Some(next)) => encode_into(&mut buf, &next),
-                        Poll::Ready(None) => {
-                            // Ended: never poll the stream again.
-                            s.ended = true;
-                            break;
-                        }
-                        Poll::Pending => break,
-                    }
-                }
-                Bytes::from(buf)
-            }
-            Poll::Ready(None) => {
-                s.ended = true;
-                return Poll::Ready(None);
-            }
-            Poll::Pending => {
-                if s.idle.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-                Bytes::from_static(KEEP_ALIVE)
-            }
-        };
-        let next = Instant::now() + s.keep_alive;
-        s.idle.as_mut().reset(next);
-        Poll::Ready(Some(Ok(Frame::data(bytes))))
-    }
 }
 
 /// A `200 text/event-stream` response streaming `events`. The guard counts the stream as active
@@ -110,13 +56,40 @@ pub fn response(
     keep_alive: Duration,
     guard: StreamGuard,
 ) -> Response<UnsyncBoxBody<Bytes, Infallible>> {
-    let frames = Sse {
+    let state = Sse {
         events,
         ended: false,
         keep_alive,
-        idle: Box::pin(tokio::time::sleep(keep_alive)),
         _guard: guard,
     };
+    let frames = futures::stream::unfold(state, |mut s| async move {
+        if s.ended {
+            return None;
+        }
+        // Dropping `next()` on a timeout loses nothing: the pending read lives in the stream.
+        let bytes = match tokio::time::timeout(s.keep_alive, s.events.next()).await {
+            Ok(Some(event)) => {
+                // Events already here (a burst of tokens) go out in one write.
+                let mut buf = Vec::with_capacity(512);
+                encode_into(&mut buf, &event);
+                while buf.len() < BURST_BYTES {
+                    match s.events.next().now_or_never() {
+                        Some(Some(next)) => encode_into(&mut buf, &next),
+                        Some(None) => {
+                            // Ended: never poll the stream again.
+                            s.ended = true;
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                Bytes::from(buf)
+            }
+            Ok(None) => return None,
+            Err(_) => Bytes::from_static(KEEP_ALIVE),
+        };
+        Some((Ok::<_, Infallible>(Frame::data(bytes)), s))
+    });
     let mut response = Response::new(UnsyncBoxBody::new(StreamBody::new(frames)));
     *response.status_mut() = StatusCode::OK;
     let h = response.headers_mut();
