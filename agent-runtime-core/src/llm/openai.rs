@@ -15,6 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue};
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -150,6 +151,9 @@ pub struct OpenAiBackend {
     base: String,
     /// Parsed once: a `&str` would be parsed again on every model call.
     chat_url: reqwest::Url,
+    /// `Authorization: Bearer <LLM_API_KEY>`, built once (and marked sensitive) rather than
+    /// formatted and validated again on every model call.
+    auth: Option<HeaderValue>,
     models_url: String,
     breaker: Breaker,
     /// Set once the server ignored `stream_options.include_usage` (llama-cpp-python does).
@@ -200,8 +204,23 @@ impl OpenAiBackend {
         let chat_url = format!("{base}/v1/chat/completions");
         let chat_url = reqwest::Url::parse(&chat_url)
             .map_err(|e| Error::InvalidRequest(format!("invalid URL '{chat_url}': {e}")))?;
+        let auth = match &config.api_key {
+            None => None,
+            Some(key) => {
+                let mut value = HeaderValue::try_from(format!("Bearer {key}")).map_err(|_| {
+                    Error::InvalidRequest(
+                        "LLM_API_KEY: holds a character an HTTP header cannot carry \
+                         (a line break or another control character)"
+                            .into(),
+                    )
+                })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+        };
         Ok(OpenAiBackend {
             chat_url,
+            auth,
             models_url: format!("{base}/v1/models"),
             base,
             breaker: Breaker::new(config.breaker_threshold, config.breaker_cooldown),
@@ -227,17 +246,21 @@ impl OpenAiBackend {
                 secs(self.config.first_byte_timeout)
             ))
         };
-        let mut request = (self.client.post(self.chat_url.clone()))
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body.clone());
-        if let Some(key) = &self.config.api_key {
-            request = request.bearer_auth(key);
+        // Built by hand rather than through a `RequestBuilder`: the headers are ready-made values.
+        let mut request = reqwest::Request::new(reqwest::Method::POST, self.chat_url.clone());
+        let headers = request.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(auth) = &self.auth {
+            headers.insert(AUTHORIZATION, auth.clone());
         }
         // The model call's span (when telemetry is on) continues on the model server.
-        if let Some(tp) = crate::telemetry::outgoing_traceparent() {
-            request = request.header("traceparent", tp);
+        if let Some(tp) =
+            crate::telemetry::outgoing_traceparent().and_then(|tp| HeaderValue::try_from(tp).ok())
+        {
+            headers.insert(HeaderName::from_static("traceparent"), tp);
         }
-        let response = match tokio::time::timeout_at(deadline, request.send()).await {
+        *request.body_mut() = Some(body.clone().into());
+        let response = match tokio::time::timeout_at(deadline, self.client.execute(request)).await {
             Err(_) => return Err(AttemptError::down(first_byte(), false)),
             Ok(Err(e)) => {
                 let what = if e.is_connect() {
@@ -500,8 +523,8 @@ impl OpenAiBackend {
     /// `GET url` with the API key, within `limit` in all.
     async fn get(&self, url: &str, limit: Duration) -> reqwest::Result<reqwest::Response> {
         let mut request = self.client.get(url).timeout(limit);
-        if let Some(key) = &self.config.api_key {
-            request = request.bearer_auth(key);
+        if let Some(auth) = &self.auth {
+            request = request.header(AUTHORIZATION, auth.clone());
         }
         request.send().await
     }
@@ -678,6 +701,21 @@ mod tests {
             "{err}"
         );
         assert!(!format!("{config:?}").contains("sk-1"));
+    }
+
+    #[test]
+    fn an_api_key_no_header_can_carry_is_refused_when_the_backend_is_built() {
+        let err = OpenAiBackend::new(OpenAiConfig {
+            api_key: Some("sk-1\nX-Injected: yes".into()),
+            ..OpenAiConfig::default()
+        })
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "LLM_API_KEY: holds a character an HTTP header cannot carry \
+             (a line break or another control character)"
+        );
+        assert!(!err.to_string().contains("sk-1"));
     }
 
     #[test]

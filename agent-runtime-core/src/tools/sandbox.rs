@@ -28,8 +28,18 @@ use super::{ToolFailure, no_nul};
 /// How many symlinks one path may go through before it is refused (the kernel's `MAXSYMLINKS`).
 const MAX_SYMLINK_HOPS: usize = 40;
 
-/// The canonical (real, absolute) project root.
+/// The project root of a context that checks a call's arguments without looking at any file: a
+/// call the client runs (in its own sandbox, on its own files) is checked here for the shape of
+/// its arguments only. [`project_root`] takes it as it is, and [`resolve_in`] resolves paths under
+/// it lexically (`..` pops, nothing is a symlink), so an async worker makes no system call for it.
+/// The NUL byte keeps it from ever naming a real directory.
+pub const SHAPE_ONLY_ROOT: &str = "/\0shape-only";
+
+/// The canonical (real, absolute) project root; [`SHAPE_ONLY_ROOT`] as it is.
 pub fn project_root(root: &Path) -> Result<PathBuf, ToolFailure> {
+    if root == Path::new(SHAPE_ONLY_ROOT) {
+        return Ok(root.to_path_buf());
+    }
     root.canonicalize().map_err(|e| {
         ToolFailure::Failed(format!(
             "the project root '{}' cannot be used: {e}",
@@ -45,12 +55,13 @@ pub fn resolve(root: &Path, path: &str) -> Result<PathBuf, ToolFailure> {
     resolve_in(&root, path)
 }
 
-/// [`resolve`] with an already canonical root.
+/// [`resolve`] with an already canonical root (or [`SHAPE_ONLY_ROOT`]: no file is looked at).
 pub(crate) fn resolve_in(root: &Path, path: &str) -> Result<PathBuf, ToolFailure> {
     if path.is_empty() {
         return Err(ToolFailure::Invalid("`path` must not be empty".into()));
     }
     no_nul("path", path)?;
+    let look = root != Path::new(SHAPE_ONLY_ROOT);
 
     enum Part {
         Parent,
@@ -79,8 +90,8 @@ pub(crate) fn resolve_in(root: &Path, path: &str) -> Result<PathBuf, ToolFailure
             }
             Part::Name(name) => {
                 let next = current.join(&name);
-                match std::fs::symlink_metadata(&next) {
-                    Ok(meta) if meta.file_type().is_symlink() => {
+                match look.then(|| std::fs::symlink_metadata(&next)) {
+                    Some(Ok(meta)) if meta.file_type().is_symlink() => {
                         hops += 1;
                         if hops > MAX_SYMLINK_HOPS {
                             return Err(ToolFailure::Failed(format!(
@@ -164,6 +175,29 @@ mod tests {
         let root = base.join("proj");
         let abs = root.join("src/main.rs");
         assert_eq!(resolve(&root, abs.to_str().unwrap()), Ok(abs.clone()));
+    }
+
+    #[test]
+    fn the_shape_only_root_checks_paths_lexically_without_any_file() {
+        let root = project_root(Path::new(SHAPE_ONLY_ROOT)).unwrap();
+        assert_eq!(root, PathBuf::from(SHAPE_ONLY_ROOT));
+        assert_eq!(resolve_in(&root, "a/./b/../c.rs"), Ok(root.join("a/c.rs")));
+        assert_eq!(
+            resolve_in(&root, "../x"),
+            Err(ToolFailure::Invalid(
+                "path '../x' resolves outside the project".into()
+            ))
+        );
+        assert_eq!(
+            resolve_in(&root, ""),
+            Err(ToolFailure::Invalid("`path` must not be empty".into()))
+        );
+        assert_eq!(
+            resolve_for_write(&root, ".git/config"),
+            Err(ToolFailure::Invalid(
+                "path '.git/config' is inside a .git directory, which tools may not modify".into()
+            ))
+        );
     }
 
     #[test]

@@ -701,10 +701,11 @@ impl Turn {
             .map_err(ToolFailure::Invalid)?;
         match self.tool_context() {
             Some(ctx) => tool.check(&ctx, arguments),
-            // Client execution: the client's sandbox; only the argument shape is ours to check.
+            // Client execution: the client's sandbox; only the argument shape is ours to check,
+            // and none of this machine's files has a say in it.
             None if self.mode() == ToolExecution::Client => {
                 let ctx = ToolContext {
-                    project_root: std::env::temp_dir(),
+                    project_root: std::path::PathBuf::from(crate::tools::sandbox::SHAPE_ONLY_ROOT),
                     command_timeout: self.rt.config.command_timeout,
                     max_output_bytes: self.rt.config.max_tool_output_bytes,
                     cancel: CancellationToken::new(),
