@@ -1376,16 +1376,28 @@ impl Storage for SqliteStorage {
                 params![SessionStatus::Running.as_str()],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )?;
-            Ok(running
-                .into_iter()
+            // Every running session of a process has the same owner: its lock file is looked at
+            // once per pass, not once per session (an `openat`, `flock` and `close` each).
+            let mut dead: Vec<(String, bool)> = Vec::new();
+            let mut is_dead = |o: &str| match dead.iter().find(|(known, _)| *known == o) {
+                Some((_, d)) => *d,
+                None => {
+                    let d = owners.is_dead(o);
+                    dead.push((o.to_string(), d));
+                    d
+                }
+            };
+            let orphaned: Vec<String> = running
+                .iter()
                 .filter(|(_, owner, expires)| match (owner, expires) {
-                    (Some(o), Some(e)) => *e <= now || owners.is_dead(o),
-                    (Some(o), None) => owners.is_dead(o),
+                    (Some(o), Some(e)) => *e <= now || is_dead(o),
+                    (Some(o), None) => is_dead(o),
                     (None, _) => true,
                 })
-                .map(|(id, _, _)| id)
+                .map(|(id, _, _)| id.clone())
                 .take(limit)
-                .collect())
+                .collect();
+            Ok(orphaned)
         })
         .await
     }
