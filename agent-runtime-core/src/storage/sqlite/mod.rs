@@ -21,7 +21,6 @@
 //! runs the batch's other writes again alone: `writer`'s doc).
 
 mod reader;
-mod vfs;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -175,18 +174,6 @@ fn configure(conn: &Connection, file: bool) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// The writer's connection: through the VFS that writes a WAL frame in one call (`vfs`), or the
-/// default VFS if that cannot be registered.
-fn open_writer(path: &Path) -> rusqlite::Result<Connection> {
-    match vfs::register() {
-        Ok(name) => Connection::open_with_flags_and_vfs(path, rusqlite::OpenFlags::default(), name),
-        Err(e) => {
-            tracing::warn!(error = %e, "writing WAL frames through the default VFS");
-            Connection::open(path)
-        }
-    }
-}
-
 fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
@@ -265,7 +252,7 @@ impl SqliteStorage {
             None => db(e),
         };
         let mut conn = match &path {
-            Some(p) => open_writer(p),
+            Some(p) => Connection::open(p),
             None => Connection::open_in_memory(),
         }
         .map_err(cannot_open)?;
