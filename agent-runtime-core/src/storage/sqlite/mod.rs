@@ -16,9 +16,9 @@
 //! A commit runs the shared commit steps (`storage::commit`): it reads the session's seq counters,
 //! inserts its rows with the next seqs, bumps the counters and updates the session, all inside the
 //! writer's `BEGIN IMMEDIATE` transaction (which takes the write lock first, so two writers never
-//! read the same counter) and its own savepoint. Resolutions are compare-and-set updates
-//! (`WHERE status = 'pending'`); a failed one returns an error, and the writer rolls the commit
-//! back to its savepoint.
+//! read the same counter). Resolutions are compare-and-set updates (`WHERE status = 'pending'`);
+//! a failed one returns an error, and the writer undoes the commit (it rolls the batch back and
+//! runs the batch's other writes again alone: `writer`'s doc).
 
 mod reader;
 mod writer;
@@ -282,11 +282,11 @@ impl SqliteStorage {
     }
 
     /// Runs `f` on the writer thread, inside a transaction; its result comes back once that
-    /// transaction is committed.
+    /// transaction is committed. `f` may run more than once (`writer::Writer::run`).
     async fn write<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Clone + Send + 'static,
     {
         self.inner.writer.run(f).await
     }
@@ -295,7 +295,7 @@ impl SqliteStorage {
     async fn read<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Clone + Send + 'static,
     {
         match &self.inner.readers {
             Some(readers) => readers.run(f).await,
@@ -511,8 +511,8 @@ fn sql_seq(seq: u64) -> i64 {
     i64::try_from(seq).unwrap_or(i64::MAX)
 }
 
-/// One commit's steps on the writer's connection, inside its transaction (an error rolls the
-/// commit back to the writer's savepoint). `BEGIN IMMEDIATE` has taken the write lock already.
+/// One commit's steps on the writer's connection, inside its transaction (an error after a row
+/// was written makes the writer undo the commit, see `writer`). `BEGIN IMMEDIATE` has taken the write lock already.
 ///
 /// The head is the whole session row: the commit's `UPDATE` changes it as
 /// [`SessionChange::apply_to`] does, so the session it returns is the head with the change applied,
@@ -1234,7 +1234,7 @@ impl Storage for SqliteStorage {
             self.inner.owners.clone(),
             expected.clone(),
         );
-        // One writer job: a failed commit rolls the job's savepoint back, the lease with it.
+        // One writer job: a failed commit changes nothing, the lease included.
         self.write(move |c| {
             if !acquire(c, &owners, &id, &owner, ttl)? {
                 return Ok(Leased::Busy);
@@ -1376,16 +1376,28 @@ impl Storage for SqliteStorage {
                 params![SessionStatus::Running.as_str()],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )?;
-            Ok(running
-                .into_iter()
+            // Every running session of a process has the same owner: its lock file is looked at
+            // once per pass, not once per session (an `openat`, `flock` and `close` each).
+            let mut dead: Vec<(String, bool)> = Vec::new();
+            let mut is_dead = |o: &str| match dead.iter().find(|(known, _)| *known == o) {
+                Some((_, d)) => *d,
+                None => {
+                    let d = owners.is_dead(o);
+                    dead.push((o.to_string(), d));
+                    d
+                }
+            };
+            let orphaned: Vec<String> = running
+                .iter()
                 .filter(|(_, owner, expires)| match (owner, expires) {
-                    (Some(o), Some(e)) => *e <= now || owners.is_dead(o),
-                    (Some(o), None) => owners.is_dead(o),
+                    (Some(o), Some(e)) => *e <= now || is_dead(o),
+                    (Some(o), None) => is_dead(o),
                     (None, _) => true,
                 })
-                .map(|(id, _, _)| id)
+                .map(|(id, _, _)| id.clone())
                 .take(limit)
-                .collect())
+                .collect();
+            Ok(orphaned)
         })
         .await
     }

@@ -3,12 +3,24 @@
 //!
 //! Every write (a turn's commit, a lease change, creating or deleting a session) is a closure sent
 //! to this thread. The thread takes whatever is queued (up to [`MAX_BATCH`]) and applies it in one
-//! `BEGIN IMMEDIATE` transaction, each write inside its own savepoint: a write that fails is rolled
-//! back to its savepoint and answers its error, the others are kept. Callers hear back only after
-//! the batch's `COMMIT`, so nothing is reported stored before it is. Under load this turns many
-//! small transactions into a few larger ones (WAL frames and the commit itself are paid once per
-//! batch) and replaces a thread hand-off plus a contended mutex per write with one queue. With a
-//! single write queued, the batch is that write's own transaction, as before.
+//! `BEGIN IMMEDIATE` transaction. Callers hear back only after the batch's `COMMIT`, so nothing is
+//! reported stored before it is. Under load this turns many small transactions into a few larger
+//! ones (WAL frames and the commit itself are paid once per batch) and replaces a thread hand-off
+//! plus a contended mutex per write with one queue. With a single write queued, the batch is that
+//! write's own transaction.
+//!
+//! A write of a batch runs without a savepoint of its own: a savepoint makes SQLite copy every
+//! page the write changes into a statement journal in case it is rolled back, and past 64 KiB
+//! that journal is a temporary file, written with system calls on every batch
+//! (docs/PERFORMANCE.md, step 43). Instead a write that fails is judged by what it did: one that wrote nothing
+//! (the expected failures: a head or lease mismatch, a session not found or already there, all
+//! found before a row is touched; SQLite's total change count tells) is answered its error and the
+//! batch goes on. One that fails after writing (a constraint, a panic, an I/O error that ended
+//! the transaction) makes the whole batch roll back, and every write of it that had not failed
+//! already is run again, alone, in a transaction of its own: one failing write still never fails
+//! or half-applies another. That is why a write must be `Clone` (a batch of more than one runs a
+//! copy and keeps the original for such a replay) and must not act outside the database in a way
+//! that running it twice would break.
 //!
 //! WAL checkpoints run on a thread of their own ([`Checkpointer`]), not inside a commit: SQLite's
 //! automatic checkpoint runs in the commit that crosses its threshold and fsyncs the WAL and the
@@ -36,10 +48,24 @@ const CHECKPOINT_EVERY: u32 = 64;
 /// The checkpointer looks at the WAL at least this often, nudged or not.
 const CHECKPOINT_IDLE: Duration = Duration::from_secs(1);
 
+/// How a write ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ran {
+    /// It succeeded: its changes are to be kept.
+    Done,
+    /// It answered an error.
+    Failed,
+    /// It panicked (what it did before is unknown).
+    Panicked,
+}
+
 /// One queued write and where its answer goes.
 trait Pending: Send {
-    /// Runs the write; `true` if it succeeded (its changes are to be kept).
-    fn run(&mut self, conn: &Connection) -> bool;
+    /// Runs the write (again, if it ran before: its earlier result is dropped first). With `keep`
+    /// it runs a copy and keeps the write for a replay.
+    fn run(&mut self, conn: &Connection, keep: bool) -> Ran;
+    /// Whether it ran and failed (its answer is final: a replay leaves it out).
+    fn failed(&self) -> bool;
     /// Answers the caller: the write's own result, or `batch`'s error if the batch was not
     /// committed.
     fn answer(self: Box<Self>, batch: Result<()>);
@@ -54,17 +80,32 @@ struct Task<T, F> {
 impl<T, F> Pending for Task<T, F>
 where
     T: Send,
-    F: FnOnce(&Connection) -> Result<T> + Send,
+    F: FnOnce(&Connection) -> Result<T> + Clone + Send,
 {
-    fn run(&mut self, conn: &Connection) -> bool {
-        let out = match self.work.take() {
-            Some(work) => catch_unwind(AssertUnwindSafe(|| work(conn)))
-                .unwrap_or_else(|_| Err(Error::Internal("a sqlite write panicked".into()))),
-            None => Err(Error::Internal("a sqlite write ran twice".into())),
+    fn run(&mut self, conn: &Connection, keep: bool) -> Ran {
+        // An earlier run's result (rolled back with its batch) goes before the write runs again.
+        self.out = None;
+        let work = if keep { self.work.clone() } else { self.work.take() };
+        let (out, ran) = match work {
+            Some(work) => match catch_unwind(AssertUnwindSafe(|| work(conn))) {
+                Ok(Ok(v)) => (Ok(v), Ran::Done),
+                Ok(Err(e)) => (Err(e), Ran::Failed),
+                Err(_) => (
+                    Err(Error::Internal("a sqlite write panicked".into())),
+                    Ran::Panicked,
+                ),
+            },
+            None => (
+                Err(Error::Internal("a sqlite write ran twice".into())),
+                Ran::Failed,
+            ),
         };
-        let ok = out.is_ok();
         self.out = Some(out);
-        ok
+        ran
+    }
+
+    fn failed(&self) -> bool {
+        matches!(self.out, Some(Err(_)))
     }
 
     fn answer(self: Box<Self>, batch: Result<()>) {
@@ -135,11 +176,13 @@ impl Writer {
 
     /// Queues `work` for the write connection (now, not when the future is first polled); it runs
     /// inside a transaction, and the future gives its result once that transaction is committed
-    /// (or its error: a failed write changes nothing).
+    /// (or its error: a failed write changes nothing). It may run more than once (a copy first,
+    /// rolled back with its batch; see the module's doc): it must act on nothing but the
+    /// connection, or only in ways it may repeat.
     pub(super) fn run<T, F>(&self, work: F) -> impl Future<Output = Result<T>> + Send + 'static
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Clone + Send + 'static,
     {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let task: Box<dyn Pending> = Box::new(Task {
@@ -219,36 +262,63 @@ impl Drop for Checkpointer {
     }
 }
 
-/// Applies one batch in one transaction (savepoints only when there is more than one write).
+/// Applies one batch in one transaction, without savepoints (see the module's doc).
 fn apply(conn: &Connection, mut batch: Vec<Box<dyn Pending>>) {
     if let Err(e) = run(conn, "BEGIN IMMEDIATE") {
         return answer_all(batch, Err(e));
     }
     if let [single] = batch.as_mut_slice() {
-        if !single.run(conn) {
-            let _ = run(conn, "ROLLBACK");
+        if single.run(conn, false) != Ran::Done {
+            rollback(conn);
             // The write's own error is what its caller hears.
             return answer_all(batch, Ok(()));
         }
-    } else if let Err(e) = batch.iter_mut().try_for_each(|job| in_savepoint(conn, job)) {
-        let _ = run(conn, "ROLLBACK");
-        return answer_all(batch, Err(e));
+    } else {
+        for job in batch.iter_mut() {
+            let before = conn.total_changes();
+            let ran = job.run(conn, true);
+            // SQLite ends the transaction itself on some errors (I/O, disk full): then whatever
+            // the batch wrote is gone, as after a write that failed having written.
+            let clean = match ran {
+                Ran::Done => !conn.is_autocommit(),
+                Ran::Failed => !conn.is_autocommit() && conn.total_changes() == before,
+                Ran::Panicked => false,
+            };
+            if !clean {
+                rollback(conn);
+                return replay(conn, batch);
+            }
+        }
     }
     let committed = run(conn, "COMMIT");
     if committed.is_err() {
-        let _ = run(conn, "ROLLBACK");
+        rollback(conn);
     }
     answer_all(batch, committed);
 }
 
-/// Runs one write of a batch in its own savepoint, rolled back to if the write fails. `Err` only
-/// when the savepoint statements themselves fail (the whole batch is then rolled back).
-fn in_savepoint(conn: &Connection, job: &mut Box<dyn Pending>) -> Result<()> {
-    run(conn, "SAVEPOINT write")?;
-    if !job.run(conn) {
-        run(conn, "ROLLBACK TO write")?;
+/// After a write of the batch failed having written, and the batch was rolled back: each write
+/// that had not failed runs again alone, in its own transaction; those that failed are answered
+/// their error (what they wrote went with the rollback).
+fn replay(conn: &Connection, batch: Vec<Box<dyn Pending>>) {
+    tracing::debug!(
+        writes = batch.len(),
+        "a write failed after writing: its batch runs again, one write at a time"
+    );
+    for job in batch {
+        if job.failed() {
+            job.answer(Ok(()));
+        } else {
+            apply(conn, vec![job]);
+        }
     }
-    run(conn, "RELEASE write")
+}
+
+/// Ends the open transaction, if SQLite has not ended it already.
+fn rollback(conn: &Connection) {
+    if !conn.is_autocommit() {
+        let _ = run(conn, "ROLLBACK");
+    }
 }
 
 /// Runs one transaction-control statement, kept prepared (parsing it costs more than running it).
@@ -289,8 +359,9 @@ mod tests {
         })
     }
 
-    /// Writes queued behind a slow one share a batch; a failing or panicking write is rolled back
-    /// alone (to its savepoint) and answers its own error; the others are kept and answered.
+    /// Writes queued behind a slow one share a batch; a write that fails or panics after writing
+    /// changes nothing and answers its own error; the others are kept (replayed each alone, see
+    /// the module's doc) and answered.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_write_in_a_batch_changes_nothing_and_spares_the_others() {
         let (w, _dir) = writer();
@@ -337,6 +408,113 @@ mod tests {
             .filter(|k| *k != 13)
             .collect();
         assert_eq!(keys(&w).await.unwrap(), expected);
+    }
+
+    /// Holds the writer thread for `ms` so that what is queued meanwhile forms one batch.
+    fn hold(w: &Arc<Writer>, ms: u64) -> tokio::task::JoinHandle<Result<()>> {
+        let w = w.clone();
+        tokio::spawn(async move {
+            w.run(move |_| {
+                std::thread::sleep(Duration::from_millis(ms));
+                Ok(())
+            })
+            .await
+        })
+    }
+
+    /// A write that fails before writing anything (a refused lease, a missing session) costs the
+    /// others of its batch nothing: each runs once, in the one transaction.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_refused_before_writing_leaves_its_batch_to_commit_as_is() {
+        let (w, _dir) = writer();
+        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let held = hold(&w, 150);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let write = |k: i64| {
+            let runs = runs.clone();
+            w.run(move |c| {
+                runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if k == 2 {
+                    // Looks first, finds what it needs missing, writes nothing.
+                    let found: i64 = c
+                        .query_row("SELECT count(*) FROM t WHERE k = 99", [], |r| r.get(0))
+                        .map_err(db)?;
+                    return Err(Error::SessionNotFound(format!("{k}: {found} rows")));
+                }
+                c.execute("INSERT INTO t VALUES (?1, 'x')", [k]).map_err(db)
+            })
+        };
+        let (a, b, c) = tokio::join!(write(1), write(2), write(3));
+        held.await.unwrap().unwrap();
+        assert_eq!(
+            (a, b, c),
+            (Ok(1), Err(Error::SessionNotFound("2: 0 rows".into())), Ok(1))
+        );
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 3);
+        assert_eq!(keys(&w).await.unwrap(), vec![1, 3]);
+    }
+
+    /// A write that fails after writing rolls its batch back; the writes that had succeeded before
+    /// it and those queued after it run again (or for the first time) each alone, and land once;
+    /// the failed one is answered its error and leaves nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_failing_after_writing_makes_its_batch_replay_one_write_at_a_time() {
+        let (w, _dir) = writer();
+        let runs: Arc<Vec<std::sync::atomic::AtomicUsize>> =
+            Arc::new((0..4).map(|_| std::sync::atomic::AtomicUsize::new(0)).collect());
+        let held = hold(&w, 150);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let write = |k: i64| {
+            let runs = runs.clone();
+            w.run(move |c| {
+                runs[k as usize].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                c.execute("INSERT INTO t VALUES (?1, 'x')", [k]).map_err(db)?;
+                if k == 1 {
+                    // A second row that collides with the first: a constraint error after a write.
+                    c.execute("INSERT INTO t VALUES (?1, 'again')", [k]).map_err(db)?;
+                }
+                Ok(k)
+            })
+        };
+        let (a, b, c, d) = tokio::join!(write(0), write(1), write(2), write(3));
+        held.await.unwrap().unwrap();
+        assert_eq!((&a, &c, &d), (&Ok(0), &Ok(2), &Ok(3)));
+        // Not the batch's error: the write's own (the primary key's constraint).
+        let Err(Error::Database(why)) = &b else {
+            panic!("expected the write's constraint error, got {b:?}")
+        };
+        assert!(why.contains("UNIQUE"), "{why}");
+        let runs: Vec<usize> = runs
+            .iter()
+            .map(|r| r.load(std::sync::atomic::Ordering::SeqCst))
+            .collect();
+        // 0 ran in the batch, then alone; 1 failed in the batch and was not run again; 2 and 3
+        // had not run when the batch rolled back, and ran alone.
+        assert_eq!(runs, vec![2, 1, 1, 1]);
+        assert_eq!(keys(&w).await.unwrap(), vec![0, 2, 3]);
+    }
+
+    /// A write that fails before writing, in a batch another write's failure replays, keeps its
+    /// own answer and is not run again; a panic after writing is replayed around the same way.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replayed_batch_answers_each_write_as_if_it_had_run_alone() {
+        let (w, _dir) = writer();
+        let held = hold(&w, 150);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let refused = w.run(|_| Err::<(), _>(Error::SessionBusy("taken".into())));
+        let kept = w.run(|c| c.execute("INSERT INTO t VALUES (7, 'kept')", []).map_err(db));
+        let panicked = w.run(|c| -> Result<usize> {
+            c.execute("INSERT INTO t VALUES (8, 'gone')", []).map_err(db)?;
+            panic!("after writing")
+        });
+        let after = w.run(|c| c.execute("INSERT INTO t VALUES (9, 'after')", []).map_err(db));
+        let (refused, kept, panicked, after) = tokio::join!(refused, kept, panicked, after);
+        held.await.unwrap().unwrap();
+        assert_eq!(refused, Err(Error::SessionBusy("taken".into())));
+        assert_eq!(kept, Ok(1));
+        assert_eq!(panicked, Err(Error::Internal("a sqlite write panicked".into())));
+        assert_eq!(after, Ok(1));
+        assert_eq!(keys(&w).await.unwrap(), vec![7, 9]);
     }
 
     /// A write that violates a constraint mid-batch is its own error, not the batch's.
