@@ -63,6 +63,7 @@ macro_rules! storage_conformance_suite {
             lease_and_commit_refused_or_on_a_missing_session_stores_nothing,
             lease_and_commit_on_an_unexpected_session_takes_the_lease_and_commits_nothing,
             lease_and_commit_whose_commit_fails_stores_nothing_of_it,
+            lease_and_commit_takes_an_expired_or_dead_owners_lease,
             racing_lease_acquires_have_exactly_one_winner,
             expired_lease_is_taken_over,
             a_dead_owners_lease_is_taken_at_once,
@@ -1601,6 +1602,63 @@ pub async fn expired_lease_is_taken_over(a: Arc<dyn Storage>, b: Arc<dyn Storage
     c.lease_owner = Some("o2".into());
     c.events.push(token("fresh"));
     assert_eq!(a.commit("expiring", c).await.unwrap().events[0].seq, 2);
+}
+
+/// `lease_and_commit` takes a lease as `acquire_lease` does: a live owner's unexpired lease is
+/// `Busy` (nothing stored); an expired one, or a dead owner's at once, is taken and the commit
+/// stored under it.
+pub async fn lease_and_commit_takes_an_expired_or_dead_owners_lease(
+    a: Arc<dyn Storage>,
+    b: Arc<dyn Storage>,
+) {
+    let long = Duration::from_secs(600);
+    let alive = a.hold_liveness("o1").await.unwrap();
+    let _other = b.hold_liveness("o2").await.unwrap();
+    create(&*a, "dead").await;
+    create(&*a, "expired").await;
+    assert!(a.acquire_lease("dead", "o1", long).await.unwrap());
+    assert!(
+        a.acquire_lease("expired", "o3", Duration::from_millis(50))
+            .await
+            .unwrap()
+    );
+    let first = |id: &'static str| {
+        let b = b.clone();
+        async move {
+            b.lease_and_commit(id, "o2", long, &idle_on_orchestrator(), first_commit("o2", "r1"))
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(first("dead").await, Leased::Busy);
+    assert_eq!(contents(&*a, "dead").await.2, vec![]);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stored = |leased: Leased| match leased {
+        Leased::Committed(c) => (c.session.status, c.events),
+        other => panic!("not committed: {other:?}"),
+    };
+    let hi = vec![Event {
+        seq: 1,
+        payload: token("hi"),
+    }];
+    assert_eq!(
+        stored(first("expired").await),
+        (SessionStatus::Running, hi.clone())
+    );
+    drop(alive);
+    // Postgres learns of the closed connection asynchronously: allow it a moment.
+    let mut leased = Leased::Busy;
+    for _ in 0..100 {
+        leased = first("dead").await;
+        if leased != Leased::Busy {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stored(leased), (SessionStatus::Running, hi.clone()));
+    assert!(!a.renew_lease("dead", "o1", long).await.unwrap());
+    assert!(b.renew_lease("dead", "o2", long).await.unwrap());
+    assert_eq!(contents(&*a, "dead").await.2, hi);
 }
 
 /// A live owner's lease waits for expiry; once the owner's [`Liveness`](super::Liveness) is gone

@@ -176,6 +176,31 @@ pub enum Leased {
     Committed(Committed),
 }
 
+/// [`Storage::lease_and_commit`] in two steps, as the trait's default does it: the lease
+/// ([`Storage::lease_session`]), then the commit if the session is as expected. For backends
+/// that do it in one step for some commits only.
+pub(crate) async fn lease_then_commit<S: Storage + ?Sized>(
+    store: &S,
+    session_id: &str,
+    owner: &str,
+    ttl: Duration,
+    expected: &Expected,
+    commit: Commit,
+) -> Result<Leased> {
+    let Some(session) = store.lease_session(session_id, owner, ttl).await? else {
+        return Ok(Leased::Busy);
+    };
+    if !expected.met(session.status, &session.current_agent, session.last_event_seq) {
+        return Ok(Leased::Taken(session));
+    }
+    if let Some(rid) = &commit.request_id
+        && store.find_request(session_id, rid).await?.is_some()
+    {
+        return Ok(Leased::Taken(session));
+    }
+    store.commit(session_id, commit).await.map(Leased::Committed)
+}
+
 /// Persistence of sessions, messages, events, approvals, switches, plans and leases.
 ///
 /// Every backend passes the conformance suite (`storage::conformance`, feature `test-utils`).
@@ -286,18 +311,7 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         expected: &Expected,
         commit: Commit,
     ) -> Result<Leased> {
-        let Some(session) = self.lease_session(session_id, owner, ttl).await? else {
-            return Ok(Leased::Busy);
-        };
-        if !expected.met(session.status, &session.current_agent, session.last_event_seq) {
-            return Ok(Leased::Taken(session));
-        }
-        if let Some(rid) = &commit.request_id
-            && self.find_request(session_id, rid).await?.is_some()
-        {
-            return Ok(Leased::Taken(session));
-        }
-        self.commit(session_id, commit).await.map(Leased::Committed)
+        lease_then_commit(self, session_id, owner, ttl, expected, commit).await
     }
 
     /// Extends `owner`'s lease, expired or not. `Ok(false)` if another owner took it or it was

@@ -27,8 +27,8 @@ use tracing::instrument;
 use super::commit::{self, CommitSteps, Head, SessionChange};
 use super::support::{SessionCursor, check_commit, check_page_limit};
 use super::{
-    Commit, CommitNotice, CommitNotices, Committed, Liveness, SCHEMA_VERSION, SessionPage, SessionQuery,
-    Storage, redact_url,
+    Commit, CommitNotice, CommitNotices, Committed, Expected, Leased, Liveness, SCHEMA_VERSION, SessionPage,
+    SessionQuery, Storage, redact_url,
 };
 use crate::approval::{Approval, ApprovalResolution, ApprovalStatus, RequestType};
 use crate::budget::Budget;
@@ -824,24 +824,35 @@ impl CommitSteps for PgCommit<'_, '_> {
     }
 }
 
+/// The `SET` list applying a [`SessionChange`] to the session row but its lease (`$13`, given
+/// up or not): `$2` to `$12` and `$14` to `$17`, bound by [`bind_change`].
+macro_rules! apply_counts {
+    () => {
+        "last_message_seq = last_message_seq + $2,
+         last_event_seq = last_event_seq + $3,
+         message_count = message_count + $4,
+         switch_count = switch_count + $5,
+         prompt_tokens = prompt_tokens + $6,
+         completion_tokens = completion_tokens + $7,
+         last_activity = $8,
+         status = COALESCE($9, status),
+         current_agent = COALESCE($10, current_agent),
+         turn_state = CASE WHEN $11 THEN $12 ELSE turn_state END,
+         cost = cost + $14,
+         cached_prompt_tokens = cached_prompt_tokens + $15,
+         budget = CASE WHEN $16 THEN $17 ELSE budget END"
+    };
+}
+
 /// The `SET` list applying a [`SessionChange`] to the session row: `$1` is the session's id,
 /// `$2` to `$17` the change, bound by [`bind_change`].
-const APPLY_CHANGE: &str = "last_message_seq = last_message_seq + $2,
-     last_event_seq = last_event_seq + $3,
-     message_count = message_count + $4,
-     switch_count = switch_count + $5,
-     prompt_tokens = prompt_tokens + $6,
-     completion_tokens = completion_tokens + $7,
-     last_activity = $8,
-     status = COALESCE($9, status),
-     current_agent = COALESCE($10, current_agent),
-     turn_state = CASE WHEN $11 THEN $12 ELSE turn_state END,
+const APPLY_CHANGE: &str = concat!(
+    apply_counts!(),
+    ",
      lease_owner = CASE WHEN $13 THEN NULL ELSE lease_owner END,
      lease_expires_at = CASE WHEN $13 THEN NULL ELSE lease_expires_at END,
-     cancel_requested_at = CASE WHEN $13 THEN NULL ELSE cancel_requested_at END,
-     cost = cost + $14,
-     cached_prompt_tokens = cached_prompt_tokens + $15,
-     budget = CASE WHEN $16 THEN $17 ELSE budget END";
+     cancel_requested_at = CASE WHEN $13 THEN NULL ELSE cancel_requested_at END"
+);
 
 /// Binds `$2` to `$17` of [`APPLY_CHANGE`] (the query has bound `$1`, the session's id).
 fn bind_change<'q>(query: PgQuery<'q>, change: &'q SessionChange) -> Result<PgQuery<'q>> {
@@ -883,7 +894,21 @@ static APPEND_COMMIT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| 
              FROM sessions WHERE id = $1 FOR NO KEY UPDATE
          ), ok AS (
              SELECT * FROM head WHERE $18::TEXT IS NULL OR lease_owner = $18
-         ), m AS (
+         ), {APPEND_ROWS}, s AS (
+             UPDATE sessions SET {APPLY_CHANGE}
+             WHERE id = $1 AND EXISTS (SELECT 1 FROM ok)
+             RETURNING {SESSION_COLUMNS}
+         )
+         SELECT head.last_message_seq AS head_message_seq, head.last_event_seq AS head_event_seq,
+             head.lease_owner AS head_lease_owner, s.*
+         FROM head LEFT JOIN s ON TRUE"
+    )
+});
+
+/// The rows of an appending commit, as data-modifying CTEs reading `ok` (the locked head, only
+/// if the commit may write): its messages (`$19`–`$23`), events (`$24`–`$25`) and request id
+/// (`$26`), numbered from `ok`'s seqs and stamped `$8`.
+const APPEND_ROWS: &str = "m AS (
              INSERT INTO messages (session_id, seq, role, content, agent, tool_calls,
                  tool_call_id, created_at)
              SELECT ok.id, ok.last_message_seq + t.n, t.role, t.content, t.agent, t.tool_calls,
@@ -898,47 +923,95 @@ static APPEND_COMMIT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| 
              INSERT INTO requests (session_id, request_id, event_seq)
              SELECT ok.id, $26, ok.last_event_seq + 1 FROM ok WHERE $26::TEXT IS NOT NULL
              ON CONFLICT (session_id, request_id) DO NOTHING
-         ), s AS (
-             UPDATE sessions SET {APPLY_CHANGE}
+         )";
+
+/// [`Storage::lease_and_commit`] for an appending commit fenced by the owner taking the lease, as
+/// one statement: [`APPEND_COMMIT`]'s rows and session change, with the lease taken as
+/// `take_lease` takes it. `head` locks the row and judges whether `$18` may take the lease
+/// (`free`); `ok` is that head only if it is free, the session is as expected (`$28` its status,
+/// `$29` its agent, `$30` its last event seq, each where given) and no turn was started with the
+/// request id `$26`. Postgres updates a row at most once per statement, so the session is
+/// updated by one of two exclusive `UPDATE`s: `s` takes the lease (for `$27` ms) and applies the
+/// change, `t` (free but not as expected) only takes the lease. The one row returned is the head
+/// as locked, whether it was free, whether the commit was stored, and the session as written
+/// (NULL columns if nothing was); no row: no session.
+static LEASE_AND_APPEND: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    const TAKE: &str = "lease_owner = $18,
+             lease_expires_at = clock_timestamp() + $27 * INTERVAL '1 millisecond',
+             cancel_requested_at = NULL";
+    format!(
+        "WITH head AS (
+             SELECT id, last_message_seq, last_event_seq, lease_owner, status, current_agent,
+                 CASE WHEN lease_owner IS NULL OR lease_owner = $18
+                           OR lease_expires_at IS NULL OR lease_expires_at <= clock_timestamp()
+                      THEN TRUE
+                      ELSE {LEASE_OWNER_DEAD} END AS free
+             FROM sessions WHERE id = $1 FOR NO KEY UPDATE
+         ), ok AS (
+             SELECT * FROM head
+             WHERE free AND status = $28
+               AND ($29::TEXT IS NULL OR current_agent = $29)
+               AND ($30::BIGINT IS NULL OR last_event_seq = $30)
+               AND NOT EXISTS (SELECT 1 FROM requests q WHERE q.session_id = $1 AND q.request_id = $26)
+         ), {APPEND_ROWS}, s AS (
+             UPDATE sessions SET {counts}, {TAKE}
              WHERE id = $1 AND EXISTS (SELECT 1 FROM ok)
              RETURNING {SESSION_COLUMNS}
+         ), t AS (
+             UPDATE sessions SET {TAKE}
+             WHERE id = $1 AND EXISTS (SELECT 1 FROM head WHERE free) AND NOT EXISTS (SELECT 1 FROM ok)
+             RETURNING {SESSION_COLUMNS}
+         ), written AS (
+             SELECT * FROM s UNION ALL SELECT * FROM t
          )
          SELECT head.last_message_seq AS head_message_seq, head.last_event_seq AS head_event_seq,
-             head.lease_owner AS head_lease_owner, s.*
-         FROM head LEFT JOIN s ON TRUE"
+             head.free, EXISTS (SELECT 1 FROM s) AS committed, written.*
+         FROM head LEFT JOIN written ON TRUE",
+        counts = apply_counts!()
     )
 });
+
+/// An appending commit's statement ([`APPEND_COMMIT`] or [`LEASE_AND_APPEND`]) with `$1` to
+/// `$26` bound: the session's id, the change, `fence` (`$18`) and the rows.
+fn bind_append<'q>(
+    sql: &'q str,
+    session_id: &'q str,
+    commit: &'q commit::Appending,
+    fence: Option<&'q str>,
+) -> Result<PgQuery<'q>> {
+    let mut columns = MessageColumns::default();
+    for m in &commit.messages {
+        columns.push(
+            m.role,
+            &m.content,
+            m.agent.as_deref(),
+            &m.tool_calls,
+            m.tool_call_id.as_deref(),
+        )?;
+    }
+    let mut kinds = Vec::with_capacity(commit.events.len());
+    let mut payloads = Vec::with_capacity(commit.events.len());
+    for e in &commit.events {
+        kinds.push(e.kind());
+        payloads.push(to_json_text(e)?);
+    }
+    let query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(session_id);
+    Ok(bind_change(query, &commit.change)?
+        .bind(fence)
+        .bind(columns.roles)
+        .bind(columns.contents)
+        .bind(columns.agents)
+        .bind(columns.tool_calls)
+        .bind(columns.tool_call_ids)
+        .bind(kinds)
+        .bind(payloads)
+        .bind(commit.request_id.as_deref()))
+}
 
 impl PostgresStorage {
     /// Stores an appending commit in one round trip ([`APPEND_COMMIT`]).
     async fn append(&self, session_id: &str, commit: commit::Appending) -> Result<Committed> {
-        let mut columns = MessageColumns::default();
-        for m in &commit.messages {
-            columns.push(
-                m.role,
-                &m.content,
-                m.agent.as_deref(),
-                &m.tool_calls,
-                m.tool_call_id.as_deref(),
-            )?;
-        }
-        let mut kinds = Vec::with_capacity(commit.events.len());
-        let mut payloads = Vec::with_capacity(commit.events.len());
-        for e in &commit.events {
-            kinds.push(e.kind());
-            payloads.push(to_json_text(e)?);
-        }
-        let query = sqlx::query(sqlx::AssertSqlSafe(APPEND_COMMIT.as_str())).bind(session_id);
-        let row = bind_change(query, &commit.change)?
-            .bind(commit.lease_owner.as_deref())
-            .bind(columns.roles)
-            .bind(columns.contents)
-            .bind(columns.agents)
-            .bind(columns.tool_calls)
-            .bind(columns.tool_call_ids)
-            .bind(kinds)
-            .bind(payloads)
-            .bind(commit.request_id.as_deref())
+        let row = bind_append(&APPEND_COMMIT, session_id, &commit, commit.lease_owner.as_deref())?
             .fetch_optional(&self.pool)
             .await
             .map_err(Error::database)?;
@@ -1284,6 +1357,62 @@ impl Storage for PostgresStorage {
             .await?
             .map(|row| session_from_row(&row))
             .transpose()
+    }
+
+    /// One statement ([`LEASE_AND_APPEND`]) for an appending commit fenced by `owner` that keeps
+    /// the lease; any other commit goes the trait's way (the lease, then the commit).
+    #[instrument(skip(self, expected, commit), fields(
+        messages = commit.messages.len(), events = commit.events.len()))]
+    async fn lease_and_commit(
+        &self,
+        session_id: &str,
+        owner: &str,
+        ttl: Duration,
+        expected: &Expected,
+        commit: Commit,
+    ) -> Result<Leased> {
+        check_commit(session_id, &commit)?;
+        if commit.lease_owner.as_deref() != Some(owner) || commit.release_lease {
+            return super::lease_then_commit(self, session_id, owner, ttl, expected, commit).await;
+        }
+        let notice = (!commit.events.is_empty()).then(|| format!("{owner} {session_id}"));
+        let appending = match commit::Appending::of(commit) {
+            Ok(a) => a,
+            Err(commit) => {
+                return super::lease_then_commit(self, session_id, owner, ttl, expected, *commit).await;
+            }
+        };
+        let last_event_seq = (expected.last_event_seq)
+            .map(|s| to_i64(s, "last_event_seq"))
+            .transpose()?;
+        let row = bind_append(&LEASE_AND_APPEND, session_id, &appending, Some(owner))?
+            .bind(lease_ttl_millis(ttl))
+            .bind(expected.status.as_str())
+            .bind(expected.current_agent.as_deref())
+            .bind(last_event_seq)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(Error::database)?
+            .ok_or_else(|| Error::SessionNotFound(session_id.to_string()))?;
+        if !get::<bool>(&row, "free")? {
+            return Ok(Leased::Busy);
+        }
+        let session = session_from_row(&row)?;
+        if !get::<bool>(&row, "committed")? {
+            return Ok(Leased::Taken(session));
+        }
+        // The head as the commit's fence judges it: the lease is `owner`'s now.
+        let head = Head {
+            last_message_seq: to_u64(get(&row, "head_message_seq")?, "last_message_seq")?,
+            last_event_seq: to_u64(get(&row, "head_event_seq")?, "last_event_seq")?,
+            lease_owner: Some(owner.to_string()),
+        };
+        let committed = appending.finish(session_id, Some(head), Some(session))?;
+        if let Some(payload) = notice {
+            // To listeners (other processes' followers), now that it is committed.
+            let _ = self.notices.send(payload);
+        }
+        Ok(Leased::Committed(committed))
     }
 
     #[instrument(skip(self))]

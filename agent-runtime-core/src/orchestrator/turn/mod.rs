@@ -33,7 +33,7 @@ use crate::llm::{ChatMessage, ChatRequest, ChatRole, ChatToolCall, ToolChoice};
 use crate::protocol::{AssistantMessage, EventPayload, StopReason, ToolError};
 use crate::session::{AgentSwitch, Message, NewMessage, Role, Session, SessionStatus, ToolCall, Usage};
 use crate::storage::{Commit, Committed, SessionUpdate};
-use crate::telemetry::{CallKind, ChatSpan, TurnTrace};
+use crate::telemetry::{CallKind, ChatSpan, ClientOffer, TurnTrace};
 use crate::time::Timestamp;
 use crate::tools::{ToolContext, ToolFailure};
 pub(super) use budget::budget_usage;
@@ -145,6 +145,15 @@ enum Next {
     /// the message if the orchestrator had not yet, else check the calls its model asked for that
     /// were not checked yet; then the loop (see `recover::resume_orphan`).
     Resume { reason: &'static str },
+}
+
+/// The `execute_tool` span of a call the client ran, recorded once its answer is stored.
+struct ClientToolSpan {
+    offer: ClientOffer,
+    tool_name: String,
+    arguments: Value,
+    /// The result (content capture only) or the error code.
+    result: std::result::Result<Option<Value>, String>,
 }
 
 /// What a turn's commit stored that its caller may still need: the events, with their seqs.
@@ -294,6 +303,14 @@ impl Turn {
 
     /// Commits without publishing (the caller publishes once the session is free again).
     async fn commit_quietly(&mut self, c: Commit, with_state: bool) -> Result<Stored> {
+        let c = self.prepare(c, with_state);
+        let committed = self.rt.storage.commit(&self.session.id, c).await?;
+        Ok(self.stored(committed))
+    }
+
+    /// `c` as this turn commits it: after what was deferred, stamped now, under this process's
+    /// lease, with the usage and cost not yet stored and (`with_state`) the turn state.
+    fn prepare(&mut self, c: Commit, with_state: bool) -> Commit {
         let mut c = match self.deferred.take() {
             Some(d) => d.then(c),
             None => c,
@@ -310,15 +327,21 @@ impl Turn {
         if with_state {
             c.session.turn_state = Some(Some(self.state.to_value()));
         }
-        let before = self.session.last_message_seq;
+        c
+    }
+
+    /// Takes in what a commit of this turn stored: the session as it is now, its messages in
+    /// the recent-messages cache.
+    fn stored(&mut self, committed: Committed) -> Stored {
         let Committed {
             messages,
             events,
             session,
-        } = self.rt.storage.commit(&self.session.id, c).await?;
+        } = committed;
+        let before = session.last_message_seq - messages.len() as u64;
         self.rt.hubs.recent.extend(before, &session, &messages);
         self.session = session;
-        Ok(Stored { events })
+        Stored { events }
     }
 
     async fn emit(&mut self, payload: EventPayload) -> Result<()> {
@@ -727,19 +750,39 @@ impl Turn {
         outcome: std::result::Result<Value, ToolError>,
         extra: Commit,
     ) -> Result<()> {
-        let Some(pos) = self.state.open_calls.iter().position(|c| c.call_id == call_id) else {
+        let Some((c, span)) = self.close_call(call_id, outcome, extra) else {
             return Ok(());
         };
+        self.commit(c, true).await?;
+        self.trace_client_tool(span);
+        Ok(())
+    }
+
+    /// Closes one open call in the turn state and returns the commit storing its result (its
+    /// message and event) after `extra`, not yet made; with the span of a call the client ran,
+    /// to record once it is stored. `None` if the call is not open.
+    fn close_call(
+        &mut self,
+        call_id: &str,
+        outcome: std::result::Result<Value, ToolError>,
+        extra: Commit,
+    ) -> Option<(Commit, Option<ClientToolSpan>)> {
+        let pos = self.state.open_calls.iter().position(|c| c.call_id == call_id)?;
         let call = self.state.open_calls.remove(pos);
         let offered = (self.state.client_offers.iter().position(|o| o.call_id == call_id))
             .map(|i| self.state.client_offers.remove(i));
         // A call the client ran gets its span once the answer is stored (content only on opt-in).
-        let traced = offered.zip(self.trace.as_ref()).map(|(o, t)| {
-            let r = match &outcome {
+        let span = offered.zip(self.trace.as_ref()).map(|(offer, t)| {
+            let result = match &outcome {
                 Ok(v) => Ok(t.captures_content().then(|| v.clone())),
                 Err(e) => Err(e.code.clone()),
             };
-            (o, r)
+            ClientToolSpan {
+                offer,
+                tool_name: call.tool_name.clone(),
+                arguments: call.arguments.clone(),
+                result,
+            }
         });
         let max = self.rt.config.max_tool_output_bytes;
         let (content, result, error) = match outcome {
@@ -762,17 +805,20 @@ impl Turn {
         c.messages
             .push(NewMessage::tool(&call.call_id, content, Some(self.agent())));
         c.events.push(EventPayload::ToolResult {
-            call_id: call.call_id.clone(),
-            tool_name: call.tool_name.clone(),
+            call_id: call.call_id,
+            tool_name: call.tool_name,
             result,
             error,
         });
-        self.commit(c, true).await?;
-        if let (Some((offer, r)), Some(t)) = (traced, &self.trace) {
-            let r = r.as_ref().map(Option::as_ref).map_err(String::as_str);
-            t.client_tool(&offer, &call.tool_name, &call.arguments, r);
+        Some((c, span))
+    }
+
+    /// Records the span of a call the client ran, once its answer is stored.
+    fn trace_client_tool(&self, span: Option<ClientToolSpan>) {
+        if let (Some(s), Some(t)) = (span, &self.trace) {
+            let r = s.result.as_ref().map(Option::as_ref).map_err(String::as_str);
+            t.client_tool(&s.offer, &s.tool_name, &s.arguments, r);
         }
-        Ok(())
     }
 
     /// Answers a call refused before it runs (API.md §9.2).

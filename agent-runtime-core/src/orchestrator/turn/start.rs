@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::recover::close_interrupted;
-use super::{CallState, Next, Turn, TurnState, decide};
+use super::{CallState, ClientToolSpan, Next, Stored, Turn, TurnState, decide};
 use crate::approval::{ApprovalResolution, ApprovalStatus};
 use crate::context::build_window;
 use crate::error::Result;
@@ -52,24 +52,35 @@ pub(super) async fn start(
     Ok((turn, next, first))
 }
 
-/// A user message's first commit, built before the session is read for the common case: a user
-/// message without an agent to switch to, on a session idle on the default agent. The lease and
-/// this commit are one storage call ([`Storage::lease_and_commit`]); a session not so takes the
-/// lease only, and the message goes the long way ([`start`]).
+/// A turn's first commit, built before the lease is taken: for a user message without an agent
+/// to switch to, on a session idle on the default agent, before the session is read; for a tool
+/// result, from the session as read before the lease (to check the call). The lease and this
+/// commit are one storage call ([`Storage::lease_and_commit`]); a session not as the commit
+/// expects takes the lease only, and the message goes the long way ([`start`]).
 ///
 /// [`Storage::lease_and_commit`]: crate::storage::Storage::lease_and_commit
 pub(super) struct QuickStart {
     /// What the commit assumes of the session.
     pub expected: Expected,
-    /// The turn's first commit: the user message, the session running, the fresh turn state.
+    /// The turn's first commit: the user message, the session running, the fresh turn state; or
+    /// the tool result closing its call, the session running.
     pub commit: Commit,
     /// The message to route, when the orchestrator routes it.
     route: Option<String>,
+    /// A tool result's turn, built on the session read before the lease (its state without the
+    /// answered call), and the span of the call the client ran, recorded once the answer is
+    /// stored.
+    answered: Option<(Box<Turn>, Option<ClientToolSpan>)>,
 }
 
-/// The [`QuickStart`] of `sub`, if it has one. A message too large for the default agent has
-/// none: the long way answers it for the agent the session is really on.
-pub(super) fn quick_start(rt: &Arc<Inner>, sub: &Submission) -> Option<QuickStart> {
+/// The [`QuickStart`] of `sub`, if it has one; `stored` is the session as read before the lease,
+/// when the submission is a tool result (checked: its call is open). A user message too large
+/// for the default agent has none: the long way answers it for the agent the session is really
+/// on.
+pub(super) fn quick_start(rt: &Arc<Inner>, sub: &Submission, stored: Option<Session>) -> Option<QuickStart> {
+    if let Some(session) = stored {
+        return quick_tool_result(rt, sub, session);
+    }
     let ClientMessage::UserMessage {
         content,
         agent_type: None,
@@ -102,6 +113,43 @@ pub(super) fn quick_start(rt: &Arc<Inner>, sub: &Submission) -> Option<QuickStar
         },
         commit,
         route: route.then(|| content.clone()),
+        answered: None,
+    })
+}
+
+/// A tool result's [`QuickStart`]: its first commit made as [`tool_result`] makes it, on the
+/// session as read before the lease; `lease_and_commit` stores it only if the session's status,
+/// agent and last event are still the ones read.
+fn quick_tool_result(rt: &Arc<Inner>, sub: &Submission, session: Session) -> Option<QuickStart> {
+    let ClientMessage::ToolResult {
+        call_id,
+        result,
+        error,
+    } = &sub.message
+    else {
+        return None;
+    };
+    let expected = Expected {
+        status: session.status,
+        current_agent: Some(session.current_agent.clone()),
+        last_event_seq: Some(session.last_event_seq),
+    };
+    // The turn's cancel token is the running turn's, given once the session is taken.
+    let mut turn = Turn::new(rt.clone(), session, CancellationToken::new());
+    let (extra, outcome) = tool_result_commit(
+        &mut turn,
+        call_id,
+        result.clone(),
+        error.clone(),
+        sub.request_id.clone(),
+    );
+    let (c, span) = turn.close_call(call_id, outcome, extra)?;
+    let commit = turn.prepare(c, true);
+    Some(QuickStart {
+        expected,
+        commit,
+        route: None,
+        answered: Some((Box::new(turn), span)),
     })
 }
 
@@ -114,12 +162,21 @@ impl QuickStart {
         cancel: CancellationToken,
     ) -> (Turn, Next, u64) {
         let session = &committed.session;
+        let first = session.last_event_seq - committed.events.len() as u64 + 1;
+        let next = Next::Run { route: self.route };
+        if let Some((turn, span)) = self.answered {
+            let mut turn = *turn;
+            turn.cancel = cancel;
+            let Stored { events } = turn.stored(committed);
+            rt.hubs.publish(turn.id(), &events);
+            turn.trace_client_tool(span);
+            return (turn, next, first);
+        }
         let before = session.last_message_seq - committed.messages.len() as u64;
         rt.hubs.recent.extend(before, session, &committed.messages);
         rt.hubs.publish(&session.id, &committed.events);
-        let first = session.last_event_seq - committed.events.len() as u64 + 1;
         let turn = Turn::new(rt.clone(), committed.session, cancel);
-        (turn, Next::Run { route: self.route }, first)
+        (turn, next, first)
     }
 }
 
@@ -236,6 +293,21 @@ async fn tool_result(
     error: Option<String>,
     request_id: Option<String>,
 ) -> Result<(Next, u64)> {
+    let before_seq = turn.session.last_event_seq;
+    let (extra, outcome) = tool_result_commit(turn, &call_id, result, error, request_id);
+    turn.finish_call(&call_id, outcome, extra).await?;
+    Ok((Next::Run { route: None }, before_seq + 1))
+}
+
+/// What a tool result stores before its call's answer (the session running; for a call awaiting
+/// approval, its verdict), and the answer; the turn counts it as progress.
+fn tool_result_commit(
+    turn: &mut Turn,
+    call_id: &str,
+    result: Option<Value>,
+    error: Option<String>,
+    request_id: Option<String>,
+) -> (Commit, std::result::Result<Value, ToolError>) {
     let pending = turn
         .state
         .open_calls
@@ -254,14 +326,14 @@ async fn tool_result(
             (ApprovalStatus::Approved, "approve")
         };
         extra.resolutions.push(ApprovalResolution {
-            call_id: call_id.clone(),
+            call_id: call_id.to_string(),
             status,
             feedback: error.clone(),
             modified_arguments: None,
             decided_at: Timestamp::now(),
         });
         extra.events.push(EventPayload::ApprovalResolved {
-            call_id: call_id.clone(),
+            call_id: call_id.to_string(),
             decision: verb.into(),
         });
     }
@@ -272,11 +344,9 @@ async fn tool_result(
         }),
         None => Ok(result.unwrap_or(Value::Null)),
     };
-    let before_seq = turn.session.last_event_seq;
     // A stored tool result is progress, as a tool the runtime ran is: takeovers count from zero.
     turn.state.resumes = 0;
-    turn.finish_call(&call_id, outcome, extra).await?;
-    Ok((Next::Run { route: None }, before_seq + 1))
+    (extra, outcome)
 }
 
 /// A new message ends a paused turn: its pending approvals and open calls are cancelled. Their

@@ -167,8 +167,9 @@ pub(in crate::orchestrator) async fn submit(
     if let (Some(session), ClientMessage::ToolResult { call_id, .. }) = (&stored, &sub.message) {
         check_call_open(session, call_id)?;
     }
-    // The common user message: its first commit goes with the lease, one storage call.
-    let mut quick = quick_start(&rt, &sub);
+    // The common user message, and a tool result: its first commit goes with the lease, one
+    // storage call.
+    let mut quick = quick_start(&rt, &sub, stored);
     let first = (quick.as_mut()).map(|q| (&q.expected, std::mem::take(&mut q.commit)));
     let (running, leased) = match take_session_with(&rt, session_id, first).await {
         Ok(r) => r,
@@ -188,11 +189,11 @@ pub(in crate::orchestrator) async fn submit(
     };
     let session = match (leased, quick) {
         (Leased::Committed(committed), Some(quick)) => {
-            // Its commit has no event, and the turn's run commits the next ones: subscribed now,
-            // none is missed.
-            let (turn, next, first_seq) = quick.started(&rt, committed, running.cancel.clone());
+            // Subscribed before its commit's events are published and the turn's run commits
+            // the next ones: none is missed.
             let subscribed =
                 EventStream::subscribe(rt.storage.clone(), rt.hubs.clone(), session_id, Follow::UntilDone);
+            let (turn, next, first_seq) = quick.started(&rt, committed, running.cancel.clone());
             return Ok(spawn_turn(
                 &rt,
                 session_id,
