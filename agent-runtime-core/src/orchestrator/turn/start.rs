@@ -89,7 +89,7 @@ pub(super) fn quick_start(rt: &Arc<Inner>, sub: &Submission) -> Option<QuickStar
         messages: vec![NewMessage::user(content.clone(), Some(agent.clone()))],
         request_id: sub.request_id.clone(),
         session: SessionUpdate {
-            turn_state: Some(Some(state.to_value())),
+            turn_state: Some(Some(state.to_stored())),
             ..running()
         },
         ..Commit::default()
