@@ -186,11 +186,6 @@ struct Turn {
 impl Turn {
     fn new(rt: Arc<Inner>, session: Session, cancel: CancellationToken) -> Self {
         let state = TurnState::load(&session);
-        Turn::with_state(rt, session, cancel, state)
-    }
-
-    /// The turn of `session` whose state is `state` (the one the session stores, not read again).
-    fn with_state(rt: Arc<Inner>, session: Session, cancel: CancellationToken, state: TurnState) -> Self {
         // Under the caller's current context: the front-end's request span, if any.
         let trace = (rt.telemetry.as_ref()).map(|t| {
             let (model, url) = (rt.llm.model(), &rt.config.llm.proxy_url);

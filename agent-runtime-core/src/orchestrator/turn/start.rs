@@ -65,8 +65,6 @@ pub(super) struct QuickStart {
     pub commit: Commit,
     /// The message to route, when the orchestrator routes it.
     route: Option<String>,
-    /// The turn state the commit stores (the turn starts from it instead of reading it back).
-    state: TurnState,
 }
 
 /// The [`QuickStart`] of `sub`, if it has one. A message too large for the default agent has
@@ -104,7 +102,6 @@ pub(super) fn quick_start(rt: &Arc<Inner>, sub: &Submission) -> Option<QuickStar
         },
         commit,
         route: route.then(|| content.clone()),
-        state,
     })
 }
 
@@ -121,8 +118,7 @@ impl QuickStart {
         rt.hubs.recent.extend(before, session, &committed.messages);
         rt.hubs.publish(&session.id, &committed.events);
         let first = session.last_event_seq - committed.events.len() as u64 + 1;
-        // The state the commit stored, as stored (it reads back the same).
-        let turn = Turn::with_state(rt.clone(), committed.session, cancel, self.state);
+        let turn = Turn::new(rt.clone(), committed.session, cancel);
         (turn, Next::Run { route: self.route }, first)
     }
 }
