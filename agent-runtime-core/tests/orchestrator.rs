@@ -17,7 +17,7 @@ use agent_runtime_core::orchestrator::{CancelOutcome, CreateSession, Follow, Orc
 use agent_runtime_core::protocol::{
     AssistantMessage, ClientMessage, Decision, EventPayload, HitlDecision, StopReason, ToolError,
 };
-use agent_runtime_core::session::{Role, SessionStatus};
+use agent_runtime_core::session::{Role, SessionStatus, TurnStateJson};
 use agent_runtime_core::storage::{self, Storage};
 use agent_runtime_core::{Error, Event};
 use futures::StreamExt;
@@ -1153,9 +1153,10 @@ async fn with_turn_recovery_interrupt_recover_interrupted_closes_a_turn_left_run
                 ],
                 session: SessionUpdate {
                     status: Some(SessionStatus::Running),
-                    turn_state: Some(Some(json!({"turn_id": "t", "iterations": 1, "auto_switches": 0,
+                    turn_state: Some(Some(TurnStateJson::from_value(&json!({"turn_id": "t",
+                        "iterations": 1, "auto_switches": 0,
                         "usage": {"prompt_tokens": 0, "completion_tokens": 0},
-                        "open_calls": []}))),
+                        "open_calls": []})))),
                     ..SessionUpdate::default()
                 },
                 ..Commit::now()

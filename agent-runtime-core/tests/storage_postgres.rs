@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use agent_runtime_core::approval::{Approval, ApprovalResolution, ApprovalStatus, RequestType};
 use agent_runtime_core::protocol::{AssistantMessage, EventPayload, Plan};
-use agent_runtime_core::session::{AgentSwitch, NewMessage, NewSession, Usage};
+use agent_runtime_core::session::{AgentSwitch, NewMessage, NewSession, TurnStateJson, Usage};
 use agent_runtime_core::storage::pg_testing::{Guarded, fresh_schema, open_in};
 use agent_runtime_core::storage::postgres::{PgOptions, PostgresStorage};
 use agent_runtime_core::storage::{self, Commit, SessionUpdate, Storage};
@@ -186,7 +186,7 @@ async fn a_commit_refused_midway_by_the_database_leaves_nothing() {
         }),
         session: SessionUpdate {
             current_agent: Some("coder".into()),
-            turn_state: Some(Some(json!({"lost": true}))),
+            turn_state: Some(Some(TurnStateJson::from_value(&json!({"lost": true})))),
             ..SessionUpdate::default()
         },
         ..at(9)
@@ -449,7 +449,7 @@ async fn nul_characters_in_text_and_json_round_trip() {
                 events: vec![token(text)],
                 approvals: vec![approval.clone()],
                 session: SessionUpdate {
-                    turn_state: Some(Some(json!({"partial": text}))),
+                    turn_state: Some(Some(TurnStateJson::from_value(&json!({"partial": text})))),
                     ..SessionUpdate::default()
                 },
                 ..at(2)
@@ -481,7 +481,7 @@ async fn nul_characters_in_text_and_json_round_trip() {
     assert_eq!(store.events_after("s1", 0, 10).await.unwrap(), committed.events);
     assert_eq!(
         store.get_session("s1").await.unwrap().turn_state,
-        Some(json!({"partial": text}))
+        Some(TurnStateJson::from_value(&json!({"partial": text})))
     );
     assert_eq!(
         store.get_approval("s1", "c1").await.unwrap(),

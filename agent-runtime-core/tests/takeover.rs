@@ -11,7 +11,7 @@ use agent_runtime_core::events::{BusEventKind, BusFilter};
 use agent_runtime_core::llm::{Script, ScriptedBackend, ToolChoice};
 use agent_runtime_core::orchestrator::{CreateSession, DrainReport, Follow, Orchestrator, Submission};
 use agent_runtime_core::protocol::{AssistantMessage, ClientMessage, EventPayload, StopReason, ToolError};
-use agent_runtime_core::session::{NewMessage, SessionStatus, ToolCall, Usage};
+use agent_runtime_core::session::{NewMessage, SessionStatus, ToolCall, TurnStateJson, Usage};
 use agent_runtime_core::storage::{self, Commit, SessionUpdate, Storage};
 use agent_runtime_core::{Error, Event};
 use futures::StreamExt;
@@ -110,7 +110,7 @@ async fn left_running(store: &Arc<dyn Storage>, session: &str, state: Value, com
         messages: vec![NewMessage::user("go", Some("coder".into()))],
         session: SessionUpdate {
             status: Some(SessionStatus::Running),
-            turn_state: Some(Some(state)),
+            turn_state: Some(Some(TurnStateJson::from_value(&state))),
             ..SessionUpdate::default()
         },
         ..Commit::now()
@@ -383,11 +383,11 @@ async fn a_clients_tool_result_resets_the_takeovers_without_progress() {
         })
         .expect("a client tool call");
     // Taken over three times without progress before it paused (as a dying replica leaves it).
-    let mut state = rt.get_session(&s).await.unwrap().turn_state.unwrap();
+    let mut state = rt.get_session(&s).await.unwrap().turn_state.unwrap().to_value();
     state["resumes"] = json!(3);
     let update = Commit {
         session: SessionUpdate {
-            turn_state: Some(Some(state)),
+            turn_state: Some(Some(TurnStateJson::from_value(&state))),
             ..SessionUpdate::default()
         },
         ..Commit::now()
@@ -416,7 +416,10 @@ async fn a_clients_tool_result_resets_the_takeovers_without_progress() {
     let stored = rt.get_session(&s).await.unwrap();
     // Back at 0, which the stored state leaves out.
     assert_eq!(
-        (stored.status, stored.turn_state.unwrap().get("resumes").cloned()),
+        (
+            stored.status,
+            stored.turn_state.unwrap().to_value().get("resumes").cloned()
+        ),
         (SessionStatus::Running, None)
     );
     running.abort();

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::budget::Budget;
 use crate::time::Timestamp;
@@ -111,12 +112,54 @@ pub struct Session {
     pub last_event_seq: u64,
     /// Tokens used by every turn of the session.
     pub usage: Usage,
-    /// State of the paused or running turn, owned by the orchestrator; opaque to storage.
-    pub turn_state: Option<Value>,
+    /// State of the paused or running turn, owned by the orchestrator; opaque to storage, which
+    /// keeps its JSON text as given.
+    pub turn_state: Option<TurnStateJson>,
     /// The session's budgets (settings' defaults overlaid with the client's), unlimited if unset.
     pub budget: Budget,
     /// What every priced model call of the session cost (see `MODEL_PRICES_FILE`).
     pub cost: f64,
+}
+
+/// A session's turn state as stored: its JSON text, always valid JSON (checked when built from
+/// text). The orchestrator writes it from its turn and reads its turn back from it; storage keeps
+/// and returns the text as given, never as a [`Value`]. Two states are equal when their texts are.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TurnStateJson(Box<RawValue>);
+
+impl TurnStateJson {
+    /// The JSON text `text`, if it is JSON.
+    pub fn from_text(text: impl Into<String>) -> serde_json::Result<Self> {
+        RawValue::from_string(text.into()).map(TurnStateJson)
+    }
+
+    /// `value` written as JSON text.
+    pub fn from_value(value: &Value) -> Self {
+        // A `Value` always serializes (its map keys are strings).
+        Self::to_json(value).unwrap_or_else(|_| TurnStateJson(RawValue::NULL.to_owned()))
+    }
+
+    /// `value` serialized as JSON text (no parse of the text back).
+    pub fn to_json<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<Self> {
+        serde_json::value::to_raw_value(value).map(TurnStateJson)
+    }
+
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The text parsed as a [`Value`].
+    pub fn to_value(&self) -> Value {
+        serde_json::from_str(self.as_str()).unwrap_or(Value::Null)
+    }
+}
+
+impl PartialEq for TurnStateJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
 }
 
 /// What creating a session needs; the rest starts at its defaults.

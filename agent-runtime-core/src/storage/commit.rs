@@ -26,15 +26,13 @@ use std::future::Future;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
-use serde_json::Value;
-
 use super::support::counted_messages;
 use super::{Commit, Committed};
 use crate::approval::{Approval, ApprovalResolution};
 use crate::budget::Budget;
 use crate::error::{Error, Result};
 use crate::protocol::{Event, EventPayload, Plan};
-use crate::session::{AgentSwitch, Message, NewMessage, Session, SessionStatus, Usage};
+use crate::session::{AgentSwitch, Message, NewMessage, Session, SessionStatus, TurnStateJson, Usage};
 use crate::time::Timestamp;
 
 /// What a commit needs to know of its session before it writes anything.
@@ -72,7 +70,7 @@ pub(crate) struct SessionChange {
     /// New current agent, if any: the commit's explicit one, else its last switch's target.
     pub current_agent: Option<String>,
     /// `Some(None)` clears the turn state, `Some(Some(v))` sets it.
-    pub turn_state: Option<Option<Value>>,
+    pub turn_state: Option<Option<TurnStateJson>>,
     /// Whether the lease is given up (only a fenced commit can give it up).
     pub release_lease: bool,
 }

@@ -18,14 +18,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::approval::{Approval, ApprovalResolution, ApprovalStatus, RequestType};
 use crate::budget::Budget;
 use crate::error::Error;
 use crate::protocol::{AssistantMessage, Event, EventPayload, Plan, StopReason, Subtask};
 use crate::session::{
-    AgentSwitch, Message, NewMessage, NewSession, Role, Session, SessionStatus, ToolCall, Usage,
+    AgentSwitch, Message, NewMessage, NewSession, Role, Session, SessionStatus, ToolCall, TurnStateJson,
+    Usage,
 };
 use crate::storage::{Commit, Committed, Expected, Leased, SessionQuery, SessionUpdate, Storage};
 use crate::time::Timestamp;
@@ -669,7 +670,7 @@ pub async fn failed_commit_leaves_nothing_behind(a: Arc<dyn Storage>, b: Arc<dyn
         c.session = SessionUpdate {
             status: Some(SessionStatus::Running),
             current_agent: Some("debug".into()),
-            turn_state: Some(Some(json!({"step": 1}))),
+            turn_state: Some(Some(turn_state(json!({"step": 1})))),
             budget: Some(Budget {
                 session_tokens: Some(1),
                 ..Budget::default()
@@ -753,7 +754,7 @@ pub async fn delete_leaves_nothing_behind(a: Arc<dyn Storage>, b: Arc<dyn Storag
             ..Default::default()
         });
         c.request_id = Some("req_1".into());
-        c.session.turn_state = Some(Some(json!({"paused": true})));
+        c.session.turn_state = Some(Some(turn_state(json!({"paused": true}))));
         c
     };
     create(&*a, "doomed").await;
@@ -1166,10 +1167,17 @@ pub async fn budgets_and_cost_are_stored_with_commits(a: Arc<dyn Storage>, b: Ar
     );
 }
 
+/// A turn state written from `v`.
+fn turn_state(v: Value) -> TurnStateJson {
+    TurnStateJson::from_value(&v)
+}
+
 /// The turn state is set, kept when not mentioned, and cleared; the status follows each update.
 pub async fn turn_state_and_status_updates(a: Arc<dyn Storage>, b: Arc<dyn Storage>) {
     create(&*a, "state").await;
-    let state = json!({"iteration": 3, "open_calls": ["c1", "c2"], "текст": "🦀"});
+    // Kept as the text given (spacing and key order too), not re-written from a parsed value.
+    let state =
+        TurnStateJson::from_text(r#"{"open_calls": ["c1","c2"], "iteration": 3, "текст": "🦀"}"#).unwrap();
     let mut c = at(1);
     c.session.turn_state = Some(Some(state.clone()));
     c.session.status = Some(SessionStatus::Running);
@@ -1895,7 +1903,7 @@ pub async fn a_stale_owners_commit_is_refused_after_takeover_and_leaves_nothing(
     late.session = SessionUpdate {
         status: Some(SessionStatus::Idle),
         current_agent: Some("coder".into()),
-        turn_state: Some(Some(json!({"stale": true}))),
+        turn_state: Some(Some(turn_state(json!({"stale": true})))),
         budget: Some(Budget {
             session_tokens: Some(3),
             ..Budget::default()
@@ -1970,7 +1978,7 @@ pub async fn an_appending_commit_returns_what_it_stored(a: Arc<dyn Storage>, b: 
     c.session = SessionUpdate {
         status: Some(SessionStatus::Running),
         current_agent: Some("coder".into()),
-        turn_state: Some(Some(json!({"step": 2}))),
+        turn_state: Some(Some(turn_state(json!({"step": 2})))),
         budget: Some(budget),
     };
     let done = b.commit("appending", c).await.unwrap();
@@ -1999,7 +2007,7 @@ pub async fn an_appending_commit_returns_what_it_stored(a: Arc<dyn Storage>, b: 
             completion_tokens: 12,
             cached_prompt_tokens: 3,
         },
-        turn_state: Some(json!({"step": 2})),
+        turn_state: Some(turn_state(json!({"step": 2}))),
         budget,
         cost: 0.25,
         ..created

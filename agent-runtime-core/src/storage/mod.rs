@@ -5,13 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde_json::Value;
 
 use crate::approval::{Approval, ApprovalResolution};
 use crate::budget::Budget;
 use crate::error::{Error, Result};
 use crate::protocol::{Event, EventPayload, Plan};
-use crate::session::{AgentSwitch, Message, NewMessage, NewSession, Session, SessionStatus, Usage};
+use crate::session::{
+    AgentSwitch, Message, NewMessage, NewSession, Session, SessionStatus, TurnStateJson, Usage,
+};
 use crate::time::Timestamp;
 
 pub use liveness::Liveness;
@@ -51,7 +52,7 @@ pub struct SessionUpdate {
     /// New current agent.
     pub current_agent: Option<String>,
     /// `Some(None)` clears the turn state, `Some(Some(v))` sets it.
-    pub turn_state: Option<Option<Value>>,
+    pub turn_state: Option<Option<TurnStateJson>>,
     /// New budgets (the whole set).
     pub budget: Option<Budget>,
 }

@@ -34,7 +34,9 @@ use crate::approval::{Approval, ApprovalResolution, ApprovalStatus, RequestType}
 use crate::budget::Budget;
 use crate::error::{Error, Result};
 use crate::protocol::{Event, Plan};
-use crate::session::{AgentSwitch, Message, NewSession, Role, Session, SessionStatus, ToolCall, Usage};
+use crate::session::{
+    AgentSwitch, Message, NewSession, Role, Session, SessionStatus, ToolCall, TurnStateJson, Usage,
+};
 use crate::time::Timestamp;
 
 type PgQuery<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
@@ -428,7 +430,9 @@ fn session_from_row(row: &PgRow) -> Result<Session> {
             completion_tokens: to_u64(get(row, "completion_tokens")?, "completion_tokens")?,
             cached_prompt_tokens: to_u64(get(row, "cached_prompt_tokens")?, "cached_prompt_tokens")?,
         },
-        turn_state: turn_state.map(|s| from_json_text(&s, "turn_state")).transpose()?,
+        // The text as stored, checked to be JSON but not parsed into a value.
+        turn_state: (turn_state.map(TurnStateJson::from_text).transpose())
+            .map_err(|e| Error::Database(format!("stored turn_state is not valid: {e}")))?,
         budget: match budget {
             Some(b) => from_json_text(&b, "budget")?,
             None => Budget::default(),
@@ -858,7 +862,7 @@ const APPLY_CHANGE: &str = concat!(
 fn bind_change<'q>(query: PgQuery<'q>, change: &'q SessionChange) -> Result<PgQuery<'q>> {
     let (set_turn_state, turn_state) = match &change.turn_state {
         None => (false, None),
-        Some(v) => (true, v.as_ref().map(to_json_text).transpose()?),
+        Some(v) => (true, v.as_ref().map(TurnStateJson::as_str)),
     };
     Ok(query
         .bind(to_i64(change.messages, "message count")?)

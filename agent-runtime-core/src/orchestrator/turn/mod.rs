@@ -31,7 +31,9 @@ use crate::error::{Error, Result};
 use crate::events::BusEventKind;
 use crate::llm::{ChatMessage, ChatRequest, ChatRole, ChatToolCall, ToolChoice};
 use crate::protocol::{AssistantMessage, EventPayload, StopReason, ToolError};
-use crate::session::{AgentSwitch, Message, NewMessage, Role, Session, SessionStatus, ToolCall, Usage};
+use crate::session::{
+    AgentSwitch, Message, NewMessage, Role, Session, SessionStatus, ToolCall, TurnStateJson, Usage,
+};
 use crate::storage::{Commit, Committed, SessionUpdate};
 use crate::telemetry::{CallKind, ChatSpan, ClientOffer, TurnTrace};
 use crate::time::Timestamp;
@@ -124,14 +126,15 @@ impl TurnState {
         TurnState::stored(session).unwrap_or_else(TurnState::fresh)
     }
 
-    /// The session's stored turn state, if it has one that reads as a turn state; read from the
-    /// session's `Value` in place (not from a copy of it).
+    /// The session's stored turn state, if it has one that reads as a turn state; read straight
+    /// from its JSON text (no `Value` in between).
     fn stored(session: &Session) -> Option<Self> {
-        (session.turn_state.as_ref()).and_then(|v| TurnState::deserialize(v).ok())
+        (session.turn_state.as_ref()).and_then(|t| serde_json::from_str(t.as_str()).ok())
     }
 
-    fn to_value(&self) -> Value {
-        serde_json::to_value(self).unwrap_or(Value::Null)
+    /// The state as stored: its JSON text, written straight from the struct.
+    fn to_stored(&self) -> TurnStateJson {
+        TurnStateJson::to_json(self).unwrap_or_else(|_| TurnStateJson::from_value(&Value::Null))
     }
 }
 
@@ -325,7 +328,7 @@ impl Turn {
             c.cost = Some(c.cost.unwrap_or(0.0) + std::mem::take(&mut self.unsaved_cost));
         }
         if with_state {
-            c.session.turn_state = Some(Some(self.state.to_value()));
+            c.session.turn_state = Some(Some(self.state.to_stored()));
         }
         c
     }
@@ -1277,7 +1280,11 @@ impl Turn {
             _ => SessionStatus::Idle,
         };
         self.checkpoint_time();
-        let turn_state = if paused { Some(self.state.to_value()) } else { None };
+        let turn_state = if paused {
+            Some(self.state.to_stored())
+        } else {
+            None
+        };
         let c = Commit {
             events,
             session: SessionUpdate {
@@ -1491,19 +1498,47 @@ mod tests {
         }
     }
 
+    fn read(text: &str) -> TurnState {
+        serde_json::from_str(text).unwrap()
+    }
+
     #[test]
     fn a_turn_state_is_stored_without_the_fields_at_their_defaults() {
         assert_eq!(
-            state().to_value(),
-            json!({"turn_id": "turn_1", "iterations": 2, "auto_switches": 0,
-                   "usage": {"prompt_tokens": 10, "completion_tokens": 3}, "open_calls": [],
-                   "spend": {"active_ms": 7}})
+            state().to_stored().as_str(),
+            r#"{"turn_id":"turn_1","iterations":2,"auto_switches":0,"usage":{"prompt_tokens":10,"completion_tokens":3},"open_calls":[],"spend":{"active_ms":7}}"#
         );
         assert_eq!(
-            TurnState::default().to_value(),
-            json!({"turn_id": "", "iterations": 0, "auto_switches": 0,
-                   "usage": {"prompt_tokens": 0, "completion_tokens": 0}, "open_calls": []})
+            TurnState::default().to_stored().as_str(),
+            r#"{"turn_id":"","iterations":0,"auto_switches":0,"usage":{"prompt_tokens":0,"completion_tokens":0},"open_calls":[]}"#
         );
+    }
+
+    #[test]
+    fn a_turn_state_stored_through_a_json_value_by_earlier_versions_reads_back_the_same() {
+        // Earlier versions stored `serde_json::to_string` of the state as a `Value`: keys sorted.
+        let stored = TurnStateJson::from_value(&serde_json::to_value(state()).unwrap());
+        assert_eq!(
+            stored.as_str(),
+            r#"{"auto_switches":0,"iterations":2,"open_calls":[],"spend":{"active_ms":7},"turn_id":"turn_1","usage":{"completion_tokens":3,"prompt_tokens":10}}"#
+        );
+        let session = Session {
+            id: "s1".into(),
+            user_id: None,
+            metadata: json!({}),
+            created_at: Timestamp::from_millis(1),
+            last_activity: Timestamp::from_millis(1),
+            current_agent: "coder".into(),
+            status: SessionStatus::AwaitingToolResult,
+            message_count: 1,
+            last_message_seq: 1,
+            last_event_seq: 1,
+            usage: Usage::default(),
+            turn_state: Some(stored),
+            budget: Default::default(),
+            cost: 0.0,
+        };
+        assert_eq!(TurnState::stored(&session), Some(state()));
     }
 
     #[test]
@@ -1513,7 +1548,7 @@ mod tests {
             "guard": {"invalid_in_a_row": 0, "calls": [], "previous_agent": null, "bounces": 0},
             "resumes": 0, "handed_over": false,
             "spend": {"cost": 0.0, "tool_calls": 0, "active_ms": 7, "raised": {}, "paused": null, "declined": null}});
-        assert_eq!(TurnState::deserialize(&written_out).unwrap(), state());
-        assert_eq!(TurnState::deserialize(&state().to_value()).unwrap(), state());
+        assert_eq!(read(&written_out.to_string()), state());
+        assert_eq!(read(state().to_stored().as_str()), state());
     }
 }

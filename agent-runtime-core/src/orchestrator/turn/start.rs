@@ -100,7 +100,7 @@ pub(super) fn quick_start(rt: &Arc<Inner>, sub: &Submission, stored: Option<Sess
         messages: vec![NewMessage::user(content.clone(), Some(agent.clone()))],
         request_id: sub.request_id.clone(),
         session: SessionUpdate {
-            turn_state: Some(Some(state.to_value())),
+            turn_state: Some(Some(state.to_stored())),
             ..running()
         },
         ..Commit::default()

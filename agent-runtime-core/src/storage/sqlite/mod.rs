@@ -41,7 +41,9 @@ use crate::approval::{Approval, ApprovalResolution, ApprovalStatus, RequestType}
 use crate::budget::Budget;
 use crate::error::{Error, Result};
 use crate::protocol::{Event, EventPayload, Plan};
-use crate::session::{AgentSwitch, Message, NewSession, Role, Session, SessionStatus, ToolCall, Usage};
+use crate::session::{
+    AgentSwitch, Message, NewSession, Role, Session, SessionStatus, ToolCall, TurnStateJson, Usage,
+};
 use crate::time::Timestamp;
 
 /// The migrations, in order: `(version, SQL)`. The last version is [`SCHEMA_VERSION`].
@@ -757,7 +759,7 @@ impl CommitSteps for SqliteCommit<'_> {
     async fn update_session(&mut self, change: SessionChange) -> Result<Session> {
         let (set_turn_state, turn_state) = match &change.turn_state {
             None => (false, None),
-            Some(v) => (true, v.as_ref().map(to_json).transpose()?),
+            Some(v) => (true, v.as_ref().map(TurnStateJson::as_str)),
         };
         let budget = change.budget.as_ref().map(budget_json).transpose()?.flatten();
         // Only the columns the commit changes are set: SQLite rewrites the entry of every index
@@ -808,7 +810,7 @@ impl CommitSteps for SqliteCommit<'_> {
             bind(&mut update, ":status", status.as_str())?;
         }
         if set_turn_state {
-            bind(&mut update, ":turn_state", &turn_state)?;
+            bind(&mut update, ":turn_state", turn_state)?;
         }
         if change.budget.is_some() {
             bind(&mut update, ":budget", &budget)?;
