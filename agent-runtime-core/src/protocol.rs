@@ -1,6 +1,9 @@
 //! Wire types shared by the server and the Python module: the events a turn streams (API.md §4)
 //! and the plans they carry. Every event carries its per-session `seq`.
 
+use std::borrow::Cow;
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -247,12 +250,25 @@ impl EventPayload {
 /// A streamed event: its per-session sequence number and what happened.
 ///
 /// Serializes flat, as the SSE `data` line: `{"type": ..., <fields>, "seq": 42, "is_final": false}`.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// An event a commit stored keeps its payload's JSON text, the row it was stored as
+/// ([`Event::encoded`]): its SSE frame is made from that text, so the payload is serialized once.
+/// Its `payload` is not changed afterwards (nothing does; a changed one would still be framed from
+/// the text). Equality compares `seq` and `payload` only.
+#[derive(Debug, Clone)]
 pub struct Event {
     /// Per-session, strictly increasing, gap-free; also the SSE `id`.
     pub seq: u64,
     /// What happened.
     pub payload: EventPayload,
+    /// The payload's JSON text as stored, when this event was stored by this process.
+    payload_json: Option<Arc<str>>,
+}
+
+impl PartialEq for Event {
+    fn eq(&self, other: &Self) -> bool {
+        self.seq == other.seq && self.payload == other.payload
+    }
 }
 
 #[derive(Serialize)]
@@ -288,13 +304,79 @@ impl Serialize for Event {
     }
 }
 
+impl Event {
+    /// An event with no JSON text kept.
+    pub fn new(seq: u64, payload: EventPayload) -> Event {
+        Event {
+            seq,
+            payload,
+            payload_json: None,
+        }
+    }
+
+    /// An event about to be stored: its payload serialized now and kept, the text the store
+    /// writes as its row and its SSE frame is made from.
+    pub fn encoded(seq: u64, payload: EventPayload) -> serde_json::Result<Event> {
+        let json = serde_json::to_string(&payload)?;
+        Ok(Event::stored(seq, payload, Arc::from(json)))
+    }
+
+    /// An event with `json`, which is `payload` as [`serde_json`] writes it.
+    pub(crate) fn stored(seq: u64, payload: EventPayload, json: Arc<str>) -> Event {
+        Event {
+            seq,
+            payload,
+            payload_json: Some(json),
+        }
+    }
+
+    /// The payload's JSON text: the one kept, else serialized now.
+    pub fn payload_json(&self) -> serde_json::Result<Cow<'_, str>> {
+        match &self.payload_json {
+            Some(json) => Ok(Cow::Borrowed(json)),
+            None => serde_json::to_string(&self.payload).map(Cow::Owned),
+        }
+    }
+
+    /// The wire JSON (what [`Serialize`] writes) appended to `buf`: from the payload's kept JSON
+    /// text when there is one, else with the payload serialized directly (no `flatten`, whose
+    /// map serializer costs more than the payload itself).
+    pub fn write_wire_json(&self, buf: &mut Vec<u8>) -> serde_json::Result<()> {
+        match &self.payload_json {
+            Some(json) => buf.extend_from_slice(json.as_bytes()),
+            None => serde_json::to_writer(&mut *buf, &self.payload)?,
+        }
+        self.close_wire_json(buf);
+        Ok(())
+    }
+
+    /// Turns the payload object that ends `buf` into the wire object: drops its closing brace and
+    /// appends `seq`, `is_final` and, for `error`, `content` (the fields and order of `EventWire`).
+    /// The payload always has `type`, so a comma always precedes the appended fields.
+    fn close_wire_json(&self, buf: &mut Vec<u8>) {
+        debug_assert_eq!(buf.last(), Some(&b'}'));
+        buf.pop();
+        // Writing into a Vec cannot fail.
+        let _ = std::io::Write::write_fmt(buf, format_args!(",\"seq\":{}", self.seq));
+        let is_final: &[u8] = if self.payload.is_final() {
+            b",\"is_final\":true"
+        } else {
+            b",\"is_final\":false"
+        };
+        buf.extend_from_slice(is_final);
+        if let EventPayload::Error { message, .. } = &self.payload {
+            buf.extend_from_slice(b",\"content\":");
+            // A string always serializes.
+            let _ = serde_json::to_writer(&mut *buf, message);
+        }
+        buf.push(b'}');
+    }
+}
+
 impl<'de> Deserialize<'de> for Event {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let w = EventWireOwned::deserialize(d)?;
-        Ok(Event {
-            seq: w.seq,
-            payload: w.payload,
-        })
+        Ok(Event::new(w.seq, w.payload))
     }
 }
 
@@ -448,14 +530,44 @@ mod tests {
     }
 
     #[test]
+    fn the_wire_json_written_from_the_payload_is_byte_identical_to_the_serialized_event() {
+        let mut kinds = std::collections::BTreeSet::new();
+        for (seq, payload) in (1..).zip(crate::test_kit::every_event_payload()) {
+            kinds.insert(payload.kind());
+            let e = Event::new(seq, payload.clone());
+            let serialized = serde_json::to_vec(&e).unwrap();
+            let mut direct = b"prefix".to_vec();
+            e.write_wire_json(&mut direct).unwrap();
+            let stored = Event::encoded(seq, payload).unwrap();
+            let mut from_row = b"prefix".to_vec();
+            stored.write_wire_json(&mut from_row).unwrap();
+            let expected = [&b"prefix"[..], &serialized].concat();
+            assert_eq!(
+                (
+                    String::from_utf8(direct).unwrap(),
+                    String::from_utf8(from_row).unwrap()
+                ),
+                (
+                    String::from_utf8(expected.clone()).unwrap(),
+                    String::from_utf8(expected).unwrap()
+                ),
+                "{}",
+                e.payload.kind()
+            );
+        }
+        // Every type of the wire is covered.
+        assert_eq!(kinds.len(), 11);
+    }
+
+    #[test]
     fn a_resumed_turn_says_after_which_seq_tokens_are_void() {
-        let e = Event {
-            seq: 9,
-            payload: EventPayload::TurnResumed {
+        let e = Event::new(
+            9,
+            EventPayload::TurnResumed {
                 after_seq: 4,
                 reason: "handed_over".into(),
             },
-        };
+        );
         assert_eq!(
             serde_json::to_value(&e).unwrap(),
             json!({"type": "turn_resumed", "after_seq": 4, "reason": "handed_over", "seq": 9, "is_final": false})
@@ -464,12 +576,12 @@ mod tests {
 
     #[test]
     fn token_event_serializes_as_the_documented_line() {
-        let e = Event {
-            seq: 42,
-            payload: EventPayload::AssistantMessage(AssistantMessage::Token {
+        let e = Event::new(
+            42,
+            EventPayload::AssistantMessage(AssistantMessage::Token {
                 token: "Проектирую".into(),
             }),
-        };
+        );
         assert_eq!(
             serde_json::to_value(&e).unwrap(),
             json!({"type": "assistant_message", "token": "Проектирую", "is_final": false, "seq": 42})
@@ -485,11 +597,7 @@ mod tests {
             usage: Usage::default().into(),
         };
         assert_eq!(
-            serde_json::to_value(Event {
-                seq: 3,
-                payload: done.clone()
-            })
-            .unwrap(),
+            serde_json::to_value(Event::new(3, done.clone())).unwrap(),
             json!({"type": "done", "stop_reason": "awaiting_approval",
                    "usage": {"prompt_tokens": 0, "completion_tokens": 0}, "seq": 3, "is_final": true})
         );
@@ -502,20 +610,20 @@ mod tests {
             },
         ] {
             assert!(p.is_final(), "{p:?}");
-            let e = Event { seq: 1, payload: p };
+            let e = Event::new(1, p);
             assert_eq!(round_trip(&e), e);
         }
     }
 
     #[test]
     fn an_error_event_carries_its_message_also_as_content() {
-        let e = Event {
-            seq: 5,
-            payload: EventPayload::Error {
+        let e = Event::new(
+            5,
+            EventPayload::Error {
                 code: "LLM_ERROR".into(),
                 message: "the model server did not answer".into(),
             },
-        };
+        );
         assert_eq!(
             serde_json::to_value(&e).unwrap(),
             json!({"type": "error", "code": "LLM_ERROR", "message": "the model server did not answer",
@@ -655,7 +763,7 @@ mod tests {
         ];
         for p in payloads {
             assert!(!p.is_final());
-            let e = Event { seq: 7, payload: p };
+            let e = Event::new(7, p);
             let v = serde_json::to_value(&e).unwrap();
             assert_eq!(v["type"], e.payload.kind());
             assert_eq!(v["is_final"], false);

@@ -28,13 +28,14 @@ pub fn encode(event: &Event) -> Bytes {
     Bytes::from(buf)
 }
 
-/// [`encode`] appended to `buf`: the JSON is written in place, with no string of its own.
+/// [`encode`] appended to `buf`: the JSON is written in place, with no string of its own, the
+/// payload serialized once ([`Event::write_wire_json`]).
 fn encode_into(buf: &mut Vec<u8>, event: &Event) {
     use std::io::Write;
     // Writing into a Vec cannot fail; an event that cannot be encoded is sent as `{}`.
     let _ = write!(buf, "id: {}\ndata: ", event.seq);
     let start = buf.len();
-    if serde_json::to_writer(&mut *buf, event).is_err() {
+    if event.write_wire_json(buf).is_err() {
         buf.truncate(start);
         buf.extend_from_slice(b"{}");
     }
@@ -111,11 +112,27 @@ mod tests {
     use agent_runtime_core::protocol::{AssistantMessage, EventPayload};
 
     #[test]
+    fn every_event_type_is_framed_byte_for_byte_as_its_serialized_event() {
+        for (seq, payload) in (1..).zip(agent_runtime_core::test_kit::every_event_payload()) {
+            let fresh = Event::new(seq, payload.clone());
+            // The framing before events kept their stored JSON: the event's `Serialize`.
+            let before = format!("id: {seq}\ndata: {}\n\n", serde_json::to_string(&fresh).unwrap());
+            let stored = Event::encoded(seq, payload).unwrap();
+            assert_eq!(
+                (encode(&fresh), encode(&stored)),
+                (Bytes::from(before.clone()), Bytes::from(before)),
+                "{}",
+                fresh.payload.kind()
+            );
+        }
+    }
+
+    #[test]
     fn an_event_is_framed_with_its_seq_as_id() {
-        let e = Event {
-            seq: 42,
-            payload: EventPayload::AssistantMessage(AssistantMessage::Token { token: "a\nb".into() }),
-        };
+        let e = Event::new(
+            42,
+            EventPayload::AssistantMessage(AssistantMessage::Token { token: "a\nb".into() }),
+        );
         assert_eq!(
             encode(&e),
             Bytes::from(

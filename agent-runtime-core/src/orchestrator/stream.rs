@@ -84,12 +84,12 @@ impl Hubs {
         })
     }
 
-    /// Sends committed events to live followers.
-    pub fn publish(&self, session_id: &str, events: &[Event]) {
+    /// Sends committed events to live followers: moved into the hub's buffer, not copied.
+    pub fn publish(&self, session_id: &str, events: Vec<Event>) {
         self.with(|m| {
             if let Some(hub) = m.get(session_id) {
                 for e in events {
-                    let _ = hub.tx.send(Arc::new(e.clone()));
+                    let _ = hub.tx.send(Arc::new(e));
                 }
             }
         })

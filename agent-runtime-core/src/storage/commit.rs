@@ -24,6 +24,7 @@
 
 use std::future::Future;
 use std::pin::pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use super::support::counted_messages;
@@ -170,7 +171,7 @@ pub(crate) async fn run<S: CommitSteps>(
     }
 
     let change = SessionChange::of(&mut commit, at);
-    let (messages, events) = numbered(&head, commit.messages, commit.events, at);
+    let (messages, events) = numbered(&head, commit.messages, encoded(commit.events)?, at);
     steps.insert_messages(&messages).await?;
     steps.insert_events(&events, at).await?;
     if let Some(request_id) = &commit.request_id {
@@ -204,8 +205,8 @@ pub(crate) struct Appending {
     pub at: Timestamp,
     /// Messages to append, in order.
     pub messages: Vec<NewMessage>,
-    /// Events to append, in order.
-    pub events: Vec<EventPayload>,
+    /// Events to append, in order, each with its JSON text (the row, and later its SSE frame).
+    pub events: Vec<(EventPayload, Arc<str>)>,
     /// The turn's request id to remember.
     pub request_id: Option<String>,
     /// What it does to the session row.
@@ -215,24 +216,24 @@ pub(crate) struct Appending {
 impl Appending {
     /// `commit` as an appending commit, or back unchanged (boxed: it is large) if it does more
     /// than append.
-    pub(crate) fn of(mut commit: Commit) -> std::result::Result<Appending, Box<Commit>> {
+    pub(crate) fn of(mut commit: Commit) -> Result<std::result::Result<Appending, Box<Commit>>> {
         let appends_only = commit.approvals.is_empty()
             && commit.resolutions.is_empty()
             && commit.switches.is_empty()
             && commit.plans.is_empty();
         if !appends_only {
-            return Err(Box::new(commit));
+            return Ok(Err(Box::new(commit)));
         }
         let at = commit.at.unwrap_or_else(Timestamp::now);
         let change = SessionChange::of(&mut commit, at);
-        Ok(Appending {
+        Ok(Ok(Appending {
             lease_owner: commit.lease_owner,
             at,
             messages: commit.messages,
-            events: commit.events,
+            events: encoded(commit.events)?,
             request_id: commit.request_id,
             change,
-        })
+        }))
     }
 
     /// The commit's outcome from what its one statement saw and did: `head`, the session's head
@@ -274,11 +275,23 @@ fn fenced_out(owner: Option<&str>, head_owner: Option<&str>) -> bool {
     owner.is_some_and(|o| head_owner != Some(o))
 }
 
+/// Each payload with its JSON text, serialized here once: the backend stores that text as the
+/// event's row, and the event keeps it for its SSE frame.
+fn encoded(events: Vec<EventPayload>) -> Result<Vec<(EventPayload, Arc<str>)>> {
+    events
+        .into_iter()
+        .map(|p| match serde_json::to_string(&p) {
+            Ok(json) => Ok((p, Arc::from(json))),
+            Err(e) => Err(Error::Internal(format!("cannot encode an event as JSON: {e}"))),
+        })
+        .collect()
+}
+
 /// The commit's messages and events with the seqs that follow `head`, happening `at`.
 fn numbered(
     head: &Head,
     messages: Vec<NewMessage>,
-    events: Vec<EventPayload>,
+    events: Vec<(EventPayload, Arc<str>)>,
     at: Timestamp,
 ) -> (Vec<Message>, Vec<Event>) {
     let messages = (head.last_message_seq + 1..)
@@ -295,7 +308,7 @@ fn numbered(
         .collect();
     let events = (head.last_event_seq + 1..)
         .zip(events)
-        .map(|(seq, payload)| Event { seq, payload })
+        .map(|(seq, (payload, json))| Event::stored(seq, payload, json))
         .collect();
     (messages, events)
 }
@@ -373,7 +386,7 @@ mod tests {
         c.lease_owner = owner.map(str::to_string);
         c.messages.push(NewMessage::user("hi", None));
         c.events.push(token());
-        Appending::of(c).expect("only appends")
+        Appending::of(c).unwrap().expect("only appends")
     }
 
     #[test]
@@ -384,7 +397,7 @@ mod tests {
             goal: "g".into(),
             subtasks: vec![],
         });
-        assert_eq!(Appending::of(c.clone()).map(|_| ()), Err(Box::new(c)));
+        assert_eq!(Appending::of(c.clone()).unwrap().map(|_| ()), Err(Box::new(c)));
     }
 
     #[test]
@@ -438,12 +451,15 @@ mod tests {
                     tool_call_id: None,
                     created_at: at,
                 }],
-                events: vec![Event {
-                    seq: 10,
-                    payload: token(),
-                }],
+                events: vec![Event::new(10, token())],
                 session,
             }
+        );
+        // The event keeps the JSON text the backend stored as its row, for its SSE frame.
+        let kept = done.events[0].payload_json().unwrap();
+        assert!(
+            matches!(&kept, std::borrow::Cow::Borrowed(j) if *j == r#"{"type":"assistant_message","token":"t"}"#),
+            "{kept:?}"
         );
     }
 

@@ -540,10 +540,7 @@ pub async fn concurrent_commits_get_gap_free_contiguous_seqs(a: Arc<dyn Storage>
         events,
         token_at_seq
             .into_iter()
-            .map(|(seq, t)| Event {
-                seq,
-                payload: token(t)
-            })
+            .map(|(seq, t)| Event::new(seq, token(t)))
             .collect::<Vec<_>>()
     );
     let s = a.get_session("busy").await.unwrap();
@@ -595,10 +592,7 @@ pub async fn reads_after_and_recent_respect_limits(a: Arc<dyn Storage>, b: Arc<d
     let expected_events: Vec<Event> = payloads
         .iter()
         .enumerate()
-        .map(|(i, p)| Event {
-            seq: i as u64 + 1,
-            payload: p.clone(),
-        })
+        .map(|(i, p)| Event::new(i as u64 + 1, p.clone()))
         .collect();
     assert_eq!(done1.messages, expected[..4].to_vec());
     assert_eq!(done2.messages, expected[4..].to_vec());
@@ -845,14 +839,8 @@ pub async fn unicode_and_one_mib_content_round_trip(a: Arc<dyn Storage>, b: Arc<
     assert_eq!(
         all_events(&*b, "unicode_session").await,
         vec![
-            Event {
-                seq: 1,
-                payload: payloads[0].clone()
-            },
-            Event {
-                seq: 2,
-                payload: payloads[1].clone()
-            }
+            Event::new(1, payloads[0].clone()),
+            Event::new(2, payloads[1].clone())
         ]
     );
     assert_eq!(b.get_approval("unicode_session", "вызов_1").await.unwrap(), ap);
@@ -967,13 +955,13 @@ pub async fn racing_resolutions_have_exactly_one_winner(a: Arc<dyn Storage>, b: 
     assert_eq!(b.get_approval("race", "c1").await.unwrap(), expected);
     assert_eq!(
         all_events(&*a, "race").await,
-        vec![Event {
-            seq: 1,
-            payload: EventPayload::ApprovalResolved {
+        vec![Event::new(
+            1,
+            EventPayload::ApprovalResolved {
                 call_id: "c1".into(),
                 decision: format!("task {t}")
             }
-        }]
+        )]
     );
     assert_eq!(a.pending_approvals("race").await.unwrap(), vec![]);
 }
@@ -1645,10 +1633,7 @@ pub async fn lease_and_commit_takes_an_expired_or_dead_owners_lease(
         Leased::Committed(c) => (c.session.status, c.events),
         other => panic!("not committed: {other:?}"),
     };
-    let hi = vec![Event {
-        seq: 1,
-        payload: token("hi"),
-    }];
+    let hi = vec![Event::new(1, token("hi"))];
     assert_eq!(
         stored(first("expired").await),
         (SessionStatus::Running, hi.clone())
@@ -1990,10 +1975,7 @@ pub async fn an_appending_commit_returns_what_it_stored(a: Arc<dyn Storage>, b: 
         .collect();
     let events: Vec<Event> = [(3, "a"), (4, "b"), (5, "c")]
         .into_iter()
-        .map(|(seq, t)| Event {
-            seq,
-            payload: token(t),
-        })
+        .map(|(seq, t)| Event::new(seq, token(t)))
         .collect();
     let session = Session {
         last_activity: ts(20),

@@ -461,10 +461,10 @@ fn message_from_row(row: &PgRow) -> Result<Message> {
 
 fn event_from_row(row: &PgRow) -> Result<Event> {
     let payload: String = get(row, "payload")?;
-    Ok(Event {
-        seq: to_u64(get(row, "seq")?, "event seq")?,
-        payload: from_json_text(&payload, "event payload")?,
-    })
+    Ok(Event::new(
+        to_u64(get(row, "seq")?, "event seq")?,
+        from_json_text(&payload, "event payload")?,
+    ))
 }
 
 fn approval_from_row(row: &PgRow) -> Result<Approval> {
@@ -750,7 +750,11 @@ impl CommitSteps for PgCommit<'_, '_> {
         for e in events {
             seqs.push(to_i64(e.seq, "event seq")?);
             kinds.push(e.payload.kind());
-            payloads.push(to_json_text(&e.payload)?);
+            let json = e.payload_json();
+            payloads.push(
+                json.map_err(|e| Error::Internal(format!("cannot serialize: {e}")))?
+                    .into_owned(),
+            );
         }
         sqlx::query(
             "INSERT INTO events (session_id, seq, kind, payload, created_at)
@@ -995,9 +999,9 @@ fn bind_append<'q>(
     }
     let mut kinds = Vec::with_capacity(commit.events.len());
     let mut payloads = Vec::with_capacity(commit.events.len());
-    for e in &commit.events {
+    for (e, json) in &commit.events {
         kinds.push(e.kind());
-        payloads.push(to_json_text(e)?);
+        payloads.push(&**json);
     }
     let query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(session_id);
     Ok(bind_change(query, &commit.change)?
@@ -1157,7 +1161,7 @@ impl Storage for PostgresStorage {
         check_commit(session_id, &commit)?;
         let notice = (!commit.events.is_empty())
             .then(|| format!("{} {session_id}", commit.lease_owner.as_deref().unwrap_or("-")));
-        let committed = match commit::Appending::of(commit) {
+        let committed = match commit::Appending::of(commit)? {
             // Most commits: one round trip.
             Ok(appending) => self.append(session_id, appending).await?,
             Err(commit) => {
@@ -1380,7 +1384,7 @@ impl Storage for PostgresStorage {
             return super::lease_then_commit(self, session_id, owner, ttl, expected, commit).await;
         }
         let notice = (!commit.events.is_empty()).then(|| format!("{owner} {session_id}"));
-        let appending = match commit::Appending::of(commit) {
+        let appending = match commit::Appending::of(commit)? {
             Ok(a) => a,
             Err(commit) => {
                 return super::lease_then_commit(self, session_id, owner, ttl, expected, *commit).await;

@@ -5,9 +5,11 @@
 //! backend uses, so there is one SSE reading in the workspace.
 
 mod api;
+mod events;
 mod process;
 mod sse;
 
 pub use api::create_session;
+pub use events::every_event_payload;
 pub use process::ServerProcess;
 pub use sse::{EventStream, SseEvent, SseReader};

@@ -182,7 +182,7 @@ async fn record(
         },
         ..Commit::default()
     };
-    let committed = turn.commit(c, true).await?;
+    let first = turn.commit(c, true).await?;
     let mut note = json!({"call_id": d.call_id, "decision": d.decision.verb()});
     if let Some(t) = request_type {
         note["request_type"] = json!(t);
@@ -195,7 +195,7 @@ async fn record(
         ],
     );
     turn.rt.bus.publish(outcome.kind, turn.id(), note);
-    let first = committed.events.first().map(|e| e.seq).unwrap_or(1);
+    let first = first.unwrap_or(1);
     // While other approvals are pending the turn stays paused: this stream ends with its `done`.
     let next = if outcome.still_pending {
         Next::Nothing

@@ -297,11 +297,13 @@ impl Turn {
         })
     }
 
-    /// Commits under this process's lease, publishes the events, and keeps the session current.
-    async fn commit(&mut self, c: Commit, with_state: bool) -> Result<Stored> {
+    /// Commits under this process's lease, publishes the events (moved to the hub, not copied),
+    /// and keeps the session current. Returns the seq of the first event stored, if any.
+    async fn commit(&mut self, c: Commit, with_state: bool) -> Result<Option<u64>> {
         let stored = self.commit_quietly(c, with_state).await?;
-        self.rt.hubs.publish(&self.session.id, &stored.events);
-        Ok(stored)
+        let first = stored.events.first().map(|e| e.seq);
+        self.rt.hubs.publish(&self.session.id, stored.events);
+        Ok(first)
     }
 
     /// Commits without publishing (the caller publishes once the session is free again).
@@ -356,6 +358,7 @@ impl Turn {
             false,
         )
         .await
+        .map(|_| ())
         .map(|_| ())
     }
 
@@ -1375,7 +1378,7 @@ impl Turn {
                 .await;
         }
         self.rt.hubs.finish_turn(&self.session.id);
-        self.rt.hubs.publish(&self.session.id, &last);
+        self.rt.hubs.publish(&self.session.id, last);
     }
 
     /// `turn.started` on the bus: the turn runs in this process now, on this agent (`resumed`:

@@ -158,7 +158,7 @@ pub(super) async fn close_interrupted(rt: &Arc<Inner>, session: &Session, keep_l
             "the turn was interrupted: the runtime stopped while it was running".into(),
         )))
         .await?;
-    rt.hubs.publish(&session.id, &last);
+    rt.hubs.publish(&session.id, last);
     Ok(())
 }
 
@@ -326,8 +326,7 @@ async fn end_here(rt: &Arc<Inner>, session_id: &str) -> Result<CancelOutcome> {
     let mut turn = Turn::new(rt.clone(), session, running.cancel.clone());
     let result = turn.finish(Err(cancelled())).await;
     give_back(rt, session_id).await;
-    if let Ok(events) = &result {
-        rt.hubs.publish(session_id, events);
-    }
-    result.map(|_| CancelOutcome::Cancelled)
+    let events = result?;
+    rt.hubs.publish(session_id, events);
+    Ok(CancelOutcome::Cancelled)
 }

@@ -158,7 +158,7 @@ impl QuickStart {
     pub(super) fn started(
         self,
         rt: &Arc<Inner>,
-        committed: Committed,
+        mut committed: Committed,
         cancel: CancellationToken,
     ) -> (Turn, Next, u64) {
         let session = &committed.session;
@@ -168,13 +168,14 @@ impl QuickStart {
             let mut turn = *turn;
             turn.cancel = cancel;
             let Stored { events } = turn.stored(committed);
-            rt.hubs.publish(turn.id(), &events);
+            rt.hubs.publish(turn.id(), events);
             turn.trace_client_tool(span);
             return (turn, next, first);
         }
         let before = session.last_message_seq - committed.messages.len() as u64;
         rt.hubs.recent.extend(before, session, &committed.messages);
-        rt.hubs.publish(&session.id, &committed.events);
+        rt.hubs
+            .publish(&session.id, std::mem::take(&mut committed.events));
         let turn = Turn::new(rt.clone(), committed.session, cancel);
         (turn, next, first)
     }
@@ -256,11 +257,8 @@ async fn switch_agent(
             stop_reason: StopReason::Completed,
             usage: Usage::default().into(),
         });
-        let committed = turn.commit(c, false).await?;
-        return Ok((
-            Next::Nothing,
-            committed.events.first().map(|e| e.seq).unwrap_or(1),
-        ));
+        let first = turn.commit(c, false).await?;
+        return Ok((Next::Nothing, first.unwrap_or(1)));
     };
     cancel_paused_turn(turn, request_id).await?;
     let c = explicit_switch(turn, &agent_type, &reason);

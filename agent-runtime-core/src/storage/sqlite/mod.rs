@@ -417,10 +417,7 @@ fn message_from_row(row: &Row<'_>) -> rusqlite::Result<Message> {
 }
 
 fn event_from_row(row: &Row<'_>) -> rusqlite::Result<Event> {
-    Ok(Event {
-        seq: u64_col(row, 0)?,
-        payload: json_col::<EventPayload>(row, 1)?,
-    })
+    Ok(Event::new(u64_col(row, 0)?, json_col::<EventPayload>(row, 1)?))
 }
 
 fn request_type_str(t: RequestType) -> &'static str {
@@ -703,7 +700,10 @@ impl CommitSteps for SqliteCommit<'_> {
             for (i, e) in chunk.iter().enumerate() {
                 let at = 2 + i * EVENT_INSERT_COLUMNS;
                 bind(&mut insert, at, sql_seq(e.seq))?;
-                bind(&mut insert, at + 1, to_json(&e.payload)?)?;
+                let json = e
+                    .payload_json()
+                    .map_err(|e| Error::Internal(format!("cannot encode JSON: {e}")))?;
+                bind(&mut insert, at + 1, &*json)?;
             }
             insert.raw_execute().map_err(db)?;
         }
