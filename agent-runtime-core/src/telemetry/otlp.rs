@@ -2,6 +2,7 @@
 //! protobuf buffer (no intermediate proto structs) and POSTs it over one keep-alive client.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use opentelemetry::trace::{SpanContext, SpanKind, Status};
@@ -314,7 +315,8 @@ pub(super) struct TraceExporter {
     client: Mutex<Option<reqwest::blocking::Client>>,
     resource: Vec<u8>,
     schema_url: String,
-    body: Mutex<Vec<u8>>,
+    /// The last body's length: the next body's buffer is sized for it.
+    body_hint: AtomicUsize,
 }
 
 impl std::fmt::Debug for TraceExporter {
@@ -350,14 +352,22 @@ impl TraceExporter {
             client: Mutex::new(None),
             resource: Vec::new(),
             schema_url: String::new(),
-            body: Mutex::new(Vec::new()),
+            body_hint: AtomicUsize::new(0),
         }
     }
 
-    fn send(&self, spans: &[SpanData]) -> Result<(), String> {
-        let started = std::time::Instant::now();
-        let mut body = self.body.lock().map_err(|e| e.to_string())?;
+    /// Encodes `spans` as one export request's body.
+    pub(super) fn encode(&self, spans: &[SpanData]) -> Vec<u8> {
+        let mut body = Vec::with_capacity(self.body_hint.load(Ordering::Relaxed));
         encode_request(&mut body, &self.resource, &self.schema_url, spans);
+        self.body_hint.store(body.len(), Ordering::Relaxed);
+        body
+    }
+
+    /// POSTs one encoded request, retrying a retryable answer within the export timeout. Safe to
+    /// call from several threads at once: they share the client's keep-alive connections.
+    pub(super) fn post(&self, body: bytes::Bytes) -> Result<(), String> {
+        let started = std::time::Instant::now();
         let client = {
             let mut c = self.client.lock().map_err(|e| e.to_string())?;
             match &*c {
@@ -399,7 +409,8 @@ impl TraceExporter {
 
 impl SpanExporter for TraceExporter {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-        self.send(&batch).map_err(OTelSdkError::InternalFailure)
+        self.post(self.encode(&batch).into())
+            .map_err(OTelSdkError::InternalFailure)
     }
 
     fn set_resource(&mut self, r: &Resource) {
