@@ -599,26 +599,30 @@ impl App {
                     .map(str::to_string)
             })
         });
-        let response = async {
-            let r = self
-                .dispatch(route, req)
-                .await
-                .unwrap_or_else(|e| error_response(&e));
-            tracing::info!(
-                status = r.status().as_u16(),
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "answered"
-            );
-            r
-        }
-        .instrument(span);
+        // Pinned in place: awaiting a local moves it into a second slot of this future, which
+        // made it twice the route's future, copied whole into its box per request.
+        let mut response = std::pin::pin!(
+            async {
+                let r = self
+                    .dispatch(route, req)
+                    .await
+                    .unwrap_or_else(|e| error_response(&e));
+                tracing::info!(
+                    status = r.status().as_u16(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "answered"
+                );
+                r
+            }
+            .instrument(span)
+        );
         let response = match otel {
-            None => response.await,
+            None => response.as_mut().await,
             Some(otel) => {
-                // Boxed: the request's future is large (every route's state), and moving it into
-                // the context wrapper copied it several times per request (callgrind: the copies
-                // were most of export's cost per scenario).
-                let r = within_request(&otel, Box::pin(response)).await;
+                // By reference: the request's future is large (every route's state), and moving
+                // it into the context wrapper copied it several times per request (callgrind: the
+                // copies were most of export's cost per scenario).
+                let r = within_request(&otel, response.as_mut()).await;
                 otel.end(r.status().as_u16());
                 r
             }
@@ -699,7 +703,8 @@ impl App {
             (Method::GET, Route::Usage(id)) => ok(&rt.budget_usage(&id).await?),
             (Method::DELETE, Route::Session(id)) => {
                 // Boxed, as the rare routes whose futures are several KB (see submit below).
-                Box::pin(rt.delete_session(&id)).await?;
+                let deleting = Box::pin(rt.delete_session(&id));
+                deleting.await?;
                 ok(&StatusReply {
                     status: "deleted".into(),
                 })
@@ -740,10 +745,12 @@ impl App {
                     message: ClientMessage::HitlDecision(body.decision),
                 };
                 // Boxed: see the message-stream route below.
-                stream(self, Box::pin(rt.submit(&id, submission)).await?)
+                let submitted = Box::pin(rt.submit(&id, submission));
+                stream(self, submitted.await?)
             }
             (Method::POST, Route::Cancel(id)) => {
-                let status = match Box::pin(rt.cancel(&id)).await? {
+                let cancelling = Box::pin(rt.cancel(&id));
+                let status = match cancelling.await? {
                     CancelOutcome::Cancelled => "cancelled",
                     CancelOutcome::Idle => "idle",
                 };
@@ -762,10 +769,12 @@ impl App {
                     request_id: body.request_id,
                     message: body.message,
                 };
-                // Boxed: a submit's future is about 12 KB (cancel's and delete's about 6 KB, the
-                // other routes' under 1 KB); inline, it made every request's future that size,
-                // copied whole at each move.
-                stream(self, Box::pin(rt.submit(&body.session_id, submission)).await?)
+                // Boxed: a submit's future is several KB (cancel's and delete's too, the other
+                // routes' under 1 KB); inline, it made every request's future that size, copied
+                // whole at each move. Boxed in its own statement: a temporary moved into the box
+                // inside the awaiting expression still kept its slot in this future.
+                let submitted = Box::pin(rt.submit(&body.session_id, submission));
+                stream(self, submitted.await?)
             }
             (method, route) => Ok(method_not_allowed(&method, &route)),
         }

@@ -69,7 +69,8 @@ pub(in crate::orchestrator) async fn resume_orphan(
     );
     let span = tracing::info_span!("turn", session_id = %id, turn_id = %turn.state.turn_id, resumed = reason);
     tokio::spawn(tracing::Instrument::instrument(
-        turn.run(Next::Resume { reason }),
+        // Boxed, as in `spawn_turn`: only a pointer moves into the task.
+        Box::pin(turn.run(Next::Resume { reason })),
         span,
     ));
     Ok(())

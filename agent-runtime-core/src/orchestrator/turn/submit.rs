@@ -223,13 +223,19 @@ pub(in crate::orchestrator) async fn submit(
     if session.status == SessionStatus::Running && rt.config.turn_recovery == TurnRecovery::Resume {
         // We hold the lease, so nobody runs it: a turn whose process stopped. It goes on here;
         // the new message waits for it like any message sent while a turn runs.
-        resume_orphan(&rt, session, running).await?;
+        // Boxed (in its own statement, so the moved temporary keeps no slot here): a rare path
+        // whose future would otherwise size every submit's.
+        let resuming = Box::pin(resume_orphan(&rt, session, running));
+        resuming.await?;
         return Err(Error::SessionBusy(session_id.into()));
     }
     // Subscribed before the first commit: the turn's events all arrive live, none is read back.
     let subscribed =
         EventStream::subscribe(rt.storage.clone(), rt.hubs.clone(), session_id, Follow::UntilDone);
-    match start(&rt, session, sub, running.cancel.clone()).await {
+    // Boxed: the long way (not the quick start) holds the biggest states of a submit (a turn
+    // being built, a decision's calls); inline, every submit's future had its size.
+    let started = Box::pin(start(&rt, session, sub, running.cancel.clone()));
+    match started.await {
         Ok((turn, next, first_seq)) => {
             let stream = subscribed.after(first_seq.saturating_sub(1));
             Ok(spawn_turn(&rt, session_id, running, turn, next, stream))
@@ -259,7 +265,9 @@ fn spawn_turn(
         running.finished.clone(),
     );
     let span = info_span!("turn", session_id, turn_id = %turn.state.turn_id);
-    tokio::spawn(turn.run(next).instrument(span));
+    // Boxed where it is built: spawning moved the whole turn's future (about 7 KB) a few times
+    // on its way into the task; boxed, only a pointer moves.
+    tokio::spawn(Box::pin(turn.run(next)).instrument(span));
     stream
 }
 
