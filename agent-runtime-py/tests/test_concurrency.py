@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import asyncio
+import signal
 import threading
 
 import pytest
@@ -109,7 +110,19 @@ def test_four_threads_drive_four_sessions_at_once(db_url):
         assert results[sid][-1]["stop_reason"] == "completed"
 
 
-def test_ctrl_c_interrupts_a_blocking_iteration_and_the_turn_goes_on(rt, llm, session):
+@pytest.fixture
+def ctrl_c_raises():
+    # A process started in the background by a non-interactive shell inherits SIGINT ignored, and
+    # Python then never raises KeyboardInterrupt (`_thread.interrupt_main` does nothing): the
+    # test installs Python's own handler for its duration, whatever launched it.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_interrupts_a_blocking_iteration_and_the_turn_goes_on(
+    rt, llm, session, ctrl_c_raises
+):
     gate = threading.Event()
     answer = text("a", "b", gate=gate)
     llm.script(route("ask"), answer)
