@@ -17,6 +17,12 @@ use super::otlp::TraceExporter;
 /// so the collector's latency does not bound the spans exported per second.
 const IN_FLIGHT: usize = 2;
 
+/// The spans each of the queue's two vectors is allocated for: the queue's bound, up to 4,096
+/// (a larger queue's vectors grow past that as they fill).
+fn preallocated(max_queue: usize) -> usize {
+    max_queue.min(4096)
+}
+
 /// What the export thread is asked to do besides exporting what is queued.
 enum Job {
     /// Export what is queued, then answer.
@@ -27,8 +33,8 @@ enum Job {
 
 /// A span processor with a bounded queue: `on_end` never waits (a full queue drops the span and
 /// counts it), one thread exports batches; spans of a failed or timed-out export are counted too.
-/// The queue is a vector behind a mutex that the thread swaps for an empty one: a span is moved
-/// once into it, with no allocation of its own. The thread is woken only when a batch is full,
+/// The queue is a vector behind a mutex that the thread swaps for an empty one of the same
+/// capacity (the queue's bound): a span is moved once into it, with no allocation of its own. The thread is woken only when a batch is full,
 /// for a flush, or by its schedule: never per span. It encodes each batch and hands the body to
 /// one of [`IN_FLIGHT`] POSTing threads, so it is back at the queue while the collector answers.
 #[derive(Debug)]
@@ -56,7 +62,9 @@ impl QueueProcessor {
         dropped: Arc<AtomicU64>,
     ) -> std::io::Result<Self> {
         let (jobs, asked) = sync_channel(1);
-        let queue = Arc::new(Mutex::new(Vec::with_capacity(batching.max_batch)));
+        // Both vectors the queue alternates between hold a full queue (up to `preallocated`): a
+        // span pushed is not the one that grows (and copies) them.
+        let queue = Arc::new(Mutex::new(Vec::with_capacity(preallocated(batching.max_queue))));
         let (drained, counted) = (queue.clone(), dropped.clone());
         // A batch larger than the queue could never fill (the SDK's processor clamps it too).
         let batching = Batching {
@@ -180,10 +188,10 @@ fn export_loop(
     let exporter = Arc::new(exporter);
     let in_flight: InFlight = Arc::new((Mutex::new(0), std::sync::Condvar::new()));
     let bodies = start_posters(&exporter, &dropped, &in_flight);
-    // The queue is swapped with `taken` (empty, sized for a batch), which becomes the next
+    // The queue is swapped with `taken` (empty, sized for a full queue), which becomes the next
     // queue; each batch is encoded, dropped, and its body handed to a poster.
     let max_batch = batching.max_batch;
-    let mut taken: Vec<SpanData> = Vec::with_capacity(max_batch);
+    let mut taken: Vec<SpanData> = Vec::with_capacity(preallocated(batching.max_queue));
     let drain = |taken: &mut Vec<SpanData>| {
         let mut queued = queue.lock().unwrap_or_else(|e| e.into_inner());
         std::mem::swap(&mut *queued, taken);

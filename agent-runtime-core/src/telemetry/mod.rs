@@ -120,6 +120,14 @@ impl std::fmt::Debug for Telemetry {
     }
 }
 
+/// A span's attributes at its start, in a vector with room for `more` that are set later (at
+/// its end): the span keeps this vector, which then is not grown (and copied) by them.
+fn attrs_with_room<const N: usize>(start: [KeyValue; N], more: usize) -> Vec<KeyValue> {
+    let mut attrs = Vec::with_capacity(N + more);
+    attrs.extend(start);
+    attrs
+}
+
 /// A span's name, `{operation} {target}`: one allocation, no formatting machinery (a span
 /// name is built for every request, agent and tool).
 fn span_name(operation: &str, target: &str) -> String {
@@ -295,11 +303,15 @@ impl Telemetry {
             .tracer
             .span_builder(span_name(method, route))
             .with_kind(SpanKind::Server)
-            .with_attributes(vec![
-                KeyValue::new("http.request.method", method_value),
-                KeyValue::new("http.route", route),
-                KeyValue::new("url.path", path.to_string()),
-            ])
+            .with_attributes(attrs_with_room(
+                [
+                    KeyValue::new("http.request.method", method_value),
+                    KeyValue::new("http.route", route),
+                    KeyValue::new("url.path", path.to_string()),
+                ],
+                // The status code, and `error.type` for a 5xx.
+                2,
+            ))
             .start_with_context(&self.inner.tracer, &parent);
         RequestSpan {
             cx: parent.with_span(span),
@@ -345,10 +357,12 @@ impl RequestSpan {
     /// Ends the span with the response's status (5xx marks it an error).
     pub fn end(self, status: u16) {
         let span = self.cx.span();
-        span.set_attribute(KeyValue::new("http.response.status_code", i64::from(status)));
+        let code = KeyValue::new("http.response.status_code", i64::from(status));
         if status >= 500 {
-            span.set_attribute(KeyValue::new("error.type", status.to_string()));
+            span.set_attributes([code, KeyValue::new("error.type", status.to_string())]);
             span.set_status(Status::error(""));
+        } else {
+            span.set_attribute(code);
         }
         span.end();
     }
@@ -565,14 +579,18 @@ impl TurnTrace {
             span_name("invoke_agent", agent),
             SpanKind::Internal,
             &self.parent,
-            vec![
-                KeyValue::new("gen_ai.operation.name", "invoke_agent"),
-                KeyValue::new("gen_ai.provider.name", PROVIDER),
-                KeyValue::new("gen_ai.agent.name", agent.to_string()),
-                KeyValue::new("gen_ai.conversation.id", self.session_id.clone()),
-                KeyValue::new("gen_ai.request.model", self.constants.model.clone()),
-                KeyValue::new("agent_runtime.turn.id", turn_id.to_string()),
-            ],
+            attrs_with_room(
+                [
+                    KeyValue::new("gen_ai.operation.name", "invoke_agent"),
+                    KeyValue::new("gen_ai.provider.name", PROVIDER),
+                    KeyValue::new("gen_ai.agent.name", agent.to_string()),
+                    KeyValue::new("gen_ai.conversation.id", self.session_id.clone()),
+                    KeyValue::new("gen_ai.request.model", self.constants.model.clone()),
+                    KeyValue::new("agent_runtime.turn.id", turn_id.to_string()),
+                ],
+                // The stop reason, and `error.type` for a failed turn.
+                2,
+            ),
             links,
         );
         let tp = traceparent(&cx);
@@ -585,10 +603,12 @@ impl TurnTrace {
         if let Some(cx) = self.agent.take() {
             let span = cx.span();
             if let Some((stop, error)) = outcome {
-                span.set_attribute(KeyValue::new("agent_runtime.stop_reason", stop.to_string()));
+                let stop = KeyValue::new("agent_runtime.stop_reason", stop.to_string());
                 if let Some(code) = error {
-                    span.set_attribute(KeyValue::new("error.type", code.to_string()));
+                    span.set_attributes([stop, KeyValue::new("error.type", code.to_string())]);
                     span.set_status(Status::error(code.to_string()));
+                } else {
+                    span.set_attribute(stop);
                 }
             }
             span.end();
@@ -618,15 +638,20 @@ impl TurnTrace {
 
     /// Opens `chat {model}` for a model call under the agent span.
     pub(crate) fn chat(&self, kind: CallKind, req: &ChatRequest) -> ChatSpan {
-        let mut attrs = vec![
-            KeyValue::new("gen_ai.operation.name", "chat"),
-            KeyValue::new("gen_ai.provider.name", PROVIDER),
-            KeyValue::new("gen_ai.request.model", self.constants.model.clone()),
-            KeyValue::new("gen_ai.conversation.id", self.session_id.clone()),
-            KeyValue::new("server.address", self.constants.server.clone()),
-            KeyValue::new("server.port", self.constants.port),
-            KeyValue::new("agent_runtime.call", kind.as_str()),
-        ];
+        let mut attrs = attrs_with_room(
+            [
+                KeyValue::new("gen_ai.operation.name", "chat"),
+                KeyValue::new("gen_ai.provider.name", PROVIDER),
+                KeyValue::new("gen_ai.request.model", self.constants.model.clone()),
+                KeyValue::new("gen_ai.conversation.id", self.session_id.clone()),
+                KeyValue::new("server.address", self.constants.server.clone()),
+                KeyValue::new("server.port", self.constants.port),
+                KeyValue::new("agent_runtime.call", kind.as_str()),
+            ],
+            // The request's two options and input messages, then what `ChatSpan::end` adds:
+            // response model, finish reasons, two token counts, output messages.
+            3 + 5,
+        );
         if let Some(t) = req.max_tokens {
             attrs.push(KeyValue::new("gen_ai.request.max_tokens", i64::from(t)));
         }
@@ -799,20 +824,27 @@ impl ChatSpan {
         let elapsed = self.started.elapsed().as_secs_f64();
         match outcome {
             Ok(o) => {
-                span.set_attribute(KeyValue::new("gen_ai.response.model", c.model.clone()));
+                // Set together: the span's lock is taken once, not per attribute.
+                let mut attrs: [Option<KeyValue>; 4] = [
+                    Some(KeyValue::new("gen_ai.response.model", c.model.clone())),
+                    None,
+                    None,
+                    None,
+                ];
                 if let Some(f) = o.finish {
-                    span.set_attribute(KeyValue::new(
+                    attrs[1] = Some(KeyValue::new(
                         "gen_ai.response.finish_reasons",
                         Value::Array(vec![finish_reason_value(f)].into()),
                     ));
                 }
                 if let Some(u) = o.usage {
                     let (input, output) = (u.prompt_tokens, u.completion_tokens);
-                    span.set_attribute(KeyValue::new("gen_ai.usage.input_tokens", input as i64));
-                    span.set_attribute(KeyValue::new("gen_ai.usage.output_tokens", output as i64));
+                    attrs[2] = Some(KeyValue::new("gen_ai.usage.input_tokens", input as i64));
+                    attrs[3] = Some(KeyValue::new("gen_ai.usage.output_tokens", output as i64));
                     c.input.record(input);
                     c.output.record(output);
                 }
+                span.set_attributes(attrs.into_iter().flatten());
                 if self.tel.captures_content()
                     && let Some((text, calls)) = o.output
                 {

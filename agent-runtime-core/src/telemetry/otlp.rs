@@ -149,14 +149,99 @@ fn any_value(w: &mut Writer<'_>, v: &Value) {
     }
 }
 
+/// The bytes a varint of `v` takes.
+#[inline(always)]
+fn varint_len(v: u64) -> usize {
+    // 1 for 0..=127, then one more per 7 bits.
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// Appends a varint to a buffer that already has room for it.
+#[inline(always)]
+fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        buf.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    buf.push(v as u8);
+}
+
+/// One `common.v1.KeyValue` in `field`. A scalar value (string, bool, integer, double: every
+/// attribute the runtime sets) is written with its lengths computed up front, after one
+/// `reserve`, without the nested messages' length fix-up; arrays take the general path.
+#[inline]
+fn attribute(w: &mut Writer<'_>, field: u32, k: &str, v: &Value) {
+    // `AnyValue`'s tag and payload: (tag byte, varint payload, bytes payload).
+    let (tag, int, bytes): (u8, u64, &[u8]) = match v {
+        Value::String(s) => (1 << 3 | LEN as u8, 0, s.as_str().as_bytes()),
+        Value::Bool(b) => (2 << 3 | VARINT as u8, u64::from(*b), &[]),
+        Value::I64(i) => (3 << 3 | VARINT as u8, *i as u64, &[]),
+        Value::F64(f) => return attribute_f64(w, field, k, *f),
+        _ => {
+            return w.message(field, |w| {
+                w.str(1, k);
+                w.message(2, |w| any_value(w, v));
+            });
+        }
+    };
+    let any_len = 1 + if tag & 7 == LEN as u8 {
+        varint_len(bytes.len() as u64) + bytes.len()
+    } else {
+        varint_len(int)
+    };
+    // An empty key is proto3's default: not written (as `Writer::str` does).
+    let key_len = if k.is_empty() {
+        0
+    } else {
+        1 + varint_len(k.len() as u64) + k.len()
+    };
+    let kv_len = key_len + 1 + varint_len(any_len as u64) + any_len;
+    let tag_len = varint_len(u64::from((field << 3) | LEN));
+    let buf = &mut *w.0;
+    buf.reserve(tag_len + varint_len(kv_len as u64) + kv_len);
+    put_varint(buf, u64::from((field << 3) | LEN));
+    put_varint(buf, kv_len as u64);
+    if !k.is_empty() {
+        buf.push(1 << 3 | LEN as u8);
+        put_varint(buf, k.len() as u64);
+        buf.extend_from_slice(k.as_bytes());
+    }
+    buf.push(2 << 3 | LEN as u8);
+    put_varint(buf, any_len as u64);
+    buf.push(tag);
+    if tag & 7 == LEN as u8 {
+        put_varint(buf, bytes.len() as u64);
+        buf.extend_from_slice(bytes);
+    } else {
+        put_varint(buf, int);
+    }
+}
+
+/// [`attribute`] of a double: its fixed eight bytes.
+fn attribute_f64(w: &mut Writer<'_>, field: u32, k: &str, f: f64) {
+    w.message(field, |w| {
+        w.str(1, k);
+        w.message(2, |w| {
+            w.tag(4, I64);
+            w.0.extend_from_slice(&f.to_le_bytes());
+        });
+    });
+}
+
 /// Repeated `common.v1.KeyValue` in `field`.
 fn attributes<'k>(w: &mut Writer<'_>, field: u32, attrs: impl IntoIterator<Item = (&'k str, &'k Value)>) {
     for (k, v) in attrs {
-        w.message(field, |w| {
-            w.str(1, k);
-            w.message(2, |w| any_value(w, v));
-        });
+        attribute(w, field, k, v);
     }
+}
+
+/// Whether two spans' scopes are the same scope: the runtime's spans all share one, without
+/// attributes, compared without the general comparison's sorting copies.
+fn same_scope(a: &InstrumentationScope, b: &InstrumentationScope) -> bool {
+    if a.attributes().next().is_none() && b.attributes().next().is_none() {
+        return a.name() == b.name() && a.version() == b.version() && a.schema_url() == b.schema_url();
+    }
+    a == b
 }
 
 fn kv(a: &KeyValue) -> (&str, &Value) {
@@ -253,7 +338,7 @@ fn encode_request(out: &mut Vec<u8>, resource: &[u8], schema_url: &str, spans: &
             let sc = &first.instrumentation_scope;
             let n = rest
                 .iter()
-                .position(|s| s.instrumentation_scope != *sc)
+                .position(|s| !same_scope(&s.instrumentation_scope, sc))
                 .unwrap_or(rest.len());
             let (run, next) = rest.split_at(n);
             w.message(2, |w| {
@@ -315,8 +400,9 @@ pub(super) struct TraceExporter {
     client: Mutex<Option<reqwest::blocking::Client>>,
     resource: Vec<u8>,
     schema_url: String,
-    /// The last body's length: the next body's buffer is sized for it.
-    body_hint: AtomicUsize,
+    /// The most bytes per span a body has taken so far: the next body's buffer is sized for as
+    /// many spans at that rate, so it is not grown (and copied) while it is written.
+    per_span: AtomicUsize,
 }
 
 impl std::fmt::Debug for TraceExporter {
@@ -352,15 +438,21 @@ impl TraceExporter {
             client: Mutex::new(None),
             resource: Vec::new(),
             schema_url: String::new(),
-            body_hint: AtomicUsize::new(0),
+            per_span: AtomicUsize::new(0),
         }
     }
 
     /// Encodes `spans` as one export request's body.
     pub(super) fn encode(&self, spans: &[SpanData]) -> Vec<u8> {
-        let mut body = Vec::with_capacity(self.body_hint.load(Ordering::Relaxed));
+        let per_span = self.per_span.load(Ordering::Relaxed);
+        let head = self.resource.len() + self.schema_url.len() + 64;
+        let mut body = Vec::with_capacity(head + per_span * spans.len());
         encode_request(&mut body, &self.resource, &self.schema_url, spans);
-        self.body_hint.store(body.len(), Ordering::Relaxed);
+        if !spans.is_empty() {
+            // Rounded up a little, so a batch slightly denser than the last is not grown either.
+            let rate = body.len().saturating_sub(head) / spans.len() * 9 / 8 + 1;
+            self.per_span.store(per_span.max(rate), Ordering::Relaxed);
+        }
         body
     }
 
@@ -581,6 +673,51 @@ mod tests {
             prost::encoding::encode_varint(len as u64, &mut expected);
             expected.extend_from_slice(&payload);
             assert_eq!(buf, expected, "length {len}");
+        }
+    }
+
+    #[test]
+    fn an_attribute_is_written_byte_for_byte_as_the_general_nested_message_encoder_writes_it() {
+        // The general path: every nested message written in place and its length fixed up.
+        fn general(field: u32, k: &str, v: &Value) -> Vec<u8> {
+            let mut buf = vec![7];
+            Writer(&mut buf).message(field, |w| {
+                w.str(1, k);
+                w.message(2, |w| any_value(w, v));
+            });
+            buf
+        }
+        let lengths = [0usize, 1, 100, 115, 116, 127, 128, 16_383, 16_384, 70_000];
+        let mut cases: Vec<(String, Value)> = vec![];
+        for len in lengths {
+            cases.push(("k".repeat(len), Value::from("v")));
+            cases.push(("gen_ai.request.model".into(), Value::from("m".repeat(len))));
+            cases.push(("".into(), Value::from("v".repeat(len))));
+        }
+        for i in [0i64, 1, 127, 128, -1, i64::MIN, i64::MAX, 8080] {
+            cases.push(("server.port".into(), Value::I64(i)));
+        }
+        for b in [true, false] {
+            cases.push(("bool".into(), Value::Bool(b)));
+        }
+        for f in [0.0f64, -0.0, 0.25, f64::MAX] {
+            cases.push(("gen_ai.request.temperature".into(), Value::F64(f)));
+        }
+        cases.push((
+            "gen_ai.response.finish_reasons".into(),
+            Value::Array(vec![opentelemetry::StringValue::from("stop")].into()),
+        ));
+        for field in [1, 3, 9, 16, 200] {
+            for (k, v) in &cases {
+                let mut fast = vec![7];
+                attribute(&mut Writer(&mut fast), field, k, v);
+                assert_eq!(
+                    fast,
+                    general(field, k, v),
+                    "field {field}, key of {} bytes, {v:?}",
+                    k.len()
+                );
+            }
         }
     }
 
