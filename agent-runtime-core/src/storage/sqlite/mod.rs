@@ -20,6 +20,7 @@
 //! a failed one returns an error, and the writer undoes the commit (it rolls the batch back and
 //! runs the batch's other writes again alone: `writer`'s doc).
 
+mod prepared;
 mod reader;
 mod writer;
 
@@ -30,6 +31,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params, params_from_iter};
+
+use prepared::Db;
 
 use super::commit::{self, CommitSteps, Head, SessionChange};
 use super::liveness::{LockFileRegistry, OwnerRegistry};
@@ -80,14 +83,27 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// connection parses the schema, which costs more than a read).
 const READERS: usize = 4;
 
-/// The session row's columns in `session_from_row`'s order (`update_session`'s read-back lists
-/// the same).
-const SESSION_COLUMNS: &str = "id, user_id, metadata, created_at, last_activity, current_agent, status, \
-     message_count, last_message_seq, last_event_seq, prompt_tokens, completion_tokens, turn_state, \
-     budget, cost, cached_prompt_tokens";
-const MESSAGE_COLUMNS: &str = "seq, role, content, agent, tool_calls, tool_call_id, created_at";
-const APPROVAL_COLUMNS: &str = "call_id, session_id, tool_name, arguments, reason, request_type, status, \
-     created_at, decided_at, feedback, modified_arguments";
+/// The session row's columns in `session_from_row`'s order. Macros, not constants, so that the
+/// statements naming them are literals (`concat!`), kept prepared by their address (`prepared`).
+macro_rules! session_columns {
+    () => {
+        "id, user_id, metadata, created_at, last_activity, current_agent, status, \
+         message_count, last_message_seq, last_event_seq, prompt_tokens, completion_tokens, turn_state, \
+         budget, cost, cached_prompt_tokens"
+    };
+}
+macro_rules! message_columns {
+    () => {
+        "seq, role, content, agent, tool_calls, tool_call_id, created_at"
+    };
+}
+macro_rules! approval_columns {
+    () => {
+        "call_id, session_id, tool_name, arguments, reason, request_type, status, \
+         created_at, decided_at, feedback, modified_arguments"
+    };
+}
+const SESSION_COLUMNS: &str = session_columns!();
 
 /// SQLite storage. Cloning is not needed: share it as `Arc<dyn Storage>`.
 pub struct SqliteStorage {
@@ -160,10 +176,10 @@ fn parse_url(url: &str) -> Result<Option<PathBuf>> {
 /// statement cache; the expression keeps the plan (the index gives the order) and the prepared
 /// statement.
 ///
-/// Distinct statements a connection keeps prepared (rusqlite's default of 16 is fewer than one
-/// commit uses, so its cache would keep evicting and re-parsing them): room for the writer's
-/// statements and the multi-row `INSERT`s of every row count (`ROWS_PER_INSERT` per table).
-const STATEMENT_CACHE: usize = 96;
+/// Distinct statements rusqlite's statement cache keeps prepared per connection. Every statement
+/// with a fixed text is kept by [`Db`] instead (found by its text's address, not its hash); the
+/// cache holds only those built per call (the session list's filters, the checkpoint).
+const STATEMENT_CACHE: usize = 16;
 
 fn configure(conn: &Connection, file: bool) -> rusqlite::Result<()> {
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
@@ -288,7 +304,7 @@ impl SqliteStorage {
     async fn write<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Clone + Send + 'static,
+        F: FnOnce(&Db<'_>) -> Result<T> + Clone + Send + 'static,
     {
         self.inner.writer.run(f).await
     }
@@ -297,7 +313,7 @@ impl SqliteStorage {
     async fn read<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Clone + Send + 'static,
+        F: FnOnce(&Db<'_>) -> Result<T> + Clone + Send + 'static,
     {
         match &self.inner.readers {
             Some(readers) => readers.run(f).await,
@@ -356,20 +372,20 @@ fn ts_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<Timestamp> {
     row.get::<_, i64>(idx).map(Timestamp::from_millis)
 }
 
-/// `Connection::query_row` through the connection's statement cache: parsing a statement costs
-/// more than running these small ones.
+/// `Connection::query_row` on a statement the connection keeps prepared: parsing a statement
+/// costs more than running these small ones.
 fn query_row<T, P: rusqlite::Params>(
-    conn: &Connection,
-    sql: &str,
+    conn: &Db<'_>,
+    sql: &'static str,
     params: P,
     f: impl FnOnce(&Row<'_>) -> rusqlite::Result<T>,
 ) -> rusqlite::Result<T> {
-    conn.prepare_cached(sql)?.query_row(params, f)
+    conn.query_row(sql, params, f)
 }
 
-/// `Connection::execute` through the statement cache.
-fn execute<P: rusqlite::Params>(conn: &Connection, sql: &str, params: P) -> rusqlite::Result<usize> {
-    conn.prepare_cached(sql)?.execute(params)
+/// `Connection::execute` on a statement the connection keeps prepared.
+fn execute<P: rusqlite::Params>(conn: &Db<'_>, sql: &'static str, params: P) -> rusqlite::Result<usize> {
+    conn.execute(sql, params)
 }
 
 /// A session's budgets as stored: `NULL` when unlimited.
@@ -453,10 +469,10 @@ fn approval_from_row(row: &Row<'_>) -> rusqlite::Result<Approval> {
     })
 }
 
-fn read_session(conn: &Connection, id: &str) -> Result<Session> {
+fn read_session(conn: &Db<'_>, id: &str) -> Result<Session> {
     query_row(
         conn,
-        &format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?1"),
+        concat!("SELECT ", session_columns!(), " FROM sessions WHERE id = ?1"),
         [id],
         session_from_row,
     )
@@ -467,25 +483,27 @@ fn read_session(conn: &Connection, id: &str) -> Result<Session> {
 
 /// `SessionNotFound` unless the session exists. A read whose rows prove the session exists (a
 /// session's rows go with it) asks only when it found none.
-fn ensure_session(conn: &Connection, id: &str) -> Result<()> {
+fn ensure_session(conn: &Db<'_>, id: &str) -> Result<()> {
     let found = query_row(conn, "SELECT 1 FROM sessions WHERE id = ?1", [id], |_| Ok(()))
         .optional()
         .map_err(db)?;
     found.ok_or_else(|| Error::SessionNotFound(id.to_string()))
 }
 
-fn read_messages_after(conn: &Connection, id: &str, after: u64, limit: usize) -> Result<Vec<Message>> {
+fn read_messages_after(conn: &Db<'_>, id: &str, after: u64, limit: usize) -> Result<Vec<Message>> {
     query_list(
         conn,
-        &format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3 + 0"
+        concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages WHERE session_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3 + 0"
         ),
         params![id, sql_seq(after), sql_limit(limit)],
         message_from_row,
     )
 }
 
-fn read_switches(conn: &Connection, id: &str) -> Result<Vec<AgentSwitch>> {
+fn read_switches(conn: &Db<'_>, id: &str) -> Result<Vec<AgentSwitch>> {
     query_list(
         conn,
         "SELECT from_agent, to_agent, reason, at FROM agent_switches WHERE session_id = ?1 ORDER BY id",
@@ -517,9 +535,9 @@ fn sql_seq(seq: u64) -> i64 {
 /// [`SessionChange::apply_to`] does, so the session it returns is the head with the change applied,
 /// not read back (nothing else in the commit touches the row, and the write lock keeps other
 /// writers out).
-struct SqliteCommit<'c> {
-    tx: &'c Connection,
-    session_id: &'c str,
+struct SqliteCommit<'a, 'c> {
+    tx: &'a Db<'c>,
+    session_id: &'a str,
     /// The commit sets the turn state: the stored one is not parsed.
     sets_turn_state: bool,
     /// The session as `head` read it.
@@ -557,7 +575,7 @@ fn bind(
 struct RowInserts(std::sync::LazyLock<Vec<String>>);
 
 impl RowInserts {
-    fn sql(&self, rows: usize) -> &str {
+    fn sql(&'static self, rows: usize) -> &'static str {
         &self.0[rows - 1]
     }
 }
@@ -582,7 +600,109 @@ static EVENT_INSERTS: RowInserts = RowInserts(std::sync::LazyLock::new(|| {
         .collect()
 }));
 
-impl CommitSteps for SqliteCommit<'_> {
+/// Binds a multi-row message `INSERT` ([`MESSAGE_INSERTS`]) to `chunk` and runs it.
+fn bind_messages(insert: &mut rusqlite::Statement<'_>, session_id: &str, chunk: &[Message]) -> Result<()> {
+    bind(insert, 1, session_id)?;
+    for (i, m) in chunk.iter().enumerate() {
+        let at = 2 + i * MESSAGE_INSERT_COLUMNS;
+        bind(insert, at, sql_seq(m.seq))?;
+        bind(insert, at + 1, m.role.as_str())?;
+        bind(insert, at + 2, &m.content)?;
+        bind(insert, at + 3, &m.agent)?;
+        bind(insert, at + 4, to_json(&m.tool_calls)?)?;
+        bind(insert, at + 5, &m.tool_call_id)?;
+        bind(insert, at + 6, m.created_at.as_millis())?;
+    }
+    insert.raw_execute().map_err(db)?;
+    Ok(())
+}
+
+/// Binds a multi-row event `INSERT` ([`EVENT_INSERTS`]) to `chunk` and runs it.
+fn bind_events(insert: &mut rusqlite::Statement<'_>, session_id: &str, chunk: &[Event]) -> Result<()> {
+    bind(insert, 1, session_id)?;
+    for (i, e) in chunk.iter().enumerate() {
+        let at = 2 + i * EVENT_INSERT_COLUMNS;
+        bind(insert, at, sql_seq(e.seq))?;
+        let json = e
+            .payload_json()
+            .map_err(|e| Error::Internal(format!("cannot encode JSON: {e}")))?;
+        bind(insert, at + 1, &*json)?;
+    }
+    insert.raw_execute().map_err(db)?;
+    Ok(())
+}
+
+/// Which optional columns a commit's session `UPDATE` sets.
+#[derive(Debug, Clone, Copy)]
+struct SessionUpdate {
+    agent: bool,
+    status: bool,
+    turn_state: bool,
+    release_lease: bool,
+    budget: bool,
+}
+
+/// The session `UPDATE` of every [`SessionUpdate`], built once, indexed by [`SessionUpdate::index`].
+static SESSION_UPDATES: std::sync::LazyLock<Vec<String>> =
+    std::sync::LazyLock::new(|| (0..32).map(|i| SessionUpdate::of_index(i).build()).collect());
+
+impl SessionUpdate {
+    fn index(self) -> usize {
+        usize::from(self.agent)
+            | usize::from(self.status) << 1
+            | usize::from(self.turn_state) << 2
+            | usize::from(self.release_lease) << 3
+            | usize::from(self.budget) << 4
+    }
+
+    fn of_index(i: usize) -> SessionUpdate {
+        SessionUpdate {
+            agent: i & 1 != 0,
+            status: i & 2 != 0,
+            turn_state: i & 4 != 0,
+            release_lease: i & 8 != 0,
+            budget: i & 16 != 0,
+        }
+    }
+
+    fn sql(self) -> &'static str {
+        &SESSION_UPDATES[self.index()]
+    }
+
+    fn build(self) -> String {
+        let mut sql = String::with_capacity(512);
+        sql.push_str(
+            "UPDATE sessions SET
+                 last_message_seq = last_message_seq + ?2,
+                 last_event_seq = last_event_seq + ?3,
+                 message_count = message_count + ?4,
+                 last_activity = ?5,
+                 prompt_tokens = prompt_tokens + ?6,
+                 completion_tokens = completion_tokens + ?7,
+                 cost = cost + ?8,
+                 cached_prompt_tokens = cached_prompt_tokens + ?9",
+        );
+        if self.agent {
+            sql.push_str(", current_agent = :agent");
+        }
+        if self.status {
+            sql.push_str(", status = :status");
+        }
+        if self.turn_state {
+            sql.push_str(", turn_state = :turn_state");
+        }
+        if self.release_lease {
+            sql.push_str(", lease_owner = NULL, lease_expires_at = NULL, cancel_requested_at = NULL");
+        }
+        if self.budget {
+            sql.push_str(", budget = :budget");
+        }
+        sql.push_str(" WHERE id = ?1");
+        sql
+    }
+}
+
+impl CommitSteps for SqliteCommit<'_, '_> {
     async fn head(&mut self) -> Result<Option<Head>> {
         // `session_from_row`'s columns, then the lease owner.
         let row = query_row(
@@ -670,42 +790,22 @@ impl CommitSteps for SqliteCommit<'_> {
 
     async fn insert_messages(&mut self, messages: &[Message]) -> Result<()> {
         for chunk in messages.chunks(ROWS_PER_INSERT) {
-            let mut insert = self
-                .tx
-                .prepare_cached(MESSAGE_INSERTS.sql(chunk.len()))
-                .map_err(db)?;
-            bind(&mut insert, 1, self.session_id)?;
-            for (i, m) in chunk.iter().enumerate() {
-                let at = 2 + i * MESSAGE_INSERT_COLUMNS;
-                bind(&mut insert, at, sql_seq(m.seq))?;
-                bind(&mut insert, at + 1, m.role.as_str())?;
-                bind(&mut insert, at + 2, &m.content)?;
-                bind(&mut insert, at + 3, &m.agent)?;
-                bind(&mut insert, at + 4, to_json(&m.tool_calls)?)?;
-                bind(&mut insert, at + 5, &m.tool_call_id)?;
-                bind(&mut insert, at + 6, m.created_at.as_millis())?;
-            }
-            insert.raw_execute().map_err(db)?;
+            self.tx
+                .with(MESSAGE_INSERTS.sql(chunk.len()), |insert| {
+                    bind_messages(insert, self.session_id, chunk)
+                })
+                .map_err(db)??;
         }
         Ok(())
     }
 
     async fn insert_events(&mut self, events: &[Event], _at: Timestamp) -> Result<()> {
         for chunk in events.chunks(ROWS_PER_INSERT) {
-            let mut insert = self
-                .tx
-                .prepare_cached(EVENT_INSERTS.sql(chunk.len()))
-                .map_err(db)?;
-            bind(&mut insert, 1, self.session_id)?;
-            for (i, e) in chunk.iter().enumerate() {
-                let at = 2 + i * EVENT_INSERT_COLUMNS;
-                bind(&mut insert, at, sql_seq(e.seq))?;
-                let json = e
-                    .payload_json()
-                    .map_err(|e| Error::Internal(format!("cannot encode JSON: {e}")))?;
-                bind(&mut insert, at + 1, &*json)?;
-            }
-            insert.raw_execute().map_err(db)?;
+            self.tx
+                .with(EVENT_INSERTS.sql(chunk.len()), |insert| {
+                    bind_events(insert, self.session_id, chunk)
+                })
+                .map_err(db)??;
         }
         Ok(())
     }
@@ -765,58 +865,40 @@ impl CommitSteps for SqliteCommit<'_> {
         // Only the columns the commit changes are set: SQLite rewrites the entry of every index
         // over a column in the `SET` list (status, lease owner), changed or not. A few distinct
         // statements come of it, each kept prepared.
-        let mut sql = String::with_capacity(512);
-        sql.push_str(
-            "UPDATE sessions SET
-                 last_message_seq = last_message_seq + ?2,
-                 last_event_seq = last_event_seq + ?3,
-                 message_count = message_count + ?4,
-                 last_activity = ?5,
-                 prompt_tokens = prompt_tokens + ?6,
-                 completion_tokens = completion_tokens + ?7,
-                 cost = cost + ?8,
-                 cached_prompt_tokens = cached_prompt_tokens + ?9",
-        );
-        if change.current_agent.is_some() {
-            sql.push_str(", current_agent = :agent");
-        }
-        if change.status.is_some() {
-            sql.push_str(", status = :status");
-        }
-        if set_turn_state {
-            sql.push_str(", turn_state = :turn_state");
-        }
-        if change.release_lease {
-            sql.push_str(", lease_owner = NULL, lease_expires_at = NULL, cancel_requested_at = NULL");
-        }
-        if change.budget.is_some() {
-            sql.push_str(", budget = :budget");
-        }
-        sql.push_str(" WHERE id = ?1");
-        let mut update = self.tx.prepare_cached(&sql).map_err(db)?;
-        bind(&mut update, 1, self.session_id)?;
-        bind(&mut update, 2, sql_seq(change.messages))?;
-        bind(&mut update, 3, sql_seq(change.events))?;
-        bind(&mut update, 4, sql_seq(change.counted_messages))?;
-        bind(&mut update, 5, change.at.as_millis())?;
-        bind(&mut update, 6, sql_seq(change.usage.prompt_tokens))?;
-        bind(&mut update, 7, sql_seq(change.usage.completion_tokens))?;
-        bind(&mut update, 8, change.cost)?;
-        bind(&mut update, 9, sql_seq(change.usage.cached_prompt_tokens))?;
-        if let Some(agent) = &change.current_agent {
-            bind(&mut update, ":agent", agent)?;
-        }
-        if let Some(status) = change.status {
-            bind(&mut update, ":status", status.as_str())?;
-        }
-        if set_turn_state {
-            bind(&mut update, ":turn_state", turn_state)?;
-        }
-        if change.budget.is_some() {
-            bind(&mut update, ":budget", &budget)?;
-        }
-        let changed = update.raw_execute().map_err(db)?;
-        drop(update);
+        let set = SessionUpdate {
+            agent: change.current_agent.is_some(),
+            status: change.status.is_some(),
+            turn_state: set_turn_state,
+            release_lease: change.release_lease,
+            budget: change.budget.is_some(),
+        };
+        let changed = self
+            .tx
+            .with(set.sql(), |update| {
+                bind(update, 1, self.session_id)?;
+                bind(update, 2, sql_seq(change.messages))?;
+                bind(update, 3, sql_seq(change.events))?;
+                bind(update, 4, sql_seq(change.counted_messages))?;
+                bind(update, 5, change.at.as_millis())?;
+                bind(update, 6, sql_seq(change.usage.prompt_tokens))?;
+                bind(update, 7, sql_seq(change.usage.completion_tokens))?;
+                bind(update, 8, change.cost)?;
+                bind(update, 9, sql_seq(change.usage.cached_prompt_tokens))?;
+                if let Some(agent) = &change.current_agent {
+                    bind(update, ":agent", agent)?;
+                }
+                if let Some(status) = change.status {
+                    bind(update, ":status", status.as_str())?;
+                }
+                if set_turn_state {
+                    bind(update, ":turn_state", turn_state)?;
+                }
+                if change.budget.is_some() {
+                    bind(update, ":budget", &budget)?;
+                }
+                update.raw_execute().map_err(db)
+            })
+            .map_err(db)??;
         // The row is not read back (neither by `RETURNING`, which SQLite runs into an ephemeral
         // table, nor by a `SELECT`): the head read it, and this statement changes it exactly as
         // `apply_to` does.
@@ -906,18 +988,26 @@ fn list_blocking(
 }
 
 fn query_list<T>(
-    conn: &Connection,
-    sql: &str,
+    conn: &Db<'_>,
+    sql: &'static str,
     args: impl rusqlite::Params,
     f: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
 ) -> Result<Vec<T>> {
-    let mut stmt = conn.prepare_cached(sql).map_err(db)?;
-    let rows = stmt.query_map(args, f).map_err(db)?;
-    rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
+    conn.with(sql, |stmt| {
+        let rows = stmt.query_map(args, f)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+    })
+    .and_then(|r| r)
+    .map_err(db)
 }
 
 /// Runs a lease update; 0 rows changed means refused, or `SessionNotFound` if there is no session.
-fn lease_update(conn: &Connection, session_id: &str, sql: &str, args: impl rusqlite::Params) -> Result<bool> {
+fn lease_update(
+    conn: &Db<'_>,
+    session_id: &str,
+    sql: &'static str,
+    args: impl rusqlite::Params,
+) -> Result<bool> {
     let changed = execute(conn, sql, args).map_err(db)?;
     if changed == 0 {
         ensure_session(conn, session_id)?;
@@ -937,15 +1027,18 @@ const TAKE_OVER_LEASE: &str = "UPDATE sessions
      WHERE id = ?1 AND lease_owner = ?4";
 
 /// [`ACQUIRE_LEASE`], or else [`TAKE_OVER_LEASE`] if the holder is dead (on the writer thread).
-fn acquire(conn: &Connection, owners: &Owners, id: &str, owner: &str, ttl: Duration) -> Result<bool> {
+fn acquire(conn: &Db<'_>, owners: &Owners, id: &str, owner: &str, ttl: Duration) -> Result<bool> {
     let now = Timestamp::now().as_millis();
     let expires = now.saturating_add(ttl_millis(ttl));
     if lease_update(conn, id, ACQUIRE_LEASE, params![id, owner, expires, now])? {
         return Ok(true);
     }
     let holder: Option<String> = conn
-        .prepare_cached("SELECT lease_owner FROM sessions WHERE id = ?1")
-        .and_then(|mut s| s.query_row(params![id], |r| r.get(0)))
+        .query_row(
+            "SELECT lease_owner FROM sessions WHERE id = ?1",
+            params![id],
+            |r| r.get(0),
+        )
         .map_err(db)?;
     match holder {
         Some(dead) if owners.is_dead(&dead) => {
@@ -1072,8 +1165,10 @@ impl Storage for SqliteStorage {
             // Walks the (session_id, seq) key backwards from the end: cost ~ limit, not history.
             let mut newest_first = query_list(
                 c,
-                &format!(
-                    "SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = ?1 ORDER BY seq DESC LIMIT ?2 + 0"
+                concat!(
+                    "SELECT ",
+                    message_columns!(),
+                    " FROM messages WHERE session_id = ?1 ORDER BY seq DESC LIMIT ?2 + 0"
                 ),
                 params![id, sql_limit(limit)],
                 message_from_row,
@@ -1141,7 +1236,11 @@ impl Storage for SqliteStorage {
             ensure_session(c, &id)?;
             query_row(
                 c,
-                &format!("SELECT {APPROVAL_COLUMNS} FROM approvals WHERE session_id = ?1 AND call_id = ?2"),
+                concat!(
+                    "SELECT ",
+                    approval_columns!(),
+                    " FROM approvals WHERE session_id = ?1 AND call_id = ?2"
+                ),
                 params![id, call_id],
                 approval_from_row,
             )
@@ -1158,9 +1257,10 @@ impl Storage for SqliteStorage {
             ensure_session(c, &id)?;
             query_list(
                 c,
-                &format!(
-                    "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE session_id = ?1 AND status = 'pending'
-                     ORDER BY created_at, rowid"
+                concat!(
+                    "SELECT ",
+                    approval_columns!(),
+                    " FROM approvals WHERE session_id = ?1 AND status = 'pending' ORDER BY created_at, rowid"
                 ),
                 [&id],
                 approval_from_row,
@@ -1298,11 +1398,12 @@ impl Storage for SqliteStorage {
         self.write(move |c| {
             let now = Timestamp::now().as_millis();
             let owner: Option<String> = c
-                .prepare_cached(
+                .query_row(
                     "UPDATE sessions SET cancel_requested_at = ?2
                      WHERE id = ?1 AND lease_owner IS NOT NULL RETURNING lease_owner",
+                    params![id, now],
+                    |r| r.get(0),
                 )
-                .and_then(|mut s| s.query_row(params![id, now], |r| r.get(0)))
                 .optional()
                 .map_err(db)?;
             if owner.is_none() {
@@ -1317,13 +1418,12 @@ impl Storage for SqliteStorage {
     async fn cancel_requests(&self, owner: &str) -> Result<Vec<String>> {
         let owner = owner.to_string();
         self.read(move |c| {
-            let mut s = c
-                .prepare_cached(
-                    "SELECT id FROM sessions WHERE lease_owner = ?1 AND cancel_requested_at IS NOT NULL",
-                )
-                .map_err(db)?;
-            let rows = s.query_map(params![owner], |r| r.get(0)).map_err(db)?;
-            rows.collect::<rusqlite::Result<Vec<String>>>().map_err(db)
+            query_list(
+                c,
+                "SELECT id FROM sessions WHERE lease_owner = ?1 AND cancel_requested_at IS NOT NULL",
+                params![owner],
+                |r| r.get(0),
+            )
         })
         .await
     }

@@ -14,14 +14,13 @@ use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
-use rusqlite::Connection;
-
+use super::prepared::Db;
 use super::{db, open_reader};
 use crate::error::{Error, Result};
 
 /// One queued read: it is given the thread's connection (or the error opening it) and answers
 /// its caller itself.
-type Job = Box<dyn FnOnce(Result<&Connection>) + Send>;
+type Job = Box<dyn for<'a, 'c> FnOnce(Result<&'a Db<'c>>) + Send>;
 
 struct Queue {
     jobs: VecDeque<Job>,
@@ -82,10 +81,10 @@ impl Readers {
     pub(super) fn run<T, F>(&self, f: F) -> impl Future<Output = Result<T>> + Send + 'static
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+        F: FnOnce(&Db<'_>) -> Result<T> + Send + 'static,
     {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move |conn: Result<&Connection>| {
+        let job: Job = Box::new(move |conn: Result<&Db<'_>>| {
             let out = conn.and_then(|c| {
                 catch_unwind(AssertUnwindSafe(|| f(c)))
                     .unwrap_or_else(|_| Err(Error::Internal("a sqlite read panicked".into())))
@@ -122,24 +121,32 @@ impl Readers {
     }
 }
 
-/// A reader thread's loop: the queued reads in order, sleeping only when there are none.
+/// A reader thread's loop: the queued reads in order, sleeping only when there are none. The
+/// connection opens at the first read (a read that finds it failing is answered the error, and
+/// the next tries again) and keeps its statements prepared from then on.
 fn serve(shared: &Shared, path: &Path) {
-    let mut conn: Option<Connection> = None;
+    let (conn, first) = loop {
+        let Some(job) = next(shared) else { return };
+        match open_reader(path) {
+            Ok(c) => break (c, job),
+            Err(e) => job(Err(db(e))),
+        }
+    };
+    let conn = Db::new(&conn);
+    first(Ok(&conn));
+    while let Some(job) = next(shared) {
+        job(Ok(&conn));
+    }
+}
+
+/// The next queued read, waiting for one; `None` once the readers are closed and none is left.
+fn next(shared: &Shared) -> Option<Job> {
     let mut q = shared.lock();
     loop {
         if let Some(job) = q.jobs.pop_front() {
-            drop(q);
-            match &conn {
-                Some(c) => job(Ok(c)),
-                None => match open_reader(path) {
-                    Ok(c) => job(Ok(conn.insert(c))),
-                    // Answered to this read; the next one tries again.
-                    Err(e) => job(Err(db(e))),
-                },
-            }
-            q = shared.lock();
+            return Some(job);
         } else if q.closed {
-            return;
+            return None;
         } else {
             // Counted idle until a read claims it (a spurious wake-up leaves it counted twice,
             // which costs at most one needless notification later).
@@ -163,6 +170,7 @@ impl Drop for Readers {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+    use rusqlite::Connection;
     use std::sync::Barrier;
 
     fn readers(threads: usize) -> (Readers, tempfile::TempDir) {
@@ -176,7 +184,7 @@ mod tests {
         (Readers::start(&path, threads).unwrap(), dir)
     }
 
-    fn count(c: &Connection) -> Result<i64> {
+    fn count(c: &Db<'_>) -> Result<i64> {
         c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
             .map_err(db)
     }
@@ -194,6 +202,34 @@ mod tests {
         };
         let (a, b) = tokio::join!(read(both.clone()), read(both));
         assert_eq!((a, b), (Ok(1), Ok(1)));
+    }
+
+    /// A statement kept prepared between reads holds no read transaction open: a row another
+    /// connection commits after the first read is seen by the next one on the same thread.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_kept_statement_sees_what_was_committed_since_its_last_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let writer = Connection::open(&path).unwrap();
+        writer
+            .execute_batch(
+                "PRAGMA journal_mode = WAL; CREATE TABLE t (k INTEGER PRIMARY KEY); INSERT INTO t VALUES (7)",
+            )
+            .unwrap();
+        let r = Readers::start(&path, 1).unwrap();
+        let keys = || {
+            r.run(|c| {
+                c.with("SELECT k FROM t ORDER BY k", |s| {
+                    s.query_map([], |row| row.get(0))?
+                        .collect::<rusqlite::Result<Vec<i64>>>()
+                })
+                .and_then(|rows| rows)
+                .map_err(db)
+            })
+        };
+        assert_eq!(keys().await, Ok(vec![7]));
+        writer.execute("INSERT INTO t VALUES (8)", []).unwrap();
+        assert_eq!(keys().await, Ok(vec![7, 8]));
     }
 
     /// A read that panics answers an internal error; its thread goes on serving reads.

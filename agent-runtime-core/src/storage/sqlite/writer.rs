@@ -36,6 +36,7 @@ use std::time::Duration;
 use rusqlite::Connection;
 
 use super::db;
+use super::prepared::Db;
 use crate::error::{Error, Result};
 
 /// Most writes applied in one transaction. Each waits for the whole batch's commit, so the bound
@@ -63,7 +64,7 @@ enum Ran {
 trait Pending: Send {
     /// Runs the write (again, if it ran before: its earlier result is dropped first). With `keep`
     /// it runs a copy and keeps the write for a replay.
-    fn run(&mut self, conn: &Connection, keep: bool) -> Ran;
+    fn run(&mut self, conn: &Db<'_>, keep: bool) -> Ran;
     /// Whether it ran and failed (its answer is final: a replay leaves it out).
     fn failed(&self) -> bool;
     /// Answers the caller: the write's own result, or `batch`'s error if the batch was not
@@ -80,9 +81,9 @@ struct Task<T, F> {
 impl<T, F> Pending for Task<T, F>
 where
     T: Send,
-    F: FnOnce(&Connection) -> Result<T> + Clone + Send,
+    F: FnOnce(&Db<'_>) -> Result<T> + Clone + Send,
 {
-    fn run(&mut self, conn: &Connection, keep: bool) -> Ran {
+    fn run(&mut self, conn: &Db<'_>, keep: bool) -> Ran {
         // An earlier run's result (rolled back with its batch) goes before the write runs again.
         self.out = None;
         let work = if keep { self.work.clone() } else { self.work.take() };
@@ -146,6 +147,8 @@ impl Writer {
         let thread = std::thread::Builder::new()
             .name("sqlite-writer".into())
             .spawn(move || {
+                // The statements the writes run stay prepared for the connection's life.
+                let conn = Db::new(&conn);
                 let mut since_nudge = 0u32;
                 while let Ok(first) = jobs.recv() {
                     let mut batch = vec![first];
@@ -182,7 +185,7 @@ impl Writer {
     pub(super) fn run<T, F>(&self, work: F) -> impl Future<Output = Result<T>> + Send + 'static
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Clone + Send + 'static,
+        F: FnOnce(&Db<'_>) -> Result<T> + Clone + Send + 'static,
     {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let task: Box<dyn Pending> = Box::new(Task {
@@ -263,7 +266,7 @@ impl Drop for Checkpointer {
 }
 
 /// Applies one batch in one transaction, without savepoints (see the module's doc).
-fn apply(conn: &Connection, mut batch: Vec<Box<dyn Pending>>) {
+fn apply(conn: &Db<'_>, mut batch: Vec<Box<dyn Pending>>) {
     if let Err(e) = run(conn, "BEGIN IMMEDIATE") {
         return answer_all(batch, Err(e));
     }
@@ -300,7 +303,7 @@ fn apply(conn: &Connection, mut batch: Vec<Box<dyn Pending>>) {
 /// After a write of the batch failed having written, and the batch was rolled back: each write
 /// that had not failed runs again alone, in its own transaction; those that failed are answered
 /// their error (what they wrote went with the rollback).
-fn replay(conn: &Connection, batch: Vec<Box<dyn Pending>>) {
+fn replay(conn: &Db<'_>, batch: Vec<Box<dyn Pending>>) {
     tracing::debug!(
         writes = batch.len(),
         "a write failed after writing: its batch runs again, one write at a time"
@@ -315,18 +318,15 @@ fn replay(conn: &Connection, batch: Vec<Box<dyn Pending>>) {
 }
 
 /// Ends the open transaction, if SQLite has not ended it already.
-fn rollback(conn: &Connection) {
+fn rollback(conn: &Db<'_>) {
     if !conn.is_autocommit() {
         let _ = run(conn, "ROLLBACK");
     }
 }
 
 /// Runs one transaction-control statement, kept prepared (parsing it costs more than running it).
-fn run(conn: &Connection, sql: &str) -> Result<()> {
-    conn.prepare_cached(sql)
-        .and_then(|mut s| s.execute([]))
-        .map(|_| ())
-        .map_err(db)
+fn run(conn: &Db<'_>, sql: &'static str) -> Result<()> {
+    conn.execute(sql, []).map(|_| ()).map_err(db)
 }
 
 fn answer_all(batch: Vec<Box<dyn Pending>>, outcome: Result<()>) {
