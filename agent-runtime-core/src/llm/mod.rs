@@ -21,6 +21,7 @@ use crate::protocol::ToolSpec;
 use crate::session::Usage;
 
 mod breaker;
+mod chunk_json;
 pub mod openai;
 pub mod sse;
 pub mod wire;

@@ -199,6 +199,10 @@ impl OpenAiBackend {
         let base = parse_base(&config.base_url).map_err(Error::InvalidRequest)?;
         let client = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
+            // Retries are ours (`attempt`, before the first chunk, with backoff). reqwest's own
+            // layer (HTTP/2 refusals only) copied every request's headers in case it retried;
+            // a refusal now comes back as a transport error and our loop retries it.
+            .retry(reqwest::retry::never().max_retries_per_request(0))
             .build()
             .map_err(|e| Error::Llm(format!("cannot build the HTTP client: {}", describe(&e))))?;
         let chat_url = format!("{base}/v1/chat/completions");

@@ -165,6 +165,17 @@ impl SseDecoder {
     /// One line, without its end. Text once whole: a valid line is read in place, an invalid one
     /// gets U+FFFD for its bad bytes.
     fn end_line(&mut self, line: &[u8], frames: &mut impl Frames) {
+        // Nearly every line of a model stream is `data: …`: its value is checked as text alone,
+        // without looking for the colon (the prefix is ASCII, so the value's bad bytes, if any,
+        // get the same U+FFFD as in the whole line).
+        if let Some(value) = line.strip_prefix(b"data:") {
+            let value = value.strip_prefix(b" ").unwrap_or(value);
+            match std::str::from_utf8(value) {
+                Ok(text) => self.data_line(text),
+                Err(_) => self.data_line(&String::from_utf8_lossy(value)),
+            }
+            return;
+        }
         let line = match std::str::from_utf8(line) {
             Ok(text) => std::borrow::Cow::Borrowed(text),
             Err(_) => String::from_utf8_lossy(line),
@@ -182,19 +193,24 @@ impl SseDecoder {
             None => (line.as_ref(), ""),
         };
         match field {
-            "data" => match &mut self.data {
-                Some(data) => {
-                    data.push('\n');
-                    data.push_str(value);
-                }
-                None => {
-                    let mut data = std::mem::take(&mut self.spare);
-                    data.push_str(value);
-                    self.data = Some(data);
-                }
-            },
+            "data" => self.data_line(value),
             "id" => self.id = Some(value.to_string()),
             _ => {}
+        }
+    }
+
+    /// A `data:` line's value joins the current event's data.
+    fn data_line(&mut self, value: &str) {
+        match &mut self.data {
+            Some(data) => {
+                data.push('\n');
+                data.push_str(value);
+            }
+            None => {
+                let mut data = std::mem::take(&mut self.spare);
+                data.push_str(value);
+                self.data = Some(data);
+            }
         }
     }
 }
@@ -344,6 +360,30 @@ mod tests {
             events.extend(d.finish());
             assert_eq!(events, whole, "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn bad_bytes_become_replacement_characters_in_data_and_other_fields_alike() {
+        let body = b"data: a\xffb\ndata:\xe2\x82\n:c\xff\nid: \xff7\ndata\n\ndata: [DONE]\n\n";
+        assert_eq!(
+            decode_whole(body),
+            vec!["a\u{FFFD}b\n\u{FFFD}\n".to_string(), "[DONE]".to_string()]
+        );
+        let frames = SseDecoder::new().push_frames(body);
+        assert_eq!(
+            frames,
+            vec![
+                SseFrame::Comment("c\u{FFFD}".into()),
+                SseFrame::Event {
+                    id: Some("\u{FFFD}7".into()),
+                    data: "a\u{FFFD}b\n\u{FFFD}\n".into(),
+                },
+                SseFrame::Event {
+                    id: None,
+                    data: "[DONE]".into(),
+                },
+            ]
+        );
     }
 
     #[test]

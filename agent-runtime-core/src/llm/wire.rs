@@ -7,6 +7,7 @@
 //! A server refusing a prompt longer than its context is told apart as
 //! [`Error::ContextTooLarge`], so the engine can trim the window and try again.
 
+use std::borrow::Cow;
 use std::sync::{Arc, Weak};
 
 use serde::{Deserialize, Serialize, Serializer};
@@ -243,68 +244,80 @@ impl Serialize for Choice<'_> {
     }
 }
 
-#[derive(Deserialize)]
-struct WireChunk {
+// The chunk as decoded: by [`super::chunk_json::parse`] for the common shapes, by serde for the
+// rest (both give the same value; strings are borrowed from the event's data where they can be).
+
+#[derive(Debug, Default, PartialEq, Deserialize)]
+pub(super) struct WireChunk<'a> {
     #[serde(default)]
-    choices: Option<Vec<WireChoice>>,
+    pub(super) choices: Option<Vec<WireChoice<'a>>>,
     #[serde(default)]
-    usage: Option<WireUsage>,
+    pub(super) usage: Option<WireUsage>,
     #[serde(default)]
-    error: Option<Value>,
+    pub(super) error: Option<Value>,
 }
 
-#[derive(Deserialize)]
-struct WireChoice {
+#[derive(Debug, PartialEq, Deserialize)]
+pub(super) struct WireChoice<'a> {
     #[serde(default)]
-    index: Option<usize>,
+    pub(super) index: Option<usize>,
     #[serde(default)]
-    delta: Option<WireDelta>,
+    pub(super) delta: Option<WireDelta<'a>>,
     #[serde(default)]
-    finish_reason: Option<String>,
+    pub(super) finish_reason: Option<Cow<'a, str>>,
 }
 
-#[derive(Deserialize)]
-struct WireDelta {
+#[derive(Debug, PartialEq, Deserialize)]
+pub(super) struct WireDelta<'a> {
     #[serde(default)]
-    content: Option<String>,
+    pub(super) content: Option<Cow<'a, str>>,
     #[serde(default)]
-    tool_calls: Option<Vec<WireToolCall>>,
+    pub(super) tool_calls: Option<Vec<WireToolCall<'a>>>,
     #[serde(default)]
-    function_call: Option<WireFunction>,
+    pub(super) function_call: Option<WireFunction<'a>>,
 }
 
-#[derive(Deserialize)]
-struct WireToolCall {
+#[derive(Debug, PartialEq, Deserialize)]
+pub(super) struct WireToolCall<'a> {
     #[serde(default)]
-    index: Option<usize>,
+    pub(super) index: Option<usize>,
     #[serde(default)]
-    id: Option<String>,
+    pub(super) id: Option<Cow<'a, str>>,
     #[serde(default)]
-    function: Option<WireFunction>,
+    pub(super) function: Option<WireFunction<'a>>,
 }
 
-#[derive(Deserialize)]
-struct WireFunction {
+#[derive(Debug, PartialEq, Deserialize)]
+pub(super) struct WireFunction<'a> {
     #[serde(default)]
-    name: Option<String>,
+    pub(super) name: Option<Cow<'a, str>>,
     #[serde(default)]
-    arguments: Option<String>,
+    pub(super) arguments: Option<Cow<'a, str>>,
 }
 
-#[derive(Deserialize)]
-struct WireUsage {
+#[derive(Debug, PartialEq, Deserialize)]
+pub(super) struct WireUsage {
     #[serde(default)]
-    prompt_tokens: Option<u64>,
+    pub(super) prompt_tokens: Option<u64>,
     #[serde(default)]
-    completion_tokens: Option<u64>,
+    pub(super) completion_tokens: Option<u64>,
     #[serde(default)]
-    prompt_tokens_details: Option<WirePromptDetails>,
+    pub(super) prompt_tokens_details: Option<WirePromptDetails>,
 }
 
-#[derive(Deserialize)]
-struct WirePromptDetails {
+#[derive(Debug, PartialEq, Deserialize)]
+pub(super) struct WirePromptDetails {
     #[serde(default)]
-    cached_tokens: Option<u64>,
+    pub(super) cached_tokens: Option<u64>,
+}
+
+/// A chunk's JSON: the fast reader for the shapes it knows, serde for everything else (and for
+/// every error, so its messages are serde's).
+pub(super) fn parse_chunk(data: &str) -> serde_json::Result<WireChunk<'_>> {
+    match super::chunk_json::parse(data) {
+        Some(chunk) => Ok(chunk),
+        None => serde_json::from_str(data),
+    }
 }
 
 /// What an empty `200` event stream means: llama-cpp-python answers so when the prompt is longer
@@ -424,7 +437,7 @@ impl AnswerState {
             out.push(Chunk::Finish(self.normalize(reason)));
             return Ok(());
         }
-        let chunk: WireChunk = serde_json::from_str(data)
+        let chunk = parse_chunk(data)
             .map_err(|e| Error::Llm(format!("invalid JSON in stream: {e}: {}", excerpt(data, 200))))?;
         if let Some(error) = chunk.error.filter(|e| !e.is_null()) {
             let message = error
@@ -449,7 +462,7 @@ impl AnswerState {
         if let Some(choice) = choice {
             if let Some(delta) = choice.delta {
                 if let Some(text) = delta.content.filter(|t| !t.is_empty()) {
-                    out.push(Chunk::Text(text));
+                    out.push(Chunk::Text(text.into_owned()));
                 }
                 match delta.tool_calls {
                     Some(calls) => {
@@ -461,9 +474,9 @@ impl AnswerState {
                             self.saw_tool_calls = true;
                             out.push(Chunk::ToolCallDelta {
                                 index: call.index.unwrap_or(position),
-                                id: call.id,
-                                name: function.name,
-                                arguments: function.arguments.unwrap_or_default(),
+                                id: call.id.map(Cow::into_owned),
+                                name: function.name.map(Cow::into_owned),
+                                arguments: function.arguments.map(Cow::into_owned).unwrap_or_default(),
                             });
                         }
                     }
@@ -474,8 +487,8 @@ impl AnswerState {
                             out.push(Chunk::ToolCallDelta {
                                 index: 0,
                                 id: None,
-                                name: f.name,
-                                arguments: f.arguments.unwrap_or_default(),
+                                name: f.name.map(Cow::into_owned),
+                                arguments: f.arguments.map(Cow::into_owned).unwrap_or_default(),
                             });
                         }
                     }
@@ -682,6 +695,26 @@ mod tests {
                     ..Default::default()
                 }),
                 Chunk::Finish(FinishReason::Stop),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_llama_cpp_python_stream_with_escaped_text_and_a_tool_call_decodes_whole() {
+        let body = "data: {\"id\": \"c\", \"object\": \"chat.completion.chunk\", \"created\": 1, \"model\": \"m\", \"choices\": [{\"index\": 0, \"delta\": {\"role\": \"assistant\", \"content\": \"\\u041f\\u0440\\u0438 \\ud83d\\ude00\\n\"}, \"logprobs\": null, \"finish_reason\": null}]}\r\n\r\n\
+                    data: {\"id\": \"c\", \"object\": \"chat.completion.chunk\", \"created\": 1, \"model\": \"m\", \"choices\": [{\"index\": 0, \"delta\": {\"tool_calls\": [{\"index\": 0, \"id\": \"call_1\", \"type\": \"function\", \"function\": {\"name\": \"ls\", \"arguments\": \"{\\\"path\\\": \\\".\\\"}\"}}]}, \"logprobs\": null, \"finish_reason\": \"tool_calls\"}]}\r\n\r\n\
+                    data: [DONE]\r\n\r\n";
+        assert_eq!(
+            decode_body(body.as_bytes()).unwrap(),
+            vec![
+                Chunk::Text("При 😀\n".into()),
+                Chunk::ToolCallDelta {
+                    index: 0,
+                    id: Some("call_1".into()),
+                    name: Some("ls".into()),
+                    arguments: "{\"path\": \".\"}".into(),
+                },
+                Chunk::Finish(FinishReason::ToolCalls),
             ]
         );
     }
