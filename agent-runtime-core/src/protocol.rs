@@ -247,6 +247,98 @@ impl EventPayload {
     }
 }
 
+impl EventPayload {
+    /// The payload's JSON text, exactly what its [`Serialize`] writes: the hot payloads (a token,
+    /// a complete message, a tool call, `done` without cost or budgets) written directly, the
+    /// others by `serde_json` (an internally tagged enum goes through serde's map serializer,
+    /// which cost more than the text it wrote).
+    pub fn to_json(&self) -> serde_json::Result<String> {
+        let mut buf = Vec::with_capacity(64);
+        self.write_json(&mut buf)?;
+        // Only valid UTF-8 was written: JSON punctuation, numbers and whole `str`s.
+        String::from_utf8(buf).map_err(|e| serde::ser::Error::custom(e.to_string()))
+    }
+
+    /// [`EventPayload::to_json`] appended to `buf`.
+    pub fn write_json(&self, buf: &mut Vec<u8>) -> serde_json::Result<()> {
+        match self {
+            EventPayload::AssistantMessage(AssistantMessage::Token { token }) => {
+                buf.extend_from_slice(br#"{"type":"assistant_message","token":"#);
+                write_json_str(buf, token);
+            }
+            EventPayload::AssistantMessage(AssistantMessage::Complete { content }) => {
+                buf.extend_from_slice(br#"{"type":"assistant_message","content":"#);
+                write_json_str(buf, content);
+            }
+            EventPayload::ToolCall {
+                call_id,
+                tool_name,
+                arguments,
+                requires_approval,
+                reason,
+            } => {
+                buf.extend_from_slice(br#"{"type":"tool_call","call_id":"#);
+                write_json_str(buf, call_id);
+                buf.extend_from_slice(br#","tool_name":"#);
+                write_json_str(buf, tool_name);
+                buf.extend_from_slice(br#","arguments":"#);
+                serde_json::to_writer(&mut *buf, arguments)?;
+                buf.extend_from_slice(if *requires_approval {
+                    br#","requires_approval":true"#
+                } else {
+                    br#","requires_approval":false"#
+                });
+                if let Some(reason) = reason {
+                    buf.extend_from_slice(br#","reason":"#);
+                    write_json_str(buf, reason);
+                }
+            }
+            EventPayload::Done { stop_reason, usage } => {
+                buf.extend_from_slice(br#"{"type":"done","stop_reason":"#);
+                serde_json::to_writer(&mut *buf, stop_reason)?;
+                buf.extend_from_slice(br#","usage":"#);
+                match usage {
+                    TurnUsage {
+                        tokens,
+                        cost: None,
+                        budget: None,
+                    } => {
+                        use std::io::Write;
+                        // Writing into a Vec cannot fail.
+                        let _ = write!(
+                            buf,
+                            r#"{{"prompt_tokens":{},"completion_tokens":{}"#,
+                            tokens.prompt_tokens, tokens.completion_tokens
+                        );
+                        if tokens.cached_prompt_tokens != 0 {
+                            let _ = write!(buf, r#","cached_prompt_tokens":{}"#, tokens.cached_prompt_tokens);
+                        }
+                        buf.push(b'}');
+                    }
+                    usage => serde_json::to_writer(&mut *buf, usage)?,
+                }
+            }
+            other => return serde_json::to_writer(buf, other),
+        }
+        buf.push(b'}');
+        Ok(())
+    }
+}
+
+/// `s` as a JSON string: copied as it is when nothing in it needs escaping (no control
+/// character, quote or backslash: most text), else escaped by `serde_json`, the same bytes.
+fn write_json_str(buf: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        buf.reserve(s.len() + 2);
+        buf.push(b'"');
+        buf.extend_from_slice(s.as_bytes());
+        buf.push(b'"');
+    } else {
+        // A string always serializes, and writing into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *buf, s);
+    }
+}
+
 /// A streamed event: its per-session sequence number and what happened.
 ///
 /// Serializes flat, as the SSE `data` line: `{"type": ..., <fields>, "seq": 42, "is_final": false}`.
@@ -317,7 +409,7 @@ impl Event {
     /// An event about to be stored: its payload serialized now and kept, the text the store
     /// writes as its row and its SSE frame is made from.
     pub fn encoded(seq: u64, payload: EventPayload) -> serde_json::Result<Event> {
-        let json = serde_json::to_string(&payload)?;
+        let json = payload.to_json()?;
         Ok(Event::stored(seq, payload, Arc::from(json)))
     }
 
@@ -334,7 +426,7 @@ impl Event {
     pub fn payload_json(&self) -> serde_json::Result<Cow<'_, str>> {
         match &self.payload_json {
             Some(json) => Ok(Cow::Borrowed(json)),
-            None => serde_json::to_string(&self.payload).map(Cow::Owned),
+            None => self.payload.to_json().map(Cow::Owned),
         }
     }
 
@@ -344,7 +436,7 @@ impl Event {
     pub fn write_wire_json(&self, buf: &mut Vec<u8>) -> serde_json::Result<()> {
         match &self.payload_json {
             Some(json) => buf.extend_from_slice(json.as_bytes()),
-            None => serde_json::to_writer(&mut *buf, &self.payload)?,
+            None => self.payload.write_json(buf)?,
         }
         self.close_wire_json(buf);
         Ok(())
@@ -527,6 +619,55 @@ mod tests {
 
     fn round_trip(e: &Event) -> Event {
         serde_json::from_value(serde_json::to_value(e).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_payload_written_directly_is_byte_identical_to_its_serialized_json() {
+        let texts = [
+            "",
+            "plain words",
+            "Проект 🚀",
+            "quote \" backslash \\ slash /",
+            "controls \u{0}\u{1}\u{8}\t\n\u{c}\r\u{1f} del \u{7f}",
+            "\u{2028}\u{2029}",
+        ];
+        let mut payloads = crate::test_kit::every_event_payload();
+        for t in texts {
+            payloads.extend([
+                EventPayload::AssistantMessage(AssistantMessage::Token { token: t.into() }),
+                EventPayload::AssistantMessage(AssistantMessage::Complete { content: t.into() }),
+                EventPayload::ToolCall {
+                    call_id: t.into(),
+                    tool_name: t.into(),
+                    arguments: json!({ "text": t, "n": u64::MAX, "f": -1.5e-7 }),
+                    requires_approval: true,
+                    reason: Some(t.into()),
+                },
+            ]);
+        }
+        for (stop_reason, cached) in [(StopReason::MaxIterations, 0), (StopReason::Error, 7)] {
+            payloads.push(EventPayload::Done {
+                stop_reason,
+                usage: TurnUsage::from(Usage {
+                    prompt_tokens: u64::MAX,
+                    completion_tokens: 0,
+                    cached_prompt_tokens: cached,
+                }),
+            });
+        }
+        payloads.push(EventPayload::Done {
+            stop_reason: StopReason::Completed,
+            usage: TurnUsage {
+                cost: Some(0.5),
+                ..TurnUsage::default()
+            },
+        });
+        let direct: Vec<String> = payloads.iter().map(|p| p.to_json().unwrap()).collect();
+        let serialized: Vec<String> = payloads
+            .iter()
+            .map(|p| serde_json::to_string(p).unwrap())
+            .collect();
+        assert_eq!(direct, serialized);
     }
 
     #[test]

@@ -388,20 +388,50 @@ pub static ROUTES: &[RouteSpec] = &[
     ]),
 ];
 
+/// The most segments a template of [`ROUTES`] has; a longer path matches none.
+const MAX_SEGMENTS: usize = 5;
+
 /// Whether the path's segments match a template's (`{session_id}` and `{call_id}` match any one
-/// segment); the parameters when it does.
-fn matches_template(template: &str, segs: &[String]) -> Option<PathParams> {
-    let mut parts = template.split('/').filter(|s| !s.is_empty());
-    let mut params = PathParams::default();
-    for seg in segs {
-        match parts.next()? {
-            "{session_id}" => params.session_id.clone_from(seg),
-            "{call_id}" => params.call_id.clone_from(seg),
+/// segment); the parameters, percent-decoded, when it does. A segment is compared with a literal
+/// as it stands unless it holds a `%` (decoding anything else cannot make it equal a literal,
+/// which has no `+`); nothing is allocated until the template matches.
+fn matches_template(template: &'static str, segs: &[&str]) -> Option<PathParams> {
+    let mut parts = template;
+    for &seg in segs {
+        match next_part(&mut parts)? {
+            "{session_id}" | "{call_id}" => {}
             literal if literal == seg => {}
+            literal if seg.contains('%') && percent_decode(seg) == literal => {}
             _ => return None,
         }
     }
-    parts.next().is_none().then_some(params)
+    if next_part(&mut parts).is_some() {
+        return None;
+    }
+    let mut params = PathParams::default();
+    let mut parts = template;
+    for &seg in segs {
+        match next_part(&mut parts) {
+            Some("{session_id}") => params.session_id = percent_decode(seg),
+            Some("{call_id}") => params.call_id = percent_decode(seg),
+            _ => {}
+        }
+    }
+    Some(params)
+}
+
+/// The next segment of a template's rest (`/sessions/{session_id}`: `sessions`, then
+/// `{session_id}`), found by hand: `str::split` cost more than the rest of the match. Templates
+/// have no empty segment.
+fn next_part(rest: &mut &'static str) -> Option<&'static str> {
+    let r = rest.strip_prefix('/').unwrap_or(rest);
+    if r.is_empty() {
+        return None;
+    }
+    let end = r.bytes().position(|b| b == b'/').unwrap_or(r.len());
+    let (part, tail) = r.split_at(end);
+    *rest = tail;
+    Some(part)
 }
 
 impl Route {
@@ -411,15 +441,19 @@ impl Route {
             Some(rest) if rest.is_empty() || rest.starts_with('/') => rest,
             _ => path,
         };
-        let segs: Vec<String> = path
-            .split('/')
-            .filter(|s| !s.is_empty())
-            .map(percent_decode)
-            .collect();
+        // The segments borrowed from the path, in place (this ran per request, and collected
+        // each segment into a `String` of a `Vec` first).
+        let mut held = [""; MAX_SEGMENTS];
+        let mut n = 0;
+        for seg in path.split('/').filter(|s| !s.is_empty()) {
+            *held.get_mut(n)? = seg;
+            n += 1;
+        }
+        let segs = &held[..n];
         ROUTES.iter().find_map(|spec| {
             std::iter::once(spec.path)
                 .chain(spec.alias)
-                .find_map(|template| matches_template(template, &segs))
+                .find_map(|template| matches_template(template, segs))
                 .map(spec.make)
         })
     }
@@ -587,7 +621,10 @@ impl App {
             );
             return Ok(response);
         }
-        let label = route.as_ref().map_or("unmatched", Route::label);
+        // The route's entry looked up once, for its label and whether it is public.
+        let spec = route.as_ref().and_then(Route::spec);
+        let label = spec.map_or("unmatched", |spec| spec.path);
+        let public = spec.is_some_and(|spec| spec.public);
         let span = tracing::info_span!("request", %method, route = label);
         // The OpenTelemetry server span (telemetry on), continuing the client's `traceparent`.
         let otel = self.rt.telemetry().map(|t| {
@@ -604,7 +641,7 @@ impl App {
         let mut response = std::pin::pin!(
             async {
                 let r = self
-                    .dispatch(route, req)
+                    .dispatch(route, public, req)
                     .await
                     .unwrap_or_else(|e| error_response(&e));
                 tracing::info!(
@@ -639,10 +676,11 @@ impl App {
     async fn dispatch(
         &self,
         route: Option<Route>,
+        public: bool,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, ApiError> {
         // Auth comes before routing, so unknown routes do not reveal themselves (docs/API.md, details 13).
-        if !route.as_ref().is_some_and(Route::is_public) {
+        if !public {
             self.authorize(req.headers())?;
         }
         let route = route.ok_or_else(|| ApiError::not_found(req.uri().path()))?;
@@ -828,6 +866,43 @@ mod tests {
         );
         assert_eq!(Route::resolve("/sessions/s1/messages/x"), None);
         assert_eq!(Route::resolve("/agents/s1"), None);
+        assert_eq!(Route::resolve("/sessions/s1/approvals/c1/preview/x"), None);
+    }
+
+    #[test]
+    fn percent_encoded_segments_match_literals_and_decode_into_parameters() {
+        let got = [
+            "/se%73sions/s%201/cancel",
+            "/sessions/a+b/approvals/c%2F1/preview",
+            "/sessions/a+b/c%61ncel",
+            "/sessions/s1/ca+ncel",
+        ]
+        .map(Route::resolve);
+        assert_eq!(
+            got,
+            [
+                Some(Route::Cancel("s 1".into())),
+                Some(Route::ApprovalPreview("a b".into(), "c/1".into())),
+                Some(Route::Cancel("a b".into())),
+                None,
+            ]
+        );
+    }
+
+    #[test]
+    fn templates_have_no_empty_segment_and_none_more_than_a_path_is_matched_on() {
+        let templates: Vec<&str> = ROUTES
+            .iter()
+            .flat_map(|spec| std::iter::once(spec.path).chain(spec.alias))
+            .collect();
+        let malformed: Vec<&str> = (templates.iter().copied())
+            .filter(|t| !t.starts_with('/') || t[1..].split('/').any(str::is_empty))
+            .collect();
+        assert_eq!(malformed, Vec::<&str>::new());
+        let longest = (templates.iter())
+            .map(|t| t.split('/').filter(|s| !s.is_empty()).count())
+            .max();
+        assert_eq!(longest, Some(MAX_SEGMENTS));
     }
 
     #[test]

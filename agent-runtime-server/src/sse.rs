@@ -2,16 +2,20 @@
 //! and a `: keep-alive` comment whenever the stream has been idle for the keep-alive interval.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use agent_runtime_core::Event;
 use agent_runtime_core::orchestrator::EventStream;
 use bytes::Bytes;
-use futures::{FutureExt, StreamExt};
+use futures::{Stream, StreamExt};
 use http_body_util::StreamBody;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Frame;
 use hyper::{Response, StatusCode, header};
+use tokio::time::{Instant, Sleep};
 
 use crate::metrics::StreamGuard;
 
@@ -42,12 +46,78 @@ fn encode_into(buf: &mut Vec<u8>, event: &Event) {
     buf.extend_from_slice(b"\n\n");
 }
 
+/// The response body's stream: bursts of framed events, and a keep-alive comment whenever the
+/// stream has been idle for `keep_alive`. Written by hand rather than as an `unfold` of a
+/// `timeout` per burst: that armed and dropped a timer for every burst and moved the step's
+/// future state on each poll; here one timer is armed per stream and moved only when it fires.
 struct Sse {
     events: EventStream,
-    /// The events ended while a burst was gathered.
+    /// The events ended (no more polls of `events`).
     ended: bool,
     keep_alive: Duration,
+    /// When the last frame was sent (or the stream opened).
+    sent: Instant,
+    /// Armed for `keep_alive` after some earlier `sent`: when it fires, it is moved on to
+    /// `sent + keep_alive` if a frame went out since, else the comment is sent.
+    idle: Pin<Box<Sleep>>,
     _guard: StreamGuard,
+}
+
+impl Sse {
+    /// The ready events, up to about [`BURST_BYTES`], framed into one buffer after `first`.
+    fn burst(&mut self, first: &Event, cx: &mut Context<'_>) -> Bytes {
+        let mut buf = Vec::with_capacity(512);
+        encode_into(&mut buf, first);
+        while buf.len() < BURST_BYTES {
+            match self.events.poll_next_unpin(cx) {
+                Poll::Ready(Some(next)) => encode_into(&mut buf, &next),
+                Poll::Ready(None) => {
+                    // Ended: never poll the stream again.
+                    self.ended = true;
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        Bytes::from(buf)
+    }
+}
+
+impl Stream for Sse {
+    type Item = Result<Frame<Bytes>, Infallible>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let s = self.get_mut();
+        if s.ended {
+            return Poll::Ready(None);
+        }
+        match s.events.poll_next_unpin(cx) {
+            Poll::Ready(Some(event)) => {
+                // Events already here (a burst of tokens) go out in one write.
+                let bytes = s.burst(&event, cx);
+                s.sent = Instant::now();
+                return Poll::Ready(Some(Ok(Frame::data(bytes))));
+            }
+            Poll::Ready(None) => {
+                s.ended = true;
+                return Poll::Ready(None);
+            }
+            Poll::Pending => {}
+        }
+        loop {
+            ready!(s.idle.as_mut().poll(cx));
+            let due = s.sent + s.keep_alive;
+            let now = Instant::now();
+            if due > now {
+                // Frames went out since the timer was armed: idle for less than `keep_alive`.
+                s.idle.as_mut().reset(due);
+                continue;
+            }
+            s.sent = now;
+            s.idle.as_mut().reset(now + s.keep_alive);
+            return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(KEEP_ALIVE)))));
+        }
+    }
 }
 
 /// A `200 text/event-stream` response streaming `events`. The guard counts the stream as active
@@ -57,40 +127,15 @@ pub fn response(
     keep_alive: Duration,
     guard: StreamGuard,
 ) -> Response<UnsyncBoxBody<Bytes, Infallible>> {
-    let state = Sse {
+    let sent = Instant::now();
+    let frames = Sse {
         events,
         ended: false,
         keep_alive,
+        sent,
+        idle: Box::pin(tokio::time::sleep_until(sent + keep_alive)),
         _guard: guard,
     };
-    let frames = futures::stream::unfold(state, |mut s| async move {
-        if s.ended {
-            return None;
-        }
-        // Dropping `next()` on a timeout loses nothing: the pending read lives in the stream.
-        let bytes = match tokio::time::timeout(s.keep_alive, s.events.next()).await {
-            Ok(Some(event)) => {
-                // Events already here (a burst of tokens) go out in one write.
-                let mut buf = Vec::with_capacity(512);
-                encode_into(&mut buf, &event);
-                while buf.len() < BURST_BYTES {
-                    match s.events.next().now_or_never() {
-                        Some(Some(next)) => encode_into(&mut buf, &next),
-                        Some(None) => {
-                            // Ended: never poll the stream again.
-                            s.ended = true;
-                            break;
-                        }
-                        None => break,
-                    }
-                }
-                Bytes::from(buf)
-            }
-            Ok(None) => return None,
-            Err(_) => Bytes::from_static(KEEP_ALIVE),
-        };
-        Some((Ok::<_, Infallible>(Frame::data(bytes)), s))
-    });
     let mut response = Response::new(UnsyncBoxBody::new(StreamBody::new(frames)));
     *response.status_mut() = StatusCode::OK;
     let h = response.headers_mut();

@@ -2,6 +2,7 @@
 //! replays persisted events and then follows live ones with no gap and no duplicate at the seam.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use tokio::sync::{broadcast, watch};
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::{Event, EventPayload};
@@ -193,6 +195,9 @@ struct Follower {
     follow: Follow,
     catch_up: bool,
     finished: bool,
+    /// The fallback read's timer, armed once per stream and moved on only when it fires (a
+    /// fresh `sleep` in every wait armed and dropped a timer per event).
+    poll: Pin<Box<Sleep>>,
 }
 
 impl Drop for Follower {
@@ -264,6 +269,21 @@ impl Follower {
                     continue;
                 }
             }
+            // The fallback read is due `POLL` after the wait begins; the stream's one timer, when
+            // it fires earlier (armed in an earlier wait), is moved on to this wait's due time.
+            let (waiting_since, poll) = (Instant::now(), &mut self.poll);
+            let fallback = std::future::poll_fn(move |cx| {
+                loop {
+                    std::task::ready!(poll.as_mut().poll(cx));
+                    let due = waiting_since + POLL;
+                    let now = Instant::now();
+                    if due <= now {
+                        poll.as_mut().reset(now + POLL);
+                        return Poll::Ready(());
+                    }
+                    poll.as_mut().reset(due);
+                }
+            });
             tokio::select! {
                 r = self.rx.recv() => match r {
                     // The last receiver to take an event holds the only reference: no copy.
@@ -283,7 +303,7 @@ impl Follower {
                         (self.rx, self.wake) = self.hubs.subscribe(&self.session_id);
                     }
                 }
-                _ = tokio::time::sleep(POLL) => self.catch_up = true,
+                () = fallback => self.catch_up = true,
                 _ = self.hubs.closing.cancelled() => return None,
             }
         }
@@ -339,6 +359,7 @@ impl EventStream {
             follow,
             catch_up: true,
             finished: false,
+            poll: Box::pin(tokio::time::sleep(POLL)),
         })
     }
 

@@ -280,7 +280,7 @@ fn fenced_out(owner: Option<&str>, head_owner: Option<&str>) -> bool {
 fn encoded(events: Vec<EventPayload>) -> Result<Vec<(EventPayload, Arc<str>)>> {
     events
         .into_iter()
-        .map(|p| match serde_json::to_string(&p) {
+        .map(|p| match p.to_json() {
             Ok(json) => Ok((p, Arc::from(json))),
             Err(e) => Err(Error::Internal(format!("cannot encode an event as JSON: {e}"))),
         })
