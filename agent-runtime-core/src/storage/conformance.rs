@@ -1436,8 +1436,15 @@ pub async fn lease_and_commit_on_an_unexpected_session_takes_the_lease_and_commi
     c.events.push(token("x"));
     c.request_id = Some("used".into());
     c.session.status = Some(SessionStatus::AwaitingToolResult);
+    c.session.turn_state = Some(Some(turn_state(json!({"open_calls": ["c1"]}))));
     let stored = a.commit("other", c).await.unwrap().session;
     let stored_events = a.events_after("other", 0, 100).await.unwrap();
+    // Each attempt would replace the stored turn state: the session returned still has it.
+    let first_commit = |owner: &str, request_id: &str| {
+        let mut c = first_commit(owner, request_id);
+        c.session.turn_state = Some(Some(turn_state(json!({"iteration": 1}))));
+        c
+    };
     let paused = Expected {
         status: SessionStatus::AwaitingToolResult,
         current_agent: Some("orchestrator".into()),

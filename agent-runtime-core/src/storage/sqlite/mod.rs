@@ -481,6 +481,35 @@ fn read_session(conn: &Db<'_>, id: &str) -> Result<Session> {
     .ok_or_else(|| Error::SessionNotFound(id.to_string()))
 }
 
+/// The session `create_session` just inserted, as [`read_session`] would read it back (the row is
+/// the `INSERT`'s values and the columns' defaults): its JSON columns parsed from the text stored
+/// (a float's digits parse back to the nearest value, not always the one written), the rest
+/// taken as given.
+fn created(new: NewSession, metadata: &str, budget: Option<&str>) -> Result<Session> {
+    let decode =
+        |e: serde_json::Error| Error::Internal(format!("cannot decode the session just stored: {e}"));
+    Ok(Session {
+        metadata: serde_json::from_str(metadata).map_err(decode)?,
+        budget: budget
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(decode)?
+            .unwrap_or_default(),
+        id: new.id,
+        user_id: new.user_id,
+        created_at: new.created_at,
+        last_activity: new.created_at,
+        current_agent: new.current_agent,
+        status: SessionStatus::Idle,
+        message_count: 0,
+        last_message_seq: 0,
+        last_event_seq: 0,
+        usage: Usage::default(),
+        turn_state: None,
+        cost: 0.0,
+    })
+}
+
 /// `SessionNotFound` unless the session exists. A read whose rows prove the session exists (a
 /// session's rows go with it) asks only when it found none.
 fn ensure_session(conn: &Db<'_>, id: &str) -> Result<()> {
@@ -542,6 +571,27 @@ struct SqliteCommit<'a, 'c> {
     sets_turn_state: bool,
     /// The session as `head` read it.
     session: Option<Session>,
+    /// What [`read_head`] gave before the commit began (`lease_and_commit` reads it to judge the
+    /// expectation): `head` takes it instead of reading the row again.
+    prefetched: Option<(Session, Option<String>)>,
+}
+
+/// A commit's head: the session (`session_from_row`'s columns; its turn state left out, `None`,
+/// when `skip_turn_state`, as the commit replaces it) and its lease owner. `None` if there is no
+/// session.
+fn read_head(conn: &Db<'_>, id: &str, skip_turn_state: bool) -> Result<Option<(Session, Option<String>)>> {
+    query_row(
+        conn,
+        "SELECT id, user_id, metadata, created_at, last_activity, current_agent, status,
+             message_count, last_message_seq, last_event_seq, prompt_tokens, completion_tokens,
+             CASE WHEN ?2 THEN NULL ELSE turn_state END,
+             budget, cost, cached_prompt_tokens, lease_owner
+         FROM sessions WHERE id = ?1",
+        params![id, skip_turn_state],
+        |r| Ok((session_from_row(r)?, r.get::<_, Option<String>>(16)?)),
+    )
+    .optional()
+    .map_err(db)
 }
 
 /// Rows one multi-row `INSERT` writes at most; a longer commit runs it again for the rest. Each
@@ -704,19 +754,10 @@ impl SessionUpdate {
 
 impl CommitSteps for SqliteCommit<'_, '_> {
     async fn head(&mut self) -> Result<Option<Head>> {
-        // `session_from_row`'s columns, then the lease owner.
-        let row = query_row(
-            self.tx,
-            "SELECT id, user_id, metadata, created_at, last_activity, current_agent, status,
-                 message_count, last_message_seq, last_event_seq, prompt_tokens, completion_tokens,
-                 CASE WHEN ?2 THEN NULL ELSE turn_state END,
-                 budget, cost, cached_prompt_tokens, lease_owner
-             FROM sessions WHERE id = ?1",
-            params![self.session_id, self.sets_turn_state],
-            |r| Ok((session_from_row(r)?, r.get::<_, Option<String>>(16)?)),
-        )
-        .optional()
-        .map_err(db)?;
+        let row = match self.prefetched.take() {
+            Some(row) => Some(row),
+            None => read_head(self.tx, self.session_id, self.sets_turn_state)?,
+        };
         Ok(row.map(|(session, lease_owner)| {
             let head = Head {
                 last_message_seq: session.last_message_seq,
@@ -1067,6 +1108,8 @@ impl Storage for SqliteStorage {
     #[tracing::instrument(level = "debug", skip_all, fields(session_id = %new.id))]
     async fn create_session(&self, new: NewSession) -> Result<Session> {
         self.write(move |c| {
+            let metadata = to_json(&new.metadata)?;
+            let budget = budget_json(&new.budget)?;
             let changed = execute(c,
                     "INSERT INTO sessions (id, user_id, metadata, created_at, last_activity, current_agent, status,
                                            budget)
@@ -1074,18 +1117,18 @@ impl Storage for SqliteStorage {
                     params![
                         new.id,
                         new.user_id,
-                        to_json(&new.metadata)?,
+                        metadata,
                         new.created_at.as_millis(),
                         new.current_agent,
                         SessionStatus::Idle.as_str(),
-                        budget_json(&new.budget)?
+                        budget
                     ],
                 )
                 .map_err(db)?;
             if changed == 0 {
                 return Err(Error::SessionExists(new.id));
             }
-            read_session(c, &new.id)
+            created(new, &metadata, budget.as_deref())
         })
         .await
     }
@@ -1127,6 +1170,7 @@ impl Storage for SqliteStorage {
                 session_id: &id,
                 sets_turn_state: commit.session.turn_state.is_some(),
                 session: None,
+                prefetched: None,
             };
             commit::run_blocking(&mut steps, &id, commit)
         })
@@ -1341,16 +1385,11 @@ impl Storage for SqliteStorage {
             if !acquire(c, &owners, &id, &owner, ttl)? {
                 return Ok(Leased::Busy);
             }
-            let (status, agent, last_event_seq) = query_row(
-                c,
-                "SELECT status, current_agent, last_event_seq FROM sessions WHERE id = ?1",
-                [&id],
-                |r| {
-                    let status = parsed(0, r.get(0)?, SessionStatus::parse)?;
-                    Ok((status, r.get::<_, String>(1)?, u64_col(r, 2)?))
-                },
-            )
-            .map_err(db)?;
+            // The commit's head, read once: it tells whether the session is as expected, and is
+            // the session returned when it is not (or the request was seen), or the commit's head.
+            let sets_turn_state = commit.session.turn_state.is_some();
+            let (session, lease_owner) =
+                read_head(c, &id, sets_turn_state)?.ok_or_else(|| Error::SessionNotFound(id.clone()))?;
             let replayed = match &commit.request_id {
                 Some(rid) => query_row(
                     c,
@@ -1363,14 +1402,20 @@ impl Storage for SqliteStorage {
                 .is_some(),
                 None => false,
             };
-            if replayed || !expected.met(status, &agent, last_event_seq) {
-                return read_session(c, &id).map(Leased::Taken);
+            if replayed || !expected.met(session.status, &session.current_agent, session.last_event_seq) {
+                return if sets_turn_state {
+                    // The head left the turn state out: the session as stored has it.
+                    read_session(c, &id).map(Leased::Taken)
+                } else {
+                    Ok(Leased::Taken(session))
+                };
             }
             let mut steps = SqliteCommit {
                 tx: c,
                 session_id: &id,
-                sets_turn_state: commit.session.turn_state.is_some(),
+                sets_turn_state,
                 session: None,
+                prefetched: Some((session, lease_owner)),
             };
             commit::run_blocking(&mut steps, &id, commit).map(Leased::Committed)
         })
