@@ -918,7 +918,7 @@ mod tests {
         let tools_json = serde_json::to_vec(&ToolsArray(&offered())).unwrap();
         let mut cases = 0;
         for (i, text) in texts.iter().enumerate().step_by(7) {
-            let history = vec![
+            let history = [
                 ChatMessage::system(text.as_str()),
                 ChatMessage::user(text.as_str()),
                 ChatMessage::assistant(text.as_str()),
