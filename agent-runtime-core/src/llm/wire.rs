@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use serde_json::{Value, json};
 
 use super::sse::SseDecoder;
-use super::{ChatMessage, ChatRequest, ChatRole, ChatToolCall, Chunk, FinishReason, ToolChoice};
+use super::{ChatMessage, ChatRequest, ChatRole, Chunk, FinishReason, ToolChoice};
 use crate::error::{Error, Result};
 use crate::protocol::ToolSpec;
 use crate::session::Usage;
@@ -45,32 +45,179 @@ fn write_request(
     tools_json: Option<&[u8]>,
 ) -> Vec<u8> {
     let offered = !request.tools.is_empty();
-    let body = Body {
-        model,
-        messages: &request.messages,
-        stream: true,
-        tools: offered
-            .then_some(&request.tools[..])
-            .filter(|_| tools_json.is_none()),
-        tool_choice: offered.then_some(Choice(&request.tool_choice)),
-        // Through the decimal text so 0.2f32 goes out as 0.2, not 0.20000000298023224.
-        temperature: request
-            .temperature
-            .map(|t| t.to_string().parse().unwrap_or(f64::from(t))),
-        max_tokens: request.max_tokens,
-        stream_options: include_usage.then_some(StreamOptions { include_usage: true }),
-    };
-    // Serializing borrowed strings, numbers and `Value`s into a `Vec` cannot fail.
-    let mut out = serde_json::to_vec(&body).unwrap_or_default();
-    if let Some(tools) = tools_json.filter(|_| offered)
-        && out.pop() == Some(b'}')
-    {
-        // The object's closing brace gives way to one more member.
+    // Room for the whole text, so the buffer is not grown and copied on the way.
+    let texts: usize = request
+        .messages
+        .iter()
+        .map(|m| {
+            m.content.len()
+                + m.tool_call_id.as_ref().map_or(0, |id| id.len() + 18)
+                + m.tool_calls
+                    .iter()
+                    .map(|c| c.id.len() + c.name.len() + c.arguments.len() + 64)
+                    .sum::<usize>()
+                + 48
+        })
+        .sum();
+    let mut out = Vec::with_capacity(model.len() + texts + tools_json.map_or(0, <[u8]>::len) + 160);
+    // The same members in the same order as the serde-derived body this replaces (see the tests'
+    // `reference`): model, messages, stream, tools, tool_choice, temperature, max_tokens,
+    // stream_options; cached tools at the end.
+    out.extend_from_slice(b"{\"model\":");
+    write_str(&mut out, model);
+    out.extend_from_slice(b",\"messages\":[");
+    for (i, m) in request.messages.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_message(&mut out, m);
+    }
+    out.extend_from_slice(b"],\"stream\":true");
+    if offered {
+        if tools_json.is_none() {
+            out.extend_from_slice(b",\"tools\":");
+            // Serializing borrowed strings and `Value`s into a `Vec` cannot fail.
+            let _ = serde_json::to_writer(&mut out, &ToolsArray(&request.tools));
+        }
+        out.extend_from_slice(b",\"tool_choice\":");
+        match &request.tool_choice {
+            ToolChoice::Auto => out.extend_from_slice(b"\"auto\""),
+            ToolChoice::None => out.extend_from_slice(b"\"none\""),
+            ToolChoice::Required => out.extend_from_slice(b"\"required\""),
+            ToolChoice::Function(name) => {
+                out.extend_from_slice(b"{\"type\":\"function\",\"function\":{\"name\":");
+                write_str(&mut out, name);
+                out.extend_from_slice(b"}}");
+            }
+        }
+    }
+    if let Some(t) = request.temperature {
+        out.extend_from_slice(b",\"temperature\":");
+        // Through the decimal text so 0.2f32 goes out as 0.2, not 0.20000000298023224; serde_json
+        // writes the `f64` (and a non-finite one as `null`).
+        let _ = serde_json::to_writer(&mut out, &t.to_string().parse().unwrap_or(f64::from(t)));
+    }
+    if let Some(n) = request.max_tokens {
+        out.extend_from_slice(b",\"max_tokens\":");
+        out.extend_from_slice(itoa_u32(n, &mut [0; 10]));
+    }
+    if include_usage {
+        out.extend_from_slice(b",\"stream_options\":{\"include_usage\":true}");
+    }
+    if let Some(tools) = tools_json.filter(|_| offered) {
         out.extend_from_slice(b",\"tools\":");
         out.extend_from_slice(tools);
-        out.push(b'}');
     }
+    out.push(b'}');
     out
+}
+
+/// One message: `{"role":…,"content":…}`, then `tool_calls` when it has any and `tool_call_id`
+/// when it answers one.
+fn write_message(out: &mut Vec<u8>, m: &ChatMessage) {
+    out.extend_from_slice(match m.role {
+        ChatRole::System => b"{\"role\":\"system\",\"content\":",
+        ChatRole::User => b"{\"role\":\"user\",\"content\":",
+        ChatRole::Assistant => b"{\"role\":\"assistant\",\"content\":",
+        ChatRole::Tool => b"{\"role\":\"tool\",\"content\":",
+    });
+    write_str(out, &m.content);
+    if !m.tool_calls.is_empty() {
+        out.extend_from_slice(b",\"tool_calls\":[");
+        for (i, c) in m.tool_calls.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"id\":");
+            write_str(out, &c.id);
+            out.extend_from_slice(b",\"type\":\"function\",\"function\":{\"name\":");
+            write_str(out, &c.name);
+            out.extend_from_slice(b",\"arguments\":");
+            write_str(out, &c.arguments);
+            out.extend_from_slice(b"}}");
+        }
+        out.push(b']');
+    }
+    if let Some(id) = &m.tool_call_id {
+        out.extend_from_slice(b",\"tool_call_id\":");
+        write_str(out, id);
+    }
+    out.push(b'}');
+}
+
+/// `n` in decimal, in `buf`.
+fn itoa_u32(mut n: u32, buf: &mut [u8; 10]) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[at..];
+        }
+    }
+}
+
+/// `s` as a JSON string, the bytes serde_json writes: `\"`, `\\`, `\b`, `\t`, `\n`, `\f`, `\r`,
+/// other control characters as `\u00xx` (lowercase hex), everything else (DEL, U+2028, any
+/// non-ASCII) as it is. Runs needing no escape are found eight bytes at a time and copied whole
+/// (serde_json looks at each byte through a table: some 5 instructions a byte).
+pub(crate) fn write_str(out: &mut Vec<u8>, s: &str) {
+    let bytes = s.as_bytes();
+    out.reserve(bytes.len() + 2);
+    out.push(b'"');
+    let mut run = 0;
+    let mut at = 0;
+    while at < bytes.len() {
+        at = plain_until(bytes, at);
+        if at == bytes.len() {
+            break;
+        }
+        out.extend_from_slice(&bytes[run..at]);
+        let byte = bytes[at];
+        match byte {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            _ => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(byte >> 4)]);
+                out.push(HEX[usize::from(byte & 0xf)]);
+            }
+        }
+        at += 1;
+        run = at;
+    }
+    out.extend_from_slice(&bytes[run..]);
+    out.push(b'"');
+}
+
+/// The index of the first byte at or after `at` that JSON needs escaped (a control character,
+/// `"` or `\`), or `bytes.len()`.
+fn plain_until(bytes: &[u8], mut at: usize) -> usize {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    while let Some(word) = bytes.get(at..at + 8) {
+        let w = u64::from_ne_bytes(word.try_into().unwrap_or_default());
+        // A byte's high bit set in each: below 0x20, equal to `"`, equal to `\` (exact as to
+        // whether any byte is; which one is found below).
+        let below = w.wrapping_sub(ONES * 0x20) & !w;
+        let quote = (w ^ (ONES * 0x22)).wrapping_sub(ONES) & !(w ^ (ONES * 0x22));
+        let backslash = (w ^ (ONES * 0x5c)).wrapping_sub(ONES) & !(w ^ (ONES * 0x5c));
+        if (below | quote | backslash) & HIGHS != 0 {
+            break;
+        }
+        at += 8;
+    }
+    while at < bytes.len() && !matches!(bytes[at], 0..=0x1f | b'"' | b'\\') {
+        at += 1;
+    }
+    at
 }
 
 /// Each offered tool list's `tools` array as JSON text, written once: an agent's offer is the
@@ -127,39 +274,6 @@ impl Serialize for ToolsArray<'_> {
     }
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
-    model: &'a str,
-    #[serde(serialize_with = "messages")]
-    messages: &'a [ChatMessage],
-    stream: bool,
-    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "tools")]
-    tools: Option<&'a [ToolSpec]>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tool_choice: Option<Choice<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    temperature: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_tokens: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stream_options: Option<StreamOptions>,
-}
-
-#[derive(Serialize)]
-struct StreamOptions {
-    include_usage: bool,
-}
-
-#[derive(Serialize)]
-struct WireMessage<'a> {
-    role: ChatRole,
-    content: &'a str,
-    #[serde(skip_serializing_if = "<[_]>::is_empty", serialize_with = "calls")]
-    tool_calls: &'a [ChatToolCall],
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tool_call_id: Option<&'a str>,
-}
-
 /// `{"type": "function", "function": …}`, the wrapper of a call and of a tool.
 #[derive(Serialize)]
 struct Function<T> {
@@ -176,49 +290,10 @@ fn function<T>(function: T) -> Function<T> {
 }
 
 #[derive(Serialize)]
-struct WireCall<'a> {
-    id: &'a str,
-    #[serde(rename = "type")]
-    kind: &'static str,
-    function: CallFunction<'a>,
-}
-
-#[derive(Serialize)]
-struct CallFunction<'a> {
-    name: &'a str,
-    arguments: &'a str,
-}
-
-#[derive(Serialize)]
 struct ToolFunction<'a> {
     name: &'a str,
     description: &'a str,
     parameters: &'a Value,
-}
-
-#[derive(Serialize)]
-struct Named<'a> {
-    name: &'a str,
-}
-
-fn messages<S: Serializer>(m: &&[ChatMessage], s: S) -> std::result::Result<S::Ok, S::Error> {
-    s.collect_seq(m.iter().map(|m| WireMessage {
-        role: m.role,
-        content: &m.content,
-        tool_calls: &m.tool_calls,
-        tool_call_id: m.tool_call_id.as_deref(),
-    }))
-}
-
-fn calls<S: Serializer>(c: &&[ChatToolCall], s: S) -> std::result::Result<S::Ok, S::Error> {
-    s.collect_seq(c.iter().map(|c| WireCall {
-        id: &c.id,
-        kind: "function",
-        function: CallFunction {
-            name: &c.name,
-            arguments: &c.arguments,
-        },
-    }))
 }
 
 fn tools<S: Serializer>(t: &Option<&[ToolSpec]>, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -231,15 +306,127 @@ fn tools<S: Serializer>(t: &Option<&[ToolSpec]>, s: S) -> std::result::Result<S:
     }))
 }
 
-struct Choice<'a>(&'a ToolChoice);
+/// The serde-derived body [`write_request`] replaced, kept as the reference its bytes are
+/// compared with.
+#[cfg(test)]
+mod reference {
+    use super::*;
+    use crate::llm::ChatToolCall;
 
-impl Serialize for Choice<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        match self.0 {
-            ToolChoice::Auto => s.serialize_str("auto"),
-            ToolChoice::None => s.serialize_str("none"),
-            ToolChoice::Required => s.serialize_str("required"),
-            ToolChoice::Function(name) => function(Named { name }).serialize(s),
+    pub(super) fn request_json(
+        model: &str,
+        request: &ChatRequest,
+        include_usage: bool,
+        tools_json: Option<&[u8]>,
+    ) -> Vec<u8> {
+        let offered = !request.tools.is_empty();
+        let body = Body {
+            model,
+            messages: &request.messages,
+            stream: true,
+            tools: offered
+                .then_some(&request.tools[..])
+                .filter(|_| tools_json.is_none()),
+            tool_choice: offered.then_some(Choice(&request.tool_choice)),
+            temperature: request
+                .temperature
+                .map(|t| t.to_string().parse().unwrap_or(f64::from(t))),
+            max_tokens: request.max_tokens,
+            stream_options: include_usage.then_some(StreamOptions { include_usage: true }),
+        };
+        let mut out = serde_json::to_vec(&body).unwrap();
+        if let Some(tools) = tools_json.filter(|_| offered)
+            && out.pop() == Some(b'}')
+        {
+            out.extend_from_slice(b",\"tools\":");
+            out.extend_from_slice(tools);
+            out.push(b'}');
+        }
+        out
+    }
+
+    #[derive(Serialize)]
+    struct Body<'a> {
+        model: &'a str,
+        #[serde(serialize_with = "messages")]
+        messages: &'a [ChatMessage],
+        stream: bool,
+        #[serde(skip_serializing_if = "Option::is_none", serialize_with = "tools")]
+        tools: Option<&'a [ToolSpec]>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tool_choice: Option<Choice<'a>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        temperature: Option<f64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        max_tokens: Option<u32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        stream_options: Option<StreamOptions>,
+    }
+
+    #[derive(Serialize)]
+    struct StreamOptions {
+        include_usage: bool,
+    }
+
+    #[derive(Serialize)]
+    struct WireMessage<'a> {
+        role: ChatRole,
+        content: &'a str,
+        #[serde(skip_serializing_if = "<[_]>::is_empty", serialize_with = "calls")]
+        tool_calls: &'a [ChatToolCall],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tool_call_id: Option<&'a str>,
+    }
+
+    #[derive(Serialize)]
+    struct WireCall<'a> {
+        id: &'a str,
+        #[serde(rename = "type")]
+        kind: &'static str,
+        function: CallFunction<'a>,
+    }
+
+    #[derive(Serialize)]
+    struct CallFunction<'a> {
+        name: &'a str,
+        arguments: &'a str,
+    }
+
+    #[derive(Serialize)]
+    struct Named<'a> {
+        name: &'a str,
+    }
+
+    fn messages<S: Serializer>(m: &&[ChatMessage], s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_seq(m.iter().map(|m| WireMessage {
+            role: m.role,
+            content: &m.content,
+            tool_calls: &m.tool_calls,
+            tool_call_id: m.tool_call_id.as_deref(),
+        }))
+    }
+
+    fn calls<S: Serializer>(c: &&[ChatToolCall], s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_seq(c.iter().map(|c| WireCall {
+            id: &c.id,
+            kind: "function",
+            function: CallFunction {
+                name: &c.name,
+                arguments: &c.arguments,
+            },
+        }))
+    }
+
+    struct Choice<'a>(&'a ToolChoice);
+
+    impl Serialize for Choice<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+            match self.0 {
+                ToolChoice::Auto => s.serialize_str("auto"),
+                ToolChoice::None => s.serialize_str("none"),
+                ToolChoice::Required => s.serialize_str("required"),
+                ToolChoice::Function(name) => function(Named { name }).serialize(s),
+            }
         }
     }
 }
@@ -606,6 +793,7 @@ fn usage_json(u: &Usage) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::llm::ChatToolCall;
 
     fn offered() -> Arc<[ToolSpec]> {
         Arc::from(vec![ToolSpec {
@@ -666,6 +854,108 @@ mod tests {
             cached,
             json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
         );
+    }
+
+    /// Texts with every kind of escape, at every offset within an eight-byte word.
+    fn awkward_texts() -> Vec<String> {
+        let mut texts: Vec<String> = [
+            "",
+            "plain words, long enough to fill several eight-byte words of text",
+            "Проект 🚀 日本語 ünïcödé",
+            "quote \" backslash \\ slash / DEL \u{7f}",
+            "controls \u{0}\u{1}\u{8}\t\n\u{b}\u{c}\r\u{e}\u{1b}\u{1f} end",
+            "\u{2028}\u{2029}\u{feff}\u{10ffff}",
+            "{\"path\":\"a\\b\"}",
+            "\"\"\"\\\\\n\n",
+        ]
+        .map(String::from)
+        .to_vec();
+        for b in 0u8..0x80 {
+            for pad in 0..9 {
+                texts.push(format!(
+                    "{}{}{}",
+                    "x".repeat(pad),
+                    char::from(b),
+                    "y".repeat(9 - pad)
+                ));
+            }
+        }
+        texts
+    }
+
+    #[test]
+    fn a_string_is_written_with_the_bytes_serde_json_writes() {
+        for text in awkward_texts() {
+            let mut out = b"prefix".to_vec();
+            write_str(&mut out, &text);
+            let expected = [b"prefix".to_vec(), serde_json::to_vec(&text).unwrap()].concat();
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                String::from_utf8(expected).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn a_request_written_directly_is_byte_identical_to_the_serde_body() {
+        let texts = awkward_texts();
+        let choices = [
+            ToolChoice::Auto,
+            ToolChoice::None,
+            ToolChoice::Required,
+            ToolChoice::Function("read_\"file\"\n".into()),
+        ];
+        let temperatures = [
+            None,
+            Some(0.0),
+            Some(0.2),
+            Some(1.5),
+            Some(-0.0),
+            Some(f32::NAN),
+            Some(f32::INFINITY),
+        ];
+        let max_tokens = [None, Some(0), Some(7), Some(u32::MAX)];
+        let tools_json = serde_json::to_vec(&ToolsArray(&offered())).unwrap();
+        let mut cases = 0;
+        for (i, text) in texts.iter().enumerate().step_by(7) {
+            let history = [
+                ChatMessage::system(text.as_str()),
+                ChatMessage::user(text.as_str()),
+                ChatMessage::assistant(text.as_str()),
+                ChatMessage::assistant_with_tool_calls(
+                    text.as_str(),
+                    vec![
+                        ChatToolCall::new(text.as_str(), text.as_str(), text.as_str()),
+                        ChatToolCall::new("c2", "ls", "{}"),
+                    ],
+                ),
+                ChatMessage::tool(text.as_str(), text.as_str()),
+            ];
+            let mut req = ChatRequest::new(history[..(i % 6).max(1)].to_vec());
+            req.temperature = temperatures[i % temperatures.len()];
+            req.max_tokens = max_tokens[i % max_tokens.len()];
+            for model in ["m", text.as_str()] {
+                for include_usage in [false, true] {
+                    for tools in [false, true] {
+                        let mut req = req.clone();
+                        if tools {
+                            req = req.with_tools(offered());
+                            req.tool_choice = choices[i % choices.len()].clone();
+                        }
+                        for cached in [None, Some(&tools_json[..])] {
+                            let written = write_request(model, &req, include_usage, cached);
+                            let reference = reference::request_json(model, &req, include_usage, cached);
+                            assert_eq!(
+                                String::from_utf8(written).unwrap(),
+                                String::from_utf8(reference).unwrap()
+                            );
+                            cases += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, 2 * 2 * 2 * 2 * texts.len().div_ceil(7));
     }
 
     #[test]
