@@ -179,6 +179,29 @@ pub struct NewSession {
     pub budget: Budget,
 }
 
+impl NewSession {
+    /// The session as it is created: what was given, everything else at its start value (idle,
+    /// no messages or events, no usage, cost or turn state, `last_activity` = `created_at`).
+    pub fn into_session(self) -> Session {
+        Session {
+            id: self.id,
+            user_id: self.user_id,
+            metadata: self.metadata,
+            created_at: self.created_at,
+            last_activity: self.created_at,
+            current_agent: self.current_agent,
+            status: SessionStatus::Idle,
+            message_count: 0,
+            last_message_seq: 0,
+            last_event_seq: 0,
+            usage: Usage::default(),
+            turn_state: None,
+            budget: self.budget,
+            cost: 0.0,
+        }
+    }
+}
+
 /// Who wrote a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]

@@ -18,7 +18,7 @@ use super::{Commit, Committed, Expected, Leased, Liveness, SessionPage, SessionQ
 use crate::approval::{Approval, ApprovalResolution, ApprovalStatus};
 use crate::error::{Error, Result};
 use crate::protocol::{Event, Plan};
-use crate::session::{AgentSwitch, Message, NewSession, Session, SessionStatus, Usage};
+use crate::session::{AgentSwitch, Message, NewSession, Session, SessionStatus};
 use crate::time::Timestamp;
 
 /// In-memory storage. Cheap to create; everything is lost when it is dropped.
@@ -255,24 +255,9 @@ impl Storage for MemoryStorage {
         if sessions.contains_key(&new.id) {
             return Err(Error::SessionExists(new.id));
         }
-        let session = Session {
-            id: new.id.clone(),
-            user_id: new.user_id,
-            metadata: new.metadata,
-            created_at: new.created_at,
-            last_activity: new.created_at,
-            current_agent: new.current_agent,
-            status: SessionStatus::Idle,
-            message_count: 0,
-            last_message_seq: 0,
-            last_event_seq: 0,
-            usage: Usage::default(),
-            turn_state: None,
-            budget: new.budget,
-            cost: 0.0,
-        };
+        let session = new.into_session();
         sessions.insert(
-            new.id,
+            session.id.clone(),
             SessionData {
                 session: session.clone(),
                 messages: vec![],

@@ -488,25 +488,16 @@ fn read_session(conn: &Db<'_>, id: &str) -> Result<Session> {
 fn created(new: NewSession, metadata: &str, budget: Option<&str>) -> Result<Session> {
     let decode =
         |e: serde_json::Error| Error::Internal(format!("cannot decode the session just stored: {e}"));
+    let metadata = serde_json::from_str(metadata).map_err(decode)?;
+    let budget = budget
+        .map(serde_json::from_str)
+        .transpose()
+        .map_err(decode)?
+        .unwrap_or_default();
     Ok(Session {
-        metadata: serde_json::from_str(metadata).map_err(decode)?,
-        budget: budget
-            .map(serde_json::from_str)
-            .transpose()
-            .map_err(decode)?
-            .unwrap_or_default(),
-        id: new.id,
-        user_id: new.user_id,
-        created_at: new.created_at,
-        last_activity: new.created_at,
-        current_agent: new.current_agent,
-        status: SessionStatus::Idle,
-        message_count: 0,
-        last_message_seq: 0,
-        last_event_seq: 0,
-        usage: Usage::default(),
-        turn_state: None,
-        cost: 0.0,
+        metadata,
+        budget,
+        ..new.into_session()
     })
 }
 
