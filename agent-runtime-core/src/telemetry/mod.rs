@@ -274,19 +274,28 @@ impl Telemetry {
     }
 
     /// The server span of an HTTP request: `{method} {route}`, continuing the client's W3C
-    /// `traceparent` (read through `header`) when it sent one.
+    /// `traceparent` (read from the request's `headers`) when it sent one.
     pub fn request_span(
         &self,
         method: &str,
         route: &'static str,
         path: &str,
-        header: impl Fn(&str) -> Option<String>,
+        headers: &http::HeaderMap,
     ) -> RequestSpan {
+        // Looked up by ready-made names: a name given as text is parsed (and hashed) afresh.
+        static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+        static TRACESTATE: http::HeaderName = http::HeaderName::from_static("tracestate");
+        let header = |name: &http::HeaderName| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
         // Without a `traceparent` the propagator would hand back the current context: skip it.
-        let parent = match header("traceparent") {
+        let parent = match header(&TRACEPARENT) {
             Some(traceparent) => TraceContextPropagator::new().extract(&Carrier {
                 traceparent: Some(traceparent),
-                tracestate: header("tracestate"),
+                tracestate: header(&TRACESTATE),
             }),
             None => Context::current(),
         };
