@@ -166,11 +166,56 @@ fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
     buf.push(v as u8);
 }
 
-/// One `common.v1.KeyValue` in `field`. A scalar value (string, bool, integer, double: every
-/// attribute the runtime sets) is written with its lengths computed up front, after one
-/// `reserve`, without the nested messages' length fix-up; arrays take the general path.
-#[inline]
+/// One `common.v1.KeyValue` in `field`. The common case, a string, bool or integer (every
+/// attribute the runtime sets but a double) under a field below 16, with key and text together
+/// under 112 bytes (so every tag and length is one byte), is written inline as two headers of
+/// fixed size and the two texts; anything else by [`attribute_general`].
+#[inline(always)]
 fn attribute(w: &mut Writer<'_>, field: u32, k: &str, v: &Value) {
+    // `AnyValue`'s tag and payload: (tag byte, varint payload, bytes payload).
+    let (tag, int, bytes): (u8, u64, &[u8]) = match v {
+        Value::String(s) => (1 << 3 | LEN as u8, 0, s.as_str().as_bytes()),
+        Value::Bool(b) => (2 << 3 | VARINT as u8, u64::from(*b), &[]),
+        Value::I64(i) => (3 << 3 | VARINT as u8, *i as u64, &[]),
+        _ => return attribute_general(w, field, k, v),
+    };
+    if field >= 16 || k.len() + bytes.len() >= 112 {
+        return attribute_general(w, field, k, v);
+    }
+    // The `KeyValue` is then at most 2 + k + 2 + 2 + bytes (a string) or 2 + k + 2 + 11 (an
+    // integer) bytes: under 128.
+    let is_len = tag & 7 == LEN as u8;
+    let any_len = if is_len {
+        2 + bytes.len()
+    } else {
+        1 + varint_len(int)
+    };
+    // An empty key is proto3's default: not written (as `Writer::str` does).
+    let key_len = if k.is_empty() { 0 } else { 2 + k.len() };
+    let kv_len = key_len + 2 + any_len;
+    let buf = &mut *w.0;
+    buf.reserve(2 + kv_len);
+    let field_tag = (field << 3) as u8 | LEN as u8;
+    if k.is_empty() {
+        buf.extend_from_slice(&[field_tag, kv_len as u8]);
+    } else {
+        buf.extend_from_slice(&[field_tag, kv_len as u8, 1 << 3 | LEN as u8, k.len() as u8]);
+        buf.extend_from_slice(k.as_bytes());
+    }
+    if is_len {
+        buf.extend_from_slice(&[2 << 3 | LEN as u8, any_len as u8, tag, bytes.len() as u8]);
+        buf.extend_from_slice(bytes);
+    } else {
+        buf.extend_from_slice(&[2 << 3 | LEN as u8, any_len as u8, tag]);
+        put_varint(buf, int);
+    }
+}
+
+/// [`attribute`] of any value: a scalar (string, bool, integer, double) with its lengths
+/// computed up front, after one `reserve`, without the nested messages' length fix-up; arrays
+/// through the nested message writer.
+#[inline(never)]
+fn attribute_general(w: &mut Writer<'_>, field: u32, k: &str, v: &Value) {
     // `AnyValue`'s tag and payload: (tag byte, varint payload, bytes payload).
     let (tag, int, bytes): (u8, u64, &[u8]) = match v {
         Value::String(s) => (1 << 3 | LEN as u8, 0, s.as_str().as_bytes()),
@@ -687,7 +732,10 @@ mod tests {
             });
             buf
         }
-        let lengths = [0usize, 1, 100, 115, 116, 127, 128, 16_383, 16_384, 70_000];
+        // Around the inline path's bound (key and text under 112 bytes) and each varint's.
+        let lengths = [
+            0usize, 1, 100, 110, 111, 112, 115, 116, 127, 128, 16_383, 16_384, 70_000,
+        ];
         let mut cases: Vec<(String, Value)> = vec![];
         for len in lengths {
             cases.push(("k".repeat(len), Value::from("v")));
@@ -711,9 +759,12 @@ mod tests {
             for (k, v) in &cases {
                 let mut fast = vec![7];
                 attribute(&mut Writer(&mut fast), field, k, v);
+                let mut scalar = vec![7];
+                attribute_general(&mut Writer(&mut scalar), field, k, v);
+                let expected = general(field, k, v);
                 assert_eq!(
-                    fast,
-                    general(field, k, v),
+                    (&fast, &scalar),
+                    (&expected, &expected),
                     "field {field}, key of {} bytes, {v:?}",
                     k.len()
                 );
