@@ -73,12 +73,20 @@ impl Writer<'_> {
     /// A nested message: written in place after a one-byte length, which is widened (the
     /// message moved up) only when the message is 128 bytes or more.
     fn message(&mut self, field: u32, body: impl FnOnce(&mut Writer<'_>)) {
+        self.message_sized(field, 1, body);
+    }
+
+    /// [`Writer::message`] with room for a length of `width` bytes (1 to 3) left before the
+    /// message: a message expected to take `width` bytes' length (a span: 128 bytes to 16 KiB)
+    /// is not moved once written. A length of another width moves the message up or down, so
+    /// the bytes are the same whatever `width` is (the length is always minimal).
+    fn message_sized(&mut self, field: u32, width: usize, body: impl FnOnce(&mut Writer<'_>)) {
         self.tag(field, LEN);
         let at = self.0.len();
-        self.0.push(0);
+        self.0.extend_from_slice(&[0, 0, 0][..width]);
         body(&mut Writer(self.0));
-        let len = self.0.len() - at - 1;
-        if len < 0x80 {
+        let len = self.0.len() - at - width;
+        if len < 0x80 && width == 1 {
             self.0[at] = len as u8;
             return;
         }
@@ -92,15 +100,23 @@ impl Writer<'_> {
         }
         prefix[n] = v as u8;
         n += 1;
-        let end = self.0.len();
-        self.0.resize(end + n - 1, 0);
-        self.0.copy_within(at + 1..end, at + n);
+        if n != width {
+            let end = self.0.len();
+            if n > width {
+                self.0.resize(end + n - width, 0);
+            }
+            self.0.copy_within(at + width..end, at + n);
+            self.0.truncate(end + n - width);
+        }
         self.0[at..at + n].copy_from_slice(&prefix[..n]);
     }
 }
 
+/// Nanoseconds since the epoch, as `as_nanos() as u64` (modulo 2^64) without its 128-bit product.
 fn nanos(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| {
+        (d.as_secs().wrapping_mul(1_000_000_000)).wrapping_add(u64::from(d.subsec_nanos()))
+    })
 }
 
 /// `common.v1.AnyValue`'s fields.
@@ -389,7 +405,8 @@ fn encode_request(out: &mut Vec<u8>, resource: &[u8], schema_url: &str, spans: &
             w.message(2, |w| {
                 w.message(1, |w| scope(w, sc));
                 for s in run {
-                    w.message(2, |w| span(w, s));
+                    // A span takes 128 bytes to 16 KiB: a two-byte length.
+                    w.message_sized(2, 2, |w| span(w, s));
                 }
                 w.str(3, sc.schema_url().unwrap_or_default());
             });
@@ -710,14 +727,34 @@ mod tests {
 
     #[test]
     fn nested_messages_of_every_length_class_keep_their_bytes() {
-        for len in [0usize, 1, 127, 128, 129, 16_383, 16_384, 70_000] {
-            let payload = vec![b'a'; len];
-            let mut buf = vec![9];
-            Writer(&mut buf).message(3, |w| w.0.extend_from_slice(&payload));
+        for len in [
+            0usize, 1, 127, 128, 129, 16_383, 16_384, 70_000, 2_097_151, 2_097_152,
+        ] {
+            let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
             let mut expected = vec![9, 3 << 3 | 2];
             prost::encoding::encode_varint(len as u64, &mut expected);
             expected.extend_from_slice(&payload);
+            let mut buf = vec![9];
+            Writer(&mut buf).message(3, |w| w.0.extend_from_slice(&payload));
             assert_eq!(buf, expected, "length {len}");
+            for width in 1..=3 {
+                let mut buf = vec![9];
+                Writer(&mut buf).message_sized(3, width, |w| w.0.extend_from_slice(&payload));
+                assert_eq!(buf, expected, "length {len}, room for a length of {width} bytes");
+            }
+        }
+    }
+
+    #[test]
+    fn a_time_is_written_as_its_nanoseconds_since_the_epoch_modulo_two_to_the_64() {
+        for t in [
+            UNIX_EPOCH,
+            UNIX_EPOCH + Duration::new(1_764_500_000, 123_456_789),
+            UNIX_EPOCH + Duration::new(u64::MAX / 1_000_000_000 + 7, 999_999_999),
+            UNIX_EPOCH - Duration::from_secs(1),
+        ] {
+            let expected = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+            assert_eq!(nanos(t), expected, "{t:?}");
         }
     }
 
