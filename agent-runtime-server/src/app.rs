@@ -627,15 +627,8 @@ impl App {
         let public = spec.is_some_and(|spec| spec.public);
         let span = tracing::info_span!("request", %method, route = label);
         // The OpenTelemetry server span (telemetry on), continuing the client's `traceparent`.
-        let otel = self.rt.telemetry().map(|t| {
-            let headers = req.headers();
-            t.request_span(method.as_str(), label, req.uri().path(), |name| {
-                headers
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string)
-            })
-        });
+        let otel = (self.rt.telemetry())
+            .map(|t| t.request_span(method.as_str(), label, req.uri().path(), req.headers()));
         // Pinned in place: awaiting a local moves it into a second slot of this future, which
         // made it twice the route's future, copied whole into its box per request.
         let mut response = std::pin::pin!(

@@ -274,19 +274,28 @@ impl Telemetry {
     }
 
     /// The server span of an HTTP request: `{method} {route}`, continuing the client's W3C
-    /// `traceparent` (read through `header`) when it sent one.
+    /// `traceparent` (read from the request's `headers`) when it sent one.
     pub fn request_span(
         &self,
         method: &str,
         route: &'static str,
         path: &str,
-        header: impl Fn(&str) -> Option<String>,
+        headers: &http::HeaderMap,
     ) -> RequestSpan {
+        // Looked up by ready-made names: a name given as text is parsed (and hashed) afresh.
+        static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+        static TRACESTATE: http::HeaderName = http::HeaderName::from_static("tracestate");
+        let header = |name: &http::HeaderName| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
         // Without a `traceparent` the propagator would hand back the current context: skip it.
-        let parent = match header("traceparent") {
+        let parent = match header(&TRACEPARENT) {
             Some(traceparent) => TraceContextPropagator::new().extract(&Carrier {
                 traceparent: Some(traceparent),
-                tracestate: header("tracestate"),
+                tracestate: header(&TRACESTATE),
             }),
             None => Context::current(),
         };
@@ -382,12 +391,21 @@ pub fn traceparent(cx: &Context) -> Option<String> {
     std::str::from_utf8(&out).ok().map(str::to_owned)
 }
 
-/// Writes `bytes` as lowercase hexadecimal into `out` (twice their length).
+/// Writes `bytes` as lowercase hexadecimal into `out` (twice their length): each byte's two
+/// digits with one table lookup.
 fn write_hex(out: &mut [u8], bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    const PAIRS: [[u8; 2]; 256] = {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut pairs = [[0u8; 2]; 256];
+        let mut b = 0;
+        while b < 256 {
+            pairs[b] = [DIGITS[b >> 4], DIGITS[b & 0xf]];
+            b += 1;
+        }
+        pairs
+    };
     for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
-        pair[0] = DIGITS[usize::from(b >> 4)];
-        pair[1] = DIGITS[usize::from(b & 0xf)];
+        pair.copy_from_slice(&PAIRS[usize::from(*b)]);
     }
 }
 
@@ -980,6 +998,15 @@ mod tests {
                 true
             )
         );
+    }
+
+    #[test]
+    fn every_byte_is_written_as_two_lowercase_hex_digits() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        let mut out = vec![0u8; 512];
+        write_hex(&mut out, &bytes);
+        let expected: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(String::from_utf8(out).unwrap(), expected);
     }
 
     #[test]

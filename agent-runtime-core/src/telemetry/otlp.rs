@@ -73,12 +73,20 @@ impl Writer<'_> {
     /// A nested message: written in place after a one-byte length, which is widened (the
     /// message moved up) only when the message is 128 bytes or more.
     fn message(&mut self, field: u32, body: impl FnOnce(&mut Writer<'_>)) {
+        self.message_sized(field, 1, body);
+    }
+
+    /// [`Writer::message`] with room for a length of `width` bytes (1 to 3) left before the
+    /// message: a message expected to take `width` bytes' length (a span: 128 bytes to 16 KiB)
+    /// is not moved once written. A length of another width moves the message up or down, so
+    /// the bytes are the same whatever `width` is (the length is always minimal).
+    fn message_sized(&mut self, field: u32, width: usize, body: impl FnOnce(&mut Writer<'_>)) {
         self.tag(field, LEN);
         let at = self.0.len();
-        self.0.push(0);
+        self.0.extend_from_slice(&[0, 0, 0][..width]);
         body(&mut Writer(self.0));
-        let len = self.0.len() - at - 1;
-        if len < 0x80 {
+        let len = self.0.len() - at - width;
+        if len < 0x80 && width == 1 {
             self.0[at] = len as u8;
             return;
         }
@@ -92,15 +100,23 @@ impl Writer<'_> {
         }
         prefix[n] = v as u8;
         n += 1;
-        let end = self.0.len();
-        self.0.resize(end + n - 1, 0);
-        self.0.copy_within(at + 1..end, at + n);
+        if n != width {
+            let end = self.0.len();
+            if n > width {
+                self.0.resize(end + n - width, 0);
+            }
+            self.0.copy_within(at + width..end, at + n);
+            self.0.truncate(end + n - width);
+        }
         self.0[at..at + n].copy_from_slice(&prefix[..n]);
     }
 }
 
+/// Nanoseconds since the epoch, as `as_nanos() as u64` (modulo 2^64) without its 128-bit product.
 fn nanos(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| {
+        (d.as_secs().wrapping_mul(1_000_000_000)).wrapping_add(u64::from(d.subsec_nanos()))
+    })
 }
 
 /// `common.v1.AnyValue`'s fields.
@@ -166,11 +182,56 @@ fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
     buf.push(v as u8);
 }
 
-/// One `common.v1.KeyValue` in `field`. A scalar value (string, bool, integer, double: every
-/// attribute the runtime sets) is written with its lengths computed up front, after one
-/// `reserve`, without the nested messages' length fix-up; arrays take the general path.
-#[inline]
+/// One `common.v1.KeyValue` in `field`. The common case, a string, bool or integer (every
+/// attribute the runtime sets but a double) under a field below 16, with key and text together
+/// under 112 bytes (so every tag and length is one byte), is written inline as two headers of
+/// fixed size and the two texts; anything else by [`attribute_general`].
+#[inline(always)]
 fn attribute(w: &mut Writer<'_>, field: u32, k: &str, v: &Value) {
+    // `AnyValue`'s tag and payload: (tag byte, varint payload, bytes payload).
+    let (tag, int, bytes): (u8, u64, &[u8]) = match v {
+        Value::String(s) => (1 << 3 | LEN as u8, 0, s.as_str().as_bytes()),
+        Value::Bool(b) => (2 << 3 | VARINT as u8, u64::from(*b), &[]),
+        Value::I64(i) => (3 << 3 | VARINT as u8, *i as u64, &[]),
+        _ => return attribute_general(w, field, k, v),
+    };
+    if field >= 16 || k.len() + bytes.len() >= 112 {
+        return attribute_general(w, field, k, v);
+    }
+    // The `KeyValue` is then at most 2 + k + 2 + 2 + bytes (a string) or 2 + k + 2 + 11 (an
+    // integer) bytes: under 128.
+    let is_len = tag & 7 == LEN as u8;
+    let any_len = if is_len {
+        2 + bytes.len()
+    } else {
+        1 + varint_len(int)
+    };
+    // An empty key is proto3's default: not written (as `Writer::str` does).
+    let key_len = if k.is_empty() { 0 } else { 2 + k.len() };
+    let kv_len = key_len + 2 + any_len;
+    let buf = &mut *w.0;
+    buf.reserve(2 + kv_len);
+    let field_tag = (field << 3) as u8 | LEN as u8;
+    if k.is_empty() {
+        buf.extend_from_slice(&[field_tag, kv_len as u8]);
+    } else {
+        buf.extend_from_slice(&[field_tag, kv_len as u8, 1 << 3 | LEN as u8, k.len() as u8]);
+        buf.extend_from_slice(k.as_bytes());
+    }
+    if is_len {
+        buf.extend_from_slice(&[2 << 3 | LEN as u8, any_len as u8, tag, bytes.len() as u8]);
+        buf.extend_from_slice(bytes);
+    } else {
+        buf.extend_from_slice(&[2 << 3 | LEN as u8, any_len as u8, tag]);
+        put_varint(buf, int);
+    }
+}
+
+/// [`attribute`] of any value: a scalar (string, bool, integer, double) with its lengths
+/// computed up front, after one `reserve`, without the nested messages' length fix-up; arrays
+/// through the nested message writer.
+#[inline(never)]
+fn attribute_general(w: &mut Writer<'_>, field: u32, k: &str, v: &Value) {
     // `AnyValue`'s tag and payload: (tag byte, varint payload, bytes payload).
     let (tag, int, bytes): (u8, u64, &[u8]) = match v {
         Value::String(s) => (1 << 3 | LEN as u8, 0, s.as_str().as_bytes()),
@@ -344,7 +405,8 @@ fn encode_request(out: &mut Vec<u8>, resource: &[u8], schema_url: &str, spans: &
             w.message(2, |w| {
                 w.message(1, |w| scope(w, sc));
                 for s in run {
-                    w.message(2, |w| span(w, s));
+                    // A span takes 128 bytes to 16 KiB: a two-byte length.
+                    w.message_sized(2, 2, |w| span(w, s));
                 }
                 w.str(3, sc.schema_url().unwrap_or_default());
             });
@@ -665,14 +727,34 @@ mod tests {
 
     #[test]
     fn nested_messages_of_every_length_class_keep_their_bytes() {
-        for len in [0usize, 1, 127, 128, 129, 16_383, 16_384, 70_000] {
-            let payload = vec![b'a'; len];
-            let mut buf = vec![9];
-            Writer(&mut buf).message(3, |w| w.0.extend_from_slice(&payload));
+        for len in [
+            0usize, 1, 127, 128, 129, 16_383, 16_384, 70_000, 2_097_151, 2_097_152,
+        ] {
+            let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
             let mut expected = vec![9, 3 << 3 | 2];
             prost::encoding::encode_varint(len as u64, &mut expected);
             expected.extend_from_slice(&payload);
+            let mut buf = vec![9];
+            Writer(&mut buf).message(3, |w| w.0.extend_from_slice(&payload));
             assert_eq!(buf, expected, "length {len}");
+            for width in 1..=3 {
+                let mut buf = vec![9];
+                Writer(&mut buf).message_sized(3, width, |w| w.0.extend_from_slice(&payload));
+                assert_eq!(buf, expected, "length {len}, room for a length of {width} bytes");
+            }
+        }
+    }
+
+    #[test]
+    fn a_time_is_written_as_its_nanoseconds_since_the_epoch_modulo_two_to_the_64() {
+        for t in [
+            UNIX_EPOCH,
+            UNIX_EPOCH + Duration::new(1_764_500_000, 123_456_789),
+            UNIX_EPOCH + Duration::new(u64::MAX / 1_000_000_000 + 7, 999_999_999),
+            UNIX_EPOCH - Duration::from_secs(1),
+        ] {
+            let expected = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+            assert_eq!(nanos(t), expected, "{t:?}");
         }
     }
 
@@ -687,7 +769,10 @@ mod tests {
             });
             buf
         }
-        let lengths = [0usize, 1, 100, 115, 116, 127, 128, 16_383, 16_384, 70_000];
+        // Around the inline path's bound (key and text under 112 bytes) and each varint's.
+        let lengths = [
+            0usize, 1, 100, 110, 111, 112, 115, 116, 127, 128, 16_383, 16_384, 70_000,
+        ];
         let mut cases: Vec<(String, Value)> = vec![];
         for len in lengths {
             cases.push(("k".repeat(len), Value::from("v")));
@@ -711,9 +796,12 @@ mod tests {
             for (k, v) in &cases {
                 let mut fast = vec![7];
                 attribute(&mut Writer(&mut fast), field, k, v);
+                let mut scalar = vec![7];
+                attribute_general(&mut Writer(&mut scalar), field, k, v);
+                let expected = general(field, k, v);
                 assert_eq!(
-                    fast,
-                    general(field, k, v),
+                    (&fast, &scalar),
+                    (&expected, &expected),
                     "field {field}, key of {} bytes, {v:?}",
                     k.len()
                 );
