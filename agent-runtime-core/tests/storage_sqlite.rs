@@ -592,3 +592,44 @@ async fn a_turn_another_store_committed_between_two_lease_and_commits_is_seen_by
     };
     assert_eq!(done.events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3]);
 }
+
+/// `lease_and_commit` on a session whose cached head shows the lease the owner's takes it in
+/// the commit's own `UPDATE`: as `acquire_lease` would, the cancel request is cleared and the
+/// expiry renewed, so another owner is refused.
+#[tokio::test]
+async fn a_lease_taken_in_the_commits_own_update_clears_the_cancel_and_renews_the_expiry() {
+    use agent_runtime_core::session::SessionStatus;
+    use agent_runtime_core::storage::{Expected, Leased};
+    let (store, other, _dir) = store_and_other_process("s").await;
+    let ttl = std::time::Duration::from_secs(30);
+    assert!(store.acquire_lease("s", "me", ttl).await.unwrap());
+    assert_eq!(store.request_cancel("s").await.unwrap(), Some("me".into()));
+    assert_eq!(store.cancel_requests("me").await.unwrap(), vec!["s".to_string()]);
+    let before = Timestamp::now().as_millis();
+    let mut c = token_commit("turn");
+    c.lease_owner = Some("me".into());
+    let expected = Expected {
+        status: SessionStatus::Idle,
+        current_agent: None,
+        last_event_seq: Some(1),
+    };
+    let Leased::Committed(done) = store
+        .lease_and_commit("s", "me", ttl, &expected, c)
+        .await
+        .unwrap()
+    else {
+        panic!("the owner's turn was not committed")
+    };
+    assert_eq!(done.events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2]);
+    assert_eq!(store.cancel_requests("me").await.unwrap(), Vec::<String>::new());
+    let (owner, expires): (String, i64) = other
+        .query_row(
+            "SELECT lease_owner, lease_expires_at FROM sessions WHERE id = 's'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(owner, "me");
+    assert!(expires >= before + 30_000, "expires {expires}, before {before}");
+    assert!(!store.acquire_lease("s", "them", ttl).await.unwrap());
+}

@@ -567,6 +567,9 @@ struct SqliteCommit<'a, 'c> {
     /// The head found before the commit began (`lease_and_commit` looks at it to judge the
     /// expectation): `head` takes it instead of looking again.
     prefetched: Option<CachedHead>,
+    /// The lease `lease_and_commit` takes in the commit's own `UPDATE` (owner, expiry): its
+    /// cached head showed it free or the owner's already, so taking it cannot fail.
+    take_lease: Option<(&'a str, i64)>,
 }
 
 /// A commit's head: the session (`session_from_row`'s columns; its turn state left out, `None`,
@@ -711,11 +714,12 @@ struct SessionUpdate {
     turn_state: bool,
     release_lease: bool,
     budget: bool,
+    take_lease: bool,
 }
 
 /// The session `UPDATE` of every [`SessionUpdate`], built once, indexed by [`SessionUpdate::index`].
 static SESSION_UPDATES: std::sync::LazyLock<Vec<String>> =
-    std::sync::LazyLock::new(|| (0..32).map(|i| SessionUpdate::of_index(i).build()).collect());
+    std::sync::LazyLock::new(|| (0..64).map(|i| SessionUpdate::of_index(i).build()).collect());
 
 impl SessionUpdate {
     fn index(self) -> usize {
@@ -724,6 +728,7 @@ impl SessionUpdate {
             | usize::from(self.turn_state) << 2
             | usize::from(self.release_lease) << 3
             | usize::from(self.budget) << 4
+            | usize::from(self.take_lease) << 5
     }
 
     fn of_index(i: usize) -> SessionUpdate {
@@ -733,6 +738,7 @@ impl SessionUpdate {
             turn_state: i & 4 != 0,
             release_lease: i & 8 != 0,
             budget: i & 16 != 0,
+            take_lease: i & 32 != 0,
         }
     }
 
@@ -767,6 +773,10 @@ impl SessionUpdate {
         }
         if self.budget {
             sql.push_str(", budget = :budget");
+        }
+        if self.take_lease {
+            // As `ACQUIRE_LEASE` sets them.
+            sql.push_str(", lease_owner = :owner, lease_expires_at = :expires, cancel_requested_at = NULL");
         }
         sql.push_str(" WHERE id = ?1");
         sql
@@ -933,6 +943,8 @@ impl CommitSteps for SqliteCommit<'_, '_> {
             turn_state: set_turn_state,
             release_lease: change.release_lease,
             budget: change.budget.is_some(),
+            // A lease given up in the same commit is not taken: it ends free either way.
+            take_lease: self.take_lease.is_some() && !change.release_lease,
         };
         let changed = self
             .tx
@@ -957,6 +969,10 @@ impl CommitSteps for SqliteCommit<'_, '_> {
                 }
                 if change.budget.is_some() {
                     bind(update, ":budget", &budget)?;
+                }
+                if let (true, Some((owner, expires))) = (set.take_lease, self.take_lease) {
+                    bind(update, ":owner", owner)?;
+                    bind(update, ":expires", expires)?;
                 }
                 update.raw_execute().map_err(db)
             })
@@ -1216,6 +1232,7 @@ impl Storage for SqliteStorage {
                 sets_turn_state: commit.session.turn_state.is_some(),
                 session: None,
                 prefetched: None,
+                take_lease: None,
             };
             commit::run_blocking(&mut steps, &id, commit)
         })
@@ -1427,7 +1444,16 @@ impl Storage for SqliteStorage {
         );
         // One writer job: a failed commit changes nothing, the lease included.
         self.write(move |c| {
-            if !acquire(c, &owners, &id, &owner, ttl)? {
+            // A cached head whose lease is free or the owner's already: `ACQUIRE_LEASE` would
+            // take it (nobody else wrote the row since, `heads`' doc), so a commit that goes
+            // ahead takes it in its own `UPDATE`, one statement fewer. Otherwise the lease first.
+            let lease_is_free = c
+                .heads(|h| {
+                    h.get_mut(&id)
+                        .is_some_and(|head| head.lease_owner.as_deref().is_none_or(|o| o == owner))
+                })
+                .unwrap_or(false);
+            if !lease_is_free && !acquire(c, &owners, &id, &owner, ttl)? {
                 return Ok(Leased::Busy);
             }
             // The commit's head, read once: it tells whether the session is as expected, and is
@@ -1437,7 +1463,7 @@ impl Storage for SqliteStorage {
             // would replace.
             let cached = c.heads(|h| h.take(&id)).flatten();
             let whole = cached.is_some() || !sets_turn_state;
-            let head = match cached {
+            let mut head = match cached {
                 Some(head) => head,
                 None => {
                     read_head(c, &id, sets_turn_state)?.ok_or_else(|| Error::SessionNotFound(id.clone()))?
@@ -1457,6 +1483,15 @@ impl Storage for SqliteStorage {
                 None => false,
             };
             if replayed || !expected.met(session.status, &session.current_agent, session.last_event_seq) {
+                if lease_is_free {
+                    // Taken alone, as promised: it cannot be refused.
+                    if !acquire(c, &owners, &id, &owner, ttl)? {
+                        return Err(Error::Internal(format!(
+                            "the free lease of session '{id}' was refused"
+                        )));
+                    }
+                    head.lease_owner = Some(owner.clone());
+                }
                 // Unless the head left the turn state out, it is the session as stored.
                 let head = match whole {
                     true => head,
@@ -1465,12 +1500,18 @@ impl Storage for SqliteStorage {
                 keep_head(c, &head.session, head.lease_owner, head.metadata_bytes);
                 return Ok(Leased::Taken(head.session));
             }
+            let expires = Timestamp::now().as_millis().saturating_add(ttl_millis(ttl));
+            if lease_is_free {
+                // The head as the commit's `UPDATE` will leave it: the lease the owner's.
+                head.lease_owner = Some(owner.clone());
+            }
             let mut steps = SqliteCommit {
                 tx: c,
                 session_id: &id,
                 sets_turn_state,
                 session: None,
                 prefetched: Some(head),
+                take_lease: lease_is_free.then_some((owner.as_str(), expires)),
             };
             commit::run_blocking(&mut steps, &id, commit).map(Leased::Committed)
         })
