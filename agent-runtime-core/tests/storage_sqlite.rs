@@ -435,3 +435,201 @@ async fn a_commit_longer_than_one_insert_statement_stores_every_row_in_order() {
         (17, 37, 17)
     );
 }
+
+// The writer's cache of session heads (src/storage/sqlite/heads.rs) must never hide what another
+// connection committed: another process's writes are made here by a plain connection to the
+// same file, between two commits of a store whose cache holds the session.
+
+/// A store on a fresh file, a session on it with one commit stored (so its head is cached), and a
+/// plain connection to the file: another process.
+async fn store_and_other_process(id: &str) -> (SqliteStorage, rusqlite::Connection, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("heads.db");
+    let store = SqliteStorage::open(&path).await.unwrap();
+    store.create_session(new_session(id)).await.unwrap();
+    store.commit(id, token_commit("first")).await.unwrap();
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+    (store, other, dir)
+}
+
+fn token_commit(t: &str) -> agent_runtime_core::storage::Commit {
+    use agent_runtime_core::protocol::AssistantMessage;
+    let mut c = agent_runtime_core::storage::Commit::now();
+    c.events
+        .push(EventPayload::AssistantMessage(AssistantMessage::Token {
+            token: t.into(),
+        }));
+    c
+}
+
+#[tokio::test]
+async fn a_lease_another_process_took_between_two_commits_fences_the_next_one_out() {
+    let (store, other, _dir) = store_and_other_process("s").await;
+    assert!(
+        store
+            .acquire_lease("s", "me", std::time::Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+    let mut mine = token_commit("mine");
+    mine.lease_owner = Some("me".into());
+    store.commit("s", mine.clone()).await.unwrap();
+    other
+        .execute(
+            "UPDATE sessions SET lease_owner = 'them', lease_expires_at = 0 WHERE id = 's'",
+            [],
+        )
+        .unwrap();
+    assert_eq!(
+        store.commit("s", mine).await.map(|_| ()),
+        Err(Error::SessionBusy("s".into()))
+    );
+    assert_eq!(store.events_after("s", 0, 10).await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_session_another_process_deleted_between_two_commits_is_not_found_by_the_next_one() {
+    let (store, other, _dir) = store_and_other_process("s").await;
+    other.execute("DELETE FROM sessions WHERE id = 's'", []).unwrap();
+    assert_eq!(
+        store.commit("s", token_commit("late")).await.map(|_| ()),
+        Err(Error::SessionNotFound("s".into()))
+    );
+    assert_eq!(
+        store.get_session("s").await.map(|_| ()),
+        Err(Error::SessionNotFound("s".into()))
+    );
+}
+
+#[tokio::test]
+async fn a_turn_another_process_moved_on_between_two_commits_is_what_the_next_one_returns() {
+    let (store, other, _dir) = store_and_other_process("s").await;
+    // Another process's turn: a running status, its turn state, an event and its counter.
+    other
+        .execute_batch(
+            "BEGIN;
+             INSERT INTO events (session_id, seq, payload)
+                 VALUES ('s', 2, '{\"type\":\"assistant_message\",\"token\":\"theirs\"}');
+             UPDATE sessions SET status = 'running', turn_state = '{\"theirs\":true}',
+                 last_event_seq = 2, current_agent = 'coder' WHERE id = 's';
+             COMMIT;",
+        )
+        .unwrap();
+    let done = store.commit("s", token_commit("mine")).await.unwrap();
+    assert_eq!(done.session, store.get_session("s").await.unwrap());
+    assert_eq!(
+        (
+            done.session.status,
+            done.session.current_agent.as_str(),
+            done.session.turn_state.as_ref().map(|t| t.as_str()),
+            done.session.last_event_seq,
+            done.events.iter().map(|e| e.seq).collect::<Vec<_>>()
+        ),
+        (
+            agent_runtime_core::session::SessionStatus::Running,
+            "coder",
+            Some("{\"theirs\":true}"),
+            3,
+            vec![3]
+        )
+    );
+}
+
+#[tokio::test]
+async fn a_turn_another_store_committed_between_two_lease_and_commits_is_seen_by_the_next_one() {
+    use agent_runtime_core::session::SessionStatus;
+    use agent_runtime_core::storage::{Expected, Leased};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("two.db");
+    let (a, b) = (
+        SqliteStorage::open(&path).await.unwrap(),
+        SqliteStorage::open(&path).await.unwrap(),
+    );
+    a.create_session(new_session("s")).await.unwrap();
+    let ttl = std::time::Duration::from_secs(30);
+    let idle_at = |seq| Expected {
+        status: SessionStatus::Idle,
+        current_agent: None,
+        last_event_seq: Some(seq),
+    };
+    let mut first = token_commit("a1");
+    first.lease_owner = Some("a".into());
+    first.release_lease = true;
+    let Leased::Committed(_) = a
+        .lease_and_commit("s", "a", ttl, &idle_at(0), first.clone())
+        .await
+        .unwrap()
+    else {
+        panic!("a's first turn was not committed")
+    };
+    // The other store's turn, while `a` holds the session's head in its cache.
+    let mut theirs = first.clone();
+    theirs.lease_owner = Some("b".into());
+    let Leased::Committed(_) = b
+        .lease_and_commit("s", "b", ttl, &idle_at(1), theirs)
+        .await
+        .unwrap()
+    else {
+        panic!("b's turn was not committed")
+    };
+    // Built on the session as `a` last stored it: no longer as expected.
+    let Leased::Taken(seen) = a
+        .lease_and_commit("s", "a", ttl, &idle_at(1), first.clone())
+        .await
+        .unwrap()
+    else {
+        panic!("a committed on a session that had moved on")
+    };
+    assert_eq!(seen, a.get_session("s").await.unwrap());
+    assert_eq!(seen.last_event_seq, 2);
+    let Leased::Committed(done) = a
+        .lease_and_commit("s", "a", ttl, &idle_at(2), first)
+        .await
+        .unwrap()
+    else {
+        panic!("a's turn on the session as it is was not committed")
+    };
+    assert_eq!(done.events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3]);
+}
+
+/// `lease_and_commit` on a session whose cached head shows the lease the owner's takes it in
+/// the commit's own `UPDATE`: as `acquire_lease` would, the cancel request is cleared and the
+/// expiry renewed, so another owner is refused.
+#[tokio::test]
+async fn a_lease_taken_in_the_commits_own_update_clears_the_cancel_and_renews_the_expiry() {
+    use agent_runtime_core::session::SessionStatus;
+    use agent_runtime_core::storage::{Expected, Leased};
+    let (store, other, _dir) = store_and_other_process("s").await;
+    let ttl = std::time::Duration::from_secs(30);
+    assert!(store.acquire_lease("s", "me", ttl).await.unwrap());
+    assert_eq!(store.request_cancel("s").await.unwrap(), Some("me".into()));
+    assert_eq!(store.cancel_requests("me").await.unwrap(), vec!["s".to_string()]);
+    let before = Timestamp::now().as_millis();
+    let mut c = token_commit("turn");
+    c.lease_owner = Some("me".into());
+    let expected = Expected {
+        status: SessionStatus::Idle,
+        current_agent: None,
+        last_event_seq: Some(1),
+    };
+    let Leased::Committed(done) = store
+        .lease_and_commit("s", "me", ttl, &expected, c)
+        .await
+        .unwrap()
+    else {
+        panic!("the owner's turn was not committed")
+    };
+    assert_eq!(done.events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2]);
+    assert_eq!(store.cancel_requests("me").await.unwrap(), Vec::<String>::new());
+    let (owner, expires): (String, i64) = other
+        .query_row(
+            "SELECT lease_owner, lease_expires_at FROM sessions WHERE id = 's'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(owner, "me");
+    assert!(expires >= before + 30_000, "expires {expires}, before {before}");
+    assert!(!store.acquire_lease("s", "them", ttl).await.unwrap());
+}

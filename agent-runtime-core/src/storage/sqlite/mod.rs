@@ -20,6 +20,7 @@
 //! a failed one returns an error, and the writer undoes the commit (it rolls the batch back and
 //! runs the batch's other writes again alone: `writer`'s doc).
 
+mod heads;
 mod prepared;
 mod reader;
 mod writer;
@@ -32,6 +33,7 @@ use async_trait::async_trait;
 use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params, params_from_iter};
 
+use heads::CachedHead;
 use prepared::Db;
 
 use super::commit::{self, CommitSteps, Head, SessionChange};
@@ -560,17 +562,20 @@ struct SqliteCommit<'a, 'c> {
     session_id: &'a str,
     /// The commit sets the turn state: the stored one is not parsed.
     sets_turn_state: bool,
-    /// The session as `head` read it.
-    session: Option<Session>,
-    /// What [`read_head`] gave before the commit began (`lease_and_commit` reads it to judge the
-    /// expectation): `head` takes it instead of reading the row again.
-    prefetched: Option<(Session, Option<String>)>,
+    /// The session as `head` found it, with its lease owner.
+    session: Option<CachedHead>,
+    /// The head found before the commit began (`lease_and_commit` looks at it to judge the
+    /// expectation): `head` takes it instead of looking again.
+    prefetched: Option<CachedHead>,
+    /// The lease `lease_and_commit` takes in the commit's own `UPDATE` (owner, expiry): its
+    /// cached head showed it free or the owner's already, so taking it cannot fail.
+    take_lease: Option<(&'a str, i64)>,
 }
 
 /// A commit's head: the session (`session_from_row`'s columns; its turn state left out, `None`,
 /// when `skip_turn_state`, as the commit replaces it) and its lease owner. `None` if there is no
-/// session.
-fn read_head(conn: &Db<'_>, id: &str, skip_turn_state: bool) -> Result<Option<(Session, Option<String>)>> {
+/// session. Read from the row: see [`find_head`] for the writer's cache.
+fn read_head(conn: &Db<'_>, id: &str, skip_turn_state: bool) -> Result<Option<CachedHead>> {
     query_row(
         conn,
         "SELECT id, user_id, metadata, created_at, last_activity, current_agent, status,
@@ -579,10 +584,38 @@ fn read_head(conn: &Db<'_>, id: &str, skip_turn_state: bool) -> Result<Option<(S
              budget, cost, cached_prompt_tokens, lease_owner
          FROM sessions WHERE id = ?1",
         params![id, skip_turn_state],
-        |r| Ok((session_from_row(r)?, r.get::<_, Option<String>>(16)?)),
+        |r| {
+            Ok(CachedHead {
+                session: session_from_row(r)?,
+                lease_owner: r.get(16)?,
+                metadata_bytes: r.get_ref(2)?.as_bytes().map_or(0, <[u8]>::len),
+            })
+        },
     )
     .optional()
     .map_err(db)
+}
+
+/// The session's head for a write that will put it back as it writes the row
+/// ([`keep_head`]): taken out of the writer's cache (the whole session, turn state included),
+/// or else read as [`read_head`] reads it.
+fn find_head(conn: &Db<'_>, id: &str, skip_turn_state: bool) -> Result<Option<CachedHead>> {
+    match conn.heads(|h| h.take(id)).flatten() {
+        Some(head) => Ok(Some(head)),
+        None => read_head(conn, id, skip_turn_state),
+    }
+}
+
+/// Puts the session as the write just stored it (whole: turn state included) in the writer's
+/// cache, if this is the writer's connection.
+fn keep_head(conn: &Db<'_>, session: &Session, lease_owner: Option<String>, metadata_bytes: usize) {
+    conn.heads(|h| {
+        h.put(CachedHead {
+            session: session.clone(),
+            lease_owner,
+            metadata_bytes,
+        })
+    });
 }
 
 /// Rows one multi-row `INSERT` writes at most; a longer commit runs it again for the rest. Each
@@ -681,11 +714,12 @@ struct SessionUpdate {
     turn_state: bool,
     release_lease: bool,
     budget: bool,
+    take_lease: bool,
 }
 
 /// The session `UPDATE` of every [`SessionUpdate`], built once, indexed by [`SessionUpdate::index`].
 static SESSION_UPDATES: std::sync::LazyLock<Vec<String>> =
-    std::sync::LazyLock::new(|| (0..32).map(|i| SessionUpdate::of_index(i).build()).collect());
+    std::sync::LazyLock::new(|| (0..64).map(|i| SessionUpdate::of_index(i).build()).collect());
 
 impl SessionUpdate {
     fn index(self) -> usize {
@@ -694,6 +728,7 @@ impl SessionUpdate {
             | usize::from(self.turn_state) << 2
             | usize::from(self.release_lease) << 3
             | usize::from(self.budget) << 4
+            | usize::from(self.take_lease) << 5
     }
 
     fn of_index(i: usize) -> SessionUpdate {
@@ -703,6 +738,7 @@ impl SessionUpdate {
             turn_state: i & 4 != 0,
             release_lease: i & 8 != 0,
             budget: i & 16 != 0,
+            take_lease: i & 32 != 0,
         }
     }
 
@@ -738,6 +774,10 @@ impl SessionUpdate {
         if self.budget {
             sql.push_str(", budget = :budget");
         }
+        if self.take_lease {
+            // As `ACQUIRE_LEASE` sets them.
+            sql.push_str(", lease_owner = :owner, lease_expires_at = :expires, cancel_requested_at = NULL");
+        }
         sql.push_str(" WHERE id = ?1");
         sql
     }
@@ -745,17 +785,17 @@ impl SessionUpdate {
 
 impl CommitSteps for SqliteCommit<'_, '_> {
     async fn head(&mut self) -> Result<Option<Head>> {
-        let row = match self.prefetched.take() {
-            Some(row) => Some(row),
-            None => read_head(self.tx, self.session_id, self.sets_turn_state)?,
+        let found = match self.prefetched.take() {
+            Some(head) => Some(head),
+            None => find_head(self.tx, self.session_id, self.sets_turn_state)?,
         };
-        Ok(row.map(|(session, lease_owner)| {
+        Ok(found.map(|found| {
             let head = Head {
-                last_message_seq: session.last_message_seq,
-                last_event_seq: session.last_event_seq,
-                lease_owner,
+                last_message_seq: found.session.last_message_seq,
+                last_event_seq: found.session.last_event_seq,
+                lease_owner: found.lease_owner.clone(),
             };
-            self.session = Some(session);
+            self.session = Some(found);
             head
         }))
     }
@@ -903,6 +943,8 @@ impl CommitSteps for SqliteCommit<'_, '_> {
             turn_state: set_turn_state,
             release_lease: change.release_lease,
             budget: change.budget.is_some(),
+            // A lease given up in the same commit is not taken: it ends free either way.
+            take_lease: self.take_lease.is_some() && !change.release_lease,
         };
         let changed = self
             .tx
@@ -928,6 +970,10 @@ impl CommitSteps for SqliteCommit<'_, '_> {
                 if change.budget.is_some() {
                     bind(update, ":budget", &budget)?;
                 }
+                if let (true, Some((owner, expires))) = (set.take_lease, self.take_lease) {
+                    bind(update, ":owner", owner)?;
+                    bind(update, ":expires", expires)?;
+                }
                 update.raw_execute().map_err(db)
             })
             .map_err(db)??;
@@ -937,13 +983,18 @@ impl CommitSteps for SqliteCommit<'_, '_> {
         if changed == 0 {
             return Err(Error::SessionNotFound(self.session_id.to_string()));
         }
-        let mut session = self.session.take().ok_or_else(|| {
+        let CachedHead {
+            mut session,
+            lease_owner,
+            metadata_bytes,
+        } = self.session.take().ok_or_else(|| {
             Error::Internal(format!(
                 "the commit on session '{}' updated it before reading it",
                 self.session_id
             ))
         })?;
         let sets_budget = change.budget.is_some();
+        let lease_owner = if change.release_lease { None } else { lease_owner };
         change.apply_to(&mut session);
         if sets_budget {
             // As a read would parse the stored text (a float's digits parse back to the nearest
@@ -954,6 +1005,8 @@ impl CommitSteps for SqliteCommit<'_, '_> {
                 None => Budget::default(),
             };
         }
+        // Whole now: a turn state the head left out was replaced by the change.
+        keep_head(self.tx, &session, lease_owner, metadata_bytes);
         Ok(session)
     }
 }
@@ -1063,6 +1116,7 @@ fn acquire(conn: &Db<'_>, owners: &Owners, id: &str, owner: &str, ttl: Duration)
     let now = Timestamp::now().as_millis();
     let expires = now.saturating_add(ttl_millis(ttl));
     if lease_update(conn, id, ACQUIRE_LEASE, params![id, owner, expires, now])? {
+        set_lease_owner(conn, id, Some(owner));
         return Ok(true);
     }
     let holder: Option<String> = conn
@@ -1075,10 +1129,23 @@ fn acquire(conn: &Db<'_>, owners: &Owners, id: &str, owner: &str, ttl: Duration)
     match holder {
         Some(dead) if owners.is_dead(&dead) => {
             tracing::info!(session_id = id, dead_owner = %dead, "taking over the lease of a dead owner");
-            lease_update(conn, id, TAKE_OVER_LEASE, params![id, owner, expires, dead])
+            let taken = lease_update(conn, id, TAKE_OVER_LEASE, params![id, owner, expires, dead])?;
+            if taken {
+                set_lease_owner(conn, id, Some(owner));
+            }
+            Ok(taken)
         }
         _ => Ok(false),
     }
+}
+
+/// The lease owner a write just stored, in the session's cached head (if kept).
+fn set_lease_owner(conn: &Db<'_>, id: &str, owner: Option<&str>) {
+    conn.heads(|h| {
+        if let Some(head) = h.get_mut(id) {
+            head.lease_owner = owner.map(str::to_string);
+        }
+    });
 }
 
 fn ttl_millis(ttl: Duration) -> i64 {
@@ -1119,7 +1186,9 @@ impl Storage for SqliteStorage {
             if changed == 0 {
                 return Err(Error::SessionExists(new.id));
             }
-            created(new, &metadata, budget.as_deref())
+            let session = created(new, &metadata, budget.as_deref())?;
+            keep_head(c, &session, None, metadata.len());
+            Ok(session)
         })
         .await
     }
@@ -1140,6 +1209,7 @@ impl Storage for SqliteStorage {
     async fn delete_session(&self, id: &str) -> Result<()> {
         let id = id.to_string();
         self.write(move |c| {
+            c.heads(|h| h.forget(&id));
             // Child rows go with it: every table cascades on the session.
             let changed = execute(c, "DELETE FROM sessions WHERE id = ?1", [&id]).map_err(db)?;
             if changed == 0 {
@@ -1162,6 +1232,7 @@ impl Storage for SqliteStorage {
                 sets_turn_state: commit.session.turn_state.is_some(),
                 session: None,
                 prefetched: None,
+                take_lease: None,
             };
             commit::run_blocking(&mut steps, &id, commit)
         })
@@ -1373,14 +1444,32 @@ impl Storage for SqliteStorage {
         );
         // One writer job: a failed commit changes nothing, the lease included.
         self.write(move |c| {
-            if !acquire(c, &owners, &id, &owner, ttl)? {
+            // A cached head whose lease is free or the owner's already: `ACQUIRE_LEASE` would
+            // take it (nobody else wrote the row since, `heads`' doc), so a commit that goes
+            // ahead takes it in its own `UPDATE`, one statement fewer. Otherwise the lease first.
+            let lease_is_free = c
+                .heads(|h| {
+                    h.get_mut(&id)
+                        .is_some_and(|head| head.lease_owner.as_deref().is_none_or(|o| o == owner))
+                })
+                .unwrap_or(false);
+            if !lease_is_free && !acquire(c, &owners, &id, &owner, ttl)? {
                 return Ok(Leased::Busy);
             }
             // The commit's head, read once: it tells whether the session is as expected, and is
             // the session returned when it is not (or the request was seen), or the commit's head.
             let sets_turn_state = commit.session.turn_state.is_some();
-            let (session, lease_owner) =
-                read_head(c, &id, sets_turn_state)?.ok_or_else(|| Error::SessionNotFound(id.clone()))?;
+            // A cached head is whole; one read from the row leaves out a turn state the commit
+            // would replace.
+            let cached = c.heads(|h| h.take(&id)).flatten();
+            let whole = cached.is_some() || !sets_turn_state;
+            let mut head = match cached {
+                Some(head) => head,
+                None => {
+                    read_head(c, &id, sets_turn_state)?.ok_or_else(|| Error::SessionNotFound(id.clone()))?
+                }
+            };
+            let session = &head.session;
             let replayed = match &commit.request_id {
                 Some(rid) => query_row(
                     c,
@@ -1394,19 +1483,35 @@ impl Storage for SqliteStorage {
                 None => false,
             };
             if replayed || !expected.met(session.status, &session.current_agent, session.last_event_seq) {
-                return if sets_turn_state {
-                    // The head left the turn state out: the session as stored has it.
-                    read_session(c, &id).map(Leased::Taken)
-                } else {
-                    Ok(Leased::Taken(session))
+                if lease_is_free {
+                    // Taken alone, as promised: it cannot be refused.
+                    if !acquire(c, &owners, &id, &owner, ttl)? {
+                        return Err(Error::Internal(format!(
+                            "the free lease of session '{id}' was refused"
+                        )));
+                    }
+                    head.lease_owner = Some(owner.clone());
+                }
+                // Unless the head left the turn state out, it is the session as stored.
+                let head = match whole {
+                    true => head,
+                    false => read_head(c, &id, false)?.ok_or_else(|| Error::SessionNotFound(id.clone()))?,
                 };
+                keep_head(c, &head.session, head.lease_owner, head.metadata_bytes);
+                return Ok(Leased::Taken(head.session));
+            }
+            let expires = Timestamp::now().as_millis().saturating_add(ttl_millis(ttl));
+            if lease_is_free {
+                // The head as the commit's `UPDATE` will leave it: the lease the owner's.
+                head.lease_owner = Some(owner.clone());
             }
             let mut steps = SqliteCommit {
                 tx: c,
                 session_id: &id,
                 sets_turn_state,
                 session: None,
-                prefetched: Some((session, lease_owner)),
+                prefetched: Some(head),
+                take_lease: lease_is_free.then_some((owner.as_str(), expires)),
             };
             commit::run_blocking(&mut steps, &id, commit).map(Leased::Committed)
         })
@@ -1475,7 +1580,11 @@ impl Storage for SqliteStorage {
                  WHERE id = ?1 AND lease_owner = ?2",
                 params![id, owner],
             )
-            .map(|_| ())
+            .map(|released| {
+                if released {
+                    set_lease_owner(c, &id, None);
+                }
+            })
         })
         .await
     }
@@ -1567,6 +1676,100 @@ mod tests {
         for url in ["sqlite://", "sqlite:", "postgres://x", "sqlite:?mode=rwc"] {
             assert!(matches!(parse_url(url), Err(Error::InvalidRequest(_))), "{url}");
         }
+    }
+
+    fn token_commit(t: &str) -> Commit {
+        let mut c = Commit::now();
+        c.events.push(EventPayload::AssistantMessage(
+            crate::protocol::AssistantMessage::Token { token: t.into() },
+        ));
+        c
+    }
+
+    async fn store_with_session(id: &str) -> (SqliteStorage, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStorage::open(&dir.path().join("h.db")).await.unwrap();
+        let new = NewSession {
+            id: id.into(),
+            user_id: None,
+            metadata: serde_json::json!({"k": 1}),
+            current_agent: "orchestrator".into(),
+            created_at: Timestamp::from_millis(1),
+            budget: Budget::default(),
+        };
+        store.create_session(new).await.unwrap();
+        (store, dir)
+    }
+
+    /// White-box: the writer's own connection changes the row behind the cache's back (no
+    /// write of the storage does that); the next commit answers from the cache, which shows it
+    /// is used. Another connection's write is seen (the tests of `tests/storage_sqlite.rs`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_takes_its_head_from_the_writers_cache_not_the_row() {
+        let (store, _dir) = store_with_session("s").await;
+        store.commit("s", token_commit("a")).await.unwrap();
+        store
+            .write(|c| {
+                c.execute("UPDATE sessions SET current_agent = 'behind' WHERE id = 's'", [])
+                    .map_err(db)
+            })
+            .await
+            .unwrap();
+        let done = store.commit("s", token_commit("b")).await.unwrap();
+        assert_eq!(
+            (done.session.current_agent.as_str(), done.session.last_event_seq),
+            ("orchestrator", 2)
+        );
+        let kept = store.write(|c| Ok(c.heads(|h| h.len()))).await.unwrap();
+        assert_eq!(kept, Some(1));
+    }
+
+    /// A batch whose later write fails after writing is rolled back and its writes replayed one
+    /// by one: the cache must not keep the head a rolled-back commit put there, or the replayed
+    /// commit would number its events after rows that were never stored.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_rolled_back_partway_leaves_no_head_of_its_writes_in_the_cache() {
+        let (store, _dir) = store_with_session("s").await;
+        let store = std::sync::Arc::new(store);
+        store.commit("s", token_commit("a")).await.unwrap();
+        // Holds the writer so that the two writes below queue up into one batch.
+        let held = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .write(|_| {
+                        std::thread::sleep(Duration::from_millis(200));
+                        Ok(())
+                    })
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (commit, failing) = tokio::join!(
+            store.commit("s", token_commit("b")),
+            store.write(|c| -> Result<()> {
+                c.execute("UPDATE sessions SET message_count = 99 WHERE id = 's'", [])
+                    .map_err(db)?;
+                Err(Error::InvalidRequest("fails after writing".into()))
+            })
+        );
+        held.await.unwrap().unwrap();
+        assert_eq!(failing, Err(Error::InvalidRequest("fails after writing".into())));
+        let commit = commit.unwrap();
+        assert_eq!(commit.events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2]);
+        let next = store.commit("s", token_commit("c")).await.unwrap();
+        assert_eq!(next.events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3]);
+        assert_eq!(next.session, store.get_session("s").await.unwrap());
+        assert_eq!(
+            store
+                .events_after("s", 0, 10)
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| e.seq)
+                .collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
     }
 
     #[test]

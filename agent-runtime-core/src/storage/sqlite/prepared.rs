@@ -15,6 +15,8 @@ use std::ops::Deref;
 
 use rusqlite::{Connection, PrepFlags, Statement};
 
+use super::heads::Heads;
+
 /// What names a statement's SQL text: its address and length.
 type Key = (usize, usize);
 
@@ -25,6 +27,8 @@ type Kept<'c> = (Key, Option<Statement<'c>>);
 pub(super) struct Db<'c> {
     conn: &'c Connection,
     kept: RefCell<Vec<Kept<'c>>>,
+    /// The writer's cache of session heads (`heads`); `None` on a reader's connection.
+    heads: Option<RefCell<Heads>>,
 }
 
 impl<'c> Db<'c> {
@@ -32,7 +36,22 @@ impl<'c> Db<'c> {
         Db {
             conn,
             kept: RefCell::new(Vec::new()),
+            heads: None,
         }
+    }
+
+    /// The writer's connection: with a cache of session heads, which the writer keeps true
+    /// (`heads`' doc).
+    pub(super) fn writer(conn: &'c Connection) -> Db<'c> {
+        Db {
+            heads: Some(RefCell::new(Heads::default())),
+            ..Db::new(conn)
+        }
+    }
+
+    /// Runs `f` on the cache of session heads, if this is the writer's connection.
+    pub(super) fn heads<R>(&self, f: impl FnOnce(&mut Heads) -> R) -> Option<R> {
+        self.heads.as_ref().map(|h| f(&mut h.borrow_mut()))
     }
 
     /// Runs `f` on the statement of `sql`, prepared at its first use and kept for the next. A

@@ -36,6 +36,7 @@ use std::time::Duration;
 use rusqlite::Connection;
 
 use super::db;
+use super::heads::Heads;
 use super::prepared::Db;
 use crate::error::{Error, Result};
 
@@ -148,7 +149,8 @@ impl Writer {
             .name("sqlite-writer".into())
             .spawn(move || {
                 // The statements the writes run stay prepared for the connection's life.
-                let conn = Db::new(&conn);
+                // With the cache of session heads the writes keep (`heads`).
+                let conn = Db::writer(&conn);
                 let mut since_nudge = 0u32;
                 while let Ok(first) = jobs.recv() {
                     let mut batch = vec![first];
@@ -268,6 +270,13 @@ impl Drop for Checkpointer {
 /// Applies one batch in one transaction, without savepoints (see the module's doc).
 fn apply(conn: &Db<'_>, mut batch: Vec<Box<dyn Pending>>) {
     if let Err(e) = run(conn, "BEGIN IMMEDIATE") {
+        conn.heads(Heads::clear);
+        return answer_all(batch, Err(e));
+    }
+    // Another connection may have committed since this one's last transaction; the write lock
+    // now keeps it out until the `COMMIT` (`heads`' doc).
+    if let Err(e) = validate_heads(conn) {
+        rollback(conn);
         return answer_all(batch, Err(e));
     }
     if let [single] = batch.as_mut_slice() {
@@ -317,8 +326,23 @@ fn replay(conn: &Db<'_>, batch: Vec<Box<dyn Pending>>) {
     }
 }
 
-/// Ends the open transaction, if SQLite has not ended it already.
+/// Drops the cached session heads unless no other connection has committed since they were
+/// known good.
+fn validate_heads(conn: &Db<'_>) -> Result<()> {
+    if conn.heads(|_| ()).is_none() {
+        return Ok(());
+    }
+    let version: i64 = conn
+        .query_row("PRAGMA data_version", [], |r| r.get(0))
+        .map_err(db)?;
+    conn.heads(|h| h.validate(version));
+    Ok(())
+}
+
+/// Ends the open transaction, if SQLite has not ended it already, and drops the cached session
+/// heads: what the batch's writes put there was never committed.
 fn rollback(conn: &Db<'_>) {
+    conn.heads(Heads::clear);
     if !conn.is_autocommit() {
         let _ = run(conn, "ROLLBACK");
     }
