@@ -50,6 +50,17 @@ const CHECKPOINT_EVERY: u32 = 64;
 /// The checkpointer looks at the WAL at least this often, nudged or not.
 const CHECKPOINT_IDLE: Duration = Duration::from_secs(1);
 
+/// WAL frames (4 KiB pages) past which the checkpointer, its passive checkpoint done, restarts
+/// the WAL: under steady load a passive checkpoint never catches up with the writer (a commit
+/// lands while it copies), so SQLite never starts the WAL over and it grew by every commit
+/// (256 MB in a 7 s run at 64 users), each frame appended to a fresh page of the page cache,
+/// which the kernel zeroes and the file system allocates (a third of the writer's CPU,
+/// docs/PERFORMANCE.md). `RESTART` takes the write lock, copies what the passive one left (a
+/// few commits), waits for readers of the old frames, and lets the next commit write from the
+/// WAL's start, over pages the page cache already holds. The writer waits for it (its busy
+/// handler) about once per this many frames.
+const RESTART_FRAMES: i64 = 4096;
+
 /// How a write ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ran {
@@ -221,7 +232,9 @@ impl Drop for Writer {
 /// The thread that checkpoints the WAL: passively (it never waits for the writer or readers, and
 /// they never wait for it), when the writer has committed [`CHECKPOINT_EVERY`] batches since the
 /// last nudge, and at least every [`CHECKPOINT_IDLE`]. A checkpoint with nothing new to copy
-/// costs a look at the WAL index. Durability is unchanged: commits are durable against a crash of
+/// costs a look at the WAL index. Once the WAL holds [`RESTART_FRAMES`], a `RESTART` checkpoint
+/// follows the passive one, which the writer does wait for (briefly: the passive one left it little
+/// to copy), so that the WAL is written over from its start rather than grown. Durability is unchanged: commits are durable against a crash of
 /// the process when they return (WAL, `synchronous = NORMAL`) either way; a checkpoint only moves
 /// committed pages from the WAL into the database file.
 struct Checkpointer {
@@ -240,10 +253,7 @@ impl Checkpointer {
                         Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => {}
                         Err(mpsc::RecvTimeoutError::Disconnected) => return,
                     }
-                    let done = conn
-                        .prepare_cached("PRAGMA wal_checkpoint(PASSIVE)")
-                        .and_then(|mut s| s.query_row([], |_| Ok(())));
-                    if let Err(e) = done {
+                    if let Err(e) = checkpoint_once(&conn) {
                         tracing::warn!(error = %e, "a WAL checkpoint failed; the next one retries");
                     }
                 }
@@ -254,6 +264,20 @@ impl Checkpointer {
             thread: Some(thread),
         })
     }
+}
+
+/// One checkpoint: passive, then a restart of the WAL if it holds [`RESTART_FRAMES`] or more.
+fn checkpoint_once(conn: &Connection) -> rusqlite::Result<()> {
+    if checkpoint(conn, "PRAGMA wal_checkpoint(PASSIVE)")? >= RESTART_FRAMES {
+        checkpoint(conn, "PRAGMA wal_checkpoint(RESTART)")?;
+    }
+    Ok(())
+}
+
+/// Runs a `wal_checkpoint` pragma; gives the frames the WAL held when it ran (-1 when the
+/// connection is not in WAL mode).
+fn checkpoint(conn: &Connection, pragma: &str) -> rusqlite::Result<i64> {
+    conn.prepare_cached(pragma)?.query_row([], |r| r.get::<_, i64>(1))
 }
 
 impl Drop for Checkpointer {
@@ -616,6 +640,91 @@ mod tests {
             .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 16);
+    }
+
+    /// The frames of the WAL at `path` and how many of them are in the database file, from a
+    /// connection of its own (a passive checkpoint).
+    fn wal_frames(path: &std::path::Path) -> (i64, i64) {
+        Connection::open(path)
+            .unwrap()
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(1)?, r.get(2)?))
+            })
+            .unwrap()
+    }
+
+    /// A WAL of at least `frames` frames (autocheckpoint off); gives its connection and the
+    /// rows it wrote.
+    fn wal_of(path: &std::path::Path, frames: i64) -> (Connection, i64) {
+        let conn = Connection::open(path).unwrap();
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0;
+             CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB)",
+        )
+        .unwrap();
+        let blob = vec![7u8; 3000];
+        let mut rows = 0;
+        // Counted from the file's size: a checkpoint here would let the WAL start over.
+        let wal = path.with_extension("db-wal");
+        let written = || (std::fs::metadata(&wal).map_or(0, |m| m.len()) as i64 - 32) / 4120;
+        while written() < frames {
+            for _ in 0..64 {
+                conn.execute("INSERT INTO t VALUES (?1, ?2)", params![rows, blob])
+                    .unwrap();
+                rows += 1;
+            }
+        }
+        (conn, rows)
+    }
+
+    /// A WAL grown past `RESTART_FRAMES` while a reader holds an old snapshot: the passive
+    /// checkpoint copies it, and the restart waits for that reader to finish, so the next commit
+    /// writes from the WAL's start (a passive checkpoint alone returns at once, and a commit
+    /// while the reader is still there appends to the WAL: under load there always is one).
+    /// Nothing is lost.
+    #[test]
+    fn a_wal_grown_past_the_restart_size_is_started_over_once_its_readers_are_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let (writer, rows) = wal_of(&path, RESTART_FRAMES);
+        let (reading, read) = mpsc::channel();
+        let reader = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let conn = Connection::open(&path).unwrap();
+                conn.execute_batch("BEGIN").unwrap();
+                let n: i64 = conn
+                    .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+                    .unwrap();
+                reading.send(()).unwrap();
+                std::thread::sleep(Duration::from_millis(300));
+                conn.execute_batch("COMMIT").unwrap();
+                n
+            })
+        };
+        read.recv().unwrap();
+        checkpoint_once(&Connection::open(&path).unwrap()).unwrap();
+        writer
+            .execute("INSERT INTO t VALUES (?1, ?2)", params![rows, [1u8]])
+            .unwrap();
+        let (frames, _) = wal_frames(&path);
+        assert!(frames < 8, "the WAL went on from {frames} frames");
+        assert_eq!(reader.join().unwrap(), rows);
+        let n: i64 = writer
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, rows + 1);
+    }
+
+    /// A smaller WAL is only copied: its frames stay until a commit finds no reader on them.
+    #[test]
+    fn a_checkpoint_of_a_small_wal_copies_it_and_leaves_it_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let (_writer, _) = wal_of(&path, 64);
+        let (frames, _) = wal_frames(&path);
+        checkpoint_once(&Connection::open(&path).unwrap()).unwrap();
+        assert_eq!(wal_frames(&path), (frames, frames));
     }
 
     /// Dropping the handle lets queued writes finish and be committed first.
