@@ -539,7 +539,14 @@ impl Query {
 }
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
-    let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    json_body(
+        status,
+        serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec()),
+    )
+}
+
+/// A response of JSON text already written.
+fn json_body(status: StatusCode, body: Vec<u8>) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(body)).boxed_unsync());
     *r.status_mut() = status;
     r.headers_mut()
@@ -751,7 +758,7 @@ impl App {
                 let history = rt
                     .history(&id, query.number("after", 0)?, query.number("limit", 1000)?)
                     .await?;
-                ok(&MessageList::from(&history))
+                Ok(json_body(StatusCode::OK, MessageList::json(&history)))
             }
             (Method::GET, Route::Events(id)) => {
                 let after = match req.headers().get("last-event-id") {
