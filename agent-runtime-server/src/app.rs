@@ -388,6 +388,42 @@ pub static ROUTES: &[RouteSpec] = &[
     ]),
 ];
 
+/// A template of [`ROUTES`] (a path or an alias) with what rules a path out before it is walked.
+struct Template {
+    template: &'static str,
+    /// How many segments it has: a path of another length cannot match.
+    segments: usize,
+    /// Its first segment when that is a literal (`None` for a parameter, which matches any).
+    first: Option<&'static str>,
+    spec: &'static RouteSpec,
+}
+
+/// Every template of [`ROUTES`] in the table's order (each route's path, then its alias), as
+/// [`Route::resolve`] tries them: walking each template per request was most of its cost.
+static TEMPLATES: std::sync::LazyLock<Vec<Template>> = std::sync::LazyLock::new(|| {
+    ROUTES
+        .iter()
+        .flat_map(|spec| {
+            std::iter::once(spec.path)
+                .chain(spec.alias)
+                .map(move |t| (t, spec))
+        })
+        .map(|(template, spec)| {
+            let mut rest = template;
+            let mut parts = std::iter::from_fn(|| next_part(&mut rest));
+            let first_part = parts.next();
+            let segments = usize::from(first_part.is_some()) + parts.count();
+            let first = first_part.filter(|p| !p.starts_with('{'));
+            Template {
+                template,
+                segments,
+                first,
+                spec,
+            }
+        })
+        .collect()
+});
+
 /// The most segments a template of [`ROUTES`] has; a longer path matches none.
 const MAX_SEGMENTS: usize = 5;
 
@@ -450,12 +486,14 @@ impl Route {
             n += 1;
         }
         let segs = &held[..n];
-        ROUTES.iter().find_map(|spec| {
-            std::iter::once(spec.path)
-                .chain(spec.alias)
-                .find_map(|template| matches_template(template, segs))
-                .map(spec.make)
-        })
+        // Only templates of the path's length that start with its first segment can match (one
+        // holding a `%` may decode to any literal, so it is tried against every template).
+        let first = segs.first().copied().unwrap_or("");
+        let encoded = first.contains('%');
+        TEMPLATES
+            .iter()
+            .filter(|t| t.segments == n && (encoded || t.first.is_none_or(|f| f == first)))
+            .find_map(|t| matches_template(t.template, segs).map(t.spec.make))
     }
 
     /// The entry of [`ROUTES`] this route comes from (every route is made by one).
@@ -539,7 +577,14 @@ impl Query {
 }
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
-    let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    json_body(
+        status,
+        serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec()),
+    )
+}
+
+/// A response of JSON text already written.
+fn json_body(status: StatusCode, body: Vec<u8>) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(body)).boxed_unsync());
     *r.status_mut() = status;
     r.headers_mut()
@@ -744,7 +789,7 @@ impl App {
                 let history = rt
                     .history(&id, query.number("after", 0)?, query.number("limit", 1000)?)
                     .await?;
-                ok(&MessageList::from(&history))
+                Ok(json_body(StatusCode::OK, MessageList::json(&history)))
             }
             (Method::GET, Route::Events(id)) => {
                 let after = match req.headers().get("last-event-id") {
@@ -896,6 +941,50 @@ mod tests {
             .map(|t| t.split('/').filter(|s| !s.is_empty()).count())
             .max();
         assert_eq!(longest, Some(MAX_SEGMENTS));
+    }
+
+    #[test]
+    fn a_path_resolves_to_what_walking_every_template_in_order_finds() {
+        let walk = |path: &str| {
+            let path = path.strip_prefix("/api/v1").unwrap_or(path);
+            let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+            ROUTES.iter().find_map(|spec| {
+                std::iter::once(spec.path)
+                    .chain(spec.alias)
+                    .find_map(|template| matches_template(template, &segs))
+                    .map(spec.make)
+            })
+        };
+        let mut paths: Vec<String> = [
+            "/",
+            "",
+            "/x",
+            "/sessions/",
+            "/%73essions",
+            "/agent/message",
+            "/agents/a/current",
+        ]
+        .map(String::from)
+        .to_vec();
+        for spec in ROUTES {
+            for template in std::iter::once(spec.path).chain(spec.alias) {
+                let filled = template
+                    .replace("{session_id}", "s%201")
+                    .replace("{call_id}", "c");
+                paths.push(filled.clone());
+                paths.push(format!("{filled}/more"));
+                paths.push(filled.replacen("/s", "/%73", 1));
+                paths.push(
+                    filled
+                        .rsplit_once('/')
+                        .map_or(String::new(), |(head, _)| head.to_string()),
+                );
+            }
+        }
+        let resolved: Vec<Option<Route>> = paths.iter().map(|p| Route::resolve(p)).collect();
+        let walked: Vec<Option<Route>> = paths.iter().map(|p| walk(p)).collect();
+        assert_eq!(resolved, walked);
+        assert!(resolved.iter().filter(|r| r.is_some()).count() >= ROUTES.len());
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use agent_runtime_core::Event;
 use agent_runtime_core::orchestrator::EventStream;
+use agent_runtime_core::protocol::write_decimal;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use http_body_util::StreamBody;
@@ -35,9 +36,10 @@ pub fn encode(event: &Event) -> Bytes {
 /// [`encode`] appended to `buf`: the JSON is written in place, with no string of its own, the
 /// payload serialized once ([`Event::write_wire_json`]).
 fn encode_into(buf: &mut Vec<u8>, event: &Event) {
-    use std::io::Write;
-    // Writing into a Vec cannot fail; an event that cannot be encoded is sent as `{}`.
-    let _ = write!(buf, "id: {}\ndata: ", event.seq);
+    // An event that cannot be encoded is sent as `{}`.
+    buf.extend_from_slice(b"id: ");
+    write_decimal(buf, event.seq);
+    buf.extend_from_slice(b"\ndata: ");
     let start = buf.len();
     if event.write_wire_json(buf).is_err() {
         buf.truncate(start);

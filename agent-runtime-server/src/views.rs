@@ -12,6 +12,7 @@ use agent_runtime_core::agent::AgentInfo;
 use agent_runtime_core::approval::{Approval, RequestType};
 use agent_runtime_core::budget::Budget;
 use agent_runtime_core::orchestrator::SessionHistory;
+use agent_runtime_core::protocol::{write_decimal, write_json_str};
 use agent_runtime_core::session::{AgentSwitch, Message};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -110,6 +111,40 @@ pub struct MessageList {
     pub last_activity: String,
     /// Every switch of the session's agent, oldest first.
     pub agent_history: Vec<AgentSwitch>,
+}
+
+impl MessageList {
+    /// The answer for `h` as JSON: the bytes `serde_json::to_vec(&MessageList::from(h))` writes,
+    /// written straight from the history (its messages are not copied into a `MessageList`, and
+    /// each is written directly, see `Message::write_json`).
+    pub fn json(h: &SessionHistory) -> Vec<u8> {
+        let text: usize = h.messages.iter().map(|m| m.content.len() + 160).sum();
+        let mut buf = Vec::with_capacity(256 + text);
+        buf.extend_from_slice(br#"{"session_id":"#);
+        write_json_str(&mut buf, &h.session.id);
+        buf.extend_from_slice(br#","messages":["#);
+        for (i, m) in h.messages.iter().enumerate() {
+            if i > 0 {
+                buf.push(b',');
+            }
+            m.write_json(&mut buf);
+        }
+        buf.extend_from_slice(br#"],"message_count":"#);
+        write_decimal(&mut buf, h.session.message_count);
+        buf.extend_from_slice(br#","current_agent":"#);
+        write_json_str(&mut buf, &h.session.current_agent);
+        buf.extend_from_slice(br#","last_activity":"#);
+        h.session.last_activity.write_json(&mut buf);
+        buf.extend_from_slice(br#","agent_history":["#);
+        for (i, s) in h.agent_history.iter().enumerate() {
+            if i > 0 {
+                buf.push(b',');
+            }
+            s.write_json(&mut buf);
+        }
+        buf.extend_from_slice(b"]}");
+        buf
+    }
 }
 
 impl From<&SessionHistory> for MessageList {
@@ -242,4 +277,75 @@ pub struct MultiAgentView {
     pub default_agent: String,
     /// Agents in the registry.
     pub agents_count: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent_runtime_core::session::{NewSession, Role, ToolCall};
+    use agent_runtime_core::time::Timestamp;
+    use serde_json::json;
+
+    fn history(messages: Vec<Message>, agent_history: Vec<AgentSwitch>) -> SessionHistory {
+        let mut session = NewSession {
+            id: "s \"1\" é".into(),
+            user_id: Some("u".into()),
+            metadata: json!({"project_path": "/tmp/p"}),
+            current_agent: "coder\n".into(),
+            created_at: Timestamp::from_millis(1_764_500_000_000),
+            budget: Budget::default(),
+        }
+        .into_session();
+        session.message_count = u64::MAX;
+        session.last_activity = Timestamp::from_millis(1_764_500_000_123);
+        SessionHistory {
+            session,
+            messages,
+            agent_history,
+        }
+    }
+
+    #[test]
+    fn a_history_answer_written_directly_is_byte_identical_to_the_serialized_message_list() {
+        let message = |seq: u64, role, content: &str| Message {
+            seq,
+            role,
+            content: content.into(),
+            agent: seq.is_multiple_of(2).then(|| "coder".into()),
+            tool_calls: vec![],
+            tool_call_id: None,
+            created_at: Timestamp::from_millis(1_764_500_000_000 + seq as i64 * 7),
+        };
+        let mut with_call = message(2, Role::Assistant, "");
+        with_call.tool_calls = vec![ToolCall {
+            id: "call_1".into(),
+            name: "read_file".into(),
+            arguments: json!({"path": "README.md"}),
+        }];
+        let mut tool = message(3, Role::Tool, "# readme\n\"quoted\" \\ \u{1}");
+        tool.tool_call_id = Some("call_1".into());
+        let switch = AgentSwitch {
+            from_agent: "orchestrator".into(),
+            to_agent: "coder".into(),
+            reason: "routing: \"code\"".into(),
+            timestamp: Timestamp::from_millis(1_764_500_000_001),
+        };
+        let histories = [
+            history(vec![], vec![]),
+            history(vec![message(1, Role::User, "hello")], vec![]),
+            history(
+                vec![message(1, Role::User, "read it 🚀"), with_call, tool],
+                vec![switch.clone(), switch],
+            ),
+        ];
+        let direct: Vec<String> = histories
+            .iter()
+            .map(|h| String::from_utf8(MessageList::json(h)).unwrap())
+            .collect();
+        let serialized: Vec<String> = histories
+            .iter()
+            .map(|h| serde_json::to_string(&MessageList::from(h)).unwrap())
+            .collect();
+        assert_eq!(direct, serialized);
+    }
 }

@@ -275,6 +275,39 @@ pub struct Message {
     pub created_at: Timestamp,
 }
 
+impl Message {
+    /// The message's JSON, the bytes its `Serialize` writes, appended to `buf`: written directly
+    /// (a history answer writes every message; serde's map of seven members, the timestamp made
+    /// into a `String` first, cost some 3,000 instructions a message). Tool calls, whose
+    /// arguments are any JSON, still go through `serde_json`.
+    pub fn write_json(&self, buf: &mut Vec<u8>) {
+        use crate::protocol::{write_decimal, write_json_str};
+        buf.extend_from_slice(br#"{"seq":"#);
+        write_decimal(buf, self.seq);
+        buf.extend_from_slice(br#","role":""#);
+        buf.extend_from_slice(self.role.as_str().as_bytes());
+        buf.extend_from_slice(br#"","content":"#);
+        write_json_str(buf, &self.content);
+        buf.extend_from_slice(br#","agent":"#);
+        match &self.agent {
+            Some(agent) => write_json_str(buf, agent),
+            None => buf.extend_from_slice(b"null"),
+        }
+        if !self.tool_calls.is_empty() {
+            buf.extend_from_slice(br#","tool_calls":"#);
+            // Strings and JSON values always serialize, and writing into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *buf, &self.tool_calls);
+        }
+        if let Some(id) = &self.tool_call_id {
+            buf.extend_from_slice(br#","tool_call_id":"#);
+            write_json_str(buf, id);
+        }
+        buf.extend_from_slice(br#","created_at":"#);
+        self.created_at.write_json(buf);
+        buf.push(b'}');
+    }
+}
+
 /// A message before storage gives it its seq.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewMessage {
@@ -337,4 +370,107 @@ pub struct AgentSwitch {
     pub reason: String,
     /// When.
     pub timestamp: Timestamp,
+}
+
+impl AgentSwitch {
+    /// The switch's JSON, the bytes its `Serialize` writes, appended to `buf` (written directly,
+    /// as [`Message::write_json`]).
+    pub fn write_json(&self, buf: &mut Vec<u8>) {
+        use crate::protocol::write_json_str;
+        buf.extend_from_slice(br#"{"from_agent":"#);
+        write_json_str(buf, &self.from_agent);
+        buf.extend_from_slice(br#","to_agent":"#);
+        write_json_str(buf, &self.to_agent);
+        buf.extend_from_slice(br#","reason":"#);
+        write_json_str(buf, &self.reason);
+        buf.extend_from_slice(br#","timestamp":"#);
+        self.timestamp.write_json(buf);
+        buf.push(b'}');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Texts of every escape class: plain, empty, non-ASCII, quotes, backslashes, controls.
+    const TEXTS: [&str; 6] = [
+        "plain words",
+        "",
+        "Проект 🚀 \u{2028}\u{2029}",
+        "quote \" backslash \\ slash /",
+        "controls \u{0}\u{1}\u{8}\t\n\u{c}\r\u{1f} del \u{7f}",
+        "# readme\n\nline two",
+    ];
+
+    #[test]
+    fn a_message_written_directly_is_byte_identical_to_its_serialized_json() {
+        let mut messages = Vec::new();
+        for (i, text) in TEXTS.iter().enumerate() {
+            let when = Timestamp::from_millis(1_764_500_000_000 + i as i64 * 333);
+            let calls = vec![ToolCall {
+                id: format!("call_{text}"),
+                name: "read_file".into(),
+                arguments: json!({"path": text, "n": u64::MAX, "f": -1.5e-7}),
+            }];
+            for role in [Role::User, Role::Assistant, Role::Tool, Role::System] {
+                for (agent, tool_calls, tool_call_id) in [
+                    (None, vec![], None),
+                    (Some(text.to_string()), calls.clone(), None),
+                    (Some("coder".to_string()), vec![], Some(text.to_string())),
+                    (None, calls.clone(), Some("call_1".to_string())),
+                ] {
+                    messages.push(Message {
+                        seq: u64::MAX - i as u64,
+                        role,
+                        content: text.to_string(),
+                        agent,
+                        tool_calls,
+                        tool_call_id,
+                        created_at: when,
+                    });
+                }
+            }
+        }
+        let direct: Vec<String> = messages
+            .iter()
+            .map(|m| {
+                let mut buf = Vec::new();
+                m.write_json(&mut buf);
+                String::from_utf8(buf).unwrap()
+            })
+            .collect();
+        let serialized: Vec<String> = messages
+            .iter()
+            .map(|m| serde_json::to_string(m).unwrap())
+            .collect();
+        assert_eq!(direct, serialized);
+    }
+
+    #[test]
+    fn an_agent_switch_written_directly_is_byte_identical_to_its_serialized_json() {
+        let switches: Vec<AgentSwitch> = (0..)
+            .zip(TEXTS)
+            .map(|(i, text)| AgentSwitch {
+                from_agent: text.into(),
+                to_agent: "coder".into(),
+                reason: format!("{text}{text}"),
+                timestamp: Timestamp::from_millis(1_764_500_000_000 + i * 1000),
+            })
+            .collect();
+        let direct: Vec<String> = switches
+            .iter()
+            .map(|s| {
+                let mut buf = Vec::new();
+                s.write_json(&mut buf);
+                String::from_utf8(buf).unwrap()
+            })
+            .collect();
+        let serialized: Vec<String> = switches
+            .iter()
+            .map(|s| serde_json::to_string(s).unwrap())
+            .collect();
+        assert_eq!(direct, serialized);
+    }
 }
