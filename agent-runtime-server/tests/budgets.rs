@@ -1,5 +1,5 @@
 //! Budgets through the real server (issue 18), on SQLite and Postgres: each budget trips exactly at
-//! its limit, a raise resumes the same turn, a rejected raise closes it, restarts, cost to the cent.
+//! its limit, a raise resumes the same turn, a rejected raise closes it, routing is gated, restarts, cost.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -410,6 +410,82 @@ async fn a_rejected_budget_ends_the_turn_with_a_closing_message_on_postgres() {
         Db::Postgres,
     )
     .await;
+}
+
+async fn a_spent_budget_pauses_a_message_before_its_routing_call_and_the_raise_routes_it_once(db: Db) {
+    let store = store(db).await;
+    let llm = MockLlmServer::start().await.unwrap();
+    // The orchestrator (the default agent) routes each message: its routing call is gated too.
+    let s = Server::start_with(&llm.url(), Some(&store.url), &[]).await;
+    let id = s.session(json!({"budget": {"session_tokens": 1}})).await;
+    let route = Script::tool_call("route", json!({"agent": "ask", "reason": "a question"}));
+    llm.push(MockResponse::script(&route.usage(usage())));
+    llm.push(answer("Because."));
+
+    let first = s
+        .send(
+            &id,
+            json!({"type": "user_message", "content": "why is the sky blue?"}),
+        )
+        .await;
+    assert_eq!(kinds(&first), ["budget_exceeded", "done:budget_exceeded"]);
+    assert_eq!(
+        llm.request_count(),
+        0,
+        "nothing goes to the model past the budget"
+    );
+    let call_id = find(&first, "budget_exceeded")["call_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        pending_budget(&s, &id).await["arguments"],
+        json!({"budget": "session_tokens", "spent": 0, "limit": 1, "proposed_limit": 2})
+    );
+
+    let raised = decide(
+        &s,
+        &id,
+        json!({"call_id": call_id, "decision": "edit", "modified_arguments": {"limit": 100000}}),
+    )
+    .await;
+    assert_eq!(
+        kinds(&raised),
+        [
+            "approval_resolved",
+            "agent_switched",
+            "assistant_final",
+            "done:completed"
+        ]
+    );
+    let choices: Vec<Value> = llm.requests().iter().map(|r| r["tool_choice"].clone()).collect();
+    assert_eq!(
+        choices,
+        [
+            json!({"type": "function", "function": {"name": "route"}}),
+            json!("auto")
+        ],
+        "one routing call, then the chosen agent"
+    );
+    let session: Value = s.get_json(&format!("/sessions/{id}")).await;
+    assert_eq!(
+        (&session["status"], &session["current_agent"]),
+        (&json!("idle"), &json!("ask"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spent_budget_pauses_before_routing_on_sqlite() {
+    a_spent_budget_pauses_a_message_before_its_routing_call_and_the_raise_routes_it_once(Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+)]
+async fn a_spent_budget_pauses_before_routing_on_postgres() {
+    a_spent_budget_pauses_a_message_before_its_routing_call_and_the_raise_routes_it_once(Db::Postgres).await;
 }
 
 async fn a_time_budget_stops_a_streaming_answer_and_a_raise_lets_the_turn_finish(db: Db) {

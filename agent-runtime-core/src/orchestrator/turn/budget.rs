@@ -1,5 +1,5 @@
-//! Budgets within a turn: what the turn and its session have spent, the gate asked before each
-//! model call, tool call and step, the `budget` approval a reached budget pauses on, and its decision.
+//! Budgets within a turn: what the turn and its session have spent, the gate asked before each model
+//! call (routing and plan calls too), tool call and step, the `budget` approval it pauses on, its decision.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -9,6 +9,7 @@ use crate::approval::{Approval, ApprovalResolution, ApprovalStatus, RequestType}
 use crate::budget::{self, Budget, BudgetKind, BudgetUsage, Decision, Spent, Step};
 use crate::error::{Error, Result};
 use crate::events::BusEventKind;
+use crate::llm::ChatRequest;
 use crate::protocol::{AssistantMessage, Decision as Verb, EventPayload, HitlDecision, TurnUsage};
 use crate::session::{NewMessage, Usage};
 use crate::storage::Commit;
@@ -129,6 +130,26 @@ impl Turn {
                 self.ask_to_raise(budget, spent, limit).await?;
                 Ok(Gate::Pause)
             }
+        }
+    }
+
+    /// Asks the budgets before a model call of `req`, whose prompt counts as `prompt` (as
+    /// [`Turn::count_usage`] counts it when the server reports no usage): `false` when one paused
+    /// the turn; otherwise `req.max_tokens` is capped at the tokens that remain, if any budget
+    /// counts them.
+    pub(super) async fn gate_call(&mut self, req: &mut ChatRequest, prompt: Usage) -> Result<bool> {
+        let step = Step::ModelCall {
+            prompt_tokens: prompt.prompt_tokens,
+            prompt_cost: self.rt.prices.cost(&self.rt.config.llm.model, &prompt),
+        };
+        match self.gate(step).await? {
+            Gate::Pause => Ok(false),
+            Gate::Go(Some(left)) => {
+                let left = u32::try_from(left).unwrap_or(u32::MAX).max(1);
+                req.max_tokens = Some(req.max_tokens.map_or(left, |m| m.min(left)));
+                Ok(true)
+            }
+            Gate::Go(None) => Ok(true),
         }
     }
 

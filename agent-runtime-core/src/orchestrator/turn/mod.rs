@@ -96,6 +96,10 @@ struct TurnState {
     /// routed again where it resumes instead of answered by the session's current agent.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     route_pending: bool,
+    /// The router chose a plan and a budget paused the plan call: where the turn resumes (the
+    /// raise approved), the plan is asked for without routing again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    plan_call_pending: bool,
     /// Budgets: what the turn spent, raises, and the budget approval it waits for.
     #[serde(default, skip_serializing_if = "is_default")]
     spend: budget::TurnSpend,
@@ -402,25 +406,12 @@ impl Turn {
         Ok(())
     }
 
-    /// A forced function call (`tool_choice` names it): the arguments the model wrote, or `None`
-    /// when the call failed. Its tokens count toward the turn's usage.
-    async fn forced_call(
-        &mut self,
-        system: String,
-        user: &str,
-        spec: crate::protocol::ToolSpec,
-        max_tokens: u32,
-    ) -> Option<String> {
-        let name = spec.name.clone();
-        let req = ChatRequest {
-            messages: vec![
-                chat(ChatRole::System, system),
-                chat(ChatRole::User, user.to_string()),
-            ],
-            tools: std::sync::Arc::from([spec]),
-            tool_choice: ToolChoice::Function(name.clone()),
-            temperature: Some(0.0),
-            max_tokens: Some(max_tokens),
+    /// A forced function call (`req`, built by [`model::forced_request`]): the arguments the
+    /// model wrote, or `None` when the call failed. Its tokens count toward the turn's usage.
+    async fn forced_call(&mut self, req: ChatRequest) -> Option<String> {
+        let name = match &req.tool_choice {
+            ToolChoice::Function(name) => name.clone(),
+            _ => String::new(),
         };
         match self.complete_counted(CallKind::Plan, &req).await? {
             Ok((c, usage)) => {
@@ -457,20 +448,34 @@ impl Turn {
         if plans {
             choices.push(routing::PLAN_CHOICE.to_string());
         }
-        let answered = self
-            .route_call(
-                routing::route_prompt(&described, plans),
-                content,
-                routing::route_spec(&choices),
-                ROUTE_MAX_TOKENS,
+        let (decision, failure) = if std::mem::take(&mut self.state.plan_call_pending) && plans {
+            // The router chose a plan before a budget paused the plan call: not asked again.
+            let plan = (routing::PLAN_CHOICE.to_string(), String::new());
+            (Some(plan), routing::RouterFailure::Unusable)
+        } else {
+            let Some(answered) = self
+                .route_call(
+                    routing::route_prompt(&described, plans),
+                    content,
+                    routing::route_spec(&choices),
+                    ROUTE_MAX_TOKENS,
+                )
+                .await?
+            else {
+                // A budget paused the turn before the call: routing waits for its raise.
+                return Ok(Some(StopReason::BudgetExceeded));
+            };
+            let decision = (answered.as_ref().ok()).and_then(|a| routing::parse_route(a, &choices));
+            (
+                decision,
+                answered.err().unwrap_or(routing::RouterFailure::Unusable),
             )
-            .await?;
-        let decision = (answered.as_ref().ok()).and_then(|a| routing::parse_route(a, &choices));
+        };
         if let Some((choice, _)) = &decision
             && choice == routing::PLAN_CHOICE
-            && self.propose_plan(content, &candidates).await?
+            && let Some(pause) = self.propose_plan(content, &candidates).await?
         {
-            return Ok(Some(StopReason::AwaitingApproval));
+            return Ok(Some(pause));
         }
         let (agent, reason) = match decision {
             Some((a, r)) if a != routing::PLAN_CHOICE => (
@@ -482,7 +487,6 @@ impl Turn {
                 },
             ),
             _ => {
-                let failure = answered.err().unwrap_or(routing::RouterFailure::Unusable);
                 warn!(?failure, "the router did not decide; keywords do");
                 let (a, r) = routing::keyword_fallback(content, &failure);
                 (a.to_string(), r)
@@ -509,9 +513,16 @@ impl Turn {
             .ok_or_else(|| Error::Internal("a turn to route has no user message".into()))
     }
 
-    /// Routes `content` when given (a pause if the orchestrator proposed a plan), then runs the
-    /// turn's plan or loop.
+    /// Routes `content` when given (a pause if the orchestrator proposed a plan or a budget
+    /// paused its call), then runs the turn's plan or loop. A turn whose routing waited behind a
+    /// budget routes its message once the raise is approved (the routing decision clears
+    /// `route_pending`, so it routes once); when the raise was declined, it closes unrouted.
     async fn route_and_run(&mut self, content: Option<String>) -> Result<StopReason> {
+        let content = match content {
+            _ if self.state.spend.declined.is_some() => None,
+            None if self.state.route_pending => Some(self.message_to_route().await?),
+            given => given,
+        };
         if let Some(content) = content
             && let Some(pause) = self.route(&content).await?
         {

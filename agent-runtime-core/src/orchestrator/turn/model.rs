@@ -10,10 +10,8 @@ use futures::{FutureExt, StreamExt};
 use serde_json::{Value, json};
 use tracing::warn;
 
-use super::budget::Gate;
 use super::{Turn, cancelled, chat, handed_over, to_chat};
 use crate::agent::AgentDefinition;
-use crate::budget::Step;
 use crate::context::{Window, build_window};
 use crate::error::{Error, Result};
 use crate::llm::{
@@ -161,17 +159,8 @@ impl Turn {
                 max_tokens: self.rt.config.llm.max_tokens,
             };
             let prompt = self.count_usage_with(&req, offer.tool_tokens, "", &[]);
-            let step = Step::ModelCall {
-                prompt_tokens: prompt.prompt_tokens,
-                prompt_cost: self.rt.prices.cost(&self.rt.config.llm.model, &prompt),
-            };
-            match self.gate(step).await? {
-                Gate::Pause => return Ok(None),
-                Gate::Go(Some(left)) => {
-                    let left = u32::try_from(left).unwrap_or(u32::MAX).max(1);
-                    req.max_tokens = Some(req.max_tokens.map_or(left, |m| m.min(left)));
-                }
-                Gate::Go(None) => {}
+            if !self.gate_call(&mut req, prompt).await? {
+                return Ok(None);
             }
             match self.ask_model(req).await {
                 Err(Error::ContextTooLarge(why)) if trimmed => {
@@ -211,25 +200,22 @@ impl Turn {
     }
 
     /// The orchestrator's forced `route` call, whose first byte must come within
-    /// `ROUTING_TIMEOUT_SECS` (the rest streams under the backend's own timeouts). Its tokens
-    /// count toward the turn's usage. `Err` only when the turn was cancelled.
+    /// `ROUTING_TIMEOUT_SECS` (the rest streams under the backend's own timeouts). The budgets
+    /// are asked first, as before an agent's call: `None` when one paused the turn (nothing was
+    /// sent); otherwise `max_tokens` is capped at the tokens that remain. Its tokens count toward
+    /// the turn's usage. `Err` only when the turn was cancelled or a pause could not be stored.
     pub(super) async fn route_call(
         &mut self,
         system: String,
         user: &str,
         spec: crate::protocol::ToolSpec,
         max_tokens: u32,
-    ) -> Result<std::result::Result<String, RouterFailure>> {
-        let req = ChatRequest {
-            messages: vec![
-                chat(ChatRole::System, system),
-                chat(ChatRole::User, user.to_string()),
-            ],
-            tools: Arc::from([spec]),
-            tool_choice: ToolChoice::Function(ROUTE_TOOL.into()),
-            temperature: Some(0.0),
-            max_tokens: Some(max_tokens),
-        };
+    ) -> Result<Option<std::result::Result<String, RouterFailure>>> {
+        let mut req = forced_request(system, user, spec, max_tokens);
+        let prompt = self.count_usage(&req, "", &[]);
+        if !self.gate_call(&mut req, prompt).await? {
+            return Ok(None);
+        }
         let limit = self.rt.config.routing_timeout;
         let span = self.chat_span(CallKind::Route, &req);
         let started = tokio::select! {
@@ -240,11 +226,11 @@ impl Turn {
         let stream = match started {
             Err(_) => {
                 close(span, Err("timeout"));
-                return Ok(Err(RouterFailure::NoAnswer(limit)));
+                return Ok(Some(Err(RouterFailure::NoAnswer(limit))));
             }
             Ok(Err(e)) => {
                 close(span, Err(e.code()));
-                return Ok(Err(RouterFailure::Failed(e.to_string())));
+                return Ok(Some(Err(RouterFailure::Failed(e.to_string()))));
             }
             Ok(Ok(stream)) => stream,
         };
@@ -260,11 +246,11 @@ impl Turn {
                     .unwrap_or_else(|| self.count_usage(&req, &c.text, &c.tool_calls));
                 close(span, Ok(outcome(&c, usage)));
                 self.add_usage(usage);
-                Ok(Ok(arguments_of(&c, ROUTE_TOOL)))
+                Ok(Some(Ok(arguments_of(&c, ROUTE_TOOL))))
             }
             Err(e) => {
                 close(span, Err(e.code()));
-                Ok(Err(RouterFailure::Failed(e.to_string())))
+                Ok(Some(Err(RouterFailure::Failed(e.to_string()))))
             }
         }
     }
@@ -458,6 +444,22 @@ impl Turn {
         let mut answer = self.stream_answer(answer_req).await?;
         answer.usage += usage;
         Ok(answer)
+    }
+}
+
+/// A forced call of the function `spec` (`tool_choice` names it) on a system prompt and one
+/// user message: the routing call and the plan call.
+pub(super) fn forced_request(system: String, user: &str, spec: ToolSpec, max_tokens: u32) -> ChatRequest {
+    let name = spec.name.clone();
+    ChatRequest {
+        messages: vec![
+            chat(ChatRole::System, system),
+            chat(ChatRole::User, user.to_string()),
+        ],
+        tools: Arc::from([spec]),
+        tool_choice: ToolChoice::Function(name),
+        temperature: Some(0.0),
+        max_tokens: Some(max_tokens),
     }
 }
 

@@ -1,10 +1,11 @@
-//! Plans (API.md §5.5): the orchestrator's forced `propose_plan` call, the plan approval, and
-//! carrying out an approved plan subtask by subtask, each on its agent, with `plan_updated` events.
+//! Plans (API.md §5.5): the orchestrator's forced `propose_plan` call (asking the budgets first), the plan
+//! approval, and carrying out an approved plan subtask by subtask, on its agents, with `plan_updated` events.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::Turn;
+use super::model::forced_request;
 use crate::approval::{Approval, ApprovalResolution, ApprovalStatus, RequestType};
 use crate::error::{Error, Result};
 use crate::events::BusEventKind;
@@ -76,23 +77,34 @@ pub(super) fn plan_from_arguments(
 }
 
 impl Turn {
-    /// Asks the model for a plan (forced `propose_plan`). A valid plan becomes a pending plan
-    /// approval and the turn pauses (`true`); anything else lets routing go on (`false`).
-    pub(super) async fn propose_plan(&mut self, content: &str, agents: &[String]) -> Result<bool> {
+    /// Asks the model for a plan (forced `propose_plan`), the budgets asked first as before any
+    /// model call. A valid plan becomes a pending plan approval and the turn pauses
+    /// (`AwaitingApproval`); a reached budget pauses it before the call (`BudgetExceeded`, the
+    /// plan call pending until the raise is approved); anything else lets routing go on (`None`).
+    pub(super) async fn propose_plan(
+        &mut self,
+        content: &str,
+        agents: &[String],
+    ) -> Result<Option<StopReason>> {
         let described: Vec<(String, String)> = agents
             .iter()
             .filter_map(|t| self.rt.agents.get(t).map(|a| (t.clone(), a.description.clone())))
             .collect();
-        let Some(raw) = self
-            .forced_call(
-                routing::plan_prompt(&described),
-                content,
-                routing::plan_spec(agents),
-                super::PLAN_MAX_TOKENS,
-            )
-            .await
-        else {
-            return Ok(false);
+        let mut req = forced_request(
+            routing::plan_prompt(&described),
+            content,
+            routing::plan_spec(agents),
+            super::PLAN_MAX_TOKENS,
+        );
+        let prompt = self.count_usage(&req, "", &[]);
+        // Stored with a pause, so the raise resumes at this call.
+        self.state.plan_call_pending = true;
+        if !self.gate_call(&mut req, prompt).await? {
+            return Ok(Some(StopReason::BudgetExceeded));
+        }
+        self.state.plan_call_pending = false;
+        let Some(raw) = self.forced_call(req).await else {
+            return Ok(None);
         };
         let plan_id = format!("plan_{}", uuid::Uuid::new_v4().simple());
         let args = routing::parse_arguments(&raw).unwrap_or(Value::Null);
@@ -100,7 +112,7 @@ impl Turn {
             Ok(p) => p,
             Err(why) => {
                 tracing::warn!(%why, "the proposed plan is unusable; routing once instead");
-                return Ok(false);
+                return Ok(None);
             }
         };
         let reason = "Plan requires approval".to_string();
@@ -135,7 +147,7 @@ impl Turn {
             self.id(),
             json!({"call_id": plan_id, "tool_name": routing::PLAN_TOOL, "reason": reason, "request_type": "plan"}),
         );
-        Ok(true)
+        Ok(Some(StopReason::AwaitingApproval))
     }
 
     /// Stores the plan with subtask `i` set to `status` and streams `plan_updated`.
