@@ -233,10 +233,11 @@ impl Drop for Writer {
 /// they never wait for it), when the writer has committed [`CHECKPOINT_EVERY`] batches since the
 /// last nudge, and at least every [`CHECKPOINT_IDLE`]. A checkpoint with nothing new to copy
 /// costs a look at the WAL index. Once the WAL holds [`RESTART_FRAMES`], a `RESTART` checkpoint
-/// follows the passive one, which the writer does wait for (briefly: the passive one left it little
-/// to copy), so that the WAL is written over from its start rather than grown. Durability is unchanged: commits are durable against a crash of
-/// the process when they return (WAL, `synchronous = NORMAL`) either way; a checkpoint only moves
-/// committed pages from the WAL into the database file.
+/// follows the passive one, which the writer does wait for (briefly: the passive one left it
+/// little to copy), so that the WAL is written over from its start rather than grown.
+/// Durability is unchanged: commits are durable against a crash of the process when they return
+/// (WAL, `synchronous = NORMAL`) either way; a checkpoint only moves committed pages from the WAL
+/// into the database file.
 struct Checkpointer {
     nudge: mpsc::SyncSender<()>,
     thread: Option<JoinHandle<()>>,
