@@ -185,13 +185,30 @@ const STATEMENT_CACHE: usize = 16;
 
 fn configure(conn: &Connection, file: bool) -> rusqlite::Result<()> {
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.busy_handler(Some(wait_briefly))?;
     if file {
         conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))?;
     }
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     Ok(())
+}
+
+/// The busy handler of the writer's and the checkpointer's connections: the lock they wait for
+/// (each other's, during the checkpointer's `RESTART`, or another process's write) is held for
+/// milliseconds, so they look again every 100 µs for the first 5 ms, then every millisecond, up
+/// to [`BUSY_TIMEOUT`] in all. SQLite's own handler (`busy_timeout`) sleeps 1, 2, 5, 10, 15, 20,
+/// 25 ms and longer between looks, so a commit queued behind a restart of the WAL waited tens of
+/// milliseconds after the lock was free (the 64-user p99 went from about 35 to 50-58 ms).
+fn wait_briefly(retries: i32) -> bool {
+    const SHORT: i32 = 50;
+    let long = (BUSY_TIMEOUT.as_millis() as i32).saturating_sub(5);
+    match retries {
+        r if r < SHORT => std::thread::sleep(Duration::from_micros(100)),
+        r if r < SHORT + long => std::thread::sleep(Duration::from_millis(1)),
+        _ => return false,
+    }
+    true
 }
 
 fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
@@ -206,7 +223,7 @@ fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
 /// file, never a row).
 fn open_checkpointer(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
-    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.busy_handler(Some(wait_briefly))?;
     Ok(conn)
 }
 

@@ -59,7 +59,7 @@ const CHECKPOINT_IDLE: Duration = Duration::from_secs(1);
 /// few commits), waits for readers of the old frames, and lets the next commit write from the
 /// WAL's start, over pages the page cache already holds. The writer waits for it (its busy
 /// handler) about once per this many frames.
-const RESTART_FRAMES: i64 = 4096;
+const RESTART_FRAMES: i64 = 16384;
 
 /// How a write ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
