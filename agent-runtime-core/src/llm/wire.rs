@@ -99,7 +99,7 @@ fn write_request(
     }
     if let Some(n) = request.max_tokens {
         out.extend_from_slice(b",\"max_tokens\":");
-        out.extend_from_slice(itoa_u32(n, &mut [0; 10]));
+        crate::protocol::write_decimal(&mut out, u64::from(n));
     }
     if include_usage {
         out.extend_from_slice(b",\"stream_options\":{\"include_usage\":true}");
@@ -143,19 +143,6 @@ fn write_message(out: &mut Vec<u8>, m: &ChatMessage) {
         write_str(out, id);
     }
     out.push(b'}');
-}
-
-/// `n` in decimal, in `buf`.
-fn itoa_u32(mut n: u32, buf: &mut [u8; 10]) -> &[u8] {
-    let mut at = buf.len();
-    loop {
-        at -= 1;
-        buf[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[at..];
-        }
-    }
 }
 
 /// `s` as a JSON string, the bytes serde_json writes: `\"`, `\\`, `\b`, `\t`, `\n`, `\f`, `\r`,
